@@ -1,0 +1,228 @@
+"""ModelIR: the one data structure every front end produces and every pass / lowering reads.
+
+Numpy only (no torch), so device-side runtimes can import it.
+
+Conventions
+-----------
+* Linear weights are float32 arrays of shape ``(out_features, in_features)`` (the Hugging Face
+  layout), named with GGUF-style canonical names: ``blk.{i}.attn_q`` ... ``blk.{i}.ffn_down``.
+* Q/K weights are kept in the Hugging Face "rotate-half" RoPE convention (pair j is
+  ``(j, j + head_dim/2)``); a lowering that needs another convention permutes on the way out.
+* Non-linear tensors live in ``ModelIR.tensors``: ``token_embd`` (vocab, hidden),
+  ``output_norm``, ``output`` (only when embeddings are untied), ``blk.{i}.attn_norm``,
+  ``blk.{i}.ffn_norm``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Mapping
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+
+
+class Arch(str, Enum):
+    LLAMA = "llama"
+    QWEN2 = "qwen2"
+
+
+class Role(str, Enum):
+    Q = "attn_q"
+    K = "attn_k"
+    V = "attn_v"
+    O = "attn_output"
+    GATE = "ffn_gate"
+    UP = "ffn_up"
+    DOWN = "ffn_down"
+
+
+# Hugging Face module name (last component) <-> role.
+HF_MODULE_ROLE: dict[str, Role] = {
+    "q_proj": Role.Q,
+    "k_proj": Role.K,
+    "v_proj": Role.V,
+    "o_proj": Role.O,
+    "gate_proj": Role.GATE,
+    "up_proj": Role.UP,
+    "down_proj": Role.DOWN,
+}
+ROLE_HF_MODULE: dict[Role, str] = {r: m for m, r in HF_MODULE_ROLE.items()}
+
+
+def linear_name(layer: int, role: Role) -> str:
+    return f"blk.{layer}.{role.value}"
+
+
+@dataclass(frozen=True)
+class HParams:
+    arch: Arch
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # q/k/v carry biases (Qwen2)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["arch"] = self.arch.value
+        return d
+
+    @staticmethod
+    def from_json(d: Mapping) -> "HParams":
+        d = dict(d)
+        d["arch"] = Arch(d["arch"])
+        return HParams(**d)
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """Everything needed to tokenize and to write a tokenizer into an artifact.
+
+    ``tokenizer_json`` is the Hugging Face ``tokenizer.json`` text (loadable by the
+    ``tokenizers`` library without torch); the other fields are derived from it and from
+    ``tokenizer_config.json`` so that lowerings need not re-parse.
+    """
+
+    tokenizer_json: str
+    model: str  # "gpt2" (byte-level BPE) or "llama" (sentencepiece-style BPE)
+    pre: str  # llama.cpp pre-tokenizer name, e.g. "smollm", "qwen2", "default"
+    tokens: tuple[str, ...]
+    token_types: tuple[int, ...]  # llama.cpp token types: 1 normal, 3 control, 4 user-defined
+    merges: tuple[str, ...]
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+    unk_id: int | None
+    add_bos: bool
+    chat_template: str | None
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """``y += scale * (x @ a.T) @ b.T`` — a LoRA adapter or an error-compensation branch."""
+
+    a: np.ndarray  # (rank, in_features)
+    b: np.ndarray  # (out_features, rank)
+    scale: float
+    source: str  # "lora:<adapter name>" | "qerr"
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    def delta(self) -> np.ndarray:
+        return (self.scale * (self.b.astype(np.float64) @ self.a.astype(np.float64))).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str
+    role: Role
+    layer: int
+    weight: np.ndarray  # float32 (out, in)
+    bias: np.ndarray | None = None
+    low_rank: tuple[LowRank, ...] = ()
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    name: str
+    options: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelIR:
+    hparams: HParams
+    linears: Mapping[str, Linear]
+    tensors: Mapping[str, np.ndarray]
+    tokenizer: TokenizerSpec | None
+    source: Mapping[str, object] = field(default_factory=dict)  # path, sha256 of inputs
+    adapters: Mapping[str, Mapping[str, object]] = field(default_factory=dict)  # name -> info
+    history: tuple[PassRecord, ...] = ()
+
+    @property
+    def arch(self) -> Arch:
+        return self.hparams.arch
+
+    def linear(self, layer: int, role: Role) -> Linear:
+        return self.linears[linear_name(layer, role)]
+
+    def replace(self, **changes) -> "ModelIR":
+        return dataclasses.replace(self, **changes)
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        hp = self.hparams
+        q_out = hp.num_heads * hp.head_dim
+        kv_out = hp.num_kv_heads * hp.head_dim
+        h, f = hp.hidden_size, hp.intermediate_size
+        shapes: dict[str, tuple[int, ...]] = {}
+        for i in range(hp.num_layers):
+            shapes[linear_name(i, Role.Q)] = (q_out, h)
+            shapes[linear_name(i, Role.K)] = (kv_out, h)
+            shapes[linear_name(i, Role.V)] = (kv_out, h)
+            shapes[linear_name(i, Role.O)] = (h, q_out)
+            shapes[linear_name(i, Role.GATE)] = (f, h)
+            shapes[linear_name(i, Role.UP)] = (f, h)
+            shapes[linear_name(i, Role.DOWN)] = (h, f)
+        return shapes
+
+    def validate(self) -> None:
+        """Check structural invariants; raise EdgeqError naming the first violation."""
+        hp = self.hparams
+        if hp.num_heads % hp.num_kv_heads:
+            raise EdgeqError(f"num_heads {hp.num_heads} is not a multiple of num_kv_heads {hp.num_kv_heads}")
+        for name, shape in self.expected_shapes().items():
+            lin = self.linears.get(name)
+            if lin is None:
+                raise EdgeqError(f"missing linear {name}")
+            if tuple(lin.weight.shape) != shape:
+                raise EdgeqError(f"{name}: expected shape {shape}, got {tuple(lin.weight.shape)}")
+            if lin.weight.dtype != np.float32:
+                raise EdgeqError(f"{name}: expected float32 weight, got {lin.weight.dtype}")
+            if lin.bias is not None and lin.bias.shape != (shape[0],):
+                raise EdgeqError(f"{name}: expected bias shape {(shape[0],)}, got {lin.bias.shape}")
+            for lr in lin.low_rank:
+                if lr.a.shape[1] != shape[1] or lr.b.shape[0] != shape[0] or lr.a.shape[0] != lr.b.shape[1]:
+                    raise EdgeqError(
+                        f"{name}: low-rank branch {lr.source} has A {lr.a.shape}, B {lr.b.shape} "
+                        f"for a weight of shape {shape}")
+        extra = set(self.linears) - set(self.expected_shapes())
+        if extra:
+            raise EdgeqError(f"unexpected linears: {sorted(extra)[:3]}")
+        need = {"token_embd": (hp.vocab_size, hp.hidden_size), "output_norm": (hp.hidden_size,)}
+        if not hp.tie_word_embeddings:
+            need["output"] = (hp.vocab_size, hp.hidden_size)
+        for i in range(hp.num_layers):
+            need[f"blk.{i}.attn_norm"] = (hp.hidden_size,)
+            need[f"blk.{i}.ffn_norm"] = (hp.hidden_size,)
+        for name, shape in need.items():
+            t = self.tensors.get(name)
+            if t is None:
+                raise EdgeqError(f"missing tensor {name}")
+            if tuple(t.shape) != shape:
+                raise EdgeqError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+
+    def output_weight(self) -> np.ndarray:
+        return self.tensors["token_embd"] if self.hparams.tie_word_embeddings else self.tensors["output"]
+
+    def num_parameters(self) -> int:
+        n = sum(l.weight.size + (0 if l.bias is None else l.bias.size) for l in self.linears.values())
+        return n + sum(t.size for t in self.tensors.values())
