@@ -1,0 +1,145 @@
+"""PEFT LoRA adapters -> LowRank branches on a ModelIR; merging them into the weights."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+from edgeq.frontend.safetensors_io import read_safetensors
+from edgeq.hashing import sha256_file
+from edgeq.ir import HF_MODULE_ROLE, Linear, LowRank, ModelIR, PassRecord, linear_name
+
+_KEY_RE = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
+SUPPORTED_ARCH_TYPES = {"llama": ("LlamaForCausalLM",), "qwen2": ("Qwen2ForCausalLM",)}
+
+
+def _read_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / "adapter_config.json"
+    if not path.exists():
+        raise EdgeqError(f"{adapter_dir}: no adapter_config.json (expected a PEFT adapter directory)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EdgeqError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def _check_config(cfg: dict, where: Path) -> None:
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise EdgeqError(f"{where}: adapter type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    if cfg.get("use_dora"):
+        raise EdgeqError(f"{where}: DoRA adapters are not supported")
+    if cfg.get("bias", "none") != "none":
+        raise EdgeqError(f"{where}: LoRA adapters that train biases (bias={cfg['bias']!r}) are not supported")
+    if cfg.get("modules_to_save"):
+        raise EdgeqError(f"{where}: modules_to_save {cfg['modules_to_save']} is not supported")
+    if cfg.get("fan_in_fan_out"):
+        raise EdgeqError(f"{where}: fan_in_fan_out adapters are not supported for Llama/Qwen2")
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        return  # a regex; checked per tensor below
+    unknown = [t for t in targets if t not in HF_MODULE_ROLE]
+    if unknown:
+        raise EdgeqError(f"{where}: adapter targets module {unknown[0]!r}, which this model has no "
+                         f"LoRA-able linear for (supported: {', '.join(HF_MODULE_ROLE)})")
+
+
+def _scale(cfg: dict, module: str, rank: int) -> float:
+    alpha = cfg.get("lora_alpha", 8)
+    for pat, a in (cfg.get("alpha_pattern") or {}).items():
+        if re.search(pat, module):
+            alpha = a
+    return float(alpha) / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
+
+
+def load_adapter(ir: ModelIR, adapter_dir: str | Path, name: str | None = None) -> ModelIR:
+    """Attach a PEFT LoRA adapter as low-rank branches; refuse any mismatch with the model."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise EdgeqError(f"{adapter_dir}: adapter directory not found")
+    name = name or adapter_dir.name
+    if name in ir.adapters:
+        raise EdgeqError(f"adapter name {name!r} used twice")
+    cfg = _read_config(adapter_dir)
+    _check_config(cfg, adapter_dir)
+    base_arch = cfg.get("base_model_class") or ""
+    wfile = adapter_dir / "adapter_model.safetensors"
+    if not wfile.exists():
+        if (adapter_dir / "adapter_model.bin").exists():
+            raise EdgeqError(f"{adapter_dir}: adapter_model.bin is a pickle; edgeq loads safetensors only")
+        raise EdgeqError(f"{adapter_dir}: no adapter_model.safetensors")
+    raw = read_safetensors(wfile)
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key in sorted(raw):
+        m = _KEY_RE.match(key)
+        if not m:
+            raise EdgeqError(f"{adapter_dir}: tensor {key!r} does not belong to a "
+                             f"{ir.arch.value} model (expected base_model.model.model.layers.N.<module>.lora_A/B)")
+        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+        role = HF_MODULE_ROLE.get(module)
+        if role is None:
+            raise EdgeqError(f"{adapter_dir}: tensor {key!r} targets module {module!r}, unknown to {ir.arch.value}")
+        pairs.setdefault(linear_name(layer, role), {})[ab] = raw[key]
+        pairs[linear_name(layer, role)]["module"] = module  # type: ignore[assignment]
+    if not pairs:
+        raise EdgeqError(f"{adapter_dir}: adapter has no LoRA tensors")
+    linears = dict(ir.linears)
+
+    def order(n: str) -> tuple[int, str]:
+        return int(n.split(".")[1]), n
+
+    for lname in sorted(pairs, key=order):
+        p = pairs[lname]
+        if "A" not in p or "B" not in p:
+            raise EdgeqError(f"{adapter_dir}: {lname}: lora_{'B' if 'A' in p else 'A'} missing")
+        lin = linears.get(lname)
+        if lin is None:
+            raise EdgeqError(f"adapter {name!r} does not match the model: it adapts {lname}, "
+                             f"but the model has only {ir.hparams.num_layers} layers")
+        a, b = p["A"].astype(np.float32), p["B"].astype(np.float32)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise EdgeqError(f"adapter {name!r}: {lname}: lora_A {a.shape} and lora_B {b.shape} are inconsistent")
+        if a.shape[1] != lin.in_features or b.shape[0] != lin.out_features:
+            raise EdgeqError(
+                f"adapter {name!r} does not match the model (another base model?): {lname} expects "
+                f"in={lin.in_features} out={lin.out_features}, adapter has in={a.shape[1]} out={b.shape[0]}")
+        lr = LowRank(a=a, b=b, scale=_scale(cfg, str(p["module"]), a.shape[0]), source=f"lora:{name}")
+        linears[lname] = dataclasses.replace(lin, low_rank=lin.low_rank + (lr,))
+    info = {
+        "path": str(adapter_dir),
+        "sha256": sha256_file(wfile),
+        "config_sha256": sha256_file(adapter_dir / "adapter_config.json"),
+        "rank": int(cfg.get("r", 0)),
+        "alpha": cfg.get("lora_alpha"),
+        "target_modules": sorted({str(p["module"]) for p in pairs.values()}),
+        "base_model": cfg.get("base_model_name_or_path"),
+        "base_model_class": base_arch or None,
+        "linears": len(pairs),
+    }
+    adapters = dict(ir.adapters)
+    adapters[name] = info
+    return ir.replace(linears=linears, adapters=adapters,
+                      history=ir.history + (PassRecord("load_adapter", {"name": name}),))
+
+
+def merge_adapters(ir: ModelIR, names: list[str] | None = None) -> ModelIR:
+    """W <- W + scale * B @ A for the LoRA branches of the named adapters (default: all)."""
+    sources = {f"lora:{n}" for n in (names if names is not None else ir.adapters)}
+    linears: dict[str, Linear] = {}
+    for lname, lin in ir.linears.items():
+        keep, merge = [], []
+        for lr in lin.low_rank:
+            (merge if lr.source in sources else keep).append(lr)
+        if merge:
+            w = lin.weight.copy()
+            for lr in merge:
+                w += (lr.b @ lr.a) * np.float32(lr.scale)
+            lin = dataclasses.replace(lin, weight=w, low_rank=tuple(keep))
+        linears[lname] = lin
+    return ir.replace(linears=linears,
+                      history=ir.history + (PassRecord("merge_adapters", {"names": sorted(s[5:] for s in sources)}),))

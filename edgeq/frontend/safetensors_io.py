@@ -1,0 +1,112 @@
+"""A strict, numpy-only safetensors reader (no torch, no pickle).
+
+Written here rather than using ``safetensors.numpy`` so that bf16 tensors load (numpy has no
+bfloat16) and so that truncated or corrupt files give one clear line instead of a panic.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,  # widened to float32 below
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_header(path: str | Path) -> tuple[dict, int]:
+    """Return (header dict without __metadata__, data offset). Validates sizes."""
+    path = Path(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise EdgeqError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise EdgeqError(f"{path}: corrupt or truncated safetensors header "
+                             f"(header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EdgeqError(f"{path}: corrupt safetensors header ({exc.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise EdgeqError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data_len = size - 8 - n
+    for name, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+            dtype = info["dtype"]
+            shape = info["shape"]
+        except (KeyError, TypeError, ValueError):
+            raise EdgeqError(f"{path}: corrupt safetensors entry for {name!r}") from None
+        if dtype not in _DTYPES:
+            raise EdgeqError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+        if end - start != nbytes or start < 0:
+            raise EdgeqError(f"{path}: tensor {name!r}: expected {nbytes} bytes for shape {shape} "
+                             f"{dtype}, header says {end - start}")
+        if end > data_len:
+            raise EdgeqError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
+                             f"{end} of the data section, which has only {data_len} bytes")
+    return header, 8 + n
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Load every tensor; floating tensors come back as float32, others as stored."""
+    header, offset = read_header(path)
+    out: dict[str, np.ndarray] = {}
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    for name in sorted(header):
+        info = header[name]
+        start, end = info["data_offsets"]
+        buf = np.asarray(mm[offset + start: offset + end])
+        arr = buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        if info["dtype"] == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        elif arr.dtype.kind == "f":
+            arr = arr.astype(np.float32)
+        else:
+            arr = arr.copy()
+        out[name] = arr
+    del mm
+    return out
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors shards of a HF checkpoint directory (single file or indexed)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise EdgeqError(f"{index}: corrupt index ({exc.__class__.__name__})") from None
+        files = sorted({model_dir / v for v in wm.values()})
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+        files = [f for f in files if f.name != "adapter_model.safetensors"]
+    if not files:
+        if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
+            raise EdgeqError(f"{model_dir}: only pickle checkpoints (*.bin/*.pt) found; edgeq loads "
+                             "safetensors only (never unpickles untrusted files)")
+        raise EdgeqError(f"{model_dir}: no *.safetensors weights found")
+    for f in files:
+        if not f.exists():
+            raise EdgeqError(f"{model_dir}: index names missing shard {f.name}")
+    return files

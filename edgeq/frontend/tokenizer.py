@@ -1,0 +1,99 @@
+"""Hugging Face tokenizer files -> TokenizerSpec (no torch, no transformers)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgeq.errors import EdgeqError
+from edgeq.ir import TokenizerSpec
+
+# llama.cpp token types
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise EdgeqError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def _token_id(tok: dict, cfg: dict, key: str) -> int | None:
+    v = cfg.get(key)
+    if isinstance(v, dict):
+        v = v.get("content")
+    if v is None:
+        return None
+    vocab = tok["model"]["vocab"]
+    if v in vocab:
+        return int(vocab[v])
+    for added in tok.get("added_tokens", []):
+        if added["content"] == v:
+            return int(added["id"])
+    return None
+
+
+def _pre_name(tok: dict, arch: str) -> str:
+    """llama.cpp's pre-tokenizer name, from the structure of the HF pre-tokenizer."""
+    pre = tok.get("pre_tokenizer") or {}
+    kinds = [p.get("type") for p in pre.get("pretokenizers", [])] if pre.get("type") == "Sequence" else [pre.get("type")]
+    if arch == "qwen2" and "Split" in kinds:
+        return "qwen2"
+    if kinds == ["Digits", "ByteLevel"]:
+        return "smollm"  # SmolLM/StarCoder family: individual digits, then byte level
+    if kinds == ["ByteLevel"]:
+        return "gpt-2"
+    return "default"
+
+
+def load_tokenizer_spec(model_dir: Path, arch: str) -> TokenizerSpec:
+    tj_path = model_dir / "tokenizer.json"
+    if not tj_path.exists():
+        raise EdgeqError(f"{model_dir}: no tokenizer.json (a fast Hugging Face tokenizer is required)")
+    text = tj_path.read_text(encoding="utf-8")
+    try:
+        tok = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EdgeqError(f"{tj_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    cfg_path = model_dir / "tokenizer_config.json"
+    cfg = _read_json(cfg_path) if cfg_path.exists() else {}
+    model = tok.get("model", {})
+    if model.get("type") != "BPE":
+        raise EdgeqError(f"{tj_path}: unsupported tokenizer model {model.get('type')!r} (supported: BPE)")
+    byte_level = "ByteLevel" in json.dumps(tok.get("pre_tokenizer")) or "ByteLevel" in json.dumps(tok.get("decoder"))
+    if not byte_level:
+        raise EdgeqError(f"{tj_path}: only byte-level BPE tokenizers (GPT-2 style) are supported for now")
+    vocab: dict[str, int] = dict(model["vocab"])
+    types: dict[int, int] = {i: TOKEN_NORMAL for i in vocab.values()}
+    for added in tok.get("added_tokens", []):
+        vocab[added["content"]] = int(added["id"])
+        types[int(added["id"])] = TOKEN_CONTROL if added.get("special") else TOKEN_USER_DEFINED
+    n = max(vocab.values()) + 1
+    tokens = [""] * n
+    for s, i in vocab.items():
+        tokens[i] = s
+    for i in range(n):
+        if not tokens[i]:
+            tokens[i] = f"[PAD{i}]"
+            types[i] = TOKEN_USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    chat_template = cfg.get("chat_template")
+    if isinstance(chat_template, list):  # named templates: take the default one
+        named = {t.get("name"): t.get("template") for t in chat_template}
+        chat_template = named.get("default") or next(iter(named.values()), None)
+    if chat_template is None and (model_dir / "chat_template.jinja").exists():
+        chat_template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    return TokenizerSpec(
+        tokenizer_json=text,
+        model="gpt2",
+        pre=_pre_name(tok, arch),
+        tokens=tuple(tokens),
+        token_types=tuple(types[i] for i in range(n)),
+        merges=tuple(merges),
+        bos_id=_token_id(tok, cfg, "bos_token"),
+        eos_id=_token_id(tok, cfg, "eos_token"),
+        pad_id=_token_id(tok, cfg, "pad_token"),
+        unk_id=_token_id(tok, cfg, "unk_token"),
+        add_bos=bool(cfg.get("add_bos_token", False)),
+        chat_template=chat_template,
+    )

@@ -1,0 +1,83 @@
+"""The GGML tensor storage formats edgeq can write, and their byte sizes.
+
+Every quantized format stores a row of ``n`` values as ``n / block_size`` consecutive blocks
+of ``type_size`` bytes (the GGML layout: little-endian fp16 scale(s) first, then the packed
+quants).  F32 and F16 are "blocks" of one value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Sequence
+
+from edgeq.errors import EdgeqError
+
+
+class QType(str, Enum):
+    F32 = "F32"
+    F16 = "F16"
+    Q8_0 = "Q8_0"
+    Q4_0 = "Q4_0"
+    Q4_1 = "Q4_1"
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    block_size: int  # values per block
+    type_size: int  # bytes per block
+    ggml_type_id: int  # enum ggml_type value, as stored in a GGUF tensor header
+    bits: int  # nominal bits per quantized value (excluding per-block scale overhead)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Effective storage cost including scales, e.g. 4.5 for Q4_0."""
+        return self.type_size * 8 / self.block_size
+
+
+FORMATS: dict[QType, FormatInfo] = {
+    QType.F32: FormatInfo(block_size=1, type_size=4, ggml_type_id=0, bits=32),
+    QType.F16: FormatInfo(block_size=1, type_size=2, ggml_type_id=1, bits=16),
+    # block_q4_0: fp16 d; uint8 qs[16] (low nibbles = values 0..15, high nibbles = 16..31)
+    QType.Q4_0: FormatInfo(block_size=32, type_size=18, ggml_type_id=2, bits=4),
+    # block_q4_1: fp16 d; fp16 m; uint8 qs[16]
+    QType.Q4_1: FormatInfo(block_size=32, type_size=20, ggml_type_id=3, bits=4),
+    # block_q8_0: fp16 d; int8 qs[32]
+    QType.Q8_0: FormatInfo(block_size=32, type_size=34, ggml_type_id=8, bits=8),
+}
+
+
+def as_qtype(qtype: QType | str) -> QType:
+    """Accept a QType or its name ("Q4_0", case-insensitive)."""
+    if isinstance(qtype, QType):
+        return qtype
+    try:
+        return QType(str(qtype).upper())
+    except ValueError:
+        raise EdgeqError(
+            f"expected a quantization type in {[q.value for q in QType]}, got {qtype!r}") from None
+
+
+def format_info(qtype: QType | str) -> FormatInfo:
+    return FORMATS[as_qtype(qtype)]
+
+
+def row_nbytes(qtype: QType | str, n_cols: int) -> int:
+    """Bytes used by one row of ``n_cols`` values; ``n_cols`` must be a multiple of the block size."""
+    qt = as_qtype(qtype)
+    info = FORMATS[qt]
+    n_cols = int(n_cols)
+    if n_cols < 0 or n_cols % info.block_size:
+        raise EdgeqError(
+            f"{qt.value}: expected a row length that is a multiple of {info.block_size}, got {n_cols}")
+    return n_cols // info.block_size * info.type_size
+
+
+def tensor_nbytes(qtype: QType | str, shape: Sequence[int]) -> int:
+    """Bytes used by a tensor of ``shape`` (rows along the last dimension)."""
+    shape = tuple(int(s) for s in shape)
+    if not shape:
+        raise EdgeqError("expected a tensor shape with at least one dimension, got ()")
+    n_rows = 1
+    for s in shape[:-1]:
+        n_rows *= s
+    return n_rows * row_nbytes(qtype, shape[-1])

@@ -1,0 +1,180 @@
+"""Reference (numpy, vectorised) GGML quantizers, bit-exact with ggml's ``quantize_row_*_ref``.
+
+``quantize`` returns the exact bytes llama.cpp stores in a GGUF tensor; ``dequantize`` inverts
+it the way ggml's ``dequantize_row_*`` does.  All arithmetic is done in float32 with the same
+operation order as the C reference (one rounding per C operation), so results match byte for
+byte.  Rules reproduced from ggml (``ggml-quants.c``), per block of 32 values ``x``:
+
+* Q8_0: ``amax = max|x|``; ``d = amax / 127``; ``id = d ? 1/d : 0``;
+  ``q = roundf(x * id)`` (round half away from zero) as int8.  Block = fp16 d, int8 q[32].
+* Q4_0: ``max`` = the *signed* value of the first element with the largest magnitude
+  (+0.0 when the block is all zeros); ``d = max / -8``; ``id = d ? 1/d : 0``;
+  ``q = min(15, (int)(x * id + 8.5f))``.  Block = fp16 d, then 16 bytes whose low nibbles hold
+  ``q[0..15]`` and high nibbles ``q[16..31]``.
+* Q4_1: ``min``/``max`` of the block (first occurrence, which decides the sign of a zero);
+  ``d = (max - min) / 15``; ``id = d ? 1/d : 0``; ``q = min(15, (int)((x - min) * id + 0.5f))``.
+  Block = fp16 d, fp16 min, 16 nibble-packed bytes as for Q4_0.
+
+fp32 -> fp16 conversions round to nearest even (ggml's ``GGML_FP32_TO_FP16``), like numpy.
+Inputs are assumed finite; blocks whose scale is so small (< 2**-128) that ``1/d`` overflows
+are outside what ggml defines (its float -> int conversions become undefined behaviour).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+from edgeq.quant.formats import FORMATS, QType, as_qtype, row_nbytes, tensor_nbytes
+
+# Blocks processed per step: bounds temporaries to a few tens of MB whatever the tensor size.
+_CHUNK_BLOCKS = 1 << 15
+
+_F32 = np.float32
+
+
+def _recip(d: np.ndarray) -> np.ndarray:
+    """``d ? 1.0f/d : 0.0f`` elementwise, in float32."""
+    out = np.zeros_like(d)
+    np.divide(_F32(1.0), d, out=out, where=d != 0)
+    return out
+
+
+def _fp16_bytes(v: np.ndarray) -> np.ndarray:
+    """(n,) float32 -> (n, 2) uint8: little-endian IEEE half, round-to-nearest-even."""
+    return v.astype("<f2").view(np.uint8).reshape(-1, 2)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """(n, 32) ints in [0, 15] -> (n, 16) uint8: byte j = q[j] | q[j + 16] << 4."""
+    q = q.astype(np.uint8)
+    return q[:, :16] | (q[:, 16:] << np.uint8(4))
+
+
+def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, 16) uint8 -> (n, 32) uint8 in [0, 15] (inverse of ``_pack_nibbles``)."""
+    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=1)
+
+
+def _trunc_to_nibble(v: np.ndarray) -> np.ndarray:
+    """``MIN(15, (int8_t)v)`` for v >= -1 (what the Q4 quantizers feed it)."""
+    return np.minimum(np.trunc(v), _F32(15)).astype(np.uint8)
+
+
+def _roundf(v: np.ndarray) -> np.ndarray:
+    """C ``roundf``: round half away from zero, exactly (no ``x + 0.5`` double rounding)."""
+    t = np.trunc(v)
+    frac = v - t  # exact in binary floating point
+    return t + np.where(np.abs(frac) >= _F32(0.5), np.sign(v), _F32(0.0))
+
+
+def _q8_0_blocks(b: np.ndarray) -> np.ndarray:
+    amax = np.abs(b).max(axis=1)
+    d = amax / _F32(127)
+    iv = _recip(d)
+    q = _roundf(b * iv[:, None]).astype(np.int8)
+    return np.concatenate([_fp16_bytes(d), q.view(np.uint8)], axis=1)
+
+
+def _q4_0_blocks(b: np.ndarray) -> np.ndarray:
+    rows = np.arange(b.shape[0])
+    a = np.abs(b)
+    i = a.argmax(axis=1)  # first occurrence, like ggml's strict "amax < |v|"
+    mx = np.where(a[rows, i] > 0, b[rows, i], _F32(0.0))  # ggml keeps max = +0.0 for zero blocks
+    d = mx / _F32(-8)
+    iv = _recip(d)
+    q = _trunc_to_nibble(b * iv[:, None] + _F32(8.5))
+    return np.concatenate([_fp16_bytes(d), _pack_nibbles(q)], axis=1)
+
+
+def _q4_1_blocks(b: np.ndarray) -> np.ndarray:
+    rows = np.arange(b.shape[0])
+    mn = b[rows, b.argmin(axis=1)]  # first occurrence, like ggml's strict "v < min"
+    mx = b[rows, b.argmax(axis=1)]
+    d = (mx - mn) / _F32(15)
+    iv = _recip(d)
+    q = _trunc_to_nibble((b - mn[:, None]) * iv[:, None] + _F32(0.5))
+    return np.concatenate([_fp16_bytes(d), _fp16_bytes(mn), _pack_nibbles(q)], axis=1)
+
+
+def _dq_q8_0(blk: np.ndarray) -> np.ndarray:
+    d = blk[:, :2].copy().view("<f2").astype(_F32)
+    q = blk[:, 2:].view(np.int8).astype(_F32)
+    return q * d
+
+
+def _dq_q4_0(blk: np.ndarray) -> np.ndarray:
+    d = blk[:, :2].copy().view("<f2").astype(_F32)
+    q = _unpack_nibbles(blk[:, 2:]).astype(_F32) - _F32(8)
+    return q * d
+
+
+def _dq_q4_1(blk: np.ndarray) -> np.ndarray:
+    d = blk[:, :2].copy().view("<f2").astype(_F32)
+    m = blk[:, 2:4].copy().view("<f2").astype(_F32)
+    q = _unpack_nibbles(blk[:, 4:]).astype(_F32)
+    return q * d + m
+
+
+_QUANTIZERS = {QType.Q8_0: _q8_0_blocks, QType.Q4_0: _q4_0_blocks, QType.Q4_1: _q4_1_blocks}
+_DEQUANTIZERS = {QType.Q8_0: _dq_q8_0, QType.Q4_0: _dq_q4_0, QType.Q4_1: _dq_q4_1}
+
+
+def quantize(x: np.ndarray, qtype: QType | str) -> np.ndarray:
+    """Encode ``x`` (rows along the last axis) in GGML format ``qtype``.
+
+    Returns uint8 of shape ``x.shape[:-1] + (row_nbytes(qtype, x.shape[-1]),)`` holding exactly
+    the bytes llama.cpp writes (F32/F16: the little-endian IEEE values).
+    """
+    qt = as_qtype(qtype)
+    x = np.asarray(x)
+    if x.ndim == 0:
+        raise EdgeqError("expected an array with at least one dimension, got a scalar")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise EdgeqError(f"expected a real-valued array, got dtype {x.dtype}")
+    nb = row_nbytes(qt, x.shape[-1])
+    out_shape = x.shape[:-1] + (nb,)
+    if qt in (QType.F32, QType.F16):
+        dt = "<f4" if qt is QType.F32 else "<f2"
+        return np.ascontiguousarray(x, dtype=dt).view(np.uint8).reshape(out_shape)
+
+    info = FORMATS[qt]
+    blocks = np.ascontiguousarray(x, dtype=_F32).reshape(-1, info.block_size)
+    out = np.empty((blocks.shape[0], info.type_size), dtype=np.uint8)
+    fn = _QUANTIZERS[qt]
+    with np.errstate(over="ignore", invalid="ignore"):
+        for s in range(0, blocks.shape[0], _CHUNK_BLOCKS):
+            out[s:s + _CHUNK_BLOCKS] = fn(blocks[s:s + _CHUNK_BLOCKS])
+    return out.reshape(out_shape)
+
+
+def dequantize(data: np.ndarray, qtype: QType | str, shape: Sequence[int]) -> np.ndarray:
+    """Decode GGML bytes ``data`` (any shape, ``tensor_nbytes(qtype, shape)`` bytes) to float32 ``shape``."""
+    qt = as_qtype(qtype)
+    shape = tuple(int(s) for s in shape)
+    need = tensor_nbytes(qt, shape)
+    raw = np.ascontiguousarray(data)
+    if raw.dtype != np.uint8:
+        raw = raw.view(np.uint8)
+    if raw.size != need:
+        raise EdgeqError(f"{qt.value} tensor of shape {shape}: expected {need} bytes, got {raw.size}")
+    raw = raw.reshape(-1)
+    if qt is QType.F32:
+        return raw.view("<f4").astype(_F32).reshape(shape)
+    if qt is QType.F16:
+        return raw.view("<f2").astype(_F32).reshape(shape)
+
+    info = FORMATS[qt]
+    blk = raw.reshape(-1, info.type_size)
+    out = np.empty((blk.shape[0], info.block_size), dtype=_F32)
+    fn = _DEQUANTIZERS[qt]
+    for s in range(0, blk.shape[0], _CHUNK_BLOCKS):
+        out[s:s + _CHUNK_BLOCKS] = fn(blk[s:s + _CHUNK_BLOCKS])
+    return out.reshape(shape)
+
+
+def roundtrip(x: np.ndarray, qtype: QType | str) -> np.ndarray:
+    """``dequantize(quantize(x))``: the float32 values a runtime will actually see."""
+    x = np.asarray(x)
+    return dequantize(quantize(x, qtype), qtype, x.shape)

@@ -1,0 +1,521 @@
+"""Hardware target profiles: one TOML per device in the repository's ``targets/`` directory.
+
+A profile says what the planner and the lowerings need to know about a device: the memory budget
+for weights + KV cache, memory bandwidth, peak throughput per dtype, ISA features, the TVM compile
+target, which artifact formats and quant types run well there, and the block sizes that pruning
+and quantisation must respect.
+
+File layout (every section and key below is required unless marked optional)::
+
+    name = "gpu-t4"                      # must equal the file name without ".toml"
+    description = "..."
+    kind = "gpu"                         # cpu | gpu | mobile
+    reference_device = "NVIDIA Tesla T4" # optional
+
+    [memory]
+    total_gib = 16                       # or total_bytes
+    budget_gib = 14                      # or budget_bytes; weights + KV cache
+    bandwidth_gb_s = 320
+
+    [peak]                               # dense peak; fp32 required, the rest optional
+    fp32_tflops = 8.1
+    fp16_tflops = 65
+    int8_tops = 130
+    int4_tops = 260
+
+    [isa]
+    features = ["sm_75", "tensor_cores"]
+
+    [compile]
+    tvm_target = { kind = "cuda", arch = "sm_75" }      # or kind="llvm", mtriple, mcpu, mattr
+
+    [deploy]
+    formats = ["onnx", "gguf", "tvm"]    # ordered, best first
+    quant_types = ["INT4", "Q4_0"]       # ordered, best first
+    default_bits = 4
+    quant_block_size = 128
+    prune_granularity = 128              # multiple of quant_block_size and of each type's block
+    threads = 8                          # cpu/mobile only
+
+Profiles are looked up by name in ``targets/`` next to the ``edgeq`` package, or in the
+directory named by ``$EDGEQ_TARGETS_DIR``; a path to a ``.toml`` file works too.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from edgeq.errors import EdgeqError
+
+GIB = 1024**3
+ENV_TARGETS_DIR = "EDGEQ_TARGETS_DIR"
+
+
+class DeviceKind(str, Enum):
+    CPU = "cpu"
+    GPU = "gpu"
+    MOBILE = "mobile"
+
+
+class ArtifactFormat(str, Enum):
+    GGUF = "gguf"
+    ONNX = "onnx"
+    TVM = "tvm"
+
+
+# Quant types a profile may name -> the block (weights per scale, along the input axis) the type
+# itself imposes. ``None``: the block is the profile's ``quant_block_size`` (the blockwise integer
+# grid of ONNX MatMulNBits and generated TVM kernels). GGUF sizes as in gguf-py GGML_QUANT_SIZES.
+QUANT_TYPE_BLOCK: dict[str, int | None] = {
+    "F32": 1,
+    "F16": 1,
+    "BF16": 1,
+    "Q4_0": 32,
+    "Q4_1": 32,
+    "Q5_0": 32,
+    "Q5_1": 32,
+    "Q8_0": 32,
+    "IQ4_NL": 32,
+    "Q2_K": 256,
+    "Q3_K": 256,
+    "Q4_K": 256,
+    "Q5_K": 256,
+    "Q6_K": 256,
+    "IQ4_XS": 256,
+    "INT4": None,
+    "INT8": None,
+}
+
+ALLOWED_BITS = (2, 3, 4, 5, 6, 8, 16)
+_CUDA_ARCH = re.compile(r"^sm_\d{2,3}[a-z]?$")
+
+
+@dataclass(frozen=True)
+class CompileTarget:
+    """The TVM target for a profile: ``kind="llvm"`` (mtriple, mcpu, mattr) or ``kind="cuda"`` (arch)."""
+
+    kind: str
+    mtriple: str | None = None
+    mcpu: str | None = None
+    mattr: tuple[str, ...] = ()
+    arch: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """A TVM target config dict, e.g. ``{"kind": "llvm", "mtriple": ..., "mcpu": "haswell"}``."""
+        d: dict[str, Any] = {"kind": self.kind}
+        if self.mtriple is not None:
+            d["mtriple"] = self.mtriple
+        if self.mcpu is not None:
+            d["mcpu"] = self.mcpu
+        if self.mattr:
+            d["mattr"] = list(self.mattr)
+        if self.arch is not None:
+            d["arch"] = self.arch
+        return d
+
+    def as_str(self) -> str:
+        """The same target as a TVM target string, e.g. ``"llvm -mtriple=... -mcpu=haswell"``."""
+        parts = [self.kind]
+        if self.mtriple is not None:
+            parts.append(f"-mtriple={self.mtriple}")
+        if self.mcpu is not None:
+            parts.append(f"-mcpu={self.mcpu}")
+        if self.mattr:
+            parts.append("-mattr=" + ",".join(self.mattr))
+        if self.arch is not None:
+            parts.append(f"-arch={self.arch}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    description: str
+    kind: DeviceKind
+    reference_device: str | None
+    memory_total_bytes: int
+    memory_budget_bytes: int  # weights + KV cache
+    bandwidth_gb_s: float  # GB/s, 1e9 bytes per second
+    peak_fp32_tflops: float
+    peak_fp16_tflops: float | None
+    peak_int8_tops: float | None
+    peak_int4_tops: float | None
+    isa_features: tuple[str, ...]
+    compile_target: CompileTarget
+    formats: tuple[ArtifactFormat, ...]  # best first
+    quant_types: tuple[str, ...]  # keys of QUANT_TYPE_BLOCK, best first
+    default_bits: int
+    quant_block_size: int
+    prune_granularity: int
+    threads: int | None  # cpu/mobile: worker threads; None for gpu
+    source: Path | None = None  # the TOML file it was loaded from
+
+    @property
+    def memory_budget_gib(self) -> float:
+        return self.memory_budget_bytes / GIB
+
+    @property
+    def memory_total_gib(self) -> float:
+        return self.memory_total_bytes / GIB
+
+    def has_feature(self, feature: str) -> bool:
+        return feature in self.isa_features
+
+    def supports_format(self, fmt: ArtifactFormat | str) -> bool:
+        return ArtifactFormat(fmt) in self.formats
+
+    def peak(self, dtype: str) -> float | None:
+        """Dense peak for ``fp32`` / ``fp16`` (TFLOPS) or ``int8`` / ``int4`` (TOPS); None if not given."""
+        table = {
+            "fp32": self.peak_fp32_tflops,
+            "fp16": self.peak_fp16_tflops,
+            "int8": self.peak_int8_tops,
+            "int4": self.peak_int4_tops,
+        }
+        if dtype not in table:
+            raise EdgeqError(f"unknown dtype {dtype!r}; expected one of: {', '.join(table)}")
+        return table[dtype]
+
+    def block_for(self, quant_type: str) -> int:
+        """Weights per scale for a quant type on this target."""
+        if quant_type not in QUANT_TYPE_BLOCK:
+            raise EdgeqError(f"unknown quant type {quant_type!r}; known: {', '.join(QUANT_TYPE_BLOCK)}")
+        block = QUANT_TYPE_BLOCK[quant_type]
+        return self.quant_block_size if block is None else block
+
+
+# --------------------------------------------------------------------------------------------
+# Lookup
+
+
+def targets_dir() -> Path:
+    """Where profiles are looked up by name: ``$EDGEQ_TARGETS_DIR`` or the repository's ``targets/``."""
+    env = os.environ.get(ENV_TARGETS_DIR)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1] / "targets"
+
+
+def _profile_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        raise EdgeqError(f"targets directory not found: {directory}")
+    return sorted(directory.glob("*.toml"))
+
+
+def _looks_like_path(name_or_path: str | os.PathLike) -> bool:
+    if isinstance(name_or_path, Path):
+        return True
+    s = os.fspath(name_or_path)
+    return s.endswith(".toml") or "/" in s or os.sep in s
+
+
+def load_target(name_or_path: str | os.PathLike) -> TargetProfile:
+    """Load and validate a profile by name (``"gpu-t4"``) or by path to a ``.toml`` file."""
+    if _looks_like_path(name_or_path):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise EdgeqError(f"target file not found: {path}")
+        return _load_file(path)
+    name = os.fspath(name_or_path)
+    directory = targets_dir()
+    files = _profile_files(directory)
+    for f in files:
+        if f.stem == name:
+            return _load_file(f)
+    known = ", ".join(f.stem for f in files) or "(none)"
+    raise EdgeqError(f"unknown target {name!r}; known: {known}")
+
+
+def list_targets() -> list[TargetProfile]:
+    """Every profile in the targets directory, validated, sorted by name."""
+    profiles = [_load_file(f) for f in _profile_files(targets_dir())]
+    return sorted(profiles, key=lambda p: p.name)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing and validation
+
+_SCHEMA: dict[str, set[str]] = {
+    "": {"name", "description", "kind", "reference_device", "memory", "peak", "isa", "compile", "deploy"},
+    "memory": {"total_gib", "total_bytes", "budget_gib", "budget_bytes", "bandwidth_gb_s"},
+    "peak": {"fp32_tflops", "fp16_tflops", "int8_tops", "int4_tops"},
+    "isa": {"features"},
+    "compile": {"tvm_target"},
+    "compile.tvm_target": {"kind", "mtriple", "mcpu", "mattr", "arch"},
+    "deploy": {"formats", "quant_types", "default_bits", "quant_block_size", "prune_granularity", "threads"},
+}
+
+_MISSING = object()
+
+
+class _Reader:
+    """Typed access to one TOML table, with errors naming the file and the dotted key."""
+
+    def __init__(self, where: str, table: Mapping[str, Any], prefix: str = ""):
+        self.where = where
+        self.table = table
+        self.prefix = prefix
+        allowed = _SCHEMA.get(prefix.rstrip("."), set())
+        extra = sorted(set(table) - allowed)
+        if extra:
+            raise self.error(f"unknown field '{self.prefix}{extra[0]}'")
+
+    def error(self, msg: str) -> EdgeqError:
+        return EdgeqError(f"{self.where}: {msg}")
+
+    def key(self, k: str) -> str:
+        return f"{self.prefix}{k}"
+
+    def raw(self, k: str, required: bool = True) -> Any:
+        v = self.table.get(k, _MISSING)
+        if v is _MISSING and required:
+            raise self.error(f"missing field '{self.key(k)}'")
+        return None if v is _MISSING else v
+
+    def sub(self, k: str) -> "_Reader":
+        v = self.raw(k)
+        if not isinstance(v, dict):
+            raise self.error(f"'{self.key(k)}' must be a table, got {_show(v)}")
+        return _Reader(self.where, v, f"{self.key(k)}.")
+
+    def string(self, k: str, required: bool = True) -> str | None:
+        v = self.raw(k, required)
+        if v is None:
+            return None
+        if not isinstance(v, str) or not v.strip():
+            raise self.error(f"'{self.key(k)}' must be a non-empty string, got {_show(v)}")
+        return v
+
+    def number(self, k: str, required: bool = True) -> float | None:
+        v = self.raw(k, required)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise self.error(f"'{self.key(k)}' must be a positive number, got {_show(v)}")
+        return float(v)
+
+    def integer(self, k: str, required: bool = True) -> int | None:
+        v = self.raw(k, required)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise self.error(f"'{self.key(k)}' must be a positive integer, got {_show(v)}")
+        return v
+
+    def strings(self, k: str, required: bool = True) -> tuple[str, ...]:
+        v = self.raw(k, required)
+        if v is None:
+            return ()
+        if not isinstance(v, list) or not v or not all(isinstance(s, str) and s for s in v):
+            raise self.error(f"'{self.key(k)}' must be a non-empty list of strings, got {_show(v)}")
+        dup = sorted({s for s in v if v.count(s) > 1})
+        if dup:
+            raise self.error(f"'{self.key(k)}' lists {dup[0]!r} twice")
+        return tuple(v)
+
+    def bytes_(self, stem: str) -> int:
+        """``<stem>_gib`` or ``<stem>_bytes`` (exactly one), as bytes."""
+        gib, nbytes = self.table.get(f"{stem}_gib"), self.table.get(f"{stem}_bytes")
+        if gib is not None and nbytes is not None:
+            raise self.error(f"give one of '{self.key(stem + '_gib')}' and '{self.key(stem + '_bytes')}', not both")
+        if nbytes is not None:
+            return int(self.integer(f"{stem}_bytes"))
+        if gib is None:
+            raise self.error(f"missing field '{self.key(stem + '_gib')}' (or '{self.key(stem + '_bytes')}')")
+        return int(round(self.number(f"{stem}_gib") * GIB))
+
+
+def _show(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _enum(r: _Reader, k: str, enum: type[Enum], value: str) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        choices = ", ".join(e.value for e in enum)
+        raise r.error(f"'{r.key(k)}' must be one of {choices}, got {value!r}") from None
+
+
+def _load_file(path: Path) -> TargetProfile:
+    where = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise EdgeqError(f"{where}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise EdgeqError(f"{where}: invalid TOML: {exc}") from exc
+    profile = parse_target(data, where=where, source=path)
+    if profile.name != path.stem:
+        raise EdgeqError(f"{where}: name {profile.name!r} does not match the file name {path.stem!r}")
+    return profile
+
+
+def parse_target(data: Mapping[str, Any], where: str = "<target>", source: Path | None = None) -> TargetProfile:
+    """Build and validate a profile from parsed TOML data; errors name ``where`` and the field."""
+    top = _Reader(where, data)
+    name = top.string("name")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
+        raise top.error(f"'name' must be lower-case letters, digits, '.', '_' or '-', got {name!r}")
+    description = top.string("description")
+    kind = _enum(top, "kind", DeviceKind, top.string("kind"))
+    reference_device = top.string("reference_device", required=False)
+
+    mem = top.sub("memory")
+    total = mem.bytes_("total")
+    budget = mem.bytes_("budget")
+    if budget > total:
+        raise mem.error(f"memory budget {budget / GIB:g} GiB exceeds total memory {total / GIB:g} GiB")
+    bandwidth = mem.number("bandwidth_gb_s")
+
+    peak = top.sub("peak")
+    fp32 = peak.number("fp32_tflops")
+    fp16 = peak.number("fp16_tflops", required=False)
+    int8 = peak.number("int8_tops", required=False)
+    int4 = peak.number("int4_tops", required=False)
+
+    isa = top.sub("isa")
+    features = isa.strings("features")
+
+    comp = top.sub("compile")
+    compile_target = _compile_target(comp.sub("tvm_target"), kind)
+    if kind is DeviceKind.GPU and compile_target.arch not in features:
+        raise isa.error(f"'isa.features' must include the CUDA arch {compile_target.arch!r}")
+
+    dep = top.sub("deploy")
+    formats = tuple(_enum(dep, "formats", ArtifactFormat, f) for f in dep.strings("formats"))
+    quant_types = dep.strings("quant_types")
+    for q in quant_types:
+        if q not in QUANT_TYPE_BLOCK:
+            raise dep.error(f"unknown quant type {q!r} in 'deploy.quant_types'; known: {', '.join(QUANT_TYPE_BLOCK)}")
+    default_bits = dep.integer("default_bits")
+    if default_bits not in ALLOWED_BITS:
+        raise dep.error(f"'deploy.default_bits' must be one of {', '.join(map(str, ALLOWED_BITS))}, got {default_bits}")
+    block = dep.integer("quant_block_size")
+    gran = dep.integer("prune_granularity")
+    if gran % block:
+        raise dep.error(f"prune_granularity {gran} is not a multiple of quant_block_size {block}")
+    for q in quant_types:
+        qb = QUANT_TYPE_BLOCK[q]
+        if qb is not None and gran % qb:
+            raise dep.error(f"prune_granularity {gran} is not a multiple of the {q} block size {qb}")
+    threads = dep.integer("threads", required=False)
+    if kind is DeviceKind.GPU:
+        if threads is not None:
+            raise dep.error("'deploy.threads' is for cpu/mobile targets; remove it from a gpu target")
+    elif threads is None:
+        raise dep.error(f"missing field 'deploy.threads' (required for a {kind.value} target)")
+
+    return TargetProfile(
+        name=name,
+        description=description,
+        kind=kind,
+        reference_device=reference_device,
+        memory_total_bytes=total,
+        memory_budget_bytes=budget,
+        bandwidth_gb_s=bandwidth,
+        peak_fp32_tflops=fp32,
+        peak_fp16_tflops=fp16,
+        peak_int8_tops=int8,
+        peak_int4_tops=int4,
+        isa_features=features,
+        compile_target=compile_target,
+        formats=formats,
+        quant_types=quant_types,
+        default_bits=default_bits,
+        quant_block_size=block,
+        prune_granularity=gran,
+        threads=threads,
+        source=source,
+    )
+
+
+def _compile_target(r: _Reader, kind: DeviceKind) -> CompileTarget:
+    tkind = r.string("kind")
+    if tkind == "llvm":
+        if kind is DeviceKind.GPU:
+            raise r.error("a gpu target needs compile.tvm_target.kind = \"cuda\", got \"llvm\"")
+        if r.raw("arch", required=False) is not None:
+            raise r.error("'compile.tvm_target.arch' is for cuda targets; use mcpu for llvm")
+        return CompileTarget(
+            kind="llvm",
+            mtriple=r.string("mtriple"),
+            mcpu=r.string("mcpu"),
+            mattr=r.strings("mattr", required=False),
+        )
+    if tkind == "cuda":
+        if kind is not DeviceKind.GPU:
+            raise r.error(f"a {kind.value} target needs compile.tvm_target.kind = \"llvm\", got \"cuda\"")
+        for k in ("mtriple", "mcpu", "mattr"):
+            if r.raw(k, required=False) is not None:
+                raise r.error(f"'compile.tvm_target.{k}' is for llvm targets; use arch for cuda")
+        arch = r.string("arch")
+        if not _CUDA_ARCH.match(arch):
+            raise r.error(f"'compile.tvm_target.arch' must look like sm_75, got {arch!r}")
+        return CompileTarget(kind="cuda", arch=arch)
+    raise r.error(f"'compile.tvm_target.kind' must be one of llvm, cuda, got {tkind!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Display
+
+
+def _num(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:g}" if v < 100 else f"{v:.0f}"
+
+
+def _join_capped(items: Iterable[str], limit: int = 40) -> str:
+    """Comma-join ``items``; past ``limit`` characters, end with ``+N`` for the ones left out."""
+    items = list(items)
+    out: list[str] = []
+    for i, item in enumerate(items):
+        rest = len(items) - i - 1
+        candidate = ",".join([*out, item])
+        suffix = f",+{rest}" if rest else ""
+        if out and len(candidate) + len(suffix) > limit:
+            return ",".join(out) + f",+{len(items) - i}"
+        out.append(item)
+    return ",".join(out)
+
+
+def format_targets_table(profiles: Iterable[TargetProfile]) -> str:
+    """A fixed-width text table of profiles, one row each."""
+    header = (
+        "name", "kind", "budget GiB", "BW GB/s", "fp16 TFLOPS", "int8 TOPS",
+        "ISA", "formats", "quant types", "block", "prune",
+    )
+    right = {2, 3, 4, 5, 9, 10}  # numeric columns
+    rows = [
+        (
+            p.name,
+            p.kind.value,
+            f"{p.memory_budget_gib:g}",
+            _num(p.bandwidth_gb_s),
+            _num(p.peak_fp16_tflops),
+            _num(p.peak_int8_tops),
+            _join_capped(p.isa_features),
+            ",".join(f.value for f in p.formats),
+            ",".join(p.quant_types),
+            str(p.quant_block_size),
+            str(p.prune_granularity),
+        )
+        for p in profiles
+    ]
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+
+    def line(cells: tuple[str, ...]) -> str:
+        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(out).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])

@@ -1,0 +1,118 @@
+"""The Session API every runtime implements. Importable without torch.
+
+A Session owns one loaded artifact (or ModelIR) and offers:
+
+* ``tokenize(text, add_special=True) -> list[int]`` / ``detokenize(ids) -> str``
+* ``logits(token_ids) -> np.ndarray``: float32 ``(len(token_ids), vocab)`` logits for every
+  position of a fresh context (no state carried between calls).
+* ``generate(prompt, max_tokens, ...) -> Iterator[str]``: greedy (temperature 0) streaming of
+  text pieces; stops at EOS or ``max_tokens``. ``last_stats`` holds timings of the last call.
+* ``profile(...)``: see :mod:`edgeq.profile`, which drives sessions through this API.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0  # time to first token (prompt evaluation + first sample)
+    decode_seconds: float = 0.0  # time for the remaining new tokens
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = self.new_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+
+class Session:
+    """Base class: subclasses implement tokenize/detokenize, logits, reset, eval_next."""
+
+    name: str = "base"
+    eos_ids: frozenset[int] = frozenset()
+    last_stats: GenerationStats | None = None
+
+    # --- to implement ---------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _start(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        """Reset state, evaluate the prompt, return the last position's logits (vocab,)."""
+        raise NotImplementedError
+
+    def _step(self, token_id: int) -> np.ndarray:
+        """Append one token to the context, return its logits (vocab,)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    # --- shared ---------------------------------------------------------------------------
+    def apply_chat_template(self, prompt: str) -> str:
+        return prompt
+
+    def generate_ids(self, prompt_ids: Sequence[int], max_tokens: int,
+                     stop_at_eos: bool = True) -> Iterator[int]:
+        """Greedy decoding; yields token ids as they are produced; fills ``last_stats``."""
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.last_stats = stats
+        t0 = time.perf_counter()
+        logits = self._start(prompt_ids)
+        tok = int(np.argmax(logits))
+        stats.prefill_seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for i in range(max_tokens):
+            if stop_at_eos and tok in self.eos_ids:
+                break
+            stats.token_ids.append(tok)
+            stats.new_tokens += 1
+            stats.decode_seconds = time.perf_counter() - t1
+            yield tok
+            if i + 1 == max_tokens:
+                break
+            logits = self._step(tok)
+            tok = int(np.argmax(logits))
+        stats.decode_seconds = time.perf_counter() - t1
+
+    def generate(self, prompt: str, max_tokens: int = 64, chat: bool = False,
+                 stop_at_eos: bool = True) -> Iterator[str]:
+        """Stream decoded text pieces (greedy)."""
+        text = self.apply_chat_template(prompt) if chat else prompt
+        ids = self.tokenize(text)
+        out: list[int] = []
+        emitted = ""
+        for tok in self.generate_ids(ids, max_tokens, stop_at_eos=stop_at_eos):
+            out.append(tok)
+            full = self.detokenize(out)
+            # hold back incomplete UTF-8 sequences
+            if full.endswith("\ufffd"):
+                continue
+            piece, emitted = full[len(emitted):], full
+            if piece:
+                yield piece
+        full = self.detokenize(out)
+        if len(full) > len(emitted):
+            yield full[len(emitted):]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,56 @@
+"""Tokenization and chat templates from a TokenizerSpec (``tokenizers`` + jinja2; no torch)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from edgeq.errors import EdgeqError
+from edgeq.ir import TokenizerSpec
+
+_EOS_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
+
+
+class SpecTokenizer:
+    def __init__(self, spec: TokenizerSpec):
+        if not spec.tokenizer_json:
+            raise EdgeqError("this model carries no tokenizer.json; cannot tokenize text")
+        from tokenizers import Tokenizer
+
+        self.spec = spec
+        self._tok = Tokenizer.from_str(spec.tokenizer_json)
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        ids = list(self._tok.encode(text, add_special_tokens=add_special).ids)
+        if add_special and self.spec.add_bos and self.spec.bos_id is not None and ids[:1] != [self.spec.bos_id]:
+            ids.insert(0, self.spec.bos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        ids = {self.spec.eos_id} if self.spec.eos_id is not None else set()
+        for i, (t, ty) in enumerate(zip(self.spec.tokens, self.spec.token_types)):
+            if ty == 3 and t in _EOS_NAMES:
+                ids.add(i)
+        return frozenset(ids)
+
+    def chat(self, prompt: str) -> str:
+        return render_chat(self.spec, prompt)
+
+
+def render_chat(spec: TokenizerSpec, prompt: str) -> str:
+    """Render a single-turn user prompt with the model's chat template (generation prompt on)."""
+    if not spec.chat_template:
+        return prompt
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # templates are untrusted input
+
+    def raise_exception(msg):
+        raise EdgeqError(f"chat template: {msg}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    tpl = env.from_string(spec.chat_template)
+    tok = lambda i: spec.tokens[i] if i is not None else ""  # noqa: E731
+    return tpl.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+                      bos_token=tok(spec.bos_id), eos_token=tok(spec.eos_id))
