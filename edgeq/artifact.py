@@ -37,6 +37,7 @@ def atomic_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        _normalise_modes(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
@@ -47,6 +48,15 @@ def atomic_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _normalise_modes(root: Path) -> None:
+    """mkdtemp/mkstemp create 0700/0600 entries; give the artifact ordinary umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for p in root.iterdir():
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def file_table(root: Path) -> dict[str, dict]:

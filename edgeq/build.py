@@ -10,7 +10,7 @@ from edgeq import goldens
 from edgeq.artifact import GOLDENS, atomic_directory, dump_json, write_manifest
 from edgeq.errors import EdgeqError
 from edgeq.frontend import load_adapter, load_model, merge_adapters
-from edgeq.ir import ModelIR
+from edgeq.ir import ModelIR, Role, linear_name
 from edgeq.targets import TargetProfile, load_target
 
 FORMATS = ("gguf",)
@@ -84,15 +84,16 @@ def build(opts: BuildOptions, log: Callable[[str], None] = _log) -> BuildResult:
     t = time.perf_counter()
     ir = prepare_ir(opts, log)
     timings["load"] = time.perf_counter() - t
-    problems = lower_gguf.check(ir)
+    # separate adapters are written as their own files; the base file holds no branches
+    problems = lower_gguf.check(ir.without_low_rank() if opts.adapter_mode == "separate" else ir)
     if problems:
         raise EdgeqError(f"cannot lower to gguf: {problems[0]}")
-    types = lower_gguf.tensor_types(ir, bits, qtype=opts.qtype)
-    base_qtype = lower_gguf.base_qtype(types)
+    types = lower_gguf.tensor_types(ir, opts.qtype or bits)
+    base_qtype = types[linear_name(0, Role.Q)].value
     with atomic_directory(opts.out, force=opts.force) as tmp:
         t = time.perf_counter()
         log(f"writing {MODEL_FILE} ({base_qtype}) for target {target.name}")
-        lower_gguf.write_gguf(ir, tmp / MODEL_FILE, types)
+        lower_gguf.write_gguf(ir, tmp / MODEL_FILE, types, allow_low_rank=opts.adapter_mode == "separate")
         adapter_files = []
         if opts.adapter_mode == "separate":
             for name in ir.adapters:

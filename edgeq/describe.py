@@ -5,14 +5,15 @@ from collections import Counter
 from pathlib import Path
 
 from edgeq.artifact import read_manifest
-from edgeq.errors import require
+from edgeq.errors import EdgeqError, require
 
 
 def gguf_tensors(path: Path) -> list[dict]:
     gguf = require("gguf", "gguf")
-    from edgeq.lower.gguf import open_reader
-
-    reader = open_reader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # gguf-py raises assorted errors on corrupt files
+        raise EdgeqError(f"{path}: corrupt GGUF ({exc.__class__.__name__}: {exc})") from None
     return [{"name": t.name, "type": t.tensor_type.name, "shape": [int(x) for x in reversed(t.shape)],
              "bytes": int(t.n_bytes)} for t in reader.tensors]
 

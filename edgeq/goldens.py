@@ -43,7 +43,9 @@ class Comparison:
     max_logprob_diff: float  # on the expected top-k ids
 
     def to_json(self) -> dict:
-        return {k: round(float(v), 6) for k, v in self.__dict__.items()}
+        d = {k: round(float(v), 6) for k, v in self.__dict__.items()}
+        d["positions"] = self.positions
+        return d
 
 
 def logprobs(session, token_ids: list[list[int]]) -> list[np.ndarray]:

@@ -168,6 +168,10 @@ class ModelIR:
     def replace(self, **changes) -> "ModelIR":
         return dataclasses.replace(self, **changes)
 
+    def without_low_rank(self) -> "ModelIR":
+        """The base model: every low-rank branch dropped (what a base GGUF file holds)."""
+        return self.replace(linears={k: dataclasses.replace(v, low_rank=()) for k, v in self.linears.items()})
+
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         hp = self.hparams
         q_out = hp.num_heads * hp.head_dim

@@ -37,6 +37,19 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def write_json(path: Path, obj) -> None:
+    """Deterministic JSON: sorted keys, 2-space indent, trailing newline."""
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def canonicalise_adapter_config(path: Path) -> None:
+    """PEFT stores ``target_modules`` as a set (its order varies with PYTHONHASHSEED): sort it."""
+    cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    write_json(path, cfg)
+
+
 def write_marker(directory: Path, info: Mapping[str, object]) -> Path:
     """Write the completion marker: ``info`` plus the size and sha256 of every other file."""
     files = {}

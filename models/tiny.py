@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from edgeq.errors import EdgeqError, require
-from models import CACHE_DIR, atomic_dir, write_marker
+from models import CACHE_DIR, atomic_dir, canonicalise_adapter_config, write_json, write_marker
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 TINY_VOCAB_SIZE = 384  # 256 byte symbols + 3 specials + 125 merges; a multiple of 32
@@ -95,15 +95,35 @@ artifact that the runtime can load. Then it checks that the answers still match.
 """
 
 
-def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE, text: str = TINY_CORPUS):
-    """Train a GPT-2 style byte-level BPE on ``text``; special tokens get ids 0, 1, 2.
+# Qwen2's pre-tokenizer split (digits one by one, letters with one leading non-letter).
+QWEN2_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
-    Returns a ``tokenizers.Tokenizer`` (no post-processor; see :func:`save_tokenizer`).
+
+def build_tiny_tokenizer(style: str = "gpt2", vocab_size: int = TINY_VOCAB_SIZE, text: str = TINY_CORPUS):
+    """Train a byte-level BPE on ``text``; special tokens get ids 0, 1, 2.
+
+    ``style="gpt2"``: GPT-2 pre-tokenizer (ByteLevel with its regex), as Llama-3/SmolLM-style
+    byte-level tokenizers. ``style="qwen2"``: NFC normalizer + Qwen2's split regex + ByteLevel,
+    exactly the pipeline of real Qwen2 tokenizers (transformers' Qwen2Tokenizer rebuilds that
+    pipeline itself, so anything else would load differently than tokenizer.json says).
+    Returns a ``tokenizers.Tokenizer`` (post-processor set by :func:`save_tokenizer`).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    if style == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    elif style == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ])
+    else:
+        raise EdgeqError(f"tiny tokenizer: expected style 'gpt2' or 'qwen2', got {style!r}")
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=1, show_progress=False,
@@ -118,6 +138,7 @@ def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE, text: str = TINY_COR
 
 
 def save_tokenizer(tok, out_dir: Path, *, bos: str | None, eos: str, pad: str, add_bos: bool,
+                   tokenizer_class: str = "PreTrainedTokenizerFast",
                    chat_template: str = CHAT_TEMPLATE) -> None:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into ``out_dir``.
 
@@ -151,14 +172,10 @@ def save_tokenizer(tok, out_dir: Path, *, bos: str | None, eos: str, pad: str, a
         "chat_template": chat_template,
         "clean_up_tokenization_spaces": False,
         "model_max_length": MAX_POSITIONS,
-        "tokenizer_class": "PreTrainedTokenizerFast",
+        "tokenizer_class": tokenizer_class,
     }
-    _write_json(out_dir / "tokenizer_config.json", config)
-    _write_json(out_dir / "special_tokens_map.json", {k: v for k, v in special.items() if v is not None})
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(out_dir / "tokenizer_config.json", config)
+    write_json(out_dir / "special_tokens_map.json", {k: v for k, v in special.items() if v is not None})
 
 
 def _randomise_(model, seed: int) -> None:
@@ -185,7 +202,7 @@ def _make_tiny(out_dir: Path, arch: str, seed: int, tie_embeddings: bool) -> Pat
     transformers = require("transformers", "frontend")
     import torch
 
-    tok = build_tiny_tokenizer()
+    tok = build_tiny_tokenizer("qwen2" if arch == "qwen2" else "gpt2")
     common = dict(
         vocab_size=tok.get_vocab_size(), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
         num_hidden_layers=NUM_LAYERS, num_attention_heads=NUM_HEADS, num_key_value_heads=NUM_KV_HEADS,
@@ -194,12 +211,14 @@ def _make_tiny(out_dir: Path, arch: str, seed: int, tie_embeddings: bool) -> Pat
     )
     if arch == "llama":
         bos, eos, pad, add_bos = SPECIAL_TOKENS[0], SPECIAL_TOKENS[2], SPECIAL_TOKENS[0], True
+        tok_class = "PreTrainedTokenizerFast"
         config = transformers.LlamaConfig(
             **common, rope_theta=10000.0, rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False,
             bos_token_id=0, eos_token_id=2, pad_token_id=0)
         model_cls = transformers.LlamaForCausalLM
     elif arch == "qwen2":
         bos, eos, pad, add_bos = None, SPECIAL_TOKENS[2], SPECIAL_TOKENS[0], False
+        tok_class = "Qwen2Tokenizer"
         config = transformers.Qwen2Config(
             **common, rope_theta=1_000_000.0, rms_norm_eps=1e-6, use_sliding_window=False,
             bos_token_id=0, eos_token_id=2, pad_token_id=0)
@@ -216,7 +235,7 @@ def _make_tiny(out_dir: Path, arch: str, seed: int, tie_embeddings: bool) -> Pat
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
-        save_tokenizer(tok, tmp, bos=bos, eos=eos, pad=pad, add_bos=add_bos)
+        save_tokenizer(tok, tmp, bos=bos, eos=eos, pad=pad, add_bos=add_bos, tokenizer_class=tok_class)
         write_marker(tmp, {"recipe": f"tiny-{arch}/v1", "seed": seed, "tie_embeddings": tie_embeddings})
     return out_dir
 
@@ -260,6 +279,7 @@ def make_random_lora(model_dir: Path, out_dir: Path, r: int = 8, alpha: int = 16
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model card; not needed
+        canonicalise_adapter_config(tmp / "adapter_config.json")
         write_marker(tmp, {"recipe": "random-lora/v1", "seed": seed, "r": r, "alpha": alpha})
     return out_dir
 

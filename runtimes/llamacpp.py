@@ -85,7 +85,20 @@ class LlamaCppSession(Session):
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self._llm.detokenize([int(i) for i in ids], special=False).decode("utf-8", errors="replace")
+        """llama.cpp's own ``llama_detokenize`` (control tokens dropped, no BOS-space hack)."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return ""
+        lib = self._lib
+        arr = (lib.llama_token * len(ids))(*ids)
+        size = max(64, 8 * len(ids))
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = lib.llama_detokenize(self._vocab, arr, len(ids), buf, size, False, False)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = -n + 1
+        raise EdgeqError("llama_detokenize failed")
 
     @property
     def eos_ids(self) -> frozenset[int]:  # type: ignore[override]
@@ -108,16 +121,18 @@ class LlamaCppSession(Session):
         def raise_exception(msg):
             raise EdgeqError(f"chat template: {msg}")
 
-        def piece(tok_id: int) -> str:
-            if tok_id < 0:
+        def piece(key: str) -> str:
+            # the file's own ids: llama.cpp substitutes defaults (e.g. BOS 11 for BPE) when absent
+            tok_id = self._llm.metadata.get(key)
+            if tok_id is None:
                 return ""
-            return self._llm._model.token_get_text(tok_id)
+            return self._llm._model.token_get_text(int(tok_id))
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         return env.from_string(template).render(
             messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
-            bos_token=piece(self._llm.token_bos()), eos_token=piece(self._llm.token_eos()))
+            bos_token=piece("tokenizer.ggml.bos_token_id"), eos_token=piece("tokenizer.ggml.eos_token_id"))
 
     # ---- compute -----------------------------------------------------------------------------
     def _clear(self) -> None:

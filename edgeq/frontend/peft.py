@@ -49,6 +49,27 @@ def _check_config(cfg: dict, where: Path) -> None:
                          f"LoRA-able linear for (supported: {', '.join(HF_MODULE_ROLE)})")
 
 
+def _check_base(cfg: dict, ir: ModelIR, name: str) -> None:
+    """If the adapter names a local base checkpoint, its architecture must be this model's."""
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        return
+    base_cfg = Path(base) / "config.json"
+    try:
+        if not base_cfg.is_file():
+            return
+        bc = json.loads(base_cfg.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if bc.get("model_type") and bc.get("model_type") != ir.arch.value:
+        raise EdgeqError(f"adapter {name!r} does not match the model: it was trained on a "
+                         f"{bc.get('model_type')} model ({base}), this model is {ir.arch.value}")
+    for key, ours in (("hidden_size", ir.hparams.hidden_size), ("num_hidden_layers", ir.hparams.num_layers)):
+        if key in bc and int(bc[key]) != ours:
+            raise EdgeqError(f"adapter {name!r} does not match the model: its base has {key}={bc[key]}, "
+                             f"this model has {ours}")
+
+
 def _scale(cfg: dict, module: str, rank: int) -> float:
     alpha = cfg.get("lora_alpha", 8)
     for pat, a in (cfg.get("alpha_pattern") or {}).items():
@@ -67,6 +88,7 @@ def load_adapter(ir: ModelIR, adapter_dir: str | Path, name: str | None = None) 
         raise EdgeqError(f"adapter name {name!r} used twice")
     cfg = _read_config(adapter_dir)
     _check_config(cfg, adapter_dir)
+    _check_base(cfg, ir, name)
     base_arch = cfg.get("base_model_class") or ""
     wfile = adapter_dir / "adapter_model.safetensors"
     if not wfile.exists():

@@ -725,6 +725,11 @@ def read_gguf(path: str | Path) -> ModelIR:
         raise EdgeqError(f"{path}: corrupt GGUF file: {type(exc).__name__}: {exc}") from None
 
 
+def _f32(v: Any) -> float:
+    """A float32 metadata value as the shortest decimal that round-trips (1e-05, not 9.99e-06)."""
+    return float(str(np.float32(v)))
+
+
 def _read_model(reader, path: Path, arch: Arch, a: str) -> ModelIR:
     from edgeq.hashing import sha256_file
 
@@ -753,8 +758,8 @@ def _read_model(reader, path: Path, arch: Arch, a: str) -> ModelIR:
         num_heads=n_head,
         num_kv_heads=n_kv,
         head_dim=head_dim,
-        rope_theta=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(req("attention.layer_norm_rms_epsilon")),
+        rope_theta=_f32(_field(reader, f"{a}.rope.freq_base", 10000.0)),
+        rms_norm_eps=_f32(req("attention.layer_norm_rms_epsilon")),
         max_position_embeddings=int(_field(reader, f"{a}.context_length", 2048)),
         tie_word_embeddings="output.weight" not in raw,
         attention_bias=f"blk.0.attn_q.bias" in raw,

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+
+from edgeq.frontend import load_adapter, load_model
+from runtimes.reference import ReferenceSession
+
+REF_VS_TRANSFORMERS_MAX_ABS = 1e-4  # the bound, fp32 logits
+
+
+def _hf_logits(model_dir, ids, adapter_dir=None):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if adapter_dir is not None:
+        import peft
+
+        m = peft.PeftModel.from_pretrained(m, adapter_dir).eval()
+    with torch.no_grad():
+        return m(torch.tensor([ids])).logits[0].numpy()
+
+
+def _ids(n, vocab, seed=0):
+    return np.random.RandomState(seed).randint(0, vocab, n).tolist()
+
+
+def test_logits_match_transformers(tiny_model):
+    ir = load_model(tiny_model)
+    ids = _ids(48, ir.hparams.vocab_size)
+    ours = ReferenceSession(ir).logits(ids)
+    theirs = _hf_logits(tiny_model, ids)
+    assert np.abs(ours - theirs).max() <= REF_VS_TRANSFORMERS_MAX_ABS
+    assert np.abs(theirs).max() > 0.05  # not a degenerate model
+
+
+def test_separate_lora_branch_matches_peft(tiny_llama, tiny_llama_lora):
+    ir = load_adapter(load_model(tiny_llama), tiny_llama_lora)
+    ids = _ids(32, ir.hparams.vocab_size, seed=1)
+    ours = ReferenceSession(ir).logits(ids)
+    theirs = _hf_logits(tiny_llama, ids, tiny_llama_lora)
+    assert np.abs(ours - theirs).max() <= REF_VS_TRANSFORMERS_MAX_ABS
+    base = ReferenceSession(load_model(tiny_llama)).logits(ids)
+    assert np.abs(base - theirs).max() > 10 * REF_VS_TRANSFORMERS_MAX_ABS  # the adapter matters
+
+
+def test_kv_cache_decode_equals_full_forward(tiny_model):
+    s = ReferenceSession(load_model(tiny_model))
+    ids = _ids(40, s.hp.vocab_size, seed=2)
+    full = s.logits(ids)
+    first = s._start(ids[:25])
+    steps = [s._step(t) for t in ids[25:]]
+    np.testing.assert_allclose(first, full[24], atol=1e-5)
+    np.testing.assert_allclose(np.stack(steps), full[25:], atol=1e-5)
+
+
+def test_generate_streams_text_and_stats(tiny_llama):
+    s = ReferenceSession(load_model(tiny_llama))
+    pieces = list(s.generate("hello world", max_tokens=10, stop_at_eos=False))
+    assert s.last_stats.new_tokens == 10
+    assert "".join(pieces) == s.detokenize(s.last_stats.token_ids)
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers(smollm2_dir):
+    ir = load_model(smollm2_dir)
+    s = ReferenceSession(ir)
+    ids = s.tokenize("The quick brown fox jumps over the lazy dog. " * 6)
+    ours = s.logits(ids)
+    theirs = _hf_logits(smollm2_dir, ids)
+    assert np.abs(ours - theirs).max() <= REF_VS_TRANSFORMERS_MAX_ABS
