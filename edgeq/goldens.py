@@ -6,9 +6,13 @@ from dataclasses import dataclass
 import numpy as np
 
 GOLDEN_PROMPTS = (
-    "The capital of France is",
-    "def fibonacci(n):\n    if n < 2:\n        return n\n",
-    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "The capital of France is Paris, a city known for its museums, its cafes and the river that "
+    "runs through it. Every year millions of visitors arrive to see the tower, walk the old streets "
+    "and taste the bread.",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
+    "    a, b = 0, 1\n    for _ in range(n - 1):\n        a, b = b, a + b\n    return b\n",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who went out "
+    "every morning before sunrise. One day his net came back with something strange inside it.",
 )
 GOLDEN_POSITIONS = 32
 GOLDEN_TOPK = 8

@@ -275,9 +275,13 @@ def _tensor_plan_names(ir: ModelIR) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check(ir: ModelIR, types: Mapping[str, QType | str] | None = None) -> list[str]:
+def check(ir: ModelIR, types: Mapping[str, QType | str] | None = None, *,
+          allow_low_rank: bool = False) -> list[str]:
     """Problems that keep ``ir`` (with the type plan ``types``, if given) from being written as
-    a GGUF stock llama.cpp loads. Empty list: good to go."""
+    a GGUF stock llama.cpp loads. Empty list: good to go.
+
+    LowRank branches count as a problem unless ``allow_low_rank`` (a model GGUF has no place
+    for them; they ship as LoRA-adapter GGUFs via :func:`write_lora_gguf`)."""
     problems: list[str] = []
     hp = ir.hparams
     if hp.arch not in GGUF_ARCH:
@@ -308,7 +312,7 @@ def check(ir: ModelIR, types: Mapping[str, QType | str] | None = None) -> list[s
         if len(tok.token_types) != len(tok.tokens):
             problems.append(f"tokenizer has {len(tok.tokens)} tokens but {len(tok.token_types)} token types")
     for name, lin in ir.linears.items():
-        if lin.low_rank:
+        if lin.low_rank and not allow_low_rank:
             srcs = sorted({lr.source for lr in lin.low_rank})
             problems.append(f"{name} has low-rank branches {srcs}: merge them or write them with "
                             f"write_lora_gguf (write_gguf(..., allow_low_rank=True))")
@@ -396,9 +400,8 @@ def _add_kv(w, key: str, val: Any) -> None:
 
 
 def _model_name(ir: ModelIR) -> str:
-    name = ir.source.get("name") if isinstance(ir.source, Mapping) else None
-    if not name and isinstance(ir.source, Mapping) and ir.source.get("path"):
-        name = Path(str(ir.source["path"])).name
+    src = ir.source or {}
+    name = src.get("name") or (Path(str(src["path"])).name if src.get("path") else None)
     return str(name or "edgeq-model")
 
 
@@ -455,7 +458,7 @@ def write_gguf(ir: ModelIR, path: str | Path, types: Mapping[str, QType | str], 
     """
     gguf = _gguf()
     types = {k: as_qtype(v) for k, v in types.items()}
-    problems = [p for p in check(ir, types) if allow_low_rank is False or "low-rank" not in p]
+    problems = check(ir, types, allow_low_rank=allow_low_rank)
     if problems:
         raise EdgeqError(f"GGUF: cannot write {Path(path).name}: {problems[0]}"
                          + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
@@ -634,7 +637,7 @@ def _field(reader, key: str, default: Any = None) -> Any:
     return v
 
 
-def _read_tokenizer(reader, n_vocab: int) -> TokenizerSpec | None:
+def _read_tokenizer(reader) -> TokenizerSpec | None:
     tokens = _field(reader, "tokenizer.ggml.tokens")
     if tokens is None:
         return None
@@ -762,7 +765,7 @@ def _read_model(reader, path: Path, arch: Arch, a: str) -> ModelIR:
         rms_norm_eps=_f32(req("attention.layer_norm_rms_epsilon")),
         max_position_embeddings=int(_field(reader, f"{a}.context_length", 2048)),
         tie_word_embeddings="output.weight" not in raw,
-        attention_bias=f"blk.0.attn_q.bias" in raw,
+        attention_bias="blk.0.attn_q.bias" in raw,
     )
 
     def get(name: str) -> np.ndarray:
@@ -793,7 +796,7 @@ def _read_model(reader, path: Path, arch: Arch, a: str) -> ModelIR:
     extra = sorted(set(raw) - known)
     if extra:
         raise EdgeqError(f"{path}: unexpected tensors for a {a} model: {extra[:3]}")
-    tok = _read_tokenizer(reader, hp.vocab_size)
+    tok = _read_tokenizer(reader)
     name = _field(reader, "general.name")
     source = {"kind": "gguf", "path": str(path), "name": name or path.stem,
               "files": {path.name: sha256_file(path)},

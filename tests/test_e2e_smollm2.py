@@ -1,0 +1,59 @@
+"""End-to-end on the real SmolLM2-135M-Instruct (slow; runs in CI)."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeq.cli import main
+from edgeq.tolerances import GGUF_Q8_MAX_ABS_LOGIT_DIFF
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("llama_cpp")
+
+
+def cli(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+@pytest.fixture(scope="module")
+def q8(smollm2_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol") / "q8"
+    cli("build", smollm2_dir, "--target", "cpu-avx2", "--bits", "8", "-o", out)
+    return out
+
+
+def test_q8_artifact_verifies_and_answers(q8):
+    assert "OK" in cli("verify", q8)
+    text = cli("run", q8, "--prompt", "What is the capital of France?", "--max-tokens", "24")
+    assert "Paris" in text
+
+
+def test_q8_llamacpp_logits_match_reference_on_the_same_weights(q8):
+    """GGUF round trip: llama.cpp on model.gguf vs the numpy reference on the dequantized file."""
+    from edgeq.lower.gguf import read_gguf
+    from runtimes.llamacpp import LlamaCppSession
+    from runtimes.reference import ReferenceSession
+
+    ref = ReferenceSession(read_gguf(q8 / "model.gguf"), n_ctx=256)
+    ids = ref.tokenize("The history of the Roman Empire spans many centuries, and historians still debate")
+    with LlamaCppSession(q8 / "model.gguf", n_ctx=256) as s:
+        got = s.logits(ids)
+    want = ref.logits(ids)
+    assert np.abs(got - want).max() <= GGUF_Q8_MAX_ABS_LOGIT_DIFF
+    assert (got.argmax(-1) == want.argmax(-1)).mean() == 1.0
+
+
+def test_separate_lora_on_smollm2_matches_reference_branches(smollm2_dir, tmp_path):
+    """A LoRA adapter GGUF applied by llama.cpp == the reference runtime's low-rank branches."""
+    from models.tiny import make_random_lora
+
+    lora = make_random_lora(smollm2_dir, tmp_path / "lora", r=8, alpha=16, seed=3)
+    out = tmp_path / "sep"
+    cli("build", smollm2_dir, "--adapter", lora, "--adapter-mode", "separate", "--bits", "8", "-o", out)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["adapter_files"] == ["adapter-lora.gguf"]
+    assert "OK" in cli("verify", out)
+
