@@ -192,10 +192,12 @@ def train_lora(model_dir: Path = DEFAULT_MODEL, out_dir: Path = DEFAULT_OUT, *, 
         return examples[order.pop()]
 
     losses: list[float] = []
+    step_seconds: list[float] = []
     tokens = 0
     t0 = time.perf_counter()
     bar = tqdm(range(config.steps), desc="train_lora", disable=not progress, dynamic_ncols=True)
     for step in bar:
+        t_step = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(config.grad_accum):
@@ -210,6 +212,7 @@ def train_lora(model_dir: Path = DEFAULT_MODEL, out_dir: Path = DEFAULT_OUT, *, 
         opt.step()
         sched.step()
         losses.append(round(step_loss, 6))
+        step_seconds.append(round(time.perf_counter() - t_step, 3))
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
     seconds = time.perf_counter() - t0
     bar.close()
@@ -229,7 +232,9 @@ def train_lora(model_dir: Path = DEFAULT_MODEL, out_dir: Path = DEFAULT_OUT, *, 
             "tokens_seen": tokens,
             "seconds": round(seconds, 3),
             "seconds_per_step": round(seconds / config.steps, 4),
+            "seconds_per_step_median": sorted(step_seconds)[len(step_seconds) // 2],
             "loss": losses,
+            "step_seconds": step_seconds,
             "loss_first10_mean": round(sum(losses[:10]) / len(losses[:10]), 4),
             "loss_last10_mean": round(sum(losses[-10:]) / len(losses[-10:]), 4),
         })

@@ -9,6 +9,7 @@ LoRA-adapter GGUFs (``edgeq.lower.gguf.write_lora_gguf``) are attached with
 from __future__ import annotations
 
 import ctypes
+from collections import deque
 from pathlib import Path
 from typing import Sequence
 
@@ -18,14 +19,47 @@ from edgeq.errors import EdgeqError, require
 from runtimes.base import Session
 
 
+_LOG_TAIL: deque[tuple[int, str]] = deque(maxlen=32)  # recent llama.cpp (level, line), warn/error
+_LOG_CB = None  # the installed ctypes callback (kept referenced)
+
+
+def _silence_llama_log(llama_cpp) -> None:
+    """Route llama.cpp/ggml logging into ``_LOG_TAIL`` instead of stderr (process-wide; the
+    stock llama-cpp-python callback prints to stderr). Error messages are quoted from there."""
+    global _LOG_CB
+    if _LOG_CB is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def _cb(level, text, user_data):  # noqa: ARG001
+        if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR (ggml.h numbering)
+            _LOG_TAIL.append((int(level), text.decode("utf-8", errors="replace").strip()))
+
+    _LOG_CB = _cb
+    llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
+
+
+def _last_log(default: str = "") -> str:
+    """The first error line logged since the last ``_LOG_TAIL.clear()`` (the root cause;
+    llama.cpp logs the consequences after it), else ``default``."""
+    errors = [ln for lvl, ln in _LOG_TAIL if lvl == 4 and ln]
+    return errors[0] if errors else default
+
+
 class LlamaCppSession(Session):
     name = "llama.cpp"
 
     def __init__(self, model_path: str | Path, lora_paths: Sequence[str | Path] = (), n_ctx: int = 2048,
                  n_threads: int = 2, seed: int = 0, lora_scales: Sequence[float] | None = None,
-                 n_batch: int = 512, kv_cache_type: str = "f16"):
+                 n_batch: int = 512, kv_cache_type: str = "f16", verbose: bool = False):
         llama_cpp = require("llama_cpp", "gguf")
         self._lib = llama_cpp
+        self._batch = None
+        self._adapters: list = []
+        self._llm = None
+        if not verbose:
+            _silence_llama_log(llama_cpp)
+        _LOG_TAIL.clear()
         model_path = Path(model_path)
         if not model_path.is_file():
             raise EdgeqError(f"{model_path}: no such GGUF file")
@@ -41,17 +75,15 @@ class LlamaCppSession(Session):
             raise EdgeqError(f"expected kv_cache_type in {sorted(kv_types)}, got {kv_cache_type!r}")
         self.n_ctx = int(n_ctx)
         self.n_batch = max(1, min(int(n_batch), self.n_ctx))
-        self._batch = None
-        self._adapters: list = []
-        self._llm = None
         try:
             self._llm = llama_cpp.Llama(
                 model_path=str(model_path), n_ctx=self.n_ctx, n_batch=self.n_batch, n_ubatch=self.n_batch,
                 n_threads=int(n_threads), n_threads_batch=int(n_threads), seed=int(seed),
-                logits_all=False, verbose=False, n_gpu_layers=0,
+                logits_all=False, verbose=verbose, n_gpu_layers=0,
                 type_k=kv_types[kv_cache_type], type_v=kv_types[kv_cache_type])
         except Exception as exc:  # noqa: BLE001 - llama-cpp-python raises ValueError/RuntimeError
-            raise EdgeqError(f"{model_path}: llama.cpp could not load the model: {exc}") from None
+            detail = _last_log(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise EdgeqError(f"{model_path}: llama.cpp could not load the model: {detail}") from None
         self._ctx = self._llm.ctx
         self._model = self._llm.model
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
@@ -68,11 +100,12 @@ class LlamaCppSession(Session):
     def _attach_loras(self, paths: list[Path], scales: list[float]) -> None:
         lib = self._lib
         for p in paths:
+            _LOG_TAIL.clear()
             ad = lib.llama_adapter_lora_init(self._model, str(p).encode("utf-8"))
             if not ad:
                 self.close()
-                raise EdgeqError(f"{p}: llama.cpp could not load the LoRA adapter "
-                                 f"(wrong base model or not an adapter GGUF?)")
+                raise EdgeqError(f"{p}: llama.cpp could not load the LoRA adapter: "
+                                 f"{_last_log('wrong base model or not an adapter GGUF?')}")
             self._adapters.append(ad)
         arr = (lib.llama_adapter_lora_p_ctypes * len(self._adapters))(*self._adapters)
         sc = (ctypes.c_float * len(scales))(*scales)
@@ -169,9 +202,10 @@ class LlamaCppSession(Session):
                 b.n_seq_id[j] = 1
                 b.seq_id[j][0] = 0
                 b.logits[j] = 1 if (all_logits or (last_chunk and j == n - 1)) else 0
+            _LOG_TAIL.clear()
             rc = lib.llama_decode(self._ctx, b)
             if rc != 0:
-                raise EdgeqError(f"llama_decode failed with code {rc}")
+                raise EdgeqError(f"llama_decode failed with code {rc}: {_last_log('no details')}")
             self._pos += n
             if all_logits:
                 ptr = lib.llama_get_logits(self._ctx)

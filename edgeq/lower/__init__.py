@@ -1,0 +1,1 @@
+"""Lowerings: ModelIR -> artifact payloads (one module per artifact kind)."""
