@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from edgeq import goldens
 from edgeq.artifact import GOLDENS, atomic_directory, dump_json, write_manifest
 from edgeq.errors import EdgeqError
@@ -131,7 +133,7 @@ def record_goldens(ir: ModelIR, root: Path, adapter_files: list[str]) -> dict:
     from runtimes.llamacpp import LlamaCppSession
     from runtimes.reference import ReferenceSession
 
-    ref = ReferenceSession(ir, n_ctx=256)
+    ref = ReferenceSession(ir, n_ctx=256, dtype=np.float64)  # the oracle: float64 accumulation
     token_ids = goldens.golden_token_ids(ref)
     data = {"prompts": list(goldens.GOLDEN_PROMPTS), "token_ids": token_ids,
             "reference": goldens.record(ref, token_ids)}

@@ -28,9 +28,17 @@ REFERENCE_TOLERANCE: dict[str, ReferenceTolerance] = {
     "F16": ReferenceTolerance(max_mean_kl=1e-3, min_top1=0.97),
     "Q8_0": ReferenceTolerance(max_mean_kl=0.01, min_top1=0.90),
     "Q4_1": ReferenceTolerance(max_mean_kl=0.15, min_top1=0.70),
-    "Q4_0": ReferenceTolerance(max_mean_kl=0.20, min_top1=0.65),
+    "Q4_0": ReferenceTolerance(max_mean_kl=0.50, min_top1=0.60),
 }
+# Measured on SmolLM2-135M-Instruct's golden prompts (96 positions) for files byte-identical to
+# llama.cpp's own quantization: Q8_0 KL 0.0054 / top-1 0.98; Q4_1 0.0037 / 0.99 (the model sits
+# on a Q4_1 grid); Q4_0 0.32 / 0.71 (Q4_0 is a poor format for this model: ppl 22.0 -> 28.2).
+# The bounds leave ~1.5x headroom over that format loss; a broken lowering (wrong RoPE
+# permutation, swapped tensors) gives KL of several nats.
 
-# GGUF round trip on the Q8_0 artifact (tests/lower): llama.cpp vs the reference runtime on
-# the same dequantized weights.
-GGUF_Q8_MAX_ABS_LOGIT_DIFF = 0.05
+# GGUF round trip on the Q8_0 artifact: llama.cpp vs the reference runtime on the same
+# dequantized weights. llama.cpp also quantizes *activations* to Q8_0 inside its Q8_0 dot
+# products (and keeps an F16 KV cache), so logits differ by up to ~1 (SmolLM2: max |diff| 0.99,
+# mean KL 0.0029, top-1 0.97-1.0 measured); the bounds are on the distributions.
+GGUF_Q8_MAX_MEAN_KL = 0.01
+GGUF_Q8_MIN_TOP1 = 0.9

@@ -84,12 +84,14 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
+def atomic_dir(target: Path, *, replace: bool = True) -> Iterator[Path]:
     """Yield a fresh temporary directory next to ``target``; on success rename it to ``target``.
 
     An existing ``target`` is replaced only if it is empty or is a previous recipe output
     (holds :data:`MARKER`); anything else is refused, so a user directory is never clobbered.
-    On error the temporary directory is removed and ``target`` is left untouched.
+    With ``replace=False`` a complete output that appeared at ``target`` meanwhile (another
+    process won the race) is kept and ours discarded. On error the temporary directory is
+    removed and ``target`` is left untouched.
     """
     from edgeq.errors import EdgeqError
 
@@ -105,9 +107,15 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         for p in tmp.rglob("*"):  # some writers (safetensors) create 0600 files
             if p.is_file():
                 os.chmod(p, 0o666 & ~_umask())
-        if target.exists():
+        if not replace and read_marker(target) is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if target.exists():  # empty, or a previous output: move it aside, then swap in
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
+            try:
+                os.replace(target, old / "x")
+            except FileNotFoundError:  # moved away concurrently
+                pass
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
         else:

@@ -209,9 +209,13 @@ def materialise_smollm2(out: Path = DEFAULT_OUT, *, force: bool = False,
     say = log or (lambda _msg: None)
     out = Path(out)
     gguf_path = Path(gguf_path) if gguf_path is not None else find_smollm2_gguf()
-    if not force and (info := read_marker(out)) is not None and info.get("recipe") == RECIPE:
+    info = read_marker(out)
+    if not force and info is not None and info.get("recipe") == RECIPE:
         say(f"smollm2: {out} is complete ({MARKER} present); skipping")
         return out
+    # Replace an existing output only when asked or when it is of another recipe version; if a
+    # concurrent run completes ``out`` while we build, keep theirs.
+    replace = force or info is not None
     require("torch", "frontend")
     require("transformers", "frontend")
     require("gguf", "gguf")
@@ -221,7 +225,7 @@ def materialise_smollm2(out: Path = DEFAULT_OUT, *, force: bool = False,
     tok = _load_tokenizer(gguf_path, say)
     say(f"smollm2: dequantizing {gguf_path.name} ...")
     model = _load_model(gguf_path, say)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=replace) as tmp:
         say(f"smollm2: writing {tmp}")
         model.save_pretrained(str(tmp))
         _save_tokenizer(tok, tmp)

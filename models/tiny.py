@@ -8,10 +8,13 @@ special_tokens_map.json) with a real byte-level BPE tokenizer trained on a built
 Shapes (both archs): 2 layers, hidden 64, intermediate 128, 4 heads / 2 KV heads (GQA),
 head_dim 16, vocab 384 — every hidden/intermediate dimension a multiple of 32 (a quant block).
 
-* tiny Llama: rope_theta 10000, rms eps 1e-5, no biases, untied embeddings by default,
-  tokenizer prepends BOS (``<|endoftext|>``) like Llama tokenizers do.
-* tiny Qwen2: q/k/v biases, rope_theta 1e6, rms eps 1e-6, tied embeddings by default,
-  no BOS (like Qwen2 tokenizers).
+* tiny Llama: rope_theta 10000, rms eps 1e-5, no biases, untied embeddings by default;
+  GPT-2-style byte-level BPE that prepends BOS (``<|endoftext|>``, id 0) like Llama-3's.
+* tiny Qwen2: q/k/v biases, rope_theta 1e6, rms eps 1e-6, tied embeddings by default;
+  Qwen2-style byte-level BPE (NFC + Qwen2 split regex), no BOS. (transformers' Qwen2Tokenizer
+  rebuilds that pipeline whatever tokenizer.json says, so a GPT-2 pipeline would not load as
+  written.)
+Special tokens (both): ``<|endoftext|>`` 0, ``<|im_start|>`` 1, ``<|im_end|>`` 2 (eos).
 
 Usage (from the repository root)::
 
@@ -20,7 +23,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
