@@ -89,7 +89,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ppl-tokens", type=int, default=16384)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--decode-only", action="store_true",
+                    help="re-measure decode speed of the files of a previous run (OUT/results.json)")
     args = ap.parse_args(argv)
+    if args.decode_only:
+        return decode_only(args)
     if not (args.model / "config.json").exists():
         from models.smollm2 import materialise_smollm2
 
@@ -138,6 +142,21 @@ def main(argv=None) -> int:
         rows[k]["decode_tok_s_runs"] = v
         rows[k]["decode_tok_s"] = statistics.median(v)
 
+    return report(rows, args)
+
+
+def decode_only(args) -> int:
+    prev = json.loads((args.out / "results.json").read_text())
+    rows = {k: dict(r, path=Path(r["path"])) for k, r in prev["rows"].items()}
+    log(f"decode speed only, {args.runs} runs (A B A B ...)")
+    speeds = decode_runs({k: r["path"] for k, r in rows.items()}, args.runs, args.threads)
+    for k, v in speeds.items():
+        rows[k]["decode_tok_s_runs"] = v
+        rows[k]["decode_tok_s"] = statistics.median(v)
+    return report(rows, args)
+
+
+def report(rows: dict, args) -> int:
     import llama_cpp
 
     meta = {"date": time.strftime("%Y-%m-%d"), "host": platform.processor() or platform.machine(),
@@ -145,7 +164,7 @@ def main(argv=None) -> int:
             "ppl_tokens": args.ppl_tokens, "runs": args.runs, "model": str(args.model)}
     result = {"meta": meta, "rows": {k: {kk: (str(vv) if isinstance(vv, Path) else vv) for kk, vv in r.items()}
                                      for k, r in rows.items()}}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (args.out / "results.json").write_text(json.dumps(result, indent=1))
 
     print(f"\n{json.dumps(meta)}\n")
     print("| model file | by | size MB | tensors = llama.cpp | wikitext-2 ppl | decode tok/s | vs llama.cpp | build s |")
