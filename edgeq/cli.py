@@ -42,7 +42,7 @@ def targets(as_json):
 
     profiles = list_targets()
     if as_json:
-        click.echo(json.dumps([p.to_json() if hasattr(p, "to_json") else p.name for p in profiles], indent=1))
+        click.echo(json.dumps([p.to_json() for p in profiles], indent=1))
     else:
         click.echo(format_targets_table(profiles))
 

@@ -42,6 +42,8 @@ directory named by ``$EDGEQ_TARGETS_DIR``; a path to a ``.toml`` file works too.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 import re
@@ -155,6 +157,14 @@ class TargetProfile:
     prune_granularity: int
     threads: int | None  # cpu/mobile: worker threads; None for gpu
     source: Path | None = None  # the TOML file it was loaded from
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["kind"] = self.kind.value
+        d["formats"] = [f.value for f in self.formats]
+        d["compile_target"] = self.compile_target.as_dict()
+        d["source"] = str(self.source) if self.source else None
+        return d
 
     @property
     def memory_budget_gib(self) -> float:

@@ -74,6 +74,7 @@ class LlamaCppSession(Session):
         if kv_cache_type not in kv_types:
             raise EdgeqError(f"expected kv_cache_type in {sorted(kv_types)}, got {kv_cache_type!r}")
         self.n_ctx = int(n_ctx)
+        self.n_threads = int(n_threads)
         self.n_batch = max(1, min(int(n_batch), self.n_ctx))
         try:
             self._llm = llama_cpp.Llama(
