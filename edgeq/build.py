@@ -95,7 +95,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = _log) -> BuildResult:
     with atomic_directory(opts.out, force=opts.force) as tmp:
         t = time.perf_counter()
         log(f"writing {MODEL_FILE} ({base_qtype}) for target {target.name}")
-        lower_gguf.write_gguf(ir, tmp / MODEL_FILE, types, allow_low_rank=opts.adapter_mode == "separate")
+        lower_gguf.write_gguf(ir, tmp / MODEL_FILE, types, allow_low_rank=opts.adapter_mode == "separate", progress=True)
         adapter_files = []
         if opts.adapter_mode == "separate":
             for name in ir.adapters:

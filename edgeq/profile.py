@@ -42,7 +42,9 @@ def profile(artifact_dir: str | Path, runtime: str = "auto", runs: int = 5, max_
         ids = session.tokenize(DECODE_PROMPT)
         list(session.generate_ids(ids, max_tokens, stop_at_eos=False))  # warm-up
         decode, ttft = [], []
-        for _ in range(runs):
+        from tqdm import tqdm
+
+        for _ in tqdm(range(runs), desc="decode runs", leave=False):
             list(session.generate_ids(ids, max_tokens, stop_at_eos=False))
             st = session.last_stats
             decode.append(st.decode_tok_s)

@@ -444,8 +444,11 @@ def _write_tokenizer(w, tok: TokenizerSpec, n_vocab: int) -> None:
 
 
 def write_gguf(ir: ModelIR, path: str | Path, types: Mapping[str, QType | str], *,
-               extra_kv: Mapping[str, Any] | None = None, allow_low_rank: bool = False) -> Path:
+               extra_kv: Mapping[str, Any] | None = None, allow_low_rank: bool = False,
+               progress: bool = False) -> Path:
     """Write ``ir`` as a GGUF model file stock llama.cpp loads; returns ``path``.
+
+    ``progress``: show a tqdm bar (on stderr) over the tensors being quantized.
 
     ``types``: a plan from :func:`tensor_types` (IR names; missing names default to F32).
     Quantized data comes from :func:`edgeq.quant.reference.quantize` (bit-exact GGML blocks).
@@ -493,7 +496,12 @@ def write_gguf(ir: ModelIR, path: str | Path, types: Mapping[str, QType | str], 
                 if key in ours:
                     raise EdgeqError(f"GGUF: extra_kv may not override {key!r}")
                 _add_kv(w, key, extra_kv[key])
-            for name in shapes:
+            names = list(shapes)
+            if progress:
+                from tqdm import tqdm
+
+                names = tqdm(names, desc=f"quantizing {Path(path).name}", unit="tensor", leave=False)
+            for name in names:
                 qt = types.get(name, QType.F32)
                 if name.endswith(".bias"):
                     lin = ir.linears[name[: -len(".bias")]]
