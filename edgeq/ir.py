@@ -143,6 +143,50 @@ class Linear:
 
 
 @dataclass(frozen=True)
+class LayerWidths:
+    """What one layer keeps at one pruning rate (prefixes of the sorted dimensions)."""
+
+    ffn: int  # intermediate channels kept (prefix of the sorted MLP channels)
+    qk_pairs: int  # RoPE pairs kept per Q/K head (dims [0:p] and [d/2 : d/2+p] of the sorted head)
+    v_dims: int  # V/O components kept per KV group (prefix of the sorted SVD components)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """The pruning rates an artifact carries and, for each, every layer's kept widths.
+
+    ``widths[rate][layer]``; rate 0 keeps everything. Rates are global averages over the
+    prunable parameters (see edgeq.passes.rate_plan)."""
+
+    rates: tuple[float, ...]
+    widths: Mapping[float, tuple[LayerWidths, ...]]
+    granularity: int  # kept widths of input-dim-pruned tensors are multiples of this
+    importance: str = "angular"  # "angular" | "uniform"
+
+    def at(self, rate: float) -> tuple[LayerWidths, ...]:
+        for r in self.rates:
+            if abs(r - rate) < 1e-9:
+                return self.widths[r]
+        raise EdgeqError(f"pruning rate {rate:g} is not carried by this model "
+                         f"(available: {', '.join(f'{r:g}' for r in self.rates)})")
+
+    def to_json(self) -> dict:
+        return {"rates": list(self.rates), "granularity": self.granularity, "importance": self.importance,
+                "widths": {f"{r:g}": [w.to_json() for w in self.widths[r]] for r in self.rates}}
+
+    @staticmethod
+    def from_json(d: Mapping) -> "PruneSpec":
+        rates = tuple(float(r) for r in d["rates"])
+        widths = {float(k): tuple(LayerWidths(**w) for w in v) for k, v in d["widths"].items()}
+        return PruneSpec(rates=rates, widths={r: widths[next(k for k in widths if abs(k - r) < 1e-9)]
+                                              for r in rates},
+                         granularity=int(d["granularity"]), importance=d.get("importance", "angular"))
+
+
+@dataclass(frozen=True)
 class PassRecord:
     name: str
     options: Mapping[str, object] = field(default_factory=dict)
@@ -157,6 +201,11 @@ class ModelIR:
     source: Mapping[str, object] = field(default_factory=dict)  # path, sha256 of inputs
     adapters: Mapping[str, Mapping[str, object]] = field(default_factory=dict)  # name -> info
     history: tuple[PassRecord, ...] = ()
+    # Q/K RoPE-pair sort: layer -> int array (num_kv_heads, head_dim // 2); entry [g, j] is the
+    # original pair index (frequency) of sorted pair slot j in KV group g (and in every query
+    # head of that group). Absent layer = identity.
+    rope_index: Mapping[int, np.ndarray] = field(default_factory=dict)
+    prune: PruneSpec | None = None
 
     @property
     def arch(self) -> Arch:
@@ -208,6 +257,15 @@ class ModelIR:
                     raise EdgeqError(
                         f"{name}: low-rank branch {lr.source} has A {lr.a.shape}, B {lr.b.shape} "
                         f"for a weight of shape {shape}")
+        half = hp.head_dim // 2
+        for layer, idx in self.rope_index.items():
+            if idx.shape != (hp.num_kv_heads, half):
+                raise EdgeqError(f"rope_index[{layer}]: expected shape {(hp.num_kv_heads, half)}, got {idx.shape}")
+            for g in range(hp.num_kv_heads):
+                if not np.array_equal(np.sort(idx[g]), np.arange(half)):
+                    raise EdgeqError(f"rope_index[{layer}][{g}] is not a permutation of 0..{half - 1}")
+        if self.prune is not None:
+            self._validate_prune(self.prune)
         extra = set(self.linears) - set(self.expected_shapes())
         if extra:
             raise EdgeqError(f"unexpected linears: {sorted(extra)[:3]}")
@@ -223,6 +281,28 @@ class ModelIR:
                 raise EdgeqError(f"missing tensor {name}")
             if tuple(t.shape) != shape:
                 raise EdgeqError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+
+    def _validate_prune(self, spec: PruneSpec) -> None:
+        hp = self.hparams
+        if not spec.rates or spec.rates[0] != 0.0 or list(spec.rates) != sorted(set(spec.rates)):
+            raise EdgeqError(f"prune rates must be sorted, unique and start at 0, got {list(spec.rates)}")
+        prev = None
+        for r in spec.rates:
+            ws = spec.widths[r]
+            if len(ws) != hp.num_layers:
+                raise EdgeqError(f"prune rate {r:g}: {len(ws)} layer widths for {hp.num_layers} layers")
+            for i, w in enumerate(ws):
+                if not (0 < w.ffn <= hp.intermediate_size and 0 < w.qk_pairs <= hp.head_dim // 2
+                        and 0 < w.v_dims <= hp.head_dim):
+                    raise EdgeqError(f"prune rate {r:g}, layer {i}: widths {w} out of range")
+                if prev is not None:
+                    p = prev[i]
+                    if w.ffn > p.ffn or w.qk_pairs > p.qk_pairs or w.v_dims > p.v_dims:
+                        raise EdgeqError(f"prune rate {r:g}, layer {i}: kept widths must shrink as the rate grows")
+            if spec.rates and r == 0.0 and any(
+                    (w.ffn, w.qk_pairs, w.v_dims) != (hp.intermediate_size, hp.head_dim // 2, hp.head_dim) for w in ws):
+                raise EdgeqError("prune rate 0 must keep every width")
+            prev = ws
 
     def output_weight(self) -> np.ndarray:
         return self.tensors["token_embd"] if self.hparams.tie_word_embeddings else self.tensors["output"]

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from edgeq.errors import EdgeqError
-from edgeq.ir import Linear, ModelIR, Role
+from edgeq.ir import LayerWidths, Linear, ModelIR, Role
 from runtimes.base import Session
 
 
@@ -30,30 +30,74 @@ def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
                                          / np.float32(head_dim)))).astype(np.float32)
 
 
+class _Branches:
+    """Low-rank branches of one linear in the pruning-aware layout."""
+
+    def __init__(self, lin: Linear, dtype, out_rows=None, in_cols=None):
+        self.items = []
+        for lr in lin.low_rank:
+            a, b = lr.a, lr.b
+            if in_cols is not None:
+                a = a[:, in_cols]
+            if out_rows is not None:
+                b = b[out_rows]
+            self.items.append((np.ascontiguousarray(a, dtype=dtype), np.ascontiguousarray(b, dtype=dtype),
+                               dtype(lr.scale)))
+
+    def add(self, y, x, n_out=None, n_in=None):
+        for a, b, s in self.items:
+            aa = a if n_in is None else a[:, :n_in]
+            bb = b if n_out is None else b[:n_out]
+            y = y + ((x @ aa.T) @ bb.T) * s
+        return y
+
+
 class _Layer:
-    """A layer's weights pre-transposed for x @ W (row-major activations)."""
+    """One layer's weights in the pruning-aware layout: every supported rate is a prefix view.
+
+    Q/K rows are ordered (pair slot, half, head), V rows (component, kv group), O is stored
+    transposed with rows (component, head), ffn_down transposed; so a rate keeps the first
+    rows of each matrix and nothing is ever copied on a rate switch.
+    """
 
     def __init__(self, ir: ModelIR, i: int, dtype):
-        self.lin = {r: self._prep(ir.linear(i, r), dtype) for r in Role}
+        hp = ir.hparams
+        H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
+        half = D // 2
+        self.q_rows = np.array([h * D + hf * half + s for s in range(half) for hf in (0, 1) for h in range(H)])
+        self.k_rows = np.array([h * D + hf * half + s for s in range(half) for hf in (0, 1) for h in range(KV)])
+        self.v_rows = np.array([g * D + c for c in range(D) for g in range(KV)])
+        self.o_cols = np.array([h * D + c for c in range(D) for h in range(H)])
+        q, k, v, o = (ir.linear(i, r) for r in (Role.Q, Role.K, Role.V, Role.O))
+        gate, up, down = (ir.linear(i, r) for r in (Role.GATE, Role.UP, Role.DOWN))
+        c = lambda a: np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
+        self.wq, self.wk, self.wv = c(q.weight[self.q_rows]), c(k.weight[self.k_rows]), c(v.weight[self.v_rows])
+        self.bq = None if q.bias is None else c(q.bias[self.q_rows])
+        self.bk = None if k.bias is None else c(k.bias[self.k_rows])
+        self.bv = None if v.bias is None else c(v.bias[self.v_rows])
+        self.wo_t = c(o.weight[:, self.o_cols].T)  # (D*H, hidden), rows (component, head)
+        self.bo = None if o.bias is None else c(o.bias)
+        self.wg, self.wu, self.wd_t = c(gate.weight), c(up.weight), c(down.weight.T)
+        self.bg = None if gate.bias is None else c(gate.bias)
+        self.bu = None if up.bias is None else c(up.bias)
+        self.bd = None if down.bias is None else c(down.bias)
+        self.lr = {Role.Q: _Branches(q, dtype, out_rows=self.q_rows), Role.K: _Branches(k, dtype, out_rows=self.k_rows),
+                   Role.V: _Branches(v, dtype, out_rows=self.v_rows), Role.O: _Branches(o, dtype, in_cols=self.o_cols),
+                   Role.GATE: _Branches(gate, dtype), Role.UP: _Branches(up, dtype), Role.DOWN: _Branches(down, dtype)}
         self.attn_norm = ir.tensors[f"blk.{i}.attn_norm"].astype(dtype)
         self.ffn_norm = ir.tensors[f"blk.{i}.ffn_norm"].astype(dtype)
+        idx = ir.rope_index.get(i)
+        self.rope_index = np.tile(np.arange(half), (KV, 1)) if idx is None else np.asarray(idx)
+
+    def buffers(self) -> list[np.ndarray]:
+        return [self.wq, self.wk, self.wv, self.wo_t, self.wg, self.wu, self.wd_t]
 
     @staticmethod
-    def _prep(lin: Linear, dtype):
-        wt = np.ascontiguousarray(lin.weight.T, dtype=dtype)
-        b = None if lin.bias is None else lin.bias.astype(dtype)
-        lrs = [(np.ascontiguousarray(lr.a.T, dtype=dtype), np.ascontiguousarray(lr.b.T, dtype=dtype),
-                dtype(lr.scale)) for lr in lin.low_rank]
-        return wt, b, lrs
-
-    def apply(self, role: Role, x: np.ndarray) -> np.ndarray:
-        wt, b, lrs = self.lin[role]
-        y = x @ wt
+    def _lin(x, w, b, n_rows, branches, role_kw):
+        y = x @ w[:n_rows].T
         if b is not None:
-            y = y + b
-        for at, bt, s in lrs:
-            y = y + ((x @ at) @ bt) * s
-        return y
+            y = y + b[:n_rows]
+        return branches.add(y, x, **role_kw) if branches.items else y
 
 
 class ReferenceSession(Session):
@@ -71,9 +115,14 @@ class ReferenceSession(Session):
         self.layers = [_Layer(ir, i, dtype) for i in range(hp.num_layers)]
         self.inv_freq = rope_inv_freq(hp.head_dim, hp.rope_theta)
         self._tok = None
-        self._k = np.zeros((hp.num_layers, n_ctx, hp.num_kv_heads, hp.head_dim), dtype=dtype)
-        self._v = np.zeros_like(self._k)
+        half = hp.head_dim // 2
+        self._k = np.zeros((hp.num_layers, n_ctx, hp.num_kv_heads, 2, half), dtype=dtype)
+        self._v = np.zeros((hp.num_layers, n_ctx, hp.num_kv_heads, hp.head_dim), dtype=dtype)
+        self._ids = np.zeros(n_ctx, dtype=np.int64)
         self._pos = 0
+        self._full_widths = tuple(LayerWidths(ffn=hp.intermediate_size, qk_pairs=half, v_dims=hp.head_dim)
+                                  for _ in range(hp.num_layers))
+        self.prune_rate, self.widths = 0.0, self._full_widths
 
     # ---- text --------------------------------------------------------------------------------
     @property
@@ -100,14 +149,60 @@ class ReferenceSession(Session):
         return self.tokenizer.chat(prompt)
 
     # ---- compute -----------------------------------------------------------------------------
-    def _rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        # x: (T, H, D), rotate-half convention
-        freqs = pos.astype(np.float32)[:, None] * self.inv_freq[None, :]
-        emb = np.concatenate([freqs, freqs], axis=-1)
-        cos, sin = np.cos(emb).astype(self.dtype)[:, None, :], np.sin(emb).astype(self.dtype)[:, None, :]
-        half = x.shape[-1] // 2
-        rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-        return x * cos + rot * sin
+    # ---- pruning ------------------------------------------------------------------------------
+    def set_prune_rate(self, rate: float, kv: str = "keep") -> None:
+        """Switch the pruning rate; takes effect on the next token, without copying weights.
+
+        KV cache on a switch: ``kv="keep"`` (default) keeps the cached positions as computed at
+        their own rate — K/V dims a smaller rate drops are ignored, dims a larger rate adds
+        are zero for old positions (they contribute nothing to attention scores / outputs);
+        ``kv="recompute"`` re-evaluates the cached tokens at the new rate, so the context is
+        exactly what a fresh run at that rate would hold.
+        """
+        if kv not in ("keep", "recompute"):
+            raise EdgeqError(f"kv policy must be 'keep' or 'recompute', got {kv!r}")
+        if self.ir.prune is None:
+            if rate != 0:
+                raise EdgeqError(f"pruning rate {rate:g} is not carried by this model (it carries only 0)")
+            widths = self._full_widths
+        else:
+            widths = self.ir.prune.at(rate)
+        self.prune_rate, self.widths = float(rate), widths
+        if kv == "recompute" and self._pos > 0:
+            ids = list(self._ids[: self._pos])
+            self._k[:] = 0
+            self._v[:] = 0
+            self._forward(ids, 0)
+
+    @property
+    def prune_rates(self) -> tuple[float, ...]:
+        return (0.0,) if self.ir.prune is None else tuple(self.ir.prune.rates)
+
+    def weight_buffers(self) -> list[np.ndarray]:
+        return [b for L in self.layers for b in L.buffers()]
+
+    def resident_weight_bytes(self, rate: float | None = None) -> int:
+        """Bytes of weights a run at ``rate`` touches (prefixes of the prunable tensors)."""
+        widths = self.widths if rate is None else (self.ir.prune.at(rate) if self.ir.prune else self._full_widths)
+        hp, it = self.hp, np.dtype(self.dtype).itemsize
+        H, KV, h = hp.num_heads, hp.num_kv_heads, hp.hidden_size
+        n = self.embd.size + (0 if hp.tie_word_embeddings else self.out_t.size)
+        for w in widths:
+            n += h * (2 * w.qk_pairs * (H + KV) + w.v_dims * (KV + H) + 3 * w.ffn)
+        return n * it
+
+    # ---- compute -----------------------------------------------------------------------------
+    def _cos_sin(self, L: _Layer, pos: np.ndarray, p: int):
+        """cos/sin of shape (T, KV, p) for the first p sorted pair slots of each KV group."""
+        freqs = self.inv_freq[L.rope_index[:, :p]]  # (KV, p)
+        ang = pos.astype(np.float32)[:, None, None] * freqs[None]
+        return np.cos(ang).astype(self.dtype), np.sin(ang).astype(self.dtype)
+
+    @staticmethod
+    def _rope(x, cos, sin):
+        # x: (T, n, 2, p) [half 0 | half 1] per head; cos/sin: (T, n, p)
+        x0, x1 = x[:, :, 0, :], x[:, :, 1, :]
+        return np.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=2)
 
     def _forward(self, ids: Sequence[int], start: int) -> np.ndarray:
         hp = self.hp
@@ -119,33 +214,58 @@ class ReferenceSession(Session):
         T = ids.size
         if start + T > self.n_ctx:
             raise EdgeqError(f"context of {start + T} tokens exceeds n_ctx={self.n_ctx}")
+        self._ids[start:start + T] = ids
         pos = np.arange(start, start + T)
         x = self.embd[ids]
         H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
         group = H // KV
-        scale = self.dtype(1.0 / np.sqrt(D))
+        scale = self.dtype(1.0 / np.sqrt(D))  # the original head_dim, whatever is kept
         end = start + T
         mask = np.triu(np.full((T, end), -np.inf, dtype=self.dtype), k=start + 1)
         for li, L in enumerate(self.layers):
+            w = self.widths[li]
+            p, nv, f = w.qk_pairs, w.v_dims, w.ffn
             h = rms_norm(x, L.attn_norm, hp.rms_norm_eps)
-            q = self._rope(L.apply(Role.Q, h).reshape(T, H, D), pos)
-            k = self._rope(L.apply(Role.K, h).reshape(T, KV, D), pos)
-            v = L.apply(Role.V, h).reshape(T, KV, D)
-            self._k[li, start:end] = k
-            self._v[li, start:end] = v
-            K = self._k[li, :end]  # (end, KV, D)
-            V = self._v[li, :end]
-            qg = q.reshape(T, KV, group, D).transpose(1, 2, 0, 3)  # (KV, g, T, D)
-            att = np.einsum("kgtd,skd->kgts", qg, K) * scale + mask
+            cos, sin = self._cos_sin(L, pos, p)
+            q = L._lin(h, L.wq, L.bq, p * 2 * H, L.lr[Role.Q], {"n_out": p * 2 * H})
+            q = q.reshape(T, p, 2, H).transpose(0, 3, 2, 1)  # (T, H, 2, p)
+            q = self._rope(q, np.repeat(cos, group, axis=1), np.repeat(sin, group, axis=1))
+            k = L._lin(h, L.wk, L.bk, p * 2 * KV, L.lr[Role.K], {"n_out": p * 2 * KV})
+            k = self._rope(k.reshape(T, p, 2, KV).transpose(0, 3, 2, 1), cos, sin)
+            v = L._lin(h, L.wv, L.bv, nv * KV, L.lr[Role.V], {"n_out": nv * KV})
+            v = v.reshape(T, nv, KV).transpose(0, 2, 1)  # (T, KV, nv)
+            self._k[li, start:end, :, :, :p] = k
+            self._v[li, start:end, :, :nv] = v
+            K = self._k[li, :end, :, :, :p]  # (end, KV, 2, p)
+            V = self._v[li, :end, :, :nv]  # (end, KV, nv)
+            qg = q.reshape(T, KV, group, 2, p)
+            att = np.einsum("tkgjp,skjp->kgts", qg, K) * scale + mask
             att = att - att.max(axis=-1, keepdims=True)
             np.exp(att, out=att)
             att /= att.sum(axis=-1, keepdims=True)
-            o = np.einsum("kgts,skd->tkgd", att, V).reshape(T, H * D)
-            x = x + L.apply(Role.O, o)
+            o = np.einsum("kgts,skc->tckg", att, V).reshape(T, nv * H)  # rows (component, head)
+            x = x + self._o_proj(L, o, nv * H)
             h = rms_norm(x, L.ffn_norm, hp.rms_norm_eps)
-            x = x + L.apply(Role.DOWN, silu(L.apply(Role.GATE, h)) * L.apply(Role.UP, h))
+            g = L._lin(h, L.wg, L.bg, f, L.lr[Role.GATE], {"n_out": f})
+            u = L._lin(h, L.wu, L.bu, f, L.lr[Role.UP], {"n_out": f})
+            a = silu(g) * u
+            y = a @ L.wd_t[:f]
+            if L.bd is not None:
+                y = y + L.bd
+            if L.lr[Role.DOWN].items:
+                y = L.lr[Role.DOWN].add(y, a, n_in=f)
+            x = x + y
         x = rms_norm(x, self.out_norm, hp.rms_norm_eps)
         return x
+
+    @staticmethod
+    def _o_proj(L: _Layer, o, n_in):
+        y = o @ L.wo_t[:n_in]
+        if L.bo is not None:
+            y = y + L.bo
+        if L.lr[Role.O].items:
+            y = L.lr[Role.O].add(y, o, n_in=n_in)
+        return y
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         x = self._forward(token_ids, 0)
