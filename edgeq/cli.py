@@ -83,12 +83,13 @@ def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, n
 @click.option("--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--runtime", type=click.Choice(["auto", "llamacpp", "reference"]), default="auto", show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("--prune", type=float, default=None, help="Pruning rate to run at (one the artifact carries).")
 @_fail_cleanly
-def run(artifact, prompt, max_tokens, chat, runtime, threads):
+def run(artifact, prompt, max_tokens, chat, runtime, threads, prune):
     """Generate text from an artifact, streaming tokens (greedy)."""
     from edgeq.session import open_session
 
-    with open_session(artifact, runtime=runtime, threads=threads) as s:
+    with open_session(artifact, runtime=runtime, threads=threads, prune=prune) as s:
         for piece in s.generate(prompt, max_tokens=max_tokens, chat=chat):
             click.echo(piece, nl=False)
             sys.stdout.flush()
@@ -130,15 +131,24 @@ def verify(artifact, runtime, json_file):
 @click.option("--max-tokens", type=int, default=128, show_default=True, help="Decode length.")
 @click.option("--threads", type=int, default=None)
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Also write JSON here.")
+@click.option("--prune", default=None, help="Pruning rate to profile, or 'all' to sweep every carried rate.")
 @_fail_cleanly
-def profile(artifact, runtime, runs, max_tokens, threads, json_file):
+def profile(artifact, runtime, runs, max_tokens, threads, json_file, prune):
     """Latency / memory summary: TTFT, prefill and decode tok/s, peak RSS, size."""
-    from edgeq.profile import format_profile, profile as run_profile
+    from edgeq.profile import format_profile, format_sweep, profile as run_profile, profile_sweep
 
     if runs < 1 or max_tokens < 2:
         raise EdgeqError("--runs must be >= 1 and --max-tokens >= 2")
-    p = run_profile(artifact, runtime=runtime, runs=runs, max_tokens=max_tokens, threads=threads)
-    click.echo(format_profile(p))
+    if prune == "all":
+        p = profile_sweep(artifact, runtime=runtime, runs=runs, max_tokens=max_tokens, threads=threads)
+        click.echo(format_sweep(p))
+    else:
+        try:
+            rate = None if prune is None else float(prune)
+        except ValueError:
+            raise EdgeqError(f"--prune expects a rate or 'all', got {prune!r}") from None
+        p = run_profile(artifact, runtime=runtime, runs=runs, max_tokens=max_tokens, threads=threads, prune=rate)
+        click.echo(format_profile(p))
     if json_file:
         json_file.write_text(json.dumps(p, indent=1))
 

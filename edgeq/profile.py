@@ -30,56 +30,124 @@ def prompt_of_length(session, n: int) -> list[int]:
     return ids
 
 
+def _n_ctx(max_tokens: int, prefill_lengths: tuple[int, ...]) -> int:
+    return max(max(prefill_lengths, default=0), max_tokens + 64) + 8
+
+
+def measure(session, runs: int, max_tokens: int, prefill_lengths: tuple[int, ...]) -> dict:
+    """Timings of an open session at its current settings (protocol in the module docstring)."""
+    from tqdm import tqdm
+
+    ids = session.tokenize(DECODE_PROMPT)
+    list(session.generate_ids(ids, max_tokens, stop_at_eos=False))  # warm-up
+    decode, ttft = [], []
+    for _ in tqdm(range(runs), desc="decode runs", leave=False):
+        list(session.generate_ids(ids, max_tokens, stop_at_eos=False))
+        st = session.last_stats
+        decode.append(st.decode_tok_s)
+        ttft.append(st.prefill_seconds)
+    prefill = {}
+    for n in prefill_lengths:
+        p = prompt_of_length(session, n)
+        times = []
+        for _ in range(max(1, min(runs, 3))):
+            list(session.generate_ids(p, 1, stop_at_eos=False))
+            times.append(session.last_stats.prefill_seconds)
+        prefill[str(n)] = {"ttft_s": statistics.median(times), "tok_s": n / statistics.median(times)}
+    return {"ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(decode),
+            "decode_tok_s_runs": decode, "decode_tokens": max_tokens, "prefill": prefill, "runs": runs}
+
+
+def _resident_bytes(session, m: dict, rate: float) -> int:
+    if hasattr(session, "resident_weight_bytes"):
+        return int(session.resident_weight_bytes())
+    from edgeq.session import gguf_file_for_rate
+
+    return int(m["files"][gguf_file_for_rate(m, rate)]["bytes"])
+
+
+def _header(root: Path, m: dict, session) -> dict:
+    return {
+        "artifact": str(root), "format": m["format"], "target": m["target"], "weight_type": m.get("weight_type"),
+        "runtime": session.name, "runtime_version": getattr(session, "version", None),
+        "threads": getattr(session, "n_threads", None), "host": platform.machine(),
+        "artifact_bytes": sum(f["bytes"] for f in m["files"].values()),
+    }
+
+
 def profile(artifact_dir: str | Path, runtime: str = "auto", runs: int = 5, max_tokens: int = 128,
-            prefill_lengths: tuple[int, ...] = (128, 512), threads: int | None = None) -> dict:
+            prefill_lengths: tuple[int, ...] = (128, 512), threads: int | None = None,
+            prune: float | None = None) -> dict:
     root = Path(artifact_dir)
     m = read_manifest(root)
+    rate = 0.0 if prune is None else float(prune)
     t0 = time.perf_counter()
-    n_ctx = max(max(prefill_lengths, default=0), max_tokens + 64) + 8
-    session = open_session(root, runtime=runtime, n_ctx=n_ctx, threads=threads, manifest=m)
+    session = open_session(root, runtime=runtime, n_ctx=_n_ctx(max_tokens, prefill_lengths), threads=threads,
+                           manifest=m, prune=rate)
     load_s = time.perf_counter() - t0
     with session:
-        ids = session.tokenize(DECODE_PROMPT)
-        list(session.generate_ids(ids, max_tokens, stop_at_eos=False))  # warm-up
-        decode, ttft = [], []
-        from tqdm import tqdm
+        out = _header(root, m, session)
+        out.update(load_s=load_s, prune_rate=rate, resident_weight_bytes=_resident_bytes(session, m, rate))
+        out.update(measure(session, runs, max_tokens, prefill_lengths))
+    out["peak_rss_bytes"] = peak_rss_bytes()
+    return out
 
-        for _ in tqdm(range(runs), desc="decode runs", leave=False):
-            list(session.generate_ids(ids, max_tokens, stop_at_eos=False))
-            st = session.last_stats
-            decode.append(st.decode_tok_s)
-            ttft.append(st.prefill_seconds)
-        prefill = {}
-        for n in prefill_lengths:
-            p = prompt_of_length(session, n)
-            times = []
-            for _ in range(max(1, min(runs, 3))):
-                list(session.generate_ids(p, 1, stop_at_eos=False))
-                times.append(session.last_stats.prefill_seconds)
-            prefill[str(n)] = {"ttft_s": statistics.median(times), "tok_s": n / statistics.median(times)}
-        runtime_name = session.name
-        runtime_version = getattr(session, "version", None)
-    size = sum(f["bytes"] for f in m["files"].values())
-    return {
-        "artifact": str(root),
-        "format": m["format"],
-        "target": m["target"],
-        "weight_type": m.get("weight_type"),
-        "runtime": runtime_name,
-        "runtime_version": runtime_version,
-        "threads": getattr(session, "n_threads", None),
-        "host": platform.machine(),
-        "load_s": load_s,
-        "ttft_s": statistics.median(ttft),
-        "decode_tok_s": statistics.median(decode),
-        "decode_tok_s_runs": decode,
-        "decode_tokens": max_tokens,
-        "prefill": prefill,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "artifact_bytes": size,
-        "model_bytes": m["files"][m["model_file"]]["bytes"],
-        "runs": runs,
-    }
+
+def profile_sweep(artifact_dir: str | Path, runtime: str = "auto", runs: int = 5, max_tokens: int = 128,
+                  prefill_lengths: tuple[int, ...] = (128,), threads: int | None = None) -> dict:
+    """Every carried pruning rate. Reference artifacts switch in place (``set_prune_rate``, timed);
+    GGUF artifacts load the rate's own file (the reload time is the switch cost)."""
+    from edgeq.session import artifact_rates
+
+    root = Path(artifact_dir)
+    m = read_manifest(root)
+    n_ctx = _n_ctx(max_tokens, prefill_lengths)
+    rows = []
+    if m["format"] == "reference":
+        t0 = time.perf_counter()
+        session = open_session(root, runtime=runtime, n_ctx=n_ctx, threads=threads, manifest=m)
+        load_s = time.perf_counter() - t0
+        with session:
+            head = _header(root, m, session)
+            for rate in artifact_rates(m):
+                switch = []
+                for _ in range(101):
+                    t = time.perf_counter()
+                    session.set_prune_rate(rate)
+                    switch.append(time.perf_counter() - t)
+                row = {"prune_rate": rate, "switch_s": statistics.median(switch), "switch": "in place, no copy",
+                       "resident_weight_bytes": _resident_bytes(session, m, rate)}
+                row.update(measure(session, runs, max_tokens, prefill_lengths))
+                rows.append(row)
+        head["load_s"] = load_s
+    else:
+        head = None
+        for rate in artifact_rates(m):
+            t0 = time.perf_counter()
+            session = open_session(root, runtime=runtime, n_ctx=n_ctx, threads=threads, manifest=m, prune=rate)
+            load_s = time.perf_counter() - t0
+            with session:
+                head = head or _header(root, m, session)
+                row = {"prune_rate": rate, "switch_s": load_s, "switch": "reload of the rate's file",
+                       "resident_weight_bytes": _resident_bytes(session, m, rate)}
+                row.update(measure(session, runs, max_tokens, prefill_lengths))
+                rows.append(row)
+    base = rows[0]["decode_tok_s"] or 1.0
+    for r in rows:
+        r["decode_speedup_vs_rate0"] = r["decode_tok_s"] / base
+    head.update(rates=rows, peak_rss_bytes=peak_rss_bytes())
+    return head
+
+
+def format_sweep(p: dict) -> str:
+    lines = [f"{p['artifact']}: {p['format']} / {p['target']} / {p['weight_type']} on {p['runtime']}",
+             f"{'rate':>6}  {'switch':>10}  {'decode tok/s':>12}  {'x rate 0':>8}  {'TTFT ms':>8}  {'weights MB':>10}"]
+    for r in p["rates"]:
+        lines.append(f"{r['prune_rate']:>6g}  {r['switch_s'] * 1000:>8.3f}ms  {r['decode_tok_s']:>12.1f}  "
+                     f"{r['decode_speedup_vs_rate0']:>8.3f}  {r['ttft_s'] * 1000:>8.1f}  "
+                     f"{r['resident_weight_bytes'] / 1e6:>10.1f}")
+    lines.append(f"switch: {p['rates'][-1]['switch']}")
+    return "\n".join(lines)
 
 
 def format_profile(p: dict) -> str:
@@ -88,6 +156,7 @@ def format_profile(p: dict) -> str:
         ("format / target / weights", f"{p['format']} / {p['target']} / {p['weight_type']}"),
         ("runtime", f"{p['runtime']} {p['runtime_version'] or ''} ({p['threads']} threads)".strip()),
         ("load time", f"{p['load_s']:.2f} s"),
+        ("pruning rate", f"{p['prune_rate']:g} (resident weights {p['resident_weight_bytes'] / 1e6:.1f} MB)"),
         ("time to first token", f"{p['ttft_s'] * 1000:.1f} ms (prompt '{DECODE_PROMPT}')"),
         ("decode", f"{p['decode_tok_s']:.1f} tok/s (median of {p['runs']}, {p['decode_tokens']} tokens)"),
     ]
@@ -95,7 +164,7 @@ def format_profile(p: dict) -> str:
         rows.append((f"prefill {n} tokens", f"{v['tok_s']:.1f} tok/s (TTFT {v['ttft_s'] * 1000:.1f} ms)"))
     rows += [
         ("peak RSS", f"{p['peak_rss_bytes'] / 2**20:.1f} MiB"),
-        ("artifact size", f"{p['artifact_bytes'] / 1e6:.1f} MB (model file {p['model_bytes'] / 1e6:.1f} MB)"),
+        ("artifact size", f"{p['artifact_bytes'] / 1e6:.1f} MB (weights run at this rate {p['resident_weight_bytes'] / 1e6:.1f} MB)"),
     ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

@@ -1,7 +1,6 @@
 """Open a runtime Session for an artifact directory (dispatch on the manifest's format)."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -12,19 +11,53 @@ RUNTIMES = ("auto", "llamacpp", "reference")
 
 
 def default_threads() -> int:
-    return max(1, min(os.cpu_count() or 1, int(os.environ.get("EDGEQ_THREADS", "0")) or (os.cpu_count() or 1)))
+    return int(os.environ.get("EDGEQ_THREADS", "0")) or (os.cpu_count() or 1)
+
+
+def rate_key(rate: float) -> str:
+    return f"{float(rate):g}"
+
+
+def artifact_rates(m: dict) -> tuple[float, ...]:
+    p = m.get("prune")
+    return tuple(float(r) for r in p["rates"]) if p else (0.0,)
+
+
+def check_rate(m: dict, rate: float) -> None:
+    rates = artifact_rates(m)
+    if not any(abs(rate - r) < 1e-9 for r in rates):
+        raise EdgeqError(f"pruning rate {rate:g} is not carried by this artifact "
+                         f"(available: {', '.join(rate_key(r) for r in rates)})")
+
+
+def gguf_file_for_rate(m: dict, rate: float) -> str:
+    check_rate(m, rate)
+    p = m.get("prune")
+    return p["files"][rate_key(rate)] if p else m["model_file"]
 
 
 def open_session(artifact_dir: str | Path, runtime: str = "auto", n_ctx: int = 2048, threads: int | None = None,
-                 manifest: dict | None = None):
+                 manifest: dict | None = None, prune: float | None = None):
+    """A Session on the artifact; ``prune`` selects a carried pruning rate (default 0)."""
     root = Path(artifact_dir)
     m = manifest or read_manifest(root)
     if runtime not in RUNTIMES:
         raise EdgeqError(f"unknown runtime {runtime!r} (available: {', '.join(RUNTIMES)})")
+    rate = 0.0 if prune is None else float(prune)
     fmt = m.get("format")
+    if fmt == "reference":
+        if runtime == "llamacpp":
+            raise EdgeqError("a reference artifact runs on the reference runtime only")
+        from edgeq.lower.ir_files import read_ir
+        from runtimes.reference import ReferenceSession
+
+        check_rate(m, rate)
+        s = ReferenceSession(read_ir(root), n_ctx=n_ctx)
+        s.set_prune_rate(rate)
+        return s
     if fmt != "gguf":
         raise EdgeqError(f"{root}: unsupported artifact format {fmt!r}")
-    model = root / m["model_file"]
+    model = root / gguf_file_for_rate(m, rate)
     if runtime in ("auto", "llamacpp"):
         from runtimes.llamacpp import LlamaCppSession
 
@@ -38,7 +71,3 @@ def open_session(artifact_dir: str | Path, runtime: str = "auto", n_ctx: int = 2
     from edgeq.lower.gguf import read_gguf
 
     return ReferenceSession(read_gguf(model), n_ctx=n_ctx)
-
-
-def manifest_summary(m: dict) -> str:
-    return json.dumps({k: m.get(k) for k in ("format", "target", "weight_type", "bits")})

@@ -1,0 +1,295 @@
+"""Calibration statistics for the UniQL-style sorting passes (numpy only, streaming).
+
+Data
+----
+:func:`alpaca_token_sequences` turns Alpaca records (instruction / input / output) into
+token sequences of exactly ``seq_len`` tokens: records are shuffled with ``seed``, formatted,
+tokenized, joined (each record ends with the EOS token) and the token stream is cut into
+consecutive chunks. No chunk is ever padded, so no padding enters the statistics. Calibration
+uses Alpaca only, never evaluation data.
+
+Two text formats (``fmt``):
+
+* ``"alpaca"`` (default): ``### Instruction:\\n{instruction}\\n\\n[### Input:\\n{input}\\n\\n]###
+  Response:\\n{output}`` -- plain text, architecture-neutral, no system prompt repeated in
+  every record (the model's own chat template would spend a large share of the tokens on one
+  repeated system prompt, e.g. SmolLM2's).
+* ``"chat"``: the model's chat template (``runtimes.text.render_chat``) on the user turn,
+  followed by the response and EOS: closest to how an instruct model is prompted at run time.
+
+Statistics
+----------
+:func:`calibrate` runs each sequence through the model in fp32 (the reference runtime's
+weights and kernels, rate 0, low-rank branches applied), so every layer sees the outputs of
+the previous *uncompressed* layers. One sequence is processed at a time and only these float64
+accumulators are kept (memory is independent of the number of samples:
+``num_layers * (d_ff**2 + hidden**2) * 8`` bytes, 646 MB for SmolLM2-135M):
+
+* ``mlp_zz``: mean over tokens of ``Z^T Z``, ``Z = silu(gate(x)) * up(x)`` (d_ff x d_ff);
+* ``attn_xx``: mean over tokens of ``X^T X``, X the attention input (after attn_norm);
+* ``q_diag`` / ``k_diag``: mean of ``q_j**2`` per query head / ``k_j**2`` per KV head and
+  head dim j, both taken **pre-RoPE** (the q_proj / k_proj outputs, biases and low-rank
+  branches included), in the IR's current row layout. Both are pre-RoPE, so the Q/K score
+  compares like with like (UniQL mixes pre- and post-RoPE). Pre-RoPE statistics do not depend
+  on positions or on ``rope_index``; the per-pair energy ``q_j**2 + q_{j+d/2}**2`` is the same
+  pre- and post-RoPE (a rotation of each pair), only its split between the two halves differs.
+* ``angular``: mean over sequences of ``1 - cos(x_in, x_out)`` of the layer's input and output
+  residual stream at the last token (UniQL's layer importance).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+from edgeq.ir import ModelIR, Role, TokenizerSpec
+
+ALPACA_FILE = Path("alpaca") / "alpaca_small.json"
+FORMATS = ("alpaca", "chat")
+
+
+def default_data_dir() -> Path:
+    """``$EDGEQ_DATA`` or ``<repo>/../shared/data``."""
+    env = os.environ.get("EDGEQ_DATA")
+    if env:
+        return Path(env)
+    import edgeq
+
+    return Path(edgeq.__file__).resolve().parents[2] / "shared" / "data"
+
+
+def load_alpaca(path: str | Path | None = None) -> list[dict]:
+    path = Path(path) if path is not None else default_data_dir() / ALPACA_FILE
+    if not path.is_file():
+        raise EdgeqError(f"Alpaca calibration data not found at {path} "
+                         "(set EDGEQ_DATA to the directory holding alpaca/alpaca_small.json)")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise EdgeqError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "instruction" in r and "output" in r
+                                                for r in records):
+        raise EdgeqError(f"{path}: expected a JSON list of {{instruction, input, output}} records")
+    return records
+
+
+def format_record(rec: Mapping, fmt: str = "alpaca", spec: TokenizerSpec | None = None) -> str:
+    instruction, inp, out = rec["instruction"].strip(), str(rec.get("input") or "").strip(), rec["output"].strip()
+    if fmt == "alpaca":
+        parts = [f"### Instruction:\n{instruction}\n\n"]
+        if inp:
+            parts.append(f"### Input:\n{inp}\n\n")
+        parts.append(f"### Response:\n{out}")
+        return "".join(parts)
+    if fmt == "chat":
+        from runtimes.text import render_chat
+
+        if spec is None:
+            raise EdgeqError("the chat format needs the model's tokenizer spec")
+        return render_chat(spec, f"{instruction}\n\n{inp}" if inp else instruction) + out
+    raise EdgeqError(f"unknown calibration text format {fmt!r} (expected one of {', '.join(FORMATS)})")
+
+
+def alpaca_token_sequences(tokenizer_spec: TokenizerSpec, path: str | Path | None = None, n_samples: int = 128,
+                           seq_len: int = 256, seed: int = 0, fmt: str = "alpaca") -> list[list[int]]:
+    """``n_samples`` token sequences of exactly ``seq_len`` tokens from Alpaca (see module doc).
+
+    Deterministic given ``seed`` (record order is ``default_rng(seed).permutation``)."""
+    from runtimes.text import SpecTokenizer
+
+    if n_samples < 1 or seq_len < 2:
+        raise EdgeqError(f"expected n_samples >= 1 and seq_len >= 2, got {n_samples} and {seq_len}")
+    if fmt not in FORMATS:
+        raise EdgeqError(f"unknown calibration text format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if tokenizer_spec is None:
+        raise EdgeqError("the model has no tokenizer; cannot tokenize calibration text")
+    records = load_alpaca(path)
+    tok = SpecTokenizer(tokenizer_spec)
+    eos = [tokenizer_spec.eos_id] if tokenizer_spec.eos_id is not None else []
+    need = n_samples * seq_len
+    stream: list[int] = []
+    for i in np.random.default_rng(seed).permutation(len(records)):
+        stream.extend(tok.encode(format_record(records[int(i)], fmt, tokenizer_spec), add_special=True) + eos)
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise EdgeqError(f"the Alpaca data holds {len(stream)} tokens, fewer than {n_samples} x {seq_len} = {need}; "
+                         "ask for fewer or shorter sequences")
+    return [stream[k * seq_len:(k + 1) * seq_len] for k in range(n_samples)]
+
+
+# ---- statistics ------------------------------------------------------------------------------
+
+_LAYER_FIELDS = ("mlp_zz", "attn_xx", "q_diag", "k_diag")
+
+
+@dataclass
+class LayerStats:
+    mlp_zz: np.ndarray  # (d_ff, d_ff) float64, mean Z^T Z
+    attn_xx: np.ndarray  # (hidden, hidden) float64, mean X^T X of the attention input
+    q_diag: np.ndarray  # (num_heads, head_dim) float64, mean q_j^2 (pre-RoPE)
+    k_diag: np.ndarray  # (num_kv_heads, head_dim) float64, mean k_j^2 (pre-RoPE)
+    angular: float  # mean over sequences of 1 - cos(x_in, x_out) at the last token
+    n_tokens: int
+
+
+@dataclass
+class CalibStats:
+    layers: tuple[LayerStats, ...]
+    n_samples: int
+    seq_len: int
+    source: dict = field(default_factory=dict)  # JSON-serialisable provenance
+
+    def save(self, path: str | Path) -> None:
+        arrays: dict[str, np.ndarray] = {
+            "n_samples": np.asarray(self.n_samples, dtype=np.int64),
+            "seq_len": np.asarray(self.seq_len, dtype=np.int64),
+            "num_layers": np.asarray(len(self.layers), dtype=np.int64),
+            "source": np.asarray(json.dumps(self.source, sort_keys=True)),
+        }
+        for i, L in enumerate(self.layers):
+            for name in _LAYER_FIELDS:
+                arrays[f"layer{i}.{name}"] = np.asarray(getattr(L, name), dtype=np.float64)
+            arrays[f"layer{i}.angular"] = np.asarray(L.angular, dtype=np.float64)
+            arrays[f"layer{i}.n_tokens"] = np.asarray(L.n_tokens, dtype=np.int64)
+        with open(path, "wb") as f:  # np.savez(path) would append ".npz" to a path without it
+            np.savez(f, **arrays)
+
+    @staticmethod
+    def load(path: str | Path) -> "CalibStats":
+        path = Path(path)
+        if not path.is_file():
+            raise EdgeqError(f"{path}: calibration statistics not found")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                n = int(z["num_layers"])
+                layers = tuple(LayerStats(**{name: z[f"layer{i}.{name}"] for name in _LAYER_FIELDS},
+                                          angular=float(z[f"layer{i}.angular"]),
+                                          n_tokens=int(z[f"layer{i}.n_tokens"])) for i in range(n))
+                return CalibStats(layers=layers, n_samples=int(z["n_samples"]), seq_len=int(z["seq_len"]),
+                                  source=json.loads(str(z["source"])))
+        except (KeyError, ValueError, OSError) as exc:
+            raise EdgeqError(f"{path}: not an edgeq calibration statistics file ({exc})") from None
+
+
+class _Accumulator:
+    """float64 sums for one layer; fixed size whatever the number of sequences."""
+
+    def __init__(self, f: int, h: int, H: int, KV: int, D: int):
+        self.zz = np.zeros((f, f), dtype=np.float64)
+        self.xx = np.zeros((h, h), dtype=np.float64)
+        self.q = np.zeros((H, D), dtype=np.float64)
+        self.k = np.zeros((KV, D), dtype=np.float64)
+        self.angular = 0.0
+        self.n_tokens = 0
+        self.n_seqs = 0
+
+    def result(self) -> LayerStats:
+        n = max(self.n_tokens, 1)
+        return LayerStats(mlp_zz=self.zz / n, attn_xx=self.xx / n, q_diag=self.q / n, k_diag=self.k / n,
+                          angular=self.angular / max(self.n_seqs, 1), n_tokens=self.n_tokens)
+
+
+def _head_major(a: np.ndarray, n_heads: int, half: int) -> np.ndarray:
+    """(half, 2, n_heads) sums in the reference runtime's (pair slot, half, head) row order ->
+    (n_heads, head_dim) in the IR's row order (head, half, pair slot)."""
+    return a.reshape(half, 2, n_heads).transpose(2, 1, 0).reshape(n_heads, 2 * half)
+
+
+def _stats_forward(sess, ids: np.ndarray, accs: list[_Accumulator]) -> np.ndarray:
+    """One full-width forward of ``ids`` through a ReferenceSession's layers, adding to ``accs``.
+
+    Same weights, layout and helpers as :meth:`ReferenceSession._forward` at rate 0, with the
+    attention written as batched matmuls (no KV cache: one sequence, positions 0..T-1).
+    Returns the final normed hidden states (for self-checks)."""
+    from runtimes.reference import rms_norm, silu
+
+    hp = sess.hp
+    H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
+    half, G, T = D // 2, H // KV, ids.size
+    f32 = np.float32
+    pos = np.arange(T)
+    scale = f32(1.0 / np.sqrt(D))
+    mask = np.triu(np.full((T, T), -np.inf, dtype=f32), k=1)
+    x = sess.embd[ids]
+    for L, acc in zip(sess.layers, accs):
+        x_in_last = x[-1].astype(np.float64)
+        h = rms_norm(x, L.attn_norm, hp.rms_norm_eps)
+        acc.xx += h.T @ h
+        cos, sin = sess._cos_sin(L, pos, half)  # (T, KV, half)
+        q = L._lin(h, L.wq, L.bq, L.wq.shape[0], L.lr[Role.Q], {}).reshape(T, half, 2, H)
+        k = L._lin(h, L.wk, L.bk, L.wk.shape[0], L.lr[Role.K], {}).reshape(T, half, 2, KV)
+        v = L._lin(h, L.wv, L.bv, L.wv.shape[0], L.lr[Role.V], {}).reshape(T, D, KV)
+        acc.q += _head_major(np.square(q).sum(axis=0, dtype=np.float64), H, half)
+        acc.k += _head_major(np.square(k).sum(axis=0, dtype=np.float64), KV, half)
+        q = sess._rope(q.transpose(0, 3, 2, 1), np.repeat(cos, G, axis=1), np.repeat(sin, G, axis=1))
+        k = sess._rope(k.transpose(0, 3, 2, 1), cos, sin)  # (T, KV, 2, half)
+        qg = q.reshape(T, KV, G, D).transpose(1, 2, 0, 3)  # (KV, G, T, D)
+        kg = k.reshape(T, KV, D).transpose(1, 2, 0)[:, None]  # (KV, 1, D, T)
+        att = (qg @ kg) * scale + mask
+        att -= att.max(axis=-1, keepdims=True)
+        np.exp(att, out=att)
+        att /= att.sum(axis=-1, keepdims=True)
+        o = att @ v.transpose(2, 0, 1)[:, None]  # (KV, G, T, D)
+        o = o.transpose(2, 3, 0, 1).reshape(T, D * H)  # rows (component, head), head = kv * G + g
+        x = x + sess._o_proj(L, o, D * H)
+        h = rms_norm(x, L.ffn_norm, hp.rms_norm_eps)
+        g = L._lin(h, L.wg, L.bg, L.wg.shape[0], L.lr[Role.GATE], {})
+        u = L._lin(h, L.wu, L.bu, L.wu.shape[0], L.lr[Role.UP], {})
+        z = silu(g) * u
+        acc.zz += z.T @ z  # float32 product of one sequence (syrk), summed in float64
+        y = z @ L.wd_t
+        if L.bd is not None:
+            y = y + L.bd
+        if L.lr[Role.DOWN].items:
+            y = L.lr[Role.DOWN].add(y, z)
+        x = x + y
+        x_out_last = x[-1].astype(np.float64)
+        denom = np.linalg.norm(x_in_last) * np.linalg.norm(x_out_last)
+        acc.angular += 1.0 - (float(x_in_last @ x_out_last) / denom if denom > 0 else 1.0)
+        acc.n_tokens += T
+        acc.n_seqs += 1
+    return rms_norm(x, sess.out_norm, hp.rms_norm_eps)
+
+
+def _stats_session(ir: ModelIR):
+    from runtimes.reference import ReferenceSession
+
+    return ReferenceSession(ir, n_ctx=1)  # n_ctx: the KV cache is not used here
+
+
+def calibrate(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = True,
+              source: Mapping | None = None) -> CalibStats:
+    """Stream ``sequences`` (equal lengths) through ``ir`` at rate 0 and return the statistics.
+
+    ``source``: extra provenance stored in ``CalibStats.source`` (e.g. the data set)."""
+    if not sequences:
+        raise EdgeqError("no calibration sequences")
+    lengths = {len(s) for s in sequences}
+    if len(lengths) != 1 or 0 in lengths:
+        raise EdgeqError(f"calibration sequences must be non-empty and of equal length (no padding), "
+                         f"got lengths {sorted(lengths)[:5]}")
+    hp = ir.hparams
+    sess = _stats_session(ir)
+    accs = [_Accumulator(hp.intermediate_size, hp.hidden_size, hp.num_heads, hp.num_kv_heads, hp.head_dim)
+            for _ in range(hp.num_layers)]
+    it = sequences
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(sequences, desc="calibrating", unit="seq", leave=False)
+    for seq in it:
+        ids = np.asarray(seq, dtype=np.int64)
+        if ids.min() < 0 or ids.max() >= hp.vocab_size:
+            raise EdgeqError(f"calibration token id out of range [0, {hp.vocab_size})")
+        _stats_forward(sess, ids, accs)
+    src = {"model": str(ir.source.get("path", "")), "history": [r.name for r in ir.history],
+           "n_tokens": len(sequences) * lengths.pop()}
+    src.update(dict(source or {}))
+    return CalibStats(layers=tuple(a.result() for a in accs), n_samples=len(sequences),
+                      seq_len=len(sequences[0]), source=src)
