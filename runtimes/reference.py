@@ -235,7 +235,9 @@ class ReferenceSession(Session):
             v = L._lin(h, L.wv, L.bv, nv * KV, L.lr[Role.V], {"n_out": nv * KV})
             v = v.reshape(T, nv, KV).transpose(0, 2, 1)  # (T, KV, nv)
             self._k[li, start:end, :, :, :p] = k
+            self._k[li, start:end, :, :, p:] = 0  # dims this rate drops are zero (not stale)
             self._v[li, start:end, :, :nv] = v
+            self._v[li, start:end, :, nv:] = 0
             K = self._k[li, :end, :, :, :p]  # (end, KV, 2, p)
             V = self._v[li, :end, :, :nv]  # (end, KV, nv)
             qg = q.reshape(T, KV, group, 2, p)
