@@ -1,0 +1,454 @@
+"""GGUF at a pruning rate: one llama.cpp model file per supported rate.
+
+llama.cpp fixes every tensor shape when it loads a model, so a GGUF artifact cannot switch
+its pruning rate at run time: it carries one model file per rate (``model-r0.gguf``,
+``model-r0.15.gguf`` ...) and the runtime loads the requested one.
+
+Public API
+----------
+* :func:`gguf_prune_spec` — the part of ``ir.prune`` a GGUF file can express (per-layer MLP
+  widths only; see its docstring for the two modes).
+* :func:`restore_rope_order` — undo the Q/K RoPE-pair sort (``ir.rope_index``) exactly.
+* :func:`write_gguf_at_rate` — one model GGUF at one rate (deterministic, atomic).
+* :func:`write_gguf_rates` — every rate of ``ir.prune`` into a directory.
+* :func:`reference_ir_for_gguf` / :func:`reference_ir_for_gguf_rate` — the ModelIR (with the
+  GGUF-expressible PruneSpec) on which the numpy reference runtime computes exactly what the
+  GGUF at a rate computes.
+* :func:`prunable_params_removed`, :func:`rate_filename`.
+
+llama.cpp facts this relies on (llama.cpp as vendored by llama-cpp-python 0.3.36; read in
+ggml-org/llama.cpp ``src/llama-model.cpp`` / ``src/models/deci.cpp`` /
+``convert_hf_to_gguf.py`` ``DeciModel``, and checked by tests/lower/test_gguf_rates.py):
+
+* ``{arch}.feed_forward_length``, ``{arch}.attention.head_count`` and
+  ``{arch}.attention.head_count_kv`` are read for *every* architecture with
+  ``get_key_or_arr``: a scalar, or an array of ``block_count`` entries. Only the ``deci``
+  architecture builds its tensors and graph from the per-layer values (``hparams.n_ff(il)``,
+  ``n_head(il)``, ``n_head_kv(il)``); ``llama``/``qwen2`` create every layer's tensors with
+  one width, so a file with per-layer MLP widths must say ``general.architecture = "deci"``.
+* ``deci`` special cases: ``n_head == 0`` is an attention-free layer, ``n_head > 0`` with
+  ``n_head_kv == 0`` a "linear attention" layer (only ``attn_output``, n_embd x n_embd),
+  ``n_ff == 0`` an FFN-free layer (the graph ``continue``s, which also skips the residual
+  update of that layer's attention output — only meaningful for Nemotron's all-dummy layers).
+  We never write any of these: every width is at least one granularity step.
+* One head dimension for the whole model (``attention.key_length`` / ``value_length`` are
+  scalars; the ``deci`` graph asserts ``n_embd_head_k == n_embd_head_v == n_rot``), and RoPE
+  uses the sequential frequencies ``theta_i = base^(-2i/n_rot)`` of each pair slot (the only
+  per-pair hook, ``rope_freqs.weight``, is one tensor shared by every layer and head). Hence
+  neither Q/K pair pruning inside a head nor V/O component truncation is expressible, and a
+  sorted pair order must be undone before writing (:func:`restore_rope_order`).
+* ``deci`` uses rope type NORM (adjacent pairs) like ``llama``, so Q/K rows (and biases) get
+  the same per-head rotate-half -> interleaved permutation as the ``llama`` arch — for Qwen2
+  models too (Qwen2 itself is NEOX in llama.cpp; the permutation makes NORM equivalent).
+* ``deci`` loads optional ``attn_q/k/v/output.bias`` (``attn_q.bias`` with ``n_embd``
+  entries, so it needs ``num_heads * head_dim == hidden_size``, as llama.cpp's ``qwen2`` does)
+  and optional FFN biases, and an optional ``output.weight`` (tied embeddings otherwise):
+  Qwen2 at a rate is exact through ``deci``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Mapping, Union
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+from edgeq.ir import HParams, LayerWidths, Linear, ModelIR, PassRecord, PruneSpec, Role
+from edgeq.lower.gguf import (
+    GGUF_ARCH,
+    LLAMA_FTYPE,
+    _ROLE_ORDER,
+    _add_kv,
+    _atomic_writer,
+    _base_of_plan,
+    _encode,
+    _gguf,
+    _model_name,
+    _rotate_half_to_interleaved,
+    _write_tokenizer,
+    check,
+    gguf_tensor_name,
+    tensor_types,
+)
+from edgeq.quant.formats import FORMATS, QType, as_qtype
+
+__all__ = [
+    "DECI_ARCH",
+    "GGUFRateMode",
+    "RATE_KV",
+    "gguf_prune_spec",
+    "prunable_params_removed",
+    "rate_filename",
+    "reference_ir_for_gguf",
+    "reference_ir_for_gguf_rate",
+    "restore_rope_order",
+    "write_gguf_at_rate",
+    "write_gguf_rates",
+]
+
+DECI_ARCH = "deci"
+RATE_KV = "edgeq.prune_rate"  # float32 metadata key: the pruning rate the file realises
+
+TypesForRate = Union[Mapping[str, Any], Callable[[float], Mapping[str, Any]], int, str, QType]
+
+
+class GGUFRateMode(str, Enum):
+    """How a full pruning plan (MLP + Q/K pairs + V/O components) becomes a GGUF-expressible
+    MLP-only plan."""
+
+    MLP_ONLY_SAME_PARAMS = "mlp-only-same-params"  # remove the same parameter count, from the MLP
+    DROP_ATTENTION = "drop-attention"  # keep the plan's MLP widths, drop its attention pruning
+
+
+# --------------------------------------------------------------------------------------------
+# the plan a GGUF can realise
+# --------------------------------------------------------------------------------------------
+
+def _full_widths(hp: HParams) -> LayerWidths:
+    return LayerWidths(ffn=hp.intermediate_size, qk_pairs=hp.head_dim // 2, v_dims=hp.head_dim)
+
+
+def _layer_removed(hp: HParams, w: LayerWidths) -> int:
+    H, KV, D, h, F = hp.num_heads, hp.num_kv_heads, hp.head_dim, hp.hidden_size, hp.intermediate_size
+    return h * (2 * (D // 2 - w.qk_pairs) * (H + KV) + (D - w.v_dims) * (KV + H) + 3 * (F - w.ffn))
+
+
+def prunable_params_removed(hp: HParams, widths: tuple[LayerWidths, ...] | list[LayerWidths]) -> int:
+    """Parameters a rate removes from the prunable linears, summed over layers: per layer
+    Q/K rows ``2*qk_pairs*(H+KV)*hidden``, V rows + O columns ``v_dims*(KV+H)*hidden`` and MLP
+    ``3*ffn*hidden`` (biases not counted), full minus kept."""
+    return int(sum(_layer_removed(hp, w) for w in widths))
+
+
+def _round_to_granularity(kept: np.ndarray, g: int, F: int) -> np.ndarray:
+    """Continuous per-layer widths in [g, F] -> widths that are multiples of ``g`` (or F),
+    each >= g, with the sum as close to ``kept.sum()`` as the step allows (largest remainder;
+    ties go to the earlier layer, so the result is deterministic)."""
+    full = kept >= F - 1e-9
+    out = np.where(full, F, np.maximum(g, np.floor(kept / g + 1e-9).astype(np.int64) * g)).astype(np.int64)
+    units = int(np.floor((kept.sum() - out.sum()) / g + 0.5 + 1e-9))  # a tie keeps the extra step
+    if units > 0:
+        rem = np.where(out >= F, -np.inf, kept - out)
+        for i in np.argsort(-rem, kind="stable")[:units]:
+            if np.isfinite(rem[i]):
+                out[i] = min(out[i] + g, F)
+    return out
+
+
+def _mlp_only_widths(hp: HParams, ws: tuple[LayerWidths, ...], g: int) -> list[int]:
+    F, h = hp.intermediate_size, hp.hidden_size
+    lo = min(g, F)
+    desired = np.array([F - _layer_removed(hp, w) / (3.0 * h) for w in ws], dtype=np.float64)
+    target = desired.sum()
+    kept = np.clip(desired, lo, F)
+    excess = kept.sum() - target  # > 0: the floor at one step kept too much; < 0: the cap at F
+    if abs(excess) > 1e-9:
+        room = (kept - lo) if excess > 0 else (F - kept)
+        if room.sum() > 0:
+            kept = kept - np.sign(excess) * min(abs(excess), room.sum()) * room / room.sum()
+    return [int(x) for x in _round_to_granularity(kept, g, F)]
+
+
+def _mode(mode: GGUFRateMode | str) -> GGUFRateMode:
+    try:
+        return GGUFRateMode(mode)
+    except ValueError:
+        raise EdgeqError(f"GGUF at a rate: expected mode in {[m.value for m in GGUFRateMode]}, "
+                         f"got {mode!r}") from None
+
+
+def gguf_prune_spec(ir: ModelIR, mode: GGUFRateMode | str = GGUFRateMode.MLP_ONLY_SAME_PARAMS) -> PruneSpec:
+    """The pruning plan a GGUF file can realise: same rates, per-layer MLP widths only.
+
+    GGUF (llama.cpp ``deci``) expresses per-layer MLP widths but neither Q/K pair pruning inside
+    a head nor V/O component truncation (one head dim, sequential RoPE frequencies), so every
+    layer keeps ``qk_pairs = head_dim/2`` and ``v_dims = head_dim``; the MLP width comes from
+    ``mode``:
+
+    * ``"mlp-only-same-params"`` (default): per layer, the MLP gives up as many parameters as
+      the full plan removes from that layer at that rate (attention pruning turned into MLP
+      channels: ``ffn = F - removed / (3*hidden)``, see :func:`prunable_params_removed`), so the
+      plan's per-layer allocation and its global rate (= prunable parameters removed) are kept.
+      A layer whose share would leave less than one granularity step keeps one step, and the
+      overflow goes to the other layers in proportion to what they still have; widths are then
+      rounded to multiples of ``spec.granularity`` (largest remainder: unless a bound binds, the
+      total stays within half a step of the target; a tie keeps the extra step) and made
+      monotone in the rate. A plan that prunes only the MLP comes back unchanged.
+    * ``"drop-attention"``: keep the plan's MLP widths and ignore its attention pruning (the
+      file is larger than the plan says, but its MLP is exactly the plan's).
+
+    Rate 0 keeps everything. An IR without a PruneSpec gives the one-rate spec ``(0,)``.
+    """
+    mode = _mode(mode)
+    hp = ir.hparams
+    full = _full_widths(hp)
+    spec = ir.prune
+    if spec is None:
+        return PruneSpec(rates=(0.0,), widths={0.0: tuple(full for _ in range(hp.num_layers))}, granularity=1)
+    widths: dict[float, tuple[LayerWidths, ...]] = {}
+    prev: list[int] | None = None
+    for r in spec.rates:
+        ws = spec.widths[r]
+        if r == 0.0:
+            ffn = [hp.intermediate_size] * hp.num_layers
+        elif mode == GGUFRateMode.DROP_ATTENTION:
+            ffn = [w.ffn for w in ws]
+        else:
+            ffn = _mlp_only_widths(hp, ws, max(1, int(spec.granularity)))
+        if prev is not None:
+            ffn = [min(a, b) for a, b in zip(ffn, prev)]
+        prev = ffn
+        widths[r] = tuple(dataclasses.replace(full, ffn=int(f)) for f in ffn)
+    return PruneSpec(rates=tuple(spec.rates), widths=widths, granularity=spec.granularity,
+                     importance=spec.importance)
+
+
+# --------------------------------------------------------------------------------------------
+# exact rewrites of the IR
+# --------------------------------------------------------------------------------------------
+
+def _qk_restore_rows(hp: HParams, idx: np.ndarray, role: Role) -> np.ndarray:
+    """Row gather that puts the rows of a pair-sorted Q or K weight back in the original order:
+    restored row ``h*D + o`` (and ``h*D + D/2 + o``) = sorted row of the slot holding pair ``o``."""
+    D, half = hp.head_dim, hp.head_dim // 2
+    group = hp.num_heads // hp.num_kv_heads
+    inv = np.argsort(np.asarray(idx), axis=1, kind="stable")  # (KV, half): original pair -> slot
+    n_head = hp.num_heads if role == Role.Q else hp.num_kv_heads
+    rows = []
+    for h in range(n_head):
+        g = h // group if role == Role.Q else h
+        rows.append(h * D + inv[g])
+        rows.append(h * D + half + inv[g])
+    return np.concatenate(rows)
+
+
+def restore_rope_order(ir: ModelIR) -> ModelIR:
+    """Undo the Q/K RoPE-pair sort: Q and K rows (weights, biases, low-rank ``B``) go back to
+    the original pair order of every KV group (the same order for every query head of the
+    group and for the shared K head), and ``rope_index`` is cleared. An exact reparametrisation
+    (a row permutation); a model without ``rope_index`` comes back as it is."""
+    idx_by_layer = {int(k): np.asarray(v) for k, v in ir.rope_index.items()}
+    if not idx_by_layer:
+        return ir
+    hp = ir.hparams
+    half = hp.head_dim // 2
+    lins = dict(ir.linears)
+    for layer, idx in sorted(idx_by_layer.items()):
+        if idx.shape != (hp.num_kv_heads, half):
+            raise EdgeqError(f"rope_index[{layer}]: expected shape {(hp.num_kv_heads, half)}, got {idx.shape}")
+        if np.array_equal(idx, np.tile(np.arange(half), (hp.num_kv_heads, 1))):
+            continue
+        for role in (Role.Q, Role.K):
+            lin = ir.linear(layer, role)
+            rows = _qk_restore_rows(hp, idx, role)
+            lins[lin.name] = dataclasses.replace(
+                lin, weight=np.ascontiguousarray(lin.weight[rows]),
+                bias=None if lin.bias is None else np.ascontiguousarray(lin.bias[rows]),
+                low_rank=tuple(dataclasses.replace(lr, b=np.ascontiguousarray(lr.b[rows])) for lr in lin.low_rank))
+    return ir.replace(linears=lins, rope_index={},
+                      history=tuple(ir.history) + (PassRecord("restore_rope_order"),))
+
+
+def reference_ir_for_gguf(ir: ModelIR, mode: GGUFRateMode | str = GGUFRateMode.MLP_ONLY_SAME_PARAMS) -> ModelIR:
+    """``ir`` with the RoPE-pair order restored and ``prune = gguf_prune_spec(ir, mode)``: run
+    the reference runtime on it with ``set_prune_rate(r)`` and it computes exactly what
+    ``write_gguf_at_rate(ir, r, ...)`` holds (up to the weight format)."""
+    spec = gguf_prune_spec(ir, mode)
+    return restore_rope_order(ir).replace(prune=spec)
+
+
+def reference_ir_for_gguf_rate(ir: ModelIR, rate: float,
+                               mode: GGUFRateMode | str = GGUFRateMode.MLP_ONLY_SAME_PARAMS) -> ModelIR:
+    """Like :func:`reference_ir_for_gguf`, with a PruneSpec that carries only ``(0, rate)``
+    (``rate`` must be one of ``ir.prune``'s); use ``ReferenceSession(..).set_prune_rate(rate)``."""
+    spec = gguf_prune_spec(ir, mode)
+    ws = spec.at(rate)  # raises for a rate the model does not carry
+    r = next(x for x in spec.rates if abs(x - rate) < 1e-9)
+    rates = (0.0,) if r == 0.0 else (0.0, r)
+    one = PruneSpec(rates=rates, widths={0.0: spec.widths[0.0], r: ws}, granularity=spec.granularity,
+                    importance=spec.importance)
+    return restore_rope_order(ir).replace(prune=one)
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+
+def rate_filename(rate: float) -> str:
+    """``model-r{rate:g}.gguf``: ``model-r0.gguf``, ``model-r0.15.gguf``."""
+    return f"model-r{float(rate):g}.gguf"
+
+
+def _resolve_types(ir: ModelIR, types: TypesForRate, rate: float) -> dict[str, QType]:
+    if callable(types) and not isinstance(types, (str, QType)):
+        types = types(rate)
+    if isinstance(types, (int, str, QType)) and not isinstance(types, bool):
+        return tensor_types(ir, types)
+    if not isinstance(types, Mapping):
+        raise EdgeqError(f"GGUF at a rate: expected a type plan (mapping), bits or a type, got {type(types).__name__}")
+    return {k: as_qtype(v) for k, v in types.items()}
+
+
+def _choose_arch(ir: ModelIR, ffn: list[int], arch: str) -> str:
+    if arch not in ("auto", DECI_ARCH):
+        raise EdgeqError(f"GGUF at a rate: expected arch 'auto' or 'deci', got {arch!r}")
+    if arch == "auto" and len(set(ffn)) == 1:
+        return GGUF_ARCH[ir.arch]  # one width for every layer: the model's own architecture
+    return DECI_ARCH
+
+
+def write_gguf_at_rate(ir: ModelIR, rate: float, path: str | Path, types: TypesForRate, *,
+                       mode: GGUFRateMode | str = GGUFRateMode.MLP_ONLY_SAME_PARAMS, arch: str = "auto",
+                       extra_kv: Mapping[str, Any] | None = None, progress: bool = False) -> Path:
+    """Write the model at pruning ``rate`` as a GGUF that stock llama.cpp loads; returns ``path``.
+
+    1. If ``ir`` has a ``rope_index``, the Q/K rows go back to the original pair order
+       (:func:`restore_rope_order`, exact), so llama.cpp's sequential RoPE frequencies apply.
+    2. Each layer's MLP is cut to the width of ``gguf_prune_spec(ir, mode).at(rate)``: the
+       first rows of ``ffn_gate``/``ffn_up`` (and their biases), the first columns of
+       ``ffn_down`` (the IR's MLP channels are sorted by importance). Attention is written whole.
+    3. ``general.architecture``: with ``arch="auto"`` the model's own (``llama``/``qwen2``,
+       exactly what :func:`edgeq.lower.gguf.write_gguf` writes) when every layer has the same
+       width (rate 0 in particular), else ``deci`` with a per-layer ``deci.feed_forward_length``
+       array (head counts stay scalars: whole heads are never pruned); ``arch="deci"`` always
+       writes ``deci``. Q/K rows and biases are permuted to llama.cpp's interleaved RoPE pairs
+       for ``llama`` and ``deci`` (not for ``qwen2``, which is NEOX in llama.cpp).
+
+    ``types``: a plan from :func:`edgeq.lower.gguf.tensor_types` on ``ir`` (IR names, full
+    shapes), bits / a type name (then ``tensor_types(ir, types)``), or a callable
+    ``rate -> plan``. Every cut ``ffn_down`` row length must be a multiple of its type's block
+    size. The file also records ``edgeq.prune_rate`` (float32). Deterministic and atomic, like
+    ``write_gguf``. Low-rank branches are refused (merge them first).
+    """
+    gguf = _gguf()
+    rate = float(rate)
+    spec = gguf_prune_spec(ir, mode)
+    widths = spec.at(rate)
+    r_key = next(x for x in spec.rates if abs(x - rate) < 1e-9)
+    tplan = _resolve_types(ir, types, r_key)
+    name = Path(path).name
+    base_ir = restore_rope_order(ir)
+    problems = check(base_ir, tplan)
+    if problems:
+        raise EdgeqError(f"GGUF at rate {r_key:g}: cannot write {name}: {problems[0]}"
+                         + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    hp = base_ir.hparams
+    ffn = [int(w.ffn) for w in widths]
+    arch_s = _choose_arch(base_ir, ffn, arch)
+    deci = arch_s == DECI_ARCH
+    if deci and hp.num_heads * hp.head_dim != hp.hidden_size and any(
+            l.bias is not None for l in base_ir.linears.values() if l.role in (Role.Q, Role.O)):
+        raise EdgeqError(f"GGUF at rate {r_key:g}: llama.cpp's deci architecture needs "
+                         f"num_heads*head_dim == hidden_size for attn_q/attn_output biases, got "
+                         f"{hp.num_heads}*{hp.head_dim} != {hp.hidden_size}")
+    permute_qk = arch_s in ("llama", DECI_ARCH)
+
+    def layer_tensor(lin: Linear, bias: bool) -> np.ndarray:
+        a = lin.bias if bias else lin.weight
+        f = ffn[lin.layer]
+        if lin.role in (Role.GATE, Role.UP):
+            a = a[:f]
+        elif lin.role == Role.DOWN and not bias:
+            a = a[:, :f]
+        elif permute_qk and lin.role in (Role.Q, Role.K):
+            a = _rotate_half_to_interleaved(a, hp.num_heads if lin.role == Role.Q else hp.num_kv_heads)
+        return a
+
+    order: list[tuple[str, tuple[int, ...]]] = [("token_embd", (hp.vocab_size, hp.hidden_size))]
+    for i in range(hp.num_layers):
+        order.append((f"blk.{i}.attn_norm", (hp.hidden_size,)))
+        for role in _ROLE_ORDER:
+            lin = base_ir.linear(i, role)
+            shape = tuple(lin.weight.shape)
+            if role in (Role.GATE, Role.UP):
+                shape = (ffn[i], shape[1])
+            elif role == Role.DOWN:
+                shape = (shape[0], ffn[i])
+            order.append((lin.name, shape))
+            if lin.bias is not None:
+                order.append((f"{lin.name}.bias", (ffn[i],) if role in (Role.GATE, Role.UP) else tuple(lin.bias.shape)))
+        order.append((f"blk.{i}.ffn_norm", (hp.hidden_size,)))
+    order.append(("output_norm", (hp.hidden_size,)))
+    if not hp.tie_word_embeddings:
+        order.append(("output", (hp.vocab_size, hp.hidden_size)))
+    for tname, shape in order:
+        qt = tplan.get(tname, QType.F32)
+        bs = FORMATS[qt].block_size
+        if len(shape) == 2 and shape[1] % bs:
+            raise EdgeqError(f"GGUF at rate {r_key:g}: {tname}: {qt.value} needs a row length that is a "
+                             f"multiple of {bs}, got {shape[1]} (choose widths on a {bs}-step grid)")
+    if RATE_KV in (extra_kv or {}):
+        raise EdgeqError(f"GGUF: extra_kv may not override {RATE_KV!r}")
+    kv_extra = {RATE_KV: float(r_key), **dict(extra_kv or {})}
+    base_type = _base_of_plan(base_ir, tplan)
+
+    def fill(tmp: Path) -> None:
+        w = gguf.GGUFWriter(str(tmp), arch_s)
+        try:
+            w.add_type("model")
+            w.add_name(_model_name(ir))
+            w.add_context_length(int(hp.max_position_embeddings))
+            w.add_embedding_length(int(hp.hidden_size))
+            w.add_block_count(int(hp.num_layers))
+            w.add_feed_forward_length(list(ffn) if deci else int(ffn[0]))
+            w.add_head_count(int(hp.num_heads))
+            w.add_head_count_kv(int(hp.num_kv_heads))
+            w.add_rope_freq_base(float(hp.rope_theta))
+            w.add_layer_norm_rms_eps(float(hp.rms_norm_eps))
+            w.add_vocab_size(int(hp.vocab_size))
+            w.add_rope_dimension_count(int(hp.head_dim))
+            if hp.head_dim != hp.hidden_size // hp.num_heads:
+                w.add_key_length(int(hp.head_dim))
+                w.add_value_length(int(hp.head_dim))
+            w.add_file_type(LLAMA_FTYPE[base_type])
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            _write_tokenizer(w, base_ir.tokenizer, hp.vocab_size)
+            ours = set(w.kv_data[0])
+            for key in sorted(kv_extra):
+                if key in ours:
+                    raise EdgeqError(f"GGUF: extra_kv may not override {key!r}")
+                _add_kv(w, key, kv_extra[key])
+            names = [n for n, _ in order]
+            if progress:
+                from tqdm import tqdm
+
+                names = tqdm(names, desc=f"quantizing {name}", unit="tensor", leave=False)
+            for tname in names:
+                qt = tplan.get(tname, QType.F32)
+                if tname.endswith(".bias"):
+                    arr = layer_tensor(base_ir.linears[tname[: -len(".bias")]], bias=True)
+                elif tname in base_ir.linears:
+                    arr = layer_tensor(base_ir.linears[tname], bias=False)
+                else:
+                    arr = base_ir.tensors[tname]
+                data, raw = _encode(arr, qt)
+                w.add_tensor(gguf_tensor_name(tname), data, raw_dtype=raw)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
+
+    _atomic_writer(Path(path), fill)
+    return Path(path)
+
+
+def write_gguf_rates(ir: ModelIR, out_dir: str | Path, types_for_rate: TypesForRate, *,
+                     mode: GGUFRateMode | str = GGUFRateMode.MLP_ONLY_SAME_PARAMS, arch: str = "auto",
+                     extra_kv: Mapping[str, Any] | None = None, progress: bool = False) -> dict[float, str]:
+    """Write :func:`write_gguf_at_rate` for every rate of ``ir.prune`` (just 0 without one) into
+    ``out_dir`` as :func:`rate_filename` files; returns ``{rate: filename}``.
+
+    ``types_for_rate``: a callable ``rate -> type plan``, or one plan / bits / type for all."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = gguf_prune_spec(ir, mode)
+    files: dict[float, str] = {}
+    for r in spec.rates:
+        fname = rate_filename(r)
+        write_gguf_at_rate(ir, r, out_dir / fname, types_for_rate, mode=mode, arch=arch, extra_kv=extra_kv,
+                           progress=progress)
+        files[r] = fname
+    return files
