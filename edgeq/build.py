@@ -1,4 +1,8 @@
-"""`edgeq build`: model (+ adapters) -> verified artifact directory, atomically."""
+"""`edgeq build`: model (+ adapters) -> verified artifact directory, atomically.
+
+Pipeline: front end -> adapters (merge or keep) -> [calibrate -> sort (UniQL or naive) ->
+recovery fine-tune -> rate plan] -> lowering (gguf | reference) -> goldens -> manifest.
+"""
 from __future__ import annotations
 
 import time
@@ -15,8 +19,9 @@ from edgeq.frontend import load_adapter, load_model, merge_adapters
 from edgeq.ir import ModelIR, Role, linear_name
 from edgeq.targets import TargetProfile, load_target
 
-FORMATS = ("gguf",)
+FORMATS = ("gguf", "reference")
 MODEL_FILE = "model.gguf"
+SORTS = ("uniql", "naive")
 
 
 @dataclass(frozen=True)
@@ -31,10 +36,27 @@ class BuildOptions:
     adapter_mode: str = "merge"  # merge | separate
     force: bool = False
     record_goldens: bool = True
+    prune_rates: tuple[float, ...] | None = None  # None / (0,): no structured pruning
+    sort: str = "uniql"  # uniql | naive (weight-norm baseline)
+    importance: str = "angular"  # angular | uniform per-layer allocation
+    calib_samples: int = 64
+    calib_len: int = 256
+    calib_data: Path | None = None
+    recover: bool = False
+    recover_steps: int | None = None
+
+    @property
+    def prunes(self) -> bool:
+        return bool(self.prune_rates) and any(r > 0 for r in self.prune_rates)
 
     def to_json(self) -> dict:
-        return {"target": self.target, "format": self.format, "bits": self.bits, "qtype": self.qtype,
-                "adapter_mode": self.adapter_mode, "adapters": [p.name for p in self.adapters]}
+        d = {"target": self.target, "format": self.format, "bits": self.bits, "qtype": self.qtype,
+             "adapter_mode": self.adapter_mode, "adapters": [p.name for p in self.adapters]}
+        if self.prunes:
+            d.update(prune_rates=list(self.prune_rates), sort=self.sort, importance=self.importance,
+                     calib_samples=self.calib_samples, calib_len=self.calib_len, recover=self.recover,
+                     recover_steps=self.recover_steps)
+        return d
 
 
 @dataclass
@@ -66,13 +88,63 @@ def prepare_ir(opts: BuildOptions, log: Callable[[str], None] = _log) -> ModelIR
 def check_options(opts: BuildOptions, target: TargetProfile) -> None:
     if opts.format not in FORMATS:
         raise EdgeqError(f"unknown format {opts.format!r} (available: {', '.join(FORMATS)})")
-    if opts.format not in target.formats:
+    if opts.format != "reference" and opts.format not in target.formats:
         raise EdgeqError(f"target {target.name} does not run {opts.format} artifacts "
                          f"(it runs: {', '.join(target.formats)})")
     if opts.adapter_mode not in ("merge", "separate"):
         raise EdgeqError(f"unknown adapter mode {opts.adapter_mode!r} (merge or separate)")
     if opts.bits is not None and opts.bits not in (4, 8, 16, 32):
         raise EdgeqError(f"unsupported --bits {opts.bits} (4, 8, 16 or 32)")
+    if opts.format == "reference" and (opts.qtype or opts.bits not in (None, 32)):
+        raise EdgeqError("the reference format stores float32 weights; drop --bits/--qtype")
+    if opts.prunes:
+        if opts.adapter_mode == "separate" and opts.adapters:
+            raise EdgeqError("structured pruning needs merged adapters; use --adapter-mode merge")
+        if opts.sort not in SORTS:
+            raise EdgeqError(f"unknown sort {opts.sort!r} (available: {', '.join(SORTS)})")
+        if opts.importance not in ("angular", "uniform"):
+            raise EdgeqError(f"unknown importance {opts.importance!r} (angular or uniform)")
+        if opts.calib_samples < 1 or opts.calib_len < 16:
+            raise EdgeqError("--calib-samples must be >= 1 and --calib-len >= 16")
+    elif opts.recover:
+        raise EdgeqError("--recover needs --prune-rates with a rate above 0")
+
+
+def compress(ir: ModelIR, opts: BuildOptions, target: TargetProfile, log: Callable[[str], None] = _log,
+             timings: dict | None = None) -> ModelIR:
+    """Calibrate, sort, optionally recover, and plan the pruning rates (issue 3's method)."""
+    from edgeq.calibrate import alpaca_token_sequences, calibrate
+    from edgeq.passes import run_pass
+    from edgeq.passes.naive_sort import naive_sort
+    from edgeq.passes.rate_plan import apply_prune_spec, check_rates, plan_rates
+    from edgeq.passes.uniql import UniQLSortConfig
+
+    timings = timings if timings is not None else {}
+    rates = check_rates(opts.prune_rates)
+    t = time.perf_counter()
+    seqs = alpaca_token_sequences(ir.tokenizer, path=opts.calib_data, n_samples=opts.calib_samples,
+                                  seq_len=opts.calib_len)
+    log(f"calibrating on {len(seqs)} x {opts.calib_len} Alpaca tokens")
+    stats = calibrate(ir, seqs, source={"data": "alpaca", "samples": len(seqs), "seq_len": opts.calib_len})
+    timings["calibrate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    log(f"sorting ({opts.sort})")
+    ir = run_pass(ir, UniQLSortConfig(), stats) if opts.sort == "uniql" else naive_sort(ir)
+    timings["sort"] = time.perf_counter() - t
+    importance = np.array([layer.angular for layer in stats.layers])
+    spec = plan_rates(ir, rates, granularity=target.prune_granularity,
+                      importance=importance if opts.importance == "angular" else None, mode=opts.importance)
+    ir = apply_prune_spec(ir, spec)
+    if opts.recover:
+        from edgeq.passes.recover import RecoverConfig, recover
+
+        t = time.perf_counter()
+        cfg = RecoverConfig() if opts.recover_steps is None else RecoverConfig(steps=opts.recover_steps)
+        log(f"recovery fine-tune ({cfg.steps} steps, LoRA r={cfg.rank}, rate sampled per step)")
+        ir = recover(ir, alpaca_token_sequences(ir.tokenizer, path=opts.calib_data, n_samples=max(cfg.steps, 1)
+                                                * cfg.batch_size, seq_len=cfg.seq_len, seed=1), cfg)
+        timings["recover"] = time.perf_counter() - t
+    return ir
 
 
 def build(opts: BuildOptions, log: Callable[[str], None] = _log) -> BuildResult:
@@ -81,64 +153,120 @@ def build(opts: BuildOptions, log: Callable[[str], None] = _log) -> BuildResult:
     target = load_target(opts.target)
     check_options(opts, target)
     bits = opts.bits if opts.bits is not None else target.default_bits
-    from edgeq.lower import gguf as lower_gguf
-
     t = time.perf_counter()
     ir = prepare_ir(opts, log)
     timings["load"] = time.perf_counter() - t
-    # separate adapters are written as their own files; the base file holds no branches
-    problems = lower_gguf.check(ir.without_low_rank() if opts.adapter_mode == "separate" else ir)
-    if problems:
-        raise EdgeqError(f"cannot lower to gguf: {problems[0]}")
-    types = lower_gguf.tensor_types(ir, opts.qtype or bits)
-    base_qtype = types[linear_name(0, Role.Q)].value
+    if opts.prunes:
+        ir = compress(ir, opts, target, log, timings)
     with atomic_directory(opts.out, force=opts.force) as tmp:
         t = time.perf_counter()
-        log(f"writing {MODEL_FILE} ({base_qtype}) for target {target.name}")
-        lower_gguf.write_gguf(ir, tmp / MODEL_FILE, types, allow_low_rank=opts.adapter_mode == "separate", progress=True)
-        adapter_files = []
-        if opts.adapter_mode == "separate":
-            for name in ir.adapters:
-                fname = f"adapter-{name}.gguf"
-                log(f"writing LoRA adapter {fname}")
-                lower_gguf.write_lora_gguf(ir, name, tmp / fname)
-                adapter_files.append(fname)
+        if opts.format == "gguf":
+            manifest, ref_ir = _lower_gguf(ir, opts, target, bits, tmp, log)
+        else:
+            manifest, ref_ir = _lower_reference(ir, opts, target, tmp, log)
         timings["lower"] = time.perf_counter() - t
-        manifest = {
-            "format": "gguf",
-            "runtime": "llamacpp",
+        manifest.update({
             "target": target.name,
-            "model_file": MODEL_FILE,
-            "adapter_files": adapter_files,
-            "weight_type": base_qtype,
-            "bits": bits,
-            "tensor_types": {k: v.value for k, v in sorted(types.items())},
             "options": opts.to_json(),
             "source": dict(ir.source),
             "adapters": {k: dict(v) for k, v in ir.adapters.items()},
             "hparams": ir.hparams.to_json(),
             "history": [{"name": r.name, "options": dict(r.options)} for r in ir.history],
-        }
+        })
         if opts.record_goldens:
             t = time.perf_counter()
             log("recording goldens (fp32 reference and the artifact)")
-            manifest["goldens"] = record_goldens(ir, tmp, adapter_files)
+            manifest["goldens"] = record_goldens(ref_ir, tmp, manifest)
             timings["goldens"] = time.perf_counter() - t
         manifest = write_manifest(tmp, manifest)
     total = time.perf_counter() - t_start
     return BuildResult(out=Path(opts.out), manifest=manifest, seconds=total, timings=timings)
 
 
-def record_goldens(ir: ModelIR, root: Path, adapter_files: list[str]) -> dict:
-    from runtimes.llamacpp import LlamaCppSession
+def _lower_gguf(ir: ModelIR, opts: BuildOptions, target: TargetProfile, bits: int, tmp: Path,
+                log) -> tuple[dict, ModelIR]:
+    from edgeq.lower import gguf as lower_gguf
+
+    separate = opts.adapter_mode == "separate" and bool(ir.adapters)
+    base = ir.without_low_rank() if separate else ir
+    if ir.prune is None:
+        problems = lower_gguf.check(base)
+        if problems:
+            raise EdgeqError(f"cannot lower to gguf: {problems[0]}")
+        types = lower_gguf.tensor_types(ir, opts.qtype or bits)
+        log(f"writing {MODEL_FILE} ({types[linear_name(0, Role.Q)].value}) for target {target.name}")
+        lower_gguf.write_gguf(ir, tmp / MODEL_FILE, types, allow_low_rank=separate, progress=True)
+        adapter_files = []
+        if separate:
+            for name in ir.adapters:
+                fname = f"adapter-{name}.gguf"
+                log(f"writing LoRA adapter {fname}")
+                lower_gguf.write_lora_gguf(ir, name, tmp / fname)
+                adapter_files.append(fname)
+        manifest = {"format": "gguf", "runtime": "llamacpp", "model_file": MODEL_FILE,
+                    "adapter_files": adapter_files, "weight_type": types[linear_name(0, Role.Q)].value,
+                    "bits": bits, "tensor_types": {k: v.value for k, v in sorted(types.items())}}
+        return manifest, ir
+    from edgeq.lower.gguf_rates import gguf_prune_spec, reference_ir_for_gguf, write_gguf_rates
+
+    log(f"writing one GGUF per pruning rate ({', '.join(f'{r:g}' for r in ir.prune.rates)})")
+    files = write_gguf_rates(ir, tmp, lambda r: opts.qtype or bits, progress=True)
+    spec = gguf_prune_spec(ir)
+    first = tmp / files[0.0]
+    types = lower_gguf.tensor_types(ir, opts.qtype or bits)
+    manifest = {
+        "format": "gguf", "runtime": "llamacpp", "model_file": files[0.0], "adapter_files": [],
+        "weight_type": types[linear_name(0, Role.Q)].value, "bits": bits,
+        "prune": {
+            "rates": list(spec.rates), "files": {f"{r:g}": f for r, f in sorted(files.items())},
+            "widths": spec.to_json()["widths"], "method": opts.sort, "granularity": spec.granularity,
+            "planned": ir.prune.to_json(),
+            "expressed": "per-layer MLP widths (llama.cpp 'deci' architecture), one file per rate, "
+                         "loaded by the runtime at the requested rate (a switch is a reload)",
+            "dropped": "Q/K RoPE-pair pruning and V/O component truncation (llama.cpp has one head dim and "
+                       "sequential RoPE frequencies); each rate removes the same number of parameters from "
+                       "the MLP instead, and the sorted Q/K pair order is undone exactly",
+            "bytes_per_rate": {f"{r:g}": (tmp / f).stat().st_size for r, f in sorted(files.items())},
+            "storage_overhead_vs_rate0": sum((tmp / f).stat().st_size for f in files.values())
+            / first.stat().st_size,
+        },
+    }
+    return manifest, reference_ir_for_gguf(ir)
+
+
+def _lower_reference(ir: ModelIR, opts: BuildOptions, target: TargetProfile, tmp: Path,
+                     log) -> tuple[dict, ModelIR]:
+    from edgeq.lower.ir_files import WEIGHTS, write_ir
+
+    log(f"writing {WEIGHTS} (float32, pruning-aware layout at load) for the reference runtime")
+    write_ir(ir, tmp)
+    manifest = {"format": "reference", "runtime": "reference", "model_file": WEIGHTS, "adapter_files": [],
+                "weight_type": "F32", "bits": 32}
+    if ir.prune is not None:
+        manifest["prune"] = {"rates": list(ir.prune.rates), "method": opts.sort,
+                             "granularity": ir.prune.granularity, "widths": ir.prune.to_json()["widths"],
+                             "expressed": "everything: MLP channels, Q/K RoPE pairs, V/O components per layer; "
+                                          "the rate switches at run time without copying weights",
+                             "dropped": "nothing"}
+    return manifest, ir
+
+
+def record_goldens(ref_ir: ModelIR, root: Path, manifest: dict) -> dict:
+    """Goldens at every carried rate: the float64 reference at that rate and the artifact."""
+    from edgeq.session import artifact_rates, open_session, rate_key
     from runtimes.reference import ReferenceSession
 
-    ref = ReferenceSession(ir, n_ctx=256, dtype=np.float64)  # the oracle: float64 accumulation
+    ref = ReferenceSession(ref_ir, n_ctx=256, dtype=np.float64)  # the oracle: float64 accumulation
     token_ids = goldens.golden_token_ids(ref)
-    data = {"prompts": list(goldens.GOLDEN_PROMPTS), "token_ids": token_ids,
-            "reference": goldens.record(ref, token_ids)}
+    data = {"prompts": list(goldens.GOLDEN_PROMPTS), "token_ids": token_ids, "rates": {}}
+    rates = artifact_rates(manifest)
+    for rate in rates:
+        ref.set_prune_rate(rate)
+        data["rates"][rate_key(rate)] = {"reference": goldens.record(ref, token_ids)}
     del ref
-    with LlamaCppSession(root / MODEL_FILE, lora_paths=[root / f for f in adapter_files], n_ctx=256) as art:
-        data["artifact"] = goldens.record(art, token_ids)
+    for rate in rates:
+        with open_session(root, n_ctx=256, manifest=manifest, prune=rate) as art:
+            data["rates"][rate_key(rate)]["artifact"] = goldens.record(art, token_ids)
     dump_json(data, root / GOLDENS)
-    return {"file": GOLDENS, "positions": sum(len(t) for t in token_ids), "topk": goldens.GOLDEN_TOPK}
+    return {"file": GOLDENS, "positions": sum(len(t) for t in token_ids), "topk": goldens.GOLDEN_TOPK,
+            "rates": [rate_key(r) for r in rates]}

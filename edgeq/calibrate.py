@@ -229,14 +229,17 @@ def _stats_forward(sess, ids: np.ndarray, accs: list[_Accumulator]) -> np.ndarra
         acc.k += _head_major(np.square(k).sum(axis=0, dtype=np.float64), KV, half)
         q = sess._rope(q.transpose(0, 3, 2, 1), np.repeat(cos, G, axis=1), np.repeat(sin, G, axis=1))
         k = sess._rope(k.transpose(0, 3, 2, 1), cos, sin)  # (T, KV, 2, half)
-        qg = q.reshape(T, KV, G, D).transpose(1, 2, 0, 3)  # (KV, G, T, D)
-        kg = k.reshape(T, KV, D).transpose(1, 2, 0)[:, None]  # (KV, 1, D, T)
-        att = (qg @ kg) * scale + mask
+        # plain 3-d batched matmuls (a broadcast 4-d matmul is several times slower in numpy)
+        qg = np.ascontiguousarray(q.reshape(T, KV, G, D).transpose(1, 2, 0, 3)).reshape(KV, G * T, D)
+        kg = np.ascontiguousarray(k.reshape(T, KV, D).transpose(1, 2, 0))  # (KV, D, T)
+        att = (qg @ kg).reshape(KV, G, T, T)
+        att *= scale
+        att += mask
         att -= att.max(axis=-1, keepdims=True)
         np.exp(att, out=att)
         att /= att.sum(axis=-1, keepdims=True)
-        o = att @ v.transpose(2, 0, 1)[:, None]  # (KV, G, T, D)
-        o = o.transpose(2, 3, 0, 1).reshape(T, D * H)  # rows (component, head), head = kv * G + g
+        o = att.reshape(KV, G * T, T) @ np.ascontiguousarray(v.transpose(2, 0, 1))  # (KV, G*T, D)
+        o = o.reshape(KV, G, T, D).transpose(2, 3, 0, 1).reshape(T, D * H)  # rows (component, head = kv*G + g)
         x = x + sess._o_proj(L, o, D * H)
         h = rms_norm(x, L.ffn_norm, hp.rms_norm_eps)
         g = L._lin(h, L.wg, L.bg, L.wg.shape[0], L.lr[Role.GATE], {})

@@ -54,20 +54,41 @@ def targets(as_json):
 @click.option("--adapter-mode", type=click.Choice(["merge", "separate"]), default="merge", show_default=True,
               help="Merge adapters into the weights, or keep each as a LoRA-adapter file applied at run time.")
 @click.option("--target", default="cpu-avx2", show_default=True, help="Hardware profile (see `edgeq targets`).")
-@click.option("--format", "fmt", default="gguf", show_default=True, help="Artifact format.")
+@click.option("--format", "fmt", default="gguf", show_default=True,
+              help="Artifact format: gguf (llama.cpp) or reference (float32, numpy runtime, run-time rate switch).")
 @click.option("--bits", type=int, default=None, help="Weight bits: 8 (Q8_0) or 4 (Q4_0); default: the target's.")
 @click.option("--qtype", default=None, help="Explicit weight type for the block linears (e.g. Q4_1); overrides --bits.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output artifact directory.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--no-goldens", is_flag=True, help="Skip recording goldens (the artifact cannot be verified).")
+@click.option("--prune-rates", default=None,
+              help="Structured pruning rates the artifact carries, e.g. 0,0.15,0.25,0.35 (UniQL-style sort + plan).")
+@click.option("--sort", type=click.Choice(["uniql", "naive"]), default="uniql", show_default=True,
+              help="How prunable dimensions are ranked: UniQL (calibrated) or the weight-norm baseline.")
+@click.option("--importance", type=click.Choice(["angular", "uniform"]), default="angular", show_default=True,
+              help="Per-layer pruning allocation.")
+@click.option("--calib-samples", type=int, default=64, show_default=True, help="Alpaca calibration sequences.")
+@click.option("--calib-len", type=int, default=256, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--calib-data", type=click.Path(path_type=Path), default=None,
+              help="Alpaca JSON for calibration (default: ../shared/data/alpaca/alpaca_small.json).")
+@click.option("--recover", is_flag=True, help="LoRA recovery fine-tune with a rate sampled per step, merged back.")
+@click.option("--recover-steps", type=int, default=None, help="Recovery fine-tune steps (default: see RecoverConfig).")
 @_fail_cleanly
-def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, no_goldens):
+def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, no_goldens, prune_rates, sort,
+          importance, calib_samples, calib_len, calib_data, recover, recover_steps):
     """Compile MODEL (HF checkpoint dir or .gguf) into an artifact directory."""
     from edgeq.build import BuildOptions, build as run_build
 
+    rates = None
+    if prune_rates is not None:
+        from edgeq.passes.rate_plan import parse_rates
+
+        rates = parse_rates(prune_rates)
     opts = BuildOptions(model=model, out=out, target=target, format=fmt, bits=bits, qtype=qtype,
                         adapters=tuple(adapters), adapter_mode=adapter_mode, force=force,
-                        record_goldens=not no_goldens)
+                        record_goldens=not no_goldens, prune_rates=rates, sort=sort, importance=importance,
+                        calib_samples=calib_samples, calib_len=calib_len, calib_data=calib_data,
+                        recover=recover, recover_steps=recover_steps)
     res = run_build(opts)
     m = res.manifest
     size = sum(f["bytes"] for f in m["files"].values())
@@ -109,11 +130,12 @@ def verify(artifact, runtime, json_file):
     from edgeq.verify import verify as run_verify
 
     rep = run_verify(artifact, runtime=runtime)
-    if rep.regression:
-        r, f = rep.regression, rep.reference
-        click.echo(f"regression vs recorded goldens: top-1 {r['top1_agreement']:.4f}, "
+    for key in rep.regression or {}:
+        r, f = rep.regression[key], rep.reference[key]
+        at = f"rate {key}: " if len(rep.regression) > 1 else ""
+        click.echo(f"{at}regression vs recorded goldens: top-1 {r['top1_agreement']:.4f}, "
                    f"max |Δ log-prob| {r['max_logprob_diff']:.2g} over {r['positions']} positions")
-        click.echo(f"vs fp32 reference: top-1 {f['top1_agreement']:.4f}, mean KL {f['mean_kl']:.4g}, "
+        click.echo(f"{at}vs fp32 reference: top-1 {f['top1_agreement']:.4f}, mean KL {f['mean_kl']:.4g}, "
                    f"p99 KL {f['p99_kl']:.4g}")
     if json_file:
         json_file.write_text(json.dumps(rep.to_json(), indent=1))
@@ -164,6 +186,31 @@ def inspect(artifact, tensors, as_json):
 
     d = describe(artifact)
     click.echo(json.dumps(d, indent=1) if as_json else format_description(d, show_tensors=tensors))
+
+
+@main.command("eval")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--runtime", type=click.Choice(["auto", "llamacpp", "reference"]), default="auto", show_default=True)
+@click.option("--prune", type=float, default=None, help="Pruning rate (sessions that support set_prune_rate).")
+@click.option("--tasks", default=None,
+              help="Comma-separated subset of wikitext,kl,lambada (default: all; kl where a reference exists).")
+@click.option("--limit", type=int, default=None, help="LAMBADA: only the first N items (default: all 5153).")
+@click.option("--ppl-tokens", type=int, default=16384, show_default=True,
+              help="WikiText-2: the first N tokens (0: the whole text).")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="fp32 model for KL (default: the artifact's source model + its adapters).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Also write JSON here.")
+@_fail_cleanly
+def eval_(target, runtime, prune, tasks, limit, ppl_tokens, reference, threads, json_file):
+    """Accuracy: WikiText-2 perplexity, KL vs the fp32 reference, LAMBADA (benchmark protocol)."""
+    from edgeq.eval_cmd import format_report, run_eval
+
+    rep = run_eval(target, runtime=runtime, prune=prune, tasks=tasks, limit=limit, ppl_tokens=ppl_tokens,
+                   reference=reference, threads=threads)
+    click.echo(format_report(rep))
+    if json_file:
+        json_file.write_text(json.dumps(rep, indent=1))
 
 
 if __name__ == "__main__":

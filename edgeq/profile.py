@@ -143,7 +143,9 @@ def format_sweep(p: dict) -> str:
     lines = [f"{p['artifact']}: {p['format']} / {p['target']} / {p['weight_type']} on {p['runtime']}",
              f"{'rate':>6}  {'switch':>10}  {'decode tok/s':>12}  {'x rate 0':>8}  {'TTFT ms':>8}  {'weights MB':>10}"]
     for r in p["rates"]:
-        lines.append(f"{r['prune_rate']:>6g}  {r['switch_s'] * 1000:>8.3f}ms  {r['decode_tok_s']:>12.1f}  "
+        sw = r["switch_s"]
+        sw_s = f"{sw * 1e6:.1f}us" if sw < 1e-3 else f"{sw * 1e3:.1f}ms"
+        lines.append(f"{r['prune_rate']:>6g}  {sw_s:>10}  {r['decode_tok_s']:>12.1f}  "
                      f"{r['decode_speedup_vs_rate0']:>8.3f}  {r['ttft_s'] * 1000:>8.1f}  "
                      f"{r['resident_weight_bytes'] / 1e6:>10.1f}")
     lines.append(f"switch: {p['rates'][-1]['switch']}")

@@ -15,8 +15,8 @@ from edgeq.session import open_session
 class VerifyReport:
     ok: bool
     problems: list[str] = field(default_factory=list)
-    regression: dict | None = None  # artifact now vs artifact goldens
-    reference: dict | None = None  # artifact now vs fp32 reference goldens
+    regression: dict | None = None  # rate -> artifact now vs artifact goldens
+    reference: dict | None = None  # rate -> artifact now vs fp32 reference goldens (same rate)
     tolerance: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -37,29 +37,34 @@ def verify(artifact_dir: str | Path, runtime: str = "auto") -> VerifyReport:
     try:
         data = json.loads((root / g["file"]).read_text())
         token_ids = data["token_ids"]
+        per_rate = data["rates"]
     except (json.JSONDecodeError, KeyError) as exc:
         raise EdgeqError(f"{root / g['file']}: corrupt goldens ({exc.__class__.__name__})") from None
-    with open_session(root, runtime=runtime, n_ctx=256, manifest=m) as s:
-        lps = goldens.logprobs(s, token_ids)
-    reg = goldens.compare(data["artifact"], lps)
-    ref = goldens.compare(data["reference"], lps)
-    rep.regression, rep.reference = reg.to_json(), ref.to_json()
     tol = tolerances.REFERENCE_TOLERANCE.get(m.get("weight_type", ""))
     rep.tolerance = {"regression_max_logprob_diff": tolerances.REGRESSION_MAX_LOGPROB_DIFF,
                      "regression_min_top1": tolerances.REGRESSION_MIN_TOP1}
-    if reg.top1_agreement < tolerances.REGRESSION_MIN_TOP1:
-        rep.problems.append(f"regression: top-1 agreement {reg.top1_agreement:.4f} < "
-                            f"{tolerances.REGRESSION_MIN_TOP1} vs recorded goldens")
-    if reg.max_logprob_diff > tolerances.REGRESSION_MAX_LOGPROB_DIFF:
-        rep.problems.append(f"regression: max |Δ log-prob| {reg.max_logprob_diff:.3g} > "
-                            f"{tolerances.REGRESSION_MAX_LOGPROB_DIFF} vs recorded goldens")
     if tol is not None:
         rep.tolerance.update({"reference_max_mean_kl": tol.max_mean_kl, "reference_min_top1": tol.min_top1})
-        if ref.mean_kl > tol.max_mean_kl:
-            rep.problems.append(f"reference: mean KL {ref.mean_kl:.4g} > {tol.max_mean_kl} "
-                                f"for {m.get('weight_type')}")
-        if ref.top1_agreement < tol.min_top1:
-            rep.problems.append(f"reference: top-1 agreement {ref.top1_agreement:.4f} < {tol.min_top1} "
-                                f"for {m.get('weight_type')}")
+    rep.regression, rep.reference = {}, {}
+    for key, expected in per_rate.items():
+        with open_session(root, runtime=runtime, n_ctx=256, manifest=m, prune=float(key)) as s:
+            lps = goldens.logprobs(s, token_ids)
+        reg = goldens.compare(expected["artifact"], lps)
+        ref = goldens.compare(expected["reference"], lps)
+        rep.regression[key], rep.reference[key] = reg.to_json(), ref.to_json()
+        at = f"rate {key}: " if len(per_rate) > 1 else ""
+        if reg.top1_agreement < tolerances.REGRESSION_MIN_TOP1:
+            rep.problems.append(f"{at}regression: top-1 agreement {reg.top1_agreement:.4f} < "
+                                f"{tolerances.REGRESSION_MIN_TOP1} vs recorded goldens")
+        if reg.max_logprob_diff > tolerances.REGRESSION_MAX_LOGPROB_DIFF:
+            rep.problems.append(f"{at}regression: max |Δ log-prob| {reg.max_logprob_diff:.3g} > "
+                                f"{tolerances.REGRESSION_MAX_LOGPROB_DIFF} vs recorded goldens")
+        if tol is not None:
+            if ref.mean_kl > tol.max_mean_kl:
+                rep.problems.append(f"{at}reference: mean KL {ref.mean_kl:.4g} > {tol.max_mean_kl} "
+                                    f"for {m.get('weight_type')}")
+            if ref.top1_agreement < tol.min_top1:
+                rep.problems.append(f"{at}reference: top-1 agreement {ref.top1_agreement:.4f} < {tol.min_top1} "
+                                    f"for {m.get('weight_type')}")
     rep.ok = not rep.problems
     return rep

@@ -60,7 +60,7 @@ def test_verify_catches_a_changed_golden_even_with_rehashed_manifest(built, tmp_
     art = tmp_path / "a"
     shutil.copytree(built, art)
     g = json.loads((art / "goldens.json").read_text())
-    first = g["artifact"]["topk_ids"][0][3]
+    first = g["rates"]["0"]["artifact"]["topk_ids"][0][3]
     first[0], first[1] = first[1], first[0]  # a different top-1 at one position
     (art / "goldens.json").write_text(json.dumps(g))
     code, text = run_cli("verify", art)

@@ -276,7 +276,7 @@ def _tensor_plan_names(ir: ModelIR) -> dict[str, tuple[int, ...]]:
 
 
 def check(ir: ModelIR, types: Mapping[str, QType | str] | None = None, *,
-          allow_low_rank: bool = False) -> list[str]:
+          allow_low_rank: bool = False, as_deci: bool = False) -> list[str]:
     """Problems that keep ``ir`` (with the type plan ``types``, if given) from being written as
     a GGUF stock llama.cpp loads. Empty list: good to go.
 
@@ -297,6 +297,9 @@ def check(ir: ModelIR, types: Mapping[str, QType | str] | None = None, *,
     if hp.arch == Arch.QWEN2 and hp.num_heads * hp.head_dim != hp.hidden_size:
         problems.append(f"qwen2 in llama.cpp needs num_heads*head_dim == hidden_size, got "
                         f"{hp.num_heads}*{hp.head_dim} != {hp.hidden_size}")
+    if hp.arch == Arch.QWEN2 and not as_deci and any(l.role == Role.O and l.bias is not None for l in ir.linears.values()):
+        problems.append("llama.cpp's qwen2 architecture loads no attn_output bias (write it as 'deci', "
+                        "see edgeq.lower.gguf_rates)")
     tok = ir.tokenizer
     if tok is None:
         problems.append("no tokenizer: a GGUF model needs tokenizer.ggml.* metadata")

@@ -55,7 +55,7 @@ from typing import Any, Callable, Mapping, Union
 import numpy as np
 
 from edgeq.errors import EdgeqError
-from edgeq.ir import HParams, LayerWidths, Linear, ModelIR, PassRecord, PruneSpec, Role
+from edgeq.ir import Arch, HParams, LayerWidths, Linear, ModelIR, PassRecord, PruneSpec, Role
 from edgeq.lower.gguf import (
     GGUF_ARCH,
     LLAMA_FTYPE,
@@ -294,8 +294,11 @@ def _resolve_types(ir: ModelIR, types: TypesForRate, rate: float) -> dict[str, Q
 def _choose_arch(ir: ModelIR, ffn: list[int], arch: str) -> str:
     if arch not in ("auto", DECI_ARCH):
         raise EdgeqError(f"GGUF at a rate: expected arch 'auto' or 'deci', got {arch!r}")
-    if arch == "auto" and len(set(ffn)) == 1:
+    o_bias = any(lin.role == Role.O and lin.bias is not None for lin in ir.linears.values())
+    if arch == "auto" and len(set(ffn)) == 1 and not (o_bias and ir.arch == Arch.QWEN2):
         return GGUF_ARCH[ir.arch]  # one width for every layer: the model's own architecture
+    # deci also takes an attn_output bias (llama.cpp's qwen2 does not load one; the SVD V/O
+    # pass folds Qwen2's V bias into it)
     return DECI_ARCH
 
 
@@ -330,7 +333,8 @@ def write_gguf_at_rate(ir: ModelIR, rate: float, path: str | Path, types: TypesF
     tplan = _resolve_types(ir, types, r_key)
     name = Path(path).name
     base_ir = restore_rope_order(ir)
-    problems = check(base_ir, tplan)
+    # a Qwen2 attn_output bias routes the file to 'deci' (_choose_arch), which loads it
+    problems = check(base_ir, tplan, as_deci=True)
     if problems:
         raise EdgeqError(f"GGUF at rate {r_key:g}: cannot write {name}: {problems[0]}"
                          + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))

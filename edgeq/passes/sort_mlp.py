@@ -1,0 +1,70 @@
+"""Sort MLP channels by ridge-leverage score (UniQL), an exact reparametrisation.
+
+For C = mean Z^T Z (``LayerStats.mlp_zz``) the score of channel i is
+``s_i = [C (C + lam I)^-1]_ii = sum_k Q_ik^2 * ev_k / (ev_k + lam)`` (C = Q diag(ev) Q^T).
+Channels are sorted by descending score: rows of gate/up (their biases and low-rank ``B``),
+columns of down (its low-rank ``A``). A prefix of the sorted channels is a smaller MLP.
+
+lam: UniQL uses an absolute ``lam = 1``. The leverage score is not scale-invariant: if the
+activations are small (C << 1) every score is ~ C_ii (plain energy), if they are large every
+score is ~ 1 (no ranking). With ``lam_relative=True`` (default) the ridge is
+``lam * trace(C) / d_ff`` (lam times the mean eigenvalue), which gives the same order for C and
+``a * C``; ``lam_relative=False`` reproduces UniQL's absolute ridge.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+from edgeq.ir import ModelIR, Role, linear_name
+from edgeq.passes import map_in, map_out, record, register, require_stats
+
+PASS_NAME = "sort_mlp"
+
+
+@dataclass(frozen=True)
+class SortMLPConfig:
+    lam: float = 1.0
+    lam_relative: bool = True  # ridge = lam * trace(C) / d_ff (scale-invariant); False: ridge = lam
+
+
+def ridge(C: np.ndarray, lam: float, relative: bool) -> float:
+    if lam <= 0:
+        raise EdgeqError(f"{PASS_NAME}: lam must be > 0, got {lam}")
+    return lam * float(np.trace(C)) / C.shape[0] if relative else lam
+
+
+def mlp_scores(C: np.ndarray, lam: float = 1.0, relative: bool = True) -> np.ndarray:
+    """Ridge-leverage scores ``diag(C (C + r I)^-1)`` with r = :func:`ridge` (float64)."""
+    C = np.asarray(C, dtype=np.float64)
+    r = ridge(C, lam, relative)
+    if r <= 0:  # C == 0: no information, keep the original order
+        return np.zeros(C.shape[0])
+    ev, Q = np.linalg.eigh((C + C.T) / 2)
+    ev = np.clip(ev, 0.0, None)
+    return (Q * Q) @ (ev / (ev + r))
+
+
+def sort_order(scores: np.ndarray) -> np.ndarray:
+    """Indices sorting ``scores`` descending; ties keep the original order."""
+    return np.argsort(-np.asarray(scores), kind="stable")
+
+
+@register(SortMLPConfig)
+def sort_mlp(ir: ModelIR, config: SortMLPConfig, stats) -> ModelIR:
+    stats = require_stats(ir, stats, PASS_NAME)
+    linears = dict(ir.linears)
+    moved = 0
+    for i in range(ir.hparams.num_layers):
+        perm = sort_order(mlp_scores(stats.layers[i].mlp_zz, config.lam, config.lam_relative))
+        moved += int(np.any(perm != np.arange(perm.size)))
+        for role in (Role.GATE, Role.UP):
+            n = linear_name(i, role)
+            linears[n] = map_out(linears[n], lambda a: a[perm])
+        n = linear_name(i, Role.DOWN)
+        linears[n] = map_in(linears[n], lambda a: a[:, perm])
+    return dataclasses.replace(ir, linears=linears,
+                               history=ir.history + (record(ir, PASS_NAME, config, stats, layers_permuted=moved),))

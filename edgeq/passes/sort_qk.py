@@ -1,0 +1,70 @@
+"""Sort Q/K head dims by RoPE pair (UniQL), per KV group; an exact reparametrisation.
+
+For KV group g with query heads h in g: ``s_j = sqrt(sum_h C_Q[h, j] * C_K[g, j])`` from the
+(pre-RoPE, see edgeq.calibrate) diagonals ``q_diag`` / ``k_diag``; pair j = (j, j + d/2) scores
+``s_j + s_{j+d/2}``. Pairs are sorted descending and the head layout becomes
+``[sorted pairs' first halves, sorted pairs' second halves]`` -- the same order for every query
+head of the group and for the group's K head (rows of W_q / W_k, their biases and low-rank
+``B``), so q.k is unchanged once RoPE uses each slot's original frequency:
+``ir.rope_index[layer][g, slot]`` = the original pair index of the slot (composed with any
+rope_index already present). Keeping a prefix of p pairs keeps dims ``[0:p] + [d/2 : d/2+p]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeq.ir import ModelIR, Role, linear_name
+from edgeq.passes import map_out, record, register, require_stats
+from edgeq.passes.sort_mlp import sort_order
+
+PASS_NAME = "sort_qk"
+
+
+@dataclass(frozen=True)
+class SortQKConfig:
+    pass
+
+
+def qk_pair_scores(q_diag: np.ndarray, k_diag: np.ndarray) -> np.ndarray:
+    """(num_kv_heads, head_dim/2) pair scores from q_diag (H, D) and k_diag (KV, D)."""
+    H, D = q_diag.shape
+    KV = k_diag.shape[0]
+    q_group = np.asarray(q_diag, dtype=np.float64).reshape(KV, H // KV, D).sum(axis=1)  # sum over heads of the group
+    s = np.sqrt(np.clip(q_group * np.asarray(k_diag, dtype=np.float64), 0.0, None))
+    return s[:, : D // 2] + s[:, D // 2:]
+
+
+def head_perm(order: np.ndarray) -> np.ndarray:
+    """Head-dim permutation for a pair order: [order, order + d/2]."""
+    return np.concatenate([order, order + order.size])
+
+
+@register(SortQKConfig)
+def sort_qk(ir: ModelIR, config: SortQKConfig, stats) -> ModelIR:
+    stats = require_stats(ir, stats, PASS_NAME)
+    hp = ir.hparams
+    H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
+    half, G = D // 2, H // KV
+    linears = dict(ir.linears)
+    rope_index = dict(ir.rope_index)
+    moved = 0
+    for i in range(hp.num_layers):
+        scores = qk_pair_scores(stats.layers[i].q_diag, stats.layers[i].k_diag)
+        orders = np.stack([sort_order(scores[g]) for g in range(KV)])  # (KV, half)
+        old = rope_index.get(i, np.tile(np.arange(half), (KV, 1)))
+        new = np.take_along_axis(np.asarray(old), orders, axis=1)
+        moved += int(np.any(orders != np.arange(half)))
+        if np.array_equal(new, np.tile(np.arange(half), (KV, 1))):
+            rope_index.pop(i, None)
+        else:
+            rope_index[i] = new.astype(np.int64)
+        q_rows = np.concatenate([h * D + head_perm(orders[h // G]) for h in range(H)])
+        k_rows = np.concatenate([g * D + head_perm(orders[g]) for g in range(KV)])
+        for role, rows in ((Role.Q, q_rows), (Role.K, k_rows)):
+            n = linear_name(i, role)
+            linears[n] = map_out(linears[n], lambda a, rows=rows: a[rows])
+    return dataclasses.replace(ir, linears=linears, rope_index=rope_index,
+                               history=ir.history + (record(ir, PASS_NAME, config, stats, layers_permuted=moved),))

@@ -1,0 +1,103 @@
+"""`edgeq build --prune-rates` end to end on tiny models: both formats, verify, run, profile."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeq.cli import main
+
+pytest.importorskip("llama_cpp")
+CALIB = ["--calib-samples", "4", "--calib-len", "64"]
+
+
+def run_cli(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return r.exit_code, r.output
+
+
+@pytest.fixture(scope="module", params=["gguf", "reference"])
+def pruned(request, tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pruned") / request.param
+    bits = ["--bits", "8"] if request.param == "gguf" else []
+    code, text = run_cli("build", tiny_llama, "--format", request.param, *bits, "--prune-rates", "0,0.25,0.5",
+                         *CALIB, "-o", out)
+    assert code == 0, text
+    return out
+
+
+def test_manifest_records_rates_and_what_the_format_expresses(pruned):
+    m = json.loads((pruned / "manifest.json").read_text())
+    p = m["prune"]
+    assert p["rates"] == [0.0, 0.25, 0.5]
+    assert p["expressed"] and p["dropped"]
+    assert m["goldens"]["rates"] == ["0", "0.25", "0.5"]
+    if m["format"] == "gguf":
+        assert set(p["files"].values()) <= set(m["files"])
+        sizes = [p["bytes_per_rate"][k] for k in ("0", "0.25", "0.5")]
+        assert sizes[0] > sizes[1] > sizes[2]
+        assert p["storage_overhead_vs_rate0"] == pytest.approx(sum(sizes) / sizes[0])
+    else:
+        assert p["dropped"] == "nothing"
+
+
+def test_verify_checks_every_rate(pruned):
+    code, text = run_cli("verify", pruned)
+    assert code == 0, text
+    assert text.count("regression vs recorded goldens") == 3
+
+
+def test_run_at_a_carried_rate_and_refuse_others(pruned):
+    code, text = run_cli("run", pruned, "--prune", "0.25", "--raw", "--prompt", "hello", "--max-tokens", "4")
+    assert code == 0, text
+    code, text = run_cli("run", pruned, "--prune", "0.3", "--prompt", "hello")
+    assert code == 1 and "not carried" in text and "0, 0.25, 0.5" in text
+
+
+def test_profile_sweeps_all_rates(pruned, tmp_path):
+    j = tmp_path / "p.json"
+    code, text = run_cli("profile", pruned, "--prune", "all", "--runs", "1", "--max-tokens", "4", "--json", j)
+    assert code == 0, text
+    p = json.loads(j.read_text())
+    assert [r["prune_rate"] for r in p["rates"]] == [0.0, 0.25, 0.5]
+    w = [r["resident_weight_bytes"] for r in p["rates"]]
+    assert w[0] > w[1] > w[2]
+
+
+def test_reference_artifact_switches_in_place(tiny_llama, tmp_path):
+    from edgeq.session import open_session
+
+    out = tmp_path / "ref"
+    code, text = run_cli("build", tiny_llama, "--format", "reference", "--prune-rates", "0,0.5", *CALIB, "-o", out)
+    assert code == 0, text
+    with open_session(out) as s:
+        before = [b.__array_interface__["data"][0] for b in s.weight_buffers()]
+        ids = s.tokenize("hello world, this is a test")
+        full = s.logits(ids)
+        s.set_prune_rate(0.5)
+        half = s.logits(ids)
+        assert [b.__array_interface__["data"][0] for b in s.weight_buffers()] == before
+        assert np.abs(full - half).max() > 1e-3  # the rate really changed the model
+
+
+def test_bad_prune_options_are_one_line_errors(tiny_llama, tiny_llama_lora, tmp_path):
+    for args, msg in [(["--prune-rates", "0,1.5"], "rate"), (["--prune-rates", "0,abc"], "rate"),
+                      (["--recover"], "--prune-rates"),
+                      (["--prune-rates", "0,0.25", "--adapter", tiny_llama_lora, "--adapter-mode", "separate"],
+                       "merged adapters")]:
+        out = tmp_path / "o"
+        code, text = run_cli("build", tiny_llama, *args, *CALIB, "-o", out)
+        assert code == 1, text
+        assert msg in text and "Traceback" not in text
+        assert not out.exists()
+
+
+def test_pruned_build_is_deterministic(tiny_qwen2, tmp_path):
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"b{i}"
+        code, text = run_cli("build", tiny_qwen2, "--bits", "8", "--prune-rates", "0,0.25", *CALIB, "-o", out)
+        assert code == 0, text
+        outs.append(out)
+    for f in sorted(p.name for p in outs[0].iterdir()):
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
