@@ -12,7 +12,7 @@ float32, reading the frozen base weights straight from the IR arrays (no copies)
 the adapters are merged (``W += scale * B @ A``) into a new ModelIR; ``rope_index`` and
 ``prune`` are unchanged, since every prefix stays a valid smaller model.
 
-CPU cost on SmolLM2-135M (2 cores, batch 2 x 256 tokens): see ``RecoverConfig.steps``.
+CPU cost on SmolLM2-135M: see the comment on ``RecoverConfig.steps``.
 """
 from __future__ import annotations
 
@@ -33,16 +33,19 @@ ROLES = (Role.Q, Role.K, Role.V, Role.O, Role.GATE, Role.UP, Role.DOWN)
 
 @dataclass(frozen=True)
 class RecoverConfig:
-    # Measured ~2.5-4 s/step for SmolLM2-135M on 2 shared CPU cores (batch 2 x 256 tokens), so
-    # 150 steps stay well under the 20-minute budget; time_budget_s stops earlier if needed.
-    steps: int = 150
+    # Cost on SmolLM2-135M (batch 2 x 256 tokens, fp32, ~275 GFLOP per step at rate 0): ~7.7 s/step
+    # on one uncontended Zen4 core, 9.5-12 s/step with threads=1 on 2 cores shared with other
+    # jobs (load 5-10). threads=2 on those oversubscribed cores was 3-4x *slower* (32-65 s/step:
+    # OpenMP threads spin-waiting for a core), hence threads=1 by default. 64 steps ~ 8-13 min;
+    # pass time_budget_s to guarantee an upper bound on a busier machine.
+    steps: int = 64
     rank: int = 8
     alpha: float = 16.0
     lr: float = 1e-3
     batch_size: int = 2
     seq_len: int = 256
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     rates: tuple[float, ...] | None = None  # default: every rate the IR carries
     time_budget_s: float | None = None  # stop before a step would end past this many seconds
     weight_decay: float = 0.0
