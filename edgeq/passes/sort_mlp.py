@@ -5,11 +5,18 @@ For C = mean Z^T Z (``LayerStats.mlp_zz``) the score of channel i is
 Channels are sorted by descending score: rows of gate/up (their biases and low-rank ``B``),
 columns of down (its low-rank ``A``). A prefix of the sorted channels is a smaller MLP.
 
-lam: UniQL uses an absolute ``lam = 1``. The leverage score is not scale-invariant: if the
-activations are small (C << 1) every score is ~ C_ii (plain energy), if they are large every
-score is ~ 1 (no ranking). With ``lam_relative=True`` (default) the ridge is
-``lam * trace(C) / d_ff`` (lam times the mean eigenvalue), which gives the same order for C and
-``a * C``; ``lam_relative=False`` reproduces UniQL's absolute ridge.
+lam: UniQL uses an absolute ``lam = 1``. The leverage score is not scale-invariant: for
+activations small against lam (C << lam) every score is ~ C_ii / lam (plain channel energy);
+for large ones every score is ~ 1 (no ranking). ``lam_relative=True`` makes the ridge
+``lam * trace(C) / d_ff`` (lam times the mean eigenvalue), so C and ``a * C`` sort alike.
+Default: UniQL's absolute ``lam = 1``. Measured on SmolLM2-135M (128 x 256 Alpaca tokens,
+MLP-only pruning, perplexity on 3 x 256 held-out Alpaca tokens, 7.44 unpruned; a few
+percent is noise): keep 75% / 50% of the channels ->
+absolute 1: 12.6 / 35.1; relative 1: 13.8 / 41.8; relative 10: 12.8 / 34.6; relative 100:
+12.5 / 35.9; diag(C) only: 12.8 / 34.6. SmolLM2's mean eigenvalue is 0.02-0.3 in most layers,
+so absolute 1 sits in the energy-like regime, which measures best; a small relative ridge
+(true leverage) is worse. With ``lam_relative=True`` use lam ~ 10 for the same regime on models
+whose activation scale differs.
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ PASS_NAME = "sort_mlp"
 @dataclass(frozen=True)
 class SortMLPConfig:
     lam: float = 1.0
-    lam_relative: bool = True  # ridge = lam * trace(C) / d_ff (scale-invariant); False: ridge = lam
+    lam_relative: bool = False  # True: ridge = lam * trace(C) / d_ff (scale-invariant); False: ridge = lam
 
 
 def ridge(C: np.ndarray, lam: float, relative: bool) -> float:
@@ -37,7 +44,7 @@ def ridge(C: np.ndarray, lam: float, relative: bool) -> float:
     return lam * float(np.trace(C)) / C.shape[0] if relative else lam
 
 
-def mlp_scores(C: np.ndarray, lam: float = 1.0, relative: bool = True) -> np.ndarray:
+def mlp_scores(C: np.ndarray, lam: float = 1.0, relative: bool = False) -> np.ndarray:
     """Ridge-leverage scores ``diag(C (C + r I)^-1)`` with r = :func:`ridge` (float64)."""
     C = np.asarray(C, dtype=np.float64)
     r = ridge(C, lam, relative)

@@ -19,7 +19,7 @@ from edgeq.passes.svd_vo import SVDVOConfig
 class UniQLSortConfig:
     lam: float = 1.0
     damp: float = 1e-6
-    lam_relative: bool = True
+    lam_relative: bool = False
     fold_v_bias: bool = True
 
     def parts(self) -> tuple[object, ...]:

@@ -1,0 +1,118 @@
+"""sort_mlp: ridge-leverage MLP channel sort (exact at rate 0); the pass registry."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from edgeq.calibrate import alpaca_token_sequences, calibrate
+from edgeq.errors import EdgeqError
+from edgeq.frontend import load_adapter, load_model
+from edgeq.ir import Role
+from edgeq.passes import register, registered, run_pass
+from edgeq.passes.sort_mlp import SortMLPConfig, mlp_scores, sort_order
+from runtimes.reference import ReferenceSession
+
+SORT_EXACT_MAX_REL = 1e-4  # max |logits(sorted) - logits(original)| / max |logits(original)|, fp32
+
+
+def _calib(ir, n=4, t=32):
+    return calibrate(ir, alpaca_token_sequences(ir.tokenizer, n_samples=n, seq_len=t), progress=False)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model(request):
+    ir = load_model(request.getfixturevalue(f"tiny_{request.param}"))
+    return ir, _calib(ir)
+
+
+def _rel_err(a, b):
+    ids = np.random.RandomState(0).randint(0, a.hparams.vocab_size, 40).tolist()
+    la, lb = ReferenceSession(a).logits(ids), ReferenceSession(b).logits(ids)
+    return float(np.abs(la - lb).max() / np.abs(la).max())
+
+
+def test_exact_at_rate_zero(model):
+    ir, stats = model
+    out = run_pass(ir, SortMLPConfig(), stats)
+    assert _rel_err(ir, out) <= SORT_EXACT_MAX_REL
+    assert [r.name for r in out.history] == ["sort_mlp"]
+    assert out.history[-1].options["lam"] == 1.0 and out.history[-1].options["calibration"]["n_samples"] == 4
+
+
+def test_really_permutes_by_descending_score(model):
+    ir, stats = model
+    before = {k: v.weight.copy() for k, v in ir.linears.items()}
+    out = run_pass(ir, SortMLPConfig(), stats)
+    for i in range(ir.hparams.num_layers):
+        s = mlp_scores(stats.layers[i].mlp_zz)
+        perm = sort_order(s)
+        assert not np.array_equal(perm, np.arange(perm.size))
+        assert np.all(np.diff(s[perm]) <= 0)
+        np.testing.assert_array_equal(out.linear(i, Role.GATE).weight, ir.linear(i, Role.GATE).weight[perm])
+        np.testing.assert_array_equal(out.linear(i, Role.UP).weight, ir.linear(i, Role.UP).weight[perm])
+        np.testing.assert_array_equal(out.linear(i, Role.DOWN).weight, ir.linear(i, Role.DOWN).weight[:, perm])
+    for k, w in before.items():  # input untouched
+        np.testing.assert_array_equal(ir.linears[k].weight, w)
+    # recalibrated, the sorted model's channels are already in score order
+    again = _calib(out)
+    for L in again.layers:
+        s = mlp_scores(L.mlp_zz)
+        assert np.all(np.diff(s) <= 1e-9 * s.max())
+
+
+def test_lambda_scaling():
+    rng = np.random.RandomState(0)
+    z = rng.randn(500, 24) * rng.rand(24) * 0.1
+    C = z.T @ z / 500
+    rel = mlp_scores(C, relative=True)
+    np.testing.assert_allclose(rel, mlp_scores(1000 * C, relative=True), rtol=1e-9)  # relative ridge: scale-free
+    assert np.all((rel > 0) & (rel < 1))
+    s = mlp_scores(C)  # default: UniQL's absolute lam = 1; on small activations ...
+    np.testing.assert_allclose(s, np.diag(C) / (1 + np.diag(C)), rtol=0.05)  # ... ~ diag(C) (energy)
+    assert not np.allclose(mlp_scores(1000 * C), 1000 * s, rtol=0.05)  # ... and not scale-free
+    with pytest.raises(EdgeqError, match="lam"):
+        mlp_scores(C, lam=0.0)
+
+
+def test_lora_branches_are_permuted_consistently(tiny_llama, tiny_llama_lora):
+    ir = load_adapter(load_model(tiny_llama), tiny_llama_lora)
+    out = run_pass(ir, SortMLPConfig(), _calib(ir))
+    assert out.linear(0, Role.DOWN).low_rank  # kept as a branch, not merged
+    assert _rel_err(ir, out) <= SORT_EXACT_MAX_REL
+    assert _rel_err(ir.without_low_rank(), out.without_low_rank()) <= SORT_EXACT_MAX_REL
+
+
+def test_registry_rules(model):
+    ir, stats = model
+    assert SortMLPConfig in registered()
+    with pytest.raises(EdgeqError, match="already registered"):
+        register(SortMLPConfig)(lambda ir, c, s: ir)
+
+    @dataclasses.dataclass
+    class NotFrozen:
+        pass
+
+    with pytest.raises(EdgeqError, match="frozen"):
+        register(NotFrozen)
+
+    @dataclasses.dataclass(frozen=True)
+    class Unknown:
+        pass
+
+    with pytest.raises(EdgeqError, match="no pass registered"):
+        run_pass(ir, Unknown())
+    with pytest.raises(EdgeqError, match="needs calibration"):
+        run_pass(ir, SortMLPConfig())
+
+
+def test_stats_must_fit_and_be_fresh(model):
+    ir, stats = model
+    out = run_pass(ir, SortMLPConfig(), stats)
+    with pytest.raises(EdgeqError, match="recalibrate"):  # stats predate the first sort
+        run_pass(out, SortMLPConfig(), stats)
+    bad = dataclasses.replace(stats, layers=stats.layers[:1])
+    with pytest.raises(EdgeqError, match="statistics for 1 layers"):
+        run_pass(ir, SortMLPConfig(), bad)
+    L0 = dataclasses.replace(stats.layers[0], mlp_zz=np.zeros((3, 3)))
+    with pytest.raises(EdgeqError, match="expected shape"):
+        run_pass(ir, SortMLPConfig(), dataclasses.replace(stats, layers=(L0,) + stats.layers[1:]))

@@ -1,0 +1,183 @@
+"""edgeq.calibrate: Alpaca token sequences and streaming calibration statistics."""
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from edgeq.calibrate import (CalibStats, _stats_forward, _stats_session, alpaca_token_sequences, calibrate,
+                             default_data_dir)
+from edgeq.errors import EdgeqError
+from edgeq.frontend import load_model
+from runtimes.reference import ReferenceSession
+
+# fp32 model, float64 accumulation on both sides: only float32 activation rounding differs
+STATS_MATCH_MAX_REL = 1e-4  # max |ours - independent| / max |independent|, per statistic
+FORWARD_MATCH_MAX_ABS = 1e-5  # calibration forward vs ReferenceSession (same weights, fp32)
+MEMORY_GROWTH_MAX_BYTES = 64 * 1024  # tracemalloc peak, 8 sequences vs 2
+
+N, T = 4, 32
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request):
+    ir = load_model(request.getfixturevalue(f"tiny_{request.param}"))
+    return ir, alpaca_token_sequences(ir.tokenizer, n_samples=N, seq_len=T)
+
+
+def test_sequences_exact_length_contiguous_deterministic(tiny):
+    ir, seqs = tiny
+    assert len(seqs) == N and all(len(s) == T for s in seqs)  # no padding, ever
+    assert seqs == alpaca_token_sequences(ir.tokenizer, n_samples=N, seq_len=T, seed=0)
+    assert seqs != alpaca_token_sequences(ir.tokenizer, n_samples=N, seq_len=T, seed=1)
+    # chunks of one stream: 2 x 2T tokens == 4 x T tokens
+    longer = alpaca_token_sequences(ir.tokenizer, n_samples=N // 2, seq_len=2 * T)
+    assert sum(longer, []) == sum(seqs, [])
+    stream = alpaca_token_sequences(ir.tokenizer, n_samples=1, seq_len=4000)[0]
+    assert stream.count(ir.tokenizer.eos_id) >= 3  # records are joined, each ending with EOS
+    text = ReferenceSession(ir).detokenize(seqs[0])
+    assert "### Instruction:" in text or "### Response:" in text or "### Input:" in text
+
+
+def test_chat_format(tiny):
+    ir, _ = tiny
+    seqs = alpaca_token_sequences(ir.tokenizer, n_samples=2, seq_len=T, fmt="chat")
+    assert all(len(s) == T for s in seqs)
+    assert 1 in sum(seqs, [])  # <|im_start|>
+    with pytest.raises(EdgeqError, match="format"):
+        alpaca_token_sequences(ir.tokenizer, n_samples=2, seq_len=T, fmt="nope")
+
+
+def test_data_location_errors(tiny, tmp_path, monkeypatch):
+    ir, _ = tiny
+    monkeypatch.setenv("EDGEQ_DATA", str(tmp_path))
+    assert default_data_dir() == tmp_path
+    with pytest.raises(EdgeqError, match="EDGEQ_DATA"):
+        alpaca_token_sequences(ir.tokenizer, n_samples=1, seq_len=T)
+    (tmp_path / "alpaca").mkdir()
+    (tmp_path / "alpaca" / "alpaca_small.json").write_text(json.dumps(
+        [{"instruction": "Say hi.", "input": "", "output": "hi"}]))
+    with pytest.raises(EdgeqError, match="fewer"):
+        alpaca_token_sequences(ir.tokenizer, n_samples=100, seq_len=T)
+
+
+def test_forward_matches_reference_runtime(tiny):
+    ir, seqs = tiny
+    from edgeq.calibrate import _Accumulator
+
+    hp = ir.hparams
+    accs = [_Accumulator(hp.intermediate_size, hp.hidden_size, hp.num_heads, hp.num_kv_heads, hp.head_dim)
+            for _ in range(hp.num_layers)]
+    ours = _stats_forward(_stats_session(ir), np.asarray(seqs[0]), accs)
+    ref = ReferenceSession(ir)._forward(seqs[0], 0)
+    assert np.abs(ours - ref).max() <= FORWARD_MATCH_MAX_ABS
+
+
+def _hf_stats(model_dir, seqs):
+    """The same statistics with transformers forward hooks (an independent computation)."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    layers = m.model.layers
+    acc = [dict(zz=0.0, xx=0.0, q=0.0, k=0.0, ang=0.0) for _ in layers]
+    hooks = []
+    for i, layer in enumerate(layers):
+        a = acc[i]
+
+        def f64(t):
+            return t.detach()[0].double().numpy()
+
+        def on_q(mod, args, out, a=a):
+            x = f64(args[0])
+            a["xx"] = a["xx"] + x.T @ x
+            a["q"] = a["q"] + (f64(out) ** 2).sum(0)
+
+        def on_k(mod, args, out, a=a):
+            a["k"] = a["k"] + (f64(out) ** 2).sum(0)
+
+        def on_down(mod, args, out, a=a):
+            z = f64(args[0])
+            a["zz"] = a["zz"] + z.T @ z
+
+        def on_layer(mod, args, kwargs, out, a=a):
+            x_in = f64(args[0] if args else kwargs["hidden_states"])[-1]
+            x_out = f64(out[0] if isinstance(out, tuple) else out)[-1]
+            a["ang"] += 1 - x_in @ x_out / np.linalg.norm(x_in) / np.linalg.norm(x_out)
+
+        hooks += [layer.self_attn.q_proj.register_forward_hook(on_q),
+                  layer.self_attn.k_proj.register_forward_hook(on_k),
+                  layer.mlp.down_proj.register_forward_hook(on_down),
+                  layer.register_forward_hook(on_layer, with_kwargs=True)]
+    with torch.no_grad():
+        for s in seqs:
+            m(torch.tensor([s]))
+    for h in hooks:
+        h.remove()
+    n = len(seqs) * len(seqs[0])
+    return [dict(mlp_zz=a["zz"] / n, attn_xx=a["xx"] / n, q_diag=a["q"] / n, k_diag=a["k"] / n,
+                 angular=a["ang"] / len(seqs)) for a in acc]
+
+
+def test_stats_match_transformers_hooks(tiny, request):
+    ir, seqs = tiny
+    stats = calibrate(ir, seqs, progress=False)
+    hf = _hf_stats(ir.source["path"], seqs)
+    hp = ir.hparams
+    for L, ref in zip(stats.layers, hf):
+        assert L.n_tokens == N * T
+        # HF q_proj/k_proj outputs are (tokens, heads * head_dim), pre-RoPE, biases included
+        for name, got, want in (("mlp_zz", L.mlp_zz, ref["mlp_zz"]), ("attn_xx", L.attn_xx, ref["attn_xx"]),
+                                ("q_diag", L.q_diag, ref["q_diag"].reshape(hp.num_heads, hp.head_dim)),
+                                ("k_diag", L.k_diag, ref["k_diag"].reshape(hp.num_kv_heads, hp.head_dim)),
+                                ("angular", np.float64(L.angular), np.float64(ref["angular"]))):
+            assert got.shape == want.shape, name
+            assert np.abs(got - want).max() <= STATS_MATCH_MAX_REL * np.abs(want).max(), name
+        assert 0 < L.angular < 2
+
+
+def test_memory_does_not_grow_with_samples(tiny_llama):
+    ir = load_model(tiny_llama)
+    seqs = alpaca_token_sequences(ir.tokenizer, n_samples=8, seq_len=T)
+    peaks, shapes = [], []
+    for n in (2, 8):
+        calibrate(ir, seqs[:1], progress=False)  # warm caches (tokenizer, imports)
+        tracemalloc.start()
+        stats = calibrate(ir, seqs[:n], progress=False)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        shapes.append([(L.mlp_zz.shape, L.attn_xx.shape, L.q_diag.shape, L.k_diag.shape) for L in stats.layers])
+        assert stats.n_samples == n and stats.layers[0].n_tokens == n * T
+    assert shapes[0] == shapes[1]
+    assert peaks[1] <= peaks[0] + MEMORY_GROWTH_MAX_BYTES, peaks
+
+
+def test_save_load_roundtrip_without_pickle(tiny, tmp_path):
+    ir, seqs = tiny
+    stats = calibrate(ir, seqs[:2], progress=False, source={"data": "alpaca", "seed": 0})
+    path = tmp_path / "stats.stats"  # any suffix: written where asked
+    stats.save(path)
+    with np.load(path, allow_pickle=False) as z:
+        assert all(z[k].dtype != object for k in z.files)
+    back = CalibStats.load(path)
+    assert (back.n_samples, back.seq_len, back.source) == (2, T, stats.source)
+    assert back.source["data"] == "alpaca" and back.source["history"] == []
+    for a, b in zip(stats.layers, back.layers):
+        for name in ("mlp_zz", "attn_xx", "q_diag", "k_diag"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        assert (a.angular, a.n_tokens) == (b.angular, b.n_tokens)
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(EdgeqError, match="not an edgeq calibration"):
+        CalibStats.load(tmp_path / "other.npz")
+    with pytest.raises(EdgeqError, match="not found"):
+        CalibStats.load(tmp_path / "missing.npz")
+
+
+def test_calibrate_rejects_ragged_or_bad_input(tiny):
+    ir, seqs = tiny
+    with pytest.raises(EdgeqError, match="equal length"):
+        calibrate(ir, [seqs[0], seqs[1][:-1]], progress=False)
+    with pytest.raises(EdgeqError, match="no calibration"):
+        calibrate(ir, [], progress=False)
+    with pytest.raises(EdgeqError, match="out of range"):
+        calibrate(ir, [[ir.hparams.vocab_size] * 4], progress=False)
