@@ -191,7 +191,7 @@ def inspect(artifact, tensors, as_json):
 @main.command("eval")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--runtime", type=click.Choice(["auto", "llamacpp", "reference"]), default="auto", show_default=True)
-@click.option("--prune", type=float, default=None, help="Pruning rate (sessions that support set_prune_rate).")
+@click.option("--prune", type=float, default=None, help="Pruning rate: one the artifact carries; for a source model, via set_prune_rate.")
 @click.option("--tasks", default=None,
               help="Comma-separated subset of wikitext,kl,lambada (default: all; kl where a reference exists).")
 @click.option("--limit", type=int, default=None, help="LAMBADA: only the first N items (default: all 5153).")

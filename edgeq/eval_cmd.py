@@ -42,8 +42,11 @@ def is_artifact(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
 
 
-def open_target(target: str | Path, runtime: str = "auto", n_ctx: int = 2048, threads: int | None = None):
-    """(session, manifest or None) for an artifact directory or a source model."""
+def open_target(target: str | Path, runtime: str = "auto", n_ctx: int = 2048, threads: int | None = None,
+                prune: float | None = None):
+    """(session, manifest or None) for an artifact directory or a source model, at pruning rate
+    ``prune``: for an artifact a rate it carries (:func:`edgeq.session.open_session` picks the
+    rate's file); for a source model ``set_prune_rate`` on the session, where supported."""
     path = Path(target)
     if runtime not in RUNTIMES:
         raise EdgeqError(f"unknown runtime {runtime!r} (available: {', '.join(RUNTIMES)})")
@@ -53,18 +56,26 @@ def open_target(target: str | Path, runtime: str = "auto", n_ctx: int = 2048, th
         from edgeq.session import open_session
 
         m = read_manifest(path)
-        return open_session(path, runtime=runtime, n_ctx=n_ctx, threads=threads, manifest=m), m
+        return open_session(path, runtime=runtime, n_ctx=n_ctx, threads=threads, manifest=m, prune=prune), m
     if runtime == "llamacpp":
         if not (path.is_file() and path.suffix == ".gguf"):
             raise EdgeqError(f"{path}: --runtime llamacpp runs artifacts and .gguf files only")
         from edgeq.session import default_threads
         from runtimes.llamacpp import LlamaCppSession
 
-        return LlamaCppSession(path, n_ctx=n_ctx, n_threads=threads or default_threads()), None
-    from edgeq.frontend import load_model
-    from runtimes.reference import ReferenceSession
+        session = LlamaCppSession(path, n_ctx=n_ctx, n_threads=threads or default_threads())
+    else:
+        from edgeq.frontend import load_model
+        from runtimes.reference import ReferenceSession
 
-    return ReferenceSession(load_model(path), n_ctx=n_ctx), None
+        session = ReferenceSession(load_model(path), n_ctx=n_ctx)
+    if prune is not None:
+        try:
+            _set_prune(session, prune)
+        except BaseException:
+            session.close()
+            raise
+    return session, None
 
 
 def reference_ir(manifest: dict | None, reference: str | Path | None = None):
@@ -107,8 +118,8 @@ def reference_ir(manifest: dict | None, reference: str | Path | None = None):
 
 def _set_prune(session, rate: float) -> None:
     if not hasattr(session, "set_prune_rate"):
-        raise EdgeqError(f"--prune: the {session.name} runtime has no pruning rates "
-                         "(use --runtime reference)")
+        raise EdgeqError(f"--prune: the {session.name} runtime cannot switch pruning rates "
+                         "(use --runtime reference, or an artifact built with --prune-rates)")
     session.set_prune_rate(rate)
 
 
@@ -139,7 +150,7 @@ def run_eval(target: str | Path, runtime: str = "auto", prune: float | None = No
     lambada_file = evaluate.lambada_path() if "lambada" in tasks else None
 
     log(f"opening {path}")
-    session, manifest = open_target(path, runtime=runtime, threads=threads)
+    session, manifest = open_target(path, runtime=runtime, threads=threads, prune=prune)
     report: dict = {"target": str(path), "kind": "artifact" if artifact else "model",
                     "runtime": session.name, "prune_rate": prune, "tasks": list(tasks),
                     "edgeq_version": __version__}
@@ -148,8 +159,6 @@ def run_eval(target: str | Path, runtime: str = "auto", prune: float | None = No
         report["format"] = manifest.get("format")
     ref = None
     try:
-        if prune is not None:
-            _set_prune(session, prune)
         if "kl" in tasks:
             log("loading the fp32 reference" + (f" {reference}" if reference else " (the artifact's source)"))
             from runtimes.reference import ReferenceSession
