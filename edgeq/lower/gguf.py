@@ -446,6 +446,53 @@ def _write_tokenizer(w, tok: TokenizerSpec, n_vocab: int) -> None:
         w.add_chat_template(tok.chat_template)
 
 
+def write_model_header(w, ir: ModelIR, base: QType, extra_kv: Mapping[str, Any] | None,
+                       ffn: int | list[int] | None = None) -> None:
+    """Model metadata: hparams, file type, tokenizer, then ``extra_kv`` (sorted; may not shadow
+    ours). ``ffn``: a per-layer list for ``deci``; default the IR's intermediate size."""
+    gguf = _gguf()
+    hp = ir.hparams
+    w.add_type("model")
+    w.add_name(_model_name(ir))
+    w.add_context_length(int(hp.max_position_embeddings))
+    w.add_embedding_length(int(hp.hidden_size))
+    w.add_block_count(int(hp.num_layers))
+    w.add_feed_forward_length(int(hp.intermediate_size) if ffn is None else ffn)
+    w.add_head_count(int(hp.num_heads))
+    w.add_head_count_kv(int(hp.num_kv_heads))
+    w.add_rope_freq_base(float(hp.rope_theta))
+    w.add_layer_norm_rms_eps(float(hp.rms_norm_eps))
+    w.add_vocab_size(int(hp.vocab_size))
+    w.add_rope_dimension_count(int(hp.head_dim))
+    if hp.head_dim != hp.hidden_size // hp.num_heads:
+        w.add_key_length(int(hp.head_dim))
+        w.add_value_length(int(hp.head_dim))
+    w.add_file_type(LLAMA_FTYPE[base])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _write_tokenizer(w, ir.tokenizer, hp.vocab_size)
+    ours = set(w.kv_data[0])
+    for key in sorted(extra_kv or {}):
+        if key in ours:
+            raise EdgeqError(f"GGUF: extra_kv may not override {key!r}")
+        _add_kv(w, key, extra_kv[key])
+
+
+def write_tensors(w, names: list[str], types: Mapping[str, QType], array_of, label: str,
+                  progress: bool) -> None:
+    """Encode and add each IR-named tensor (``array_of(name)`` gives its float32 data), then
+    write header, metadata and tensors."""
+    if progress:
+        from tqdm import tqdm
+
+        names = tqdm(names, desc=f"quantizing {label}", unit="tensor", leave=False)
+    for name in names:
+        data, raw = _encode(array_of(name), types.get(name, QType.F32))
+        w.add_tensor(gguf_tensor_name(name), data, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+
+
 def write_gguf(ir: ModelIR, path: str | Path, types: Mapping[str, QType | str], *,
                extra_kv: Mapping[str, Any] | None = None, allow_low_rank: bool = False,
                progress: bool = False) -> Path:
@@ -473,52 +520,19 @@ def write_gguf(ir: ModelIR, path: str | Path, types: Mapping[str, QType | str], 
     base = _base_of_plan(ir, types)
     shapes = _tensor_plan_names(ir)
 
+    def array_of(name: str) -> np.ndarray:
+        if name.endswith(".bias"):
+            lin = ir.linears[name[: -len(".bias")]]
+            return _out_rows(ir, lin, lin.bias)
+        if name in ir.linears:
+            return _out_rows(ir, ir.linears[name], ir.linears[name].weight)
+        return ir.tensors[name]
+
     def fill(tmp: Path) -> None:
         w = gguf.GGUFWriter(str(tmp), arch)
         try:
-            w.add_type("model")
-            w.add_name(_model_name(ir))
-            w.add_context_length(int(hp.max_position_embeddings))
-            w.add_embedding_length(int(hp.hidden_size))
-            w.add_block_count(int(hp.num_layers))
-            w.add_feed_forward_length(int(hp.intermediate_size))
-            w.add_head_count(int(hp.num_heads))
-            w.add_head_count_kv(int(hp.num_kv_heads))
-            w.add_rope_freq_base(float(hp.rope_theta))
-            w.add_layer_norm_rms_eps(float(hp.rms_norm_eps))
-            w.add_vocab_size(int(hp.vocab_size))
-            w.add_rope_dimension_count(int(hp.head_dim))
-            if hp.head_dim != hp.hidden_size // hp.num_heads:
-                w.add_key_length(int(hp.head_dim))
-                w.add_value_length(int(hp.head_dim))
-            w.add_file_type(LLAMA_FTYPE[base])
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            _write_tokenizer(w, ir.tokenizer, hp.vocab_size)
-            ours = set(w.kv_data[0])
-            for key in sorted(extra_kv or {}):
-                if key in ours:
-                    raise EdgeqError(f"GGUF: extra_kv may not override {key!r}")
-                _add_kv(w, key, extra_kv[key])
-            names = list(shapes)
-            if progress:
-                from tqdm import tqdm
-
-                names = tqdm(names, desc=f"quantizing {Path(path).name}", unit="tensor", leave=False)
-            for name in names:
-                qt = types.get(name, QType.F32)
-                if name.endswith(".bias"):
-                    lin = ir.linears[name[: -len(".bias")]]
-                    arr = _out_rows(ir, lin, lin.bias)
-                elif name in ir.linears:
-                    lin = ir.linears[name]
-                    arr = _out_rows(ir, lin, lin.weight)
-                else:
-                    arr = ir.tensors[name]
-                data, raw = _encode(arr, qt)
-                w.add_tensor(gguf_tensor_name(name), data, raw_dtype=raw)
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_tensors_to_file()
+            write_model_header(w, ir, base, extra_kv)
+            write_tensors(w, list(shapes), types, array_of, Path(path).name, progress)
         finally:
             w.close()
 

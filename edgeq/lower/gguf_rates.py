@@ -58,19 +58,15 @@ from edgeq.errors import EdgeqError
 from edgeq.ir import Arch, HParams, LayerWidths, Linear, ModelIR, PassRecord, PruneSpec, Role
 from edgeq.lower.gguf import (
     GGUF_ARCH,
-    LLAMA_FTYPE,
     _ROLE_ORDER,
-    _add_kv,
     _atomic_writer,
     _base_of_plan,
-    _encode,
     _gguf,
-    _model_name,
     _rotate_half_to_interleaved,
-    _write_tokenizer,
     check,
-    gguf_tensor_name,
     tensor_types,
+    write_model_header,
+    write_tensors,
 )
 from edgeq.quant.formats import FORMATS, QType, as_qtype
 
@@ -388,50 +384,18 @@ def write_gguf_at_rate(ir: ModelIR, rate: float, path: str | Path, types: TypesF
     kv_extra = {RATE_KV: float(r_key), **dict(extra_kv or {})}
     base_type = _base_of_plan(base_ir, tplan)
 
+    def array_of(tname: str) -> np.ndarray:
+        if tname.endswith(".bias"):
+            return layer_tensor(base_ir.linears[tname[: -len(".bias")]], bias=True)
+        if tname in base_ir.linears:
+            return layer_tensor(base_ir.linears[tname], bias=False)
+        return base_ir.tensors[tname]
+
     def fill(tmp: Path) -> None:
         w = gguf.GGUFWriter(str(tmp), arch_s)
         try:
-            w.add_type("model")
-            w.add_name(_model_name(ir))
-            w.add_context_length(int(hp.max_position_embeddings))
-            w.add_embedding_length(int(hp.hidden_size))
-            w.add_block_count(int(hp.num_layers))
-            w.add_feed_forward_length(list(ffn) if deci else int(ffn[0]))
-            w.add_head_count(int(hp.num_heads))
-            w.add_head_count_kv(int(hp.num_kv_heads))
-            w.add_rope_freq_base(float(hp.rope_theta))
-            w.add_layer_norm_rms_eps(float(hp.rms_norm_eps))
-            w.add_vocab_size(int(hp.vocab_size))
-            w.add_rope_dimension_count(int(hp.head_dim))
-            if hp.head_dim != hp.hidden_size // hp.num_heads:
-                w.add_key_length(int(hp.head_dim))
-                w.add_value_length(int(hp.head_dim))
-            w.add_file_type(LLAMA_FTYPE[base_type])
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            _write_tokenizer(w, base_ir.tokenizer, hp.vocab_size)
-            ours = set(w.kv_data[0])
-            for key in sorted(kv_extra):
-                if key in ours:
-                    raise EdgeqError(f"GGUF: extra_kv may not override {key!r}")
-                _add_kv(w, key, kv_extra[key])
-            names = [n for n, _ in order]
-            if progress:
-                from tqdm import tqdm
-
-                names = tqdm(names, desc=f"quantizing {name}", unit="tensor", leave=False)
-            for tname in names:
-                qt = tplan.get(tname, QType.F32)
-                if tname.endswith(".bias"):
-                    arr = layer_tensor(base_ir.linears[tname[: -len(".bias")]], bias=True)
-                elif tname in base_ir.linears:
-                    arr = layer_tensor(base_ir.linears[tname], bias=False)
-                else:
-                    arr = base_ir.tensors[tname]
-                data, raw = _encode(arr, qt)
-                w.add_tensor(gguf_tensor_name(tname), data, raw_dtype=raw)
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_tensors_to_file()
+            write_model_header(w, base_ir, base_type, kv_extra, ffn=list(ffn) if deci else int(ffn[0]))
+            write_tensors(w, [n for n, _ in order], tplan, array_of, name, progress)
         finally:
             w.close()
 
