@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     base = load_model(args.model)
     models: dict[str, object] = {}
     build_s: dict[str, float] = {}
-    for method in args.methods.split(","):
+    for method in [m for m in args.methods.split(",") if m]:
         opts = BuildOptions(model=args.model, out=args.out, prune_rates=rates, sort=method,
                             calib_samples=args.calib_samples, calib_len=args.calib_len)
         t = time.perf_counter()
