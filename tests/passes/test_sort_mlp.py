@@ -4,42 +4,23 @@ import dataclasses
 import numpy as np
 import pytest
 
-from edgeq.calibrate import alpaca_token_sequences, calibrate
 from edgeq.errors import EdgeqError
 from edgeq.frontend import load_adapter, load_model
 from edgeq.ir import Role
 from edgeq.passes import register, registered, run_pass
 from edgeq.passes.sort_mlp import SortMLPConfig, mlp_scores, sort_order
-from runtimes.reference import ReferenceSession
-
-SORT_EXACT_MAX_REL = 1e-4  # max |logits(sorted) - logits(original)| / max |logits(original)|, fp32
+from edgeq.tolerances import SORT_EXACT_MAX_REL
 
 
-def _calib(ir, n=4, t=32):
-    return calibrate(ir, alpaca_token_sequences(ir.tokenizer, n_samples=n, seq_len=t), progress=False)
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def model(request):
-    ir = load_model(request.getfixturevalue(f"tiny_{request.param}"))
-    return ir, _calib(ir)
-
-
-def _rel_err(a, b):
-    ids = np.random.RandomState(0).randint(0, a.hparams.vocab_size, 40).tolist()
-    la, lb = ReferenceSession(a).logits(ids), ReferenceSession(b).logits(ids)
-    return float(np.abs(la - lb).max() / np.abs(la).max())
-
-
-def test_exact_at_rate_zero(model):
+def test_exact_at_rate_zero(model, rel_err):
     ir, stats = model
     out = run_pass(ir, SortMLPConfig(), stats)
-    assert _rel_err(ir, out) <= SORT_EXACT_MAX_REL
+    assert rel_err(ir, out) <= SORT_EXACT_MAX_REL
     assert [r.name for r in out.history] == ["sort_mlp"]
     assert out.history[-1].options["lam"] == 1.0 and out.history[-1].options["calibration"]["n_samples"] == 4
 
 
-def test_really_permutes_by_descending_score(model):
+def test_really_permutes_by_descending_score(model, calibrate_tiny):
     ir, stats = model
     before = {k: v.weight.copy() for k, v in ir.linears.items()}
     out = run_pass(ir, SortMLPConfig(), stats)
@@ -54,7 +35,7 @@ def test_really_permutes_by_descending_score(model):
     for k, w in before.items():  # input untouched
         np.testing.assert_array_equal(ir.linears[k].weight, w)
     # recalibrated, the sorted model's channels are already in score order
-    again = _calib(out)
+    again = calibrate_tiny(out)
     for L in again.layers:
         s = mlp_scores(L.mlp_zz)
         assert np.all(np.diff(s) <= 1e-9 * s.max())
@@ -74,12 +55,12 @@ def test_lambda_scaling():
         mlp_scores(C, lam=0.0)
 
 
-def test_lora_branches_are_permuted_consistently(tiny_llama, tiny_llama_lora):
+def test_lora_branches_are_permuted_consistently(tiny_llama, tiny_llama_lora, rel_err, calibrate_tiny):
     ir = load_adapter(load_model(tiny_llama), tiny_llama_lora)
-    out = run_pass(ir, SortMLPConfig(), _calib(ir))
+    out = run_pass(ir, SortMLPConfig(), calibrate_tiny(ir))
     assert out.linear(0, Role.DOWN).low_rank  # kept as a branch, not merged
-    assert _rel_err(ir, out) <= SORT_EXACT_MAX_REL
-    assert _rel_err(ir.without_low_rank(), out.without_low_rank()) <= SORT_EXACT_MAX_REL
+    assert rel_err(ir, out) <= SORT_EXACT_MAX_REL
+    assert rel_err(ir.without_low_rank(), out.without_low_rank()) <= SORT_EXACT_MAX_REL
 
 
 def test_registry_rules(model):

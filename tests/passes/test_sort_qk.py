@@ -4,42 +4,23 @@ import dataclasses
 import numpy as np
 import pytest
 
-from edgeq.calibrate import alpaca_token_sequences, calibrate
 from edgeq.frontend import load_adapter, load_model
 from edgeq.ir import Role
 from edgeq.passes import run_pass
 from edgeq.passes.sort_mlp import sort_order
 from edgeq.passes.sort_qk import SortQKConfig, head_perm, qk_pair_scores
-from runtimes.reference import ReferenceSession
-
-SORT_EXACT_MAX_REL = 1e-4  # max |logits(sorted) - logits(original)| / max |logits(original)|, fp32
+from edgeq.tolerances import SORT_EXACT_MAX_REL
 
 
-def _calib(ir, n=4, t=32):
-    return calibrate(ir, alpaca_token_sequences(ir.tokenizer, n_samples=n, seq_len=t), progress=False)
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def model(request):
-    ir = load_model(request.getfixturevalue(f"tiny_{request.param}"))
-    return ir, _calib(ir)
-
-
-def _rel_err(a, b):
-    ids = np.random.RandomState(0).randint(0, a.hparams.vocab_size, 40).tolist()
-    la, lb = ReferenceSession(a).logits(ids), ReferenceSession(b).logits(ids)
-    return float(np.abs(la - lb).max() / np.abs(la).max())
-
-
-def test_exact_at_rate_zero(model):
+def test_exact_at_rate_zero(model, rel_err):
     ir, stats = model
     out = run_pass(ir, SortQKConfig(), stats)
-    assert _rel_err(ir, out) <= SORT_EXACT_MAX_REL
+    assert rel_err(ir, out) <= SORT_EXACT_MAX_REL
     assert [r.name for r in out.history] == ["sort_qk"] and not ir.rope_index
     out.validate()
 
 
-def test_pairs_sorted_per_group_and_rope_index(model):
+def test_pairs_sorted_per_group_and_rope_index(model, calibrate_tiny):
     ir, stats = model
     hp = ir.hparams
     H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
@@ -66,27 +47,27 @@ def test_pairs_sorted_per_group_and_rope_index(model):
         # groups get their own orders (GQA): at least one layer differs between groups
     assert any(not np.array_equal(out.rope_index[i][0], out.rope_index[i][1]) for i in range(hp.num_layers))
     # recalibrated, the sorted model's pairs are already in order
-    again = _calib(out)
+    again = calibrate_tiny(out)
     for L in again.layers:
         s = qk_pair_scores(L.q_diag, L.k_diag)
         assert np.all(np.diff(s, axis=1) <= 1e-9 * s.max())
 
 
-def test_composes_with_existing_rope_index(model):
+def test_composes_with_existing_rope_index(model, rel_err):
     ir, stats = model
     first = run_pass(ir, SortQKConfig(), stats)
     rng = np.random.RandomState(3)
     fake = tuple(dataclasses.replace(L, q_diag=rng.rand(*L.q_diag.shape), k_diag=rng.rand(*L.k_diag.shape))
                  for L in stats.layers)
     second = run_pass(first, SortQKConfig(), dataclasses.replace(stats, layers=fake, source={}))
-    assert _rel_err(ir, second) <= SORT_EXACT_MAX_REL
+    assert rel_err(ir, second) <= SORT_EXACT_MAX_REL
     for i, L in enumerate(fake):  # slot j of the result holds original pair first[order[j]]
         order = np.stack([sort_order(s) for s in qk_pair_scores(L.q_diag, L.k_diag)])
         np.testing.assert_array_equal(second.rope_index[i], np.take_along_axis(first.rope_index[i], order, 1))
 
 
-def test_lora_branches_are_permuted_consistently(tiny_qwen2, tiny_qwen2_lora):
+def test_lora_branches_are_permuted_consistently(tiny_qwen2, tiny_qwen2_lora, rel_err, calibrate_tiny):
     ir = load_adapter(load_model(tiny_qwen2), tiny_qwen2_lora)
-    out = run_pass(ir, SortQKConfig(), _calib(ir))
+    out = run_pass(ir, SortQKConfig(), calibrate_tiny(ir))
     assert out.linear(0, Role.Q).low_rank
-    assert _rel_err(ir, out) <= SORT_EXACT_MAX_REL
+    assert rel_err(ir, out) <= SORT_EXACT_MAX_REL

@@ -8,33 +8,16 @@ from edgeq.ir import Role
 from edgeq.passes import run_pass
 from edgeq.passes.svd_vo import SVDVOConfig, sqrt_psd
 from edgeq.passes.uniql import UniQLSortConfig
-from runtimes.reference import ReferenceSession
+from edgeq.tolerances import SORT_EXACT_MAX_REL
 
-SORT_EXACT_MAX_REL = 1e-4  # max |logits(sorted) - logits(original)| / max |logits(original)|, fp32
 SVD_DIAG_MAX_OFF = 1e-6  # off-diagonal of the whitened Gram of the new V rows, relative to its max
 
 
-def _calib(ir, n=4, t=32):
-    return calibrate(ir, alpaca_token_sequences(ir.tokenizer, n_samples=n, seq_len=t), progress=False)
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def model(request):
-    ir = load_model(request.getfixturevalue(f"tiny_{request.param}"))
-    return ir, _calib(ir)
-
-
-def _rel_err(a, b, n=40):
-    ids = np.random.RandomState(0).randint(0, a.hparams.vocab_size, n).tolist()
-    la, lb = ReferenceSession(a).logits(ids), ReferenceSession(b).logits(ids)
-    return float(np.abs(la - lb).max() / np.abs(la).max())
-
-
 @pytest.mark.parametrize("fold", [True, False])
-def test_exact_at_rate_zero(model, fold):
+def test_exact_at_rate_zero(model, fold, rel_err):
     ir, stats = model
     out = run_pass(ir, SVDVOConfig(fold_v_bias=fold), stats)
-    assert _rel_err(ir, out) <= SORT_EXACT_MAX_REL
+    assert rel_err(ir, out) <= SORT_EXACT_MAX_REL
     assert [r.name for r in out.history] == ["svd_vo"]
     out.validate()
     v, o = out.linear(0, Role.V), out.linear(0, Role.O)
@@ -69,36 +52,36 @@ def test_components_sorted_by_singular_value(model):
             np.testing.assert_allclose(R @ R.T, np.eye(D), atol=1e-4)
 
 
-def test_lora_branches_are_rotated_consistently(tiny_qwen2, tiny_qwen2_lora):
+def test_lora_branches_are_rotated_consistently(tiny_qwen2, tiny_qwen2_lora, rel_err, calibrate_tiny):
     ir = load_adapter(load_model(tiny_qwen2), tiny_qwen2_lora)
-    out = run_pass(ir, SVDVOConfig(), _calib(ir))
+    out = run_pass(ir, SVDVOConfig(), calibrate_tiny(ir))
     assert out.linear(0, Role.V).low_rank and out.linear(0, Role.O).low_rank
-    assert _rel_err(ir, out) <= SORT_EXACT_MAX_REL
+    assert rel_err(ir, out) <= SORT_EXACT_MAX_REL
 
 
 # ---- all three sorts ---------------------------------------------------------------------------
 
-def test_uniql_all_three_exact(model):
+def test_uniql_all_three_exact(model, rel_err):
     ir, stats = model
     out = run_pass(ir, UniQLSortConfig(), stats)
     assert [r.name for r in out.history] == ["sort_mlp", "sort_qk", "svd_vo"]
-    assert _rel_err(ir, out) <= SORT_EXACT_MAX_REL
+    assert rel_err(ir, out) <= SORT_EXACT_MAX_REL
     for name, lin in ir.linears.items():
         if lin.role in (Role.K, Role.Q, Role.V, Role.GATE):
             assert not np.array_equal(out.linears[name].weight, lin.weight), name
 
 
-def test_uniql_with_lora_exact(tiny_llama, tiny_llama_lora):
+def test_uniql_with_lora_exact(tiny_llama, tiny_llama_lora, rel_err, calibrate_tiny):
     ir = load_adapter(load_model(tiny_llama), tiny_llama_lora)
-    out = run_pass(ir, UniQLSortConfig(), _calib(ir))
-    assert _rel_err(ir, out) <= SORT_EXACT_MAX_REL
+    out = run_pass(ir, UniQLSortConfig(), calibrate_tiny(ir))
+    assert rel_err(ir, out) <= SORT_EXACT_MAX_REL
 
 
 @pytest.mark.slow
-def test_smollm2_uniql_exact(smollm2_dir):
+def test_smollm2_uniql_exact(smollm2_dir, rel_err):
     ir = load_model(smollm2_dir)
     stats = calibrate(ir, alpaca_token_sequences(ir.tokenizer, n_samples=8, seq_len=128), progress=False)
     assert stats.n_samples == 8 and all(L.n_tokens == 8 * 128 for L in stats.layers)
     out = run_pass(ir, UniQLSortConfig(), stats)
     assert len(out.rope_index) == ir.hparams.num_layers
-    assert _rel_err(ir, out, n=24) <= SORT_EXACT_MAX_REL
+    assert rel_err(ir, out, n=24) <= SORT_EXACT_MAX_REL
