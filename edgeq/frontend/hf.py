@@ -1,13 +1,13 @@
 """Hugging Face checkpoint directory (Llama / Qwen2) -> ModelIR. numpy only."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
 from edgeq.errors import EdgeqError
+from edgeq.frontend.jsonfile import read_json
 from edgeq.frontend.safetensors_io import checkpoint_files, read_safetensors
 from edgeq.frontend.tokenizer import load_tokenizer_spec
 from edgeq.hashing import sha256_file
@@ -19,13 +19,8 @@ _NORM_RE = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_l
 
 
 def read_config(model_dir: Path) -> dict:
-    path = model_dir / "config.json"
-    if not path.exists():
-        raise EdgeqError(f"{model_dir}: no config.json (expected a Hugging Face checkpoint directory)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise EdgeqError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    return read_json(model_dir / "config.json",
+                     missing=f"{model_dir}: no config.json (expected a Hugging Face checkpoint directory)")
 
 
 def hparams_from_config(cfg: dict, where: Path) -> HParams:

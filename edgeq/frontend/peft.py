@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.errors import EdgeqError
+from edgeq.frontend.jsonfile import read_json
 from edgeq.frontend.safetensors_io import read_safetensors
 from edgeq.hashing import sha256_file
 from edgeq.ir import HF_MODULE_ROLE, Linear, LowRank, ModelIR, PassRecord, linear_name
@@ -20,13 +21,8 @@ SUPPORTED_ARCH_TYPES = {"llama": ("LlamaForCausalLM",), "qwen2": ("Qwen2ForCausa
 
 
 def _read_config(adapter_dir: Path) -> dict:
-    path = adapter_dir / "adapter_config.json"
-    if not path.exists():
-        raise EdgeqError(f"{adapter_dir}: no adapter_config.json (expected a PEFT adapter directory)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise EdgeqError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    return read_json(adapter_dir / "adapter_config.json",
+                     missing=f"{adapter_dir}: no adapter_config.json (expected a PEFT adapter directory)")
 
 
 def _check_config(cfg: dict, where: Path) -> None:

@@ -5,17 +5,11 @@ import json
 from pathlib import Path
 
 from edgeq.errors import EdgeqError
+from edgeq.frontend.jsonfile import read_json
 from edgeq.ir import TokenizerSpec
 
 # llama.cpp token types
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise EdgeqError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
 def _token_id(tok: dict, cfg: dict, key: str) -> int | None:
@@ -56,7 +50,7 @@ def load_tokenizer_spec(model_dir: Path, arch: str) -> TokenizerSpec:
     except json.JSONDecodeError as exc:
         raise EdgeqError(f"{tj_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
     cfg_path = model_dir / "tokenizer_config.json"
-    cfg = _read_json(cfg_path) if cfg_path.exists() else {}
+    cfg = read_json(cfg_path) if cfg_path.exists() else {}
     model = tok.get("model", {})
     if model.get("type") != "BPE":
         raise EdgeqError(f"{tj_path}: unsupported tokenizer model {model.get('type')!r} (supported: BPE)")
