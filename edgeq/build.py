@@ -21,6 +21,7 @@ from edgeq.targets import TargetProfile, load_target
 
 FORMATS = ("gguf", "reference")
 MODEL_FILE = "model.gguf"
+PLAN_FILE = "plan.toml"
 SORTS = ("uniql", "naive")
 
 
@@ -44,6 +45,17 @@ class BuildOptions:
     calib_data: Path | None = None
     recover: bool = False
     recover_steps: int | None = None
+    plan: Path | None = None  # replay this quantization plan (edgeq plan / plan.toml of an artifact)
+    budget_mb: float | None = None  # planner budget: total artifact MB (1e6 bytes)
+    bpw: float | None = None  # planner budget: bits per 2-D weight (default: the target's plan.default_bpw)
+    probe_samples: int = 4  # planner: calibration sequences for the KL sensitivity probe
+
+    @property
+    def planned(self) -> bool:
+        """Quantize through a plan (given, or made by the planner) rather than one uniform type."""
+        if self.format != "gguf":
+            return False
+        return self.plan is not None or (self.bits is None and self.qtype is None and not self.prunes)
 
     @property
     def prunes(self) -> bool:
@@ -52,6 +64,9 @@ class BuildOptions:
     def to_json(self) -> dict:
         d = {"target": self.target, "format": self.format, "bits": self.bits, "qtype": self.qtype,
              "adapter_mode": self.adapter_mode, "adapters": [p.name for p in self.adapters]}
+        if self.planned:
+            d.update(plan=self.plan.name if self.plan else None, budget_mb=self.budget_mb, bpw=self.bpw,
+                     calib_samples=self.calib_samples, calib_len=self.calib_len, probe_samples=self.probe_samples)
         if self.prunes:
             d.update(prune_rates=list(self.prune_rates), sort=self.sort, importance=self.importance,
                      calib_samples=self.calib_samples, calib_len=self.calib_len, recover=self.recover,
@@ -108,6 +123,19 @@ def check_options(opts: BuildOptions, target: TargetProfile) -> None:
             raise EdgeqError("--calib-samples must be >= 1 and --calib-len >= 16")
     elif opts.recover:
         raise EdgeqError("--recover needs --prune-rates with a rate above 0")
+    if opts.plan is not None and (opts.bits is not None or opts.qtype is not None):
+        raise EdgeqError("--plan fixes every tensor's type; drop --bits/--qtype")
+    if opts.plan is not None and opts.format != "gguf":
+        raise EdgeqError(f"--plan is supported for the gguf format (got {opts.format})")
+    if opts.plan is not None and opts.prunes:
+        raise EdgeqError("--plan with --prune-rates is not supported yet (per-rate GGUF files are "
+                         "re-quantized uniformly); use --bits/--qtype with --prune-rates")
+    if opts.budget_mb is not None and opts.bpw is not None:
+        raise EdgeqError("give one of --budget-mb and --bpw, not both")
+    if (opts.budget_mb is not None or opts.bpw is not None) and not opts.planned:
+        raise EdgeqError("--budget-mb/--bpw size a planned build; drop --bits/--qtype/--plan")
+    if (opts.budget_mb is not None and opts.budget_mb <= 0) or (opts.bpw is not None and opts.bpw <= 0):
+        raise EdgeqError("--budget-mb and --bpw must be positive")
 
 
 def compress(ir: ModelIR, opts: BuildOptions, target: TargetProfile, log: Callable[[str], None] = _log,
@@ -158,9 +186,21 @@ def build(opts: BuildOptions, log: Callable[[str], None] = _log) -> BuildResult:
     timings["load"] = time.perf_counter() - t
     if opts.prunes:
         ir = compress(ir, opts, target, log, timings)
+    plan = None
+    float_ir = ir
+    if opts.planned:
+        from edgeq.quant.apply import quantize_ir
+
+        plan, stats = plan_for(ir, opts, target, log, timings)
+        t = time.perf_counter()
+        log(f"quantizing ({plan.quantizer}, compensation {plan.compensation} where rank > 0)")
+        ir = quantize_ir(ir, plan, stats)
+        timings["quantize"] = time.perf_counter() - t
     with atomic_directory(opts.out, force=opts.force) as tmp:
         t = time.perf_counter()
-        if opts.format == "gguf":
+        if plan is not None:
+            manifest, ref_ir = _lower_gguf_planned(ir, float_ir, plan, opts, target, tmp, log)
+        elif opts.format == "gguf":
             manifest, ref_ir = _lower_gguf(ir, opts, target, bits, tmp, log)
         else:
             manifest, ref_ir = _lower_reference(ir, opts, target, tmp, log)
@@ -232,6 +272,113 @@ def _lower_gguf(ir: ModelIR, opts: BuildOptions, target: TargetProfile, bits: in
         },
     }
     return manifest, reference_ir_for_gguf(ir)
+
+
+def plan_for(ir: ModelIR, opts: BuildOptions, target: TargetProfile, log: Callable[[str], None] = _log,
+             timings: dict | None = None):
+    """(plan, calibration stats): the given plan file, or the planner's choice for the target."""
+    from edgeq.calibrate import alpaca_token_sequences, calibrate
+    from edgeq.plan import Plan, make_plan, n_weights
+
+    timings = timings if timings is not None else {}
+    plan = Plan.load(opts.plan) if opts.plan is not None else None
+    if plan is not None:
+        if plan.target and plan.target != target.name:
+            raise EdgeqError(f"{opts.plan}: plan made for target {plan.target!r}, building for {target.name!r}")
+        plan.check(ir, where=str(opts.plan))
+    t = time.perf_counter()
+    seqs = alpaca_token_sequences(ir.tokenizer, path=opts.calib_data, n_samples=opts.calib_samples,
+                                  seq_len=opts.calib_len)
+    log(f"calibrating on {len(seqs)} x {opts.calib_len} Alpaca tokens")
+    stats = calibrate(ir, seqs, source={"data": "alpaca", "samples": len(seqs), "seq_len": opts.calib_len})
+    timings["calibrate"] = timings.get("calibrate", 0.0) + time.perf_counter() - t
+    if plan is not None:
+        return plan, stats
+    t = time.perf_counter()
+    budget = planner_budget(ir, opts, target)
+    types = target.plan_types("gguf")
+    probe = None
+    try:
+        from edgeq.quant.sensitivity import KLProbe
+
+        n = max(1, min(opts.probe_samples, len(seqs)))
+        probe = KLProbe(ir, [s[:min(len(s), 128)] for s in seqs[-n:]], threads=None)
+    except EdgeqError as exc:  # torch missing: fall back to unweighted output errors
+        log(f"warning: no KL sensitivity probe ({exc}); the planner weighs raw layer output errors")
+    log(f"planning: {len(types)} types x ranks {list(target.plan_ranks)} for a {budget / 1e6:.2f} MB weight budget")
+    plan = make_plan(ir, stats, target.name, types, target.plan_ranks, budget, probe=probe,
+                     model=str(ir.source.get("name") or Path(str(ir.source.get("path", ""))).name))
+    plan.summary["bpw"] = round(budget * 8 / n_weights(ir), 4)
+    timings["plan"] = time.perf_counter() - t
+    return plan, stats
+
+
+def planner_budget(ir: ModelIR, opts: BuildOptions, target: TargetProfile) -> int:
+    """Bytes for the 2-D weights (+ branches): from --budget-mb (minus the fixed overhead),
+    --bpw, or the target's default bits per weight."""
+    from edgeq.lower.gguf import fixed_overhead_bytes
+    from edgeq.plan import n_weights
+
+    if opts.budget_mb is not None:
+        budget = int(opts.budget_mb * 1e6) - fixed_overhead_bytes(ir)
+        if budget <= 0:
+            raise EdgeqError(f"--budget-mb {opts.budget_mb} does not even cover the file overhead "
+                             f"({fixed_overhead_bytes(ir) / 1e6:.2f} MB)")
+        return budget
+    bpw = opts.bpw if opts.bpw is not None else target.plan_bpw
+    if bpw is None:
+        raise EdgeqError(f"target {target.name} has no plan.default_bpw; pass --bpw or --budget-mb")
+    return int(bpw * n_weights(ir) / 8)
+
+
+def _lower_gguf_planned(ir: ModelIR, float_ir: ModelIR, plan, opts: BuildOptions, target: TargetProfile,
+                        tmp: Path, log) -> tuple[dict, ModelIR]:
+    """GGUF from a quantized IR: packed linears written as they are, compensation as a LoRA GGUF."""
+    from edgeq.lower import gguf as lower_gguf
+    from edgeq.plan import n_weights, plan_bytes
+    from edgeq.quant.apply import COMP_SOURCE, has_compensation
+
+    separate = opts.adapter_mode == "separate" and bool(ir.adapters)
+    base = ir.without_low_rank()
+    problems = lower_gguf.check(base)
+    if problems:
+        raise EdgeqError(f"cannot lower to gguf: {problems[0]}")
+    types = lower_gguf.tensor_types(ir, "F32")
+    for name, c in plan.tensors.items():
+        types[name] = lower_gguf.as_qtype(c.type)
+    low = min((types[n] for n in ir.linears), key=lambda q: lower_gguf.FORMATS[q].bits_per_weight)
+    log(f"writing {MODEL_FILE} (plan: {_type_counts(plan)}) for target {target.name}")
+    lower_gguf.write_gguf(ir, tmp / MODEL_FILE, types, allow_low_rank=True, progress=True)
+    (tmp / PLAN_FILE).write_text(plan.to_toml(), encoding="utf-8")
+    adapter_files = []
+    if has_compensation(ir):
+        fname = "compensation.gguf"
+        log(f"writing error-compensation branches {fname} (LoRA GGUF, F16)")
+        lower_gguf.write_lora_gguf(ir, COMP_SOURCE, tmp / fname, dtype="F16")
+        adapter_files.append(fname)
+    if separate:
+        for name in ir.adapters:
+            fname = f"adapter-{name}.gguf"
+            log(f"writing LoRA adapter {fname}")
+            lower_gguf.write_lora_gguf(ir, name, tmp / fname)
+            adapter_files.append(fname)
+    files = [MODEL_FILE, *adapter_files]
+    total = sum((tmp / f).stat().st_size for f in files)
+    manifest = {"format": "gguf", "runtime": "llamacpp", "model_file": MODEL_FILE, "adapter_files": adapter_files,
+                "weight_type": low.value, "bits": None, "plan_file": PLAN_FILE,
+                "tensor_types": {k: v.value for k, v in sorted(types.items())},
+                "ranks": {n: c.rank for n, c in sorted(plan.tensors.items()) if c.rank},
+                "size": {"predicted_weight_bytes": plan_bytes(ir, plan),
+                         "predicted_total_bytes": plan_bytes(ir, plan) + lower_gguf.fixed_overhead_bytes(ir),
+                         "realised_total_bytes": total, "bpw": round(total * 8 / n_weights(ir), 4)}}
+    return manifest, float_ir
+
+
+def _type_counts(plan) -> str:
+    from collections import Counter
+
+    cnt = Counter(f"{c.type}" + (f"+r{c.rank}" if c.rank else "") for c in plan.tensors.values())
+    return ", ".join(f"{k} x{v}" for k, v in sorted(cnt.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _lower_reference(ir: ModelIR, opts: BuildOptions, target: TargetProfile, tmp: Path,

@@ -23,10 +23,16 @@ Statistics
 weights and kernels, rate 0, low-rank branches applied), so every layer sees the outputs of
 the previous *uncompressed* layers. One sequence is processed at a time and only these float64
 accumulators are kept (memory is independent of the number of samples:
-``num_layers * (d_ff**2 + hidden**2) * 8`` bytes, 646 MB for SmolLM2-135M):
+``num_layers * (d_ff**2 + 2 * hidden**2 + (heads * head_dim)**2) * 8`` bytes, 725 MB for
+SmolLM2-135M):
 
 * ``mlp_zz``: mean over tokens of ``Z^T Z``, ``Z = silu(gate(x)) * up(x)`` (d_ff x d_ff);
-* ``attn_xx``: mean over tokens of ``X^T X``, X the attention input (after attn_norm);
+* ``attn_xx``: mean over tokens of ``X^T X``, X the attention input (after attn_norm): the
+  input covariance of q/k/v_proj;
+* ``o_xx``: mean ``O^T O`` of the o_proj input (attention output, IR column order head-major);
+* ``ffn_xx``: mean ``X^T X`` of the MLP input (after ffn_norm): the input of gate/up_proj.
+  With ``mlp_zz`` (the down_proj input) every linear has its input covariance: the Hessian of
+  GPTQ and the weighting of the activation-aware error compensation (QERA).
 * ``q_diag`` / ``k_diag``: mean of ``q_j**2`` per query head / ``k_j**2`` per KV head and
   head dim j, both taken **pre-RoPE** (the q_proj / k_proj outputs, biases and low-rank
   branches included), in the IR's current row layout. Both are pre-RoPE, so the Q/K score
@@ -125,7 +131,8 @@ def alpaca_token_sequences(tokenizer_spec: TokenizerSpec, path: str | Path | Non
 
 # ---- statistics ------------------------------------------------------------------------------
 
-_LAYER_FIELDS = ("mlp_zz", "attn_xx", "q_diag", "k_diag")
+_LAYER_FIELDS = ("mlp_zz", "attn_xx", "q_diag", "k_diag", "o_xx", "ffn_xx")
+_REQUIRED = _LAYER_FIELDS[:4]  # o_xx / ffn_xx are absent from files of older versions
 
 
 @dataclass
@@ -136,6 +143,17 @@ class LayerStats:
     k_diag: np.ndarray  # (num_kv_heads, head_dim) float64, mean k_j^2 (pre-RoPE)
     angular: float  # mean over sequences of 1 - cos(x_in, x_out) at the last token
     n_tokens: int
+    o_xx: np.ndarray | None = None  # (heads*head_dim,)*2 float64, mean O^T O of the o_proj input
+    ffn_xx: np.ndarray | None = None  # (hidden, hidden) float64, mean X^T X of the MLP input
+
+    def input_cov(self, role: Role) -> np.ndarray:
+        """The input covariance (mean X^T X, float64) of this layer's linear ``role``."""
+        cov = {Role.Q: self.attn_xx, Role.K: self.attn_xx, Role.V: self.attn_xx, Role.O: self.o_xx,
+               Role.GATE: self.ffn_xx, Role.UP: self.ffn_xx, Role.DOWN: self.mlp_zz}[Role(role)]
+        if cov is None:
+            raise EdgeqError(f"calibration statistics lack the input covariance of {Role(role).value} "
+                             "(collected by an older edgeq); recalibrate")
+        return cov
 
 
 @dataclass
@@ -154,7 +172,8 @@ class CalibStats:
         }
         for i, L in enumerate(self.layers):
             for name in _LAYER_FIELDS:
-                arrays[f"layer{i}.{name}"] = np.asarray(getattr(L, name), dtype=np.float64)
+                if getattr(L, name) is not None:
+                    arrays[f"layer{i}.{name}"] = np.asarray(getattr(L, name), dtype=np.float64)
             arrays[f"layer{i}.angular"] = np.asarray(L.angular, dtype=np.float64)
             arrays[f"layer{i}.n_tokens"] = np.asarray(L.n_tokens, dtype=np.int64)
         with open(path, "wb") as f:  # np.savez(path) would append ".npz" to a path without it
@@ -168,7 +187,8 @@ class CalibStats:
         try:
             with np.load(path, allow_pickle=False) as z:
                 n = int(z["num_layers"])
-                layers = tuple(LayerStats(**{name: z[f"layer{i}.{name}"] for name in _LAYER_FIELDS},
+                layers = tuple(LayerStats(**{name: z[f"layer{i}.{name}"] for name in _LAYER_FIELDS
+                                             if f"layer{i}.{name}" in z.files or name in _REQUIRED},
                                           angular=float(z[f"layer{i}.angular"]),
                                           n_tokens=int(z[f"layer{i}.n_tokens"])) for i in range(n))
                 return CalibStats(layers=layers, n_samples=int(z["n_samples"]), seq_len=int(z["seq_len"]),
@@ -183,6 +203,8 @@ class _Accumulator:
     def __init__(self, f: int, h: int, H: int, KV: int, D: int):
         self.zz = np.zeros((f, f), dtype=np.float64)
         self.xx = np.zeros((h, h), dtype=np.float64)
+        self.oo = np.zeros((H * D, H * D), dtype=np.float64)
+        self.ff = np.zeros((h, h), dtype=np.float64)
         self.q = np.zeros((H, D), dtype=np.float64)
         self.k = np.zeros((KV, D), dtype=np.float64)
         self.angular = 0.0
@@ -192,7 +214,8 @@ class _Accumulator:
     def result(self) -> LayerStats:
         n = max(self.n_tokens, 1)
         return LayerStats(mlp_zz=self.zz / n, attn_xx=self.xx / n, q_diag=self.q / n, k_diag=self.k / n,
-                          angular=self.angular / max(self.n_seqs, 1), n_tokens=self.n_tokens)
+                          angular=self.angular / max(self.n_seqs, 1), n_tokens=self.n_tokens,
+                          o_xx=self.oo / n, ffn_xx=self.ff / n)
 
 
 def _head_major(a: np.ndarray, n_heads: int, half: int) -> np.ndarray:
@@ -240,8 +263,11 @@ def _stats_forward(sess, ids: np.ndarray, accs: list[_Accumulator]) -> np.ndarra
         att /= att.sum(axis=-1, keepdims=True)
         o = att.reshape(KV, G * T, T) @ np.ascontiguousarray(v.transpose(2, 0, 1))  # (KV, G*T, D)
         o = o.reshape(KV, G, T, D).transpose(2, 3, 0, 1).reshape(T, D * H)  # rows (component, head = kv*G + g)
+        oo = o.T @ o  # runtime column order L.o_cols -> IR order (head, component)
+        acc.oo[np.ix_(L.o_cols, L.o_cols)] += oo
         x = x + sess._o_proj(L, o, D * H)
         h = rms_norm(x, L.ffn_norm, hp.rms_norm_eps)
+        acc.ff += h.T @ h
         g = L._lin(h, L.wg, L.bg, L.wg.shape[0], L.lr[Role.GATE], {})
         u = L._lin(h, L.wu, L.bu, L.wu.shape[0], L.lr[Role.UP], {})
         z = silu(g) * u

@@ -73,9 +73,14 @@ def targets(as_json):
               help="Alpaca JSON for calibration (default: ../shared/data/alpaca/alpaca_small.json).")
 @click.option("--recover", is_flag=True, help="LoRA recovery fine-tune with a rate sampled per step, merged back.")
 @click.option("--recover-steps", type=int, default=None, help="Recovery fine-tune steps (default: see RecoverConfig).")
+@click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None,
+              help="Replay a quantization plan (from `edgeq plan`, or an artifact's plan.toml).")
+@click.option("--budget-mb", type=float, default=None,
+              help="Planner: total artifact size in MB (1e6 bytes). Default: the target's plan.default_bpw.")
+@click.option("--bpw", type=float, default=None, help="Planner: bits per weight over the 2-D weights.")
 @_fail_cleanly
 def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, no_goldens, prune_rates, sort,
-          importance, calib_samples, calib_len, calib_data, recover, recover_steps):
+          importance, calib_samples, calib_len, calib_data, recover, recover_steps, plan_file, budget_mb, bpw):
     """Compile MODEL (HF checkpoint dir or .gguf) into an artifact directory."""
     from edgeq.build import BuildOptions, build as run_build
 
@@ -88,13 +93,44 @@ def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, n
                         adapters=tuple(adapters), adapter_mode=adapter_mode, force=force,
                         record_goldens=not no_goldens, prune_rates=rates, sort=sort, importance=importance,
                         calib_samples=calib_samples, calib_len=calib_len, calib_data=calib_data,
-                        recover=recover, recover_steps=recover_steps)
+                        recover=recover, recover_steps=recover_steps, plan=plan_file, budget_mb=budget_mb, bpw=bpw)
     res = run_build(opts)
     m = res.manifest
     size = sum(f["bytes"] for f in m["files"].values())
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items())
     click.echo(f"built {res.out} ({m['format']}, {m['weight_type']}, {size / 1e6:.1f} MB) "
                f"in {res.seconds:.1f}s ({steps})")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(path_type=Path),
+              help="PEFT LoRA adapter directory (repeatable; merged before planning).")
+@click.option("--target", default="cpu-avx2", show_default=True, help="Hardware profile (see `edgeq targets`).")
+@click.option("--budget-mb", type=float, default=None, help="Total artifact size in MB (1e6 bytes).")
+@click.option("--bpw", type=float, default=None,
+              help="Bits per weight over the 2-D weights (default: the target's plan.default_bpw).")
+@click.option("--calib-samples", type=int, default=64, show_default=True, help="Alpaca calibration sequences.")
+@click.option("--calib-len", type=int, default=256, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--calib-data", type=click.Path(path_type=Path), default=None, help="Alpaca JSON for calibration.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Plan file to write (TOML).")
+@_fail_cleanly
+def plan(model, adapters, target, budget_mb, bpw, calib_samples, calib_len, calib_data, out):
+    """Choose a per-tensor quantization type and compensation rank for TARGET's budget."""
+    from edgeq.build import BuildOptions, check_options, plan_for, prepare_ir
+    from edgeq.plan import n_weights, plan_bytes
+    from edgeq.targets import load_target
+
+    opts = BuildOptions(model=model, out=out, target=target, adapters=tuple(adapters), budget_mb=budget_mb,
+                        bpw=bpw, calib_samples=calib_samples, calib_len=calib_len, calib_data=calib_data)
+    prof = load_target(target)
+    check_options(opts, prof)
+    ir = prepare_ir(opts)
+    p, _ = plan_for(ir, opts, prof)
+    p.save(out)
+    nb = plan_bytes(ir, p)
+    click.echo(f"wrote {out}: {nb / 1e6:.2f} MB of weights ({nb * 8 / n_weights(ir):.3f} bpw), "
+               f"predicted KL {p.summary.get('predicted_kl', float('nan')):.4g}")
 
 
 @main.command()

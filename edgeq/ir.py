@@ -125,6 +125,14 @@ class LowRank:
 
 
 @dataclass(frozen=True)
+class Packed:
+    """A weight stored in a quantized format: ``data`` is (out, row_nbytes) uint8, rows in IR order."""
+
+    qtype: str  # a GGML type name (edgeq.quant.QType value)
+    data: np.ndarray
+
+
+@dataclass(frozen=True)
 class Linear:
     name: str
     role: Role
@@ -132,6 +140,11 @@ class Linear:
     weight: np.ndarray  # float32 (out, in)
     bias: np.ndarray | None = None
     low_rank: tuple[LowRank, ...] = ()
+    # Grid-exact quantized form of ``weight`` (GPTQ / RTN codes packed in a storage format);
+    # ``weight`` then holds exactly its dequantized values. Lowerings write it as is (lossless)
+    # after checking that it still decodes to ``weight`` (a pass that changed the weight since
+    # must drop it: ``dataclasses.replace(lin, weight=w, packed=None)``).
+    packed: "Packed | None" = None
 
     @property
     def out_features(self) -> int:

@@ -157,6 +157,18 @@ class TargetProfile:
     prune_granularity: int
     threads: int | None  # cpu/mobile: worker threads; None for gpu
     source: Path | None = None  # the TOML file it was loaded from
+    # [plan]: defaults of the mixed-precision planner (edgeq.plan)
+    plan_bpw: float | None = None  # default budget, bits per weight over the 2-D weights (branches included)
+    plan_ranks: tuple[int, ...] = (0,)  # candidate error-compensation ranks
+
+    def plan_types(self, fmt: str = "gguf") -> tuple[str, ...]:
+        """Candidate storage types for the planner in artifact format ``fmt``."""
+        from edgeq.quant.formats import QType
+
+        ggml = {q.value for q in QType}
+        if fmt == "gguf":
+            return tuple(t for t in self.quant_types if t in ggml)
+        return tuple(t for t in self.quant_types if t not in ggml)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -252,7 +264,8 @@ def list_targets() -> list[TargetProfile]:
 # Parsing and validation
 
 _SCHEMA: dict[str, set[str]] = {
-    "": {"name", "description", "kind", "reference_device", "memory", "peak", "isa", "compile", "deploy"},
+    "": {"name", "description", "kind", "reference_device", "memory", "peak", "isa", "compile", "deploy", "plan"},
+    "plan": {"default_bpw", "ranks"},
     "memory": {"total_gib", "total_bytes", "budget_gib", "budget_bytes", "bandwidth_gb_s"},
     "peak": {"fp32_tflops", "fp16_tflops", "int8_tops", "int4_tops"},
     "isa": {"features"},
@@ -415,7 +428,9 @@ def parse_target(data: Mapping[str, Any], where: str = "<target>", source: Path 
         raise dep.error(f"prune_granularity {gran} is not a multiple of quant_block_size {block}")
     for q in quant_types:
         qb = QUANT_TYPE_BLOCK[q]
-        if qb is not None and gran % qb:
+        # K-quant super-blocks (256) are exempt: the planner only gives them to tensors whose
+        # widths are multiples of 256, as llama.cpp falls back for the others.
+        if qb is not None and qb < 256 and gran % qb:
             raise dep.error(f"prune_granularity {gran} is not a multiple of the {q} block size {qb}")
     threads = dep.integer("threads", required=False)
     if kind is DeviceKind.GPU:
@@ -423,6 +438,17 @@ def parse_target(data: Mapping[str, Any], where: str = "<target>", source: Path 
             raise dep.error("'deploy.threads' is for cpu/mobile targets; remove it from a gpu target")
     elif threads is None:
         raise dep.error(f"missing field 'deploy.threads' (required for a {kind.value} target)")
+
+    plan_bpw, plan_ranks = None, (0,)
+    if "plan" in data:
+        pl = top.sub("plan")
+        plan_bpw = pl.number("default_bpw", required=False)
+        ranks = pl.raw("ranks", required=False)
+        if ranks is not None:
+            if (not isinstance(ranks, list) or not ranks
+                    or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks)):
+                raise pl.error(f"'plan.ranks' must be a non-empty list of integers >= 0, got {_show(ranks)}")
+            plan_ranks = tuple(sorted(set(ranks) | {0}))
 
     return TargetProfile(
         name=name,
@@ -445,6 +471,8 @@ def parse_target(data: Mapping[str, Any], where: str = "<target>", source: Path 
         prune_granularity=gran,
         threads=threads,
         source=source,
+        plan_bpw=plan_bpw,
+        plan_ranks=plan_ranks,
     )
 
 

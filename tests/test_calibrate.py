@@ -80,7 +80,7 @@ def _hf_stats(model_dir, seqs):
 
     m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     layers = m.model.layers
-    acc = [dict(zz=0.0, xx=0.0, q=0.0, k=0.0, ang=0.0) for _ in layers]
+    acc = [dict(zz=0.0, xx=0.0, q=0.0, k=0.0, ang=0.0, oo=0.0, ff=0.0) for _ in layers]
     hooks = []
     for i, layer in enumerate(layers):
         a = acc[i]
@@ -96,6 +96,14 @@ def _hf_stats(model_dir, seqs):
         def on_k(mod, args, out, a=a):
             a["k"] = a["k"] + (f64(out) ** 2).sum(0)
 
+        def on_o(mod, args, out, a=a):
+            o = f64(args[0])
+            a["oo"] = a["oo"] + o.T @ o
+
+        def on_gate(mod, args, out, a=a):
+            x = f64(args[0])
+            a["ff"] = a["ff"] + x.T @ x
+
         def on_down(mod, args, out, a=a):
             z = f64(args[0])
             a["zz"] = a["zz"] + z.T @ z
@@ -108,6 +116,8 @@ def _hf_stats(model_dir, seqs):
         hooks += [layer.self_attn.q_proj.register_forward_hook(on_q),
                   layer.self_attn.k_proj.register_forward_hook(on_k),
                   layer.mlp.down_proj.register_forward_hook(on_down),
+                  layer.self_attn.o_proj.register_forward_hook(on_o),
+                  layer.mlp.gate_proj.register_forward_hook(on_gate),
                   layer.register_forward_hook(on_layer, with_kwargs=True)]
     with torch.no_grad():
         for s in seqs:
@@ -116,7 +126,7 @@ def _hf_stats(model_dir, seqs):
         h.remove()
     n = len(seqs) * len(seqs[0])
     return [dict(mlp_zz=a["zz"] / n, attn_xx=a["xx"] / n, q_diag=a["q"] / n, k_diag=a["k"] / n,
-                 angular=a["ang"] / len(seqs)) for a in acc]
+                 o_xx=a["oo"] / n, ffn_xx=a["ff"] / n, angular=a["ang"] / len(seqs)) for a in acc]
 
 
 def test_stats_match_transformers_hooks(tiny, request):
@@ -128,6 +138,7 @@ def test_stats_match_transformers_hooks(tiny, request):
         assert L.n_tokens == N * T
         # HF q_proj/k_proj outputs are (tokens, heads * head_dim), pre-RoPE, biases included
         for name, got, want in (("mlp_zz", L.mlp_zz, ref["mlp_zz"]), ("attn_xx", L.attn_xx, ref["attn_xx"]),
+                                ("o_xx", L.o_xx, ref["o_xx"]), ("ffn_xx", L.ffn_xx, ref["ffn_xx"]),
                                 ("q_diag", L.q_diag, ref["q_diag"].reshape(hp.num_heads, hp.head_dim)),
                                 ("k_diag", L.k_diag, ref["k_diag"].reshape(hp.num_kv_heads, hp.head_dim)),
                                 ("angular", np.float64(L.angular), np.float64(ref["angular"]))):
@@ -163,7 +174,7 @@ def test_save_load_roundtrip_without_pickle(tiny, tmp_path):
     assert (back.n_samples, back.seq_len, back.source) == (2, T, stats.source)
     assert back.source["data"] == "alpaca" and back.source["history"] == []
     for a, b in zip(stats.layers, back.layers):
-        for name in ("mlp_zz", "attn_xx", "q_diag", "k_diag"):
+        for name in ("mlp_zz", "attn_xx", "q_diag", "k_diag", "o_xx", "ffn_xx"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
         assert (a.angular, a.n_tokens) == (b.angular, b.n_tokens)
     np.savez(tmp_path / "other.npz", x=np.zeros(3))

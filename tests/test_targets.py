@@ -91,8 +91,12 @@ def test_shipped_profile_loads_and_is_consistent(name):
     assert all(q in QUANT_TYPE_BLOCK for q in p.quant_types)
     assert p.prune_granularity % p.quant_block_size == 0
     for q in p.quant_types:
-        assert p.prune_granularity % p.block_for(q) == 0
+        if p.block_for(q) < 256:  # K-quant super-blocks: the planner checks each tensor's widths
+            assert p.prune_granularity % p.block_for(q) == 0
     assert p.default_bits == 4
+    assert p.plan_bpw is not None and 4.0 < p.plan_bpw < 8.0
+    assert p.plan_ranks[0] == 0 and list(p.plan_ranks) == sorted(p.plan_ranks)
+    assert p.plan_types("gguf")
     if p.kind is DeviceKind.GPU:
         assert p.compile_target.kind == "cuda"
         assert p.compile_target.arch in p.isa_features
@@ -197,9 +201,24 @@ def test_granularity_must_be_multiple_of_block(tmp_path):
 
 
 def test_granularity_must_be_multiple_of_each_quant_type_block(tmp_path):
-    text = GOOD_CPU.format(name="kq", block=32, gran=64).replace('"Q4_0", "INT4"', '"Q4_K"')
-    with pytest.raises(EdgeqError, match="prune_granularity 64 is not a multiple of the Q4_K block size 256"):
-        load_target(write_profile(tmp_path, name="kq", text=text))
+    text = GOOD_CPU.format(name="lq", block=16, gran=16)
+    with pytest.raises(EdgeqError, match="prune_granularity 16 is not a multiple of the Q4_0 block size 32"):
+        load_target(write_profile(tmp_path, name="lq", text=text))
+    # K-quant super-blocks (256) are exempt: the planner gives them only to tensors whose widths fit
+    text = GOOD_CPU.format(name="kq", block=32, gran=64).replace('"Q4_0", "INT4"', '"Q4_0", "Q4_K"')
+    assert load_target(write_profile(tmp_path, name="kq", text=text)).plan_types("gguf") == ("Q4_0", "Q4_K")
+
+
+def test_plan_section(tmp_path):
+    text = GOOD_CPU.format(name="pl", block=32, gran=32) + "\n[plan]\ndefault_bpw = 5.0\nranks = [32, 8]\n"
+    p = load_target(write_profile(tmp_path, name="pl", text=text))
+    assert p.plan_bpw == 5.0 and p.plan_ranks == (0, 8, 32)
+    bad = GOOD_CPU.format(name="pb", block=32, gran=32) + "\n[plan]\nranks = [-1]\n"
+    with pytest.raises(EdgeqError, match="plan.ranks"):
+        load_target(write_profile(tmp_path, name="pb", text=bad))
+    bad = GOOD_CPU.format(name="pc", block=32, gran=32) + "\n[plan]\nbudget = 3\n"
+    with pytest.raises(EdgeqError, match="unknown field 'plan.budget'"):
+        load_target(write_profile(tmp_path, name="pc", text=bad))
 
 
 def test_bad_profile_in_targets_dir_fails_listing(tmp_path, monkeypatch):

@@ -70,7 +70,9 @@ GGUF_ARCH: dict[Arch, str] = {Arch.LLAMA: "llama", Arch.QWEN2: "qwen2"}
 _ARCH_FROM_GGUF: dict[str, Arch] = {v: k for k, v in GGUF_ARCH.items()}
 
 # enum llama_ftype (general.file_type) for the base types we write
-LLAMA_FTYPE: dict[QType, int] = {QType.F32: 0, QType.F16: 1, QType.Q4_0: 2, QType.Q4_1: 3, QType.Q8_0: 7}
+LLAMA_FTYPE: dict[QType, int] = {QType.F32: 0, QType.F16: 1, QType.Q4_0: 2, QType.Q4_1: 3, QType.Q8_0: 7,
+                                 QType.Q5_0: 8, QType.Q5_1: 9, QType.Q4_K: 15, QType.Q6_K: 18}
+# (general.file_type is informational for llama.cpp; Q4_K/Q6_K map to MOSTLY_Q4_K_M / MOSTLY_Q6_K)
 
 # bits -> base type of the block linears
 _BITS: dict[int, QType] = {32: QType.F32, 16: QType.F16, 8: QType.Q8_0, 4: QType.Q4_0}
@@ -348,9 +350,34 @@ def _gguf():
     return require("gguf", "gguf")
 
 
+def packed_rows(ir: ModelIR, lin: Linear, qt: QType) -> np.ndarray | None:
+    """The linear's grid-exact packed bytes in llama.cpp row order, when it carries them in ``qt``.
+
+    Checks that they still decode to ``lin.weight`` exactly (lossless lowering); a stale
+    packing (the weight changed since) is an error rather than a silent mismatch."""
+    p = lin.packed
+    if p is None or as_qtype(p.qtype) != qt:
+        return None
+    from edgeq.quant.reference import dequantize
+
+    if not np.array_equal(dequantize(p.data, qt, lin.weight.shape), np.asarray(lin.weight, dtype=np.float32)):
+        raise EdgeqError(f"GGUF: {lin.name}: packed {qt.value} data no longer decodes to the weight "
+                         "(a pass changed the weight after quantization)")
+    return _out_rows(ir, lin, np.ascontiguousarray(p.data, dtype=np.uint8))
+
+
+class _Raw:
+    """Already-encoded GGML bytes for ``write_tensors`` (``array_of`` may return one)."""
+
+    def __init__(self, data: np.ndarray, qt: QType):
+        self.data, self.qt = data, qt
+
+
 def _encode(arr: np.ndarray, qt: QType) -> tuple[np.ndarray, Any]:
     """(array to write, raw ggml type or None)."""
     gguf = _gguf()
+    if isinstance(arr, _Raw):
+        return np.ascontiguousarray(arr.data, dtype=np.uint8), gguf.GGMLQuantizationType[arr.qt.value]
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if qt == QType.F32:
         return arr, None
@@ -477,6 +504,33 @@ def write_model_header(w, ir: ModelIR, base: QType, extra_kv: Mapping[str, Any] 
         _add_kv(w, key, extra_kv[key])
 
 
+def fixed_overhead_bytes(ir: ModelIR) -> int:
+    """Bytes of a model GGUF that do not depend on the 2-D weights' types: header, metadata,
+    tokenizer, the F32 1-D tensors, and per-tensor index entries + alignment (estimated at
+    96 bytes per 2-D tensor). Used to turn a total-size budget into a weight budget."""
+    gguf = _gguf()
+    shapes = _tensor_plan_names(ir)
+    one_d = [n for n, s in shapes.items() if len(s) == 1]
+    n_2d = len(shapes) - len(one_d)
+    fd, tmp = tempfile.mkstemp(prefix=".edgeq-overhead.", suffix=".gguf")
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, GGUF_ARCH.get(ir.arch, "llama"))
+        try:
+            write_model_header(w, ir, QType.F32, None)
+            for n in one_d:
+                arr = ir.linears[n[:-len(".bias")]].bias if n.endswith(".bias") else ir.tensors[n]
+                w.add_tensor(gguf_tensor_name(n), np.ascontiguousarray(arr, dtype=np.float32))
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
+        return os.path.getsize(tmp) + 96 * n_2d
+    finally:
+        os.unlink(tmp)
+
+
 def write_tensors(w, names: list[str], types: Mapping[str, QType], array_of, label: str,
                   progress: bool) -> None:
     """Encode and add each IR-named tensor (``array_of(name)`` gives its float32 data), then
@@ -525,7 +579,10 @@ def write_gguf(ir: ModelIR, path: str | Path, types: Mapping[str, QType | str], 
             lin = ir.linears[name[: -len(".bias")]]
             return _out_rows(ir, lin, lin.bias)
         if name in ir.linears:
-            return _out_rows(ir, ir.linears[name], ir.linears[name].weight)
+            lin = ir.linears[name]
+            qt = types.get(name, QType.F32)
+            raw = packed_rows(ir, lin, qt)
+            return _Raw(raw, qt) if raw is not None else _out_rows(ir, lin, lin.weight)
         return ir.tensors[name]
 
     def fill(tmp: Path) -> None:

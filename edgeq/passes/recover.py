@@ -172,43 +172,55 @@ class LoraModel:
         m[:nv] = 1.0
         return m
 
-    def hidden(self, ids, widths: Sequence[LayerWidths] | None = None, use_lora: bool = True):
-        """Final-normed hidden states (B, T, hidden) for token ids (B, T) at the given widths."""
+    def hidden(self, ids, widths: Sequence[LayerWidths] | None = None, use_lora: bool = True,
+               start: int = 0, x=None, collect: list | None = None):
+        """Final-normed hidden states (B, T, hidden) for token ids (B, T) at the given widths.
+
+        ``start`` / ``x``: begin at layer ``start`` with residual stream ``x`` (the input of that
+        layer, e.g. from an earlier ``collect``); ``collect``: a list that receives every layer's
+        input residual stream (for re-running the tail of the model cheaply)."""
+        F = self.torch.nn.functional
+        widths = _full_widths(self.ir) if widths is None else widths
+        if x is None:
+            x = F.embedding(ids, self.embd)
+        for i in range(start, self.hp.num_layers):
+            if collect is not None:
+                collect.append(x)
+            x = self.layer(x, i, widths[i], use_lora)
+        return self._rms(x, self.out_norm)
+
+    def layer(self, x, i: int, w: LayerWidths, use_lora: bool = True):
+        """One decoder layer on the residual stream x (B, T, hidden)."""
         torch = self.torch
         F = torch.nn.functional
         hp = self.hp
         H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
-        widths = _full_widths(self.ir) if widths is None else widths
-        B, T = ids.shape
-        x = F.embedding(ids, self.embd)
-        for i in range(hp.num_layers):
-            w = widths[i]
-            attn_norm, ffn_norm = self.norms[i]
-            h = self._rms(x, attn_norm)
-            cos, sin = self._cos_sin(i, T)
-            qk_mask = None if w.qk_pairs == self.half else self._qk_mask(w.qk_pairs)
-            q = self._linear(h, i, Role.Q, use_lora).view(B, T, H, D)
-            k = self._linear(h, i, Role.K, use_lora).view(B, T, KV, D)
-            if qk_mask is not None:  # deployment keeps dims [0:p] ∪ [d/2 : d/2+p] of each head
-                q, k = q * qk_mask, k * qk_mask
-            q = q * cos + torch.cat([-q[..., self.half:], q[..., :self.half]], dim=-1) * sin
-            kc, ks = cos[:, ::self.group], sin[:, ::self.group]
-            k = k * kc + torch.cat([-k[..., self.half:], k[..., :self.half]], dim=-1) * ks
-            v = self._linear(h, i, Role.V, use_lora).view(B, T, KV, D)
-            if w.v_dims < D:  # deployment keeps V/O components [0:v_dims] of each KV group
-                v = v * self._v_mask(w.v_dims)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, .)
-            if self.group > 1:
-                k = k.repeat_interleave(self.group, dim=1)
-                v = v.repeat_interleave(self.group, dim=1)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D ** -0.5)  # (B, H, T, D)
-            o = o.transpose(1, 2).reshape(B, T, H * D)
-            x = x + self._linear(o, i, Role.O, use_lora)
-            h = self._rms(x, ffn_norm)
-            f = None if w.ffn == hp.intermediate_size else w.ffn  # MLP channels [0:ffn]
-            a = F.silu(self._linear(h, i, Role.GATE, use_lora, rows=f)) * self._linear(h, i, Role.UP, use_lora, rows=f)
-            x = x + self._linear(a, i, Role.DOWN, use_lora, cols=f)
-        return self._rms(x, self.out_norm)
+        B, T = x.shape[0], x.shape[1]
+        attn_norm, ffn_norm = self.norms[i]
+        h = self._rms(x, attn_norm)
+        cos, sin = self._cos_sin(i, T)
+        qk_mask = None if w.qk_pairs == self.half else self._qk_mask(w.qk_pairs)
+        q = self._linear(h, i, Role.Q, use_lora).view(B, T, H, D)
+        k = self._linear(h, i, Role.K, use_lora).view(B, T, KV, D)
+        if qk_mask is not None:  # deployment keeps dims [0:p] ∪ [d/2 : d/2+p] of each head
+            q, k = q * qk_mask, k * qk_mask
+        q = q * cos + torch.cat([-q[..., self.half:], q[..., :self.half]], dim=-1) * sin
+        kc, ks = cos[:, ::self.group], sin[:, ::self.group]
+        k = k * kc + torch.cat([-k[..., self.half:], k[..., :self.half]], dim=-1) * ks
+        v = self._linear(h, i, Role.V, use_lora).view(B, T, KV, D)
+        if w.v_dims < D:  # deployment keeps V/O components [0:v_dims] of each KV group
+            v = v * self._v_mask(w.v_dims)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, .)
+        if self.group > 1:
+            k = k.repeat_interleave(self.group, dim=1)
+            v = v.repeat_interleave(self.group, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D ** -0.5)  # (B, H, T, D)
+        o = o.transpose(1, 2).reshape(B, T, H * D)
+        x = x + self._linear(o, i, Role.O, use_lora)
+        h = self._rms(x, ffn_norm)
+        f = None if w.ffn == hp.intermediate_size else w.ffn  # MLP channels [0:ffn]
+        a = F.silu(self._linear(h, i, Role.GATE, use_lora, rows=f)) * self._linear(h, i, Role.UP, use_lora, rows=f)
+        return x + self._linear(a, i, Role.DOWN, use_lora, cols=f)
 
     def logits(self, ids, widths: Sequence[LayerWidths] | None = None, use_lora: bool = True):
         return self.hidden(ids, widths, use_lora) @ self.out_w.T

@@ -1,8 +1,8 @@
 """The GGML tensor storage formats edgeq can write, and their byte sizes.
 
 Every quantized format stores a row of ``n`` values as ``n / block_size`` consecutive blocks
-of ``type_size`` bytes (the GGML layout: little-endian fp16 scale(s) first, then the packed
-quants).  F32 and F16 are "blocks" of one value.
+of ``type_size`` bytes (the GGML layout: little-endian fp16 scale(s) and packed quants; the
+per-type layouts are noted in ``FORMATS``).  F32 and F16 are "blocks" of one value.
 """
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ class QType(str, Enum):
     Q8_0 = "Q8_0"
     Q4_0 = "Q4_0"
     Q4_1 = "Q4_1"
+    Q5_0 = "Q5_0"
+    Q5_1 = "Q5_1"
+    Q4_K = "Q4_K"
+    Q6_K = "Q6_K"
 
 
 @dataclass(frozen=True)
@@ -41,9 +45,24 @@ FORMATS: dict[QType, FormatInfo] = {
     QType.Q4_0: FormatInfo(block_size=32, type_size=18, ggml_type_id=2, bits=4),
     # block_q4_1: fp16 d; fp16 m; uint8 qs[16]
     QType.Q4_1: FormatInfo(block_size=32, type_size=20, ggml_type_id=3, bits=4),
+    # block_q5_0: fp16 d; uint32 qh (bit j = 5th bit of value j); uint8 qs[16] (nibbles as Q4_0)
+    QType.Q5_0: FormatInfo(block_size=32, type_size=22, ggml_type_id=6, bits=5),
+    # block_q5_1: fp16 d; fp16 m; uint32 qh; uint8 qs[16]
+    QType.Q5_1: FormatInfo(block_size=32, type_size=24, ggml_type_id=7, bits=5),
     # block_q8_0: fp16 d; int8 qs[32]
     QType.Q8_0: FormatInfo(block_size=32, type_size=34, ggml_type_id=8, bits=8),
+    # block_q4_K: fp16 d; fp16 dmin; uint8 scales[12] (6-bit scale + 6-bit min for 8 sub-blocks
+    # of 32); uint8 qs[128] (per 64 values: low nibbles = first 32, high nibbles = next 32)
+    QType.Q4_K: FormatInfo(block_size=256, type_size=144, ggml_type_id=12, bits=4),
+    # block_q6_K: uint8 ql[128] (low 4 bits); uint8 qh[64] (high 2 bits); int8 scales[16]
+    # (sub-blocks of 16); fp16 d
+    QType.Q6_K: FormatInfo(block_size=256, type_size=210, ggml_type_id=14, bits=6),
 }
+
+# Formats whose quantizer in edgeq.quant.reference reproduces ggml's bytes exactly (the K-quants
+# are written by our own round-to-nearest fit instead of ggml's iterative search).
+GGML_EXACT: frozenset[QType] = frozenset(
+    {QType.F32, QType.F16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1})
 
 
 def as_qtype(qtype: QType | str) -> QType:

@@ -1,6 +1,7 @@
-"""Reference (numpy, vectorised) GGML quantizers, bit-exact with ggml's ``quantize_row_*_ref``.
+"""Reference (numpy, vectorised) GGML quantizers, bit-exact with ggml's ``quantize_row_*_ref``
+for the 32-value block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; not the K-quants, see below).
 
-``quantize`` returns the exact bytes llama.cpp stores in a GGUF tensor; ``dequantize`` inverts
+For those, ``quantize`` returns the exact bytes llama.cpp stores in a GGUF tensor; ``dequantize`` inverts
 it the way ggml's ``dequantize_row_*`` does.  All arithmetic is done in float32 with the same
 operation order as the C reference (one rounding per C operation), so results match byte for
 byte.  Rules reproduced from ggml (``ggml-quants.c``), per block of 32 values ``x``:
@@ -14,6 +15,17 @@ byte.  Rules reproduced from ggml (``ggml-quants.c``), per block of 32 values ``
 * Q4_1: ``min``/``max`` of the block (first occurrence, which decides the sign of a zero);
   ``d = (max - min) / 15``; ``id = d ? 1/d : 0``; ``q = min(15, (int)((x - min) * id + 0.5f))``.
   Block = fp16 d, fp16 min, 16 nibble-packed bytes as for Q4_0.
+* Q5_0: as Q4_0 with ``d = max / -16`` and ``q = min(31, (int)(x * id + 16.5f))``.  Block = fp16 d,
+  little-endian uint32 ``qh`` (bit j = bit 4 of ``q[j]``), then the low nibbles packed as Q4_0.
+* Q5_1: as Q4_1 with ``d = (max - min) / 31`` and ``q = (int)((x - min) * id + 0.5f)`` (ggml
+  applies no clamp here; for finite inputs the value never reaches 32).  Block = fp16 d,
+  fp16 min, uint32 ``qh``, 16 nibble-packed bytes.
+
+Q4_K and Q6_K (super-blocks of 256) are *not* quantized the ggml way: ggml searches scales
+iteratively (``make_qkx2_quants`` / ``make_qx_quants``); here they go through our own
+round-to-nearest fit in :mod:`edgeq.quant.codecs`, so their bytes differ from llama.cpp's but
+are valid blocks that any GGML reader decodes to exactly what ``dequantize`` returns.
+``dequantize`` is bit-exact with ggml for every type.
 
 fp32 -> fp16 conversions round to nearest even (ggml's ``GGML_FP32_TO_FP16``), like numpy.
 Inputs are assumed finite; blocks whose scale is so small (< 2**-128) that ``1/d`` overflows
@@ -69,6 +81,22 @@ def _roundf(v: np.ndarray) -> np.ndarray:
     return t + np.where(np.abs(frac) >= _F32(0.5), np.sign(v), _F32(0.0))
 
 
+def _trunc_to_5bits(v: np.ndarray) -> np.ndarray:
+    """``MIN(31, (int8_t)v)`` for v >= -1 (what the Q5 quantizers feed it)."""
+    return np.minimum(np.trunc(v), _F32(31)).astype(np.uint8)
+
+
+def _pack_qh(q: np.ndarray) -> np.ndarray:
+    """(n, 32) ints in [0, 31] -> (n, 4) uint8: little-endian uint32 whose bit j is bit 4 of q[j]."""
+    bits = (q.astype(np.uint8) >> np.uint8(4)) & np.uint8(1)
+    return np.packbits(bits, axis=1, bitorder="little")
+
+
+def _unpack_qh(qh: np.ndarray) -> np.ndarray:
+    """(n, 4) uint8 -> (n, 32) uint8 holding 0 or 16 (bit 4 of each value)."""
+    return np.unpackbits(qh, axis=1, bitorder="little") << np.uint8(4)
+
+
 def _q8_0_blocks(b: np.ndarray) -> np.ndarray:
     amax = np.abs(b).max(axis=1)
     d = amax / _F32(127)
@@ -98,6 +126,28 @@ def _q4_1_blocks(b: np.ndarray) -> np.ndarray:
     return np.concatenate([_fp16_bytes(d), _fp16_bytes(mn), _pack_nibbles(q)], axis=1)
 
 
+def _q5_0_blocks(b: np.ndarray) -> np.ndarray:
+    rows = np.arange(b.shape[0])
+    a = np.abs(b)
+    i = a.argmax(axis=1)
+    mx = np.where(a[rows, i] > 0, b[rows, i], _F32(0.0))
+    d = mx / _F32(-16)
+    iv = _recip(d)
+    q = _trunc_to_5bits(b * iv[:, None] + _F32(16.5))
+    return np.concatenate([_fp16_bytes(d), _pack_qh(q), _pack_nibbles(q & np.uint8(0x0F))], axis=1)
+
+
+def _q5_1_blocks(b: np.ndarray) -> np.ndarray:
+    rows = np.arange(b.shape[0])
+    mn = b[rows, b.argmin(axis=1)]
+    mx = b[rows, b.argmax(axis=1)]
+    d = (mx - mn) / _F32(31)
+    iv = _recip(d)
+    q = _trunc_to_5bits((b - mn[:, None]) * iv[:, None] + _F32(0.5))
+    return np.concatenate(
+        [_fp16_bytes(d), _fp16_bytes(mn), _pack_qh(q), _pack_nibbles(q & np.uint8(0x0F))], axis=1)
+
+
 def _dq_q8_0(blk: np.ndarray) -> np.ndarray:
     d = blk[:, :2].copy().view("<f2").astype(_F32)
     q = blk[:, 2:].view(np.int8).astype(_F32)
@@ -117,15 +167,55 @@ def _dq_q4_1(blk: np.ndarray) -> np.ndarray:
     return q * d + m
 
 
-_QUANTIZERS = {QType.Q8_0: _q8_0_blocks, QType.Q4_0: _q4_0_blocks, QType.Q4_1: _q4_1_blocks}
-_DEQUANTIZERS = {QType.Q8_0: _dq_q8_0, QType.Q4_0: _dq_q4_0, QType.Q4_1: _dq_q4_1}
+def _dq_q5_0(blk: np.ndarray) -> np.ndarray:
+    d = blk[:, :2].copy().view("<f2").astype(_F32)
+    q = (_unpack_nibbles(blk[:, 6:]) | _unpack_qh(blk[:, 2:6])).astype(_F32) - _F32(16)
+    return q * d
+
+
+def _dq_q5_1(blk: np.ndarray) -> np.ndarray:
+    d = blk[:, :2].copy().view("<f2").astype(_F32)
+    m = blk[:, 2:4].copy().view("<f2").astype(_F32)
+    q = (_unpack_nibbles(blk[:, 8:]) | _unpack_qh(blk[:, 4:8])).astype(_F32)
+    return q * d + m
+
+
+def _kquant_quantizer(qt: QType):
+    def fn(b: np.ndarray) -> np.ndarray:
+        from edgeq.quant.codecs import codec_for  # codecs imports this module's helpers
+
+        c = codec_for(qt)
+        p, q = c.rtn(b)
+        return c.pack(p, q)
+    return fn
+
+
+def _kquant_dequantizer(qt: QType):
+    def fn(blk: np.ndarray) -> np.ndarray:
+        from edgeq.quant.codecs import codec_for
+
+        c = codec_for(qt)
+        p, q = c.unpack(blk)
+        return c.decode(p, q, np.arange(c.block))
+    return fn
+
+
+_QUANTIZERS = {QType.Q8_0: _q8_0_blocks, QType.Q4_0: _q4_0_blocks, QType.Q4_1: _q4_1_blocks,
+               QType.Q5_0: _q5_0_blocks, QType.Q5_1: _q5_1_blocks,
+               QType.Q4_K: _kquant_quantizer(QType.Q4_K), QType.Q6_K: _kquant_quantizer(QType.Q6_K)}
+_DEQUANTIZERS = {QType.Q8_0: _dq_q8_0, QType.Q4_0: _dq_q4_0, QType.Q4_1: _dq_q4_1,
+                 QType.Q5_0: _dq_q5_0, QType.Q5_1: _dq_q5_1,
+                 QType.Q4_K: _kquant_dequantizer(QType.Q4_K), QType.Q6_K: _kquant_dequantizer(QType.Q6_K)}
+# K-quant fits keep several (blocks, 256) float64 temporaries per candidate scale: smaller steps.
+_CHUNK = {QType.Q4_K: 1 << 11, QType.Q6_K: 1 << 11}
 
 
 def quantize(x: np.ndarray, qtype: QType | str) -> np.ndarray:
     """Encode ``x`` (rows along the last axis) in GGML format ``qtype``.
 
     Returns uint8 of shape ``x.shape[:-1] + (row_nbytes(qtype, x.shape[-1]),)`` holding exactly
-    the bytes llama.cpp writes (F32/F16: the little-endian IEEE values).
+    the bytes llama.cpp writes (F32/F16: the little-endian IEEE values), except for Q4_K / Q6_K,
+    which are our own round-to-nearest fit (valid blocks, different bytes).
     """
     qt = as_qtype(qtype)
     x = np.asarray(x)
@@ -143,9 +233,10 @@ def quantize(x: np.ndarray, qtype: QType | str) -> np.ndarray:
     blocks = np.ascontiguousarray(x, dtype=_F32).reshape(-1, info.block_size)
     out = np.empty((blocks.shape[0], info.type_size), dtype=np.uint8)
     fn = _QUANTIZERS[qt]
+    step = _CHUNK.get(qt, _CHUNK_BLOCKS)
     with np.errstate(over="ignore", invalid="ignore"):
-        for s in range(0, blocks.shape[0], _CHUNK_BLOCKS):
-            out[s:s + _CHUNK_BLOCKS] = fn(blocks[s:s + _CHUNK_BLOCKS])
+        for s in range(0, blocks.shape[0], step):
+            out[s:s + step] = fn(blocks[s:s + step])
     return out.reshape(out_shape)
 
 

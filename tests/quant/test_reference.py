@@ -11,8 +11,10 @@ import pytest
 
 from edgeq.errors import EdgeqError
 from edgeq.quant import FORMATS, QType, dequantize, quantize, roundtrip, row_nbytes, tensor_nbytes
+from edgeq.quant.formats import GGML_EXACT
 
-QUANT_TYPES = [QType.Q8_0, QType.Q4_0, QType.Q4_1]
+# 32-value block types, quantized bit-exactly like ggml (the K-quants are in test_codecs.py)
+QUANT_TYPES = [QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1]
 ALL_TYPES = [QType.F32, QType.F16, *QUANT_TYPES]
 
 
@@ -44,11 +46,12 @@ def _tie_blocks(rng: np.random.Generator, n: int) -> np.ndarray:
     Q8_0: one element is +-127 * 2^k -> d = 2^k, other values are multiples of 2^k / 2.
     Q4_0: one element is +-8 * 2^k -> d = -+2^k, x * id + 8.5 hits integers / halves exactly.
     Q4_1: min = 0 or -7.5 * 2^k, max = min + 15 * 2^k -> d = 2^k.
+    Q5_0: one element is +-16 * 2^k; Q5_1: min = 0, max = 31 * 2^k.
     """
     out = []
     for i in range(n):
         s = np.float32(2.0 ** rng.integers(-6, 4))
-        kind = i % 4
+        kind = i % 6
         if kind == 0:  # Q8_0 ties
             b = rng.integers(-254, 254, 32) / 2.0
             b[rng.integers(32)] = rng.choice([-127.0, 127.0])
@@ -58,9 +61,15 @@ def _tie_blocks(rng: np.random.Generator, n: int) -> np.ndarray:
         elif kind == 2:  # Q4_1 ties, min 0, max 15
             b = rng.integers(0, 31, 32) / 2.0
             b[0], b[-1] = 0.0, 15.0
-        else:  # Q4_1 ties, symmetric range
+        elif kind == 3:  # Q4_1 ties, symmetric range
             b = rng.integers(-15, 16, 32) / 2.0
             b[3], b[7] = -7.5, 7.5
+        elif kind == 4:  # Q5_0 ties
+            b = rng.integers(-64, 65, 32) / 4.0
+            b[rng.integers(32)] = rng.choice([-16.0, 16.0])
+        else:  # Q5_1 ties, min 0, max 31
+            b = rng.integers(0, 63, 32) / 2.0
+            b[0], b[-1] = 0.0, 31.0
         out.append(b * s)
     return np.asarray(out, dtype=np.float32)
 
@@ -77,7 +86,11 @@ def _fp16_tie_blocks() -> np.ndarray:
         q40[9] = -8 * m  # d = max / -8 = m exactly
         q41 = b * 0 + 1
         q41[0], q41[1] = 0, 15 * m  # d = 15 m / 15 = m
-        rows += [q8, q40, q41]
+        q50 = b.copy()
+        q50[11] = -16 * m  # d = max / -16 = m
+        q51 = b * 0 + 1
+        q51[0], q51[1] = 0, 31 * m  # d = 31 m / 31 = m
+        rows += [q8, q40, q41, q50, q51]
     return np.asarray(rows, dtype=np.float32)
 
 
@@ -169,6 +182,10 @@ def test_table_matches_gguf_py(gguf):
     assert FORMATS[QType.Q4_0].bits_per_weight == 4.5
     assert FORMATS[QType.Q4_1].bits_per_weight == 5.0
     assert FORMATS[QType.Q8_0].bits_per_weight == 8.5
+    assert FORMATS[QType.Q5_0].bits_per_weight == 5.5
+    assert FORMATS[QType.Q5_1].bits_per_weight == 6.0
+    assert FORMATS[QType.Q4_K].bits_per_weight == 4.5
+    assert FORMATS[QType.Q6_K].bits_per_weight == 6.5625
 
 
 # --------------------------------------------------------------------------- ggml semantics by hand
@@ -208,6 +225,30 @@ def test_q4_1_known_block():
     assert q.shape == (20,) and _f16(q) == 1.0 and _f16(q[2:]) == 0.0
     lo = q[4:] & 0xF
     assert list(lo[:4]) == [0, 15, 8, 7]
+
+
+def test_q5_known_blocks():
+    x = np.linspace(-1, 1, 32, dtype=np.float32)
+    x[3] = -16.0  # d = -16 / -16 = 1: q = trunc(x + 16.5)
+    x[0], x[16], x[17], x[31] = 0.0, 15.49, -15.5, 7.0  # codes 16, 31, 1, 23
+    q = quantize(x, QType.Q5_0)
+    assert q.shape == (22,) and _f16(q) == 1.0
+    qh = int.from_bytes(bytes(q[2:6]), "little")
+    codes = [((q[6 + j % 16] >> (4 * (j // 16))) & 0xF) | (((qh >> j) & 1) << 4) for j in range(32)]
+    assert (codes[0], codes[3], codes[16], codes[17], codes[31]) == (16, 0, 31, 1, 23)
+    np.testing.assert_array_equal(dequantize(q, QType.Q5_0, (32,)), np.asarray(codes, np.float32) - 16)
+    # Q5_1: d = (31 - 0) / 31 = 1, m = 0; element j's 5th bit in qh bit j (j + 16 for the high half)
+    y = np.zeros(32, np.float32)
+    y[1], y[18], y[5], y[20] = 31.0, 16.0, 15.49, 15.5
+    q = quantize(y, QType.Q5_1)
+    assert q.shape == (24,) and _f16(q) == 1.0 and _f16(q[2:]) == 0.0
+    assert int.from_bytes(bytes(q[4:8]), "little") == (1 << 1) | (1 << 18) | (1 << 20)
+    assert (q[8 + 1] & 0xF, q[8 + 2] >> 4, q[8 + 5] & 0xF, q[8 + 4] >> 4) == (15, 0, 15, 0)
+    for qt in (QType.Q5_0, QType.Q5_1):  # all-zero blocks
+        z = quantize(np.zeros(32, np.float32), qt)
+        assert not dequantize(z, qt, (32,)).any()
+    z = quantize(np.zeros(32, np.float32), QType.Q5_0)  # d = -0.0, every code 16: qh all ones
+    assert bytes(z[:2]) == b"\x00\x80" and bytes(z[2:6]) == b"\xff" * 4 and not z[6:].any()
 
 
 def test_zero_and_constant_blocks_like_ggml():
@@ -250,7 +291,8 @@ def test_shapes_and_error_bound(qt):
     y = dequantize(q, qt, x.shape)
     amax = np.abs(x.reshape(-1, 32)).max(axis=1, keepdims=True)
     # max error in units of amax: half a step, except Q4_0 whose top code (+8) is clipped to +7
-    bound = {QType.Q8_0: 0.5 / 127, QType.Q4_0: 1 / 8, QType.Q4_1: 1 / 15}[qt]
+    bound = {QType.Q8_0: 0.5 / 127, QType.Q4_0: 1 / 8, QType.Q4_1: 1 / 15, QType.Q5_0: 1 / 16,
+             QType.Q5_1: 1 / 31}[qt]
     err = np.abs((y - x).reshape(-1, 32))
     assert (err <= amax * bound * 1.01 + 2e-3 * amax).all()
     assert dequantize(q.reshape(-1), qt, x.shape).shape == x.shape  # flat bytes accepted
@@ -319,7 +361,8 @@ def tiny_f32(tmp_path_factory, gguf):
 
 
 _FTYPES = {QType.Q8_0: "LLAMA_FTYPE_MOSTLY_Q8_0", QType.Q4_0: "LLAMA_FTYPE_MOSTLY_Q4_0",
-           QType.Q4_1: "LLAMA_FTYPE_MOSTLY_Q4_1"}
+           QType.Q4_1: "LLAMA_FTYPE_MOSTLY_Q4_1", QType.Q5_0: "LLAMA_FTYPE_MOSTLY_Q5_0",
+           QType.Q5_1: "LLAMA_FTYPE_MOSTLY_Q5_1"}
 
 
 @pytest.mark.parametrize("qt", QUANT_TYPES, ids=lambda q: q.value)
@@ -334,13 +377,13 @@ def test_bit_exact_with_llama_cpp_quantize(tiny_f32, tmp_path, gguf, qt):
     assert rc == 0, f"llama_model_quantize returned {rc}"
 
     reader = gguf.GGUFReader(str(out_path))
-    by_id = {info.ggml_type_id: q for q, info in FORMATS.items()}
+    by_id = {info.ggml_type_id: q for q, info in FORMATS.items() if q in GGML_EXACT}
     written_types, at_requested = {}, []
     for t in reader.tensors:
         written = by_id.get(int(t.tensor_type))
         written_types[t.name] = written.value if written else gguf.GGMLQuantizationType(int(t.tensor_type)).name
         if written is None:
-            continue  # e.g. a K-quant picked for output.weight: not a format we reproduce
+            continue  # e.g. a K-quant picked for output.weight: not bytes we reproduce
         x = src[t.name]
         got = np.asarray(t.data).view(np.uint8).reshape(-1)
         want = quantize(x, written).reshape(-1)

@@ -1,0 +1,431 @@
+"""Mixed-precision plans: per-tensor (format, compensation rank) under a size budget.
+
+A plan is a readable, versioned TOML file (``edgeq plan ... -o plan.toml``), hand-editable;
+``edgeq build --plan plan.toml`` replays it exactly (same choices, same quantizer options, so
+byte-identical artifacts). :func:`make_plan` is the planner:
+
+1. **Measure.** For every linear and every candidate type of the target profile, quantize it
+   (round-to-nearest with a diag(C)-weighted fit: GPTQ over every candidate would cost ~10x more;
+   GPTQ then lowers the error of whatever is chosen) and record the layer's
+   output error ``err = tr(E C E^T)``; one SVD of ``E C^{1/2}`` then gives the error after
+   QERA compensation at every candidate rank (``err - sum of the top r squared singular
+   values``). The token embedding (and an untied output head) gets its KL measured directly per
+   type. Each linear's error is converted to predicted KL by a measured gain
+   (:mod:`edgeq.quant.sensitivity`).
+2. **Choose.** Minimise the summed predicted KL subject to ``sum(bytes) <= budget``: a Lagrangian
+   relaxation (each tensor picks ``argmin kl + lambda * bytes``; ``lambda`` bisected), then a
+   greedy pass that spends what is left on the best KL-per-byte upgrades. Deterministic (ties
+   broken by candidate order).
+
+Bytes are the tensor's storage in its format plus ``2 * rank * (in + out)`` for an fp16
+compensation branch. The budget covers the 2-D weights and their branches; 1-D tensors, file
+metadata and the tokenizer are added as a fixed overhead when a total artifact size is asked for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+from edgeq.ir import ModelIR, Role, linear_name
+
+PLAN_VERSION = 1
+QUANTIZERS = ("gptq", "rtn")
+COMPENSATIONS = ("qera", "svd")
+# Float formats a plan may name besides the quantized ones.
+FLOAT_TYPES = ("F16", "F32")
+
+
+@dataclass(frozen=True)
+class Choice:
+    type: str
+    rank: int = 0
+
+
+@dataclass
+class Plan:
+    target: str
+    format: str = "gguf"
+    quantizer: str = "gptq"
+    compensation: str = "qera"
+    damp: float = 0.01
+    act_order: bool = False
+    tensors: dict[str, Choice] = field(default_factory=dict)
+    budget_bytes: int | None = None  # 2-D weights + branches
+    model: str = ""
+    notes: dict[str, dict] = field(default_factory=dict)  # per tensor: predicted bytes / kl (informational)
+    summary: dict = field(default_factory=dict)  # informational
+
+    def check(self, ir: ModelIR | None = None, where: str = "plan") -> None:
+        if self.quantizer not in QUANTIZERS:
+            raise EdgeqError(f"{where}: quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}")
+        if self.compensation not in COMPENSATIONS:
+            raise EdgeqError(f"{where}: compensation must be one of {', '.join(COMPENSATIONS)}, "
+                             f"got {self.compensation!r}")
+        if not (0 <= self.damp < 1):
+            raise EdgeqError(f"{where}: damp must be in [0, 1), got {self.damp}")
+        from edgeq.quant.formats import QType
+
+        known = {q.value for q in QType}
+        for name, c in self.tensors.items():
+            if c.type not in known:
+                raise EdgeqError(f"{where}: {name}: unknown type {c.type!r} (known: {', '.join(sorted(known))})")
+            if c.rank < 0:
+                raise EdgeqError(f"{where}: {name}: rank must be >= 0, got {c.rank}")
+        if ir is None:
+            return
+        want = set(plan_tensor_shapes(ir))
+        missing = sorted(want - set(self.tensors))
+        extra = sorted(set(self.tensors) - want)
+        if missing or extra:
+            raise EdgeqError(f"{where}: does not match the model: "
+                             + (f"no choice for {missing[:3]}" if missing else f"unknown tensors {extra[:3]}"))
+        shapes = plan_tensor_shapes(ir)
+        for name, c in self.tensors.items():
+            problem = choice_problem(name, shapes[name], c)
+            if problem:
+                raise EdgeqError(f"{where}: {problem}")
+
+    # ---- TOML ---------------------------------------------------------------------------------
+    def to_toml(self) -> str:
+        def q(s: str) -> str:
+            return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+        lines = [
+            "# edgeq quantization plan: one storage type (and error-compensation rank) per tensor.",
+            "# Edit freely; `edgeq build --plan <this file>` replays it exactly.",
+            f"version = {PLAN_VERSION}",
+            f"target = {q(self.target)}",
+            f"format = {q(self.format)}",
+            f"model = {q(self.model)}",
+            "",
+            "[method]",
+            f"quantizer = {q(self.quantizer)}        # gptq | rtn",
+            f"compensation = {q(self.compensation)}     # qera | svd (used where rank > 0)",
+            f"damp = {self.damp!r}",
+            f"act_order = {'true' if self.act_order else 'false'}",
+            "",
+        ]
+        if self.budget_bytes is not None or self.summary:
+            lines.append("[budget]  # informational: what the planner was asked for and predicted")
+            if self.budget_bytes is not None:
+                lines.append(f"weight_bytes = {int(self.budget_bytes)}")
+            for k, v in sorted(self.summary.items()):
+                lines.append(f"{k} = {_toml_value(v)}")
+            lines.append("")
+        lines.append("[tensors]  # name = { type, rank }; bytes/kl are the planner's predictions")
+        for name in sorted(self.tensors, key=_tensor_sort_key):
+            c = self.tensors[name]
+            extra = ""
+            n = self.notes.get(name)
+            if n:
+                extra = "".join(f", {k} = {_toml_value(v)}" for k, v in sorted(n.items()))
+            lines.append(f"{q(name)} = {{ type = {q(c.type)}, rank = {int(c.rank)}{extra} }}")
+        return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def from_toml(text: str, where: str = "plan") -> "Plan":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise EdgeqError(f"{where}: invalid TOML: {exc}") from None
+        if data.get("version") != PLAN_VERSION:
+            raise EdgeqError(f"{where}: expected plan version {PLAN_VERSION}, got {data.get('version')!r}")
+        method = data.get("method", {})
+        tensors_raw = data.get("tensors")
+        if not isinstance(tensors_raw, dict) or not tensors_raw:
+            raise EdgeqError(f"{where}: missing [tensors] table")
+        tensors, notes = {}, {}
+        for name, v in tensors_raw.items():
+            if isinstance(v, str):
+                v = {"type": v}
+            if not isinstance(v, dict) or "type" not in v:
+                raise EdgeqError(f"{where}: tensors.{name}: expected {{ type = ..., rank = ... }}")
+            rank = v.get("rank", 0)
+            if isinstance(rank, bool) or not isinstance(rank, int):
+                raise EdgeqError(f"{where}: tensors.{name}: rank must be an integer, got {rank!r}")
+            tensors[name] = Choice(str(v["type"]).upper(), int(rank))
+            n = {k: x for k, x in v.items() if k not in ("type", "rank")}
+            if n:
+                notes[name] = n
+        budget = data.get("budget", {})
+        plan = Plan(target=str(data.get("target", "")), format=str(data.get("format", "gguf")),
+                    quantizer=str(method.get("quantizer", "gptq")), compensation=str(method.get("compensation", "qera")),
+                    damp=float(method.get("damp", 0.01)), act_order=bool(method.get("act_order", False)),
+                    tensors=tensors, budget_bytes=budget.get("weight_bytes"), model=str(data.get("model", "")),
+                    notes=notes, summary={k: v for k, v in budget.items() if k != "weight_bytes"})
+        plan.check(where=where)
+        return plan
+
+    def save(self, path: str | Path) -> Path:
+        from edgeq.artifact import atomic_write_text
+
+        return atomic_write_text(Path(path), self.to_toml())
+
+    @staticmethod
+    def load(path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise EdgeqError(f"{path}: plan file not found")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EdgeqError(f"{path}: cannot read plan ({exc})") from None
+        return Plan.from_toml(text, where=str(path))
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(float(f"{v:.6g}")) if math.isfinite(v) else '"nan"'
+    return '"' + str(v).replace('"', "'") + '"'
+
+
+def _tensor_sort_key(name: str):
+    m = re.match(r"blk\.(\d+)\.(.*)", name)
+    return (1, int(m.group(1)), m.group(2)) if m else (0 if name == "token_embd" else 2, 0, name)
+
+
+# ---- shapes, bytes, candidates -----------------------------------------------------------------
+
+def plan_tensor_shapes(ir: ModelIR) -> dict[str, tuple[int, int]]:
+    """Every 2-D weight a plan assigns: the embedding, the untied output head, all linears."""
+    hp = ir.hparams
+    out = {"token_embd": (hp.vocab_size, hp.hidden_size)}
+    if not hp.tie_word_embeddings:
+        out["output"] = (hp.vocab_size, hp.hidden_size)
+    for i in range(hp.num_layers):
+        for role in (Role.Q, Role.K, Role.V, Role.O, Role.GATE, Role.UP, Role.DOWN):
+            name = linear_name(i, role)
+            out[name] = tuple(ir.linears[name].weight.shape)
+    return out
+
+
+def choice_problem(name: str, shape: tuple[int, int], c: Choice) -> str | None:
+    from edgeq.quant.formats import FORMATS, as_qtype
+
+    info = FORMATS[as_qtype(c.type)]
+    if shape[1] % info.block_size:
+        return f"{name}: {c.type} needs a row length that is a multiple of {info.block_size}, got {shape[1]}"
+    if c.rank and not name.startswith("blk."):
+        return f"{name}: compensation ranks apply to block linears only"
+    if c.rank > min(shape):
+        return f"{name}: rank {c.rank} exceeds min{tuple(shape)}"
+    if c.rank and info.block_size == 1:
+        return f"{name}: a compensation branch on an unquantized ({c.type}) tensor is pointless"
+    return None
+
+
+def choice_bytes(shape: tuple[int, int], c: Choice) -> int:
+    from edgeq.quant.formats import tensor_nbytes
+
+    return tensor_nbytes(c.type, shape) + 2 * c.rank * (shape[0] + shape[1])
+
+
+def n_weights(ir: ModelIR) -> int:
+    return sum(a * b for a, b in plan_tensor_shapes(ir).values())
+
+
+def plan_bytes(ir: ModelIR, plan: Plan) -> int:
+    shapes = plan_tensor_shapes(ir)
+    return sum(choice_bytes(shapes[n], c) for n, c in plan.tensors.items())
+
+
+# ---- solver -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Option:
+    choice: Choice
+    nbytes: int
+    kl: float
+
+
+def solve(table: Mapping[str, Sequence[Option]], budget: int) -> dict[str, Option]:
+    """Minimise sum(kl) s.t. sum(nbytes) <= budget, one option per tensor (deterministic)."""
+    names = sorted(table, key=_tensor_sort_key)
+    cheapest = sum(min(o.nbytes for o in table[n]) for n in names)
+    if cheapest > budget:
+        raise EdgeqError(f"budget of {budget / 1e6:.2f} MB is below the smallest possible size "
+                         f"{cheapest / 1e6:.2f} MB for these candidate types")
+
+    def pick(lam: float) -> dict[str, Option]:
+        out = {}
+        for n in names:
+            best = None
+            for o in table[n]:
+                key = (o.kl + lam * o.nbytes, o.nbytes)
+                if best is None or key < best[0]:
+                    best = (key, o)
+            out[n] = best[1]
+        return out
+
+    def total(sel) -> int:
+        return sum(o.nbytes for o in sel.values())
+
+    lo, hi = 0.0, 1.0
+    if total(pick(lo)) <= budget:
+        sel = pick(lo)
+    else:
+        while total(pick(hi)) > budget:
+            hi *= 4.0
+            if hi > 1e30:
+                break
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            if total(pick(mid)) > budget:
+                lo = mid
+            else:
+                hi = mid
+        sel = pick(hi)
+    # greedy: spend what is left on the best KL-per-byte upgrades
+    used = total(sel)
+    while True:
+        best = None
+        for n in names:
+            cur = sel[n]
+            for o in table[n]:
+                extra = o.nbytes - cur.nbytes
+                gain = cur.kl - o.kl
+                if gain <= 0 or extra <= 0 or used + extra > budget:
+                    continue
+                key = gain / extra
+                if best is None or key > best[0]:
+                    best = (key, n, o)
+        if best is None:
+            break
+        _, n, o = best
+        used += o.nbytes - sel[n].nbytes
+        sel[n] = o
+    return sel
+
+
+# ---- measuring -----------------------------------------------------------------------------------
+
+def _quantized(w: np.ndarray, cov: np.ndarray | None, qtype: str, quantizer: str, damp: float, act_order: bool):
+    from edgeq.quant.codecs import codec_for
+    from edgeq.quant.gptq import GPTQConfig, gptq, rtn
+
+    codec = codec_for(qtype)
+    if quantizer == "gptq" and cov is not None:
+        return gptq(w, cov, codec, GPTQConfig(damp=damp, act_order=act_order))
+    return rtn(w, codec, None if cov is None else np.diag(cov))
+
+
+def _rtn_table(x: np.ndarray, qtype: str) -> np.ndarray:
+    from edgeq.quant.reference import roundtrip
+
+    return roundtrip(x, qtype)
+
+
+def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[int], quantizer: str = "rtn",
+                    damp: float = 0.01, act_order: bool = False, probe=None, ref_type: str | None = None,
+                    progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, list[Option]]:
+    """Candidate options with predicted KL for every plan tensor (see the module doc)."""
+    from edgeq.quant.formats import FORMATS, as_qtype
+    from edgeq.quant.gptq import output_error
+
+    shapes = plan_tensor_shapes(ir)
+    types = [as_qtype(t).value for t in types]
+    quant_types = [t for t in types if FORMATS[as_qtype(t)].block_size > 1]
+    ref_type = ref_type or (min(quant_types, key=lambda t: FORMATS[as_qtype(t)].bits_per_weight)
+                            if quant_types else types[0])
+    ranks = sorted({int(r) for r in ranks} | {0})
+    errs: dict[str, dict[Choice, float]] = {}
+    names = [n for n in shapes if n.startswith("blk.")]
+    it = names
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(names, desc=f"measuring {len(types)} types x {len(ranks)} ranks", unit="tensor", leave=False)
+    ref_weights: dict[str, np.ndarray] = {}
+    for name in it:
+        lin = ir.linears[name]
+        cov = stats.layers[lin.layer].input_cov(lin.role)
+        w = lin.weight
+        e: dict[Choice, float] = {}
+        for t in types:
+            if FORMATS[as_qtype(t)].block_size == 1:
+                deq = _rtn_table(w, t)
+                e[Choice(t, 0)] = output_error(w - deq, cov)
+                continue
+            if w.shape[1] % FORMATS[as_qtype(t)].block_size:
+                continue
+            res = _quantized(w, cov, t, quantizer, damp, act_order)
+            E = np.asarray(w, dtype=np.float64) - res.dequant
+            base = output_error(E, cov)
+            e[Choice(t, 0)] = base
+            if t == ref_type:
+                ref_weights[name] = res.dequant  # the gain is KL / err of the same perturbation
+            rr = [r for r in ranks if 0 < r <= min(w.shape)]
+            if rr:
+                from edgeq.quant.compensate import _sqrt_and_inv
+
+                S, _ = _sqrt_and_inv(cov, 1e-4)
+                s = np.linalg.svd(E @ S, compute_uv=False)
+                cum = np.cumsum(s ** 2)
+                for r in rr:
+                    e[Choice(t, r)] = max(base - float(cum[r - 1]), 0.0)
+        errs[name] = e
+    table: dict[str, list[Option]] = {}
+    if probe is not None and ref_weights:
+        from edgeq.quant.sensitivity import measure_gains
+
+        ref_errs = {n: errs[n][Choice(ref_type, 0)] for n in ref_weights}
+        gains = measure_gains(ir, ref_errs, lambda n: ref_weights[n], probe, progress=progress)
+    else:
+        gains = {n: 1.0 for n in names}
+    for name in names:
+        table[name] = [Option(c, choice_bytes(shapes[name], c), gains.get(name, 1.0) * v)
+                       for c, v in errs[name].items()]
+    for name in [n for n in shapes if not n.startswith("blk.")]:
+        src = ir.tensors[name] if name in ir.tensors else ir.output_weight()
+        opts = []
+        for t in types:
+            if shapes[name][1] % FORMATS[as_qtype(t)].block_size:
+                continue
+            deq = _rtn_table(src, t)
+            if probe is None:
+                kl = float(np.mean((deq - src) ** 2))
+            elif name == "token_embd":
+                kl = probe.embedding_kl(deq)
+            else:
+                kl = probe.output_kl(deq)
+            opts.append(Option(Choice(t, 0), choice_bytes(shapes[name], Choice(t, 0)), max(kl, 0.0)))
+        table[name] = opts
+    return table
+
+
+def make_plan(ir: ModelIR, stats, target: str, types: Sequence[str], ranks: Sequence[int], budget_bytes: int,
+              quantizer: str = "gptq", compensation: str = "qera", damp: float = 0.01, act_order: bool = False,
+              probe=None, progress: bool = True, table: Mapping[str, Sequence[Option]] | None = None,
+              model: str = "") -> Plan:
+    if table is None:  # measured with RTN (weighted fit): ~10x faster than GPTQ over every candidate type
+        table = measure_options(ir, stats, types, ranks, "rtn", damp, act_order, probe, progress=progress)
+    sel = solve(table, budget_bytes)
+    plan = Plan(target=target, quantizer=quantizer, compensation=compensation, damp=damp, act_order=act_order,
+                tensors={n: o.choice for n, o in sel.items()}, budget_bytes=int(budget_bytes), model=model)
+    plan.notes = {n: {"bytes": o.nbytes, "kl": o.kl} for n, o in sel.items()}
+    plan.summary = {"predicted_weight_bytes": sum(o.nbytes for o in sel.values()),
+                    "predicted_kl": sum(o.kl for o in sel.values()),
+                    "types": ",".join(types), "ranks": ",".join(str(r) for r in sorted(set(ranks)))}
+    return plan
+
+
+def uniform_plan(ir: ModelIR, target: str, types: Mapping[str, str], quantizer: str = "rtn") -> Plan:
+    """A plan from an explicit per-tensor type map (e.g. edgeq.lower.gguf.tensor_types)."""
+    shapes = plan_tensor_shapes(ir)
+    return Plan(target=target, quantizer=quantizer, tensors={n: Choice(str(types[n])) for n in shapes})
+
+
+def replace(plan: Plan, **kw) -> Plan:
+    return dataclasses.replace(plan, **kw)

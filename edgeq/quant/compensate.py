@@ -1,0 +1,69 @@
+"""Low-rank quantization-error compensation: ``W ≈ Q(W) + B·A``.
+
+Given the quantization error ``E = W - Q(W)`` (out x in) of one linear and the input covariance
+``C = E[x x^T]`` of its calibration activations, find rank-``r`` factors minimising the expected
+output error ``E_x ||(E - B A) x||² = ||(E - B A) C^{1/2}||_F²``.
+
+* ``qera`` (activation-aware, QERA's closed form): with ``S = C^{1/2}`` (damped), the optimum is
+  the rank-r truncated SVD of ``E S`` mapped back, ``B A = [E S]_r S^{-1}``.
+* ``svd`` (baseline): the truncated SVD of ``E`` itself (optimal for white inputs, C = I).
+
+Factors are returned balanced (``B = U √Σ``, ``A = √Σ V^T S^{-1}``) and rounded to fp16, the
+precision they are stored in; ``B`` is then refitted in float64 against the fp16 ``A`` (a least
+squares solve under C) before its own fp16 rounding, so the rounding of A costs nothing.
+The branch is applied as ``y += (x @ A.T) @ B.T`` (scale 1), i.e. an :class:`edgeq.ir.LowRank`
+with ``source="qerr"``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+
+METHODS = ("qera", "svd")
+
+
+def _sqrt_and_inv(C: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    C = np.asarray(C, dtype=np.float64)
+    ev, Q = np.linalg.eigh((C + C.T) / 2)
+    ev = np.clip(ev, 0.0, None) + damp * max(float(np.mean(np.diag(C))), 1e-30)
+    r = np.sqrt(ev)
+    return (Q * r) @ Q.T, (Q / r) @ Q.T
+
+
+def compensation(err: np.ndarray, cov: np.ndarray | None, rank: int, method: str = "qera",
+                 damp: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+    """(A (rank x in), B (out x rank)) float32 holding fp16-representable values."""
+    if method not in METHODS:
+        raise EdgeqError(f"unknown compensation method {method!r} (expected one of {', '.join(METHODS)})")
+    E = np.asarray(err, dtype=np.float64)
+    out, K = E.shape
+    rank = int(rank)
+    if rank < 1 or rank > min(out, K):
+        raise EdgeqError(f"compensation rank must be in [1, {min(out, K)}], got {rank}")
+    if method == "qera":
+        if cov is None:
+            raise EdgeqError("qera compensation needs the input covariance")
+        S, S_inv = _sqrt_and_inv(cov, damp)
+        M = E @ S
+    else:
+        S = S_inv = None
+        M = E
+    U, s, Vt = np.linalg.svd(M, full_matrices=False)
+    r = np.sqrt(s[:rank])
+    A = r[:, None] * Vt[:rank]
+    if S_inv is not None:
+        A = A @ S_inv
+    A = A.astype(np.float16).astype(np.float64)
+    # refit B against the rounded A: minimise ||(E - B A) W||² with W = S (qera) or I (svd)
+    G = A @ cov @ A.T if method == "qera" else A @ A.T
+    rhs = E @ (cov @ A.T if method == "qera" else A.T)
+    G[np.diag_indices(rank)] += 1e-12 * max(float(np.trace(G)) / rank, 1e-30)
+    try:
+        B = np.linalg.solve(G, rhs.T).T
+    except np.linalg.LinAlgError:
+        B = U[:, :rank] * r[None, :]
+    B = B.astype(np.float16)
+    if not np.all(np.isfinite(B)):
+        raise EdgeqError("compensation factors overflow fp16")
+    return A.astype(np.float32), B.astype(np.float32)

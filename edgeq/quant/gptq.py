@@ -1,0 +1,158 @@
+"""GPTQ (Frantar et al., 2022) that emits codes directly on a target format's grid.
+
+For one linear ``W`` (out x in) and the input covariance ``H = E[x x^T]`` of its calibration
+activations (``edgeq.calibrate``), columns are quantized one at a time and the rounding error
+of each column is spread over the not-yet-quantized columns through the inverse Hessian's
+Cholesky factor, minimising the layer output error ``tr(E H E^T)`` (``E = W - W_q``).
+
+Grid-exact: the quantizer of a column is a :class:`edgeq.quant.codecs.Codec` (GGUF Q4_0 ...
+Q6_K, or the generic int group format). The parameters of each codec block (the block of
+``codec.block`` input columns sharing one scale / min, e.g. 32 or 256) are fitted when GPTQ
+reaches the block's first column, on the weights *as updated so far* (and weighted by
+``diag(H)``), then every column of the block is encoded with them. The result is the codes and
+the block parameters themselves, so lowering packs them without re-quantizing: lossless.
+
+Options: ``damp`` (relative to ``mean(diag H)``, added to the diagonal), ``act_order``
+(process columns by decreasing ``diag(H)``; block parameters are then fitted up front on the
+original weights, "static groups", since a block's columns are no longer contiguous in time),
+``batch`` (lazy-update width; rounded up to a multiple of the codec block so a block's fit
+always sees fully updated weights). Rows are independent, so the result does not depend on
+row order (GGUF's Q/K row permutation can be applied to the codes afterwards).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    damp: float = 0.01
+    act_order: bool = False
+    batch: int = 128
+
+    def to_json(self) -> dict:
+        return {"damp": self.damp, "act_order": self.act_order, "batch": self.batch}
+
+
+@dataclass
+class GridResult:
+    """Codes and block parameters of one quantized matrix, plus its dequantized values."""
+
+    params: list[Any]  # one codec Params per block of columns, in column order
+    codes: np.ndarray  # (out, in) int16
+    dequant: np.ndarray  # (out, in) float32: exactly what a runtime decodes
+
+    def output_error(self, w: np.ndarray, cov: np.ndarray) -> float:
+        return output_error(w - self.dequant, cov)
+
+
+def output_error(e: np.ndarray, cov: np.ndarray) -> float:
+    """Mean squared output error ``tr(E C E^T)`` of an error ``E`` (out x in) under input covariance C."""
+    e = np.asarray(e, dtype=np.float64)
+    return float(np.einsum("ij,ij->", e @ np.asarray(cov, dtype=np.float64), e))
+
+
+def _check(w: np.ndarray, codec) -> tuple[int, int]:
+    if w.ndim != 2:
+        raise EdgeqError(f"expected a 2-D weight, got shape {w.shape}")
+    R, K = w.shape
+    if K % codec.block:
+        raise EdgeqError(f"{codec.qtype}: needs an input width that is a multiple of {codec.block}, got {K}")
+    return R, K
+
+
+def rtn(w: np.ndarray, codec, weight: np.ndarray | None = None) -> GridResult:
+    """Round-to-nearest on the codec's grid (each block fitted on the original weights).
+
+    Unweighted, the legacy types reproduce ggml's ``quantize_row_*_ref`` byte for byte
+    (``Codec.rtn``); with ``weight`` (e.g. diag of the input covariance) the fit may search."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    R, K = _check(w, codec)
+    B = codec.block
+    params, codes, deq = [], np.empty((R, K), np.int16), np.empty((R, K), np.float32)
+    cols = np.arange(B)
+    for s in range(0, K, B):
+        blk = w[:, s:s + B]
+        p, q = codec.rtn(blk, None if weight is None else weight[s:s + B])
+        params.append(p)
+        codes[:, s:s + B] = q
+        deq[:, s:s + B] = codec.decode(p, q, cols)
+    return GridResult(params, codes, deq)
+
+
+def _inverse_cholesky(H: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), float64."""
+    K = H.shape[0]
+    try:
+        L = np.linalg.cholesky(H)
+    except np.linalg.LinAlgError:
+        raise EdgeqError("GPTQ: the damped Hessian is not positive definite; raise damp") from None
+    Linv = np.linalg.solve(L, np.eye(K))  # H^-1 = Linv^T Linv
+    Hinv = Linv.T @ Linv
+    return np.linalg.cholesky(Hinv).T
+
+
+def gptq(w: np.ndarray, cov: np.ndarray, codec, config: GPTQConfig | None = None) -> GridResult:
+    """Quantize ``w`` (out x in, float32) on ``codec``'s grid with GPTQ under input covariance ``cov``."""
+    cfg = config or GPTQConfig()
+    W = np.array(w, dtype=np.float64)
+    R, K = _check(W, codec)
+    H = np.array(cov, dtype=np.float64)
+    if H.shape != (K, K):
+        raise EdgeqError(f"GPTQ: covariance of shape {H.shape} for a weight with {K} input columns")
+    if not np.all(np.isfinite(H)) or not np.all(np.isfinite(W)):
+        raise EdgeqError("GPTQ: non-finite weight or covariance")
+    B = codec.block
+    diag = np.diag(H).copy()
+    dead = diag <= 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    importance = np.where(dead, 0.0, diag)
+    H[np.diag_indices(K)] += cfg.damp * float(np.mean(np.diag(H)))
+
+    perm = np.argsort(-diag, kind="stable") if cfg.act_order else np.arange(K)
+    n_blocks = K // B
+    params: list[Any] = [None] * n_blocks
+    if cfg.act_order:  # static groups: fit every block on the original weights
+        w32 = W.astype(np.float32)
+        for b in range(n_blocks):
+            params[b] = codec.fit(w32[:, b * B:(b + 1) * B], importance[b * B:(b + 1) * B])
+    W = W[:, perm]
+    U = _inverse_cholesky(H[np.ix_(perm, perm)])
+
+    batch = max(B, -(-int(cfg.batch) // B) * B)
+    codes = np.empty((R, K), np.int16)
+    deq = np.empty((R, K), np.float32)
+    for i1 in range(0, K, batch):
+        i2 = min(i1 + batch, K)
+        W1 = W[:, i1:i2].copy()
+        Err = np.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            b, j = divmod(col, B)
+            if params[b] is None:  # not act_order: the block starts here and lies inside W1
+                params[b] = codec.fit(W1[:, i:i + B].astype(np.float32), importance[col:col + B])
+            x = W1[:, i:i + 1].astype(np.float32)
+            jj = np.array([j])
+            q = codec.encode(params[b], x, jj)
+            v = codec.decode(params[b], q, jj)
+            codes[:, col] = q[:, 0]
+            deq[:, col] = v[:, 0]
+            err = (W1[:, i] - v[:, 0].astype(np.float64)) / U1[i, i]
+            W1[:, i:] -= np.outer(err, U1[i, i:])
+            Err[:, i] = err
+        W[:, i2:] -= Err @ U[i1:i2, i2:]
+    return GridResult(params, codes, deq)
+
+
+def pack_gguf(result: GridResult, codec) -> np.ndarray:
+    """(out, row_nbytes) uint8: the GGML bytes of a GridResult, blocks in column order."""
+    B = codec.block
+    parts = [codec.pack(p, result.codes[:, b * B:(b + 1) * B]) for b, p in enumerate(result.params)]
+    return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.uint8)
