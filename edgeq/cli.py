@@ -98,8 +98,13 @@ def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, n
     m = res.manifest
     size = sum(f["bytes"] for f in m["files"].values())
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items())
-    click.echo(f"built {res.out} ({m['format']}, {m['weight_type']}, {size / 1e6:.1f} MB) "
-               f"in {res.seconds:.1f}s ({steps})")
+    wt = "mixed plan" if m.get("plan_file") else m["weight_type"]
+    click.echo(f"built {res.out} ({m['format']}, {wt}, {size / 1e6:.1f} MB) in {res.seconds:.1f}s ({steps})")
+    if m.get("plan_file"):
+        sz = m["size"]
+        click.echo(f"plan: per-tensor choices in {res.out / m['plan_file']} (replay with --plan); size predicted "
+                   f"{sz['predicted_total_bytes'] / 1e6:.2f} MB, realised {sz['realised_total_bytes'] / 1e6:.2f} MB "
+                   f"({sz['bpw']:.3f} bpw)")
 
 
 @main.command()

@@ -30,13 +30,27 @@ def describe(artifact_dir: str | Path) -> dict:
     return {"manifest": m, "files": files}
 
 
+def _weights_line(m: dict) -> str:
+    if m.get("plan_file"):
+        types = Counter(v for k, v in m.get("tensor_types", {}).items() if "norm" not in k and not k.endswith(".bias"))
+        ranks = m.get("ranks", {})
+        size = m.get("size", {})
+        mix = ", ".join(f"{n}x{t}" for t, n in sorted(types.items(), key=lambda kv: (-kv[1], kv[0])))
+        comp = f"; compensation on {len(ranks)} linears (ranks {sorted(set(ranks.values()))})" if ranks else ""
+        bpw = f"; {size['bpw']:.3f} bpw" if "bpw" in size else ""
+        pred = (f"; size predicted {size['predicted_total_bytes'] / 1e6:.2f} MB, realised "
+                f"{size['realised_total_bytes'] / 1e6:.2f} MB") if "predicted_total_bytes" in size else ""
+        return f"weights       mixed plan ({m['plan_file']}): {mix}{comp}{bpw}{pred}"
+    return f"weights       {m.get('weight_type')} ({m.get('bits')}-bit plan)"
+
+
 def format_description(d: dict, show_tensors: bool = False) -> str:
     m = d["manifest"]
     hp = m.get("hparams", {})
     lines = [
         f"format        {m['format']}  (schema {m['schema_version']}, edgeq {m['edgeq_version']})",
         f"target        {m['target']}",
-        f"weights       {m.get('weight_type')} ({m.get('bits')}-bit plan)",
+        _weights_line(m),
         f"model         {hp.get('arch')}: {hp.get('num_layers')} layers, hidden {hp.get('hidden_size')}, "
         f"ffn {hp.get('intermediate_size')}, heads {hp.get('num_heads')}/{hp.get('num_kv_heads')}, "
         f"vocab {hp.get('vocab_size')}",

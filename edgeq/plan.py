@@ -41,6 +41,8 @@ QUANTIZERS = ("gptq", "rtn")
 COMPENSATIONS = ("qera", "svd")
 # Float formats a plan may name besides the quantized ones.
 FLOAT_TYPES = ("F16", "F32")
+# Compensation ranks are only candidates for types below this many bits per weight.
+RANK_MAX_BPW = 6.0
 
 
 @dataclass(frozen=True)
@@ -353,12 +355,13 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
         cov = stats.layers[lin.layer].input_cov(lin.role)
         w = lin.weight
         e: dict[Choice, float] = {}
+        S = None
         for t in types:
-            if FORMATS[as_qtype(t)].block_size == 1:
-                deq = _rtn_table(w, t)
-                e[Choice(t, 0)] = output_error(w - deq, cov)
+            info = FORMATS[as_qtype(t)]
+            if info.block_size == 1:
+                e[Choice(t, 0)] = output_error(w - _rtn_table(w, t), cov)
                 continue
-            if w.shape[1] % FORMATS[as_qtype(t)].block_size:
+            if w.shape[1] % info.block_size:
                 continue
             res = _quantized(w, cov, t, quantizer, damp, act_order)
             E = np.asarray(w, dtype=np.float64) - res.dequant
@@ -366,11 +369,13 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
             e[Choice(t, 0)] = base
             if t == ref_type:
                 ref_weights[name] = res.dequant  # the gain is KL / err of the same perturbation
-            rr = [r for r in ranks if 0 < r <= min(w.shape)]
+            # compensation only pays below ~6 bits per weight (an 8-bit error is already tiny)
+            rr = [r for r in ranks if 0 < r <= min(w.shape)] if info.bits_per_weight < RANK_MAX_BPW else []
             if rr:
-                from edgeq.quant.compensate import _sqrt_and_inv
+                if S is None:
+                    from edgeq.quant.compensate import _sqrt_and_inv
 
-                S, _ = _sqrt_and_inv(cov, 1e-4)
+                    S, _ = _sqrt_and_inv(cov, 1e-4)
                 s = np.linalg.svd(E @ S, compute_uv=False)
                 cum = np.cumsum(s ** 2)
                 for r in rr:

@@ -29,6 +29,13 @@ REFERENCE_TOLERANCE: dict[str, ReferenceTolerance] = {
     "Q8_0": ReferenceTolerance(max_mean_kl=0.01, min_top1=0.90),
     "Q4_1": ReferenceTolerance(max_mean_kl=0.15, min_top1=0.70),
     "Q4_0": ReferenceTolerance(max_mean_kl=0.50, min_top1=0.60),
+    # Formats the planner adds. A planned artifact is checked against the bound of the
+    # lowest-bit type among its block linears (a conservative bound for a mix). Set between the
+    # measured neighbours above (Q6_K/Q5_x: at most Q4_1's; Q4_K: Q4_0's), not measured alone.
+    "Q6_K": ReferenceTolerance(max_mean_kl=0.05, min_top1=0.85),
+    "Q5_1": ReferenceTolerance(max_mean_kl=0.15, min_top1=0.70),
+    "Q5_0": ReferenceTolerance(max_mean_kl=0.15, min_top1=0.70),
+    "Q4_K": ReferenceTolerance(max_mean_kl=0.50, min_top1=0.60),
 }
 # Measured on SmolLM2-135M-Instruct's golden prompts (96 positions) for files byte-identical to
 # llama.cpp's own quantization: Q8_0 KL 0.0054 / top-1 0.98; Q4_1 0.0037 / 0.99 (the model sits

@@ -63,3 +63,25 @@ def test_separate_lora_on_smollm2_matches_reference_branches(smollm2_dir, tmp_pa
     assert m["adapter_files"] == ["adapter-lora.gguf"]
     assert "OK" in cli("verify", out)
 
+
+
+def test_planned_build_beats_uniform_q4_0_at_its_size(smollm2_dir, tmp_path):
+    """The planner (GPTQ + compensation) at the size of llama.cpp's Q4_0 recipe: smaller KL
+    from the fp32 reference on the golden prompts, the file within the budget, and verify OK."""
+    from edgeq.verify import verify
+
+    q4 = tmp_path / "q4"
+    cli("build", smollm2_dir, "--bits", "4", "-o", q4)
+    budget = sum(f["bytes"] for n, f in json.loads((q4 / "manifest.json").read_text())["files"].items()
+                 if n.endswith(".gguf"))
+    planned = tmp_path / "planned"
+    cli("build", smollm2_dir, "--budget-mb", budget / 1e6, "--calib-samples", "16", "--calib-len", "128",
+        "-o", planned)
+    m = json.loads((planned / "manifest.json").read_text())
+    assert m["plan_file"] == "plan.toml" and (planned / "plan.toml").exists()
+    assert m["size"]["realised_total_bytes"] <= budget
+    assert m["size"]["realised_total_bytes"] >= 0.98 * budget
+    rep_q4, rep_plan = verify(q4), verify(planned)
+    assert rep_q4.ok and rep_plan.ok, (rep_q4.problems, rep_plan.problems)
+    assert rep_plan.reference["0"]["mean_kl"] < 0.5 * rep_q4.reference["0"]["mean_kl"], \
+        (rep_plan.reference, rep_q4.reference)

@@ -204,9 +204,10 @@ def tensor_types(ir: ModelIR, bits: int | QType | str,
     * An untied ``token_embd`` gets the base type.
     * F32/F16 bases: every 2-D tensor gets the base type.
 
-    One deviation: edgeq.quant has no Q6_K quantizer, so where llama.cpp picks Q6_K (hidden a
-    multiple of 256 with a 4-bit base) we plan Q8_0 — that tensor is then 8.5 instead of
-    6.5625 bits per weight. Everything else gives the same tensor types and byte-identical
+    One deviation: edgeq's Q6_K is its own fit, not llama.cpp's iterative quantizer, so where
+    llama.cpp picks Q6_K (hidden a multiple of 256 with a 4-bit base) this recipe plans Q8_0 to
+    keep every byte reproducible — that tensor is then 8.5 instead of 6.5625 bits per weight
+    (planned builds may choose Q6_K freely). Everything else gives the same tensor types and byte-identical
     tensor data as llama.cpp's quantizer (tested), hence the same size for the same format.
 
     ``overrides`` (2-D tensors only): exact IR name, then ``re:<regex>`` (full match), then

@@ -22,8 +22,11 @@ from edgeq.ir import LowRank, ModelIR, Packed, PassRecord
 COMP_SOURCE = "qerr"
 
 
-def quantize_ir(ir: ModelIR, plan, stats, progress: bool = True) -> ModelIR:
-    """A new ModelIR with the plan's quantization applied to every block linear."""
+def quantize_ir(ir: ModelIR, plan, stats, progress: bool = True, cache: dict | None = None) -> ModelIR:
+    """A new ModelIR with the plan's quantization applied to every block linear.
+
+    ``cache``: a dict reused across calls on the *same* IR and statistics (e.g. several plans
+    of one model in a benchmark) so each (tensor, type[, rank]) is quantized only once."""
     from edgeq.quant.codecs import codec_for
     from edgeq.quant.compensate import compensation
     from edgeq.quant.formats import FORMATS, as_qtype
@@ -47,21 +50,36 @@ def quantize_ir(ir: ModelIR, plan, stats, progress: bool = True) -> ModelIR:
         if any(lr.source == COMP_SOURCE for lr in lin.low_rank):
             raise EdgeqError(f"{name} already carries an error-compensation branch (quantized twice?)")
         qt = as_qtype(c.type)
-        if FORMATS[qt].block_size == 1:
+        if FORMATS[qt].block_size == 1:  # F16 / F32: the weight as the file will hold it
+            if qt.value == "F16":
+                linears[name] = dataclasses.replace(lin, weight=np.asarray(lin.weight, np.float32).astype(np.float16)
+                                                    .astype(np.float32), packed=None)
             continue
         codec = codec_for(qt)
         cov = None if stats is None else stats.layers[lin.layer].input_cov(lin.role)
         w = np.asarray(lin.weight, dtype=np.float32)
-        if plan.quantizer == "gptq":
-            res = gptq(w, cov, codec, cfg)
+        key = (name, qt.value, plan.quantizer, plan.damp, plan.act_order)
+        if cache is not None and key in cache:
+            deq, data = cache[key]
         else:
-            res = rtn(w, codec, None if cov is None else np.diag(cov))
+            if plan.quantizer == "gptq":
+                res = gptq(w, cov, codec, cfg)
+            else:
+                res = rtn(w, codec, None if cov is None else np.diag(cov))
+            deq, data = res.dequant, pack_gguf(res, codec)
+            if cache is not None:
+                cache[key] = (deq, data)
         low_rank = lin.low_rank
         if c.rank:
-            a, b = compensation(w - res.dequant, cov, c.rank, plan.compensation)
+            ckey = key + (c.rank, plan.compensation)
+            if cache is not None and ckey in cache:
+                a, b = cache[ckey]
+            else:
+                a, b = compensation(w - deq, cov, c.rank, plan.compensation)
+                if cache is not None:
+                    cache[ckey] = (a, b)
             low_rank = low_rank + (LowRank(a=a, b=b, scale=1.0, source=COMP_SOURCE),)
-        linears[name] = dataclasses.replace(lin, weight=res.dequant, low_rank=low_rank,
-                                            packed=Packed(qt.value, pack_gguf(res, codec)))
+        linears[name] = dataclasses.replace(lin, weight=deq, low_rank=low_rank, packed=Packed(qt.value, data))
     rec = PassRecord(name="quantize", options={"quantizer": plan.quantizer, "compensation": plan.compensation,
                                                "damp": plan.damp, "act_order": plan.act_order})
     return ir.replace(linears=linears, history=ir.history + (rec,))

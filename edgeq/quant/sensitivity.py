@@ -47,12 +47,12 @@ class KLProbe:
             self.final = self.model.hidden(self.ids, use_lora=False, collect=self.inputs)
             logits = self.final @ self.model.out_w.T
             self.ref_logp = torch.log_softmax(logits.double(), dim=-1)
+            self.ref_p = self.ref_logp.exp()
 
     def _kl(self, logits) -> float:
         torch = self.torch
         logq = torch.log_softmax(logits.double(), dim=-1)
-        p = self.ref_logp.exp()
-        return float((p * (self.ref_logp - logq)).sum(-1).mean())
+        return float((self.ref_p * (self.ref_logp - logq)).sum(-1).mean())
 
     def linear_kl(self, layer: int, role: Role, weight: np.ndarray) -> float:
         """KL with linear (layer, role)'s weight replaced by ``weight``."""
