@@ -1,5 +1,5 @@
 # edgeq — the two commands of the README:
-#   make demo   fresh machine -> venv, install, SmolLM2-135M-Instruct, build, verify, run, profile
+#   make demo   fresh machine -> venv, install, SmolLM2-135M-Instruct, planned build, verify, run, profile
 #   make test   fresh machine -> venv, install, full test suite (slow end-to-end tests included)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -10,7 +10,7 @@ STAMP := $(VENV)/.edgeq-installed
 # not for the build host, so numbers are comparable across machines of that class.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 MODEL_DIR ?= models/cache/smollm2-135m-instruct
-DEMO_OUT ?= out/smollm2-cpu-avx2-q4
+DEMO_OUT ?= out/smollm2-cpu-avx2
 DEMO_PROMPT ?= What is the capital of France? Answer in one sentence.
 PYTEST_ARGS ?=
 
@@ -33,7 +33,9 @@ models: install
 
 demo: models
 	$(BIN)/edgeq targets
-	$(BIN)/edgeq build $(MODEL_DIR) --target cpu-avx2 --bits 4 -o $(DEMO_OUT) --force
+	# the planner: calibrate on Alpaca, per-tensor type + compensation rank for the profile's
+	# budget, GPTQ on the chosen grids (several minutes on 2 cores)
+	$(BIN)/edgeq build $(MODEL_DIR) --target cpu-avx2 -o $(DEMO_OUT) --force
 	$(BIN)/edgeq inspect $(DEMO_OUT)
 	$(BIN)/edgeq verify $(DEMO_OUT)
 	$(BIN)/edgeq run $(DEMO_OUT) --prompt "$(DEMO_PROMPT)" --max-tokens 48

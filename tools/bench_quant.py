@@ -176,7 +176,6 @@ def eval_variant(vname: str, rows: list[dict], args, out: Path) -> None:
     ref = CachedLogits(ReferenceSession(read_ir(out / "fp32-ir"), n_ctx=args.ctx))
     text = wikitext2_test_text()
     tokens = None
-    items_ref = None
     for r in rows:
         model, loras = r["files"][0], r["files"][1:]
         with LlamaCppSession(model, lora_paths=loras, n_ctx=2048, n_threads=args.threads) as s:
@@ -192,11 +191,12 @@ def eval_variant(vname: str, rows: list[dict], args, out: Path) -> None:
             r["eval_s"] = time.perf_counter() - t
         log(f"{vname} {r['who']} {r['type']}: ppl {r['ppl']:.3f} KL {r['kl']:.4f} top1 {r['top1']:.3f} "
             f"LAMBADA {r.get('lambada')}")
-    if args.lambada and items_ref is None:
-        with ReferenceSession(read_ir(out / "fp32-ir"), n_ctx=args.ctx) as s0:
+    if args.lambada:  # the unquantized model's LAMBADA, through llama.cpp on the F32 GGUF (fast)
+        with LlamaCppSession(out / "f32.gguf", n_ctx=2048, n_threads=args.threads) as s0:
             lam = lambada(s0, limit=args.lambada, progress=False)
         for r in rows:
             r["ref_lambada"] = lam.accuracy
+        log(f"{vname} F32 (llama.cpp) LAMBADA {lam.accuracy:.3f}")
     # decode: llama.cpp and edgeq of the same size point interleaved; edgeq also without its
     # compensation adapter (what the LoRA path of llama.cpp costs)
     for i in range(0, len(rows), 2):

@@ -156,3 +156,15 @@ def pack_gguf(result: GridResult, codec) -> np.ndarray:
     B = codec.block
     parts = [codec.pack(p, result.codes[:, b * B:(b + 1) * B]) for b, p in enumerate(result.params)]
     return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.uint8)
+
+
+def to_int_group(result: GridResult, codec):
+    """An :class:`edgeq.quant.intgroup.IntGroupTensor` (ONNX MatMulNBits / TVM layout) of a
+    GridResult made with an int-group codec; it dequantizes to exactly ``result.dequant``."""
+    from edgeq.quant.intgroup import IntGroupTensor
+
+    fmt = codec.fmt
+    R, K = result.codes.shape
+    d = np.stack([np.asarray(p.d, np.float32) for p in result.params], axis=1)  # (R, n_groups)
+    zp = None if fmt.symmetric else np.stack([np.asarray(p.zp, np.uint8) for p in result.params], axis=1)
+    return IntGroupTensor(fmt, (R, K), result.codes.astype(np.uint8), d, zp)
