@@ -197,8 +197,13 @@ def eval_variant(vname: str, rows: list[dict], args, out: Path) -> None:
         for r in rows:
             r["ref_lambada"] = lam.accuracy
         log(f"{vname} F32 (llama.cpp) LAMBADA {lam.accuracy:.3f}")
-    # decode: llama.cpp and edgeq of the same size point interleaved; edgeq also without its
-    # compensation adapter (what the LoRA path of llama.cpp costs)
+    if args.decode_runs > 0:
+        decode_variant(vname, rows, args)
+
+
+def decode_variant(vname: str, rows: list[dict], args) -> None:
+    """llama.cpp and edgeq of the same size point interleaved; edgeq also without its
+    compensation adapter (what the LoRA path of llama.cpp costs)."""
     for i in range(0, len(rows), 2):
         pair = rows[i:i + 2]
         cfgs = [(r["files"][0], r["files"][1:]) for r in pair]
@@ -236,12 +241,13 @@ def table(rows: list[dict]) -> str:
         for r in (a, b):
             lam = f"{r['lambada']:.3f}" if r.get("lambada") is not None else "-"
             nc = b.get("decode_tok_s_without_compensation")
+            da, db = a.get("decode_tok_s"), b.get("decode_tok_s")
             ratio = (f"{b['bytes'] / a['bytes']:.4f} | {b['kl'] / a['kl']:.3f} | "
-                     f"{b['decode_tok_s'] / a['decode_tok_s']:.3f} | "
-                     + (f"{nc / a['decode_tok_s']:.3f}" if nc else "-")) if r is b else " | | | "
+                     + (f"{db / da:.3f}" if da and db else "-") + " | "
+                     + (f"{nc / da:.3f}" if nc and da else "-")) if r is b else " | | | "
             lines.append(f"| {r['variant']} | {r['who']} | {r['type']} | {r['bytes'] / 1e6:.2f} | {r['bpw']:.3f} | "
                          f"{r['ppl']:.3f} | {r['kl']:.4f} | {r['kl_p99']:.3f} | {r['top1']:.3f} | {lam} | "
-                         f"{r['decode_tok_s']:.1f} | {ratio} |")
+                         + (f"{r['decode_tok_s']:.1f}" if r.get("decode_tok_s") else "-") + f" | {ratio} |")
     return "\n".join(lines)
 
 
@@ -260,7 +266,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lambada", type=int, default=500, help="first N LAMBADA items (0: skip)")
     ap.add_argument("--decode-runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--stage", choices=["all", "build", "eval"], default="all")
+    ap.add_argument("--stage", choices=["all", "build", "eval", "decode"], default="all",
+                    help="decode: re-measure decode speed only, on a previous eval's results")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench-quant")
     args = ap.parse_args(argv)
     args.types = [t.strip() for t in args.types.split(",") if t.strip()]
@@ -272,6 +279,10 @@ def main(argv=None) -> int:
         out = args.out / v
         if args.stage in ("all", "build"):
             rows = build_variant(v, args, out)
+        elif args.stage == "decode":
+            rows = json.loads((out / "results.json").read_text())
+            decode_variant(v, rows, args)
+            (out / "results.json").write_text(json.dumps(rows, indent=1))
         else:
             rows = json.loads((out / "build.json").read_text())["rows"]
         if args.stage in ("all", "eval"):
