@@ -412,7 +412,7 @@ def test_quantized_tiny_model_loads_in_llama_cpp(tiny_f32, tmp_path):
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
     params.nthread = 2
     assert llama_cpp.llama_model_quantize(str(src_path).encode(), str(out_path).encode(), ctypes.byref(params)) == 0
-    model = llama_cpp.Llama(model_path=str(out_path), n_ctx=64, n_threads=2, verbose=False)
+    model = llama_cpp.Llama(model_path=str(out_path), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
     try:
         toks = model.tokenize(b"hi there\n")
         assert toks[0] == 1 and toks[-1] == 3 + 0x0A  # BOS, newline via the <0x0A> byte token
