@@ -236,13 +236,7 @@ def _lower_gguf(ir: ModelIR, opts: BuildOptions, target: TargetProfile, bits: in
         types = lower_gguf.tensor_types(ir, opts.qtype or bits)
         log(f"writing {MODEL_FILE} ({types[linear_name(0, Role.Q)].value}) for target {target.name}")
         lower_gguf.write_gguf(ir, tmp / MODEL_FILE, types, allow_low_rank=separate, progress=True)
-        adapter_files = []
-        if separate:
-            for name in ir.adapters:
-                fname = f"adapter-{name}.gguf"
-                log(f"writing LoRA adapter {fname}")
-                lower_gguf.write_lora_gguf(ir, name, tmp / fname)
-                adapter_files.append(fname)
+        adapter_files = _write_adapter_files(ir, tmp, log) if separate else []
         manifest = {"format": "gguf", "runtime": "llamacpp", "model_file": MODEL_FILE,
                     "adapter_files": adapter_files, "weight_type": types[linear_name(0, Role.Q)].value,
                     "bits": bits, "tensor_types": {k: v.value for k, v in sorted(types.items())}}
@@ -357,11 +351,7 @@ def _lower_gguf_planned(ir: ModelIR, float_ir: ModelIR, plan, opts: BuildOptions
         lower_gguf.write_lora_gguf(ir, COMP_SOURCE, tmp / fname, dtype="F16")
         adapter_files.append(fname)
     if separate:
-        for name in ir.adapters:
-            fname = f"adapter-{name}.gguf"
-            log(f"writing LoRA adapter {fname}")
-            lower_gguf.write_lora_gguf(ir, name, tmp / fname)
-            adapter_files.append(fname)
+        adapter_files += _write_adapter_files(ir, tmp, log)
     files = [MODEL_FILE, *adapter_files]
     total = sum((tmp / f).stat().st_size for f in files)
     manifest = {"format": "gguf", "runtime": "llamacpp", "model_file": MODEL_FILE, "adapter_files": adapter_files,
@@ -372,6 +362,19 @@ def _lower_gguf_planned(ir: ModelIR, float_ir: ModelIR, plan, opts: BuildOptions
                          "predicted_total_bytes": plan_bytes(ir, plan) + lower_gguf.fixed_overhead_bytes(ir),
                          "realised_total_bytes": total, "bpw": round(total * 8 / n_weights(ir), 4)}}
     return manifest, float_ir
+
+
+def _write_adapter_files(ir: ModelIR, tmp: Path, log) -> list[str]:
+    """One llama.cpp LoRA-adapter GGUF per adapter kept separate; returns the file names."""
+    from edgeq.lower import gguf as lower_gguf
+
+    files = []
+    for name in ir.adapters:
+        fname = f"adapter-{name}.gguf"
+        log(f"writing LoRA adapter {fname}")
+        lower_gguf.write_lora_gguf(ir, name, tmp / fname)
+        files.append(fname)
+    return files
 
 
 def _type_counts(plan) -> str:

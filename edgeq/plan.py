@@ -23,7 +23,6 @@ metadata and the tokenizer are added as a fixed overhead when a total artifact s
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import tomllib
@@ -424,13 +423,3 @@ def make_plan(ir: ModelIR, stats, target: str, types: Sequence[str], ranks: Sequ
                     "predicted_kl": sum(o.kl for o in sel.values()),
                     "types": ",".join(types), "ranks": ",".join(str(r) for r in sorted(set(ranks)))}
     return plan
-
-
-def uniform_plan(ir: ModelIR, target: str, types: Mapping[str, str], quantizer: str = "rtn") -> Plan:
-    """A plan from an explicit per-tensor type map (e.g. edgeq.lower.gguf.tensor_types)."""
-    shapes = plan_tensor_shapes(ir)
-    return Plan(target=target, quantizer=quantizer, tensors={n: Choice(str(types[n])) for n in shapes})
-
-
-def replace(plan: Plan, **kw) -> Plan:
-    return dataclasses.replace(plan, **kw)

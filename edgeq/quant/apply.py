@@ -85,13 +85,6 @@ def quantize_ir(ir: ModelIR, plan, stats, progress: bool = True, cache: dict | N
     return ir.replace(linears=linears, history=ir.history + (rec,))
 
 
-def drop_compensation(ir: ModelIR) -> ModelIR:
-    """The IR without its error-compensation branches (LoRA branches kept)."""
-    return ir.replace(linears={k: dataclasses.replace(v, low_rank=tuple(lr for lr in v.low_rank
-                                                                         if lr.source != COMP_SOURCE))
-                               for k, v in ir.linears.items()})
-
-
 def has_compensation(ir: ModelIR) -> bool:
     return any(lr.source == COMP_SOURCE for lin in ir.linears.values() for lr in lin.low_rank)
 

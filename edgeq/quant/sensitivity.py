@@ -19,16 +19,12 @@ their KL measured directly for every candidate type (a handful of forwards).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from edgeq.errors import EdgeqError, require
-from edgeq.ir import ModelIR, Role, linear_name
-
-ROLES = (Role.Q, Role.K, Role.V, Role.O, Role.GATE, Role.UP, Role.DOWN)
-
+from edgeq.errors import require
+from edgeq.ir import ModelIR, Role
 
 class KLProbe:
     """KL(fp32 model || model with one tensor replaced) on fixed token sequences."""
@@ -105,18 +101,3 @@ def measure_gains(ir: ModelIR, errors_ref: Mapping[str, float], perturbed: Calla
         err = errors_ref[name]
         gains[name] = kl / err if err > 0 else 0.0
     return gains
-
-
-def all_linear_names(ir: ModelIR) -> list[str]:
-    return [linear_name(i, r) for i in range(ir.hparams.num_layers) for r in ROLES]
-
-
-def replace_weight(ir: ModelIR, name: str, w: np.ndarray) -> ModelIR:
-    linears = dict(ir.linears)
-    linears[name] = dataclasses.replace(linears[name], weight=w, packed=None)
-    return ir.replace(linears=linears)
-
-
-def check_sequences(sequences: Sequence[Sequence[int]]) -> None:
-    if not sequences or len({len(s) for s in sequences}) != 1:
-        raise EdgeqError("sensitivity probe needs equal-length token sequences")
