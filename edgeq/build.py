@@ -5,6 +5,7 @@ recovery fine-tune -> rate plan] -> lowering (gguf | reference) -> goldens -> ma
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from edgeq.frontend import load_adapter, load_model, merge_adapters
 from edgeq.ir import ModelIR, Role, linear_name
 from edgeq.targets import TargetProfile, load_target
 
-FORMATS = ("gguf", "reference")
+FORMATS = ("gguf", "onnx", "reference")
 MODEL_FILE = "model.gguf"
 PLAN_FILE = "plan.toml"
 SORTS = ("uniql", "naive")
@@ -30,7 +31,7 @@ class BuildOptions:
     model: Path
     out: Path
     target: str = "cpu-avx2"
-    format: str = "gguf"
+    format: str | None = "gguf"  # None: the target profile's first format this edgeq lowers
     bits: int | None = None  # None: the target profile's default
     qtype: str | None = None  # explicit base weight type (overrides bits), e.g. "Q4_1"
     adapters: tuple[Path, ...] = ()
@@ -112,6 +113,14 @@ def check_options(opts: BuildOptions, target: TargetProfile) -> None:
         raise EdgeqError(f"unsupported --bits {opts.bits} (4, 8, 16 or 32)")
     if opts.format == "reference" and (opts.qtype or opts.bits not in (None, 32)):
         raise EdgeqError("the reference format stores float32 weights; drop --bits/--qtype")
+    if opts.format == "onnx":
+        if opts.qtype:
+            raise EdgeqError("--qtype names a GGUF type; the onnx format takes --bits 4, 8 or 32")
+        if opts.bits == 16:
+            raise EdgeqError("the onnx format stores int4/int8 (MatMulNBits) or float32 weights: --bits 4, 8 or 32")
+        if opts.prunes:
+            raise EdgeqError("pruned models (--prune-rates) are not lowered to onnx yet; use --format gguf or "
+                             "--format reference")
     if opts.prunes:
         if opts.adapter_mode == "separate" and opts.adapters:
             raise EdgeqError("structured pruning needs merged adapters; use --adapter-mode merge")
@@ -179,6 +188,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = _log) -> BuildResult:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     target = load_target(opts.target)
+    if opts.format is None:
+        opts = dataclasses.replace(opts, format=next((f.value for f in target.formats if f.value in FORMATS), "gguf"))
     check_options(opts, target)
     bits = opts.bits if opts.bits is not None else target.default_bits
     t = time.perf_counter()
@@ -202,6 +213,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = _log) -> BuildResult:
             manifest, ref_ir = _lower_gguf_planned(ir, float_ir, plan, opts, target, tmp, log)
         elif opts.format == "gguf":
             manifest, ref_ir = _lower_gguf(ir, opts, target, bits, tmp, log)
+        elif opts.format == "onnx":
+            manifest, ref_ir = _lower_onnx(ir, opts, target, bits, tmp, log)
         else:
             manifest, ref_ir = _lower_reference(ir, opts, target, tmp, log)
         timings["lower"] = time.perf_counter() - t
@@ -382,6 +395,42 @@ def _type_counts(plan) -> str:
 
     cnt = Counter(f"{c.type}" + (f"+r{c.rank}" if c.rank else "") for c in plan.tensors.values())
     return ", ".join(f"{k} x{v}" for k, v in sorted(cnt.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def onnx_weights(bits: int, target: TargetProfile):
+    """The ONNX weight layout for ``--bits`` on ``target``: int4 / int8 groups of the profile's block
+    size for the block linears (the embedding and head at int8, as llama.cpp keeps them at Q8_0 in
+    its 4-bit files), or float32 throughout."""
+    from edgeq.lower.onnx import OnnxOptions
+
+    if bits == 32:
+        return OnnxOptions(linear=None, head=None, accuracy_level=target.onnx_accuracy_level)
+    g = target.quant_block_size
+    return OnnxOptions(linear=f"int{bits}_g{g}_sym", head=f"int8_g{g}_sym", accuracy_level=target.onnx_accuracy_level)
+
+
+def _lower_onnx(ir: ModelIR, opts: BuildOptions, target: TargetProfile, bits: int, tmp: Path,
+                log) -> tuple[dict, ModelIR]:
+    from edgeq.lower import onnx as lower_onnx
+
+    weights = onnx_weights(bits, target)
+    separate = opts.adapter_mode == "separate" and bool(ir.adapters)
+    switchable = tuple(ir.adapters) if separate else ()
+    log(f"writing {lower_onnx.MODEL_FILE} + {lower_onnx.DATA_FILE} (linears {weights.linear or 'F32'}, "
+        f"embedding/head {weights.head or 'F32'}, accuracy_level {weights.accuracy_level}) for target {target.name}")
+    info = lower_onnx.write_onnx(ir, tmp, weights, switchable=switchable, progress=True)
+    adapter_files = {}
+    for name in switchable:
+        fname = f"adapter-{name}.onnx_adapter"
+        log(f"writing LoRA adapter {fname} (onnxruntime adapter format)")
+        lower_onnx.write_adapter(ir, name, tmp / fname)
+        adapter_files[name] = fname
+    info["adapter_files"] = adapter_files
+    weight_type = "F32" if bits == 32 else f"INT{bits}"
+    manifest = {"format": "onnx", "runtime": "onnxruntime", "model_file": lower_onnx.MODEL_FILE,
+                "adapter_files": sorted(adapter_files.values()), "weight_type": weight_type, "bits": bits,
+                "onnx": info}
+    return manifest, ir
 
 
 def _lower_reference(ir: ModelIR, opts: BuildOptions, target: TargetProfile, tmp: Path,

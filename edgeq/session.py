@@ -7,7 +7,7 @@ from pathlib import Path
 from edgeq.artifact import read_manifest
 from edgeq.errors import EdgeqError
 
-RUNTIMES = ("auto", "llamacpp", "reference")
+RUNTIMES = ("auto", "llamacpp", "onnxruntime", "reference")
 
 
 def default_threads() -> int:
@@ -55,6 +55,15 @@ def open_session(artifact_dir: str | Path, runtime: str = "auto", n_ctx: int = 2
         s = ReferenceSession(read_ir(root), n_ctx=n_ctx)
         s.set_prune_rate(rate)
         return s
+    if fmt == "onnx":
+        if runtime not in ("auto", "onnxruntime"):
+            raise EdgeqError("an onnx artifact runs on the onnxruntime runtime only")
+        from runtimes.onnxrt import OnnxSession
+
+        check_rate(m, rate)
+        return OnnxSession(root, manifest=m, n_ctx=n_ctx, threads=threads or default_threads(), prune=rate)
+    if runtime == "onnxruntime":
+        raise EdgeqError(f"a {fmt} artifact does not run on onnxruntime")
     if fmt != "gguf":
         raise EdgeqError(f"{root}: unsupported artifact format {fmt!r}")
     model = root / gguf_file_for_rate(m, rate)

@@ -160,6 +160,8 @@ class TargetProfile:
     # [plan]: defaults of the mixed-precision planner (edgeq.plan)
     plan_bpw: float | None = None  # default budget, bits per weight over the 2-D weights (branches included)
     plan_ranks: tuple[int, ...] = (0,)  # candidate error-compensation ranks
+    # onnxruntime MatMulNBits accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute)
+    onnx_accuracy_level: int = 4
 
     def plan_types(self, fmt: str = "gguf") -> tuple[str, ...]:
         """Candidate storage types for the planner in artifact format ``fmt``."""
@@ -271,7 +273,8 @@ _SCHEMA: dict[str, set[str]] = {
     "isa": {"features"},
     "compile": {"tvm_target"},
     "compile.tvm_target": {"kind", "mtriple", "mcpu", "mattr", "arch"},
-    "deploy": {"formats", "quant_types", "default_bits", "quant_block_size", "prune_granularity", "threads"},
+    "deploy": {"formats", "quant_types", "default_bits", "quant_block_size", "prune_granularity", "threads",
+               "onnx_accuracy_level"},
 }
 
 _MISSING = object()
@@ -439,6 +442,10 @@ def parse_target(data: Mapping[str, Any], where: str = "<target>", source: Path 
     elif threads is None:
         raise dep.error(f"missing field 'deploy.threads' (required for a {kind.value} target)")
 
+    acc = dep.raw("onnx_accuracy_level", required=False)
+    if acc is not None and (isinstance(acc, bool) or acc not in (0, 1, 2, 3, 4)):
+        raise dep.error(f"'deploy.onnx_accuracy_level' must be 0..4 (MatMulNBits accuracy_level), got {acc}")
+
     plan_bpw, plan_ranks = None, (0,)
     if "plan" in data:
         pl = top.sub("plan")
@@ -473,6 +480,7 @@ def parse_target(data: Mapping[str, Any], where: str = "<target>", source: Path 
         source=source,
         plan_bpw=plan_bpw,
         plan_ranks=plan_ranks,
+        onnx_accuracy_level=4 if acc is None else acc,
     )
 
 

@@ -36,6 +36,10 @@ REFERENCE_TOLERANCE: dict[str, ReferenceTolerance] = {
     "Q5_1": ReferenceTolerance(max_mean_kl=0.15, min_top1=0.70),
     "Q5_0": ReferenceTolerance(max_mean_kl=0.15, min_top1=0.70),
     "Q4_K": ReferenceTolerance(max_mean_kl=0.50, min_top1=0.60),
+    # ONNX MatMulNBits group formats (edgeq.quant.intgroup, symmetric): the same grids as Q8_0 /
+    # Q4_0 (one fp16 scale per 32 weights, Q4_0's scale rule), so the same bounds.
+    "INT8": ReferenceTolerance(max_mean_kl=0.01, min_top1=0.90),
+    "INT4": ReferenceTolerance(max_mean_kl=0.50, min_top1=0.60),
 }
 # Measured on SmolLM2-135M-Instruct's golden prompts (96 positions) for files byte-identical to
 # llama.cpp's own quantization: Q8_0 KL 0.0054 / top-1 0.98; Q4_1 0.0037 / 0.99 (the model sits

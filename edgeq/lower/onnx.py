@@ -1,0 +1,462 @@
+"""ModelIR -> ONNX decoder graph (opset 23) + one external weight file, run by onnxruntime.
+
+The graph (built with ``onnx.helper``, ``onnx.checker`` clean) takes the new tokens and the KV
+cache and returns logits and the grown cache, so prefill and decode go through the same graph:
+
+* inputs: ``input_ids`` int64 (1, S); ``logits_from`` int64 scalar (first position whose logits
+  are computed: 0 for every position, S-1 for generation); ``past.{i}.key`` / ``past.{i}.value``
+  float32 (1, KV, P, head_dim) per layer (P = 0 on a fresh context).
+* outputs: ``logits`` (1, S - logits_from, vocab); ``present.{i}.key`` / ``.value`` (1, KV, P+S, head_dim).
+
+Activations are 2-D (tokens, features) inside (batch 1). Blocks: embedding Gather, RMSNorm
+(``RMSNormalization``), Q/K/V with optional biases (Qwen2), RoPE in the rotate-half form with
+per-KV-group gathered frequencies (a UniQL-sorted model keeps its pair order), grouped-query
+attention with a causal mask over past + new positions, SwiGLU MLP, tied or untied head.
+
+Weights: linears as ``com.microsoft.MatMulNBits`` (int4 / int8 group codes from
+:mod:`edgeq.quant.intgroup`, block = group) or float32 ``Gemm``; a quantized tied embedding is
+*one* initializer used twice, by the head's MatMulNBits and by the embedding lookup (a Gather of
+its 8-bit codes, dequantized in the graph). Low-rank branches (LoRA kept separate, error
+compensation) are ``x -> MatMul(A^T) -> MatMul(s * B^T)`` added to the base output; a LoRA
+branch kept separate has its two matrices as graph inputs whose defaults are a zero rank-1
+branch (overridable initializers): the graph alone is the base model, and an onnxruntime adapter
+file (``onnxruntime.LoraAdapter``, see :func:`write_adapter`) activated per run supplies the
+adapter, so it is switched or disabled without touching the base (the ORT-GenAI scheme). All initializers but tiny constants live in ``model.onnx.data``, at
+offsets aligned for mmap.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+from edgeq.ir import Linear, ModelIR, Role, TokenizerSpec, linear_name
+from edgeq.lower.onnx_graph import MS_DOMAIN, GraphBuilder
+
+OPSET = 23
+IR_VERSION = 10
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+TOKENIZER_FILE = "tokenizer.spec.json"
+INLINE_BYTES = 256  # smaller initializers stay inside model.onnx
+ALIGN_LARGE = 4096  # offsets of tensors >= 64 KiB are page aligned (mmap-friendly)
+ROLES = (Role.Q, Role.K, Role.V, Role.O, Role.GATE, Role.UP, Role.DOWN)
+
+
+def _need_onnx():
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise EdgeqError("the onnx format needs the 'onnx' package: pip install 'edgeq[onnx]'") from None
+
+
+ATTENTION = ("gqa", "standard")
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """How weights are stored (int-group format names from edgeq.quant.intgroup, or None for
+    float32) and how attention is expressed."""
+
+    linear: str | None = "int4_g32_sym"
+    head: str | None = "int8_g32_sym"  # the output head and the (tied or not) embedding table
+    accuracy_level: int = 4  # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
+    # "gqa": com.microsoft.GroupQueryAttention (RoPE, KV-cache append, grouped heads in one node;
+    # the Q/K pair sort is undone first, exactly); "standard": plain opset-23 ops with per-KV-group
+    # gathered RoPE frequencies (the form pruned Q/K pairs need).
+    attention: str = "gqa"
+    max_positions: int = 32768  # GQA cos/sin cache rows (capped by the model's max positions)
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION:
+            raise EdgeqError(f"unknown onnx attention {self.attention!r} (available: {', '.join(ATTENTION)})")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def fit_format(fmt: str, k: int):
+    """The int-group format for a tensor with ``k`` inputs: the requested group, or the largest
+    of 128/64/32 that divides ``k`` and is not larger (noted in the manifest)."""
+    from edgeq.quant.intgroup import IntGroupFormat, parse_int_format
+
+    f = parse_int_format(fmt)
+    for g in (128, 64, 32):
+        if g <= f.group and k % g == 0:
+            return IntGroupFormat(f.bits, g, f.symmetric)
+    raise EdgeqError(f"{f.name}: no group size of 32/64/128 divides the input width {k}")
+
+
+@dataclass
+class _Lowered:
+    """Bookkeeping of one lowering: which format each tensor got, and its dequantized weight."""
+
+    formats: dict[str, str] = dataclasses.field(default_factory=dict)
+    weights: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # what the graph computes with
+    adapter_inputs: dict[str, dict[str, tuple[str, str]]] = dataclasses.field(default_factory=dict)
+
+
+class _DecoderGraph:
+    def __init__(self, ir: ModelIR, w: OnnxOptions, switchable: frozenset[str]):
+        import onnx
+
+        self.TP = onnx.TensorProto
+        self.ir, self.w, self.switchable = ir, w, switchable
+        self.g = GraphBuilder()
+        self.low = _Lowered()
+        self._rope_cache: dict[bytes, tuple[str, str]] = {}
+
+    # ---- weights -----------------------------------------------------------------------------
+    def _quantized(self, name: str, weight: np.ndarray, fmt_name: str):
+        """(B, scales, attrs) initializers of a MatMulNBits weight; records the dequantized weight."""
+        from edgeq.quant.intgroup import rtn_int
+
+        fmt = fit_format(fmt_name, weight.shape[1])
+        t = rtn_int(weight, fmt)
+        mnb = t.to_matmulnbits()
+        n, nb = t.shape[0], t.n_blocks
+        b = self.g.init(f"{name}.qweight", mnb["B"])
+        s = self.g.init(f"{name}.scales", mnb["scales"].reshape(n, nb))
+        zp = self.g.init(f"{name}.zero_points", mnb["zero_points"]) if "zero_points" in mnb else None
+        self.low.formats[name] = fmt.name
+        self.low.weights[name] = t.dequantize()
+        attrs = dict(t.matmulnbits_attributes(), accuracy_level=self.w.accuracy_level)
+        return b, s, zp, attrs, fmt
+
+    def _matmul(self, x: str, name: str, weight: np.ndarray, fmt_name: str | None, bias: str | None = None) -> str:
+        if fmt_name is None:
+            wt = self.g.init(f"{name}.weight_t", np.ascontiguousarray(weight.T, dtype=np.float32))  # (in, out)
+            self.low.formats[name] = "F32"
+            self.low.weights[name] = weight
+            y = self.g.op("MatMul", [x, wt], name=f"{name}.matmul")
+            return self.g.op("Add", [y, bias], name=f"{name}.add_bias") if bias else y
+        b, s, zp, attrs, _ = self._quantized(name, weight, fmt_name)
+        ins = [x, b, s] + ([zp] if zp else ([""] if bias else [])) + (["", bias] if bias else [])
+        return self.g.op("MatMulNBits", ins, name=f"{name}.matmul", domain=MS_DOMAIN, **attrs)
+
+    def linear(self, x: str, lin: Linear) -> str:
+        bias = self.g.init(f"{lin.name}.bias", lin.bias.astype(np.float32)) if lin.bias is not None else None
+        y = self._matmul(x, lin.name, lin.weight, self.w.linear, bias)
+        for lr in lin.low_rank:
+            y = self.g.op("Add", [y, self._branch(x, lin, lr)], name=f"{lin.name}.add_branch")
+        return y
+
+    def _branch(self, x: str, lin: Linear, lr) -> str:
+        at = np.ascontiguousarray(lr.a.T, dtype=np.float32)  # (in, rank)
+        bt = np.ascontiguousarray((lr.b * np.float32(lr.scale)).T, dtype=np.float32)  # (rank, out)
+        tag = lr.source.split(":", 1)[1] if lr.source.startswith("lora:") else lr.source
+        base = f"lora.{tag}.{lin.name}" if lr.source.startswith("lora:") else f"{lin.name}.{tag}"
+        if lr.source.startswith("lora:") and tag in self.switchable:
+            # defaults: a zero rank-1 branch (the base model); the adapter file overrides them
+            dim = f"rank_{tag}"
+            a = self.g.overridable_init(f"{base}.a", np.zeros((lin.in_features, 1), np.float32), [lin.in_features, dim])
+            b = self.g.overridable_init(f"{base}.b", np.zeros((1, lin.out_features), np.float32), [dim, lin.out_features])
+            self.low.adapter_inputs.setdefault(tag, {})[lin.name] = (a, b)
+        else:
+            a, b = self.g.init(f"{base}.a", at), self.g.init(f"{base}.b", bt)
+        return self.g.op("MatMul", [self.g.op("MatMul", [x, a], name=f"{base}.xa"), b], name=f"{base}.xab")
+
+    def rms_norm(self, x: str, name: str) -> str:
+        w = self.g.init(f"{name}.weight", self.ir.tensors[name].astype(np.float32))
+        return self.g.op("RMSNormalization", [x, w], name=name, axis=-1, epsilon=float(self.ir.hparams.rms_norm_eps))
+
+    # ---- embedding / head ------------------------------------------------------------------------
+    def embedding_and_head(self, ids: str):
+        """(hidden states of the ids, a function hidden -> logits)."""
+        hp, g = self.ir.hparams, self.g
+        emb = self.ir.tensors["token_embd"]
+        fmt = self.w.head
+        if fmt is not None and fit_format(fmt, hp.hidden_size).bits != 8:
+            raise EdgeqError(f"the embedding/head format must be 8-bit or float32, got {fmt}")
+        if fmt is None:
+            table = g.init("token_embd.weight", emb.astype(np.float32))
+            self.low.formats["token_embd"] = "F32"
+            self.low.weights["token_embd"] = emb
+            x = g.op("Gather", [table, ids], name="token_embd.gather", axis=0)  # (1, S, hidden)
+        else:
+            b, s, _, attrs, f = self._quantized("token_embd", emb, fmt)
+            codes = g.op("Gather", [b, ids], name="token_embd.gather_codes", axis=0)  # (1, S, nb, group)
+            sc = g.op("Unsqueeze", [g.op("Gather", [s, ids], name="token_embd.gather_scales", axis=0),
+                                    g.const([-1])], name="token_embd.scales3")
+            val = g.op("Sub", [g.op("Cast", [codes], name="token_embd.cast", to=self.TP.FLOAT),
+                               g.const(np.float32(f.default_zero_point), np.float32)], name="token_embd.center")
+            x = g.op("Reshape", [g.op("Mul", [val, sc], name="token_embd.dequant"), g.const([1, -1, hp.hidden_size])],
+                     name="token_embd.rows")
+            tied_b, tied_s, tied_attrs = b, s, attrs
+        if hp.tie_word_embeddings:
+            if fmt is None:  # one float table: Gemm reads it transposed (2-D activations)
+                return x, lambda h: g.op("Unsqueeze", [g.op("Gemm", [g.op("Reshape", [h, g.const([-1, hp.hidden_size])]),
+                                                                     table], name="output.gemm", transB=1),
+                                                       g.const([0])], name="output.logits3")
+            return x, lambda h: g.op("MatMulNBits", [h, tied_b, tied_s], name="output.matmul", domain=MS_DOMAIN,
+                                     **dict(tied_attrs, accuracy_level=self.w.accuracy_level))
+        out_w = self.ir.tensors["output"]
+        return x, lambda h: self._matmul(h, "output", out_w, fmt)
+
+    # ---- RoPE ------------------------------------------------------------------------------------
+    def _cos_sin(self, pos_f: str, freqs: np.ndarray, tag: str) -> tuple[str, str]:
+        """cos/sin (S, n, 1, half) for per-head frequencies ``freqs`` (n, half); shared by content."""
+        key = freqs.astype(np.float32).tobytes() + bytes(str(freqs.shape), "ascii")
+        if key not in self._rope_cache:
+            g = self.g
+            f = g.init(g.name(f"rope.freqs.{tag}"), freqs.astype(np.float32)[:, None, :])  # (n, 1, half)
+            ang = g.op("Mul", [pos_f, f], name="rope.angles")  # (S,1,1,1) * (n,1,half)
+            self._rope_cache[key] = (g.op("Cos", [ang], name="rope.cos"), g.op("Sin", [ang], name="rope.sin"))
+        return self._rope_cache[key]
+
+    def rope(self, x: str, n: int, cos: str, sin: str, name: str) -> str:
+        g, D = self.g, self.ir.hparams.head_dim
+        x5 = g.op("Reshape", [x, g.const([-1, n, 2, D // 2])], name=f"{name}.heads")
+        x0, x1 = g.op("Split", [x5, g.const([1, 1])], name=f"{name}.halves", n_out=2, axis=2)
+        r0 = g.op("Sub", [g.op("Mul", [x0, cos]), g.op("Mul", [x1, sin])], name=f"{name}.rot0")
+        r1 = g.op("Add", [g.op("Mul", [x1, cos]), g.op("Mul", [x0, sin])], name=f"{name}.rot1")
+        return g.op("Concat", [r0, r1], name=f"{name}.rotated", axis=2)  # (S, n, 2, half)
+
+    # ---- the decoder -----------------------------------------------------------------------------
+    def build(self):
+        ir, g, TP = self.ir, self.g, self.TP
+        hp = ir.hparams
+        H, KV, D, L = hp.num_heads, hp.num_kv_heads, hp.head_dim, hp.num_layers
+        ids2 = g.input("input_ids", TP.INT64, [1, "seq"])
+        logits_from = g.input("logits_from", TP.INT64, [])
+        pasts = []
+        for i in range(L):
+            pasts.append((g.input(f"past.{i}.key", TP.FLOAT, [1, KV, "past", D]),
+                          g.input(f"past.{i}.value", TP.FLOAT, [1, KV, "past", D])))
+        ids = ids2  # activations are (1, S, features)
+        n_new = g.op("Shape", [ids], name="n_new", start=1, end=2)  # (1,)
+        n_past = g.op("Shape", [pasts[0][0]], name="n_past", start=2, end=3)
+        total = g.op("Add", [n_past, n_new], name="n_total")
+        rope = {"inv_freq": _inv_freq(D, hp.rope_theta), "total": total}
+        if self.w.attention == "standard":
+            sq = lambda t: g.op("Squeeze", [t, g.const([0])])  # noqa: E731
+            q_pos = g.op("Range", [sq(n_past), sq(total), g.const(1)], name="q_pos")  # (S,)
+            k_pos = g.op("Range", [g.const(0), sq(total), g.const(1)], name="k_pos")  # (T,)
+            future = g.op("Greater", [g.op("Unsqueeze", [k_pos, g.const([0])]),
+                                      g.op("Unsqueeze", [q_pos, g.const([1])])], name="future")  # (S, T)
+            rope["mask"] = g.op("Where", [future, g.const(np.float32(-np.inf), np.float32),
+                                          g.const(np.float32(0), np.float32)], name="causal_mask")
+            rope["pos_f"] = g.op("Reshape", [g.op("Cast", [q_pos], name="pos_f32", to=TP.FLOAT),
+                                             g.const([-1, 1, 1, 1])], name="pos_f")
+            rope["scale"] = g.const(np.float32(1.0 / np.sqrt(D)), np.float32)
+        x, head = self.embedding_and_head(ids)
+        for i in range(L):
+            h = self.rms_norm(x, f"blk.{i}.attn_norm")
+            q = self.linear(h, ir.linear(i, Role.Q))
+            k = self.linear(h, ir.linear(i, Role.K))
+            v = self.linear(h, ir.linear(i, Role.V))
+            present = [g.output(f"present.{i}.key", TP.FLOAT, [1, KV, "total", D]),
+                       g.output(f"present.{i}.value", TP.FLOAT, [1, KV, "total", D])]
+            if self.w.attention == "gqa":
+                o = self.gqa(i, q, k, v, pasts[i], present, rope)
+            else:
+                o = self.standard_attention(i, q, k, v, pasts[i], present, rope)
+            x = g.op("Add", [x, self.linear(o, ir.linear(i, Role.O))], name=f"blk.{i}.attn_residual")
+            h = self.rms_norm(x, f"blk.{i}.ffn_norm")
+            gt = self.linear(h, ir.linear(i, Role.GATE))
+            up = self.linear(h, ir.linear(i, Role.UP))
+            act = g.op("Mul", [g.op("Mul", [gt, g.op("Sigmoid", [gt])], name=f"blk.{i}.silu"), up], name=f"blk.{i}.swiglu")
+            x = g.op("Add", [x, self.linear(act, ir.linear(i, Role.DOWN))], name=f"blk.{i}.ffn_residual")
+        x = g.op("Slice", [x, g.op("Unsqueeze", [logits_from, g.const([0])]), g.const([np.iinfo(np.int64).max]),
+                           g.const([1])], name="last_positions")
+        x = self.rms_norm(x, "output_norm")
+        g.op("Identity", [head(x)], name="logits", outputs=[g.output("logits", TP.FLOAT, [1, "out_seq", hp.vocab_size])])
+        return g
+
+    def standard_attention(self, i, q, k, v, past, present, ctx) -> str:
+        """Plain ops: RoPE with this layer's gathered frequencies, KV concat, GQA, softmax."""
+        ir, g = self.ir, self.g
+        hp = ir.hparams
+        H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
+        grp, half = H // KV, D // 2
+        idx = ir.rope_index.get(i)
+        idx = np.tile(np.arange(half), (KV, 1)) if idx is None else np.asarray(idx)
+        fk = ctx["inv_freq"][idx]  # (KV, half)
+        cos_k, sin_k = self._cos_sin(ctx["pos_f"], fk, "k")
+        cos_q, sin_q = self._cos_sin(ctx["pos_f"], np.repeat(fk, grp, axis=0), "q")
+        q = self.rope(q, H, cos_q, sin_q, f"blk.{i}.q_rope")
+        k = self.rope(k, KV, cos_k, sin_k, f"blk.{i}.k_rope")
+        k4 = g.op("Transpose", [g.op("Reshape", [k, g.const([1, -1, KV, D])])], name=f"blk.{i}.k_new", perm=[0, 2, 1, 3])
+        v4 = g.op("Transpose", [g.op("Reshape", [v, g.const([1, -1, KV, D])])], name=f"blk.{i}.v_new", perm=[0, 2, 1, 3])
+        k_all = g.op("Concat", [past[0], k4], name=f"blk.{i}.k_all", axis=2, outputs=[present[0]])  # (1, KV, T, D)
+        v_all = g.op("Concat", [past[1], v4], name=f"blk.{i}.v_all", axis=2, outputs=[present[1]])
+        # q: (1, S, H*D) -> (1, KV, grp*S, D), rows (head-in-group, position)
+        q5 = g.op("Transpose", [g.op("Reshape", [q, g.const([-1, KV, grp, D])])], perm=[1, 2, 0, 3])
+        q4 = g.op("Mul", [g.op("Reshape", [q5, g.const([1, KV, -1, D])]), ctx["scale"]], name=f"blk.{i}.q_scaled")
+        kt = g.op("Transpose", [k_all], name=f"blk.{i}.k_t", perm=[0, 1, 3, 2])
+        sc = g.op("Reshape", [g.op("MatMul", [q4, kt], name=f"blk.{i}.scores"), g.const([KV, grp, -1, 0])])
+        p = g.op("Softmax", [g.op("Add", [sc, ctx["mask"]], name=f"blk.{i}.masked")], name=f"blk.{i}.softmax", axis=-1)
+        p4 = g.op("Reshape", [p, g.const([1, KV, -1, 0])])
+        o = g.op("MatMul", [p4, v_all], name=f"blk.{i}.attn")  # (1, KV, grp*S, D)
+        return g.op("Reshape", [g.op("Transpose", [g.op("Reshape", [o, g.const([KV, grp, -1, D])])], perm=[2, 0, 1, 3]),
+                                g.const([1, -1, H * D])], name=f"blk.{i}.attn_heads")
+
+    def gqa(self, i, q, k, v, past, present, ctx) -> str:
+        """One com.microsoft.GroupQueryAttention node (rotary in rotate-half form, KV append)."""
+        ir, g, TP = self.ir, self.g, self.TP
+        hp = ir.hparams
+        if "gqa" not in ctx:
+            n = min(self.w.max_positions, int(hp.max_position_embeddings))
+            ang = np.arange(n, dtype=np.float32)[:, None] * ctx["inv_freq"][None, :]
+            total32 = g.op("Cast", [ctx["total"]], name="total_i32", to=TP.INT32)  # (1,)
+            ctx["gqa"] = {
+                "cos": g.init("rope.cos_cache", np.cos(ang).astype(np.float32)),
+                "sin": g.init("rope.sin_cache", np.sin(ang).astype(np.float32)),
+                "seqlens_k": g.op("Sub", [total32, g.const([1], np.int32)], name="seqlens_k"),
+                "total": g.op("Squeeze", [total32, g.const([0])], name="total_seq_len"),
+            }
+        c = ctx["gqa"]
+        o = g.op("GroupQueryAttention", [q, k, v, past[0], past[1], c["seqlens_k"], c["total"], c["cos"], c["sin"]],
+                 name=f"blk.{i}.gqa", domain=MS_DOMAIN, outputs=[f"blk.{i}.attn_out", present[0], present[1]],
+                 num_heads=hp.num_heads, kv_num_heads=hp.num_kv_heads, do_rotary=1, rotary_interleaved=0,
+                 scale=float(1.0 / np.sqrt(hp.head_dim)))
+        return o[0]  # (1, S, H*D)
+
+
+def _inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    return (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)
+                                         / np.float32(head_dim)))).astype(np.float32)
+
+
+def check(ir: ModelIR) -> list[str]:
+    """Problems that keep ``ir`` from lowering to ONNX."""
+    problems = []
+    if ir.prune is not None and len(ir.prune.rates) > 1:
+        problems.append("pruned models (several rates) are not lowered to onnx yet; build one rate or use "
+                        "--format reference/gguf")
+    if ir.hparams.head_dim % 2:
+        problems.append(f"head_dim {ir.hparams.head_dim} is odd")
+    return problems
+
+
+def graph_ir(ir: ModelIR, weights: OnnxOptions) -> ModelIR:
+    """The IR the graph is built from: for GQA attention, the Q/K pair sort undone (exactly)."""
+    problems = check(ir)
+    if problems:
+        raise EdgeqError(f"cannot lower to onnx: {problems[0]}")
+    if weights.attention == "gqa" and ir.rope_index:
+        from edgeq.lower.gguf_rates import restore_rope_order
+
+        ir = restore_rope_order(ir)  # GQA's rotary uses the sequential frequencies (a row permutation)
+    return ir
+
+
+def build_model(ir: ModelIR, weights: OnnxOptions, switchable=()) -> tuple[object, _Lowered, dict[str, np.ndarray]]:
+    """(graph builder, bookkeeping, initializers) for ``graph_ir(ir)``."""
+    _need_onnx()
+    d = _DecoderGraph(graph_ir(ir, weights), weights, frozenset(switchable))
+    g = d.build()
+    return g, d.low, g.inits
+
+
+def write_onnx(ir: ModelIR, out_dir: Path, weights: OnnxOptions, switchable=(), progress: bool = False) -> dict:
+    """Write ``model.onnx`` + ``model.onnx.data`` + ``tokenizer.spec.json`` into ``out_dir``.
+
+    Returns the manifest's ``onnx`` section. ``switchable``: names of LoRA adapters kept separate
+    whose branches become overridable inputs (see :func:`write_adapter`).
+    """
+    import onnx
+
+    g, low, inits = build_model(ir, weights, switchable)
+    out_dir = Path(out_dir)
+    data_path = out_dir / DATA_FILE
+    offsets: dict[str, tuple[int, int]] = {}
+    with open(data_path, "wb") as f:
+        pos = 0
+        names = [n for n, a in inits.items() if a.nbytes > INLINE_BYTES]
+        it = names
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(names, desc="onnx weights", unit="tensor", leave=False)
+        for n in it:
+            a = inits[n]
+            align = ALIGN_LARGE if a.nbytes >= 65536 else 64
+            pad = (-pos) % align
+            f.write(b"\0" * pad)
+            pos += pad
+            f.write(np.ascontiguousarray(a).tobytes())
+            offsets[n] = (pos, a.nbytes)
+            pos += a.nbytes
+
+    def tensor_proto(name: str, arr: np.ndarray):
+        if name not in offsets:
+            return onnx.numpy_helper.from_array(arr, name)
+        t = onnx.TensorProto(name=name, dims=list(arr.shape),
+                             data_type=onnx.helper.np_dtype_to_tensor_dtype(arr.dtype))
+        t.data_location = onnx.TensorProto.EXTERNAL
+        off, length = offsets[name]
+        for k, v in (("location", DATA_FILE), ("offset", str(off)), ("length", str(length))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        return t
+
+    model = g.model("edgeq_decoder", OPSET, IR_VERSION, tensor_proto)
+    model_path = out_dir / MODEL_FILE
+    model_path.write_bytes(model.SerializeToString(deterministic=True))
+    onnx.checker.check_model(str(model_path))
+    if ir.tokenizer is not None:
+        write_tokenizer(ir.tokenizer, out_dir / TOKENIZER_FILE)
+    return {"model_file": MODEL_FILE, "data_file": DATA_FILE, "opset": OPSET, "ir_version": IR_VERSION,
+            "weights": weights.to_json(), "tensor_formats": dict(sorted(low.formats.items())),
+            "tokenizer_file": TOKENIZER_FILE if ir.tokenizer is not None else None,
+            "adapter_inputs": {a: sorted(v) for a, v in sorted(low.adapter_inputs.items())}}
+
+
+def lowered_ir(ir: ModelIR, weights: OnnxOptions) -> ModelIR:
+    """The float model the ONNX graph computes: ``ir`` with every weight replaced by its dequantized
+    int-group values (the reference the artifact's goldens are compared with)."""
+    ir = graph_ir(ir, weights)
+    _, low, _ = build_model(ir, weights)
+    linears = {n: dataclasses.replace(lin, weight=low.weights[n], packed=None) for n, lin in ir.linears.items()}
+    tensors = dict(ir.tensors)
+    tensors["token_embd"] = low.weights["token_embd"]
+    if "output" in low.weights:
+        tensors["output"] = low.weights["output"]
+    return ir.replace(linears=linears, tensors=tensors)
+
+
+def write_adapter(ir: ModelIR, adapter: str, path: Path) -> list[str]:
+    """One LoRA adapter as an onnxruntime adapter file (``.onnx_adapter``): the overridable
+    ``lora.<adapter>.<linear>.a/.b`` inputs of the graph. Needs onnxruntime at build time."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise EdgeqError("writing onnx adapters needs onnxruntime: pip install 'edgeq[onnx]'") from None
+    params = {}
+    for name in sorted(ir.linears):
+        lin = ir.linears[name]
+        for lr in lin.low_rank:
+            if lr.source == f"lora:{adapter}":
+                params[f"lora.{adapter}.{name}.a"] = np.ascontiguousarray(lr.a.T, dtype=np.float32)
+                params[f"lora.{adapter}.{name}.b"] = np.ascontiguousarray((lr.b * np.float32(lr.scale)).T,
+                                                                          dtype=np.float32)
+    if not params:
+        raise EdgeqError(f"no LoRA branches named {adapter!r} in the model")
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
+    fmt.export_adapter(str(path))
+    return sorted(params)
+
+
+def write_tokenizer(spec: TokenizerSpec, path: Path) -> None:
+    path.write_text(json.dumps(dataclasses.asdict(spec), sort_keys=True, indent=1, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+
+
+def read_tokenizer(path: Path) -> TokenizerSpec:
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+        return TokenizerSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        raise EdgeqError(f"{path}: unreadable tokenizer spec ({exc.__class__.__name__})") from None
+
+
+def linear_names(ir: ModelIR) -> list[str]:
+    return [linear_name(i, r) for i in range(ir.hparams.num_layers) for r in ROLES]

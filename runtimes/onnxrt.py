@@ -1,0 +1,168 @@
+"""onnxruntime runtime for edgeq ONNX artifacts (numpy + onnxruntime + tokenizers; no torch).
+
+The artifact's graph (edgeq.lower.onnx) takes new tokens + the KV cache and returns logits + the
+grown cache; this session keeps the cache as numpy arrays between calls. LoRA adapters kept
+separate ship as onnxruntime adapter files and are activated per run (``set_adapter``), so an
+adapter is switched or disabled without rebuilding or reloading the base model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from edgeq.artifact import read_manifest
+from edgeq.errors import EdgeqError
+from edgeq.ir import HParams
+from runtimes.base import Session
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise EdgeqError("the onnx runtime needs onnxruntime: pip install 'edgeq[onnx]'") from None
+    return ort
+
+
+class OnnxSession(Session):
+    name = "onnxruntime"
+
+    def __init__(self, artifact_dir: str | Path, manifest: dict | None = None, n_ctx: int = 2048,
+                 threads: int | None = None, prune: float = 0.0):
+        ort = _ort()
+        self.root = root = Path(artifact_dir)
+        m = manifest or read_manifest(root)
+        if m.get("format") != "onnx":
+            raise EdgeqError(f"{root}: not an onnx artifact (format {m.get('format')!r})")
+        if abs(float(prune)) > 1e-9:
+            raise EdgeqError(f"pruning rate {prune:g} is not carried by this artifact (available: 0)")
+        self.prune_rate = 0.0
+        self.manifest = m
+        info = m["onnx"]
+        self.hp = hp = HParams.from_json(m["hparams"])
+        self.n_ctx = n_ctx
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(threads or 0)
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        try:
+            self.sess = ort.InferenceSession(str(root / info["model_file"]), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise EdgeqError(f"{root / info['model_file']}: onnxruntime cannot load it ({msg[:200]})") from None
+        self._tok = None
+        self._tok_file = info.get("tokenizer_file")
+        self._adapters = {}
+        for name, fname in sorted(info.get("adapter_files", {}).items()):
+            a = ort.LoraAdapter()
+            try:
+                a.Load(str(root / fname))
+            except Exception:
+                raise EdgeqError(f"{root / fname}: corrupt or unreadable onnxruntime adapter file") from None
+            self._adapters[name] = a
+        self.active_adapters: tuple[str, ...] = tuple(self._adapters)  # as built: every adapter on
+        self._run_options = None
+        self._set_run_options()
+        KV, D = hp.num_kv_heads, hp.head_dim
+        self._empty = np.zeros((1, KV, 0, D), np.float32)
+        self._out_names = ["logits"] + [f"present.{i}.{kv}" for i in range(hp.num_layers) for kv in ("key", "value")]
+        self._past: list[np.ndarray] = []
+        self._pos = 0
+        self.reset()
+
+    # ---- adapters ------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(self._adapters)
+
+    def set_adapter(self, names: str | Sequence[str] | None) -> None:
+        """Activate the named adapters (``None`` / ``[]``: the base model). Takes effect on the next
+        call; the KV cache is kept (call ``reset`` or start a new prompt for a clean switch)."""
+        if names is None:
+            names = ()
+        elif isinstance(names, str):
+            names = (names,)
+        for n in names:
+            if n not in self._adapters:
+                raise EdgeqError(f"adapter {n!r} is not in this artifact (available: "
+                                 f"{', '.join(self._adapters) or 'none'})")
+        self.active_adapters = tuple(names)
+        self._set_run_options()
+
+    def _set_run_options(self) -> None:
+        ort = _ort()
+        ro = ort.RunOptions()
+        for n in self.active_adapters:
+            ro.add_active_adapter(self._adapters[n])
+        self._run_options = ro
+
+    # ---- text ----------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            from edgeq.lower.onnx import read_tokenizer
+            from runtimes.text import SpecTokenizer
+
+            if not self._tok_file:
+                raise EdgeqError("this artifact carries no tokenizer")
+            self._tok = SpecTokenizer(read_tokenizer(self.root / self._tok_file))
+        return self._tok
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    @property
+    def eos_ids(self) -> frozenset[int]:  # type: ignore[override]
+        return self.tokenizer.eos_ids if self._tok_file else frozenset()
+
+    def apply_chat_template(self, prompt: str) -> str:
+        return self.tokenizer.chat(prompt)
+
+    # ---- pruning (one rate for now) ---------------------------------------------------------------
+    @property
+    def prune_rates(self) -> tuple[float, ...]:
+        return (0.0,)
+
+    def set_prune_rate(self, rate: float, kv: str = "keep") -> None:
+        if abs(float(rate)) > 1e-9:
+            raise EdgeqError(f"pruning rate {rate:g} is not carried by this artifact (available: 0)")
+
+    # ---- compute -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self._past = [self._empty] * (2 * self.hp.num_layers)
+        self._pos = 0
+
+    def _run(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
+        hp = self.hp
+        arr = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        if arr.size == 0:
+            raise EdgeqError("empty token sequence")
+        if arr.min() < 0 or arr.max() >= hp.vocab_size:
+            raise EdgeqError(f"token id out of range [0, {hp.vocab_size})")
+        if self._pos + arr.size > self.n_ctx:
+            raise EdgeqError(f"context of {self._pos + arr.size} tokens exceeds n_ctx={self.n_ctx}")
+        feeds = {"input_ids": arr, "logits_from": np.array(0 if all_logits else arr.size - 1, np.int64)}
+        for i in range(hp.num_layers):
+            feeds[f"past.{i}.key"] = self._past[2 * i]
+            feeds[f"past.{i}.value"] = self._past[2 * i + 1]
+        outs = self.sess.run(self._out_names, feeds, self._run_options)
+        self._past = list(outs[1:])
+        self._pos += arr.size
+        return outs[0][0]
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        self.reset()
+        return self._run(token_ids, all_logits=True).astype(np.float32, copy=False)
+
+    def _start(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        self.reset()
+        return self._run(prompt_ids, all_logits=False)[-1]
+
+    def _step(self, token_id: int) -> np.ndarray:
+        return self._run([token_id], all_logits=False)[-1]
