@@ -54,6 +54,11 @@ REFERENCE_TOLERANCE: dict[str, ReferenceTolerance] = {
 GGUF_Q8_MAX_MEAN_KL = 0.01
 GGUF_Q8_MIN_TOP1 = 0.9
 
+# ONNX round trip on the int8 artifact: onnxruntime (MatMulNBits accuracy_level 4 quantizes
+# activations to int8 per block) vs the reference runtime on the same dequantized weights.
+# Issue 5's goal is KL < 1e-3 (measured on SmolLM2: see docs/benchmarks.md).
+ONNX_INT8_MAX_MEAN_KL = 1e-3
+
 # A sorting pass is an exact reparametrisation at rate 0:
 # max |logits(sorted) - logits(original)| / max |logits(original)|, fp32 reference runtime.
 SORT_EXACT_MAX_REL = 1e-4

@@ -44,7 +44,8 @@ class OnnxSession(Session):
         self.hp = hp = HParams.from_json(m["hparams"])
         self.n_ctx = n_ctx
         so = ort.SessionOptions()
-        so.intra_op_num_threads = int(threads or 0)
+        self.n_threads = int(threads or 0)
+        so.intra_op_num_threads = self.n_threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
@@ -72,6 +73,15 @@ class OnnxSession(Session):
         self._past: list[np.ndarray] = []
         self._pos = 0
         self.reset()
+
+    @property
+    def version(self) -> str:
+        return _ort().__version__
+
+    def resident_weight_bytes(self) -> int:
+        """Bytes of the graph + its weight file (what a run reads; adapters excluded)."""
+        info = self.manifest["onnx"]
+        return sum((self.root / info[k]).stat().st_size for k in ("model_file", "data_file"))
 
     # ---- adapters ------------------------------------------------------------------------------
     @property

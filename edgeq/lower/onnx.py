@@ -220,7 +220,7 @@ class _DecoderGraph:
     def build(self):
         ir, g, TP = self.ir, self.g, self.TP
         hp = ir.hparams
-        H, KV, D, L = hp.num_heads, hp.num_kv_heads, hp.head_dim, hp.num_layers
+        KV, D, L = hp.num_kv_heads, hp.head_dim, hp.num_layers
         ids2 = g.input("input_ids", TP.INT64, [1, "seq"])
         logits_from = g.input("logits_from", TP.INT64, [])
         pasts = []

@@ -126,3 +126,26 @@ def test_runtime_works_without_torch(lora_art):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_cli_run_profile_eval_work_on_onnx(lora_art, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from edgeq.cli import main
+
+    def cli(*args):
+        r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    assert "onnxruntime" in cli("run", lora_art, "--raw", "--prompt", "hello", "--max-tokens", "4")
+    cli("profile", lora_art, "--runs", "1", "--json", tmp_path / "p.json")
+    p = json.loads((tmp_path / "p.json").read_text())
+    assert p["format"] == "onnx" and p["runtime"] == "onnxruntime" and p["decode_tok_s"] > 0
+    assert p["resident_weight_bytes"] == (lora_art / "model.onnx.data").stat().st_size + (
+        lora_art / "model.onnx").stat().st_size
+    cli("eval", lora_art, "--tasks", "wikitext,kl", "--limit", "64", "--json", tmp_path / "e.json")
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["kl"]["mean_kl"] < 1e-6  # float32 weights + the adapter: the reference model itself
