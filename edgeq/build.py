@@ -118,9 +118,6 @@ def check_options(opts: BuildOptions, target: TargetProfile) -> None:
             raise EdgeqError("--qtype names a GGUF type; the onnx format takes --bits 4, 8 or 32")
         if opts.bits == 16:
             raise EdgeqError("the onnx format stores int4/int8 (MatMulNBits) or float32 weights: --bits 4, 8 or 32")
-        if opts.prunes:
-            raise EdgeqError("pruned models (--prune-rates) are not lowered to onnx yet; use --format gguf or "
-                             "--format reference")
     if opts.prunes:
         if opts.adapter_mode == "separate" and opts.adapters:
             raise EdgeqError("structured pruning needs merged adapters; use --adapter-mode merge")
@@ -423,13 +420,23 @@ def _lower_onnx(ir: ModelIR, opts: BuildOptions, target: TargetProfile, bits: in
     for name in switchable:
         fname = f"adapter-{name}.onnx_adapter"
         log(f"writing LoRA adapter {fname} (onnxruntime adapter format)")
-        lower_onnx.write_adapter(ir, name, tmp / fname)
+        lower_onnx.write_adapter(ir, name, tmp / fname, weights)
         adapter_files[name] = fname
     info["adapter_files"] = adapter_files
     weight_type = "F32" if bits == 32 else f"INT{bits}"
     manifest = {"format": "onnx", "runtime": "onnxruntime", "model_file": lower_onnx.MODEL_FILE,
                 "adapter_files": sorted(adapter_files.values()), "weight_type": weight_type, "bits": bits,
                 "onnx": info}
+    if ir.prune is not None:
+        manifest["prune"] = {
+            "rates": list(ir.prune.rates), "method": opts.sort, "granularity": ir.prune.granularity,
+            "widths": ir.prune.to_json()["widths"],
+            "expressed": "everything, in one graph with a rate input (switched at run time, nothing reloaded): "
+                         "MLP channels as per-rate segments skipped by If nodes; Q/K RoPE pairs and V/O "
+                         "components as per-rate masks (the attention projections run at full width)",
+            "dropped": "nothing",
+            "weight_bytes_per_rate": info.get("weight_bytes_per_rate"),
+        }
     return manifest, ir
 
 

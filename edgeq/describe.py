@@ -59,6 +59,10 @@ def format_description(d: dict, show_tensors: bool = False) -> str:
     for name, a in m.get("adapters", {}).items():
         lines.append(f"adapter       {name}: rank {a.get('rank')}, {a.get('linears')} linears, "
                      f"mode {m['options'].get('adapter_mode')}, sha256 {str(a.get('sha256'))[:12]}")
+    p = m.get("prune")
+    if p:
+        lines.append(f"pruning       rates {', '.join(f'{float(r):g}' for r in p['rates'])} ({p.get('method')} sort, "
+                     f"granularity {p.get('granularity')}): {p.get('expressed', '')}")
     lines.append("files:")
     for name, f in sorted(d["files"].items()):
         extra = ""

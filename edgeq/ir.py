@@ -106,6 +106,14 @@ class TokenizerSpec:
     add_bos: bool
     chat_template: str | None
 
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(d: Mapping) -> "TokenizerSpec":
+        """Inverse of :meth:`to_json` (JSON lists back to tuples); TypeError on unknown/missing keys."""
+        return TokenizerSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
 
 @dataclass(frozen=True)
 class LowRank:

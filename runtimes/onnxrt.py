@@ -16,6 +16,7 @@ from edgeq.artifact import read_manifest
 from edgeq.errors import EdgeqError
 from edgeq.ir import HParams
 from runtimes.base import Session
+from runtimes.text import SpecTextMixin
 
 
 def _ort():
@@ -26,7 +27,7 @@ def _ort():
     return ort
 
 
-class OnnxSession(Session):
+class OnnxSession(SpecTextMixin, Session):
     name = "onnxruntime"
 
     def __init__(self, artifact_dir: str | Path, manifest: dict | None = None, n_ctx: int = 2048,
@@ -36,11 +37,11 @@ class OnnxSession(Session):
         m = manifest or read_manifest(root)
         if m.get("format") != "onnx":
             raise EdgeqError(f"{root}: not an onnx artifact (format {m.get('format')!r})")
-        if abs(float(prune)) > 1e-9:
-            raise EdgeqError(f"pruning rate {prune:g} is not carried by this artifact (available: 0)")
-        self.prune_rate = 0.0
         self.manifest = m
         info = m["onnx"]
+        self._rates = tuple(float(r) for r in info.get("rates") or (0.0,))
+        self._rate_index = self._index_of(prune)
+        self.prune_rate = self._rates[self._rate_index]
         self.hp = hp = HParams.from_json(m["hparams"])
         self.n_ctx = n_ctx
         so = ort.SessionOptions()
@@ -54,7 +55,7 @@ class OnnxSession(Session):
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise EdgeqError(f"{root / info['model_file']}: onnxruntime cannot load it ({msg[:200]})") from None
-        self._tok = None
+        self._spec = None
         self._tok_file = info.get("tokenizer_file")
         self._adapters = {}
         for name, fname in sorted(info.get("adapter_files", {}).items()):
@@ -71,16 +72,23 @@ class OnnxSession(Session):
         self._empty = np.zeros((1, KV, 0, D), np.float32)
         self._out_names = ["logits"] + [f"present.{i}.{kv}" for i in range(hp.num_layers) for kv in ("key", "value")]
         self._past: list[np.ndarray] = []
-        self._pos = 0
+        self._ids: list[int] = []
+        self._rate_input = info.get("rate_input")
+        if self._rate_input and self._rate_input not in {i.name for i in self.sess.get_inputs()}:
+            raise EdgeqError(f"{root / info['model_file']}: the graph has no {self._rate_input!r} input the manifest names")
         self.reset()
 
     @property
     def version(self) -> str:
         return _ort().__version__
 
-    def resident_weight_bytes(self) -> int:
-        """Bytes of the graph + its weight file (what a run reads; adapters excluded)."""
+    def resident_weight_bytes(self, rate: float | None = None) -> int:
+        """Bytes of weights a run at ``rate`` (default: the current one) reads: the graph + its
+        weight file, less the MLP segments the rate skips (adapters excluded)."""
         info = self.manifest["onnx"]
+        per_rate = info.get("weight_bytes_per_rate")
+        if per_rate:
+            return int(per_rate[f"{self._rates[self._index_of(self.prune_rate if rate is None else rate)]:g}"])
         return sum((self.root / info[k]).stat().st_size for k in ("model_file", "data_file"))
 
     # ---- adapters ------------------------------------------------------------------------------
@@ -109,44 +117,45 @@ class OnnxSession(Session):
             ro.add_active_adapter(self._adapters[n])
         self._run_options = ro
 
-    # ---- text ----------------------------------------------------------------------------------
-    @property
-    def tokenizer(self):
-        if self._tok is None:
+    # ---- text (SpecTextMixin) ---------------------------------------------------------------
+    def _tokenizer_spec(self):
+        if self._spec is None and self._tok_file:
             from edgeq.lower.onnx import read_tokenizer
-            from runtimes.text import SpecTokenizer
 
-            if not self._tok_file:
-                raise EdgeqError("this artifact carries no tokenizer")
-            self._tok = SpecTokenizer(read_tokenizer(self.root / self._tok_file))
-        return self._tok
+            self._spec = read_tokenizer(self.root / self._tok_file)
+        return self._spec
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special)
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids)
-
-    @property
-    def eos_ids(self) -> frozenset[int]:  # type: ignore[override]
-        return self.tokenizer.eos_ids if self._tok_file else frozenset()
-
-    def apply_chat_template(self, prompt: str) -> str:
-        return self.tokenizer.chat(prompt)
-
-    # ---- pruning (one rate for now) ---------------------------------------------------------------
+    # ---- pruning rates ----------------------------------------------------------------------------
     @property
     def prune_rates(self) -> tuple[float, ...]:
-        return (0.0,)
+        return self._rates
+
+    def _index_of(self, rate: float) -> int:
+        for k, r in enumerate(self._rates):
+            if abs(r - float(rate)) < 1e-9:
+                return k
+        raise EdgeqError(f"pruning rate {float(rate):g} is not carried by this artifact "
+                         f"(available: {', '.join(f'{r:g}' for r in self._rates)})")
 
     def set_prune_rate(self, rate: float, kv: str = "keep") -> None:
-        if abs(float(rate)) > 1e-9:
-            raise EdgeqError(f"pruning rate {rate:g} is not carried by this artifact (available: 0)")
+        """Switch the pruning rate: the graph carries every rate (a rate input selects the MLP
+        segments and the attention masks), so nothing is loaded or copied. KV cache as the
+        reference runtime: ``kv="keep"`` keeps cached positions as computed at their own rate,
+        ``kv="recompute"`` re-evaluates them at the new rate."""
+        if kv not in ("keep", "recompute"):
+            raise EdgeqError(f"kv policy must be 'keep' or 'recompute', got {kv!r}")
+        self._rate_index = self._index_of(rate)
+        self.prune_rate = self._rates[self._rate_index]
+        if kv == "recompute" and self._ids:
+            ids = list(self._ids)
+            self.reset()
+            self._run(ids, all_logits=False)
 
     # ---- compute -------------------------------------------------------------------------------
     def reset(self) -> None:
         self._past = [self._empty] * (2 * self.hp.num_layers)
         self._pos = 0
+        self._ids = []
 
     def _run(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
         hp = self.hp
@@ -158,12 +167,15 @@ class OnnxSession(Session):
         if self._pos + arr.size > self.n_ctx:
             raise EdgeqError(f"context of {self._pos + arr.size} tokens exceeds n_ctx={self.n_ctx}")
         feeds = {"input_ids": arr, "logits_from": np.array(0 if all_logits else arr.size - 1, np.int64)}
+        if self._rate_input:
+            feeds[self._rate_input] = np.array(self._rate_index, np.int64)
         for i in range(hp.num_layers):
             feeds[f"past.{i}.key"] = self._past[2 * i]
             feeds[f"past.{i}.value"] = self._past[2 * i + 1]
         outs = self.sess.run(self._out_names, feeds, self._run_options)
         self._past = list(outs[1:])
         self._pos += arr.size
+        self._ids.extend(int(t) for t in arr[0])
         return outs[0][0]
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:

@@ -13,6 +13,7 @@ import numpy as np
 from edgeq.errors import EdgeqError
 from edgeq.ir import LayerWidths, Linear, ModelIR, Role
 from runtimes.base import Session
+from runtimes.text import SpecTextMixin
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -100,7 +101,7 @@ class _Layer:
         return branches.add(y, x, **role_kw) if branches.items else y
 
 
-class ReferenceSession(Session):
+class ReferenceSession(SpecTextMixin, Session):
     name = "reference"
 
     def __init__(self, ir: ModelIR, n_ctx: int = 2048, dtype=np.float32):
@@ -114,7 +115,6 @@ class ReferenceSession(Session):
         self.out_norm = ir.tensors["output_norm"].astype(dtype)
         self.layers = [_Layer(ir, i, dtype) for i in range(hp.num_layers)]
         self.inv_freq = rope_inv_freq(hp.head_dim, hp.rope_theta)
-        self._tok = None
         half = hp.head_dim // 2
         self._k = np.zeros((hp.num_layers, n_ctx, hp.num_kv_heads, 2, half), dtype=dtype)
         self._v = np.zeros((hp.num_layers, n_ctx, hp.num_kv_heads, hp.head_dim), dtype=dtype)
@@ -124,31 +124,10 @@ class ReferenceSession(Session):
                                   for _ in range(hp.num_layers))
         self.prune_rate, self.widths = 0.0, self._full_widths
 
-    # ---- text --------------------------------------------------------------------------------
-    @property
-    def tokenizer(self):
-        if self._tok is None:
-            from runtimes.text import SpecTokenizer
+    # ---- text (SpecTextMixin) ---------------------------------------------------------------
+    def _tokenizer_spec(self):
+        return self.ir.tokenizer
 
-            if self.ir.tokenizer is None:
-                raise EdgeqError("model has no tokenizer")
-            self._tok = SpecTokenizer(self.ir.tokenizer)
-        return self._tok
-
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special)
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids)
-
-    @property
-    def eos_ids(self) -> frozenset[int]:  # type: ignore[override]
-        return self.tokenizer.eos_ids if self.ir.tokenizer is not None else frozenset()
-
-    def apply_chat_template(self, prompt: str) -> str:
-        return self.tokenizer.chat(prompt)
-
-    # ---- compute -----------------------------------------------------------------------------
     # ---- pruning ------------------------------------------------------------------------------
     def set_prune_rate(self, rate: float, kv: str = "keep") -> None:
         """Switch the pruning rate; takes effect on the next token, without copying weights.

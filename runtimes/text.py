@@ -54,3 +54,36 @@ def render_chat(spec: TokenizerSpec, prompt: str) -> str:
     tok = lambda i: spec.tokens[i] if i is not None else ""  # noqa: E731
     return tpl.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
                       bos_token=tok(spec.bos_id), eos_token=tok(spec.eos_id))
+
+
+class SpecTextMixin:
+    """The Session text methods (tokenize / detokenize / eos_ids / apply_chat_template) over a
+    :class:`SpecTokenizer` built on first use. A session defines ``_tokenizer_spec()`` (the
+    TokenizerSpec, or None when the model carries none)."""
+
+    _tok: SpecTokenizer | None = None
+
+    def _tokenizer_spec(self) -> TokenizerSpec | None:
+        raise NotImplementedError
+
+    @property
+    def tokenizer(self) -> SpecTokenizer:
+        if self._tok is None:
+            spec = self._tokenizer_spec()
+            if spec is None:
+                raise EdgeqError("this model carries no tokenizer")
+            self._tok = SpecTokenizer(spec)
+        return self._tok
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return self.tokenizer.eos_ids if self._tokenizer_spec() is not None else frozenset()
+
+    def apply_chat_template(self, prompt: str) -> str:
+        return self.tokenizer.chat(prompt)

@@ -1,4 +1,4 @@
-"""`edgeq build --prune-rates` end to end on tiny models: both formats, verify, run, profile."""
+"""`edgeq build --prune-rates` end to end on tiny models: every format, verify, run, profile."""
 import json
 
 import numpy as np
@@ -16,10 +16,10 @@ def run_cli(*args):
     return r.exit_code, r.output
 
 
-@pytest.fixture(scope="module", params=["gguf", "reference"])
+@pytest.fixture(scope="module", params=["gguf", "reference", "onnx"])
 def pruned(request, tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("pruned") / request.param
-    bits = ["--bits", "8"] if request.param == "gguf" else []
+    bits = {"gguf": ["--bits", "8"], "onnx": ["--bits", "4"]}.get(request.param, [])
     code, text = run_cli("build", tiny_llama, "--format", request.param, *bits, "--prune-rates", "0,0.25,0.5",
                          *CALIB, "-o", out)
     assert code == 0, text
@@ -32,6 +32,8 @@ def test_manifest_records_rates_and_what_the_format_expresses(pruned):
     assert p["rates"] == [0.0, 0.25, 0.5]
     assert p["expressed"] and p["dropped"]
     assert m["goldens"]["rates"] == ["0", "0.25", "0.5"]
+    code, text = run_cli("inspect", pruned)
+    assert code == 0 and "pruning       rates 0, 0.25, 0.5" in text, text
     if m["format"] == "gguf":
         assert set(p["files"].values()) <= set(m["files"])
         sizes = [p["bytes_per_rate"][k] for k in ("0", "0.25", "0.5")]
@@ -39,6 +41,10 @@ def test_manifest_records_rates_and_what_the_format_expresses(pruned):
         assert p["storage_overhead_vs_rate0"] == pytest.approx(sum(sizes) / sizes[0])
     else:
         assert p["dropped"] == "nothing"
+    if m["format"] == "onnx":
+        sizes = [p["weight_bytes_per_rate"][k] for k in ("0", "0.25", "0.5")]
+        assert sizes[0] > sizes[1] > sizes[2]
+        assert m["onnx"]["rates"] == p["rates"]
 
 
 def test_verify_checks_every_rate(pruned):

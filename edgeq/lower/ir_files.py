@@ -6,7 +6,6 @@ through JSON. Deterministic: sorted keys, no timestamps.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -55,9 +54,7 @@ def write_ir(ir: ModelIR, out_dir: str | Path) -> list[str]:
     for layer in sorted(ir.rope_index):
         arrays[f"rope_index.{layer}"] = np.ascontiguousarray(ir.rope_index[layer], dtype=np.int64)
     save_file(arrays, str(out / WEIGHTS))
-    tok = None
-    if ir.tokenizer is not None:
-        tok = dataclasses.asdict(ir.tokenizer)
+    tok = ir.tokenizer.to_json() if ir.tokenizer is not None else None
     meta = {
         "format_version": FORMAT_VERSION,
         "hparams": ir.hparams.to_json(),
@@ -96,9 +93,7 @@ def read_ir(in_dir: str | Path) -> ModelIR:
     tensors = {k[len("tensor."):]: v for k, v in arrays.items() if k.startswith("tensor.")}
     rope_index = {int(k.split(".")[1]): v.astype(np.int64) for k, v in arrays.items() if k.startswith("rope_index.")}
     tok = meta.get("tokenizer")
-    tokenizer = None
-    if tok is not None:
-        tokenizer = TokenizerSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in tok.items()})
+    tokenizer = TokenizerSpec.from_json(tok) if tok is not None else None
     ir = ModelIR(
         hparams=HParams.from_json(meta["hparams"]),
         linears=linears,

@@ -21,8 +21,15 @@ compensation) are ``x -> MatMul(A^T) -> MatMul(s * B^T)`` added to the base outp
 branch kept separate has its two matrices as graph inputs whose defaults are a zero rank-1
 branch (overridable initializers): the graph alone is the base model, and an onnxruntime adapter
 file (``onnxruntime.LoraAdapter``, see :func:`write_adapter`) activated per run supplies the
-adapter, so it is switched or disabled without touching the base (the ORT-GenAI scheme). All initializers but tiny constants live in ``model.onnx.data``, at
-offsets aligned for mmap.
+adapter, so it is switched or disabled without touching the base (the ORT-GenAI scheme). All
+initializers but tiny constants live in ``model.onnx.data``, at offsets aligned for mmap.
+
+Pruning rates (a model carrying several): one graph for all of them, with an int64 scalar input
+``rate_index`` (index into the rates). MLP channels are split into segments at the kept widths;
+every segment but the first is an ``If`` on the rate whose branch reads its weights from the outer
+scope (each weight stored and prepacked once). Q/K pairs and V/O components are pruned with
+per-rate masks on the Q/K/V outputs and on the attention output (exact; the KV cache keeps zeros
+in the dims a rate drops, as the reference runtime's ``kv="keep"``).
 """
 from __future__ import annotations
 
@@ -91,17 +98,46 @@ def fit_format(fmt: str, k: int):
     raise EdgeqError(f"{f.name}: no group size of 32/64/128 divides the input width {k}")
 
 
+RATE_INPUT = "rate_index"  # int64 scalar: index into the artifact's pruning rates (multi-rate graphs only)
+
+
+def graph_rates(ir: ModelIR) -> tuple[float, ...] | None:
+    """The pruning rates a graph of ``ir`` switches between (None: one rate, no rate input)."""
+    return tuple(ir.prune.rates) if ir.prune is not None and len(ir.prune.rates) > 1 else None
+
+
+def ffn_segments(ir: ModelIR, layer: int) -> list[tuple[int, int]]:
+    """MLP channel segments ``[lo, hi)`` of one layer, split at every kept width a rate uses:
+    the first is always computed, segment ``[lo, hi)`` only at rates keeping ``hi`` channels or more."""
+    F = ir.hparams.intermediate_size
+    rates = graph_rates(ir)
+    if rates is None:
+        return [(0, F)]
+    ends = sorted({ir.prune.widths[r][layer].ffn for r in rates} | {F})
+    return list(zip([0] + ends[:-1], ends))
+
+
+def dequantized(weight: np.ndarray, fmt_name: str | None) -> np.ndarray:
+    """What the graph computes with for a weight stored as ``fmt_name`` (float32 for None)."""
+    if fmt_name is None:
+        return weight
+    from edgeq.quant.intgroup import rtn_int
+
+    return rtn_int(weight, fit_format(fmt_name, weight.shape[1])).dequantize()
+
+
 @dataclass
 class _Lowered:
-    """Bookkeeping of one lowering: which format each tensor got, and its dequantized weight."""
+    """Bookkeeping of one lowering: which format each tensor got, adapter inputs, and which
+    initializers only a pruning-rate segment reads."""
 
     formats: dict[str, str] = dataclasses.field(default_factory=dict)
-    weights: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # what the graph computes with
     adapter_inputs: dict[str, dict[str, tuple[str, str]]] = dataclasses.field(default_factory=dict)
+    segment_inits: dict[tuple[int, int], list[str]] = dataclasses.field(default_factory=dict)  # (layer, hi)
 
 
 class _DecoderGraph:
-    def __init__(self, ir: ModelIR, w: OnnxOptions, switchable: frozenset[str]):
+    def __init__(self, ir: ModelIR, w: OnnxOptions, switchable: frozenset[str], sorted_rope=None):
         import onnx
 
         self.TP = onnx.TensorProto
@@ -109,6 +145,11 @@ class _DecoderGraph:
         self.g = GraphBuilder()
         self.low = _Lowered()
         self._rope_cache: dict[bytes, tuple[str, str]] = {}
+        self.rates = graph_rates(ir)
+        # the Q/K pair order pruning widths refer to, when the graph IR had it undone (GQA)
+        self.sorted_rope = {int(k): np.asarray(v) for k, v in (sorted_rope or {}).items()}
+        self._gathered: dict[bytes, str] = {}
+        self.rate_index: str | None = None
 
     # ---- weights -----------------------------------------------------------------------------
     def _quantized(self, name: str, weight: np.ndarray, fmt_name: str):
@@ -123,7 +164,6 @@ class _DecoderGraph:
         s = self.g.init(f"{name}.scales", mnb["scales"].reshape(n, nb))
         zp = self.g.init(f"{name}.zero_points", mnb["zero_points"]) if "zero_points" in mnb else None
         self.low.formats[name] = fmt.name
-        self.low.weights[name] = t.dequantize()
         attrs = dict(t.matmulnbits_attributes(), accuracy_level=self.w.accuracy_level)
         return b, s, zp, attrs, fmt
 
@@ -131,7 +171,6 @@ class _DecoderGraph:
         if fmt_name is None:
             wt = self.g.init(f"{name}.weight_t", np.ascontiguousarray(weight.T, dtype=np.float32))  # (in, out)
             self.low.formats[name] = "F32"
-            self.low.weights[name] = weight
             y = self.g.op("MatMul", [x, wt], name=f"{name}.matmul")
             return self.g.op("Add", [y, bias], name=f"{name}.add_bias") if bias else y
         b, s, zp, attrs, _ = self._quantized(name, weight, fmt_name)
@@ -145,20 +184,131 @@ class _DecoderGraph:
             y = self.g.op("Add", [y, self._branch(x, lin, lr)], name=f"{lin.name}.add_branch")
         return y
 
-    def _branch(self, x: str, lin: Linear, lr) -> str:
+    def _branch(self, x: str, lin: Linear, lr, rows: tuple[int, int] | None = None,
+                cols: tuple[int, int] | None = None) -> str:
+        """``x -> (x A^T) (s B^T)``; ``rows`` / ``cols``: only that output / input channel range
+        (an MLP segment of a multi-rate graph)."""
         at = np.ascontiguousarray(lr.a.T, dtype=np.float32)  # (in, rank)
         bt = np.ascontiguousarray((lr.b * np.float32(lr.scale)).T, dtype=np.float32)  # (rank, out)
         tag = lr.source.split(":", 1)[1] if lr.source.startswith("lora:") else lr.source
         base = f"lora.{tag}.{lin.name}" if lr.source.startswith("lora:") else f"{lin.name}.{tag}"
+        sl = f".ch{rows[0]}_{rows[1]}" if rows else (f".ch{cols[0]}_{cols[1]}" if cols else "")
         if lr.source.startswith("lora:") and tag in self.switchable:
-            # defaults: a zero rank-1 branch (the base model); the adapter file overrides them
-            dim = f"rank_{tag}"
-            a = self.g.overridable_init(f"{base}.a", np.zeros((lin.in_features, 1), np.float32), [lin.in_features, dim])
-            b = self.g.overridable_init(f"{base}.b", np.zeros((1, lin.out_features), np.float32), [dim, lin.out_features])
-            self.low.adapter_inputs.setdefault(tag, {})[lin.name] = (a, b)
+            if lin.name in self.low.adapter_inputs.get(tag, {}):
+                a, b = self.low.adapter_inputs[tag][lin.name]
+            else:  # defaults: a zero rank-1 branch (the base model); the adapter file overrides them
+                dim = f"rank_{tag}"
+                a = self.g.overridable_init(f"{base}.a", np.zeros((lin.in_features, 1), np.float32),
+                                            [lin.in_features, dim])
+                b = self.g.overridable_init(f"{base}.b", np.zeros((1, lin.out_features), np.float32),
+                                            [dim, lin.out_features])
+                self.low.adapter_inputs.setdefault(tag, {})[lin.name] = (a, b)
+            if rows:
+                b = self.g.op("Slice", [b, self.g.const([rows[0]]), self.g.const([rows[1]]), self.g.const([1])],
+                              name=f"{base}.b{sl}")
+            if cols:
+                a = self.g.op("Slice", [a, self.g.const([cols[0]]), self.g.const([cols[1]]), self.g.const([0])],
+                              name=f"{base}.a{sl}")
         else:
-            a, b = self.g.init(f"{base}.a", at), self.g.init(f"{base}.b", bt)
-        return self.g.op("MatMul", [self.g.op("MatMul", [x, a], name=f"{base}.xa"), b], name=f"{base}.xab")
+            if rows:
+                bt = np.ascontiguousarray(bt[:, rows[0]:rows[1]])
+            if cols:
+                at = np.ascontiguousarray(at[cols[0]:cols[1]])
+            a, b = self.g.init(f"{base}.a{sl}", at), self.g.init(f"{base}.b{sl}", bt)
+        return self.g.op("MatMul", [self.g.op("MatMul", [x, a], name=f"{base}{sl}.xa"), b], name=f"{base}{sl}.xab")
+
+    # ---- pruning rates -------------------------------------------------------------------------
+    def _gather_by_rate(self, table: np.ndarray, tag: str) -> str:
+        """``table[rate_index]`` (one row per carried rate), shared by content."""
+        key = table.dtype.str.encode() + bytes(str(table.shape), "ascii") + table.tobytes()
+        if key not in self._gathered:
+            t = self.g.init(self.g.name(f"rate.{tag}_table"), table)
+            self._gathered[key] = self.g.op("Gather", [t, self.rate_index], name=f"rate.{tag}", axis=0)
+        return self._gathered[key]
+
+    def masked(self, y: str, layer: int, kind: str) -> str:
+        """``y`` with the channels the current rate prunes zeroed: ``kind`` "q"/"k" (RoPE pairs
+        beyond the kept slots of every head), "v" (V components per KV group), "o" (the attention
+        output's components per head, the O projection's pruned inputs). Identity at rate 0 and
+        in single-rate graphs."""
+        if self.rates is None:
+            return y
+        hp = self.ir.hparams
+        H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
+        half = D // 2
+        rows = []
+        for r in self.rates:
+            w = self.ir.prune.widths[r][layer]
+            if kind in ("q", "k"):
+                m = np.tile(np.tile(np.arange(half) < w.qk_pairs, 2), H if kind == "q" else KV)
+                idx = self.sorted_rope.get(layer)
+                if idx is not None:  # the graph's Q/K rows are in the original pair order
+                    from edgeq.lower.gguf_rates import _qk_restore_rows
+
+                    m = m[_qk_restore_rows(hp, idx, Role.Q if kind == "q" else Role.K)]
+            else:
+                m = np.tile(np.arange(D) < w.v_dims, KV if kind == "v" else H)
+            rows.append(m)
+        table = np.stack(rows).astype(np.float32)
+        if table.all():
+            return y
+        return self.g.op("Mul", [y, self._gather_by_rate(table, f"mask_{kind}")], name=f"blk.{layer}.{kind}_rate_mask")
+
+    def _seg_linear(self, x: str, lin: Linear, rows=None, cols=None, bias: bool = True) -> str:
+        lo, hi = rows or cols
+        name = f"{lin.name}.ch{lo}_{hi}"
+        w = lin.weight[lo:hi] if rows else lin.weight[:, lo:hi]
+        b = None
+        if bias and lin.bias is not None:
+            b = self.g.init(f"{name}.bias", (lin.bias[lo:hi] if rows else lin.bias).astype(np.float32))
+        y = self._matmul(x, name, np.ascontiguousarray(w), self.w.linear, b)
+        for lr in lin.low_rank:
+            y = self.g.op("Add", [y, self._branch(x, lin, lr, rows=rows, cols=cols)], name=f"{name}.add_branch")
+        return y
+
+    def _ffn_part(self, i: int, h: str, lo: int, hi: int) -> str:
+        ir, g = self.ir, self.g
+        gt = self._seg_linear(h, ir.linear(i, Role.GATE), rows=(lo, hi))
+        up = self._seg_linear(h, ir.linear(i, Role.UP), rows=(lo, hi))
+        act = g.op("Mul", [g.op("Mul", [gt, g.op("Sigmoid", [gt])], name=f"blk.{i}.silu"), up], name=f"blk.{i}.swiglu")
+        return self._seg_linear(act, ir.linear(i, Role.DOWN), cols=(lo, hi), bias=False)
+
+    def ffn(self, i: int, h: str) -> str:
+        """SwiGLU MLP. In a multi-rate graph the channels are split into segments at the kept
+        widths; every segment but the first is an ``If`` on the rate (its weights read from the
+        outer scope, so each is stored, and prepacked, once), skipped when the rate prunes it."""
+        ir, g = self.ir, self.g
+        segs = ffn_segments(ir, i)
+        if len(segs) == 1:
+            gt = self.linear(h, ir.linear(i, Role.GATE))
+            up = self.linear(h, ir.linear(i, Role.UP))
+            act = g.op("Mul", [g.op("Mul", [gt, g.op("Sigmoid", [gt])], name=f"blk.{i}.silu"), up],
+                       name=f"blk.{i}.swiglu")
+            return self.linear(act, ir.linear(i, Role.DOWN))
+        import onnx
+
+        y = self._ffn_part(i, h, *segs[0])
+        for lo, hi in segs[1:]:
+            cond = self._gather_by_rate(np.array([ir.prune.widths[r][i].ffn >= hi for r in self.rates]), f"ffn{hi}")
+            before = set(g.inits)
+            sub = g.subgraph()
+            self.g = sub
+            try:
+                part = self._ffn_part(i, h, lo, hi)
+            finally:
+                self.g = g
+            self.low.segment_inits[(i, hi)] = [n for n in g.inits if n not in before]
+            zero = g.subgraph()
+            z = zero.op("Constant", [], name=f"blk.{i}.ffn.skip{lo}_{hi}",
+                        value=onnx.numpy_helper.from_array(np.zeros((), np.float32)))
+            seg = g.op("If", [cond], name=f"blk.{i}.ffn.ch{lo}_{hi}",
+                       then_branch=sub.branch_graph(f"blk{i}_ffn_ch{lo}_{hi}", [(part, self.TP.FLOAT)]),
+                       else_branch=zero.branch_graph(f"blk{i}_ffn_skip{lo}_{hi}", [(z, self.TP.FLOAT)]))
+            y = g.op("Add", [y, seg], name=f"blk.{i}.ffn.sum")
+        down = ir.linear(i, Role.DOWN)
+        if down.bias is not None:
+            y = g.op("Add", [y, g.init(f"{down.name}.bias", down.bias.astype(np.float32))], name=f"blk.{i}.ffn.bias")
+        return y
 
     def rms_norm(self, x: str, name: str) -> str:
         w = self.g.init(f"{name}.weight", self.ir.tensors[name].astype(np.float32))
@@ -175,7 +325,6 @@ class _DecoderGraph:
         if fmt is None:
             table = g.init("token_embd.weight", emb.astype(np.float32))
             self.low.formats["token_embd"] = "F32"
-            self.low.weights["token_embd"] = emb
             x = g.op("Gather", [table, ids], name="token_embd.gather", axis=0)  # (1, S, hidden)
         else:
             b, s, _, attrs, f = self._quantized("token_embd", emb, fmt)
@@ -223,6 +372,8 @@ class _DecoderGraph:
         KV, D, L = hp.num_kv_heads, hp.head_dim, hp.num_layers
         ids2 = g.input("input_ids", TP.INT64, [1, "seq"])
         logits_from = g.input("logits_from", TP.INT64, [])
+        if self.rates is not None:
+            self.rate_index = g.input(RATE_INPUT, TP.INT64, [])
         pasts = []
         for i in range(L):
             pasts.append((g.input(f"past.{i}.key", TP.FLOAT, [1, KV, "past", D]),
@@ -246,21 +397,19 @@ class _DecoderGraph:
         x, head = self.embedding_and_head(ids)
         for i in range(L):
             h = self.rms_norm(x, f"blk.{i}.attn_norm")
-            q = self.linear(h, ir.linear(i, Role.Q))
-            k = self.linear(h, ir.linear(i, Role.K))
-            v = self.linear(h, ir.linear(i, Role.V))
+            q = self.masked(self.linear(h, ir.linear(i, Role.Q)), i, "q")
+            k = self.masked(self.linear(h, ir.linear(i, Role.K)), i, "k")
+            v = self.masked(self.linear(h, ir.linear(i, Role.V)), i, "v")
             present = [g.output(f"present.{i}.key", TP.FLOAT, [1, KV, "total", D]),
                        g.output(f"present.{i}.value", TP.FLOAT, [1, KV, "total", D])]
             if self.w.attention == "gqa":
                 o = self.gqa(i, q, k, v, pasts[i], present, rope)
             else:
                 o = self.standard_attention(i, q, k, v, pasts[i], present, rope)
+            o = self.masked(o, i, "o")
             x = g.op("Add", [x, self.linear(o, ir.linear(i, Role.O))], name=f"blk.{i}.attn_residual")
             h = self.rms_norm(x, f"blk.{i}.ffn_norm")
-            gt = self.linear(h, ir.linear(i, Role.GATE))
-            up = self.linear(h, ir.linear(i, Role.UP))
-            act = g.op("Mul", [g.op("Mul", [gt, g.op("Sigmoid", [gt])], name=f"blk.{i}.silu"), up], name=f"blk.{i}.swiglu")
-            x = g.op("Add", [x, self.linear(act, ir.linear(i, Role.DOWN))], name=f"blk.{i}.ffn_residual")
+            x = g.op("Add", [x, self.ffn(i, h)], name=f"blk.{i}.ffn_residual")
         x = g.op("Slice", [x, g.op("Unsqueeze", [logits_from, g.const([0])]), g.const([np.iinfo(np.int64).max]),
                            g.const([1])], name="last_positions")
         x = self.rms_norm(x, "output_norm")
@@ -325,9 +474,6 @@ def _inv_freq(head_dim: int, theta: float) -> np.ndarray:
 def check(ir: ModelIR) -> list[str]:
     """Problems that keep ``ir`` from lowering to ONNX."""
     problems = []
-    if ir.prune is not None and len(ir.prune.rates) > 1:
-        problems.append("pruned models (several rates) are not lowered to onnx yet; build one rate or use "
-                        "--format reference/gguf")
     if ir.hparams.head_dim % 2:
         problems.append(f"head_dim {ir.hparams.head_dim} is odd")
     return problems
@@ -348,7 +494,9 @@ def graph_ir(ir: ModelIR, weights: OnnxOptions) -> ModelIR:
 def build_model(ir: ModelIR, weights: OnnxOptions, switchable=()) -> tuple[object, _Lowered, dict[str, np.ndarray]]:
     """(graph builder, bookkeeping, initializers) for ``graph_ir(ir)``."""
     _need_onnx()
-    d = _DecoderGraph(graph_ir(ir, weights), weights, frozenset(switchable))
+    gir = graph_ir(ir, weights)
+    # pruning widths count Q/K pairs in the sorted order; tell the graph when it was undone
+    d = _DecoderGraph(gir, weights, frozenset(switchable), sorted_rope=None if gir.rope_index else ir.rope_index)
     g = d.build()
     return g, d.low, g.inits
 
@@ -401,32 +549,56 @@ def write_onnx(ir: ModelIR, out_dir: Path, weights: OnnxOptions, switchable=(), 
     onnx.checker.check_model(str(model_path))
     if ir.tokenizer is not None:
         write_tokenizer(ir.tokenizer, out_dir / TOKENIZER_FILE)
-    return {"model_file": MODEL_FILE, "data_file": DATA_FILE, "opset": OPSET, "ir_version": IR_VERSION,
+    info = {"model_file": MODEL_FILE, "data_file": DATA_FILE, "opset": OPSET, "ir_version": IR_VERSION,
             "weights": weights.to_json(), "tensor_formats": dict(sorted(low.formats.items())),
             "tokenizer_file": TOKENIZER_FILE if ir.tokenizer is not None else None,
             "adapter_inputs": {a: sorted(v) for a, v in sorted(low.adapter_inputs.items())}}
+    rates = graph_rates(ir)
+    if rates is not None:
+        total = sum(a.nbytes for a in inits.values())
+        per_rate = {}
+        for r in rates:
+            skipped = sum(inits[n].nbytes for (layer, hi), names in low.segment_inits.items()
+                          if ir.prune.widths[r][layer].ffn < hi for n in names)
+            per_rate[f"{r:g}"] = total - skipped
+        info.update(rate_input=RATE_INPUT, rates=list(rates), weight_bytes_per_rate=per_rate)
+    return info
 
 
 def lowered_ir(ir: ModelIR, weights: OnnxOptions) -> ModelIR:
-    """The float model the ONNX graph computes: ``ir`` with every weight replaced by its dequantized
-    int-group values (the reference the artifact's goldens are compared with)."""
-    ir = graph_ir(ir, weights)
-    _, low, _ = build_model(ir, weights)
-    linears = {n: dataclasses.replace(lin, weight=low.weights[n], packed=None) for n, lin in ir.linears.items()}
+    """The float model the ONNX graph computes: ``ir`` with every weight replaced by the
+    dequantized int-group values the graph stores (MLP down projections of a multi-rate graph
+    quantized per channel segment, as the graph holds them). Q/K stay in ``ir``'s pair order
+    (the GQA graph's exact row permutation of them is the same model)."""
+    problems = check(ir)
+    if problems:
+        raise EdgeqError(f"cannot lower to onnx: {problems[0]}")
+    linears = dict(ir.linears)
+    for i in range(ir.hparams.num_layers):
+        for role in ROLES:
+            lin = ir.linear(i, role)
+            if role == Role.DOWN and weights.linear is not None:
+                w = np.concatenate([dequantized(np.ascontiguousarray(lin.weight[:, lo:hi]), weights.linear)
+                                    for lo, hi in ffn_segments(ir, i)], axis=1)
+            else:
+                w = dequantized(lin.weight, weights.linear)
+            linears[lin.name] = dataclasses.replace(lin, weight=w, packed=None)
     tensors = dict(ir.tensors)
-    tensors["token_embd"] = low.weights["token_embd"]
-    if "output" in low.weights:
-        tensors["output"] = low.weights["output"]
+    tensors["token_embd"] = dequantized(ir.tensors["token_embd"], weights.head)
+    if not ir.hparams.tie_word_embeddings:
+        tensors["output"] = dequantized(ir.tensors["output"], weights.head)
     return ir.replace(linears=linears, tensors=tensors)
 
 
-def write_adapter(ir: ModelIR, adapter: str, path: Path) -> list[str]:
+def write_adapter(ir: ModelIR, adapter: str, path: Path, weights: OnnxOptions) -> list[str]:
     """One LoRA adapter as an onnxruntime adapter file (``.onnx_adapter``): the overridable
-    ``lora.<adapter>.<linear>.a/.b`` inputs of the graph. Needs onnxruntime at build time."""
+    ``lora.<adapter>.<linear>.a/.b`` inputs of the graph written with ``weights`` (Q/K rows in the
+    graph's pair order). Needs onnxruntime at build time."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise EdgeqError("writing onnx adapters needs onnxruntime: pip install 'edgeq[onnx]'") from None
+    ir = graph_ir(ir, weights)
     params = {}
     for name in sorted(ir.linears):
         lin = ir.linears[name]
@@ -446,14 +618,13 @@ def write_adapter(ir: ModelIR, adapter: str, path: Path) -> list[str]:
 
 
 def write_tokenizer(spec: TokenizerSpec, path: Path) -> None:
-    path.write_text(json.dumps(dataclasses.asdict(spec), sort_keys=True, indent=1, ensure_ascii=False) + "\n",
+    path.write_text(json.dumps(spec.to_json(), sort_keys=True, indent=1, ensure_ascii=False) + "\n",
                     encoding="utf-8")
 
 
 def read_tokenizer(path: Path) -> TokenizerSpec:
     try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
-        return TokenizerSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return TokenizerSpec.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
     except (OSError, json.JSONDecodeError, TypeError) as exc:
         raise EdgeqError(f"{path}: unreadable tokenizer spec ({exc.__class__.__name__})") from None
 

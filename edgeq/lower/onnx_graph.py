@@ -74,6 +74,23 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
 
+    def subgraph(self) -> "GraphBuilder":
+        """A builder for a control-flow branch (an ``If`` node's ``then_branch``): its own nodes and
+        outputs, but the parent's names, constants and initializers (the branch reads them from
+        the outer scope, so onnxruntime keeps one copy and prepacks each weight once)."""
+        sub = GraphBuilder.__new__(GraphBuilder)
+        sub.nodes, sub.inputs, sub.outputs = [], [], []
+        sub.inits, sub.overridable, sub._count, sub._consts = self.inits, self.overridable, self._count, self._consts
+        return sub
+
+    def branch_graph(self, graph_name: str, outputs):
+        """This (sub)builder's nodes as a GraphProto with the given ``(name, elem_type)`` outputs
+        (shapes left open: an If's branches may differ in shape)."""
+        from onnx import helper
+
+        return helper.make_graph(self.nodes, graph_name, [],
+                                 [helper.make_tensor_value_info(n, t, None) for n, t in outputs])
+
     def overridable_init(self, name: str, value: np.ndarray, shape) -> str:
         """An initializer also declared as a graph input (onnxruntime lets a run override it)."""
         from onnx import helper

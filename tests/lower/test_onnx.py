@@ -167,3 +167,174 @@ def test_tokenizer_spec_round_trip(tiny_llama, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"nope": 1}))
     with pytest.raises(EdgeqError, match="tokenizer"):
         lo.read_tokenizer(tmp_path / "bad.json")
+
+
+# ---- pruning rates in one graph ------------------------------------------------------------------
+RATES = (0.0, 0.15, 0.25, 0.35)
+
+
+def _pruned(model_dir, lora=None):
+    """Naive-sorted (non-identity RoPE pair order) tiny model carrying RATES, layers pruned unevenly."""
+    from edgeq.frontend import load_adapter
+    from edgeq.passes.naive_sort import naive_sort
+    from edgeq.passes.rate_plan import apply_prune_spec, plan_rates
+
+    ir = load_model(model_dir)
+    ir = naive_sort(load_adapter(ir, lora) if lora else ir)
+    return apply_prune_spec(ir, plan_rates(ir, RATES, granularity=32, importance=np.array([0.1, 0.3])))
+
+
+@pytest.mark.parametrize("attention", ["gqa", "standard"])
+def test_multi_rate_graph_matches_reference_at_every_rate(tiny_model, tmp_path, attention):
+    ir = _pruned(tiny_model)
+    opts = _write(ir, tmp_path / "a", attention=attention, accuracy_level=1, **INT4)
+    s = OnnxSession(tmp_path / "a")
+    ref = ReferenceSession(lo.lowered_ir(ir, opts), dtype=np.float64)
+    assert s.prune_rates == RATES
+    ids = _ids(ir)
+    got = {}
+    for r in RATES:
+        s.set_prune_rate(r)
+        ref.set_prune_rate(r)
+        got[r], want = s.logits(ids), ref.logits(ids)
+        assert np.abs(got[r] - want).max() <= 1e-4 * np.abs(want).max(), r
+    assert all(np.abs(got[r] - got[0.0]).max() > 1e-2 for r in RATES[1:])  # each rate really prunes
+
+
+def test_multi_rate_graph_with_separate_lora_branches(tiny_llama, tiny_llama_lora, tmp_path):
+    """LoRA branches kept separate are split with the MLP segments (sliced adapter inputs)."""
+    ir = _pruned(tiny_llama, tiny_llama_lora)
+    out = tmp_path / "a"
+    out.mkdir()
+    opts = lo.OnnxOptions(accuracy_level=1, **INT4)
+    info = lo.write_onnx(ir, out, opts, switchable=tuple(ir.adapters))
+    (name,) = ir.adapters
+    lo.write_adapter(ir, name, out / "a.onnx_adapter", opts)
+    info["adapter_files"] = {name: "a.onnx_adapter"}
+    write_manifest(out, {"format": "onnx", "onnx": info, "hparams": ir.hparams.to_json()})
+    s = OnnxSession(out)
+    ref = ReferenceSession(lo.lowered_ir(ir, opts), dtype=np.float64)
+    base = ReferenceSession(lo.lowered_ir(ir.without_low_rank(), opts), dtype=np.float64)
+    ids = _ids(ir)
+    for r in (0.0, 0.35):
+        for active, oracle in ((name, ref), (None, base)):
+            s.set_adapter(active)
+            s.set_prune_rate(r)
+            oracle.set_prune_rate(r)
+            want = oracle.logits(ids)
+            assert np.abs(s.logits(ids) - want).max() <= 1e-4 * np.abs(want).max(), (r, active)
+
+
+@pytest.mark.parametrize("kv", ["keep", "recompute"])
+def test_rate_switch_mid_context_follows_the_reference(tiny_llama, tmp_path, kv):
+    """Switching rates while a context is cached: the KV cache policy of the reference runtime."""
+    ir = _pruned(tiny_llama)
+    opts = _write(ir, tmp_path / "a", accuracy_level=1, **INT4)
+    s = OnnxSession(tmp_path / "a")
+    ref = ReferenceSession(lo.lowered_ir(ir, opts), dtype=np.float64)
+    ids = _ids(ir, 20)
+    for sess in (s, ref):
+        sess.set_prune_rate(0.0)
+    got, want = [s._start(ids[:8])], [ref._start(ids[:8])]
+    for j, (rate, t) in enumerate(zip((0.35, 0.35, 0.15, 0.0, 0.25, 0.35), ids[8:])):
+        for sess in (s, ref):
+            sess.set_prune_rate(rate, kv=kv)
+        got.append(s._step(t))
+        want.append(ref._step(t))
+    got, want = np.stack(got), np.stack(want)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    with pytest.raises(EdgeqError, match="not carried"):
+        s.set_prune_rate(0.5)
+    with pytest.raises(EdgeqError, match="kv policy"):
+        s.set_prune_rate(0.15, kv="drop")
+
+
+def _walk(graph):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _walk(a.g)
+
+
+def test_rates_share_one_copy_of_the_weights(tiny_llama, tmp_path):
+    """Every weight is stored once and read by exactly one MatMulNBits node (so onnxruntime
+    prepacks it once): the 4-rate graph holds the bytes of the 1-rate one, and a rate's run
+    skips the MLP segments it prunes."""
+    from collections import Counter
+
+    ir = _pruned(tiny_llama)
+    _write(ir, tmp_path / "multi", **INT4)
+    _write(ir.replace(prune=None), tmp_path / "one", **INT4)
+    m = onnx.load(str(tmp_path / "multi" / lo.MODEL_FILE), load_external_data=False)
+    readers = Counter(n.input[1] for n in _walk(m.graph) if n.op_type == "MatMulNBits")
+    assert readers and set(readers.values()) == {1}
+    n_if = sum(n.op_type == "If" for n in m.graph.node)
+    assert n_if == sum(len(lo.ffn_segments(ir, i)) - 1 for i in range(ir.hparams.num_layers)) > 0
+    assert [i.name for i in m.graph.input][2] == lo.RATE_INPUT
+    size = {d: (tmp_path / d / lo.DATA_FILE).stat().st_size for d in ("multi", "one")}
+    assert size["multi"] <= 1.02 * size["one"]
+    s = OnnxSession(tmp_path / "multi")
+    per_rate = [s.resident_weight_bytes(r) for r in RATES]
+    assert all(a > b for a, b in zip(per_rate, per_rate[1:]))
+
+
+def _synthetic_ir(layers=6, hidden=512, ffn=2048, heads=8, kv=2, vocab=512, seed=0):
+    """A random Llama-shaped ModelIR with tens of MB of weights (no tokenizer, no checkpoint)."""
+    from edgeq.ir import Arch, HParams, Linear, ModelIR, linear_name
+    from edgeq.passes.rate_plan import apply_prune_spec, plan_rates
+
+    hp = HParams(arch=Arch.LLAMA, vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_layers=layers,
+                 num_heads=heads, num_kv_heads=kv, head_dim=hidden // heads, rope_theta=10000.0, rms_norm_eps=1e-5,
+                 max_position_embeddings=2048, tie_word_embeddings=True, attention_bias=False)
+    rng = np.random.default_rng(seed)
+    shapes = ModelIR(hparams=hp, linears={}, tensors={}, tokenizer=None).expected_shapes()
+    linears = {}
+    for i in range(layers):
+        for role in lo.ROLES:
+            name = linear_name(i, role)
+            linears[name] = Linear(name=name, role=role, layer=i,
+                                   weight=(rng.standard_normal(shapes[name]) * 0.05).astype(np.float32))
+    tensors = {"token_embd": (rng.standard_normal((vocab, hidden)) * 0.05).astype(np.float32),
+               "output_norm": np.ones(hidden, np.float32)}
+    for i in range(layers):
+        tensors[f"blk.{i}.attn_norm"] = np.ones(hidden, np.float32)
+        tensors[f"blk.{i}.ffn_norm"] = np.ones(hidden, np.float32)
+    ir = ModelIR(hparams=hp, linears=linears, tensors=tensors, tokenizer=None)
+    return apply_prune_spec(ir, plan_rates(ir, RATES, granularity=32, mode="uniform"))
+
+
+RSS_CODE = """
+import sys, numpy as np
+sys.path.insert(0, {repo!r})
+from runtimes.onnxrt import OnnxSession
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+before = rss()
+s = OnnxSession({path!r}, threads=1)
+for r in s.prune_rates:
+    s.set_prune_rate(r)
+    s.logits(list(range(1, 17)))
+print(rss() - before)
+"""
+
+
+def test_four_rates_cost_the_memory_of_one(tmp_path):
+    """onnxruntime process memory of a session that has run all four rates vs a session of the
+    same weights carrying one rate (each measured in a fresh process, best of two)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ir = _synthetic_ir()
+    _write(ir, tmp_path / "multi", **INT4)
+    _write(ir.replace(prune=None), tmp_path / "one", **INT4)
+    weights = (tmp_path / "one" / lo.DATA_FILE).stat().st_size
+    repo = str(Path(__file__).resolve().parents[2])
+    cost = {}
+    for d in ("one", "multi"):
+        runs = [int(subprocess.run([sys.executable, "-c", RSS_CODE.format(repo=repo, path=str(tmp_path / d))],
+                                   capture_output=True, text=True, check=True).stdout.split()[-1]) for _ in range(2)]
+        cost[d] = min(runs)
+    assert cost["one"] >= 0.8 * weights  # the measurement sees the weights at all
+    assert cost["multi"] < 1.1 * cost["one"], (cost, weights)

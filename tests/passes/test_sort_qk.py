@@ -2,7 +2,6 @@
 import dataclasses
 
 import numpy as np
-import pytest
 
 from edgeq.frontend import load_adapter, load_model
 from edgeq.ir import Role

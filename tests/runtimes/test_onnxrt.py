@@ -92,8 +92,8 @@ def test_bad_inputs_fail_cleanly(lora_art, tiny_llama, tmp_path):
         open_session(lora_art, runtime="llamacpp")
     with pytest.raises(EdgeqError, match="--bits 4, 8 or 32"):
         _build(tiny_llama, tmp_path / "x", bits=16)
-    with pytest.raises(EdgeqError, match="not lowered to onnx"):
-        _build(tiny_llama, tmp_path / "y", prune_rates=(0.0, 0.25))
+    with pytest.raises(EdgeqError, match="--qtype names a GGUF type"):
+        _build(tiny_llama, tmp_path / "y", qtype="Q4_0")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     bad = tmp_path / "bad"
     shutil.copytree(lora_art, bad)
