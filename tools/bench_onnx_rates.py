@@ -9,7 +9,7 @@ SmolLM2-135M-Instruct, target cpu-avx2. ``build``: the compress step of ``edgeq 
 once, then the *same* sorted model lowered twice with the same int-group weights: ``rates4``
 carrying every rate (one graph, a rate input: MLP segments behind If nodes, attention masks) and
 ``rate1`` carrying rate 0 only (no rate input, no segments) — the "1 rate loaded" baseline. The
-float model is kept as a reference artifact (``ir/``) for the quality stage.
+float model is kept as a reference artifact (``ir/``) for the quality stage (``lower`` re-lowers it).
 
 ``speed``: one fresh process per artifact (A B A B over ``--rounds``): RSS after loading, decode
 tok/s (128 greedy tokens) and prefill tok/s (128-token prompt) at every rate, the median time of
@@ -66,12 +66,24 @@ def build(out: Path, rates: tuple[float, ...], bits: int) -> dict:
     compress_s = time.perf_counter() - t
     (out / "ir").mkdir(parents=True, exist_ok=True)
     write_ir(ir, out / "ir")
-    weights = onnx_weights(bits, target)
-    log("lowering rates4")
-    _write_onnx_artifact(ir, out / "rates4", weights)
-    log("lowering rate1")
-    _write_onnx_artifact(ir.replace(prune=None), out / "rate1", weights)
-    return {"compress_s": compress_s, "weights": weights.to_json(),
+    return dict(lower(out, bits), compress_s=compress_s)
+
+
+def lower(out: Path, bits: int) -> dict:
+    """Lower the compressed model saved in ``out/ir`` twice (every rate / rate 0 only)."""
+    import shutil
+
+    from edgeq.build import onnx_weights
+    from edgeq.lower.ir_files import read_ir
+    from edgeq.targets import load_target
+
+    ir = read_ir(out / "ir")
+    weights = onnx_weights(bits, load_target("cpu-avx2"))
+    for name, model in (("rates4", ir), ("rate1", ir.replace(prune=None))):
+        log(f"lowering {name}")
+        shutil.rmtree(out / name, ignore_errors=True)
+        _write_onnx_artifact(model, out / name, weights)
+    return {"weights": weights.to_json(),
             "ffn_widths": {f"{r:g}": [w.ffn for w in ir.prune.widths[r]] for r in ir.prune.rates}}
 
 
@@ -203,7 +215,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--stage", choices=["all", "build", "quality", "speed"], default="all")
+    ap.add_argument("--stage", choices=["all", "build", "lower", "quality", "speed"], default="all",
+                    help="build = compress + lower; lower = re-lower the saved compressed model")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench-onnx-rates")
     a = ap.parse_args()
     rates = tuple(float(r) for r in a.rates.split(","))
@@ -212,6 +225,8 @@ def main() -> None:
     res = json.loads(res_path.read_text()) if res_path.exists() else {}
     if a.stage in ("all", "build") or not (a.out / "rates4" / "manifest.json").exists():
         res["build"] = build(a.out, rates, a.bits)
+    elif a.stage == "lower":
+        res["build"] = dict(res.get("build", {}), **lower(a.out, a.bits))
     from edgeq.artifact import read_manifest
 
     res["sizes_mb"] = {n: sum(f.stat().st_size for f in (a.out / n).iterdir() if f.suffix in (".onnx", ".data"))

@@ -184,6 +184,24 @@ class _DecoderGraph:
             y = self.g.op("Add", [y, self._branch(x, lin, lr)], name=f"{lin.name}.add_branch")
         return y
 
+    def stacked(self, x: str, lins: list[Linear], name: str, rows: tuple[int, int] | None = None) -> str:
+        """One matmul over the row-stacked weights (and biases) of ``lins`` — each restricted to
+        output ``rows`` when given — so one MatMulNBits replaces several (Q/K/V, gate/up). Only
+        for linears without low-rank branches; group-wise quantization is per row, so the stored
+        values are those of the separate weights."""
+        lo, hi = rows or (0, None)
+        w = np.ascontiguousarray(np.concatenate([lin.weight[lo:hi] for lin in lins]))
+        b = None
+        if any(lin.bias is not None for lin in lins):
+            b = self.g.init(f"{name}.bias", np.concatenate([
+                (lin.bias if lin.bias is not None else np.zeros(lin.out_features, np.float32))[lo:hi]
+                for lin in lins]).astype(np.float32))
+        y = self._matmul(x, name, w, self.w.linear, b)
+        fmt = self.low.formats.pop(name)
+        for lin in lins:
+            self.low.formats[lin.name if rows is None else f"{lin.name}.ch{lo}_{hi}"] = fmt
+        return y
+
     def _branch(self, x: str, lin: Linear, lr, rows: tuple[int, int] | None = None,
                 cols: tuple[int, int] | None = None) -> str:
         """``x -> (x A^T) (s B^T)``; ``rows`` / ``cols``: only that output / input channel range
@@ -226,13 +244,21 @@ class _DecoderGraph:
             self._gathered[key] = self.g.op("Gather", [t, self.rate_index], name=f"rate.{tag}", axis=0)
         return self._gathered[key]
 
-    def masked(self, y: str, layer: int, kind: str) -> str:
-        """``y`` with the channels the current rate prunes zeroed: ``kind`` "q"/"k" (RoPE pairs
-        beyond the kept slots of every head), "v" (V components per KV group), "o" (the attention
-        output's components per head, the O projection's pruned inputs). Identity at rate 0 and
-        in single-rate graphs."""
+    def masked(self, y: str, layer: int, kinds: str) -> str:
+        """``y`` with the channels the current rate prunes zeroed. ``kinds``: the parts of ``y``
+        (concatenated), each "q"/"k" (RoPE pairs beyond the kept slots of every head), "v" (V
+        components per KV group) or "o" (the attention output's components per head, the O
+        projection's pruned inputs); e.g. "qkv" for a packed Q/K/V output. Identity in
+        single-rate graphs and where no rate prunes."""
         if self.rates is None:
             return y
+        table = np.concatenate([self._mask_table(layer, k) for k in kinds], axis=1)
+        if table.all():
+            return y
+        return self.g.op("Mul", [y, self._gather_by_rate(table, f"mask_{kinds}")], name=f"blk.{layer}.{kinds}_rate_mask")
+
+    def _mask_table(self, layer: int, kind: str) -> np.ndarray:
+        """(rates, channels) float 0/1: which output channels of ``kind`` each rate keeps."""
         hp = self.ir.hparams
         H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
         half = D // 2
@@ -249,10 +275,7 @@ class _DecoderGraph:
             else:
                 m = np.tile(np.arange(D) < w.v_dims, KV if kind == "v" else H)
             rows.append(m)
-        table = np.stack(rows).astype(np.float32)
-        if table.all():
-            return y
-        return self.g.op("Mul", [y, self._gather_by_rate(table, f"mask_{kind}")], name=f"blk.{layer}.{kind}_rate_mask")
+        return np.stack(rows).astype(np.float32)
 
     def _seg_linear(self, x: str, lin: Linear, rows=None, cols=None, bias: bool = True) -> str:
         lo, hi = rows or cols
@@ -266,12 +289,25 @@ class _DecoderGraph:
             y = self.g.op("Add", [y, self._branch(x, lin, lr, rows=rows, cols=cols)], name=f"{name}.add_branch")
         return y
 
-    def _ffn_part(self, i: int, h: str, lo: int, hi: int) -> str:
+    def _gate_up(self, i: int, h: str, rows: tuple[int, int] | None = None) -> str:
+        """silu(gate h) * (up h), over channel ``rows`` (default all); gate and up share one
+        matmul when neither carries a low-rank branch."""
         ir, g = self.ir, self.g
-        gt = self._seg_linear(h, ir.linear(i, Role.GATE), rows=(lo, hi))
-        up = self._seg_linear(h, ir.linear(i, Role.UP), rows=(lo, hi))
-        act = g.op("Mul", [g.op("Mul", [gt, g.op("Sigmoid", [gt])], name=f"blk.{i}.silu"), up], name=f"blk.{i}.swiglu")
-        return self._seg_linear(act, ir.linear(i, Role.DOWN), cols=(lo, hi), bias=False)
+        gate, up = ir.linear(i, Role.GATE), ir.linear(i, Role.UP)
+        if not gate.low_rank and not up.low_rank:
+            lo, hi = rows or (0, gate.out_features)
+            name = f"blk.{i}.ffn_gate_up" + (f".ch{lo}_{hi}" if rows else "")
+            gt, u = g.op("Split", [self.stacked(h, [gate, up], name, rows), g.const([hi - lo, hi - lo])],
+                         name=f"{name}.split", n_out=2, axis=-1)
+        elif rows:
+            gt, u = self._seg_linear(h, gate, rows=rows), self._seg_linear(h, up, rows=rows)
+        else:
+            gt, u = self.linear(h, gate), self.linear(h, up)
+        return g.op("Mul", [g.op("Mul", [gt, g.op("Sigmoid", [gt])], name=f"blk.{i}.silu"), u], name=f"blk.{i}.swiglu")
+
+    def _ffn_part(self, i: int, h: str, lo: int, hi: int) -> str:
+        act = self._gate_up(i, h, rows=(lo, hi))
+        return self._seg_linear(act, self.ir.linear(i, Role.DOWN), cols=(lo, hi), bias=False)
 
     def ffn(self, i: int, h: str) -> str:
         """SwiGLU MLP. In a multi-rate graph the channels are split into segments at the kept
@@ -280,11 +316,7 @@ class _DecoderGraph:
         ir, g = self.ir, self.g
         segs = ffn_segments(ir, i)
         if len(segs) == 1:
-            gt = self.linear(h, ir.linear(i, Role.GATE))
-            up = self.linear(h, ir.linear(i, Role.UP))
-            act = g.op("Mul", [g.op("Mul", [gt, g.op("Sigmoid", [gt])], name=f"blk.{i}.silu"), up],
-                       name=f"blk.{i}.swiglu")
-            return self.linear(act, ir.linear(i, Role.DOWN))
+            return self.linear(self._gate_up(i, h), ir.linear(i, Role.DOWN))
         import onnx
 
         y = self._ffn_part(i, h, *segs[0])
@@ -397,11 +429,18 @@ class _DecoderGraph:
         x, head = self.embedding_and_head(ids)
         for i in range(L):
             h = self.rms_norm(x, f"blk.{i}.attn_norm")
-            q = self.masked(self.linear(h, ir.linear(i, Role.Q)), i, "q")
-            k = self.masked(self.linear(h, ir.linear(i, Role.K)), i, "k")
-            v = self.masked(self.linear(h, ir.linear(i, Role.V)), i, "v")
+            qkv = [ir.linear(i, r) for r in (Role.Q, Role.K, Role.V)]
             present = [g.output(f"present.{i}.key", TP.FLOAT, [1, KV, "total", D]),
                        g.output(f"present.{i}.value", TP.FLOAT, [1, KV, "total", D])]
+            if not any(lin.low_rank for lin in qkv):  # one matmul (and one rate mask) for Q, K and V
+                packed = self.masked(self.stacked(h, qkv, f"blk.{i}.attn_qkv"), i, "qkv")
+                if self.w.attention == "gqa":
+                    q, k, v = packed, "", ""  # GroupQueryAttention takes packed QKV
+                else:
+                    q, k, v = g.op("Split", [packed, g.const([hp.num_heads * D, KV * D, KV * D])],
+                                   name=f"blk.{i}.qkv_split", n_out=3, axis=-1)
+            else:
+                q, k, v = (self.masked(self.linear(h, lin), i, kind) for lin, kind in zip(qkv, "qkv"))
             if self.w.attention == "gqa":
                 o = self.gqa(i, q, k, v, pasts[i], present, rope)
             else:
