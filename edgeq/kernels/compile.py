@@ -1,0 +1,116 @@
+"""Compile generated kernels with TVM 0.27 for a hardware profile's ``[compile] tvm_target``.
+
+* :func:`kernel_block` — the layout / vector block a target gets (x86 32, aarch64 16, CUDA 32).
+* :func:`prim_func` — a spec's TIR (CPU or CUDA form), parsed from :mod:`tir_cpu` / :mod:`tir_cuda`.
+* :func:`build` — one TVM executable holding every spec's function, compiled for the *profile's*
+  target (never the build host): x86 / aarch64 through LLVM, CUDA as source for the device.
+* :func:`export` — a shared library: host linker for x86, ``aarch64-linux-gnu-gcc`` for aarch64
+  (cross), the CUDA module with its kernel source embedded (compiled on the device at load).
+* :func:`cuda_source` / :func:`nvcc_cubin` — the CUDA C++ TVM generated, and a cubin of it
+  compiled with ``nvcc`` for one ``sm_XY`` (a build-time check that the kernels compile).
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from edgeq.errors import EdgeqError
+from edgeq.kernels.spec import KernelSpec
+
+AARCH64_CC = "aarch64-linux-gnu-gcc"
+
+
+def _tvm():
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        raise EdgeqError("generating kernels needs TVM: pip install 'edgeq[tvm]' (apache-tvm 0.27)") from None
+    return tvm
+
+
+def is_cuda(target: Mapping) -> bool:
+    return target.get("kind") == "cuda"
+
+
+def is_aarch64(target: Mapping) -> bool:
+    return str(target.get("mtriple", "")).startswith("aarch64")
+
+
+def kernel_block(target: Mapping) -> int:
+    """Output channels per vector block: 32 on x86 (4 AVX2 / 2 AVX-512 registers of lanes per
+    input position: measured 1.7x faster than 8 on AVX2, equal to 64), 16 on aarch64 (4 NEON
+    registers), 32 on CUDA (a warp)."""
+    if is_cuda(target) or not is_aarch64(target):
+        return 32
+    return 16
+
+
+def prim_func(spec: KernelSpec, cuda: bool = False):
+    tvm = _tvm()
+    from tvm.script import tirx as T
+
+    from edgeq.kernels import tir_cpu, tir_cuda
+
+    src = tir_cuda.source(spec) if cuda else tir_cpu.source(spec)
+    return tvm.script.from_source(src, extra_vars={"T": T})
+
+
+def _target(target: Mapping):
+    tvm = _tvm()
+    t = dict(target)
+    if is_cuda(t):
+        host = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"}
+        return tvm.target.Target(t, host=host)
+    return tvm.target.Target(t)
+
+
+def build(specs: Iterable[KernelSpec], target: Mapping):
+    """One executable with a function per spec (named ``spec.name``)."""
+    tvm = _tvm()
+    specs = list(specs)
+    if not specs:
+        raise EdgeqError("no kernels to build")
+    cuda = is_cuda(target)
+    mod = tvm.IRModule({s.name: prim_func(s, cuda) for s in specs})
+    return tvm.compile(mod, target=_target(target))
+
+
+def export(ex, path: str | Path, target: Mapping) -> Path:
+    path = Path(path)
+    if is_aarch64(target):
+        if shutil.which(AARCH64_CC) is None:
+            raise EdgeqError(f"cross-linking for aarch64 needs {AARCH64_CC} (Debian: gcc-aarch64-linux-gnu)")
+        ex.export_library(str(path), cc=AARCH64_CC)
+    else:
+        ex.export_library(str(path))
+    return path
+
+
+def write_object(ex, path: str | Path) -> Path:
+    """The host code as one relocatable object (for static linking into a test harness)."""
+    ex.mod.write_to_file(str(path))
+    return Path(path)
+
+
+def cuda_source(ex) -> str:
+    mods = list(ex.mod.imports)
+    if not mods:
+        raise EdgeqError("not a CUDA build: no device module")
+    return mods[0].inspect_source()
+
+
+def nvcc_cubin(source: str, arch: str, out: str | Path) -> Path:
+    """Compile CUDA source to a cubin for ``arch`` (e.g. ``sm_86``) with nvcc."""
+    nvcc = shutil.which("nvcc") or next((str(p) for p in sorted(Path("/usr/local").glob("cuda*/bin/nvcc"))), None)
+    if nvcc is None:
+        raise EdgeqError("nvcc not found (CUDA toolkit) — needed to check the CUDA kernels")
+    out = Path(out)
+    src = out.with_suffix(".cu")
+    src.write_text(source)
+    r = subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-O3", "-diag-suppress=177", "-o", str(out), str(src)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise EdgeqError(f"nvcc {arch} failed: {(r.stderr or r.stdout).strip().splitlines()[-1][:300]}")
+    return out

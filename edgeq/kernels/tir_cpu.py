@@ -1,0 +1,136 @@
+"""TIR (TVMScript) of the CPU kernels: x86 AVX2 / AVX-512 and aarch64 NEON.
+
+The schedule is written into the loop nest (this is TVM's "schedule as TIR"): output blocks of
+``spec.block`` channels are the parallel loop (one block per task, the whole K reduction in it),
+the ``block`` lanes are the vectorized loop (one vector load of codes, one FMA per input position
+and lane), and the group scale is applied once per group. The ISA enters through ``spec.block``
+(8 float lanes for AVX2 and NEON x2, 16 for AVX-512) and the LLVM target the function is
+compiled for (:mod:`edgeq.kernels.compile`).
+
+* decode (M small, typically 1): per output block and row, accumulate ``block`` outputs over K
+  (codes converted and centred in registers), add the low-rank term ``t · B`` where
+  ``t = x · Aᵀ`` (M, rank) is computed first, store.
+* prefill (M > 1): per output block and group, dequantize the (group, block) weight tile once into
+  a local buffer, then stream every row of ``x`` through it (weights read once per call, not per row).
+
+All shapes are symbolic: ``K`` is taken from ``x`` and ``N`` from ``y`` (the active widths of a
+pruned layer), the weight buffers may be larger (the full widths).
+"""
+from __future__ import annotations
+
+from edgeq.kernels.spec import KernelSpec
+
+_HEADER = ""  # parsed with T = tvm.script.tirx in scope (edgeq.kernels.compile)
+
+
+def _signature(spec: KernelSpec) -> str:
+    V, R = spec.block, spec.rank
+    args = ["x_h: T.handle", "qw_h: T.handle", "sc_h: T.handle"]
+    bufs = [
+        "x = T.match_buffer(x_h, (M, K), \"float32\")",
+        "qw = T.match_buffer(qw_h, (NB, KP, %d), \"uint8\")" % V,
+        "sc = T.match_buffer(sc_h, (NB, NG, %d), \"float32\")" % V,
+    ]
+    if not spec.symmetric:
+        args.append("zp_h: T.handle")
+        bufs.append("zp = T.match_buffer(zp_h, (NB, NG, %d), \"float32\")" % V)
+    if R:
+        args += ["a_h: T.handle", "b_h: T.handle"]
+        bufs += ["a = T.match_buffer(a_h, (KA, %d), \"float32\")" % R,
+                 "b = T.match_buffer(b_h, (NBB, %d, %d), \"float32\")" % (R, V)]
+    args.append("y_h: T.handle")
+    bufs.append("y = T.match_buffer(y_h, (M, N), \"float32\")")
+    lines = [f"@T.prim_func\ndef {spec.name}({', '.join(args)}):",
+             f"    T.func_attr({{\"global_symbol\": \"{spec.name}\", \"tir.noalias\": True}})"]
+    for v in ("M", "K", "N", "NB", "KP", "NG") + (("KA", "NBB") if R else ()):
+        lines.append(f"    {v} = T.int64()")
+    lines += ["    " + b for b in bufs]
+    return "\n".join(lines) + "\n"
+
+
+def _centred(spec: KernelSpec, row: str, j: str) -> tuple[str, ...]:
+    """Expressions of the centred codes (q - z) in packed row ``row``, lane ``j``: one per input
+    position held by the byte (two for 4-bit)."""
+    z = "T.float32(%d)" % spec.zero_point if spec.symmetric else f"zp[nb, g, {j}]"
+    byte = f"qw[nb, {row}, {j}]"
+    if spec.bits == 8:
+        return (f"(T.Cast(\"float32\", {byte}) - {z})",)
+    return (f"(T.Cast(\"float32\", T.bitwise_and({byte}, T.uint8(15))) - {z})",
+            f"(T.Cast(\"float32\", T.shift_right({byte}, T.uint8(4))) - {z})")
+
+
+def _low_rank_t(spec: KernelSpec) -> str:
+    if not spec.rank:
+        return ""
+    return f"""    t = T.decl_buffer((M, {spec.rank}), "float32")
+    for m in range(M):
+        for r in T.vectorized({spec.rank}):
+            t[m, r] = T.float32(0)
+        for k in range(K):
+            for r in T.vectorized({spec.rank}):
+                t[m, r] = t[m, r] + x[m, k] * a[k, r]
+"""
+
+
+def decode_source(spec: KernelSpec) -> str:
+    V, G = spec.block, spec.group
+    per = 2 if spec.bits == 4 else 1  # input positions per byte
+    rows = G // per
+    c = _centred(spec, f"g * {rows} + kk", "j")
+    terms = " + ".join(f"x[m, g * {G} + kk * {per} + {p}] * {c[p]}" for p in range(per))
+    lr = ""
+    if spec.rank:
+        lr = f"""            for r in range({spec.rank}):
+                for j in T.vectorized({V}):
+                    acc[j] = acc[j] + t[m, r] * b[nb, r, j]
+"""
+    return _HEADER + _signature(spec) + _low_rank_t(spec) + f"""    for nb in T.parallel(N // {V}):
+        acc = T.decl_buffer(({V},), "float32", scope="local")
+        gacc = T.decl_buffer(({V},), "float32", scope="local")
+        for m in range(M):
+            for j in T.vectorized({V}):
+                acc[j] = T.float32(0)
+            for g in range(K // {G}):
+                for j in T.vectorized({V}):
+                    gacc[j] = T.float32(0)
+                for kk in range({rows}):
+                    for j in T.vectorized({V}):
+                        gacc[j] = gacc[j] + {terms}
+                for j in T.vectorized({V}):
+                    acc[j] = acc[j] + gacc[j] * sc[nb, g, j]
+{lr}            for j in T.vectorized({V}):
+                y[m, nb * {V} + j] = acc[j]
+"""
+
+
+def prefill_source(spec: KernelSpec) -> str:
+    V, G = spec.block, spec.group
+    per = 2 if spec.bits == 4 else 1
+    rows = G // per
+    c = _centred(spec, f"g * {rows} + kk", "j")
+    fill = "\n".join(f"""                    for j in T.vectorized({V}):
+                        w[kk * {per} + {p}, j] = {c[p]} * sc[nb, g, j]""" for p in range(per))
+    init = "T.float32(0)"
+    lr = ""
+    if spec.rank:
+        lr = f"""            for r in range({spec.rank}):
+                for j in T.vectorized({V}):
+                    y[m, nb * {V} + j] = y[m, nb * {V} + j] + t[m, r] * b[nb, r, j]
+"""
+    return _HEADER + _signature(spec) + _low_rank_t(spec) + f"""    for nb in T.parallel(N // {V}):
+        w = T.decl_buffer(({G}, {V}), "float32", scope="local")
+        for m in range(M):
+            for j in T.vectorized({V}):
+                y[m, nb * {V} + j] = {init}
+{lr}        for g in range(K // {G}):
+            for kk in range({rows}):
+{fill}
+            for m in range(M):
+                for kk in range({G}):
+                    for j in T.vectorized({V}):
+                        y[m, nb * {V} + j] = y[m, nb * {V} + j] + x[m, g * {G} + kk] * w[kk, j]
+"""
+
+
+def source(spec: KernelSpec) -> str:
+    return prefill_source(spec) if spec.prefill else decode_source(spec)
