@@ -20,7 +20,7 @@ from edgeq.frontend import load_adapter, load_model, merge_adapters
 from edgeq.ir import ModelIR, Role, linear_name
 from edgeq.targets import TargetProfile, load_target
 
-FORMATS = ("gguf", "onnx", "reference")
+FORMATS = ("gguf", "onnx", "tvm", "reference")
 MODEL_FILE = "model.gguf"
 PLAN_FILE = "plan.toml"
 SORTS = ("uniql", "naive")
@@ -113,6 +113,11 @@ def check_options(opts: BuildOptions, target: TargetProfile) -> None:
         raise EdgeqError(f"unsupported --bits {opts.bits} (4, 8, 16 or 32)")
     if opts.format == "reference" and (opts.qtype or opts.bits not in (None, 32)):
         raise EdgeqError("the reference format stores float32 weights; drop --bits/--qtype")
+    if opts.format == "tvm":
+        if opts.qtype:
+            raise EdgeqError("--qtype names a GGUF type; the tvm format takes --bits 4 or 8")
+        if opts.bits not in (None, 4, 8):
+            raise EdgeqError("the tvm format stores int4 or int8 weights (generated kernels): --bits 4 or 8")
     if opts.format == "onnx":
         if opts.qtype:
             raise EdgeqError("--qtype names a GGUF type; the onnx format takes --bits 4, 8 or 32")
@@ -212,6 +217,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = _log) -> BuildResult:
             manifest, ref_ir = _lower_gguf(ir, opts, target, bits, tmp, log)
         elif opts.format == "onnx":
             manifest, ref_ir = _lower_onnx(ir, opts, target, bits, tmp, log)
+        elif opts.format == "tvm":
+            manifest, ref_ir = _lower_tvm(ir, opts, target, bits, tmp, log)
         else:
             manifest, ref_ir = _lower_reference(ir, opts, target, tmp, log)
         timings["lower"] = time.perf_counter() - t
@@ -223,7 +230,9 @@ def build(opts: BuildOptions, log: Callable[[str], None] = _log) -> BuildResult:
             "hparams": ir.hparams.to_json(),
             "history": [{"name": r.name, "options": dict(r.options)} for r in ir.history],
         })
-        if opts.record_goldens:
+        if opts.record_goldens and not _runs_here(manifest):
+            log(f"not recording goldens: a {manifest['format']} artifact for {target.name} does not run on this host")
+        elif opts.record_goldens:
             t = time.perf_counter()
             log("recording goldens (fp32 reference and the artifact)")
             manifest["goldens"] = record_goldens(ref_ir, tmp, manifest)
@@ -436,6 +445,41 @@ def _lower_onnx(ir: ModelIR, opts: BuildOptions, target: TargetProfile, bits: in
                          "components as per-rate masks (the attention projections run at full width)",
             "dropped": "nothing",
             "weight_bytes_per_rate": info.get("weight_bytes_per_rate"),
+        }
+    return manifest, ir
+
+
+def _runs_here(manifest: dict) -> bool:
+    if manifest.get("format") != "tvm":
+        return True
+    import platform
+
+    t = manifest["tvm"]["target"]
+    return t.get("kind") != "cuda" and str(t.get("mtriple", "x86_64")).startswith(platform.machine())
+
+
+def _lower_tvm(ir: ModelIR, opts: BuildOptions, target: TargetProfile, bits: int, tmp: Path,
+               log) -> tuple[dict, ModelIR]:
+    from edgeq.lower import tvm as lower_tvm
+
+    if bits not in (4, 8):
+        raise EdgeqError(f"the tvm format stores int4 or int8 weights; target {target.name} defaults to {bits} bits "
+                         "(give --bits 4 or 8)")
+    tvm_opts = lower_tvm.TvmOptions(bits=bits, group=target.quant_block_size,
+                                    target=target.compile_target.as_dict())
+    log(f"generating and compiling kernels for {target.name} ({tvm_opts.target}), writing "
+        f"{lower_tvm.LIBRARY} + {lower_tvm.WEIGHTS} (int{bits}, group {tvm_opts.group}; head int8)")
+    info = lower_tvm.write_tvm(ir, tmp, tvm_opts, progress=True)
+    manifest = {"format": "tvm", "runtime": "tvm", "model_file": lower_tvm.LIBRARY, "adapter_files": [],
+                "weight_type": f"INT{bits}", "bits": bits, "tvm": info}
+    if ir.prune is not None:
+        manifest["prune"] = {
+            "rates": list(ir.prune.rates), "method": opts.sort, "granularity": ir.prune.granularity,
+            "widths": ir.prune.to_json()["widths"],
+            "expressed": "everything, switched at run time with nothing reloaded: MLP channels as the active "
+                         "width of the kernels (one compiled function serves every width); Q/K RoPE pairs and V/O "
+                         "components as per-rate masks (the attention matmuls run at full width)",
+            "dropped": "nothing",
         }
     return manifest, ir
 

@@ -54,9 +54,10 @@ def targets(as_json):
 @click.option("--adapter-mode", type=click.Choice(["merge", "separate"]), default="merge", show_default=True,
               help="Merge adapters into the weights, or keep each as a LoRA-adapter file applied at run time.")
 @click.option("--target", default="cpu-avx2", show_default=True, help="Hardware profile (see `edgeq targets`).")
-@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx", "reference"]), default=None,
-              help="Artifact format: gguf (llama.cpp), onnx (onnxruntime, MatMulNBits) or reference (float32, "
-                   "numpy runtime, run-time rate switch). Default: the target's first (cpu: gguf, gpu: onnx).")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx", "tvm", "reference"]), default=None,
+              help="Artifact format: gguf (llama.cpp), onnx (onnxruntime, MatMulNBits), tvm (generated kernels "
+                   "with fused low-rank branches) or reference (float32, numpy runtime, run-time rate switch). "
+                   "Default: the target's first (cpu: gguf, gpu: onnx).")
 @click.option("--bits", type=int, default=None,
               help="Weight bits: 8 (Q8_0 / int8) or 4 (Q4_0 / int4), 32 float; default: the target's.")
 @click.option("--qtype", default=None, help="Explicit weight type for the block linears (e.g. Q4_1); overrides --bits.")
@@ -145,16 +146,22 @@ def plan(model, adapters, target, budget_mb, bpw, calib_samples, calib_len, cali
 @click.option("--prompt", required=True, help="Prompt text.")
 @click.option("--max-tokens", type=int, default=128, show_default=True)
 @click.option("--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
-@click.option("--runtime", type=click.Choice(["auto", "llamacpp", "onnxruntime", "reference"]), default="auto", show_default=True)
+@click.option("--runtime", type=click.Choice(["auto", "llamacpp", "onnxruntime", "tvm", "reference"]), default="auto", show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @click.option("--prune", type=float, default=None, help="Pruning rate to run at (one the artifact carries).")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy; > 0: sample.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k most likely (0: all).")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--seed", type=int, default=None, help="Sampling seed (reproducible runs).")
 @_fail_cleanly
-def run(artifact, prompt, max_tokens, chat, runtime, threads, prune):
-    """Generate text from an artifact, streaming tokens (greedy)."""
+def run(artifact, prompt, max_tokens, chat, runtime, threads, prune, temperature, top_k, top_p, seed):
+    """Generate text from an artifact, streaming tokens (greedy, or sampled with --temperature)."""
     from edgeq.session import open_session
+    from runtimes.base import Sampling
 
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     with open_session(artifact, runtime=runtime, threads=threads, prune=prune) as s:
-        for piece in s.generate(prompt, max_tokens=max_tokens, chat=chat):
+        for piece in s.generate(prompt, max_tokens=max_tokens, chat=chat, sampling=sampling):
             click.echo(piece, nl=False)
             sys.stdout.flush()
         click.echo()
@@ -165,7 +172,7 @@ def run(artifact, prompt, max_tokens, chat, runtime, threads, prune):
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--runtime", type=click.Choice(["auto", "llamacpp", "onnxruntime", "reference"]), default="auto", show_default=True)
+@click.option("--runtime", type=click.Choice(["auto", "llamacpp", "onnxruntime", "tvm", "reference"]), default="auto", show_default=True)
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Also write the report as JSON.")
 @_fail_cleanly
 def verify(artifact, runtime, json_file):
@@ -191,7 +198,7 @@ def verify(artifact, runtime, json_file):
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--runtime", type=click.Choice(["auto", "llamacpp", "onnxruntime", "reference"]), default="auto", show_default=True)
+@click.option("--runtime", type=click.Choice(["auto", "llamacpp", "onnxruntime", "tvm", "reference"]), default="auto", show_default=True)
 @click.option("--runs", type=int, default=5, show_default=True, help="Timed runs (after one warm-up).")
 @click.option("--max-tokens", type=int, default=128, show_default=True, help="Decode length.")
 @click.option("--threads", type=int, default=None)
@@ -233,7 +240,7 @@ def inspect(artifact, tensors, as_json):
 
 @main.command("eval")
 @click.argument("target", type=click.Path(path_type=Path))
-@click.option("--runtime", type=click.Choice(["auto", "llamacpp", "onnxruntime", "reference"]), default="auto", show_default=True)
+@click.option("--runtime", type=click.Choice(["auto", "llamacpp", "onnxruntime", "tvm", "reference"]), default="auto", show_default=True)
 @click.option("--prune", type=float, default=None, help="Pruning rate: one the artifact carries; for a source model, via set_prune_rate.")
 @click.option("--tasks", default=None,
               help="Comma-separated subset of wikitext,kl,lambada (default: all; kl where a reference exists).")

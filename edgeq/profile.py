@@ -95,7 +95,7 @@ def profile(artifact_dir: str | Path, runtime: str = "auto", runs: int = 5, max_
 
 def profile_sweep(artifact_dir: str | Path, runtime: str = "auto", runs: int = 5, max_tokens: int = 128,
                   prefill_lengths: tuple[int, ...] = (128,), threads: int | None = None) -> dict:
-    """Every carried pruning rate. Reference and ONNX artifacts switch in place (``set_prune_rate``, timed);
+    """Every carried pruning rate. Reference, ONNX and TVM artifacts switch in place (``set_prune_rate``, timed);
     GGUF artifacts load the rate's own file (the reload time is the switch cost)."""
     from edgeq.session import artifact_rates
 
@@ -103,7 +103,7 @@ def profile_sweep(artifact_dir: str | Path, runtime: str = "auto", runs: int = 5
     m = read_manifest(root)
     n_ctx = _n_ctx(max_tokens, prefill_lengths)
     rows = []
-    if m["format"] in ("reference", "onnx"):
+    if m["format"] in ("reference", "onnx", "tvm"):
         t0 = time.perf_counter()
         session = open_session(root, runtime=runtime, n_ctx=n_ctx, threads=threads, manifest=m)
         load_s = time.perf_counter() - t0

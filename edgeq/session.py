@@ -7,7 +7,7 @@ from pathlib import Path
 from edgeq.artifact import read_manifest
 from edgeq.errors import EdgeqError
 
-RUNTIMES = ("auto", "llamacpp", "onnxruntime", "reference")
+RUNTIMES = ("auto", "llamacpp", "onnxruntime", "tvm", "reference")
 
 
 def default_threads() -> int:
@@ -62,8 +62,15 @@ def open_session(artifact_dir: str | Path, runtime: str = "auto", n_ctx: int = 2
 
         check_rate(m, rate)
         return OnnxSession(root, manifest=m, n_ctx=n_ctx, threads=threads or default_threads(), prune=rate)
-    if runtime == "onnxruntime":
-        raise EdgeqError(f"a {fmt} artifact does not run on onnxruntime")
+    if fmt == "tvm":
+        if runtime not in ("auto", "tvm"):
+            raise EdgeqError("a tvm artifact runs on the tvm runtime only")
+        from runtimes.tvmrt import TvmSession
+
+        check_rate(m, rate)
+        return TvmSession(root, manifest=m, n_ctx=n_ctx, threads=threads or default_threads(), prune=rate)
+    if runtime in ("onnxruntime", "tvm"):
+        raise EdgeqError(f"a {fmt} artifact does not run on {runtime}")
     if fmt != "gguf":
         raise EdgeqError(f"{root}: unsupported artifact format {fmt!r}")
     model = root / gguf_file_for_rate(m, rate)

@@ -5,8 +5,9 @@ A Session owns one loaded artifact (or ModelIR) and offers:
 * ``tokenize(text, add_special=True) -> list[int]`` / ``detokenize(ids) -> str``
 * ``logits(token_ids) -> np.ndarray``: float32 ``(len(token_ids), vocab)`` logits for every
   position of a fresh context (no state carried between calls).
-* ``generate(prompt, max_tokens, ...) -> Iterator[str]``: greedy (temperature 0) streaming of
-  text pieces; stops at EOS or ``max_tokens``. ``last_stats`` holds timings of the last call.
+* ``generate(prompt, max_tokens, ...) -> Iterator[str]``: streaming of text pieces, greedy by
+  default or sampled (:class:`Sampling`: temperature, top-k, top-p, seed); stops at EOS or
+  ``max_tokens``. ``last_stats`` holds timings of the last call.
 * ``profile(...)``: see :mod:`edgeq.profile`, which drives sessions through this API.
 """
 from __future__ import annotations
@@ -16,6 +17,47 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Next-token choice: ``temperature`` 0 is greedy (argmax); otherwise softmax(logits / T)
+    restricted to the ``top_k`` most likely tokens (0: all) and to the smallest set whose
+    probability reaches ``top_p``, drawn with a generator seeded by ``seed`` (reproducible)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        from edgeq.errors import EdgeqError
+
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise EdgeqError(f"bad sampling options: temperature {self.temperature} (>= 0), top_k {self.top_k} "
+                             f"(>= 0), top_p {self.top_p} (in (0, 1])")
+
+    def chooser(self):
+        if self.temperature == 0:
+            return lambda logits: int(np.argmax(logits))
+        rng = np.random.default_rng(self.seed)
+
+        def choose(logits: np.ndarray) -> int:
+            z = logits.astype(np.float64) / self.temperature
+            order = np.argsort(-z, kind="stable")
+            if self.top_k:
+                order = order[:self.top_k]
+            p = np.exp(z[order] - z[order[0]])
+            p /= p.sum()
+            if self.top_p < 1:
+                keep = int(np.searchsorted(np.cumsum(p), self.top_p) + 1)
+                order, p = order[:keep], p[:keep] / p[:keep].sum()
+            return int(order[rng.choice(len(order), p=p)])
+
+        return choose
+
+
+GREEDY = Sampling()
 
 
 @dataclass
@@ -69,13 +111,15 @@ class Session:
         return prompt
 
     def generate_ids(self, prompt_ids: Sequence[int], max_tokens: int,
-                     stop_at_eos: bool = True) -> Iterator[int]:
-        """Greedy decoding; yields token ids as they are produced; fills ``last_stats``."""
+                     stop_at_eos: bool = True, sampling: Sampling = GREEDY) -> Iterator[int]:
+        """Decoding (greedy unless ``sampling`` says otherwise); yields token ids as they are
+        produced; fills ``last_stats``."""
+        choose = sampling.chooser()
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.last_stats = stats
         t0 = time.perf_counter()
         logits = self._start(prompt_ids)
-        tok = int(np.argmax(logits))
+        tok = choose(logits)
         stats.prefill_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         for i in range(max_tokens):
@@ -88,17 +132,17 @@ class Session:
             if i + 1 == max_tokens:
                 break
             logits = self._step(tok)
-            tok = int(np.argmax(logits))
+            tok = choose(logits)
         stats.decode_seconds = time.perf_counter() - t1
 
     def generate(self, prompt: str, max_tokens: int = 64, chat: bool = False,
-                 stop_at_eos: bool = True) -> Iterator[str]:
-        """Stream decoded text pieces (greedy)."""
+                 stop_at_eos: bool = True, sampling: Sampling = GREEDY) -> Iterator[str]:
+        """Stream decoded text pieces (greedy unless ``sampling`` says otherwise)."""
         text = self.apply_chat_template(prompt) if chat else prompt
         ids = self.tokenize(text)
         out: list[int] = []
         emitted = ""
-        for tok in self.generate_ids(ids, max_tokens, stop_at_eos=stop_at_eos):
+        for tok in self.generate_ids(ids, max_tokens, stop_at_eos=stop_at_eos, sampling=sampling):
             out.append(tok)
             full = self.detokenize(out)
             # hold back incomplete UTF-8 sequences

@@ -16,10 +16,12 @@ def run_cli(*args):
     return r.exit_code, r.output
 
 
-@pytest.fixture(scope="module", params=["gguf", "reference", "onnx"])
+@pytest.fixture(scope="module", params=["gguf", "reference", "onnx", "tvm"])
 def pruned(request, tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("pruned") / request.param
-    bits = {"gguf": ["--bits", "8"], "onnx": ["--bits", "4"]}.get(request.param, [])
+    if request.param == "tvm":
+        pytest.importorskip("tvm")
+    bits = {"gguf": ["--bits", "8"], "onnx": ["--bits", "4"], "tvm": ["--bits", "4"]}.get(request.param, [])
     code, text = run_cli("build", tiny_llama, "--format", request.param, *bits, "--prune-rates", "0,0.25,0.5",
                          *CALIB, "-o", out)
     assert code == 0, text

@@ -111,3 +111,27 @@ def test_onnx_int8_on_smollm2_matches_reference_and_answers(smollm2_dir, tmp_pat
     kl = (np.exp(want) * (want - got)).sum(-1)
     assert kl.mean() < ONNX_INT8_MAX_MEAN_KL
     assert "Paris" in cli("run", out, "--raw", "--prompt", "The capital of France is", "--max-tokens", "8")
+
+
+def test_tvm_int4_on_smollm2_matches_reference_and_answers(smollm2_dir, tmp_path):
+    """TVM int4 (generated kernels for cpu-avx2 + the numpy decoder) vs the reference runtime on
+    the same dequantized weights — float32 kernels, so close to exact; verifies and answers."""
+    pytest.importorskip("tvm")
+    from edgeq.frontend import load_model
+    from edgeq.lower.tvm import TvmOptions, lowered_ir
+    from edgeq.session import open_session
+    from runtimes.reference import ReferenceSession
+
+    out = tmp_path / "tvm4"
+    cli("build", smollm2_dir, "--format", "tvm", "--bits", "4", "-o", out)
+    assert "OK" in cli("verify", out)
+    info = json.loads((out / "manifest.json").read_text())["tvm"]
+    ref = ReferenceSession(lowered_ir(load_model(smollm2_dir), TvmOptions(bits=info["bits"], group=info["group"],
+                                                                          target=info["target"])), n_ctx=256)
+    ids = ref.tokenize("The history of the Roman Empire spans many centuries, and historians still debate "
+                       "the causes of its decline. Some point to economic troubles, others to military defeats")
+    with open_session(out) as s:
+        got = s.logits(ids)
+    want = ref.logits(ids)
+    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+    assert "Paris" in cli("run", out, "--raw", "--prompt", "The capital of France is", "--max-tokens", "8")

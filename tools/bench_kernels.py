@@ -149,7 +149,6 @@ def main() -> None:
             log(f"{n}x{k} r{r}: fused {row['fused_cold_us']:.1f} us cold / {row['fused_hot_us']:.1f} hot, "
                 f"base {row['base_cold_us']:.1f} / {row['base_hot_us']:.1f}, unfused {row['unfused_cold_us']:.1f}, "
                 f"numpy {row['numpy_cold_us']:.1f}")
-            del copies, base_copies, at_copies, deq_copies
     a.out.mkdir(parents=True, exist_ok=True)
     res = {"command": " ".join(sys.argv), "threads": a.threads, "target": target, "block": block,
            "memory_bandwidth_gb_s": bw, "rows": rows}

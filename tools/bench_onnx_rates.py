@@ -55,7 +55,7 @@ def _write_onnx_artifact(ir, out: Path, weights) -> None:
 
 
 def build(out: Path, rates: tuple[float, ...], bits: int) -> dict:
-    from edgeq.build import BuildOptions, compress, onnx_weights, prepare_ir
+    from edgeq.build import BuildOptions, compress, prepare_ir
     from edgeq.lower.ir_files import write_ir
     from edgeq.targets import load_target
 

@@ -141,6 +141,9 @@ def test_cli_run_profile_eval_work_on_onnx(lora_art, tmp_path):
         return r.output
 
     assert "onnxruntime" in cli("run", lora_art, "--raw", "--prompt", "hello", "--max-tokens", "4")
+    sampled = [cli("run", lora_art, "--raw", "--prompt", "hello", "--max-tokens", "12", "--temperature", "1.5",
+                   "--seed", str(seed)).rsplit("\n[", 1)[0] for seed in (1, 1, 2)]  # text, not timings
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]  # seeded sampling is reproducible
     cli("profile", lora_art, "--runs", "1", "--json", tmp_path / "p.json")
     p = json.loads((tmp_path / "p.json").read_text())
     assert p["format"] == "onnx" and p["runtime"] == "onnxruntime" and p["decode_tok_s"] > 0

@@ -1,0 +1,244 @@
+"""ModelIR -> TVM artifact: a compiled kernel library + packed weights, run by runtimes/tvmrt.py.
+
+Files:
+
+* ``kernels.so`` — the generated kernels (:mod:`edgeq.kernels`) compiled for the profile's
+  ``[compile] tvm_target`` (x86 through LLVM here; aarch64 cross-linked with
+  ``aarch64-linux-gnu-gcc``; CUDA as a module carrying its kernel source). It is code: its
+  sha256 is in the manifest and the runtime refuses a library that does not match.
+* ``weights.safetensors`` — per layer four quantized matmuls in the kernels' blocked layout:
+  ``qkv`` (Q, K, V stacked: one call), ``o``, ``gate_up`` (gate and up interleaved block by
+  block, so the first ``2 f`` outputs are gate[:f] and up[:f] — a pruned MLP width is a prefix),
+  ``down`` (a pruned width is a prefix of its inputs); the low-rank branches of a matmul (LoRA,
+  error compensation) as one ``A``/``B`` pair (stacked, block-diagonal for stacked matmuls) fused
+  into its kernel; norms; RoPE pair order; the int8 head / embedding table.
+* ``tokenizer.spec.json``.
+
+The decoder around the kernels (RMSNorm, RoPE with per-KV-group gathered frequencies, attention
+over the KV cache, SwiGLU, per-rate masks of Q/K pairs and V/O components) is numpy in the
+runtime: the kernels carry the weight bytes, which is where decode time goes; numpy's per-call
+cost is paid a few dozen times per layer (docs/architecture.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+from edgeq.ir import Linear, ModelIR, Role
+
+LIBRARY = "kernels.so"
+WEIGHTS = "weights.safetensors"
+TOKENIZER_FILE = "tokenizer.spec.json"
+GROUPS = ("qkv", "o", "gate_up", "down")
+
+
+@dataclass(frozen=True)
+class TvmOptions:
+    bits: int = 4  # block linears (4 or 8); the head / embedding are 8-bit
+    group: int = 32
+    target: Mapping = dataclasses.field(default_factory=lambda: {"kind": "llvm", "mtriple": "x86_64-linux-gnu",
+                                                                  "mcpu": "haswell"})
+
+    def to_json(self) -> dict:
+        return {"bits": self.bits, "group": self.group, "target": dict(self.target)}
+
+
+def _format(bits: int, group: int, k: int) -> str:
+    from edgeq.lower.onnx import fit_format
+
+    return fit_format(f"int{bits}_g{group}_sym", k).name
+
+
+def _stack_low_rank(lins: list[Linear], rows: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """All branches of ``lins`` (stacked by output rows) as one (A (R, K), B (N, R)) pair,
+    scales folded into B; B block-diagonal over the stacked linears. ``rows``: per linear, the
+    order of its output rows in the stack (default natural)."""
+    parts = [(i, lr) for i, lin in enumerate(lins) for lr in lin.low_rank]
+    if not parts:
+        return None
+    outs = [lin.out_features for lin in lins]
+    offs = np.concatenate([[0], np.cumsum(outs)])
+    a = np.concatenate([lr.a for _, lr in parts]).astype(np.float32)
+    b = np.zeros((int(offs[-1]), a.shape[0]), np.float32)
+    r0 = 0
+    for i, lr in parts:
+        bb = (lr.b * np.float32(lr.scale)).astype(np.float32)
+        b[offs[i]:offs[i + 1], r0:r0 + lr.rank] = bb
+        r0 += lr.rank
+    return a, b
+
+
+def interleave_rows(f: int, block: int) -> np.ndarray:
+    """Row order of the stacked [gate; up] (2f rows) that alternates blocks: gate block 0, up
+    block 0, gate block 1, ..."""
+    nb = f // block
+    idx = np.arange(2 * f).reshape(2, nb, block)  # (gate|up, block, lane)
+    return idx.transpose(1, 0, 2).reshape(-1)
+
+
+def matmul_groups(ir: ModelIR, layer: int, block: int) -> dict[str, tuple[np.ndarray, tuple | None]]:
+    """The layer's four kernel matmuls: name -> (float weight (N, K), low-rank (A, B) or None)."""
+    q, k, v, o = (ir.linear(layer, r) for r in (Role.Q, Role.K, Role.V, Role.O))
+    gate, up, down = (ir.linear(layer, r) for r in (Role.GATE, Role.UP, Role.DOWN))
+    F = gate.out_features
+    perm = interleave_rows(F, block)
+    gu_w = np.concatenate([gate.weight, up.weight])[perm]
+    gu_lr = _stack_low_rank([gate, up])
+    if gu_lr is not None:
+        gu_lr = (gu_lr[0], gu_lr[1][perm])
+    return {
+        "qkv": (np.concatenate([q.weight, k.weight, v.weight]), _stack_low_rank([q, k, v])),
+        "o": (o.weight, _stack_low_rank([o])),
+        "gate_up": (gu_w, gu_lr),
+        "down": (down.weight, _stack_low_rank([down])),
+    }
+
+
+def biases(ir: ModelIR, layer: int) -> dict[str, np.ndarray]:
+    q, k, v = (ir.linear(layer, r) for r in (Role.Q, Role.K, Role.V))
+    out = {}
+    if q.bias is not None or k.bias is not None or v.bias is not None:
+        out["qkv"] = np.concatenate([(lin.bias if lin.bias is not None else np.zeros(lin.out_features, np.float32))
+                                     for lin in (q, k, v)]).astype(np.float32)
+    for name, role in (("o", Role.O), ("down", Role.DOWN)):
+        if ir.linear(layer, role).bias is not None:
+            out[name] = ir.linear(layer, role).bias.astype(np.float32)
+    gate, up = ir.linear(layer, Role.GATE), ir.linear(layer, Role.UP)
+    if gate.bias is not None or up.bias is not None:
+        F = gate.out_features
+        gb = gate.bias if gate.bias is not None else np.zeros(F, np.float32)
+        ub = up.bias if up.bias is not None else np.zeros(F, np.float32)
+        out["gate_up"] = np.concatenate([gb, ub]).astype(np.float32)  # natural order; interleaved by the caller
+    return out
+
+
+def check(ir: ModelIR, opts: TvmOptions) -> list[str]:
+    from edgeq.kernels.compile import kernel_block
+
+    problems = []
+    block = kernel_block(opts.target)
+    hp = ir.hparams
+    if opts.bits not in (4, 8):
+        problems.append(f"the tvm format stores int4 or int8 weights, got {opts.bits} bits")
+    for name, n in (("hidden", hp.hidden_size), ("ffn", hp.intermediate_size), ("vocab", hp.vocab_size),
+                    ("q|k|v", (hp.num_heads + 2 * hp.num_kv_heads) * hp.head_dim)):
+        if n % block:
+            problems.append(f"{name} width {n} is not a multiple of the kernel block {block}")
+    if ir.prune is not None:
+        g = max(opts.group, block)
+        bad = sorted({w.ffn for r in ir.prune.rates for w in ir.prune.widths[r] if w.ffn % block or w.ffn % opts.group})
+        if bad:
+            problems.append(f"pruned MLP widths {bad[:3]} are not multiples of the kernel block {block} and group "
+                            f"{opts.group} (build with a prune granularity that is a multiple of {g})")
+    return problems
+
+
+def specs_for(ir: ModelIR, opts: TvmOptions) -> set:
+    """Every kernel the model needs (decode and prefill forms)."""
+    from edgeq.kernels.compile import kernel_block
+    from edgeq.kernels.spec import KernelSpec
+
+    block = kernel_block(opts.target)
+    out = set()
+    hp = ir.hparams
+    for i in range(hp.num_layers):
+        for name, (w, lr) in matmul_groups(ir, i, block).items():
+            fmt = _format(opts.bits, opts.group, w.shape[1])
+            g = int(fmt.split("_g")[1].split("_")[0])
+            for prefill in (False, True):
+                out.add(KernelSpec(bits=opts.bits, group=g, rank=0 if lr is None else lr[0].shape[0], block=block,
+                                   prefill=prefill))
+    g = int(_format(8, opts.group, hp.hidden_size).split("_g")[1].split("_")[0])
+    out |= {KernelSpec(bits=8, group=g, block=block, prefill=p) for p in (False, True)}
+    return out
+
+
+def _pack(w: np.ndarray, lr, bits: int, group: int, block: int) -> tuple[dict[str, np.ndarray], str]:
+    from edgeq.kernels import layout
+    from edgeq.kernels.spec import KernelSpec
+    from edgeq.quant.intgroup import rtn_int
+
+    fmt = _format(bits, group, w.shape[1])
+    t = rtn_int(w, fmt)
+    spec = KernelSpec(bits=bits, group=t.fmt.group, rank=0 if lr is None else lr[0].shape[0], block=block)
+    arrays = layout.pack_weight(t.codes, t.scales, None, spec)
+    if lr is not None:
+        arrays.update(layout.pack_low_rank(lr[0], lr[1], spec))
+    return arrays, spec.name.rsplit("_", 1)[0]  # the spec name without _decode / _prefill
+
+
+def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = False) -> dict:
+    """Write ``kernels.so``, ``weights.safetensors`` and ``tokenizer.spec.json``; returns the
+    manifest's ``tvm`` section."""
+    from safetensors.numpy import save_file
+
+    from edgeq.kernels import compile as kc
+    from edgeq.lower.onnx import write_tokenizer
+
+    problems = check(ir, opts)
+    if problems:
+        raise EdgeqError(f"cannot lower to tvm: {problems[0]}")
+    out_dir = Path(out_dir)
+    block = kc.kernel_block(opts.target)
+    hp = ir.hparams
+    arrays: dict[str, np.ndarray] = {}
+    kernels: dict[str, str] = {}
+    layers = range(hp.num_layers)
+    if progress:
+        from tqdm import tqdm
+
+        layers = tqdm(layers, desc="tvm weights", unit="layer", leave=False)
+    half = hp.head_dim // 2
+    for i in layers:
+        for name, (w, lr) in matmul_groups(ir, i, block).items():
+            packed, kname = _pack(w, lr, opts.bits, opts.group, block)
+            for k, v in packed.items():
+                arrays[f"blk.{i}.{name}.{k}"] = v
+            kernels[f"blk.{i}.{name}"] = kname
+        for name, b in biases(ir, i).items():
+            if name == "gate_up":
+                b = b[interleave_rows(hp.intermediate_size, block)]
+            arrays[f"blk.{i}.{name}.bias"] = b
+        arrays[f"blk.{i}.attn_norm"] = ir.tensors[f"blk.{i}.attn_norm"].astype(np.float32)
+        arrays[f"blk.{i}.ffn_norm"] = ir.tensors[f"blk.{i}.ffn_norm"].astype(np.float32)
+        idx = ir.rope_index.get(i)
+        arrays[f"blk.{i}.rope_index"] = (np.tile(np.arange(half), (hp.num_kv_heads, 1)) if idx is None
+                                         else np.asarray(idx)).astype(np.int64)
+    arrays["output_norm"] = ir.tensors["output_norm"].astype(np.float32)
+    for name in ("token_embd",) + (() if hp.tie_word_embeddings else ("output",)):
+        packed, kname = _pack(ir.tensors[name], None, 8, opts.group, block)
+        for k, v in packed.items():
+            arrays[f"{name}.{k}"] = v
+        kernels[name] = kname
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(out_dir / WEIGHTS))
+    specs = sorted(specs_for(ir, opts), key=lambda s: s.name)
+    ex = kc.build(specs, opts.target)
+    kc.export(ex, out_dir / LIBRARY, opts.target)
+    if ir.tokenizer is not None:
+        write_tokenizer(ir.tokenizer, out_dir / TOKENIZER_FILE)
+    from edgeq.hashing import sha256_file
+
+    return {"library": LIBRARY, "library_sha256": sha256_file(out_dir / LIBRARY), "weights_file": WEIGHTS, "target": dict(opts.target), "block": block,
+            "bits": opts.bits, "group": opts.group, "kernels": dict(sorted(kernels.items())),
+            "functions": [s.name for s in specs],
+            "tokenizer_file": TOKENIZER_FILE if ir.tokenizer is not None else None}
+
+
+def lowered_ir(ir: ModelIR, opts: TvmOptions) -> ModelIR:
+    """The float model a TVM artifact computes: every block linear as its int-group values (the
+    head / embedding at int8), low-rank branches as they are."""
+    from edgeq.lower.onnx import dequantized
+
+    linears = {n: dataclasses.replace(lin, weight=dequantized(lin.weight, _format(opts.bits, opts.group,
+                                                                                  lin.in_features)), packed=None)
+               for n, lin in ir.linears.items()}
+    tensors = dict(ir.tensors)
+    for name in ("token_embd",) + (() if ir.hparams.tie_word_embeddings else ("output",)):
+        tensors[name] = dequantized(ir.tensors[name], _format(8, opts.group, ir.hparams.hidden_size))
+    return ir.replace(linears=linears, tensors=tensors)
+

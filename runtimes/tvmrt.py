@@ -1,0 +1,297 @@
+"""TVM runtime for edgeq TVM artifacts: the generated kernel library + numpy (no torch).
+
+The four matmuls of every layer (Q|K|V, O, gate|up, down) and the head run as generated kernels
+(dequantization, GEMV/GEMM and the fused low-rank branch in one pass); RMSNorm, RoPE with the
+layer's gathered pair frequencies, attention over the KV cache and SwiGLU are numpy. A pruning
+rate is the active width the kernels are called with (a prefix of the MLP channels) plus per-rate
+masks of the Q/K pairs and V/O components, so ``set_prune_rate`` switches without touching weights.
+
+The library is code: it is loaded only when its sha256 matches the artifact's manifest.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from edgeq.artifact import read_manifest
+from edgeq.errors import EdgeqError
+from edgeq.hashing import sha256_file
+from edgeq.ir import HParams
+from runtimes.base import Session
+from runtimes.reference import rms_norm, rope_inv_freq, silu
+from runtimes.text import SpecTextMixin
+
+
+def _tvm(threads: int | None):
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(threads)  # read when the thread pool starts
+    try:
+        import tvm
+    except ImportError:
+        raise EdgeqError("the tvm runtime needs TVM: pip install 'edgeq[tvm]' (apache-tvm 0.27)") from None
+    return tvm
+
+
+def check_library(root: Path, manifest: dict) -> Path:
+    """The artifact's kernel library, after checking its sha256 against the manifest."""
+    info = manifest["tvm"]
+    lib = root / info["library"]
+    want = info.get("library_sha256")
+    if not lib.is_file():
+        raise EdgeqError(f"{lib}: missing kernel library")
+    if want is None or sha256_file(lib) != want:
+        raise EdgeqError(f"{lib}: sha256 does not match the manifest; refusing to load a modified library")
+    return lib
+
+
+class TvmSession(SpecTextMixin, Session):
+    name = "tvm"
+
+    def __init__(self, artifact_dir: str | Path, manifest: dict | None = None, n_ctx: int = 2048,
+                 threads: int | None = None, prune: float = 0.0):
+        self.root = root = Path(artifact_dir)
+        m = manifest or read_manifest(root)
+        if m.get("format") != "tvm":
+            raise EdgeqError(f"{root}: not a tvm artifact (format {m.get('format')!r})")
+        self.manifest = m
+        info = m["tvm"]
+        target = info["target"]
+        if target.get("kind") == "cuda":
+            raise EdgeqError(f"{root}: built for CUDA ({target.get('arch')}); it runs on that GPU, not on this CPU")
+        triple = str(target.get("mtriple", ""))
+        host = platform.machine()
+        if triple and not triple.startswith(host if host != "AMD64" else "x86_64"):
+            raise EdgeqError(f"{root}: built for {triple}; run it on that device (this host is {host})")
+        lib_path = check_library(root, m)
+        self.n_threads = int(threads or 0)
+        tvm = _tvm(self.n_threads)
+        self._tvm = tvm
+        try:
+            self.lib = tvm.runtime.load_module(str(lib_path))
+        except Exception as exc:  # TVM raises its own error types
+            raise EdgeqError(f"{lib_path}: TVM cannot load it ({str(exc).strip().splitlines()[0][:200]})") from None
+        self.hp = hp = HParams.from_json(m["hparams"])
+        self.n_ctx = n_ctx
+        self.block = int(info["block"])
+        self._load_weights(root / info["weights_file"], info)
+        self._spec = None
+        self._tok_file = info.get("tokenizer_file")
+        p = m.get("prune")
+        self._rates = tuple(float(r) for r in p["rates"]) if p else (0.0,)
+        self._widths = {float(r): v for r, v in (p["widths"].items() if p else ())}
+        self._masks = self._rate_masks() if len(self._rates) > 1 else None
+        self.inv_freq = rope_inv_freq(hp.head_dim, hp.rope_theta)
+        half = hp.head_dim // 2
+        self._k = np.zeros((hp.num_layers, n_ctx, hp.num_kv_heads, 2, half), np.float32)
+        self._v = np.zeros((hp.num_layers, n_ctx, hp.num_kv_heads, hp.head_dim), np.float32)
+        self._ids: list[int] = []
+        self._pos = 0
+        self.prune_rate = 0.0
+        self._ffn = hp.intermediate_size
+        self.set_prune_rate(prune)
+
+    @property
+    def version(self) -> str:
+        return self._tvm.__version__
+
+    # ---- weights ---------------------------------------------------------------------------------
+    def _load_weights(self, path: Path, info: dict) -> None:
+        from edgeq.frontend.safetensors_io import read_safetensors
+
+        w = read_safetensors(path)
+        tvm = self._tvm
+
+        def device(a: np.ndarray):  # zero-copy where numpy can export the buffer
+            a = np.ascontiguousarray(a)
+            try:
+                return tvm.runtime.from_dlpack(a)
+            except Exception:
+                return tvm.runtime.tensor(a, tvm.cpu())
+
+        kernel_arrays = (".qw", ".sc", ".zp", ".a", ".b")
+        self._np = {k: v for k, v in w.items() if not k.endswith(kernel_arrays)}
+        self._np.update({k: w[k] for k in ("token_embd.qw", "token_embd.sc")})  # the embedding lookup
+        self._dev = {k: device(v) for k, v in w.items() if k.endswith(kernel_arrays)}
+        self._bytes = {k: v.nbytes for k, v in w.items()}
+        self._kernels = {}
+        for name, kname in info["kernels"].items():
+            try:
+                fns = (self.lib[f"{kname}_decode"], self.lib[f"{kname}_prefill"])
+            except Exception:
+                raise EdgeqError(f"{path.parent / info['library']}: no kernel {kname} for {name}") from None
+            args = [self._dev[f"{name}.{a}"] for a in ("qw", "sc", "zp", "a", "b") if f"{name}.{a}" in self._dev]
+            self._kernels[name] = (fns, args)
+
+    def _matmul(self, name: str, x: np.ndarray, n: int) -> np.ndarray:
+        (decode, prefill), args = self._kernels[name]
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        y = np.empty((x.shape[0], n), np.float32)
+        (decode if x.shape[0] == 1 else prefill)(x, *args, y)
+        return y
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of the int8 table, read from the head kernel's blocked layout (row n = lane n % block
+        of block n // block)."""
+        qw, sc = self._np["token_embd.qw"], self._np["token_embd.sc"]
+        b, lane = ids // self.block, ids % self.block
+        q = qw[b, :, lane].astype(np.float32) - 128.0  # (T, K)
+        s = sc[b, :, lane]  # (T, K / group)
+        return (q.reshape(len(ids), s.shape[1], -1) * s[..., None]).reshape(len(ids), -1)
+
+    def resident_weight_bytes(self, rate: float | None = None) -> int:
+        """Bytes of weights a token at ``rate`` reads (the MLP's active prefix)."""
+        rate = self.prune_rate if rate is None else rate
+        f = self._ffn_widths(rate)
+        F = self.hp.intermediate_size
+        total = 0
+        for k, b in self._bytes.items():
+            parts = k.split(".")  # blk.{i}.{matmul}.{array}
+            pruned = len(parts) == 4 and parts[0] == "blk" and (
+                (parts[2] == "gate_up" and parts[3] != "a") or (parts[2] == "down" and parts[3] in ("qw", "sc", "a")))
+            total += b * f[int(parts[1])] // F if pruned else b
+        return int(total)
+
+    # ---- pruning rates -----------------------------------------------------------------------------
+    @property
+    def prune_rates(self) -> tuple[float, ...]:
+        return self._rates
+
+    def _index_of(self, rate: float) -> int:
+        for k, r in enumerate(self._rates):
+            if abs(r - float(rate)) < 1e-9:
+                return k
+        raise EdgeqError(f"pruning rate {float(rate):g} is not carried by this artifact "
+                         f"(available: {', '.join(f'{r:g}' for r in self._rates)})")
+
+    def _ffn_widths(self, rate: float) -> list[int]:
+        r = self._rates[self._index_of(rate)]
+        if not self._widths:
+            return [self.hp.intermediate_size] * self.hp.num_layers
+        return [int(w["ffn"]) for w in self._widths[r]]
+
+    def _rate_masks(self):
+        """rate -> per layer (q, k, v, o) 0/1 float masks (None where a rate keeps everything)."""
+        hp = self.hp
+        H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
+        half = D // 2
+        out = {}
+        for r in self._rates:
+            layers = []
+            for w in self._widths[r]:
+                pair = np.tile(np.arange(half) < int(w["qk_pairs"]), 2)
+                comp = np.arange(D) < int(w["v_dims"])
+                ms = (np.tile(pair, H), np.tile(pair, KV), np.tile(comp, KV), np.tile(comp, H))
+                layers.append(tuple(None if m.all() else m.astype(np.float32) for m in ms))
+            out[r] = layers
+        return out
+
+    def set_prune_rate(self, rate: float, kv: str = "keep") -> None:
+        """Switch the rate (kernels called with another active width, other masks); KV cache policy
+        as the reference runtime (``keep`` / ``recompute``)."""
+        if kv not in ("keep", "recompute"):
+            raise EdgeqError(f"kv policy must be 'keep' or 'recompute', got {kv!r}")
+        self.prune_rate = self._rates[self._index_of(rate)]
+        self._ffn = self._ffn_widths(self.prune_rate)
+        if kv == "recompute" and self._ids:
+            ids = list(self._ids)
+            self.reset()
+            self._forward(ids)
+
+    # ---- text --------------------------------------------------------------------------------------
+    def _tokenizer_spec(self):
+        if self._spec is None and self._tok_file:
+            from edgeq.lower.onnx import read_tokenizer
+
+            self._spec = read_tokenizer(self.root / self._tok_file)
+        return self._spec
+
+    # ---- compute -----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self._pos = 0
+        self._ids = []
+
+    def _forward(self, ids: Sequence[int]) -> np.ndarray:
+        hp = self.hp
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size == 0:
+            raise EdgeqError("empty token sequence")
+        if ids.min() < 0 or ids.max() >= hp.vocab_size:
+            raise EdgeqError(f"token id out of range [0, {hp.vocab_size})")
+        start, T = self._pos, ids.size
+        end = start + T
+        if end > self.n_ctx:
+            raise EdgeqError(f"context of {end} tokens exceeds n_ctx={self.n_ctx}")
+        H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
+        grp, half = H // KV, D // 2
+        W = self._np
+        masks = self._masks[self.prune_rate] if self._masks is not None else None
+        x = self._embed(ids)
+        pos = np.arange(start, end, dtype=np.float32)
+        causal = np.triu(np.full((T, end), -np.inf, np.float32), k=start + 1)
+        scale = np.float32(1.0 / np.sqrt(D))
+        for li in range(hp.num_layers):
+            h = rms_norm(x, W[f"blk.{li}.attn_norm"], hp.rms_norm_eps)
+            qkv = self._matmul(f"blk.{li}.qkv", h, (H + 2 * KV) * D)
+            if f"blk.{li}.qkv.bias" in W:
+                qkv += W[f"blk.{li}.qkv.bias"]
+            q, k, v = qkv[:, :H * D], qkv[:, H * D:(H + KV) * D], qkv[:, (H + KV) * D:]
+            if masks is not None:
+                mq, mk, mv, _ = masks[li]
+                q = q * mq if mq is not None else q
+                k = k * mk if mk is not None else k
+                v = v * mv if mv is not None else v
+            freqs = self.inv_freq[W[f"blk.{li}.rope_index"]]  # (KV, half)
+            ang = pos[:, None, None] * freqs[None]  # (T, KV, half)
+            cos, sin = np.cos(ang), np.sin(ang)
+            k = k.reshape(T, KV, 2, half)
+            k0, k1 = k[:, :, 0], k[:, :, 1]
+            self._k[li, start:end, :, 0] = k0 * cos - k1 * sin
+            self._k[li, start:end, :, 1] = k1 * cos + k0 * sin
+            self._v[li, start:end] = v.reshape(T, KV, D)
+            q = q.reshape(T, KV, grp, 2, half)
+            q0, q1 = q[:, :, :, 0], q[:, :, :, 1]
+            c, s = cos[:, :, None], sin[:, :, None]
+            qr = np.stack([q0 * c - q1 * s, q1 * c + q0 * s], axis=3)  # (T, KV, grp, 2, half)
+            att = np.einsum("tkgjp,skjp->kgts", qr, self._k[li, :end]) * scale + causal
+            att = np.exp(att - att.max(axis=-1, keepdims=True))
+            att /= att.sum(axis=-1, keepdims=True)
+            o = np.einsum("kgts,skd->tkgd", att, self._v[li, :end]).reshape(T, H * D)
+            if masks is not None and masks[li][3] is not None:
+                o = o * masks[li][3]
+            y = self._matmul(f"blk.{li}.o", o, hp.hidden_size)
+            if f"blk.{li}.o.bias" in W:
+                y += W[f"blk.{li}.o.bias"]
+            x = x + y
+            h = rms_norm(x, W[f"blk.{li}.ffn_norm"], hp.rms_norm_eps)
+            f = self._ffn[li]
+            gu = self._matmul(f"blk.{li}.gate_up", h, 2 * f)
+            if f"blk.{li}.gate_up.bias" in W:
+                gu += W[f"blk.{li}.gate_up.bias"][:2 * f]
+            gu = gu.reshape(T, f // self.block, 2, self.block)
+            act = (silu(gu[:, :, 0]) * gu[:, :, 1]).reshape(T, f)
+            y = self._matmul(f"blk.{li}.down", act, hp.hidden_size)
+            if f"blk.{li}.down.bias" in W:
+                y += W[f"blk.{li}.down.bias"]
+            x = x + y
+        self._pos = end
+        self._ids.extend(int(t) for t in ids)
+        return rms_norm(x, W["output_norm"], hp.rms_norm_eps)
+
+    def _head(self, x: np.ndarray) -> np.ndarray:
+        name = "token_embd" if self.hp.tie_word_embeddings else "output"
+        return self._matmul(name, x, self.hp.vocab_size)
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        self.reset()
+        return self._head(self._forward(token_ids))
+
+    def _start(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        self.reset()
+        return self._head(self._forward(prompt_ids)[-1:])[0]
+
+    def _step(self, token_id: int) -> np.ndarray:
+        return self._head(self._forward([token_id]))[0]
