@@ -21,7 +21,15 @@ PREFILL_TEXT = ("The quick brown fox jumps over the lazy dog while the committee
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak RSS. Linux: VmHWM of /proc/self/status — ``ru_maxrss`` survives
+    fork + exec, so a child of a large parent would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def prompt_of_length(session, n: int) -> list[int]:

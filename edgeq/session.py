@@ -65,7 +65,9 @@ def open_session(artifact_dir: str | Path, runtime: str = "auto", n_ctx: int = 2
     if fmt == "tvm":
         if runtime not in ("auto", "tvm"):
             raise EdgeqError("a tvm artifact runs on the tvm runtime only")
-        from runtimes.tvmrt import TvmSession
+        from runtimes.tvmrt import TvmSession, runtime_only
+
+        runtime_only()
 
         check_rate(m, rate)
         return TvmSession(root, manifest=m, n_ctx=n_ctx, threads=threads or default_threads(), prune=rate)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -22,8 +23,16 @@ from edgeq.errors import EdgeqError
 from edgeq.hashing import sha256_file
 from edgeq.ir import HParams
 from runtimes.base import Session
-from runtimes.reference import rms_norm, rope_inv_freq, silu
+from runtimes.reference import rope_inv_freq
 from runtimes.text import SpecTextMixin
+
+
+def runtime_only() -> None:
+    """Make a later ``import tvm`` load only TVM's runtime library (3 MB) instead of the compiler
+    (~250 MB with LLVM) — for processes that run artifacts and never compile (``edgeq run`` ...).
+    ``EDGEQ_TVM_COMPILER=1`` keeps the compiler (processes that also build kernels: the tests)."""
+    if "tvm" not in sys.modules and os.environ.get("EDGEQ_TVM_COMPILER") != "1":
+        os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
 
 
 def _tvm(threads: int | None):
@@ -85,9 +94,11 @@ class TvmSession(SpecTextMixin, Session):
         self._widths = {float(r): v for r, v in (p["widths"].items() if p else ())}
         self._masks = self._rate_masks() if len(self._rates) > 1 else None
         self.inv_freq = rope_inv_freq(hp.head_dim, hp.rope_theta)
-        half = hp.head_dim // 2
-        self._k = np.zeros((hp.num_layers, n_ctx, hp.num_kv_heads, 2, half), np.float32)
-        self._v = np.zeros((hp.num_layers, n_ctx, hp.num_kv_heads, hp.head_dim), np.float32)
+        # KV cache per layer and KV head, positions contiguous: (layers, KV, n_ctx, head_dim); K after
+        # RoPE in the [half 0 | half 1] order of the (sorted) pair slots
+        self._k = np.zeros((hp.num_layers, hp.num_kv_heads, n_ctx, hp.head_dim), np.float32)
+        self._v = np.zeros((hp.num_layers, hp.num_kv_heads, n_ctx, hp.head_dim), np.float32)
+        self._consts = None
         self._ids: list[int] = []
         self._pos = 0
         self.prune_rate = 0.0
@@ -100,17 +111,16 @@ class TvmSession(SpecTextMixin, Session):
 
     # ---- weights ---------------------------------------------------------------------------------
     def _load_weights(self, path: Path, info: dict) -> None:
-        from edgeq.frontend.safetensors_io import read_safetensors
+        from edgeq.frontend.safetensors_io import read_safetensors_aligned
 
-        w = read_safetensors(path)
+        w = read_safetensors_aligned(path)  # aligned buffers: the kernels use them zero-copy
         tvm = self._tvm
 
-        def device(a: np.ndarray):  # zero-copy where numpy can export the buffer
-            a = np.ascontiguousarray(a)
+        def device(a: np.ndarray):
             try:
                 return tvm.runtime.from_dlpack(a)
-            except Exception:
-                return tvm.runtime.tensor(a, tvm.cpu())
+            except Exception:  # e.g. a TVM built without DLPack import: a private copy
+                return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
 
         kernel_arrays = (".qw", ".sc", ".zp", ".a", ".b")
         self._np = {k: v for k, v in w.items() if not k.endswith(kernel_arrays)}
@@ -214,6 +224,28 @@ class TvmSession(SpecTextMixin, Session):
         self._pos = 0
         self._ids = []
 
+    def _layer_consts(self):
+        """Per layer: (attn_norm, ffn_norm, qkv bias, o bias, gate_up bias, down bias, rope group),
+        and the distinct RoPE frequency tables (layers with the same pair order share one)."""
+        hp, W = self.hp, self._np
+        groups: dict[bytes, int] = {}
+        freqs = []
+        layers = []
+        for li in range(hp.num_layers):
+            f = self.inv_freq[W[f"blk.{li}.rope_index"]]  # (KV, half): each pair slot's frequency
+            key = f.tobytes()
+            if key not in groups:
+                groups[key] = len(freqs)
+                freqs.append(f)
+            layers.append(tuple(W.get(f"blk.{li}.{n}") for n in ("attn_norm", "ffn_norm", "qkv.bias", "o.bias",
+                                                                  "gate_up.bias", "down.bias")) + (groups[key],))
+        return layers, freqs
+
+    @staticmethod
+    def _norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+        ms = np.einsum("ij,ij->i", x, x) / np.float32(x.shape[1])
+        return x * (1.0 / np.sqrt(ms + np.float32(eps)))[:, None] * w
+
     def _forward(self, ids: Sequence[int]) -> np.ndarray:
         hp = self.hp
         ids = np.asarray(ids, dtype=np.int64)
@@ -225,61 +257,73 @@ class TvmSession(SpecTextMixin, Session):
         end = start + T
         if end > self.n_ctx:
             raise EdgeqError(f"context of {end} tokens exceeds n_ctx={self.n_ctx}")
+        if self._consts is None:
+            self._consts = self._layer_consts()
+        layers, freqs = self._consts
         H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
-        grp, half = H // KV, D // 2
-        W = self._np
+        grp, half, eps, V = H // KV, D // 2, hp.rms_norm_eps, self.block
         masks = self._masks[self.prune_rate] if self._masks is not None else None
         x = self._embed(ids)
         pos = np.arange(start, end, dtype=np.float32)
-        causal = np.triu(np.full((T, end), -np.inf, np.float32), k=start + 1)
+        rot = []
+        for f in freqs:  # cos/sin (T, KV, 1, half) per distinct pair order
+            ang = pos[:, None, None, None] * f[None, :, None, :]
+            rot.append((np.cos(ang), np.sin(ang)))
+        causal = None if T == 1 else np.triu(np.full((T, end), -np.inf, np.float32), k=start + 1)
         scale = np.float32(1.0 / np.sqrt(D))
-        for li in range(hp.num_layers):
-            h = rms_norm(x, W[f"blk.{li}.attn_norm"], hp.rms_norm_eps)
+        kc, vc = self._k, self._v
+        for li, (n1, n2, b_qkv, b_o, b_gu, b_d, rg) in enumerate(layers):
+            h = self._norm(x, n1, eps)
             qkv = self._matmul(f"blk.{li}.qkv", h, (H + 2 * KV) * D)
-            if f"blk.{li}.qkv.bias" in W:
-                qkv += W[f"blk.{li}.qkv.bias"]
-            q, k, v = qkv[:, :H * D], qkv[:, H * D:(H + KV) * D], qkv[:, (H + KV) * D:]
+            if b_qkv is not None:
+                qkv += b_qkv
             if masks is not None:
-                mq, mk, mv, _ = masks[li]
-                q = q * mq if mq is not None else q
-                k = k * mk if mk is not None else k
-                v = v * mv if mv is not None else v
-            freqs = self.inv_freq[W[f"blk.{li}.rope_index"]]  # (KV, half)
-            ang = pos[:, None, None] * freqs[None]  # (T, KV, half)
-            cos, sin = np.cos(ang), np.sin(ang)
-            k = k.reshape(T, KV, 2, half)
-            k0, k1 = k[:, :, 0], k[:, :, 1]
-            self._k[li, start:end, :, 0] = k0 * cos - k1 * sin
-            self._k[li, start:end, :, 1] = k1 * cos + k0 * sin
-            self._v[li, start:end] = v.reshape(T, KV, D)
-            q = q.reshape(T, KV, grp, 2, half)
-            q0, q1 = q[:, :, :, 0], q[:, :, :, 1]
-            c, s = cos[:, :, None], sin[:, :, None]
-            qr = np.stack([q0 * c - q1 * s, q1 * c + q0 * s], axis=3)  # (T, KV, grp, 2, half)
-            att = np.einsum("tkgjp,skjp->kgts", qr, self._k[li, :end]) * scale + causal
+                mq, mk, mv, mo = masks[li]
+                if mq is not None:
+                    qkv[:, :H * D] *= mq
+                if mk is not None:
+                    qkv[:, H * D:(H + KV) * D] *= mk
+                if mv is not None:
+                    qkv[:, (H + KV) * D:] *= mv
+            cos, sin = rot[rg]
+            k = qkv[:, H * D:(H + KV) * D].reshape(T, KV, 2, half)
+            kr = np.concatenate([k[:, :, :1] * cos - k[:, :, 1:] * sin, k[:, :, 1:] * cos + k[:, :, :1] * sin], axis=2)
+            kc[li, :, start:end] = kr.reshape(T, KV, D).transpose(1, 0, 2)
+            vc[li, :, start:end] = qkv[:, (H + KV) * D:].reshape(T, KV, D).transpose(1, 0, 2)
+            q = qkv[:, :H * D].reshape(T, KV, grp, 2, half)
+            c, sn = cos[:, :, None], sin[:, :, None]
+            q = np.concatenate([q[:, :, :, :1] * c - q[:, :, :, 1:] * sn, q[:, :, :, 1:] * c + q[:, :, :, :1] * sn],
+                               axis=3)
+            q = q.reshape(T, KV, grp, D).transpose(1, 2, 0, 3).reshape(KV, grp * T, D)  # rows (head, position)
+            att = np.matmul(q, kc[li, :, :end].transpose(0, 2, 1)) * scale  # (KV, grp*T, S)
+            if causal is not None:
+                att = att.reshape(KV, grp, T, end) + causal
+                att = att.reshape(KV, grp * T, end)
             att = np.exp(att - att.max(axis=-1, keepdims=True))
             att /= att.sum(axis=-1, keepdims=True)
-            o = np.einsum("kgts,skd->tkgd", att, self._v[li, :end]).reshape(T, H * D)
-            if masks is not None and masks[li][3] is not None:
-                o = o * masks[li][3]
+            o = np.matmul(att, vc[li, :, :end])  # (KV, grp*T, D)
+            o = o.reshape(KV, grp, T, D).transpose(2, 0, 1, 3).reshape(T, H * D)
+            if masks is not None and mo is not None:
+                o = o * mo
             y = self._matmul(f"blk.{li}.o", o, hp.hidden_size)
-            if f"blk.{li}.o.bias" in W:
-                y += W[f"blk.{li}.o.bias"]
+            if b_o is not None:
+                y += b_o
             x = x + y
-            h = rms_norm(x, W[f"blk.{li}.ffn_norm"], hp.rms_norm_eps)
+            h = self._norm(x, n2, eps)
             f = self._ffn[li]
             gu = self._matmul(f"blk.{li}.gate_up", h, 2 * f)
-            if f"blk.{li}.gate_up.bias" in W:
-                gu += W[f"blk.{li}.gate_up.bias"][:2 * f]
-            gu = gu.reshape(T, f // self.block, 2, self.block)
-            act = (silu(gu[:, :, 0]) * gu[:, :, 1]).reshape(T, f)
+            if b_gu is not None:
+                gu += b_gu[:2 * f]
+            gu = gu.reshape(T, f // V, 2, V)
+            g = gu[:, :, 0]
+            act = (g / (1.0 + np.exp(-g)) * gu[:, :, 1]).reshape(T, f)
             y = self._matmul(f"blk.{li}.down", act, hp.hidden_size)
-            if f"blk.{li}.down.bias" in W:
-                y += W[f"blk.{li}.down.bias"]
+            if b_d is not None:
+                y += b_d
             x = x + y
         self._pos = end
         self._ids.extend(int(t) for t in ids)
-        return rms_norm(x, W["output_norm"], hp.rms_norm_eps)
+        return self._norm(x, self._np["output_norm"], eps)
 
     def _head(self, x: np.ndarray) -> np.ndarray:
         name = "token_embd" if self.hp.tie_word_embeddings else "output"

@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Tests build TVM kernels and run TVM artifacts in one process: keep TVM's compiler loaded
+# (edgeq otherwise imports only TVM's runtime library in processes that just run artifacts; a
+# subprocess test covers that mode).
+os.environ.setdefault("EDGEQ_TVM_COMPILER", "1")
 if str(REPO) not in sys.path:  # models/ recipes are run from the repo root
     sys.path.insert(0, str(REPO))
 

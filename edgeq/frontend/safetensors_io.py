@@ -89,6 +89,27 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
+def read_safetensors_aligned(path: str | Path, align: int = 64) -> dict[str, np.ndarray]:
+    """Load every tensor as stored (no dtype conversion) into its own ``align``-byte aligned,
+    writable buffer, read straight from the file (one copy, no transient second one) — for
+    runtimes that hand the arrays to kernels zero-copy (DLPack needs aligned data)."""
+    header, offset = read_header(path)
+    out: dict[str, np.ndarray] = {}
+    with open(path, "rb") as f:
+        for name in sorted(header):
+            info = header[name]
+            start, end = info["data_offsets"]
+            n = end - start
+            raw = np.empty(n + align, np.uint8)
+            pad = (-raw.ctypes.data) % align
+            view = raw[pad:pad + n]
+            f.seek(offset + start)
+            if f.readinto(memoryview(view)) != n:
+                raise EdgeqError(f"{path}: truncated safetensors file at tensor {name!r}")
+            out[name] = view.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
 def checkpoint_files(model_dir: Path) -> list[Path]:
     """The safetensors shards of a HF checkpoint directory (single file or indexed)."""
     index = model_dir / "model.safetensors.index.json"

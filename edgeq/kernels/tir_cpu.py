@@ -72,19 +72,37 @@ def _low_rank_t(spec: KernelSpec) -> str:
 """
 
 
+def _codes(spec: KernelSpec, row: str, j: str) -> tuple[str, ...]:
+    """The raw codes (as float) in packed row ``row``, lane ``j`` (two for 4-bit)."""
+    byte = f"qw[nb, {row}, {j}]"
+    if spec.bits == 8:
+        return (f"T.Cast(\"float32\", {byte})",)
+    return (f"T.Cast(\"float32\", T.bitwise_and({byte}, T.uint8(15)))",
+            f"T.Cast(\"float32\", T.shift_right({byte}, T.uint8(4)))")
+
+
 def decode_source(spec: KernelSpec) -> str:
+    """Per group: gacc = sum x * q over the raw codes, then (gacc - z * sum x) * s — the zero
+    point leaves the inner loop (one subtraction per group and lane instead of per code)."""
     V, G = spec.block, spec.group
     per = 2 if spec.bits == 4 else 1  # input positions per byte
     rows = G // per
-    c = _centred(spec, f"g * {rows} + kk", "j")
+    c = _codes(spec, f"g * {rows} + kk", "j")
     terms = " + ".join(f"x[m, g * {G} + kk * {per} + {p}] * {c[p]}" for p in range(per))
+    z = "T.float32(%d)" % spec.zero_point if spec.symmetric else "zp[nb, g, j]"
     lr = ""
     if spec.rank:
         lr = f"""            for r in range({spec.rank}):
                 for j in T.vectorized({V}):
                     acc[j] = acc[j] + t[m, r] * b[nb, r, j]
 """
-    return _HEADER + _signature(spec) + _low_rank_t(spec) + f"""    for nb in T.parallel(N // {V}):
+    return _HEADER + _signature(spec) + _low_rank_t(spec) + f"""    xs = T.decl_buffer((M, K // {G}), "float32")
+    for m in range(M):
+        for g in range(K // {G}):
+            xs[m, g] = T.float32(0)
+            for kk in range({G}):
+                xs[m, g] = xs[m, g] + x[m, g * {G} + kk]
+    for nb in T.parallel(N // {V}):
         acc = T.decl_buffer(({V},), "float32", scope="local")
         gacc = T.decl_buffer(({V},), "float32", scope="local")
         for m in range(M):
@@ -97,7 +115,7 @@ def decode_source(spec: KernelSpec) -> str:
                     for j in T.vectorized({V}):
                         gacc[j] = gacc[j] + {terms}
                 for j in T.vectorized({V}):
-                    acc[j] = acc[j] + gacc[j] * sc[nb, g, j]
+                    acc[j] = acc[j] + (gacc[j] - {z} * xs[m, g]) * sc[nb, g, j]
 {lr}            for j in T.vectorized({V}):
                 y[m, nb * {V} + j] = acc[j]
 """
@@ -119,6 +137,7 @@ def prefill_source(spec: KernelSpec) -> str:
 """
     return _HEADER + _signature(spec) + _low_rank_t(spec) + f"""    for nb in T.parallel(N // {V}):
         w = T.decl_buffer(({G}, {V}), "float32", scope="local")
+        acc = T.decl_buffer(({V},), "float32", scope="local")
         for m in range(M):
             for j in T.vectorized({V}):
                 y[m, nb * {V} + j] = {init}
@@ -126,9 +145,13 @@ def prefill_source(spec: KernelSpec) -> str:
             for kk in range({rows}):
 {fill}
             for m in range(M):
+                for j in T.vectorized({V}):
+                    acc[j] = T.float32(0)
                 for kk in range({G}):
                     for j in T.vectorized({V}):
-                        y[m, nb * {V} + j] = y[m, nb * {V} + j] + x[m, g * {G} + kk] * w[kk, j]
+                        acc[j] = acc[j] + x[m, g * {G} + kk] * w[kk, j]
+                for j in T.vectorized({V}):
+                    y[m, nb * {V} + j] = y[m, nb * {V} + j] + acc[j]
 """
 
 

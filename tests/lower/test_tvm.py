@@ -147,3 +147,29 @@ def test_refuses_what_it_cannot_express(tiny_llama):
     assert lt.check(ir, lt.TvmOptions(bits=3, target=HOST))
     wide = lt.TvmOptions(bits=4, target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"})
     assert not lt.check(ir, wide)
+
+
+def test_runtime_alone_no_torch_no_tvm_compiler(tiny_qwen2, tmp_path):
+    """Device side, in a fresh process: TVM's runtime library only (not the compiler), torch and
+    transformers unimportable; switch rates and generate."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ir = _pruned(tiny_qwen2)
+    _write(ir, tmp_path / "a")
+    repo = Path(__file__).resolve().parents[2]
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+            "from edgeq.session import open_session\n"
+            f"s = open_session({str(tmp_path / 'a')!r}, n_ctx=64)\n"
+            "s.set_prune_rate(0.35)\n"
+            "out = list(s.generate_ids([1, 2, 3], 4, stop_at_eos=False))\n"
+            "import tvm, os\n"
+            "assert os.environ.get('TVM_USE_RUNTIME_LIB') == '1'\n"
+            "assert not any('libtvm_compiler' in l for l in open('/proc/self/maps'))\n"
+            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("EDGEQ_TVM_COMPILER", "TVM_USE_RUNTIME_LIB")}
+    env["PYTHONPATH"] = str(repo)
+    r = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
