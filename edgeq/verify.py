@@ -32,7 +32,13 @@ def verify(artifact_dir: str | Path, runtime: str = "auto") -> VerifyReport:
         return rep
     g = m.get("goldens")
     if not g:
-        rep.problems.append("artifact was built without goldens (--no-goldens)")
+        t = m.get("tvm", {}).get("target")
+        if t is not None and m.get("target"):
+            rep.problems.append(f"files match the manifest; the {m['target']} build ({t.get('kind')} "
+                                f"{t.get('arch') or t.get('mtriple', '')}) carries no goldens: run and verify it on "
+                                "that device")
+        else:
+            rep.problems.append("artifact was built without goldens (--no-goldens)")
         return rep
     try:
         data = json.loads((root / g["file"]).read_text())

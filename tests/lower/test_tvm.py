@@ -136,9 +136,13 @@ def test_cross_targets_build_and_refuse_to_run_here(tiny_llama, tmp_path):
     out = tmp_path / "t4"
     out.mkdir()
     info = lt.write_tvm(ir, out, lt.TvmOptions(bits=4, group=32, target={"kind": "cuda", "arch": "sm_75"}))
-    write_manifest(out, {"format": "tvm", "tvm": info, "hparams": ir.hparams.to_json()})
+    write_manifest(out, {"format": "tvm", "tvm": info, "hparams": ir.hparams.to_json(), "target": "gpu-t4"})
     with pytest.raises(EdgeqError, match="CUDA"):
         TvmSession(out)
+    from edgeq.verify import verify
+
+    rep = verify(out)
+    assert not rep.ok and "verify it on that device" in rep.problems[0]
     assert info["block"] == 32 and json.dumps(info)
 
 
