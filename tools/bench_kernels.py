@@ -59,8 +59,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--target", default="haswell", help="LLVM mcpu (haswell = the cpu-avx2 profile)")
-    ap.add_argument("--out", type=Path, default=REPO / "out" / "bench-kernels")
+    ap.add_argument("--lr-dtype", default="float32", choices=["float32", "float16"],
+                    help="storage of the low-rank factors")
+    ap.add_argument("--out", type=Path, default=None, help="default out/bench-kernels[-fp16]")
     a = ap.parse_args()
+    if a.out is None:
+        a.out = REPO / "out" / ("bench-kernels" + ("-fp16" if a.lr_dtype == "float16" else ""))
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
     import tvm
 
@@ -72,7 +76,7 @@ def main() -> None:
     ranks = [int(r) for r in a.ranks.split(",")]
     target = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": a.target}
     block = kc.kernel_block(target)
-    specs = {r: KernelSpec(bits=4, group=32, rank=r, block=block) for r in sorted(set(ranks) | {0})}
+    specs = {r: KernelSpec(bits=4, group=32, rank=r, block=block, lr_dtype=a.lr_dtype) for r in sorted(set(ranks) | {0})}
     t = time.perf_counter()
     ex = kc.build(specs.values(), target)
     log(f"compiled {len(specs)} kernels for {a.target} in {time.perf_counter() - t:.1f} s")
@@ -116,8 +120,8 @@ def main() -> None:
             copies = [tensors(spec, {kk: v.copy() for kk, v in arrays.items()}) for _ in range(n_copies)]
             base_copies = [tensors(specs[0], {kk: v.copy() for kk, v in base_arrays.items()}) for _ in range(n_copies)]
             f_spec, f_base = ex[spec.name], ex[specs[0].name]
-            at = np.ascontiguousarray(layout.unpack_low_rank(arrays, spec)[0].T) if r else None
-            bt = np.ascontiguousarray(layout.unpack_low_rank(arrays, spec)[1].T) if r else None
+            at = np.ascontiguousarray(layout.unpack_low_rank(arrays, spec)[0].T, np.float32) if r else None
+            bt = np.ascontiguousarray(layout.unpack_low_rank(arrays, spec)[1].T, np.float32) if r else None
             at_copies = [(at.copy(), bt.copy()) for _ in range(n_copies)] if r else None
             deq_copies = [deq.copy() for _ in range(max(2, COLD_BYTES // deq.nbytes))]
 
@@ -151,6 +155,7 @@ def main() -> None:
                 f"numpy {row['numpy_cold_us']:.1f}")
     a.out.mkdir(parents=True, exist_ok=True)
     res = {"command": " ".join(sys.argv), "threads": a.threads, "target": target, "block": block,
+           "lr_dtype": a.lr_dtype,
            "memory_bandwidth_gb_s": bw, "rows": rows}
     (a.out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     print(table(res))
@@ -158,7 +163,8 @@ def main() -> None:
 
 def table(res: dict) -> str:
     lines = [f"memory bandwidth (numpy copy, read + write): {res['memory_bandwidth_gb_s']:.1f} GB/s; "
-             f"{res['threads']} threads, target {res['target']['mcpu']}, block {res['block']}", "",
+             f"{res['threads']} threads, target {res['target']['mcpu']}, block {res['block']}, "
+             f"low-rank factors {res.get('lr_dtype', 'float32')}", "",
              "| shape (N x K) | rank | fused cold µs | base cold µs | branch cost cold | unfused cold µs | unfused cost "
              "| numpy µs | fused GB/s | fused hot µs | base hot µs | branch cost hot |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -42,7 +42,7 @@ def link(obj: Path, spec: KernelSpec, out: Path) -> Path:
 
 
 def _code(a: np.ndarray) -> str:
-    return {np.dtype(np.float32): "f32", np.dtype(np.uint8): "u8"}[a.dtype]
+    return {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.uint8): "u8"}[a.dtype]
 
 
 def run(exe: Path, tensors: Sequence[np.ndarray], out_index: int, workdir: Path) -> np.ndarray:

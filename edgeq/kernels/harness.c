@@ -1,7 +1,7 @@
 /* Standalone caller of one edgeq-generated TVM kernel, for cross-compiled builds run under an
  * emulator (qemu-aarch64): no TVM runtime, no Python on the target.
  *
- *   harness OUT_INDEX ARG0 ARG1 ...      ARG = DTYPE:D0xD1x..:FILE   (DTYPE f32 | u8)
+ *   harness OUT_INDEX ARG0 ARG1 ...      ARG = DTYPE:D0xD1x..:FILE   (DTYPE f32 | f16 | u8)
  *
  * Reads every argument tensor from its raw little-endian FILE, calls KERNEL (the packed TVM-FFI
  * entry point `__tvm_ffi_<name>` of the generated object, given with -DKERNEL=...) with DLTensor
@@ -65,6 +65,7 @@ static int parse_arg(const char* spec, Arg* a) {
   a->t.device.device_type = kDLCPU;
   a->t.dtype.lanes = 1;
   if (!strcmp(dtype, "f32")) { a->t.dtype.code = kDLFloat; a->t.dtype.bits = 32; }
+  else if (!strcmp(dtype, "f16")) { a->t.dtype.code = kDLFloat; a->t.dtype.bits = 16; }
   else if (!strcmp(dtype, "u8")) { a->t.dtype.code = kDLUInt; a->t.dtype.bits = 8; }
   else return -1;
   int nd = 0;

@@ -45,7 +45,8 @@ def pack_low_rank(a: np.ndarray, b: np.ndarray, spec: KernelSpec) -> dict[str, n
     """A (rank, K), B (N, rank) (scale already folded in) -> the kernel's ``a``, ``b``."""
     if a.shape[0] != spec.rank or b.shape[1] != spec.rank:
         raise EdgeqError(f"low-rank factors {a.shape} / {b.shape} do not have the kernel's rank {spec.rank}")
-    return {"a": np.ascontiguousarray(a.T, np.float32), "b": _blocked(b.astype(np.float32), spec.block)}
+    dt = np.dtype(spec.lr_dtype)
+    return {"a": np.ascontiguousarray(a.T, dt), "b": _blocked(b.astype(dt), spec.block)}
 
 
 def unpack_weight(arrays: Mapping[str, np.ndarray], spec: KernelSpec) -> np.ndarray:

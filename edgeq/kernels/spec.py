@@ -41,12 +41,15 @@ class KernelSpec:
     rank: int = 0  # 0: no low-rank branch
     block: int = 8  # output channels per vector block (the layout's and the schedule's width)
     prefill: bool = False  # M > 1 variant: each weight tile dequantized once, reused over the rows
+    lr_dtype: str = "float32"  # storage of the low-rank factors: float32 | float16 (computed in float32)
 
     def __post_init__(self):
         if self.bits not in BITS:
             raise EdgeqError(f"kernel bits must be one of {BITS}, got {self.bits}")
         if self.group not in GROUPS:
             raise EdgeqError(f"kernel group must be one of {GROUPS}, got {self.group}")
+        if self.lr_dtype not in ("float32", "float16"):
+            raise EdgeqError(f"kernel low-rank dtype must be float32 or float16, got {self.lr_dtype}")
         if self.rank < 0 or self.block <= 0 or self.block & (self.block - 1):
             raise EdgeqError(f"kernel rank must be >= 0 and block a power of two, got {self.rank}, {self.block}")
 
@@ -56,7 +59,8 @@ class KernelSpec:
 
     @property
     def name(self) -> str:
-        return (f"qgemm_i{self.bits}g{self.group}{'s' if self.symmetric else 'a'}_r{self.rank}_b{self.block}_"
+        h = "h" if self.rank and self.lr_dtype == "float16" else ""
+        return (f"qgemm_i{self.bits}g{self.group}{'s' if self.symmetric else 'a'}_r{self.rank}{h}_b{self.block}_"
                 f"{'prefill' if self.prefill else 'decode'}")
 
     def args(self) -> list[str]:

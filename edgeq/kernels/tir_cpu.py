@@ -36,8 +36,8 @@ def _signature(spec: KernelSpec) -> str:
         bufs.append("zp = T.match_buffer(zp_h, (NB, NG, %d), \"float32\")" % V)
     if R:
         args += ["a_h: T.handle", "b_h: T.handle"]
-        bufs += ["a = T.match_buffer(a_h, (KA, %d), \"float32\")" % R,
-                 "b = T.match_buffer(b_h, (NBB, %d, %d), \"float32\")" % (R, V)]
+        bufs += ["a = T.match_buffer(a_h, (KA, %d), \"%s\")" % (R, spec.lr_dtype),
+                 "b = T.match_buffer(b_h, (NBB, %d, %d), \"%s\")" % (R, V, spec.lr_dtype)]
     args.append("y_h: T.handle")
     bufs.append("y = T.match_buffer(y_h, (M, N), \"float32\")")
     lines = [f"@T.prim_func\ndef {spec.name}({', '.join(args)}):",
@@ -59,6 +59,11 @@ def _centred(spec: KernelSpec, row: str, j: str) -> tuple[str, ...]:
             f"(T.Cast(\"float32\", T.shift_right({byte}, T.uint8(4))) - {z})")
 
 
+def _f32(spec: KernelSpec, load: str) -> str:
+    """A low-rank factor element as float32 (converted when the factors are stored in float16)."""
+    return load if spec.lr_dtype == "float32" else f"T.Cast(\"float32\", {load})"
+
+
 def _low_rank_t(spec: KernelSpec) -> str:
     if not spec.rank:
         return ""
@@ -68,7 +73,7 @@ def _low_rank_t(spec: KernelSpec) -> str:
             t[m, r] = T.float32(0)
         for k in range(K):
             for r in T.vectorized({spec.rank}):
-                t[m, r] = t[m, r] + x[m, k] * a[k, r]
+                t[m, r] = t[m, r] + x[m, k] * {_f32(spec, 'a[k, r]')}
 """
 
 
@@ -94,7 +99,7 @@ def decode_source(spec: KernelSpec) -> str:
     if spec.rank:
         lr = f"""            for r in range({spec.rank}):
                 for j in T.vectorized({V}):
-                    acc[j] = acc[j] + t[m, r] * b[nb, r, j]
+                    acc[j] = acc[j] + t[m, r] * {_f32(spec, 'b[nb, r, j]')}
 """
     return _HEADER + _signature(spec) + _low_rank_t(spec) + f"""    xs = T.decl_buffer((M, K // {G}), "float32")
     for m in range(M):
@@ -133,7 +138,7 @@ def prefill_source(spec: KernelSpec) -> str:
     if spec.rank:
         lr = f"""            for r in range({spec.rank}):
                 for j in T.vectorized({V}):
-                    y[m, nb * {V} + j] = y[m, nb * {V} + j] + t[m, r] * b[nb, r, j]
+                    y[m, nb * {V} + j] = y[m, nb * {V} + j] + t[m, r] * {_f32(spec, 'b[nb, r, j]')}
 """
     return _HEADER + _signature(spec) + _low_rank_t(spec) + f"""    for nb in T.parallel(N // {V}):
         w = T.decl_buffer(({G}, {V}), "float32", scope="local")

@@ -11,7 +11,7 @@ Shapes are symbolic as in :mod:`edgeq.kernels.tir_cpu`.
 from __future__ import annotations
 
 from edgeq.kernels.spec import KernelSpec
-from edgeq.kernels.tir_cpu import _centred, _signature
+from edgeq.kernels.tir_cpu import _centred, _f32, _signature
 
 
 def source(spec: KernelSpec) -> str:
@@ -28,10 +28,10 @@ def source(spec: KernelSpec) -> str:
         for r in T.thread_binding({R}, thread="threadIdx.x"):
             t[m, r] = T.float32(0)
             for k in range(K):
-                t[m, r] = t[m, r] + x[m, k] * a[k, r]
+                t[m, r] = t[m, r] + x[m, k] * {_f32(spec, 'a[k, r]')}
 """
         lr = f"""                for r in range({R}):
-                    acc[0] = acc[0] + t[m, r] * b[nb, r, j]
+                    acc[0] = acc[0] + t[m, r] * {_f32(spec, 'b[nb, r, j]')}
 """
     return _signature(spec) + t + f"""    for nb in T.thread_binding(N // {V}, thread="blockIdx.x"):
         for j in T.thread_binding({V}, thread="threadIdx.x"):

@@ -25,7 +25,9 @@ REL = 1e-5  # float parts: max abs error relative to the largest output
 SPECS = [KernelSpec(bits=b, symmetric=s, rank=r, block=8, prefill=p)
          for b in (4, 8) for s in (True, False) for r in (0, 16) for p in (False, True)]
 SPECS += [KernelSpec(bits=4, group=128, rank=32, block=8), KernelSpec(bits=8, group=64, rank=32, block=8, prefill=True),
-          KernelSpec(bits=4, rank=32, block=32), KernelSpec(bits=4, symmetric=False, rank=4, block=32, prefill=True)]
+          KernelSpec(bits=4, rank=32, block=32), KernelSpec(bits=4, symmetric=False, rank=4, block=32, prefill=True),
+          KernelSpec(bits=4, rank=32, block=32, lr_dtype="float16"),
+          KernelSpec(bits=8, symmetric=False, rank=16, block=8, prefill=True, lr_dtype="float16")]
 
 
 def _weights(spec, n, k, seed=0):
@@ -109,7 +111,7 @@ def test_aarch64_neon_kernels_under_qemu(tmp_path):
     """Cross-compiled with LLVM for aarch64 (NEON + dotprod), linked statically with Debian's
     aarch64 gcc, run under qemu-aarch64 (make install provides both)."""
     specs = [KernelSpec(bits=4, rank=16, block=8), KernelSpec(bits=4, symmetric=False, block=8, prefill=True),
-             KernelSpec(bits=8, rank=32, block=8)]
+             KernelSpec(bits=8, rank=32, block=8), KernelSpec(bits=4, rank=16, block=16, lr_dtype="float16")]
     ex = kc.build(specs, AARCH64)
     obj = kc.write_object(ex, tmp_path / "kernels.o")
     for spec in specs:
@@ -135,7 +137,8 @@ def _cuobjdump():
 
 @pytest.mark.parametrize("arch", ["sm_75", "sm_86", "sm_89"])
 def test_cuda_kernels_compile_with_nvcc(tmp_path, arch):
-    specs = [KernelSpec(bits=4, rank=32, block=32), KernelSpec(bits=8, symmetric=False, block=32, prefill=True)]
+    specs = [KernelSpec(bits=4, rank=32, block=32), KernelSpec(bits=8, symmetric=False, block=32, prefill=True),
+             KernelSpec(bits=4, rank=16, block=32, lr_dtype="float16")]
     ex = kc.build(specs, {"kind": "cuda", "arch": arch})
     src = kc.cuda_source(ex)
     assert all(s.name in src for s in specs)
@@ -153,5 +156,7 @@ def test_bad_specs_are_refused():
         KernelSpec(bits=3)
     with pytest.raises(EdgeqError, match="block"):
         KernelSpec(block=6)
+    with pytest.raises(EdgeqError, match="dtype"):
+        KernelSpec(lr_dtype="bfloat16")
     with pytest.raises(EdgeqError, match="multiple of the kernel block"):
         layout.pack_weight(np.zeros((12, 32), np.uint8), np.ones((12, 1), np.float32), None, KernelSpec())
