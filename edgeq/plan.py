@@ -372,9 +372,9 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
             rr = [r for r in ranks if 0 < r <= min(w.shape)] if info.bits_per_weight < RANK_MAX_BPW else []
             if rr:
                 if S is None:
-                    from edgeq.quant.compensate import _sqrt_and_inv
+                    from edgeq.quant.compensate import sqrt_and_inv
 
-                    S, _ = _sqrt_and_inv(cov, 1e-4)
+                    S, _ = sqrt_and_inv(cov, 1e-4)
                 s = np.linalg.svd(E @ S, compute_uv=False)
                 cum = np.cumsum(s ** 2)
                 for r in rr:

@@ -23,7 +23,9 @@ from edgeq.errors import EdgeqError
 METHODS = ("qera", "svd")
 
 
-def _sqrt_and_inv(C: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
+def sqrt_and_inv(C: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """(S, S⁻¹) with S = (C + damp·mean(diag C)·I)^½ for a symmetric PSD covariance C (eigh;
+    negative eigenvalues clipped): the whitening QERA's closed form and the planner both use."""
     C = np.asarray(C, dtype=np.float64)
     ev, Q = np.linalg.eigh((C + C.T) / 2)
     ev = np.clip(ev, 0.0, None) + damp * max(float(np.mean(np.diag(C))), 1e-30)
@@ -44,7 +46,7 @@ def compensation(err: np.ndarray, cov: np.ndarray | None, rank: int, method: str
     if method == "qera":
         if cov is None:
             raise EdgeqError("qera compensation needs the input covariance")
-        S, S_inv = _sqrt_and_inv(cov, damp)
+        S, S_inv = sqrt_and_inv(cov, damp)
         M = E @ S
     else:
         S = S_inv = None
