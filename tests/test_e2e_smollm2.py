@@ -126,8 +126,9 @@ def test_tvm_int4_on_smollm2_matches_reference_and_answers(smollm2_dir, tmp_path
     cli("build", smollm2_dir, "--format", "tvm", "--bits", "4", "-o", out)
     assert "OK" in cli("verify", out)
     info = json.loads((out / "manifest.json").read_text())["tvm"]
-    ref = ReferenceSession(lowered_ir(load_model(smollm2_dir), TvmOptions(bits=info["bits"], group=info["group"],
-                                                                          target=info["target"])), n_ctx=256)
+    opts = TvmOptions(bits=info["bits"], group=info["group"], lr_dtype=info.get("lr_dtype", "float32"),
+                      target=info["target"])
+    ref = ReferenceSession(lowered_ir(load_model(smollm2_dir), opts), n_ctx=256)
     ids = ref.tokenize("The history of the Roman Empire spans many centuries, and historians still debate "
                        "the causes of its decline. Some point to economic troubles, others to military defeats")
     with open_session(out) as s:

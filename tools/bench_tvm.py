@@ -47,9 +47,9 @@ def quality(path: Path, ppl_tokens: int, kl_tokens: int, threads: int) -> dict:
     from runtimes.reference import ReferenceSession
 
     info = read_manifest(path)["tvm"]
-    own = ReferenceSession(lowered_ir(load_model(MODEL), TvmOptions(bits=info["bits"], group=info["group"],
-                                                                    target=info["target"])),
-                           n_ctx=600, dtype=np.float64)
+    opts = TvmOptions(bits=info["bits"], group=info["group"], lr_dtype=info.get("lr_dtype", "float32"),
+                      target=info["target"])
+    own = ReferenceSession(lowered_ir(load_model(MODEL), opts), n_ctx=600, dtype=np.float64)
     s = open_session(path, n_ctx=600, threads=threads)
     tokens = list(s.tokenize(wikitext2_test_text(), add_special=False))
     ppl = evaluate_wikitext(s, None, tokens=tokens, max_tokens=ppl_tokens).perplexity

@@ -43,9 +43,12 @@ class TvmOptions:
     group: int = 32
     target: Mapping = dataclasses.field(default_factory=lambda: {"kind": "llvm", "mtriple": "x86_64-linux-gnu",
                                                                   "mcpu": "haswell"})
+    # low-rank factors stored in float16 (half the bytes; the branch then costs <= 15 % of a
+    # cached GEMV, docs/benchmarks.md) and computed in float32
+    lr_dtype: str = "float16"
 
     def to_json(self) -> dict:
-        return {"bits": self.bits, "group": self.group, "target": dict(self.target)}
+        return {"bits": self.bits, "group": self.group, "target": dict(self.target), "lr_dtype": self.lr_dtype}
 
 
 def _format(bits: int, group: int, k: int) -> str:
@@ -152,20 +155,23 @@ def specs_for(ir: ModelIR, opts: TvmOptions) -> set:
             g = int(fmt.split("_g")[1].split("_")[0])
             for prefill in (False, True):
                 out.add(KernelSpec(bits=opts.bits, group=g, rank=0 if lr is None else lr[0].shape[0], block=block,
+                                   lr_dtype=opts.lr_dtype,
                                    prefill=prefill))
     g = int(_format(8, opts.group, hp.hidden_size).split("_g")[1].split("_")[0])
     out |= {KernelSpec(bits=8, group=g, block=block, prefill=p) for p in (False, True)}
     return out
 
 
-def _pack(w: np.ndarray, lr, bits: int, group: int, block: int) -> tuple[dict[str, np.ndarray], str]:
+def _pack(w: np.ndarray, lr, bits: int, group: int, block: int, lr_dtype: str = "float32"
+          ) -> tuple[dict[str, np.ndarray], str]:
     from edgeq.kernels import layout
     from edgeq.kernels.spec import KernelSpec
     from edgeq.quant.intgroup import rtn_int
 
     fmt = _format(bits, group, w.shape[1])
     t = rtn_int(w, fmt)
-    spec = KernelSpec(bits=bits, group=t.fmt.group, rank=0 if lr is None else lr[0].shape[0], block=block)
+    spec = KernelSpec(bits=bits, group=t.fmt.group, rank=0 if lr is None else lr[0].shape[0], block=block,
+                      lr_dtype=lr_dtype)
     arrays = layout.pack_weight(t.codes, t.scales, None, spec)
     if lr is not None:
         arrays.update(layout.pack_low_rank(lr[0], lr[1], spec))
@@ -196,7 +202,7 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
     half = hp.head_dim // 2
     for i in layers:
         for name, (w, lr) in matmul_groups(ir, i, block).items():
-            packed, kname = _pack(w, lr, opts.bits, opts.group, block)
+            packed, kname = _pack(w, lr, opts.bits, opts.group, block, opts.lr_dtype)
             for k, v in packed.items():
                 arrays[f"blk.{i}.{name}.{k}"] = v
             kernels[f"blk.{i}.{name}"] = kname
@@ -224,18 +230,26 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
     from edgeq.hashing import sha256_file
 
     return {"library": LIBRARY, "library_sha256": sha256_file(out_dir / LIBRARY), "weights_file": WEIGHTS, "target": dict(opts.target), "block": block,
-            "bits": opts.bits, "group": opts.group, "kernels": dict(sorted(kernels.items())),
+            "bits": opts.bits, "group": opts.group, "lr_dtype": opts.lr_dtype, "kernels": dict(sorted(kernels.items())),
             "functions": [s.name for s in specs],
             "tokenizer_file": TOKENIZER_FILE if ir.tokenizer is not None else None}
 
 
 def lowered_ir(ir: ModelIR, opts: TvmOptions) -> ModelIR:
     """The float model a TVM artifact computes: every block linear as its int-group values (the
-    head / embedding at int8), low-rank branches as they are."""
+    head / embedding at int8), low-rank factors rounded to their storage dtype (scale folded into B)."""
     from edgeq.lower.onnx import dequantized
 
+    def factors(lr):  # as stored: A and s*B rounded to the factor dtype
+        if opts.lr_dtype == "float32":
+            return lr
+        dt, s = np.dtype(opts.lr_dtype), np.float32(lr.scale)
+        return dataclasses.replace(lr, a=lr.a.astype(dt).astype(np.float32), b=(lr.b * s).astype(dt).astype(np.float32),
+                                   scale=1.0)
+
     linears = {n: dataclasses.replace(lin, weight=dequantized(lin.weight, _format(opts.bits, opts.group,
-                                                                                  lin.in_features)), packed=None)
+                                                                                  lin.in_features)), packed=None,
+                                      low_rank=tuple(factors(lr) for lr in lin.low_rank))
                for n, lin in ir.linears.items()}
     tensors = dict(ir.tensors)
     for name in ("token_embd",) + (() if ir.hparams.tie_word_embeddings else ("output",)):
