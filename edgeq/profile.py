@@ -98,7 +98,40 @@ def profile(artifact_dir: str | Path, runtime: str = "auto", runs: int = 5, max_
         out.update(load_s=load_s, prune_rate=rate, resident_weight_bytes=_resident_bytes(session, m, rate))
         out.update(measure(session, runs, max_tokens, prefill_lengths))
     out["peak_rss_bytes"] = peak_rss_bytes()
+    out["roofline"] = roofline_section(m, out, max_tokens, prefill_lengths)
     return out
+
+
+def roofline_section(m: dict, out: dict, max_tokens: int, prefill_lengths: tuple[int, ...]) -> dict:
+    """Predicted decode / prefill speed of this artifact on every hardware profile (bytes and
+    FLOPs per token vs bandwidth and peak), and on this host: predicted vs measured."""
+    from edgeq import roofline
+    from edgeq.ir import HParams
+
+    hp = HParams.from_json(m["hparams"])
+    fraction = 1.0
+    widths = (m.get("prune") or {}).get("widths", {}).get(f"{out['prune_rate']:g}")
+    if widths:  # the matmul weights a token runs at this rate
+        H, KV, h = hp.num_heads, hp.num_kv_heads, hp.hidden_size
+        run = sum(h * (2 * w["qk_pairs"] * (H + KV) + w["v_dims"] * (KV + H) + 3 * w["ffn"]) for w in widths)
+        fraction = (run + hp.vocab_size * h) / roofline.matmul_params(hp)
+    cost = roofline.token_cost(hp, out["resident_weight_bytes"], matmul_fraction=min(1.0, fraction))
+    context = len(DECODE_PROMPT.split()) + max_tokens // 2  # mean cached positions over the decode run
+    prompt = max(prefill_lengths) if prefill_lengths else 512
+    runtime, wt = out.get("runtime", ""), out.get("weight_type")
+    host = roofline.measure_host()
+    peak_host = host["fp32_matmul_tflops"]
+    pred = roofline.predict(cost, host["read_bandwidth_gb_s"], peak_host, context, prompt)
+    measured_prefill = out["prefill"].get(str(prompt), {}).get("tok_s")
+    return {
+        "token_cost": cost.to_json(), "context": context, "prompt": prompt,
+        "profiles": roofline.for_profiles(cost, runtime, wt, context, prompt),
+        "host": {**host, "predicted": pred, "measured_decode_tok_s": out["decode_tok_s"],
+                 "decode_fraction_of_roofline": out["decode_tok_s"] / pred["decode_tok_s"],
+                 "measured_prefill_tok_s": measured_prefill,
+                 "prefill_fraction_of_roofline": (measured_prefill / pred["prefill_tok_s"]) if measured_prefill else None,
+                 "peak_kind": "fp32 (numpy matmul measured here)"},
+    }
 
 
 def profile_sweep(artifact_dir: str | Path, runtime: str = "auto", runs: int = 5, max_tokens: int = 128,
@@ -176,5 +209,15 @@ def format_profile(p: dict) -> str:
         ("peak RSS", f"{p['peak_rss_bytes'] / 2**20:.1f} MiB"),
         ("artifact size", f"{p['artifact_bytes'] / 1e6:.1f} MB (weights run at this rate {p['resident_weight_bytes'] / 1e6:.1f} MB)"),
     ]
+    r = p.get("roofline")
+    if r:
+        h = r["host"]
+        rows.append(("roofline (this host)",
+                     f"decode bound {h['predicted']['decode_tok_s']:.0f} tok/s ({h['predicted']['decode_bound']}, "
+                     f"{h['read_bandwidth_gb_s']:.1f} GB/s read, {h['fp32_matmul_tflops'] * 1e3:.0f} GFLOPS fp32): "
+                     f"measured {100 * h['decode_fraction_of_roofline']:.0f} % of it"))
+        best = max(r["profiles"], key=lambda x: x["decode_tok_s"])
+        rows.append(("roofline (profiles)", ", ".join(f"{x['profile']} {x['decode_tok_s']:.0f}" for x in r["profiles"])
+                     + f" tok/s decode bound (best: {best['profile']})"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

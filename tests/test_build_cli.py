@@ -160,6 +160,13 @@ def test_profile_json(built, tmp_path):
     p = json.loads(j.read_text())
     assert p["decode_tok_s"] > 0 and p["ttft_s"] > 0 and p["peak_rss_bytes"] > 0
     assert set(p["prefill"]) == {"128", "512"}
+    r = p["roofline"]  # predicted speed on every profile, and on this host vs the measurement
+    assert {x["profile"] for x in r["profiles"]} >= {"cpu-avx2", "gpu-t4", "mobile-arm64"}
+    assert r["token_cost"]["weight_bytes"] == p["resident_weight_bytes"]
+    h = r["host"]
+    assert h["measured_decode_tok_s"] == p["decode_tok_s"]
+    assert h["decode_fraction_of_roofline"] == pytest.approx(p["decode_tok_s"] / h["predicted"]["decode_tok_s"])
+    assert "roofline (this host)" in text
 
 
 def test_run_streams_tokens(built):
