@@ -197,20 +197,38 @@ def verify(artifact, runtime, json_file):
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--runtime", type=click.Choice(["auto", "llamacpp", "onnxruntime", "tvm", "reference"]), default="auto", show_default=True)
 @click.option("--runs", type=int, default=5, show_default=True, help="Timed runs (after one warm-up).")
 @click.option("--max-tokens", type=int, default=128, show_default=True, help="Decode length.")
 @click.option("--threads", type=int, default=None)
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Also write JSON here.")
 @click.option("--prune", default=None, help="Pruning rate to profile, or 'all' to sweep every carried rate.")
+@click.option("--report", "report_file", type=click.Path(path_type=Path), default=None,
+              help="Write a self-contained HTML report (several artifacts side by side; plots, roofline, breakdown).")
+@click.option("--markdown", "md_file", type=click.Path(path_type=Path), default=None, help="Write the report as Markdown.")
+@click.option("--quick", is_flag=True, help="Report: fewer runs and lengths (a fast pass).")
 @_fail_cleanly
-def profile(artifact, runtime, runs, max_tokens, threads, json_file, prune):
-    """Latency / memory summary: TTFT, prefill and decode tok/s, peak RSS, size."""
+def profile(artifacts, runtime, runs, max_tokens, threads, json_file, prune, report_file, md_file, quick):
+    """Latency / memory summary: TTFT, prefill and decode tok/s, peak RSS, size, roofline. With
+    several artifacts, --report or --markdown: the full report (edgeq.report)."""
     from edgeq.profile import format_profile, format_sweep, profile as run_profile, profile_sweep
 
     if runs < 1 or max_tokens < 2:
         raise EdgeqError("--runs must be >= 1 and --max-tokens >= 2")
+    for a in artifacts:
+        if not (a / "manifest.json").is_file():
+            raise EdgeqError(f"{a}: not an artifact directory (no manifest.json)")
+    if len(artifacts) > 1 or report_file or md_file:
+        from edgeq.report import build_report, to_markdown, write_reports
+
+        if prune is not None:
+            raise EdgeqError("--prune does not apply to a report (it sweeps every rate each artifact carries)")
+        rep = build_report(list(artifacts), runtime=runtime, threads=threads, quick=quick, log=click.echo)
+        write_reports(rep, html_path=report_file, md_path=md_file, json_path=json_file)
+        click.echo(to_markdown(rep))
+        return
+    (artifact,) = artifacts
     if prune == "all":
         p = profile_sweep(artifact, runtime=runtime, runs=runs, max_tokens=max_tokens, threads=threads)
         click.echo(format_sweep(p))

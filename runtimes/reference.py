@@ -5,6 +5,7 @@ Low-rank branches (LoRA kept separate, error compensation) are applied as extra 
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -123,6 +124,7 @@ class ReferenceSession(SpecTextMixin, Session):
         self._full_widths = tuple(LayerWidths(ffn=hp.intermediate_size, qk_pairs=half, v_dims=hp.head_dim)
                                   for _ in range(hp.num_layers))
         self.prune_rate, self.widths = 0.0, self._full_widths
+        self.timers = None  # {layer: {"attention": s, "mlp": s}} accumulated when a dict (edgeq.breakdown)
 
     # ---- text (SpecTextMixin) ---------------------------------------------------------------
     def _tokenizer_spec(self):
@@ -201,7 +203,10 @@ class ReferenceSession(SpecTextMixin, Session):
         scale = self.dtype(1.0 / np.sqrt(D))  # the original head_dim, whatever is kept
         end = start + T
         mask = np.triu(np.full((T, end), -np.inf, dtype=self.dtype), k=start + 1)
+        timers = self.timers
         for li, L in enumerate(self.layers):
+            if timers is not None:
+                t0 = time.perf_counter()
             w = self.widths[li]
             p, nv, f = w.qk_pairs, w.v_dims, w.ffn
             h = rms_norm(x, L.attn_norm, hp.rms_norm_eps)
@@ -226,6 +231,9 @@ class ReferenceSession(SpecTextMixin, Session):
             att /= att.sum(axis=-1, keepdims=True)
             o = np.einsum("kgts,skc->tckg", att, V).reshape(T, nv * H)  # rows (component, head)
             x = x + self._o_proj(L, o, nv * H)
+            if timers is not None:
+                t1 = time.perf_counter()
+                timers[li]["attention"] += t1 - t0
             h = rms_norm(x, L.ffn_norm, hp.rms_norm_eps)
             g = L._lin(h, L.wg, L.bg, f, L.lr[Role.GATE], {"n_out": f})
             u = L._lin(h, L.wu, L.bu, f, L.lr[Role.UP], {"n_out": f})
@@ -236,6 +244,8 @@ class ReferenceSession(SpecTextMixin, Session):
             if L.lr[Role.DOWN].items:
                 y = L.lr[Role.DOWN].add(y, a, n_in=f)
             x = x + y
+            if timers is not None:
+                timers[li]["mlp"] += time.perf_counter() - t1
         x = rms_norm(x, self.out_norm, hp.rms_norm_eps)
         return x
 

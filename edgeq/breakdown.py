@@ -1,0 +1,152 @@
+"""Where a decode step's time goes: per layer and per op category, as far as each runtime allows.
+
+* onnxruntime: a second session with ``enable_profiling`` replays decode steps on the same KV
+  cache; its JSON trace gives every node's kernel time (subgraph nodes of the pruning-rate ``If``
+  branches included); node names carry the layer (``blk.{i}.``) and op types the category.
+* TVM: the runtime's kernel calls are timed (Q|K|V, O, gate|up, down per layer, the head); the
+  rest of the step is the numpy decoder (norms, RoPE, attention, SwiGLU), reported as one figure.
+* reference runtime: its own per-layer timers (attention block, MLP block).
+* llama.cpp: not available — llama-cpp-python exposes no per-op or per-layer timings (only
+  whole-call totals), so the report says so instead of inventing a split.
+
+Every result is ``{"available", "runtime", "steps", "per_token_ms", "by_category": {cat: ms},
+"by_layer": [{cat: ms}, ...], "unattributed_ms", "method"}`` with times per decode token.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import defaultdict
+
+CATEGORIES = ("attention", "matmul", "norm", "other")
+_LAYER = re.compile(r"blk\.(\d+)\.")
+
+
+def _result(runtime: str, steps: int, wall: float, per_layer: dict, extra: dict, method: str,
+            n_layers: int) -> dict:
+    by_layer = [{c: per_layer.get(i, {}).get(c, 0.0) * 1e3 / steps for c in sorted(per_layer.get(i, {}))}
+                for i in range(n_layers)]
+    by_cat: dict[str, float] = defaultdict(float)
+    for row in by_layer:
+        for c, v in row.items():
+            by_cat[c] += v
+    for c, v in extra.items():
+        by_cat[c] += v * 1e3 / steps
+    attributed = sum(by_cat.values())
+    return {"available": True, "runtime": runtime, "steps": steps, "per_token_ms": wall * 1e3 / steps,
+            "by_category": dict(by_cat), "by_layer": by_layer,
+            "unattributed_ms": max(0.0, wall * 1e3 / steps - attributed), "method": method}
+
+
+def _prompt(session, n: int = 16) -> list[int]:
+    from edgeq.profile import prompt_of_length
+
+    return prompt_of_length(session, n)
+
+
+def onnx_breakdown(session, steps: int) -> dict:
+    import onnxruntime as ort
+
+    cat = {"MatMulNBits": "matmul", "MatMul": "matmul", "Gemm": "matmul", "GroupQueryAttention": "attention",
+           "Softmax": "attention", "RMSNormalization": "norm", "SimplifiedLayerNormalization": "norm"}
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.intra_op_num_threads = session.n_threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so.profile_file_prefix = f"{tmp}/edgeq"
+        prof = ort.InferenceSession(str(session.root / session.manifest["onnx"]["model_file"]), so,
+                                    providers=["CPUExecutionProvider"])
+        session._start(_prompt(session))
+        main, session.sess = session.sess, prof
+        try:
+            t = time.perf_counter()
+            for k in range(steps):
+                session._step(100 + k)
+            wall = time.perf_counter() - t
+        finally:
+            session.sess = main
+        events = json.loads(open(prof.end_profiling()).read())
+    per_layer: dict = defaultdict(lambda: defaultdict(float))
+    extra: dict = defaultdict(float)
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        op = e.get("args", {}).get("op_name", "")
+        c = cat.get(op, "other")
+        if op == "If":  # the branch's nodes are traced themselves
+            continue
+        m = _LAYER.match(e["name"])
+        if m:
+            per_layer[int(m.group(1))][c] += e["dur"] * 1e-6
+        else:
+            extra["head + embedding" if c == "matmul" else "other"] += e["dur"] * 1e-6
+    return _result("onnxruntime", steps, wall, per_layer, extra,
+                   "onnxruntime profiling trace (enable_profiling) of decode steps, kernel times per node",
+                   session.hp.num_layers)
+
+
+def tvm_breakdown(session, steps: int) -> dict:
+    per_layer: dict = defaultdict(lambda: defaultdict(float))
+    extra: dict = defaultdict(float)
+    orig = session._matmul
+
+    def timed(name, x, n):
+        t = time.perf_counter()
+        y = orig(name, x, n)
+        dt = time.perf_counter() - t
+        m = _LAYER.match(name)
+        if m:
+            per_layer[int(m.group(1))]["kernel " + name.split(".")[-1]] += dt
+        else:
+            extra["kernel head"] += dt
+        return y
+
+    session._start(_prompt(session))
+    session._matmul = timed
+    try:
+        t = time.perf_counter()
+        for k in range(steps):
+            session._step(100 + k)
+        wall = time.perf_counter() - t
+    finally:
+        del session._matmul  # back to the class method
+    res = _result("tvm", steps, wall, per_layer, extra,
+                  "timers around each generated-kernel call; the remainder is the numpy decoder", session.hp.num_layers)
+    res["by_category"]["numpy decoder"] = res.pop("unattributed_ms")
+    res["unattributed_ms"] = 0.0
+    return res
+
+
+def reference_breakdown(session, steps: int) -> dict:
+    session.timers = defaultdict(lambda: defaultdict(float))
+    session._start(_prompt(session))
+    session.timers.clear()
+    try:
+        t = time.perf_counter()
+        for k in range(steps):
+            session._step(100 + k)
+        wall = time.perf_counter() - t
+        per_layer = {i: dict(v) for i, v in session.timers.items()}
+    finally:
+        session.timers = None
+    return _result("reference", steps, wall, per_layer, {}, "the reference runtime's per-layer timers",
+                   session.hp.num_layers)
+
+
+def breakdown(session, steps: int = 16) -> dict:
+    name = getattr(session, "name", "")
+    if name == "onnxruntime":
+        return onnx_breakdown(session, steps)
+    if name == "tvm":
+        return tvm_breakdown(session, steps)
+    if name == "reference":
+        return reference_breakdown(session, steps)
+    return {"available": False, "runtime": name,
+            "method": "llama-cpp-python exposes no per-op or per-layer timings (only whole-call totals: "
+                      "prompt eval and eval time), so no breakdown is reported for GGUF artifacts"}
