@@ -14,7 +14,7 @@ DEMO_OUT ?= out/smollm2-cpu-avx2
 DEMO_PROMPT ?= What is the capital of France? Answer in one sentence.
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast models clean cross-tools
+.PHONY: install demo test test-fast models clean cross-tools report
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,17 @@ demo: models
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# issue 7's sample report: SmolLM2 at 4 bits as GGUF, ONNX and TVM, each carrying rates 0-0.35,
+# profiled side by side (builds the artifacts first if missing; ~15 min on 2 cores)
+REPORT_DIR ?= out/report
+REPORT_RATES ?= 0,0.15,0.25,0.35
+REPORT_ARGS ?=
+report: models
+	for f in gguf onnx tvm; do test -f $(REPORT_DIR)/$$f/manifest.json || \
+	  $(BIN)/edgeq build $(MODEL_DIR) --format $$f --bits 4 --prune-rates $(REPORT_RATES) -o $(REPORT_DIR)/$$f --force || exit 1; done
+	$(BIN)/edgeq profile $(REPORT_DIR)/gguf $(REPORT_DIR)/onnx $(REPORT_DIR)/tvm $(REPORT_ARGS) \
+	  --report $(REPORT_DIR)/report.html --markdown $(REPORT_DIR)/report.md --json $(REPORT_DIR)/report.json
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
