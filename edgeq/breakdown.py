@@ -87,7 +87,8 @@ def onnx_breakdown(session, steps: int) -> dict:
         else:
             extra["head + embedding" if c == "matmul" else "other"] += e["dur"] * 1e-6
     return _result("onnxruntime", steps, wall, per_layer, extra,
-                   "onnxruntime profiling trace (enable_profiling) of decode steps, kernel times per node",
+                   "onnxruntime profiling trace (enable_profiling) of decode steps, kernel times per node; "
+                   "tracing slows the run (per_token_ms is the traced time), so read shares, not absolute times",
                    session.hp.num_layers)
 
 

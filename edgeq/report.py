@@ -182,6 +182,7 @@ def figures(rep: dict) -> dict[str, str]:
             ax.set_xticks(range(0, len(layers), max(1, len(layers) // 15)))
             ax.set_ylabel("ms")
             ax.legend(fontsize=7, ncol=3)
+        fig.tight_layout()
         figs["breakdown"] = _svg(fig)
     # 4. roofline on this host + the artifacts' measured decode
     host = next((a["profile"]["roofline"]["host"] for a in arts if a["profile"].get("roofline")), None)

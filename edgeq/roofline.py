@@ -105,9 +105,15 @@ def for_profiles(cost: TokenCost, runtime: str, weight_type: str | None, context
     return rows
 
 
-def measure_host(seconds: float = 1.0, threads: int | None = None) -> dict:
+_HOST: dict = {}
+
+
+def measure_host(seconds: float = 1.0, threads: int | None = None, fresh: bool = False) -> dict:
     """This machine: read bandwidth (sum over a 256 MiB array, the decode access pattern) and fp32
-    matmul throughput (numpy 1024x1024, BLAS threads as configured); medians."""
+    matmul throughput (numpy 1024x1024, BLAS threads as configured); medians. Measured once per
+    process (one report compares every artifact against the same roofline) unless ``fresh``."""
+    if _HOST and not fresh:
+        return dict(_HOST)
     a = np.ones(32 << 20, np.float64)  # 256 MiB
     ts = []
     t_end = time.perf_counter() + seconds / 2
@@ -124,4 +130,5 @@ def measure_host(seconds: float = 1.0, threads: int | None = None) -> dict:
         m @ m
         ts.append(time.perf_counter() - t)
     flops = 2 * 1024 ** 3 / statistics.median(ts)
-    return {"read_bandwidth_gb_s": bw, "fp32_matmul_tflops": flops / 1e12}
+    _HOST.update(read_bandwidth_gb_s=bw, fp32_matmul_tflops=flops / 1e12)
+    return dict(_HOST)

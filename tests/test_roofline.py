@@ -47,5 +47,6 @@ def test_every_profile_gets_a_prediction_with_its_peak():
 
 
 def test_host_measurement_is_positive():
-    h = measure_host(seconds=0.2)
+    h = measure_host(seconds=0.2, fresh=True)
+    assert measure_host() == h  # cached: one roofline per process
     assert h["read_bandwidth_gb_s"] > 0.1 and h["fp32_matmul_tflops"] > 1e-4
