@@ -437,16 +437,18 @@ def _lower_onnx(ir: ModelIR, opts: BuildOptions, target: TargetProfile, bits: in
                 "adapter_files": sorted(adapter_files.values()), "weight_type": weight_type, "bits": bits,
                 "onnx": info}
     if ir.prune is not None:
-        manifest["prune"] = {
-            "rates": list(ir.prune.rates), "method": opts.sort, "granularity": ir.prune.granularity,
-            "widths": ir.prune.to_json()["widths"],
-            "expressed": "everything, in one graph with a rate input (switched at run time, nothing reloaded): "
-                         "MLP channels as per-rate segments skipped by If nodes; Q/K RoPE pairs and V/O "
-                         "components as per-rate masks (the attention projections run at full width)",
-            "dropped": "nothing",
-            "weight_bytes_per_rate": info.get("weight_bytes_per_rate"),
-        }
+        manifest["prune"] = _switchable_prune_section(
+            ir, opts, "everything, in one graph with a rate input (switched at run time, nothing reloaded): "
+                      "MLP channels as per-rate segments skipped by If nodes; Q/K RoPE pairs and V/O "
+                      "components as per-rate masks (the attention projections run at full width)",
+            weight_bytes_per_rate=info.get("weight_bytes_per_rate"))
     return manifest, ir
+
+
+def _switchable_prune_section(ir: ModelIR, opts: BuildOptions, expressed: str, **extra) -> dict:
+    """The manifest's ``prune`` section of a format that carries every rate at full fidelity."""
+    return {"rates": list(ir.prune.rates), "method": opts.sort, "granularity": ir.prune.granularity,
+            "widths": ir.prune.to_json()["widths"], "expressed": expressed, "dropped": "nothing", **extra}
 
 
 def _runs_here(manifest: dict) -> bool:
@@ -473,14 +475,10 @@ def _lower_tvm(ir: ModelIR, opts: BuildOptions, target: TargetProfile, bits: int
     manifest = {"format": "tvm", "runtime": "tvm", "model_file": lower_tvm.LIBRARY, "adapter_files": [],
                 "weight_type": f"INT{bits}", "bits": bits, "tvm": info}
     if ir.prune is not None:
-        manifest["prune"] = {
-            "rates": list(ir.prune.rates), "method": opts.sort, "granularity": ir.prune.granularity,
-            "widths": ir.prune.to_json()["widths"],
-            "expressed": "everything, switched at run time with nothing reloaded: MLP channels as the active "
-                         "width of the kernels (one compiled function serves every width); Q/K RoPE pairs and V/O "
-                         "components as per-rate masks (the attention matmuls run at full width)",
-            "dropped": "nothing",
-        }
+        manifest["prune"] = _switchable_prune_section(
+            ir, opts, "everything, switched at run time with nothing reloaded: MLP channels as the active "
+                      "width of the kernels (one compiled function serves every width); Q/K RoPE pairs and V/O "
+                      "components as per-rate masks (the attention matmuls run at full width)")
     return manifest, ir
 
 
@@ -493,11 +491,9 @@ def _lower_reference(ir: ModelIR, opts: BuildOptions, target: TargetProfile, tmp
     manifest = {"format": "reference", "runtime": "reference", "model_file": WEIGHTS, "adapter_files": [],
                 "weight_type": "F32", "bits": 32}
     if ir.prune is not None:
-        manifest["prune"] = {"rates": list(ir.prune.rates), "method": opts.sort,
-                             "granularity": ir.prune.granularity, "widths": ir.prune.to_json()["widths"],
-                             "expressed": "everything: MLP channels, Q/K RoPE pairs, V/O components per layer; "
-                                          "the rate switches at run time without copying weights",
-                             "dropped": "nothing"}
+        manifest["prune"] = _switchable_prune_section(
+            ir, opts, "everything: MLP channels, Q/K RoPE pairs, V/O components per layer; "
+                      "the rate switches at run time without copying weights")
     return manifest, ir
 
 

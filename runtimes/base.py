@@ -78,6 +78,50 @@ class GenerationStats:
         return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
 
+class RateSwitchMixin:
+    """Run-time pruning-rate switching for sessions whose weights carry every rate (ONNX graph
+    with a rate input, TVM kernels with an active width): the carried ``_rates``, lookup with a
+    one-line error, and ``set_prune_rate`` with the reference runtime's KV-cache policies.
+    A session sets ``_rates`` and ``_ids`` (the cached token ids), implements ``reset``,
+    ``_forward_cached(ids)`` (evaluate ids into the cache) and may override ``_apply_rate``."""
+
+    _rates: tuple[float, ...] = (0.0,)
+    _ids: list[int]
+    prune_rate: float = 0.0
+
+    @property
+    def prune_rates(self) -> tuple[float, ...]:
+        return self._rates
+
+    def _index_of(self, rate: float) -> int:
+        for k, r in enumerate(self._rates):
+            if abs(r - float(rate)) < 1e-9:
+                return k
+        from edgeq.errors import EdgeqError
+
+        raise EdgeqError(f"pruning rate {float(rate):g} is not carried by this artifact "
+                         f"(available: {', '.join(f'{r:g}' for r in self._rates)})")
+
+    def _apply_rate(self, index: int) -> None:
+        """Make rate ``self._rates[index]`` the one the next call computes with."""
+
+    def set_prune_rate(self, rate: float, kv: str = "keep") -> None:
+        """Switch the pruning rate without loading or copying weights. KV cache as the reference
+        runtime: ``kv="keep"`` keeps cached positions as computed at their own rate (dims a rate
+        drops are zero in the cache), ``kv="recompute"`` re-evaluates them at the new rate."""
+        from edgeq.errors import EdgeqError
+
+        if kv not in ("keep", "recompute"):
+            raise EdgeqError(f"kv policy must be 'keep' or 'recompute', got {kv!r}")
+        k = self._index_of(rate)
+        self.prune_rate = self._rates[k]
+        self._apply_rate(k)
+        if kv == "recompute" and self._ids:
+            ids = list(self._ids)
+            self.reset()
+            self._forward_cached(ids)
+
+
 class Session:
     """Base class: subclasses implement tokenize/detokenize, logits, reset, eval_next."""
 

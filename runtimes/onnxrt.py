@@ -15,7 +15,7 @@ import numpy as np
 from edgeq.artifact import read_manifest
 from edgeq.errors import EdgeqError
 from edgeq.ir import HParams
-from runtimes.base import Session
+from runtimes.base import RateSwitchMixin, Session
 from runtimes.text import SpecTextMixin
 
 
@@ -27,7 +27,7 @@ def _ort():
     return ort
 
 
-class OnnxSession(SpecTextMixin, Session):
+class OnnxSession(RateSwitchMixin, SpecTextMixin, Session):
     name = "onnxruntime"
 
     def __init__(self, artifact_dir: str | Path, manifest: dict | None = None, n_ctx: int = 2048,
@@ -125,31 +125,12 @@ class OnnxSession(SpecTextMixin, Session):
             self._spec = read_tokenizer(self.root / self._tok_file)
         return self._spec
 
-    # ---- pruning rates ----------------------------------------------------------------------------
-    @property
-    def prune_rates(self) -> tuple[float, ...]:
-        return self._rates
+    # ---- pruning rates (RateSwitchMixin) ----------------------------------------------------------
+    def _apply_rate(self, index: int) -> None:
+        self._rate_index = index  # fed to the graph's rate input
 
-    def _index_of(self, rate: float) -> int:
-        for k, r in enumerate(self._rates):
-            if abs(r - float(rate)) < 1e-9:
-                return k
-        raise EdgeqError(f"pruning rate {float(rate):g} is not carried by this artifact "
-                         f"(available: {', '.join(f'{r:g}' for r in self._rates)})")
-
-    def set_prune_rate(self, rate: float, kv: str = "keep") -> None:
-        """Switch the pruning rate: the graph carries every rate (a rate input selects the MLP
-        segments and the attention masks), so nothing is loaded or copied. KV cache as the
-        reference runtime: ``kv="keep"`` keeps cached positions as computed at their own rate,
-        ``kv="recompute"`` re-evaluates them at the new rate."""
-        if kv not in ("keep", "recompute"):
-            raise EdgeqError(f"kv policy must be 'keep' or 'recompute', got {kv!r}")
-        self._rate_index = self._index_of(rate)
-        self.prune_rate = self._rates[self._rate_index]
-        if kv == "recompute" and self._ids:
-            ids = list(self._ids)
-            self.reset()
-            self._run(ids, all_logits=False)
+    def _forward_cached(self, ids) -> None:
+        self._run(ids, all_logits=False)
 
     # ---- compute -------------------------------------------------------------------------------
     def reset(self) -> None:

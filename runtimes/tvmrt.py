@@ -22,7 +22,7 @@ from edgeq.artifact import read_manifest
 from edgeq.errors import EdgeqError
 from edgeq.hashing import sha256_file
 from edgeq.ir import HParams
-from runtimes.base import Session
+from runtimes.base import RateSwitchMixin, Session
 from runtimes.reference import rope_inv_freq
 from runtimes.text import SpecTextMixin
 
@@ -57,7 +57,7 @@ def check_library(root: Path, manifest: dict) -> Path:
     return lib
 
 
-class TvmSession(SpecTextMixin, Session):
+class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
     name = "tvm"
 
     def __init__(self, artifact_dir: str | Path, manifest: dict | None = None, n_ctx: int = 2048,
@@ -165,17 +165,12 @@ class TvmSession(SpecTextMixin, Session):
             total += b * f[int(parts[1])] // F if pruned else b
         return int(total)
 
-    # ---- pruning rates -----------------------------------------------------------------------------
-    @property
-    def prune_rates(self) -> tuple[float, ...]:
-        return self._rates
+    # ---- pruning rates (RateSwitchMixin) ----------------------------------------------------------
+    def _apply_rate(self, index: int) -> None:
+        self._ffn = self._ffn_widths(self._rates[index])  # the kernels' active MLP width per layer
 
-    def _index_of(self, rate: float) -> int:
-        for k, r in enumerate(self._rates):
-            if abs(r - float(rate)) < 1e-9:
-                return k
-        raise EdgeqError(f"pruning rate {float(rate):g} is not carried by this artifact "
-                         f"(available: {', '.join(f'{r:g}' for r in self._rates)})")
+    def _forward_cached(self, ids) -> None:
+        self._forward(ids)
 
     def _ffn_widths(self, rate: float) -> list[int]:
         r = self._rates[self._index_of(rate)]
@@ -198,18 +193,6 @@ class TvmSession(SpecTextMixin, Session):
                 layers.append(tuple(None if m.all() else m.astype(np.float32) for m in ms))
             out[r] = layers
         return out
-
-    def set_prune_rate(self, rate: float, kv: str = "keep") -> None:
-        """Switch the rate (kernels called with another active width, other masks); KV cache policy
-        as the reference runtime (``keep`` / ``recompute``)."""
-        if kv not in ("keep", "recompute"):
-            raise EdgeqError(f"kv policy must be 'keep' or 'recompute', got {kv!r}")
-        self.prune_rate = self._rates[self._index_of(rate)]
-        self._ffn = self._ffn_widths(self.prune_rate)
-        if kv == "recompute" and self._ids:
-            ids = list(self._ids)
-            self.reset()
-            self._forward(ids)
 
     # ---- text --------------------------------------------------------------------------------------
     def _tokenizer_spec(self):
