@@ -39,10 +39,19 @@ def _result(runtime: str, steps: int, wall: float, per_layer: dict, extra: dict,
             "unattributed_ms": max(0.0, wall * 1e3 / steps - attributed), "method": method}
 
 
-def _prompt(session, n: int = 16) -> list[int]:
+def _start(session) -> None:
+    """A fresh 16-token context (run before the instrumentation is put in place)."""
     from edgeq.profile import prompt_of_length
 
-    return prompt_of_length(session, n)
+    session._start(prompt_of_length(session, 16))
+
+
+def _time_steps(session, steps: int) -> float:
+    """Seconds for ``steps`` decode steps on the current context."""
+    t = time.perf_counter()
+    for k in range(steps):
+        session._step(100 + k)
+    return time.perf_counter() - t
 
 
 def onnx_breakdown(session, steps: int) -> dict:
@@ -62,13 +71,10 @@ def onnx_breakdown(session, steps: int) -> dict:
         so.profile_file_prefix = f"{tmp}/edgeq"
         prof = ort.InferenceSession(str(session.root / session.manifest["onnx"]["model_file"]), so,
                                     providers=["CPUExecutionProvider"])
-        session._start(_prompt(session))
+        _start(session)
         main, session.sess = session.sess, prof
         try:
-            t = time.perf_counter()
-            for k in range(steps):
-                session._step(100 + k)
-            wall = time.perf_counter() - t
+            wall = _time_steps(session, steps)
         finally:
             session.sess = main
         events = json.loads(open(prof.end_profiling()).read())
@@ -108,13 +114,10 @@ def tvm_breakdown(session, steps: int) -> dict:
             extra["kernel head"] += dt
         return y
 
-    session._start(_prompt(session))
+    _start(session)
     session._matmul = timed
     try:
-        t = time.perf_counter()
-        for k in range(steps):
-            session._step(100 + k)
-        wall = time.perf_counter() - t
+        wall = _time_steps(session, steps)
     finally:
         del session._matmul  # back to the class method
     res = _result("tvm", steps, wall, per_layer, extra,
@@ -125,14 +128,10 @@ def tvm_breakdown(session, steps: int) -> dict:
 
 
 def reference_breakdown(session, steps: int) -> dict:
+    _start(session)
     session.timers = defaultdict(lambda: defaultdict(float))
-    session._start(_prompt(session))
-    session.timers.clear()
     try:
-        t = time.perf_counter()
-        for k in range(steps):
-            session._step(100 + k)
-        wall = time.perf_counter() - t
+        wall = _time_steps(session, steps)
         per_layer = {i: dict(v) for i, v in session.timers.items()}
     finally:
         session.timers = None

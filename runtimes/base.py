@@ -78,6 +78,21 @@ class GenerationStats:
         return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
 
+def check_tokens(ids: Sequence[int], vocab_size: int, start: int, n_ctx: int) -> np.ndarray:
+    """``ids`` as int64, after the checks every numpy-driven runtime makes: not empty, in the
+    vocabulary, and fitting the context after the ``start`` cached positions."""
+    from edgeq.errors import EdgeqError
+
+    arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if arr.size == 0:
+        raise EdgeqError("empty token sequence")
+    if arr.min() < 0 or arr.max() >= vocab_size:
+        raise EdgeqError(f"token id out of range [0, {vocab_size})")
+    if start + arr.size > n_ctx:
+        raise EdgeqError(f"context of {start + arr.size} tokens exceeds n_ctx={n_ctx}")
+    return arr
+
+
 class RateSwitchMixin:
     """Run-time pruning-rate switching for sessions whose weights carry every rate (ONNX graph
     with a rate input, TVM kernels with an active width): the carried ``_rates``, lookup with a

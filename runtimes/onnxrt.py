@@ -15,7 +15,7 @@ import numpy as np
 from edgeq.artifact import read_manifest
 from edgeq.errors import EdgeqError
 from edgeq.ir import HParams
-from runtimes.base import RateSwitchMixin, Session
+from runtimes.base import RateSwitchMixin, Session, check_tokens
 from runtimes.text import SpecTextMixin
 
 
@@ -140,13 +140,7 @@ class OnnxSession(RateSwitchMixin, SpecTextMixin, Session):
 
     def _run(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
         hp = self.hp
-        arr = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        if arr.size == 0:
-            raise EdgeqError("empty token sequence")
-        if arr.min() < 0 or arr.max() >= hp.vocab_size:
-            raise EdgeqError(f"token id out of range [0, {hp.vocab_size})")
-        if self._pos + arr.size > self.n_ctx:
-            raise EdgeqError(f"context of {self._pos + arr.size} tokens exceeds n_ctx={self.n_ctx}")
+        arr = check_tokens(ids, hp.vocab_size, self._pos, self.n_ctx).reshape(1, -1)
         feeds = {"input_ids": arr, "logits_from": np.array(0 if all_logits else arr.size - 1, np.int64)}
         if self._rate_input:
             feeds[self._rate_input] = np.array(self._rate_index, np.int64)

@@ -13,7 +13,7 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.ir import LayerWidths, Linear, ModelIR, Role
-from runtimes.base import Session
+from runtimes.base import Session, check_tokens
 from runtimes.text import SpecTextMixin
 
 
@@ -187,14 +187,8 @@ class ReferenceSession(SpecTextMixin, Session):
 
     def _forward(self, ids: Sequence[int], start: int) -> np.ndarray:
         hp = self.hp
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.size == 0:
-            raise EdgeqError("empty token sequence")
-        if ids.min() < 0 or ids.max() >= hp.vocab_size:
-            raise EdgeqError(f"token id out of range [0, {hp.vocab_size})")
+        ids = check_tokens(ids, hp.vocab_size, start, self.n_ctx)
         T = ids.size
-        if start + T > self.n_ctx:
-            raise EdgeqError(f"context of {start + T} tokens exceeds n_ctx={self.n_ctx}")
         self._ids[start:start + T] = ids
         pos = np.arange(start, start + T)
         x = self.embd[ids]

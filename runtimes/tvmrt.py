@@ -22,7 +22,7 @@ from edgeq.artifact import read_manifest
 from edgeq.errors import EdgeqError
 from edgeq.hashing import sha256_file
 from edgeq.ir import HParams
-from runtimes.base import RateSwitchMixin, Session
+from runtimes.base import RateSwitchMixin, Session, check_tokens
 from runtimes.reference import rope_inv_freq
 from runtimes.text import SpecTextMixin
 
@@ -101,9 +101,7 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
         self._consts = None
         self._ids: list[int] = []
         self._pos = 0
-        self.prune_rate = 0.0
-        self._ffn = hp.intermediate_size
-        self.set_prune_rate(prune)
+        self.set_prune_rate(prune)  # sets prune_rate and the kernels' active MLP widths (_ffn)
 
     @property
     def version(self) -> str:
@@ -231,15 +229,9 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
 
     def _forward(self, ids: Sequence[int]) -> np.ndarray:
         hp = self.hp
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.size == 0:
-            raise EdgeqError("empty token sequence")
-        if ids.min() < 0 or ids.max() >= hp.vocab_size:
-            raise EdgeqError(f"token id out of range [0, {hp.vocab_size})")
+        ids = check_tokens(ids, hp.vocab_size, self._pos, self.n_ctx)
         start, T = self._pos, ids.size
         end = start + T
-        if end > self.n_ctx:
-            raise EdgeqError(f"context of {end} tokens exceeds n_ctx={self.n_ctx}")
         if self._consts is None:
             self._consts = self._layer_consts()
         layers, freqs = self._consts
