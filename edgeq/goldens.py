@@ -30,8 +30,13 @@ def golden_token_ids(session, prompts=GOLDEN_PROMPTS, positions: int = GOLDEN_PO
 
 
 def record(session, token_ids: list[list[int]], k: int = GOLDEN_TOPK) -> dict:
+    return record_logprobs(logprobs(session, token_ids), k)
+
+
+def record_logprobs(lps: list[np.ndarray], k: int = GOLDEN_TOPK) -> dict:
+    """Top-k ids and rounded log-probs of every position (the goldens file's per-source entry)."""
     ids_out, lp_out = [], []
-    for lp in logprobs(session, token_ids):
+    for lp in lps:
         top = np.argsort(-lp, axis=-1, kind="stable")[:, :k]
         ids_out.append(top.tolist())
         lp_out.append(np.round(np.take_along_axis(lp, top, axis=-1), DECIMALS).tolist())

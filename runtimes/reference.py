@@ -62,7 +62,9 @@ class _Layer:
     rows of each matrix and nothing is ever copied on a rate switch.
     """
 
-    def __init__(self, ir: ModelIR, i: int, dtype):
+    def __init__(self, ir: ModelIR, i: int, dtype, store=None):
+        """``store``: dtype of the seven weight matrices (default ``dtype``); a float32 store with a
+        float64 ``dtype`` computes in float64 from float32 weights (half the memory, same values)."""
         hp = ir.hparams
         H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
         half = D // 2
@@ -73,13 +75,14 @@ class _Layer:
         q, k, v, o = (ir.linear(i, r) for r in (Role.Q, Role.K, Role.V, Role.O))
         gate, up, down = (ir.linear(i, r) for r in (Role.GATE, Role.UP, Role.DOWN))
         c = lambda a: np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
-        self.wq, self.wk, self.wv = c(q.weight[self.q_rows]), c(k.weight[self.k_rows]), c(v.weight[self.v_rows])
+        cw = lambda a: np.ascontiguousarray(a, dtype=store or dtype)  # noqa: E731
+        self.wq, self.wk, self.wv = cw(q.weight[self.q_rows]), cw(k.weight[self.k_rows]), cw(v.weight[self.v_rows])
         self.bq = None if q.bias is None else c(q.bias[self.q_rows])
         self.bk = None if k.bias is None else c(k.bias[self.k_rows])
         self.bv = None if v.bias is None else c(v.bias[self.v_rows])
-        self.wo_t = c(o.weight[:, self.o_cols].T)  # (D*H, hidden), rows (component, head)
+        self.wo_t = cw(np.asarray(o.weight)[:, self.o_cols].T)  # (D*H, hidden), rows (component, head)
         self.bo = None if o.bias is None else c(o.bias)
-        self.wg, self.wu, self.wd_t = c(gate.weight), c(up.weight), c(down.weight.T)
+        self.wg, self.wu, self.wd_t = cw(gate.weight), cw(up.weight), cw(np.asarray(down.weight).T)
         self.bg = None if gate.bias is None else c(gate.bias)
         self.bu = None if up.bias is None else c(up.bias)
         self.bd = None if down.bias is None else c(down.bias)
@@ -100,6 +103,83 @@ class _Layer:
         if b is not None:
             y = y + b[:n_rows]
         return branches.add(y, x, **role_kw) if branches.items else y
+
+
+def cos_sin(inv_freq: np.ndarray, L: _Layer, pos: np.ndarray, p: int, dtype):
+    """cos/sin of shape (T, KV, p) for the first p sorted pair slots of each KV group."""
+    freqs = inv_freq[L.rope_index[:, :p]]  # (KV, p)
+    ang = pos.astype(np.float32)[:, None, None] * freqs[None]
+    return np.cos(ang).astype(dtype), np.sin(ang).astype(dtype)
+
+
+def apply_rope(x, cos, sin):
+    # x: (T, n, 2, p) [half 0 | half 1] per head; cos/sin: (T, n, p)
+    x0, x1 = x[:, :, 0, :], x[:, :, 1, :]
+    return np.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=2)
+
+
+def o_proj(L: _Layer, o, n_in):
+    y = o @ L.wo_t[:n_in]
+    if L.bo is not None:
+        y = y + L.bo
+    if L.lr[Role.O].items:
+        y = L.lr[Role.O].add(y, o, n_in=n_in)
+    return y
+
+
+def layer_forward(hp, L: _Layer, x: np.ndarray, start: int, w: LayerWidths, kcache: np.ndarray,
+                  vcache: np.ndarray, inv_freq: np.ndarray, dtype, timers: dict | None = None) -> np.ndarray:
+    """One decoder layer on ``x`` (T, hidden) at positions ``start..start+T``: writes this layer's
+    K/V into ``kcache`` (n_ctx, KV, 2, half) / ``vcache`` (n_ctx, KV, head_dim) and returns the new
+    residual stream. ``w``: the widths kept at the current pruning rate."""
+    T = x.shape[0]
+    pos = np.arange(start, start + T)
+    H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
+    group = H // KV
+    scale = dtype(1.0 / np.sqrt(D))  # the original head_dim, whatever is kept
+    end = start + T
+    mask = np.triu(np.full((T, end), -np.inf, dtype=dtype), k=start + 1)
+    if timers is not None:
+        t0 = time.perf_counter()
+    p, nv, f = w.qk_pairs, w.v_dims, w.ffn
+    h = rms_norm(x, L.attn_norm, hp.rms_norm_eps)
+    cos, sin = cos_sin(inv_freq, L, pos, p, dtype)
+    q = L._lin(h, L.wq, L.bq, p * 2 * H, L.lr[Role.Q], {"n_out": p * 2 * H})
+    q = q.reshape(T, p, 2, H).transpose(0, 3, 2, 1)  # (T, H, 2, p)
+    q = apply_rope(q, np.repeat(cos, group, axis=1), np.repeat(sin, group, axis=1))
+    k = L._lin(h, L.wk, L.bk, p * 2 * KV, L.lr[Role.K], {"n_out": p * 2 * KV})
+    k = apply_rope(k.reshape(T, p, 2, KV).transpose(0, 3, 2, 1), cos, sin)
+    v = L._lin(h, L.wv, L.bv, nv * KV, L.lr[Role.V], {"n_out": nv * KV})
+    v = v.reshape(T, nv, KV).transpose(0, 2, 1)  # (T, KV, nv)
+    kcache[start:end, :, :, :p] = k
+    kcache[start:end, :, :, p:] = 0  # dims this rate drops are zero (not stale)
+    vcache[start:end, :, :nv] = v
+    vcache[start:end, :, nv:] = 0
+    K = kcache[:end, :, :, :p]  # (end, KV, 2, p)
+    V = vcache[:end, :, :nv]  # (end, KV, nv)
+    qg = q.reshape(T, KV, group, 2, p)
+    att = np.einsum("tkgjp,skjp->kgts", qg, K) * scale + mask
+    att = att - att.max(axis=-1, keepdims=True)
+    np.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    o = np.einsum("kgts,skc->tckg", att, V).reshape(T, nv * H)  # rows (component, head)
+    x = x + o_proj(L, o, nv * H)
+    if timers is not None:
+        t1 = time.perf_counter()
+        timers["attention"] += t1 - t0
+    h = rms_norm(x, L.ffn_norm, hp.rms_norm_eps)
+    g = L._lin(h, L.wg, L.bg, f, L.lr[Role.GATE], {"n_out": f})
+    u = L._lin(h, L.wu, L.bu, f, L.lr[Role.UP], {"n_out": f})
+    a = silu(g) * u
+    y = a @ L.wd_t[:f]
+    if L.bd is not None:
+        y = y + L.bd
+    if L.lr[Role.DOWN].items:
+        y = L.lr[Role.DOWN].add(y, a, n_in=f)
+    x = x + y
+    if timers is not None:
+        timers["mlp"] += time.perf_counter() - t1
+    return x
 
 
 class ReferenceSession(SpecTextMixin, Session):
@@ -174,83 +254,24 @@ class ReferenceSession(SpecTextMixin, Session):
 
     # ---- compute -----------------------------------------------------------------------------
     def _cos_sin(self, L: _Layer, pos: np.ndarray, p: int):
-        """cos/sin of shape (T, KV, p) for the first p sorted pair slots of each KV group."""
-        freqs = self.inv_freq[L.rope_index[:, :p]]  # (KV, p)
-        ang = pos.astype(np.float32)[:, None, None] * freqs[None]
-        return np.cos(ang).astype(self.dtype), np.sin(ang).astype(self.dtype)
+        return cos_sin(self.inv_freq, L, pos, p, self.dtype)
 
-    @staticmethod
-    def _rope(x, cos, sin):
-        # x: (T, n, 2, p) [half 0 | half 1] per head; cos/sin: (T, n, p)
-        x0, x1 = x[:, :, 0, :], x[:, :, 1, :]
-        return np.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=2)
+    _rope = staticmethod(apply_rope)
 
     def _forward(self, ids: Sequence[int], start: int) -> np.ndarray:
         hp = self.hp
         ids = check_tokens(ids, hp.vocab_size, start, self.n_ctx)
         T = ids.size
         self._ids[start:start + T] = ids
-        pos = np.arange(start, start + T)
         x = self.embd[ids]
-        H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
-        group = H // KV
-        scale = self.dtype(1.0 / np.sqrt(D))  # the original head_dim, whatever is kept
-        end = start + T
-        mask = np.triu(np.full((T, end), -np.inf, dtype=self.dtype), k=start + 1)
         timers = self.timers
         for li, L in enumerate(self.layers):
-            if timers is not None:
-                t0 = time.perf_counter()
-            w = self.widths[li]
-            p, nv, f = w.qk_pairs, w.v_dims, w.ffn
-            h = rms_norm(x, L.attn_norm, hp.rms_norm_eps)
-            cos, sin = self._cos_sin(L, pos, p)
-            q = L._lin(h, L.wq, L.bq, p * 2 * H, L.lr[Role.Q], {"n_out": p * 2 * H})
-            q = q.reshape(T, p, 2, H).transpose(0, 3, 2, 1)  # (T, H, 2, p)
-            q = self._rope(q, np.repeat(cos, group, axis=1), np.repeat(sin, group, axis=1))
-            k = L._lin(h, L.wk, L.bk, p * 2 * KV, L.lr[Role.K], {"n_out": p * 2 * KV})
-            k = self._rope(k.reshape(T, p, 2, KV).transpose(0, 3, 2, 1), cos, sin)
-            v = L._lin(h, L.wv, L.bv, nv * KV, L.lr[Role.V], {"n_out": nv * KV})
-            v = v.reshape(T, nv, KV).transpose(0, 2, 1)  # (T, KV, nv)
-            self._k[li, start:end, :, :, :p] = k
-            self._k[li, start:end, :, :, p:] = 0  # dims this rate drops are zero (not stale)
-            self._v[li, start:end, :, :nv] = v
-            self._v[li, start:end, :, nv:] = 0
-            K = self._k[li, :end, :, :, :p]  # (end, KV, 2, p)
-            V = self._v[li, :end, :, :nv]  # (end, KV, nv)
-            qg = q.reshape(T, KV, group, 2, p)
-            att = np.einsum("tkgjp,skjp->kgts", qg, K) * scale + mask
-            att = att - att.max(axis=-1, keepdims=True)
-            np.exp(att, out=att)
-            att /= att.sum(axis=-1, keepdims=True)
-            o = np.einsum("kgts,skc->tckg", att, V).reshape(T, nv * H)  # rows (component, head)
-            x = x + self._o_proj(L, o, nv * H)
-            if timers is not None:
-                t1 = time.perf_counter()
-                timers[li]["attention"] += t1 - t0
-            h = rms_norm(x, L.ffn_norm, hp.rms_norm_eps)
-            g = L._lin(h, L.wg, L.bg, f, L.lr[Role.GATE], {"n_out": f})
-            u = L._lin(h, L.wu, L.bu, f, L.lr[Role.UP], {"n_out": f})
-            a = silu(g) * u
-            y = a @ L.wd_t[:f]
-            if L.bd is not None:
-                y = y + L.bd
-            if L.lr[Role.DOWN].items:
-                y = L.lr[Role.DOWN].add(y, a, n_in=f)
-            x = x + y
-            if timers is not None:
-                timers[li]["mlp"] += time.perf_counter() - t1
+            x = layer_forward(hp, L, x, start, self.widths[li], self._k[li], self._v[li], self.inv_freq,
+                              self.dtype, None if timers is None else timers[li])
         x = rms_norm(x, self.out_norm, hp.rms_norm_eps)
         return x
 
-    @staticmethod
-    def _o_proj(L: _Layer, o, n_in):
-        y = o @ L.wo_t[:n_in]
-        if L.bo is not None:
-            y = y + L.bo
-        if L.lr[Role.O].items:
-            y = L.lr[Role.O].add(y, o, n_in=n_in)
-        return y
+    _o_proj = staticmethod(o_proj)
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         x = self._forward(token_ids, 0)
@@ -272,3 +293,50 @@ class ReferenceSession(SpecTextMixin, Session):
         from edgeq.frontend import load_model
 
         return cls(load_model(path), **kw)
+
+
+# Vocabulary rows of the output matrix multiplied at once by streamed_logits (bounded memory).
+HEAD_CHUNK_ROWS = 8192
+
+
+def streamed_logits(ir: ModelIR, sequences: Sequence[Sequence[int]], rate: float = 0.0, dtype=np.float64,
+                    store=np.float32, progress=None) -> list[np.ndarray]:
+    """Logits of every position of each sequence (each from a fresh context), computed layer by
+    layer: one layer's weights are materialised (``store`` dtype, computed in ``dtype``) for all
+    sequences, then freed; the output matrix is applied in row chunks. Peak memory: one layer +
+    the sequences' activations, whatever the depth or vocabulary (how goldens are recorded for
+    models of any size). Same math as :class:`ReferenceSession` (the layer function is shared).
+
+    ``progress``: optional callable ``(layer_index, num_layers)`` called after each layer."""
+    hp = ir.hparams
+    widths = ir.prune.at(rate) if ir.prune is not None else tuple(
+        LayerWidths(ffn=hp.intermediate_size, qk_pairs=hp.head_dim // 2, v_dims=hp.head_dim)
+        for _ in range(hp.num_layers))
+    if ir.prune is None and rate != 0:
+        raise EdgeqError(f"pruning rate {rate:g} is not carried by this model (it carries only 0)")
+    embd = ir.tensors["token_embd"]
+    xs = []
+    for seq in sequences:
+        ids = check_tokens(seq, hp.vocab_size, 0, max(len(seq), 1))
+        xs.append(np.stack([np.asarray(embd[int(t):int(t) + 1], dtype=np.float32)[0] for t in ids]).astype(dtype))
+    inv_freq = rope_inv_freq(hp.head_dim, hp.rope_theta)
+    half = hp.head_dim // 2
+    for li in range(hp.num_layers):
+        L = _Layer(ir, li, dtype, store=store)
+        for si, x in enumerate(xs):
+            T = x.shape[0]
+            kc = np.zeros((T, hp.num_kv_heads, 2, half), dtype=dtype)
+            vc = np.zeros((T, hp.num_kv_heads, hp.head_dim), dtype=dtype)
+            xs[si] = layer_forward(hp, L, x, 0, widths[li], kc, vc, inv_freq, dtype)
+        del L
+        if progress is not None:
+            progress(li + 1, hp.num_layers)
+    out_norm = ir.tensors["output_norm"].astype(dtype)
+    hs = [rms_norm(x, out_norm, hp.rms_norm_eps) for x in xs]
+    head = ir.output_weight()
+    logits = [np.empty((h.shape[0], hp.vocab_size), dtype=np.float32) for h in hs]
+    for r0 in range(0, hp.vocab_size, HEAD_CHUNK_ROWS):
+        w_t = np.asarray(head[r0:r0 + HEAD_CHUNK_ROWS], dtype=dtype).T
+        for h, lg in zip(hs, logits):
+            lg[:, r0:r0 + w_t.shape[1]] = (h @ w_t).astype(np.float32)
+    return logits

@@ -8,9 +8,10 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.frontend.jsonfile import read_json
-from edgeq.frontend.safetensors_io import checkpoint_files, read_safetensors
+from edgeq.frontend.safetensors_io import checkpoint_files, lazy_safetensors
 from edgeq.frontend.tokenizer import load_tokenizer_spec
 from edgeq.hashing import sha256_file
+from edgeq.lazy import is_lazy
 from edgeq.ir import HF_MODULE_ROLE, Arch, HParams, Linear, ModelIR, linear_name
 
 SUPPORTED = {"llama": Arch.LLAMA, "qwen2": Arch.QWEN2}
@@ -65,7 +66,7 @@ def load_hf(model_dir: str | Path) -> ModelIR:
     files = checkpoint_files(model_dir)
     raw: dict[str, np.ndarray] = {}
     for f in files:
-        raw.update(read_safetensors(f))
+        raw.update(lazy_safetensors(f))
     weights: dict[str, np.ndarray] = {}
     biases: dict[str, np.ndarray] = {}
     tensors: dict[str, np.ndarray] = {}
@@ -95,7 +96,8 @@ def load_hf(model_dir: str | Path) -> ModelIR:
         layer, role_s = name.split(".")[1:]
         role = next(r for r in HF_MODULE_ROLE.values() if r.value == role_s)
         linears[name] = Linear(name=name, role=role, layer=int(layer),
-                               weight=np.ascontiguousarray(w, dtype=np.float32), bias=biases.get(name))
+                               weight=w if is_lazy(w) else np.ascontiguousarray(w, dtype=np.float32),
+                               bias=biases.get(name))
     tokenizer = load_tokenizer_spec(model_dir, hp.arch.value)
     source = {
         "kind": "hf",

@@ -89,6 +89,39 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
+def lazy_safetensors(path: str | Path) -> dict[str, "np.ndarray | LazyTensor"]:
+    """Every tensor of a (validated) file without reading its data: floating tensors of two or
+    more dimensions become :class:`~edgeq.lazy.LazyTensor` (float32 on use, read from the memory
+    map), the rest (norms, biases, integer tensors) are read now exactly as :func:`read_safetensors`
+    would return them."""
+    from edgeq.lazy import LazyTensor
+
+    header, offset = read_header(path)
+    out: dict = {}
+    small = []
+    for name in sorted(header):
+        info = header[name]
+        if info["dtype"] in ("F32", "F16", "BF16", "F64") and len(info["shape"]) >= 2:
+            out[name] = LazyTensor(path, offset + info["data_offsets"][0], info["dtype"], tuple(info["shape"]))
+        else:
+            small.append(name)
+    if small:
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        for name in small:
+            info = header[name]
+            start, end = info["data_offsets"]
+            arr = np.asarray(mm[offset + start: offset + end]).view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+            if info["dtype"] == "BF16":
+                arr = (arr.astype(np.uint32) << 16).view(np.float32)
+            elif arr.dtype.kind == "f":
+                arr = arr.astype(np.float32)
+            else:
+                arr = arr.copy()
+            out[name] = arr
+        del mm
+    return out
+
+
 def read_safetensors_aligned(path: str | Path, align: int = 64) -> dict[str, np.ndarray]:
     """Load every tensor as stored (no dtype conversion) into its own ``align``-byte aligned,
     writable buffer, read straight from the file (one copy, no transient second one) — for

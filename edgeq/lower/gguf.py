@@ -532,20 +532,80 @@ def fixed_overhead_bytes(ir: ModelIR) -> int:
         os.unlink(tmp)
 
 
-def write_tensors(w, names: list[str], types: Mapping[str, QType], array_of, label: str,
+# Rows encoded per chunk when a 2-D tensor is streamed (~16M values: 64 MB of float32 + the
+# quantizer's temporaries), so a vocabulary-sized matrix never sits in memory in float32.
+STREAM_CHUNK_VALUES = 1 << 24
+
+
+def _encoded_nbytes(shape: tuple[int, ...], qt: QType) -> int:
+    info = FORMATS[qt]
+    n = int(np.prod(shape, dtype=np.int64))
+    return n // info.block_size * info.type_size
+
+
+def _tensor_info_args(shape: tuple[int, ...], qt: QType):
+    """(shape, dtype, raw_dtype) as ``GGUFWriter.add_tensor`` would record them for the encoded tensor."""
+    gguf = _gguf()
+    if qt == QType.F32:
+        return shape, np.dtype(np.float32), None
+    if qt == QType.F16:
+        return shape, np.dtype(np.float16), None
+    info = FORMATS[qt]
+    return (*shape[:-1], shape[-1] // info.block_size * info.type_size), np.dtype(np.uint8), \
+        gguf.GGMLQuantizationType[qt.value]
+
+
+def _encoded_chunks(arr, qt: QType):
+    """Yield the encoded bytes of ``arr`` (an array, a lazy tensor or ``_Raw``) in row chunks.
+
+    GGML formats encode each row on its own, so chunked encoding gives exactly the bytes of a
+    whole-tensor encode (tested); a lazy tensor is read chunk by chunk from its file."""
+    if isinstance(arr, _Raw) or getattr(arr, "ndim", 1) < 2:
+        yield _encode(arr, qt)[0]
+        return
+    rows = arr.shape[0]
+    step = max(1, STREAM_CHUNK_VALUES // max(1, int(np.prod(arr.shape[1:], dtype=np.int64))))
+    if step >= rows:
+        yield _encode(arr, qt)[0]
+        return
+    for r0 in range(0, rows, step):
+        yield _encode(np.asarray(arr[r0:r0 + step], dtype=np.float32), qt)[0]
+
+
+def write_tensors(w, shapes: Mapping[str, tuple[int, ...]], types: Mapping[str, QType], array_of, label: str,
                   progress: bool) -> None:
-    """Encode and add each IR-named tensor (``array_of(name)`` gives its float32 data), then
-    write header, metadata and tensors."""
+    """Write header, metadata, tensor index, then each IR-named tensor (``array_of(name)`` gives
+    its float32 data, lazily or as ``_Raw`` bytes) streamed: encoded and written one tensor (one
+    row chunk of a large tensor) at a time, so memory is bounded by a chunk, not by the model.
+
+    ``shapes``: IR name -> numpy shape, in file order. The bytes are those of gguf-py's in-memory
+    ``add_tensor`` + ``write_tensors_to_file`` (same index, alignment and padding)."""
+    for name, shape in shapes.items():
+        shape = tuple(int(s) for s in shape)
+        qt = types.get(name, QType.F32)
+        tshape, dtype, raw = _tensor_info_args(shape, qt)
+        w.add_tensor_info(gguf_tensor_name(name), tshape, dtype, _encoded_nbytes(shape, qt), raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    fout = w.fout[0] if isinstance(w.fout, list) else w.fout
+    w.write_padding(fout, fout.tell())
+    names = list(shapes)
     if progress:
         from tqdm import tqdm
 
         names = tqdm(names, desc=f"quantizing {label}", unit="tensor", leave=False)
     for name in names:
-        data, raw = _encode(array_of(name), types.get(name, QType.F32))
-        w.add_tensor(gguf_tensor_name(name), data, raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+        qt = types.get(name, QType.F32)
+        expected = _encoded_nbytes(tuple(shapes[name]), qt)
+        written = 0
+        for chunk in _encoded_chunks(array_of(name), qt):
+            chunk.tofile(fout)
+            written += chunk.nbytes
+        if written != expected:
+            raise EdgeqError(f"GGUF: {name}: wrote {written} bytes, expected {expected} for "
+                             f"{tuple(shapes[name])} {qt.value}")
+        w.write_padding(fout, written)
 
 
 def write_gguf(ir: ModelIR, path: str | Path, types: Mapping[str, QType | str], *,
@@ -590,7 +650,7 @@ def write_gguf(ir: ModelIR, path: str | Path, types: Mapping[str, QType | str], 
         w = gguf.GGUFWriter(str(tmp), arch)
         try:
             write_model_header(w, ir, base, extra_kv)
-            write_tensors(w, list(shapes), types, array_of, Path(path).name, progress)
+            write_tensors(w, shapes, types, array_of, Path(path).name, progress)
         finally:
             w.close()
 

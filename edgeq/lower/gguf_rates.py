@@ -395,7 +395,7 @@ def write_gguf_at_rate(ir: ModelIR, rate: float, path: str | Path, types: TypesF
         w = gguf.GGUFWriter(str(tmp), arch_s)
         try:
             write_model_header(w, base_ir, base_type, kv_extra, ffn=list(ffn) if deci else int(ffn[0]))
-            write_tensors(w, [n for n, _ in order], tplan, array_of, name, progress)
+            write_tensors(w, dict(order), tplan, array_of, name, progress)
         finally:
             w.close()
 
