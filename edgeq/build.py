@@ -187,6 +187,15 @@ def compress(ir: ModelIR, opts: BuildOptions, target: TargetProfile, log: Callab
 
 
 def build(opts: BuildOptions, log: Callable[[str], None] = _log) -> BuildResult:
+    """Run the pipeline with what passes produce parked on disk (``edgeq.spill``) next to the
+    output, so memory holds about a layer at a time; the spill directory is removed at the end."""
+    from edgeq.spill import spilling
+
+    with spilling(Path(opts.out).resolve().parent):
+        return _build(opts, log)
+
+
+def _build(opts: BuildOptions, log: Callable[[str], None]) -> BuildResult:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     target = load_target(opts.target)

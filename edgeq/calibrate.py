@@ -54,6 +54,7 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.ir import ModelIR, Role, TokenizerSpec
+from edgeq.spill import spill_array
 
 ALPACA_FILE = Path("alpaca") / "alpaca_small.json"
 FORMATS = ("alpaca", "chat")
@@ -230,60 +231,68 @@ def _stats_forward(sess, ids: np.ndarray, accs: list[_Accumulator]) -> np.ndarra
     Same weights, layout and helpers as :meth:`ReferenceSession._forward` at rate 0, with the
     attention written as batched matmuls (no KV cache: one sequence, positions 0..T-1).
     Returns the final normed hidden states (for self-checks)."""
-    from runtimes.reference import rms_norm, silu
+    from runtimes.reference import rms_norm
 
-    hp = sess.hp
+    x = sess.embd[ids]
+    for L, acc in zip(sess.layers, accs):
+        x = _stats_layer(sess.hp, L, x, acc, sess.inv_freq)
+    return rms_norm(x, sess.out_norm, sess.hp.rms_norm_eps)
+
+
+def _stats_layer(hp, L, x: np.ndarray, acc: _Accumulator, inv_freq: np.ndarray) -> np.ndarray:
+    """One layer (a reference-runtime ``_Layer``, float32) on one sequence's residual stream ``x``
+    (T, hidden), adding to ``acc``; returns the layer's output stream."""
+    from runtimes.reference import apply_rope, cos_sin, o_proj, rms_norm, silu
+
     H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
-    half, G, T = D // 2, H // KV, ids.size
+    half, G, T = D // 2, H // KV, x.shape[0]
     f32 = np.float32
     pos = np.arange(T)
     scale = f32(1.0 / np.sqrt(D))
     mask = np.triu(np.full((T, T), -np.inf, dtype=f32), k=1)
-    x = sess.embd[ids]
-    for L, acc in zip(sess.layers, accs):
-        x_in_last = x[-1].astype(np.float64)
-        h = rms_norm(x, L.attn_norm, hp.rms_norm_eps)
-        acc.xx += h.T @ h
-        cos, sin = sess._cos_sin(L, pos, half)  # (T, KV, half)
-        q = L._lin(h, L.wq, L.bq, L.wq.shape[0], L.lr[Role.Q], {}).reshape(T, half, 2, H)
-        k = L._lin(h, L.wk, L.bk, L.wk.shape[0], L.lr[Role.K], {}).reshape(T, half, 2, KV)
-        v = L._lin(h, L.wv, L.bv, L.wv.shape[0], L.lr[Role.V], {}).reshape(T, D, KV)
-        acc.q += _head_major(np.square(q).sum(axis=0, dtype=np.float64), H, half)
-        acc.k += _head_major(np.square(k).sum(axis=0, dtype=np.float64), KV, half)
-        q = sess._rope(q.transpose(0, 3, 2, 1), np.repeat(cos, G, axis=1), np.repeat(sin, G, axis=1))
-        k = sess._rope(k.transpose(0, 3, 2, 1), cos, sin)  # (T, KV, 2, half)
-        # plain 3-d batched matmuls (a broadcast 4-d matmul is several times slower in numpy)
-        qg = np.ascontiguousarray(q.reshape(T, KV, G, D).transpose(1, 2, 0, 3)).reshape(KV, G * T, D)
-        kg = np.ascontiguousarray(k.reshape(T, KV, D).transpose(1, 2, 0))  # (KV, D, T)
-        att = (qg @ kg).reshape(KV, G, T, T)
-        att *= scale
-        att += mask
-        att -= att.max(axis=-1, keepdims=True)
-        np.exp(att, out=att)
-        att /= att.sum(axis=-1, keepdims=True)
-        o = att.reshape(KV, G * T, T) @ np.ascontiguousarray(v.transpose(2, 0, 1))  # (KV, G*T, D)
-        o = o.reshape(KV, G, T, D).transpose(2, 3, 0, 1).reshape(T, D * H)  # rows (component, head = kv*G + g)
-        oo = o.T @ o  # runtime column order L.o_cols -> IR order (head, component)
-        acc.oo[np.ix_(L.o_cols, L.o_cols)] += oo
-        x = x + sess._o_proj(L, o, D * H)
-        h = rms_norm(x, L.ffn_norm, hp.rms_norm_eps)
-        acc.ff += h.T @ h
-        g = L._lin(h, L.wg, L.bg, L.wg.shape[0], L.lr[Role.GATE], {})
-        u = L._lin(h, L.wu, L.bu, L.wu.shape[0], L.lr[Role.UP], {})
-        z = silu(g) * u
-        acc.zz += z.T @ z  # float32 product of one sequence (syrk), summed in float64
-        y = z @ L.wd_t
-        if L.bd is not None:
-            y = y + L.bd
-        if L.lr[Role.DOWN].items:
-            y = L.lr[Role.DOWN].add(y, z)
-        x = x + y
-        x_out_last = x[-1].astype(np.float64)
-        denom = np.linalg.norm(x_in_last) * np.linalg.norm(x_out_last)
-        acc.angular += 1.0 - (float(x_in_last @ x_out_last) / denom if denom > 0 else 1.0)
-        acc.n_tokens += T
-        acc.n_seqs += 1
-    return rms_norm(x, sess.out_norm, hp.rms_norm_eps)
+    x_in_last = x[-1].astype(np.float64)
+    h = rms_norm(x, L.attn_norm, hp.rms_norm_eps)
+    acc.xx += h.T @ h
+    cos, sin = cos_sin(inv_freq, L, pos, half, f32)  # (T, KV, half)
+    q = L._lin(h, L.wq, L.bq, L.wq.shape[0], L.lr[Role.Q], {}).reshape(T, half, 2, H)
+    k = L._lin(h, L.wk, L.bk, L.wk.shape[0], L.lr[Role.K], {}).reshape(T, half, 2, KV)
+    v = L._lin(h, L.wv, L.bv, L.wv.shape[0], L.lr[Role.V], {}).reshape(T, D, KV)
+    acc.q += _head_major(np.square(q).sum(axis=0, dtype=np.float64), H, half)
+    acc.k += _head_major(np.square(k).sum(axis=0, dtype=np.float64), KV, half)
+    q = apply_rope(q.transpose(0, 3, 2, 1), np.repeat(cos, G, axis=1), np.repeat(sin, G, axis=1))
+    k = apply_rope(k.transpose(0, 3, 2, 1), cos, sin)  # (T, KV, 2, half)
+    # plain 3-d batched matmuls (a broadcast 4-d matmul is several times slower in numpy)
+    qg = np.ascontiguousarray(q.reshape(T, KV, G, D).transpose(1, 2, 0, 3)).reshape(KV, G * T, D)
+    kg = np.ascontiguousarray(k.reshape(T, KV, D).transpose(1, 2, 0))  # (KV, D, T)
+    att = (qg @ kg).reshape(KV, G, T, T)
+    att *= scale
+    att += mask
+    att -= att.max(axis=-1, keepdims=True)
+    np.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    o = att.reshape(KV, G * T, T) @ np.ascontiguousarray(v.transpose(2, 0, 1))  # (KV, G*T, D)
+    o = o.reshape(KV, G, T, D).transpose(2, 3, 0, 1).reshape(T, D * H)  # rows (component, head = kv*G + g)
+    oo = o.T @ o  # runtime column order L.o_cols -> IR order (head, component)
+    acc.oo[np.ix_(L.o_cols, L.o_cols)] += oo
+    x = x + o_proj(L, o, D * H)
+    h = rms_norm(x, L.ffn_norm, hp.rms_norm_eps)
+    acc.ff += h.T @ h
+    g = L._lin(h, L.wg, L.bg, L.wg.shape[0], L.lr[Role.GATE], {})
+    u = L._lin(h, L.wu, L.bu, L.wu.shape[0], L.lr[Role.UP], {})
+    z = silu(g) * u
+    acc.zz += z.T @ z  # float32 product of one sequence (syrk), summed in float64
+    y = z @ L.wd_t
+    if L.bd is not None:
+        y = y + L.bd
+    if L.lr[Role.DOWN].items:
+        y = L.lr[Role.DOWN].add(y, z)
+    x = x + y
+    x_out_last = x[-1].astype(np.float64)
+    denom = np.linalg.norm(x_in_last) * np.linalg.norm(x_out_last)
+    acc.angular += 1.0 - (float(x_in_last @ x_out_last) / denom if denom > 0 else 1.0)
+    acc.n_tokens += T
+    acc.n_seqs += 1
+    return x
 
 
 def _stats_session(ir: ModelIR):
@@ -303,22 +312,47 @@ def calibrate(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = 
     if len(lengths) != 1 or 0 in lengths:
         raise EdgeqError(f"calibration sequences must be non-empty and of equal length (no padding), "
                          f"got lengths {sorted(lengths)[:5]}")
+    ir.validate()
     hp = ir.hparams
-    sess = _stats_session(ir)
-    accs = [_Accumulator(hp.intermediate_size, hp.hidden_size, hp.num_heads, hp.num_kv_heads, hp.head_dim)
-            for _ in range(hp.num_layers)]
-    it = sequences
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(sequences, desc="calibrating", unit="seq", leave=False)
-    for seq in it:
+    ids_all = []
+    for seq in sequences:
         ids = np.asarray(seq, dtype=np.int64)
         if ids.min() < 0 or ids.max() >= hp.vocab_size:
             raise EdgeqError(f"calibration token id out of range [0, {hp.vocab_size})")
-        _stats_forward(sess, ids, accs)
+        ids_all.append(ids)
+    # Layer by layer: the residual streams of all sequences (n x T x hidden float32) move from
+    # layer to layer; one layer's weights and accumulators are in memory at a time, and each
+    # layer's statistics are parked on disk inside ``edgeq.spill.spilling``. Every sequence sees
+    # exactly the ops of a whole-model forward, and each accumulator sums the sequences in order,
+    # so the statistics equal a sequence-by-sequence pass bit for bit.
+    from runtimes.reference import _Layer, rope_inv_freq
+
+    embd = ir.tensors["token_embd"]
+    xs = [np.stack([np.asarray(embd[int(t):int(t) + 1], dtype=np.float32)[0] for t in ids]) for ids in ids_all]
+    inv_freq = rope_inv_freq(hp.head_dim, hp.rope_theta)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=hp.num_layers * len(xs), desc="calibrating", unit="seq", leave=False)
+    layers = []
+    for li in range(hp.num_layers):
+        L = _Layer(ir, li, np.float32)
+        acc = _Accumulator(hp.intermediate_size, hp.hidden_size, hp.num_heads, hp.num_kv_heads, hp.head_dim)
+        for si in range(len(xs)):
+            xs[si] = _stats_layer(hp, L, xs[si], acc, inv_freq)
+            if bar is not None:
+                bar.update(1)
+        del L
+        res = acc.result()
+        del acc
+        for name in _LAYER_FIELDS:
+            setattr(res, name, spill_array(getattr(res, name)))
+        layers.append(res)
+    if bar is not None:
+        bar.close()
     src = {"model": str(ir.source.get("path", "")), "history": [r.name for r in ir.history],
            "n_tokens": len(sequences) * lengths.pop()}
     src.update(dict(source or {}))
-    return CalibStats(layers=tuple(a.result() for a in accs), n_samples=len(sequences),
+    return CalibStats(layers=tuple(layers), n_samples=len(sequences),
                       seq_len=len(sequences[0]), source=src)

@@ -17,6 +17,7 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.ir import Linear, ModelIR, PassRecord
+from edgeq.spill import spill
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgeq.calibrate import CalibStats
@@ -85,7 +86,8 @@ def record(ir: ModelIR, name: str, config: Any, stats: "CalibStats | None", **ex
 
 
 def _f(a: np.ndarray, fn) -> np.ndarray:
-    return np.ascontiguousarray(fn(a.astype(np.float64)), dtype=a.dtype)
+    """``fn`` applied in float64, back in ``a``'s dtype (parked on disk inside ``edgeq.spill.spilling``)."""
+    return spill(np.ascontiguousarray(fn(a.astype(np.float64)), dtype=a.dtype))
 
 
 def map_out(lin: Linear, fn: Callable[[np.ndarray], np.ndarray]) -> Linear:
