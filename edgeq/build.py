@@ -206,6 +206,11 @@ def _build(opts: BuildOptions, log: Callable[[str], None]) -> BuildResult:
     t = time.perf_counter()
     ir = prepare_ir(opts, log)
     timings["load"] = time.perf_counter() - t
+    from edgeq.memory import check_build
+
+    check_build(ir.hparams, log=log, fmt=opts.format, prunes=opts.prunes, planned=opts.planned,
+                recover=opts.recover, goldens=opts.record_goldens, calib_samples=opts.calib_samples,
+                calib_len=opts.calib_len, probe_samples=opts.probe_samples)
     if opts.prunes:
         ir = compress(ir, opts, target, log, timings)
     plan = None

@@ -1,0 +1,122 @@
+"""Memory budget: what each build step needs, checked before the build starts.
+
+Running out of memory is an error, not a kill: :func:`check_build` estimates the peak of every
+step a build will run (from the model's shapes and the options), compares it with what this
+process may use — the smaller of ``MemAvailable`` and the cgroup's remaining ``memory.max``, or
+``$EDGEQ_MEMORY_LIMIT`` (e.g. ``4G``) when set — and refuses with one line naming the step, what it
+needs, what is available and which option lowers it.
+
+The estimates follow the code: streamed steps (GGUF writing, goldens, calibration, the UniQL
+sorts) hold one layer; the steps that still hold the whole model (the planner's KL probe and the
+recovery fine-tune run a torch forward of every layer; the packed bytes of a GPTQ-quantized model)
+are counted at the model's size. They are upper-side estimates (measured peaks are in
+docs/benchmarks.md); memory-mapped weight files are not counted (the kernel can drop those pages).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeq.errors import EdgeqError
+from edgeq.ir import HParams
+
+BASE_BYTES = 600 << 20  # the interpreter, numpy, tokenizers, llama.cpp / onnxruntime / tvm libraries
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    bytes: int
+    hint: str
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)i?[bB]?\s*", text)
+    if not m:
+        raise EdgeqError(f"EDGEQ_MEMORY_LIMIT: expected a size such as 4G or 512M, got {text!r}")
+    return int(float(m.group(1)) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()])
+
+
+def _cgroup_room() -> int | None:
+    try:
+        cg = Path("/proc/self/cgroup").read_text().strip().splitlines()[-1].split(":", 2)[2]
+        base = Path("/sys/fs/cgroup") / cg.lstrip("/")
+        limit = (base / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return int(limit) - int((base / "memory.current").read_text().strip())
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def available_bytes() -> int:
+    env = os.environ.get("EDGEQ_MEMORY_LIMIT")
+    if env:
+        return parse_size(env)
+    import psutil
+
+    avail = int(psutil.virtual_memory().available)
+    room = _cgroup_room()
+    return min(avail, room) if room is not None else avail
+
+
+def _layer_params(hp: HParams) -> int:
+    q, kv = hp.num_heads * hp.head_dim, hp.num_kv_heads * hp.head_dim
+    return hp.hidden_size * (2 * q + 2 * kv) + 3 * hp.hidden_size * hp.intermediate_size
+
+
+def model_params(hp: HParams) -> int:
+    embd = hp.vocab_size * hp.hidden_size * (1 if hp.tie_word_embeddings else 2)
+    return hp.num_layers * _layer_params(hp) + embd
+
+
+def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: bool, goldens: bool,
+                calib_samples: int, calib_len: int, probe_samples: int = 4) -> list[Step]:
+    """The steps a build runs, each with its estimated peak (bytes, BASE_BYTES included)."""
+    h, f, H, KV, D = hp.hidden_size, hp.intermediate_size, hp.num_heads, hp.num_kv_heads, hp.head_dim
+    layer = 4 * _layer_params(hp)  # one layer's weights in float32
+    largest = 4 * max(f * h, H * D * h)  # largest block linear in float32
+    n_params = model_params(hp)
+    steps: list[Step] = []
+    if prunes or planned:
+        n, T = calib_samples, calib_len
+        acc = 8 * (f * f + 2 * h * h + (H * D) ** 2)
+        acts = 4 * (n * T * h + T * (3 * f + 6 * h + 2 * H * D) + 2 * H * T * T)
+        steps.append(Step("calibration", BASE_BYTES + layer + 2 * acc + acts,
+                          "lower --calib-samples / --calib-len"))
+    if prunes:
+        steps.append(Step("UniQL sorting", BASE_BYTES + 5 * 8 * f * f + 3 * 2 * largest,
+                          "the MLP sort's eigendecomposition is ffn x ffn float64 per layer"))
+        if recover:
+            steps.append(Step("recovery fine-tune", BASE_BYTES + 3 * 4 * n_params,
+                              "drop --recover (the fine-tune holds the whole model in float32)"))
+    if planned:
+        probe = 4 * n_params + 4 * hp.num_layers * probe_samples * 128 * h + 2 * 8 * probe_samples * 128 * hp.vocab_size
+        steps.append(Step("planning (KL sensitivity probe)", BASE_BYTES + probe,
+                          "give --bits or --qtype (one type per tensor, streamed) instead of a planned build"))
+        steps.append(Step("GPTQ quantization", BASE_BYTES + n_params + 6 * largest + 2 * 8 * f * f,
+                          "give --bits or --qtype instead of a planned build"))
+    lower = {"gguf": 8 * 4 * (1 << 24) + 3 * largest}.get(fmt, 3 * 4 * n_params)  # onnx/tvm/reference: whole model
+    steps.append(Step(f"{fmt} lowering", BASE_BYTES + lower,
+                      "choose --format gguf (streamed) for a model this size"))
+    if goldens:
+        steps.append(Step("recording goldens", BASE_BYTES + layer + 2 * 2 * largest + 2 * 8 * 8192 * h,
+                          "the reference runs layer by layer; nothing lowers this but a machine with more memory"))
+    return steps
+
+
+def check_build(hp: HParams, log=None, **kw) -> list[Step]:
+    """Refuse (EdgeqError) before the build when a step would not fit; returns the steps."""
+    steps = build_steps(hp, **kw)
+    avail = available_bytes()
+    for s in steps:
+        if s.bytes > avail:
+            raise EdgeqError(f"{s.name} needs about {s.bytes / GB:.1f} GB of memory and {avail / GB:.1f} GB is "
+                             f"available (estimated for {model_params(hp) / 1e9:.2f} B parameters); {s.hint}")
+    if log is not None:
+        peak = max(steps, key=lambda s: s.bytes)
+        log(f"memory: peak step {peak.name} ~{peak.bytes / GB:.1f} GB of {avail / GB:.1f} GB available")
+    return steps

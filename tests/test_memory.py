@@ -1,0 +1,115 @@
+"""edgeq.memory: a build that would not fit is refused before it starts, with one error line;
+and peak memory of a streamed build grows with the largest layer, not with the depth."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeq import memory
+from edgeq.cli import main
+from edgeq.frontend.hf import hparams_from_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_parse_size():
+    assert memory.parse_size("4G") == 4 << 30
+    assert memory.parse_size("512M") == 512 << 20
+    assert memory.parse_size("1.5GiB") == int(1.5 * (1 << 30))
+    with pytest.raises(Exception, match="EDGEQ_MEMORY_LIMIT"):
+        memory.parse_size("lots")
+
+
+def test_estimates_follow_the_shapes():
+    cfg = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8}
+    hp = hparams_from_config(cfg, Path("x"))
+    assert memory.model_params(hp) == pytest.approx(8.03e9, rel=0.01)  # Llama-3.1-8B
+    kw = dict(fmt="gguf", prunes=False, planned=False, recover=False, goldens=True, calib_samples=64, calib_len=256)
+    streamed = max(s.bytes for s in memory.build_steps(hp, **kw))
+    assert streamed < 3e9  # layer-bounded: the --bits build of an 8B model
+    deep = hparams_from_config({**cfg, "num_hidden_layers": 64}, Path("x"))
+    assert max(s.bytes for s in memory.build_steps(deep, **kw)) == streamed  # depth does not count
+    planned = {s.name: s.bytes for s in memory.build_steps(hp, **{**kw, "planned": True})}
+    assert planned["planning (KL sensitivity probe)"] > 4 * 8e9  # still whole-model: said, not hidden
+
+
+def test_refused_before_the_build_with_one_line(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEQ_MEMORY_LIMIT", "300M")
+    r = CliRunner().invoke(main, ["build", str(tiny_llama), "--bits", "4", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1
+    lines = [l for l in r.output.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "needs about" in lines[0] and "available" in lines[0], r.output
+    assert not (tmp_path / "out").exists()
+
+
+_PEAK = r'''
+import sys
+from pathlib import Path
+from edgeq.build import BuildOptions, build
+from edgeq.frontend import load_model
+from runtimes.reference import streamed_logits
+model, out, what = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+if what == "build":  # load, plan types, stream the GGUF (goldens measured on their own below)
+    build(BuildOptions(model=model, out=out, bits=4, force=True, record_goldens=False), log=lambda m: None)
+else:  # the goldens' reference: float64 arithmetic, layer by layer
+    streamed_logits(load_model(model), [list(range(1, 33))] * 3)
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM"):
+        print(int(line.split()[1]) * 1024)
+'''
+
+
+def _checkpoint(root: Path, tiny_llama: Path, layers: int) -> Path:
+    """A random Llama with 512-wide layers (ffn 2048) and ``layers`` layers, float32, the tiny
+    model's tokenizer."""
+    from safetensors.numpy import save_file
+
+    out = root / f"wide-{layers}"
+    if out.exists():
+        return out
+    out.mkdir()
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    h, f, H, KV, D = 512, 2048, 8, 4, 64
+    cfg.update(hidden_size=h, intermediate_size=f, num_hidden_layers=layers, num_attention_heads=H,
+               num_key_value_heads=KV, head_dim=D, tie_word_embeddings=True)
+    (out / "config.json").write_text(json.dumps(cfg))
+    for p in tiny_llama.iterdir():
+        if p.name.startswith("tokenizer") or p.name == "special_tokens_map.json":
+            (out / p.name).write_bytes(p.read_bytes())
+    rng = np.random.default_rng(0)
+    V = cfg["vocab_size"]
+    t = {"model.embed_tokens.weight": rng.standard_normal((V, h)).astype(np.float32) * 0.02,
+         "model.norm.weight": np.ones(h, np.float32)}
+    shapes = {"self_attn.q_proj": (H * D, h), "self_attn.k_proj": (KV * D, h), "self_attn.v_proj": (KV * D, h),
+              "self_attn.o_proj": (h, H * D), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
+    for i in range(layers):
+        for k, s in shapes.items():
+            t[f"model.layers.{i}.{k}.weight"] = (rng.standard_normal(s) * 0.02).astype(np.float32)
+        t[f"model.layers.{i}.input_layernorm.weight"] = np.ones(h, np.float32)
+        t[f"model.layers.{i}.post_attention_layernorm.weight"] = np.ones(h, np.float32)
+    save_file(t, str(out / "model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("what", ["build", "goldens"])
+def test_peak_memory_grows_with_the_layer_not_the_depth(tiny_llama, tmp_path, what):
+    """A 12-layer model's peak is within two layers of a 2-layer one's (10 more layers = 157 MB of
+    float32 weights, 315 MB as the float64 reference once held). Running the artifact itself in
+    llama.cpp (the artifact half of the goldens) costs what llama.cpp costs: its mapped file plus
+    its CPU repack of Q4_0 weights, about twice the file (docs/benchmarks.md)."""
+    peaks = {}
+    for layers in (2, 12):
+        ckpt = _checkpoint(tmp_path, tiny_llama, layers)
+        r = subprocess.run([sys.executable, "-c", _PEAK, str(ckpt), str(tmp_path / f"out-{layers}"), what],
+                           capture_output=True, text=True, cwd=REPO, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        peaks[layers] = int(r.stdout.split()[-1])
+    layer_f32 = 4 * (512 * (2 * 512 + 2 * 256) + 3 * 512 * 2048)  # 15.7 MB
+    assert peaks[12] - peaks[2] < 2 * layer_f32, peaks
