@@ -325,17 +325,25 @@ def plan_for(ir: ModelIR, opts: BuildOptions, target: TargetProfile, log: Callab
     budget = planner_budget(ir, opts, target)
     types = target.plan_types("gguf")
     probe = None
-    try:
-        from edgeq.quant.sensitivity import KLProbe
+    from edgeq.memory import available_bytes, probe_bytes
 
-        n = max(1, min(opts.probe_samples, len(seqs)))
-        probe = KLProbe(ir, [s[:min(len(s), 128)] for s in seqs[-n:]], threads=None)
-    except EdgeqError as exc:  # torch missing: fall back to unweighted output errors
-        log(f"warning: no KL sensitivity probe ({exc}); the planner weighs raw layer output errors")
+    need, avail = probe_bytes(ir.hparams, opts.probe_samples), available_bytes()
+    if need > avail:  # the probe runs the whole model in torch: too big here, weigh layer errors instead
+        log(f"warning: the KL sensitivity probe would need ~{need / 1e9:.1f} GB ({avail / 1e9:.1f} GB available); "
+            "the planner weighs each tensor's layer output error instead")
+    else:
+        try:
+            from edgeq.quant.sensitivity import KLProbe
+
+            n = max(1, min(opts.probe_samples, len(seqs)))
+            probe = KLProbe(ir, [s[:min(len(s), 128)] for s in seqs[-n:]], threads=None)
+        except EdgeqError as exc:  # torch missing: fall back to unweighted output errors
+            log(f"warning: no KL sensitivity probe ({exc}); the planner weighs raw layer output errors")
     log(f"planning: {len(types)} types x ranks {list(target.plan_ranks)} for a {budget / 1e6:.2f} MB weight budget")
     plan = make_plan(ir, stats, target.name, types, target.plan_ranks, budget, probe=probe,
                      model=str(ir.source.get("name") or Path(str(ir.source.get("path", ""))).name))
     plan.summary["bpw"] = round(budget * 8 / n_weights(ir), 4)
+    plan.summary["sensitivity"] = "kl-probe" if probe is not None else "layer-output-error"
     timings["plan"] = time.perf_counter() - t
     return plan, stats
 

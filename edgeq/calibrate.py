@@ -214,9 +214,11 @@ class _Accumulator:
 
     def result(self) -> LayerStats:
         n = max(self.n_tokens, 1)
-        return LayerStats(mlp_zz=self.zz / n, attn_xx=self.xx / n, q_diag=self.q / n, k_diag=self.k / n,
+        for a in (self.zz, self.xx, self.q, self.k, self.oo, self.ff):  # in place: no second copy
+            a /= n
+        return LayerStats(mlp_zz=self.zz, attn_xx=self.xx, q_diag=self.q, k_diag=self.k,
                           angular=self.angular / max(self.n_seqs, 1), n_tokens=self.n_tokens,
-                          o_xx=self.oo / n, ffn_xx=self.ff / n)
+                          o_xx=self.oo, ffn_xx=self.ff)
 
 
 def _head_major(a: np.ndarray, n_heads: int, half: int) -> np.ndarray:

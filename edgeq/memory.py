@@ -8,8 +8,8 @@ needs, what is available and which option lowers it.
 
 The estimates follow the code: streamed steps (GGUF writing, goldens, calibration, the UniQL
 sorts) hold one layer; the steps that still hold the whole model (the planner's KL probe and the
-recovery fine-tune run a torch forward of every layer; the packed bytes of a GPTQ-quantized model)
-are counted at the model's size. They are upper-side estimates (measured peaks are in
+recovery fine-tune run a torch forward of every layer) are counted at the model's size; the
+planner leaves its probe out where it does not fit. They are upper-side estimates (measured peaks are in
 docs/benchmarks.md); memory-mapped weight files are not counted (the kernel can drop those pages).
 """
 from __future__ import annotations
@@ -85,19 +85,20 @@ def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: 
         n, T = calib_samples, calib_len
         acc = 8 * (f * f + 2 * h * h + (H * D) ** 2)
         acts = 4 * (n * T * h + T * (3 * f + 6 * h + 2 * H * D) + 2 * H * T * T)
-        steps.append(Step("calibration", BASE_BYTES + layer + 2 * acc + acts,
+        steps.append(Step("calibration", BASE_BYTES + layer + acc + acts,
                           "lower --calib-samples / --calib-len"))
     if prunes:
-        steps.append(Step("UniQL sorting", BASE_BYTES + 5 * 8 * f * f + 3 * 2 * largest,
+        from edgeq.passes.sort_mlp import EIGH_MAX
+
+        steps.append(Step("UniQL sorting", BASE_BYTES + (3 if f > EIGH_MAX else 5) * 8 * f * f + 3 * 2 * largest,
                           "the MLP sort's eigendecomposition is ffn x ffn float64 per layer"))
         if recover:
             steps.append(Step("recovery fine-tune", BASE_BYTES + 3 * 4 * n_params,
                               "drop --recover (the fine-tune holds the whole model in float32)"))
-    if planned:
-        probe = 4 * n_params + 4 * hp.num_layers * probe_samples * 128 * h + 2 * 8 * probe_samples * 128 * hp.vocab_size
-        steps.append(Step("planning (KL sensitivity probe)", BASE_BYTES + probe,
-                          "give --bits or --qtype (one type per tensor, streamed) instead of a planned build"))
-        steps.append(Step("GPTQ quantization", BASE_BYTES + n_params + 6 * largest + 2 * 8 * f * f,
+    if planned:  # the KL probe is used only where it fits (build.plan_for); else layer output errors
+        steps.append(Step("planning (per-tensor measurements)", BASE_BYTES + 8 * largest + 2 * 8 * f * f
+                          + 2 * 4 * 8192 * h, "give --bits or --qtype instead of a planned build"))
+        steps.append(Step("GPTQ quantization", BASE_BYTES + 6 * largest + 3 * 8 * f * f,
                           "give --bits or --qtype instead of a planned build"))
     lower = {"gguf": 8 * 4 * (1 << 24) + 3 * largest}.get(fmt, 3 * 4 * n_params)  # onnx/tvm/reference: whole model
     steps.append(Step(f"{fmt} lowering", BASE_BYTES + lower,
@@ -106,6 +107,14 @@ def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: 
         steps.append(Step("recording goldens", BASE_BYTES + layer + 2 * 2 * largest + 2 * 8 * 8192 * h,
                           "the reference runs layer by layer; nothing lowers this but a machine with more memory"))
     return steps
+
+
+def probe_bytes(hp: HParams, probe_samples: int = 4) -> int:
+    """Peak of the planner's KL sensitivity probe: a torch forward of the whole model in float32,
+    every layer's input cached, reference log-probs in float64."""
+    h = hp.hidden_size
+    return (BASE_BYTES + 4 * model_params(hp) + 4 * hp.num_layers * probe_samples * 128 * h
+            + 3 * 8 * probe_samples * 128 * hp.vocab_size)
 
 
 def check_build(hp: HParams, log=None, **kw) -> list[Step]:

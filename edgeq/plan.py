@@ -328,6 +328,15 @@ def _rtn_table(x: np.ndarray, qtype: str) -> np.ndarray:
     return roundtrip(x, qtype)
 
 
+def _table_mse(x, qtype: str, rows: int = 8192) -> float:
+    """Mean squared round-trip error of a (vocab, hidden) table, computed ``rows`` rows at a time."""
+    total = 0.0
+    for r0 in range(0, x.shape[0], rows):
+        part = np.asarray(x[r0:r0 + rows], dtype=np.float32)
+        total += float(np.square((_rtn_table(part, qtype) - part).astype(np.float64)).sum())
+    return total / (x.shape[0] * x.shape[1])
+
+
 def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[int], quantizer: str = "rtn",
                     damp: float = 0.01, act_order: bool = False, probe=None, ref_type: str | None = None,
                     progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, list[Option]]:
@@ -397,13 +406,12 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
         for t in types:
             if shapes[name][1] % FORMATS[as_qtype(t)].block_size:
                 continue
-            deq = _rtn_table(src, t)
-            if probe is None:
-                kl = float(np.mean((deq - src) ** 2))
+            if probe is None:  # mean squared error, in row chunks (a vocabulary-sized table never whole)
+                kl = _table_mse(src, t)
             elif name == "token_embd":
-                kl = probe.embedding_kl(deq)
+                kl = probe.embedding_kl(_rtn_table(src, t))
             else:
-                kl = probe.output_kl(deq)
+                kl = probe.output_kl(_rtn_table(src, t))
             opts.append(Option(Choice(t, 0), choice_bytes(shapes[name], Choice(t, 0)), max(kl, 0.0)))
         table[name] = opts
     return table

@@ -18,7 +18,7 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.ir import LowRank, ModelIR, Packed, PassRecord
-from edgeq.spill import spill
+from edgeq.spill import spill, spill_array
 
 COMP_SOURCE = "qerr"
 
@@ -80,8 +80,9 @@ def quantize_ir(ir: ModelIR, plan, stats, progress: bool = True, cache: dict | N
                 if cache is not None:
                     cache[ckey] = (a, b)
             low_rank = low_rank + (LowRank(a=a, b=b, scale=1.0, source=COMP_SOURCE),)
-        # the dequantized weight is parked on disk inside edgeq.spill.spilling (the packed bytes stay)
-        linears[name] = dataclasses.replace(lin, weight=spill(deq), low_rank=low_rank, packed=Packed(qt.value, data))
+        # the dequantized weight and the packed bytes are parked on disk inside edgeq.spill.spilling
+        linears[name] = dataclasses.replace(lin, weight=spill(deq), low_rank=low_rank,
+                                            packed=Packed(qt.value, spill_array(data)))
     rec = PassRecord(name="quantize", options={"quantizer": plan.quantizer, "compensation": plan.compensation,
                                                "damp": plan.damp, "act_order": plan.act_order})
     return ir.replace(linears=linears, history=ir.history + (rec,))

@@ -97,3 +97,20 @@ def test_stats_must_fit_and_be_fresh(model):
     L0 = dataclasses.replace(stats.layers[0], mlp_zz=np.zeros((3, 3)))
     with pytest.raises(EdgeqError, match="expected shape"):
         run_pass(ir, SortMLPConfig(), dataclasses.replace(stats, layers=(L0,) + stats.layers[1:]))
+
+
+def test_cholesky_scores_equal_the_eigendecomposition(monkeypatch):
+    """Wide MLPs take the Cholesky form: same scores (to rounding) and the same order as eigh."""
+    from edgeq.passes import sort_mlp as sm
+
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((300, 200)) * rng.uniform(0.1, 3.0, 200)
+    C = X.T @ X / 300
+    C[:, 5] = C[5, :] = 0.0  # a dead channel
+    for lam, rel in ((1.0, False), (0.05, True)):
+        want = sm.mlp_scores(C, lam, rel)
+        monkeypatch.setattr(sm, "EIGH_MAX", 16)
+        got = sm.mlp_scores(C, lam, rel)
+        monkeypatch.setattr(sm, "EIGH_MAX", 4096)
+        np.testing.assert_allclose(got, want, atol=1e-12)
+        np.testing.assert_array_equal(sm.sort_order(got), sm.sort_order(want))
