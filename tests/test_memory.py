@@ -37,7 +37,7 @@ def test_estimates_follow_the_shapes():
     deep = hparams_from_config({**cfg, "num_hidden_layers": 64}, Path("x"))
     assert max(s.bytes for s in memory.build_steps(deep, **kw)) == streamed  # depth does not count
     planned = max(s.bytes for s in memory.build_steps(hp, **{**kw, "planned": True}))
-    assert planned < 6e9  # the probe is left out where it does not fit (build.plan_for) ...
+    assert planned < 8e9  # the probe is left out where it does not fit (build.plan_for) ...
     assert memory.probe_bytes(hp) > 4 * 8e9  # ... because it runs the whole model in float32
 
 
