@@ -6,7 +6,6 @@ Low-rank branches (LoRA kept separate, error compensation) are applied as extra 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -266,9 +265,3 @@ class ReferenceSession(SpecTextMixin, Session):
         x = self._forward([token_id], self._pos)
         self._pos += 1
         return (x[-1] @ self.out_t).astype(np.float32)
-
-    @classmethod
-    def from_path(cls, path: str | Path, **kw) -> "ReferenceSession":
-        from edgeq.frontend import load_model
-
-        return cls(load_model(path), **kw)

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeq.artifact import read_manifest
+from edgeq.artifact import read_manifest, read_tokenizer_spec
 from edgeq.errors import EdgeqError
 from edgeq.hashing import sha256_file
 from edgeq.ir import HParams
@@ -195,9 +195,7 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
     # ---- text --------------------------------------------------------------------------------------
     def _tokenizer_spec(self):
         if self._spec is None and self._tok_file:
-            from edgeq.lower.onnx import read_tokenizer
-
-            self._spec = read_tokenizer(self.root / self._tok_file)
+            self._spec = read_tokenizer_spec(self.root / self._tok_file)
         return self._spec
 
     # ---- compute -----------------------------------------------------------------------------------

@@ -276,3 +276,21 @@ def rtn_int(x: np.ndarray, fmt: IntGroupFormat | str) -> IntGroupTensor:
         raise EdgeqError(f"{fmt.name}: expected K a multiple of {fmt.group}, got {k}")
     p, q = int_codec(fmt).rtn(x.reshape(-1, fmt.group))
     return IntGroupTensor.from_blocks(fmt, (n, k), p, q)
+
+
+def fit_format(fmt: str | IntGroupFormat, k: int) -> IntGroupFormat:
+    """The int-group format for a tensor with ``k`` inputs: the requested group, or the largest
+    of 128/64/32 that divides ``k`` and is not larger (noted in the manifest)."""
+    f = parse_int_format(fmt)
+    for g in (128, 64, 32):
+        if g <= f.group and k % g == 0:
+            return IntGroupFormat(f.bits, g, f.symmetric)
+    raise EdgeqError(f"{f.name}: no group size of 32/64/128 divides the input width {k}")
+
+
+def dequantized(weight: np.ndarray, fmt_name: str | None) -> np.ndarray:
+    """What a lowering computes with for a weight stored as ``fmt_name`` (float32 for None):
+    round to nearest in the format fitted to its input width, then decode."""
+    if fmt_name is None:
+        return weight
+    return rtn_int(weight, fit_format(fmt_name, weight.shape[1])).dequantize()
