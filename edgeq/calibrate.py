@@ -51,9 +51,13 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
+import edgeq
 from edgeq.errors import EdgeqError
 from edgeq.ir import ModelIR, Role, TokenizerSpec
+from runtimes.reference import ReferenceSession, rms_norm, silu
+from runtimes.text import SpecTokenizer, render_chat
 
 ALPACA_FILE = Path("alpaca") / "alpaca_small.json"
 FORMATS = ("alpaca", "chat")
@@ -64,8 +68,6 @@ def default_data_dir() -> Path:
     env = os.environ.get("EDGEQ_DATA")
     if env:
         return Path(env)
-    import edgeq
-
     return Path(edgeq.__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -93,8 +95,6 @@ def format_record(rec: Mapping, fmt: str = "alpaca", spec: TokenizerSpec | None 
         parts.append(f"### Response:\n{out}")
         return "".join(parts)
     if fmt == "chat":
-        from runtimes.text import render_chat
-
         if spec is None:
             raise EdgeqError("the chat format needs the model's tokenizer spec")
         return render_chat(spec, f"{instruction}\n\n{inp}" if inp else instruction) + out
@@ -106,8 +106,6 @@ def alpaca_token_sequences(tokenizer_spec: TokenizerSpec, path: str | Path | Non
     """``n_samples`` token sequences of exactly ``seq_len`` tokens from Alpaca (see module doc).
 
     Deterministic given ``seed`` (record order is ``default_rng(seed).permutation``)."""
-    from runtimes.text import SpecTokenizer
-
     if n_samples < 1 or seq_len < 2:
         raise EdgeqError(f"expected n_samples >= 1 and seq_len >= 2, got {n_samples} and {seq_len}")
     if fmt not in FORMATS:
@@ -230,8 +228,6 @@ def _stats_forward(sess, ids: np.ndarray, accs: list[_Accumulator]) -> np.ndarra
     Same weights, layout and helpers as :meth:`ReferenceSession._forward` at rate 0, with the
     attention written as batched matmuls (no KV cache: one sequence, positions 0..T-1).
     Returns the final normed hidden states (for self-checks)."""
-    from runtimes.reference import rms_norm, silu
-
     hp = sess.hp
     H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
     half, G, T = D // 2, H // KV, ids.size
@@ -287,8 +283,6 @@ def _stats_forward(sess, ids: np.ndarray, accs: list[_Accumulator]) -> np.ndarra
 
 
 def _stats_session(ir: ModelIR):
-    from runtimes.reference import ReferenceSession
-
     return ReferenceSession(ir, n_ctx=1)  # n_ctx: the KV cache is not used here
 
 
@@ -309,8 +303,6 @@ def calibrate(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = 
             for _ in range(hp.num_layers)]
     it = sequences
     if progress:
-        from tqdm import tqdm
-
         it = tqdm(sequences, desc="calibrating", unit="seq", leave=False)
     for seq in it:
         ids = np.asarray(seq, dtype=np.int64)

@@ -109,6 +109,8 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
 
     # ---- weights ---------------------------------------------------------------------------------
     def _load_weights(self, path: Path, info: dict) -> None:
+        # lazy, and the one import of edgeq.frontend in runtimes/: the safetensors reader is core
+        # (docs/architecture.md, "Layers"); it moves out of frontend/ with the front-end rework
         from edgeq.frontend.safetensors_io import read_safetensors_aligned
 
         w = read_safetensors_aligned(path)  # aligned buffers: the kernels use them zero-copy

@@ -30,6 +30,7 @@ and gguf-py 0.19):
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -39,9 +40,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from tqdm import tqdm
 
 from edgeq.artifact import atomic_write_file
 from edgeq.errors import EdgeqError, require
+from edgeq.hashing import sha256_file
 from edgeq.ir import (
     Arch,
     HParams,
@@ -53,6 +56,7 @@ from edgeq.ir import (
     linear_name,
 )
 from edgeq.quant.formats import FORMATS, QType, as_qtype
+from edgeq.quant.reference import dequantize, quantize
 
 __all__ = [
     "GGUF_ARCH",
@@ -366,8 +370,6 @@ def packed_rows(ir: ModelIR, lin: Linear, qt: QType) -> np.ndarray | None:
     p = lin.packed
     if p is None or as_qtype(p.qtype) != qt:
         return None
-    from edgeq.quant.reference import dequantize
-
     if not np.array_equal(dequantize(p.data, qt, lin.weight.shape), np.asarray(lin.weight, dtype=np.float32)):
         raise EdgeqError(f"GGUF: {lin.name}: packed {qt.value} data no longer decodes to the weight "
                          "(a pass changed the weight after quantization)")
@@ -391,8 +393,6 @@ def _encode(arr: np.ndarray, qt: QType) -> tuple[np.ndarray, Any]:
         return arr, None
     if qt == QType.F16:
         return arr.astype(np.float16), None
-    from edgeq.quant.reference import quantize
-
     data = np.ascontiguousarray(quantize(arr, qt), dtype=np.uint8)
     return data, gguf.GGMLQuantizationType[qt.value]
 
@@ -527,8 +527,6 @@ def write_tensors(w, names: list[str], types: Mapping[str, QType], array_of, lab
     """Encode and add each IR-named tensor (``array_of(name)`` gives its float32 data), then
     write header, metadata and tensors."""
     if progress:
-        from tqdm import tqdm
-
         names = tqdm(names, desc=f"quantizing {label}", unit="tensor", leave=False)
     for name in names:
         data, raw = _encode(array_of(name), types.get(name, QType.F32))
@@ -677,8 +675,6 @@ _PRE_TOKENIZERS: dict[str, Any] = {
 def _tokenizer_json(model: str, pre: str, tokens: list[str], types: list[int], merges: list[str]) -> str:
     """Best-effort HF tokenizer.json for a byte-level BPE vocabulary; "" when the pre-tokenizer
     is not one we can reproduce."""
-    import json
-
     if model != "gpt2" or pre not in _PRE_TOKENIZERS:
         return ""
     vocab = {t: i for i, t in enumerate(tokens) if types[i] != _TOKEN_UNUSED}
@@ -747,8 +743,6 @@ def _dequant(t) -> np.ndarray:
     if name == "F32":
         return np.array(t.data, dtype=np.float32).reshape(shape)
     if name in QType.__members__:
-        from edgeq.quant.reference import dequantize
-
         return np.asarray(dequantize(np.asarray(t.data), QType(name), shape), dtype=np.float32)
     try:
         out = gguf.quants.dequantize(np.asarray(t.data), tt)
@@ -807,8 +801,6 @@ def _f32(v: Any) -> float:
 
 
 def _read_model(reader, path: Path, arch: Arch, a: str) -> ModelIR:
-    from edgeq.hashing import sha256_file
-
     raw: dict[str, Any] = {t.name: t for t in reader.tensors}
 
     def req(key: str):

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from edgeq.artifact import write_tokenizer_spec
 from edgeq.errors import EdgeqError
@@ -532,8 +533,6 @@ def write_onnx(ir: ModelIR, out_dir: Path, weights: OnnxOptions, switchable=(), 
         names = [n for n, a in inits.items() if a.nbytes > INLINE_BYTES]
         it = names
         if progress:
-            from tqdm import tqdm
-
             it = tqdm(names, desc="onnx weights", unit="tensor", leave=False)
         for n in it:
             a = inits[n]
