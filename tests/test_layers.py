@@ -82,3 +82,16 @@ def test_runtimes_import_only_the_core():
                 if (root == "edgeq" and d not in CORE) or root in COMPILER_ONLY_DEPS:
                     bad.add(f"{m} -> {d}")
     assert not bad, sorted(bad)
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A name another module needs is public in the module that owns it (or in a shared module)."""
+    import ast
+
+    bad = []
+    for path in sorted([*REPO.glob("edgeq/**/*.py"), *REPO.glob("runtimes/**/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("edgeq", "runtimes"):
+                bad += [f"{path.relative_to(REPO)}:{node.lineno}: {node.module}.{a.name}"
+                        for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, bad
