@@ -1,4 +1,6 @@
-"""Artifact directories: manifest.json, payload files, goldens; atomic creation; hashing."""
+"""Artifact directories: manifest.json, payload files, goldens, the tokenizer spec file; atomic
+creation; hashing. Part of the neutral core: the compiler writes these files, the device-side
+runtimes read them (docs/architecture.md, "Layers")."""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +14,7 @@ from typing import Iterator
 from edgeq import __version__
 from edgeq.errors import EdgeqError
 from edgeq.hashing import sha256_file
+from edgeq.ir import TokenizerSpec
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -37,6 +40,23 @@ def atomic_write_text(path: Path, text: str) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_write_file(path: Path, fill) -> None:
+    """Run ``fill(tmp_path)`` then rename onto ``path``; never leaves a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        fill(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 @contextlib.contextmanager
@@ -128,3 +148,15 @@ def check_files(root: Path, manifest: dict) -> list[str]:
         if p.is_file() and p.name != MANIFEST and p.name not in listed:
             problems.append(f"{p.name}: not listed in the manifest")
     return problems
+
+
+def write_tokenizer_spec(spec: TokenizerSpec, path: Path) -> None:
+    """The tokenizer spec as deterministic JSON (the ``tokenizer.spec.json`` of ONNX / TVM artifacts)."""
+    dump_json(spec.to_json(), Path(path))
+
+
+def read_tokenizer_spec(path: Path) -> TokenizerSpec:
+    try:
+        return TokenizerSpec.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        raise EdgeqError(f"{path}: unreadable tokenizer spec ({exc.__class__.__name__})") from None

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import time
 from collections import defaultdict
+
+from edgeq.profile import prompt_of_length
 
 CATEGORIES = ("attention", "matmul", "norm", "other")
 _LAYER = re.compile(r"blk\.(\d+)\.")
@@ -41,8 +44,6 @@ def _result(runtime: str, steps: int, wall: float, per_layer: dict, extra: dict,
 
 def _start(session) -> None:
     """A fresh 16-token context (run before the instrumentation is put in place)."""
-    from edgeq.profile import prompt_of_length
-
     session._start(prompt_of_length(session, 16))
 
 
@@ -65,8 +66,6 @@ def onnx_breakdown(session, steps: int) -> dict:
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         so.profile_file_prefix = f"{tmp}/edgeq"
         prof = ort.InferenceSession(str(session.root / session.manifest["onnx"]["model_file"]), so,

@@ -51,10 +51,15 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
+import edgeq
 from edgeq.errors import EdgeqError
 from edgeq.ir import ModelIR, Role, TokenizerSpec
 from edgeq.spill import spill_array
+from runtimes.reference import (LayerWeights, ReferenceSession, apply_rope, cos_sin, o_proj, rms_norm,
+                                rope_inv_freq, silu)
+from runtimes.text import SpecTokenizer, render_chat
 
 ALPACA_FILE = Path("alpaca") / "alpaca_small.json"
 FORMATS = ("alpaca", "chat")
@@ -65,8 +70,6 @@ def default_data_dir() -> Path:
     env = os.environ.get("EDGEQ_DATA")
     if env:
         return Path(env)
-    import edgeq
-
     return Path(edgeq.__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -94,8 +97,6 @@ def format_record(rec: Mapping, fmt: str = "alpaca", spec: TokenizerSpec | None 
         parts.append(f"### Response:\n{out}")
         return "".join(parts)
     if fmt == "chat":
-        from runtimes.text import render_chat
-
         if spec is None:
             raise EdgeqError("the chat format needs the model's tokenizer spec")
         return render_chat(spec, f"{instruction}\n\n{inp}" if inp else instruction) + out
@@ -107,8 +108,6 @@ def alpaca_token_sequences(tokenizer_spec: TokenizerSpec, path: str | Path | Non
     """``n_samples`` token sequences of exactly ``seq_len`` tokens from Alpaca (see module doc).
 
     Deterministic given ``seed`` (record order is ``default_rng(seed).permutation``)."""
-    from runtimes.text import SpecTokenizer
-
     if n_samples < 1 or seq_len < 2:
         raise EdgeqError(f"expected n_samples >= 1 and seq_len >= 2, got {n_samples} and {seq_len}")
     if fmt not in FORMATS:
@@ -233,8 +232,6 @@ def _stats_forward(sess, ids: np.ndarray, accs: list[_Accumulator]) -> np.ndarra
     Same weights, layout and helpers as :meth:`ReferenceSession._forward` at rate 0, with the
     attention written as batched matmuls (no KV cache: one sequence, positions 0..T-1).
     Returns the final normed hidden states (for self-checks)."""
-    from runtimes.reference import rms_norm
-
     x = sess.embd[ids]
     for L, acc in zip(sess.layers, accs):
         x = _stats_layer(sess.hp, L, x, acc, sess.inv_freq)
@@ -242,10 +239,8 @@ def _stats_forward(sess, ids: np.ndarray, accs: list[_Accumulator]) -> np.ndarra
 
 
 def _stats_layer(hp, L, x: np.ndarray, acc: _Accumulator, inv_freq: np.ndarray) -> np.ndarray:
-    """One layer (a reference-runtime ``_Layer``, float32) on one sequence's residual stream ``x``
+    """One layer (a reference-runtime ``LayerWeights``, float32) on one sequence's residual stream ``x``
     (T, hidden), adding to ``acc``; returns the layer's output stream."""
-    from runtimes.reference import apply_rope, cos_sin, o_proj, rms_norm, silu
-
     H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
     half, G, T = D // 2, H // KV, x.shape[0]
     f32 = np.float32
@@ -298,8 +293,6 @@ def _stats_layer(hp, L, x: np.ndarray, acc: _Accumulator, inv_freq: np.ndarray) 
 
 
 def _stats_session(ir: ModelIR):
-    from runtimes.reference import ReferenceSession
-
     return ReferenceSession(ir, n_ctx=1)  # n_ctx: the KV cache is not used here
 
 
@@ -327,19 +320,15 @@ def calibrate(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = 
     # layer's statistics are parked on disk inside ``edgeq.spill.spilling``. Every sequence sees
     # exactly the ops of a whole-model forward, and each accumulator sums the sequences in order,
     # so the statistics equal a sequence-by-sequence pass bit for bit.
-    from runtimes.reference import _Layer, rope_inv_freq
-
     embd = ir.tensors["token_embd"]
     xs = [np.stack([np.asarray(embd[int(t):int(t) + 1], dtype=np.float32)[0] for t in ids]) for ids in ids_all]
     inv_freq = rope_inv_freq(hp.head_dim, hp.rope_theta)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=hp.num_layers * len(xs), desc="calibrating", unit="seq", leave=False)
     layers = []
     for li in range(hp.num_layers):
-        L = _Layer(ir, li, np.float32)
+        L = LayerWeights(ir, li, np.float32)
         acc = _Accumulator(hp.intermediate_size, hp.hidden_size, hp.num_heads, hp.num_kv_heads, hp.head_dim)
         for si in range(len(xs)):
             xs[si] = _stats_layer(hp, L, xs[si], acc, inv_freq)

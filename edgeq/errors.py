@@ -1,4 +1,5 @@
 """The one exception type the CLI turns into a one-line error and a non-zero exit."""
+import importlib
 
 
 class EdgeqError(Exception):
@@ -14,8 +15,6 @@ class MissingExtraError(EdgeqError):
 
 def require(module: str, extra: str):
     """Import an optional heavy dependency or fail naming the extra that provides it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on environment

@@ -12,9 +12,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import click
+
 from edgeq import __version__, evaluate
 from edgeq.artifact import MANIFEST, read_manifest
 from edgeq.errors import EdgeqError
+from edgeq.frontend import load_adapter, load_model, merge_adapters
+from edgeq.session import default_threads, open_session
+from runtimes.llamacpp import LlamaCppSession
+from runtimes.reference import ReferenceSession
 
 TASKS = ("wikitext", "kl", "lambada")
 RUNTIMES = ("auto", "llamacpp", "reference")
@@ -22,8 +28,6 @@ PPL_CTX = 512
 
 
 def _log(msg: str) -> None:
-    import click
-
     click.echo(msg, err=True)
 
 
@@ -53,21 +57,13 @@ def open_target(target: str | Path, runtime: str = "auto", n_ctx: int = 2048, th
     if not path.exists():
         raise EdgeqError(f"{path}: no such file or directory")
     if is_artifact(path):
-        from edgeq.session import open_session
-
         m = read_manifest(path)
         return open_session(path, runtime=runtime, n_ctx=n_ctx, threads=threads, manifest=m, prune=prune), m
     if runtime == "llamacpp":
         if not (path.is_file() and path.suffix == ".gguf"):
             raise EdgeqError(f"{path}: --runtime llamacpp runs artifacts and .gguf files only")
-        from edgeq.session import default_threads
-        from runtimes.llamacpp import LlamaCppSession
-
         session = LlamaCppSession(path, n_ctx=n_ctx, n_threads=threads or default_threads())
     else:
-        from edgeq.frontend import load_model
-        from runtimes.reference import ReferenceSession
-
         session = ReferenceSession(load_model(path), n_ctx=n_ctx)
     if prune is not None:
         try:
@@ -86,8 +82,6 @@ def reference_ir(manifest: dict | None, reference: str | Path | None = None):
     adapters loaded — merged if the artifact merged them, else kept as low-rank branches (the
     reference runtime applies them at run time, as llama.cpp applies the adapter files).
     """
-    from edgeq.frontend import load_adapter, load_model, merge_adapters
-
     if reference is not None:
         return load_model(reference)
     if manifest is None:
@@ -161,8 +155,6 @@ def run_eval(target: str | Path, runtime: str = "auto", prune: float | None = No
     try:
         if "kl" in tasks:
             log("loading the fp32 reference" + (f" {reference}" if reference else " (the artifact's source)"))
-            from runtimes.reference import ReferenceSession
-
             ref_ir = reference_ir(manifest, reference)
             ref = ReferenceSession(ref_ir, n_ctx=ctx)
             ref_desc = {"path": str(reference or ref_ir.source.get("path")),

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from edgeq.errors import EdgeqError
 from edgeq.goldens import log_softmax
@@ -57,8 +58,6 @@ def wikitext2_test_text(data_dir: Path | None = None) -> str:
 def _bar(it, progress: bool, desc: str, unit: str):
     if not progress:
         return it
-    from tqdm import tqdm
-
     return tqdm(it, desc=desc, unit=unit, leave=False)
 
 

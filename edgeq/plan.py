@@ -31,9 +31,17 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
+from edgeq.artifact import atomic_write_text
 from edgeq.errors import EdgeqError
 from edgeq.ir import ModelIR, Role, linear_name
+from edgeq.quant.codecs import codec_for
+from edgeq.quant.compensate import sqrt_and_inv
+from edgeq.quant.formats import FORMATS, QType, as_qtype, tensor_nbytes
+from edgeq.quant.gptq import GPTQConfig, gptq, output_error, rtn
+from edgeq.quant.reference import roundtrip
+from edgeq.quant.sensitivity import measure_gains
 
 PLAN_VERSION = 1
 QUANTIZERS = ("gptq", "rtn")
@@ -72,8 +80,6 @@ class Plan:
                              f"got {self.compensation!r}")
         if not (0 <= self.damp < 1):
             raise EdgeqError(f"{where}: damp must be in [0, 1), got {self.damp}")
-        from edgeq.quant.formats import QType
-
         known = {q.value for q in QType}
         for name, c in self.tensors.items():
             if c.type not in known:
@@ -166,8 +172,6 @@ class Plan:
         return plan
 
     def save(self, path: str | Path) -> Path:
-        from edgeq.artifact import atomic_write_text
-
         return atomic_write_text(Path(path), self.to_toml())
 
     @staticmethod
@@ -213,8 +217,6 @@ def plan_tensor_shapes(ir: ModelIR) -> dict[str, tuple[int, int]]:
 
 
 def choice_problem(name: str, shape: tuple[int, int], c: Choice) -> str | None:
-    from edgeq.quant.formats import FORMATS, as_qtype
-
     info = FORMATS[as_qtype(c.type)]
     if shape[1] % info.block_size:
         return f"{name}: {c.type} needs a row length that is a multiple of {info.block_size}, got {shape[1]}"
@@ -228,8 +230,6 @@ def choice_problem(name: str, shape: tuple[int, int], c: Choice) -> str | None:
 
 
 def choice_bytes(shape: tuple[int, int], c: Choice) -> int:
-    from edgeq.quant.formats import tensor_nbytes
-
     return tensor_nbytes(c.type, shape) + 2 * c.rank * (shape[0] + shape[1])
 
 
@@ -313,9 +313,6 @@ def solve(table: Mapping[str, Sequence[Option]], budget: int) -> dict[str, Optio
 # ---- measuring -----------------------------------------------------------------------------------
 
 def _quantized(w: np.ndarray, cov: np.ndarray | None, qtype: str, quantizer: str, damp: float, act_order: bool):
-    from edgeq.quant.codecs import codec_for
-    from edgeq.quant.gptq import GPTQConfig, gptq, rtn
-
     codec = codec_for(qtype)
     if quantizer == "gptq" and cov is not None:
         return gptq(w, cov, codec, GPTQConfig(damp=damp, act_order=act_order))
@@ -323,8 +320,6 @@ def _quantized(w: np.ndarray, cov: np.ndarray | None, qtype: str, quantizer: str
 
 
 def _rtn_table(x: np.ndarray, qtype: str) -> np.ndarray:
-    from edgeq.quant.reference import roundtrip
-
     return roundtrip(x, qtype)
 
 
@@ -341,9 +336,6 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
                     damp: float = 0.01, act_order: bool = False, probe=None, ref_type: str | None = None,
                     progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, list[Option]]:
     """Candidate options with predicted KL for every plan tensor (see the module doc)."""
-    from edgeq.quant.formats import FORMATS, as_qtype
-    from edgeq.quant.gptq import output_error
-
     shapes = plan_tensor_shapes(ir)
     types = [as_qtype(t).value for t in types]
     quant_types = [t for t in types if FORMATS[as_qtype(t)].block_size > 1]
@@ -354,8 +346,6 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
     names = [n for n in shapes if n.startswith("blk.")]
     it = names
     if progress:
-        from tqdm import tqdm
-
         it = tqdm(names, desc=f"measuring {len(types)} types x {len(ranks)} ranks", unit="tensor", leave=False)
     ref_weights: dict[str, np.ndarray] = {}
     for name in it:
@@ -381,8 +371,6 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
             rr = [r for r in ranks if 0 < r <= min(w.shape)] if info.bits_per_weight < RANK_MAX_BPW else []
             if rr:
                 if S is None:
-                    from edgeq.quant.compensate import sqrt_and_inv
-
                     S, _ = sqrt_and_inv(cov, 1e-4)
                 s = np.linalg.svd(E @ S, compute_uv=False)
                 cum = np.cumsum(s ** 2)
@@ -391,8 +379,6 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
         errs[name] = e
     table: dict[str, list[Option]] = {}
     if probe is not None and ref_weights:
-        from edgeq.quant.sensitivity import measure_gains
-
         ref_errs = {n: errs[n][Choice(ref_type, 0)] for n in ref_weights}
         gains = measure_gains(ir, ref_errs, lambda n: ref_weights[n], probe, progress=progress)
     else:

@@ -12,8 +12,12 @@ import statistics
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
+from edgeq import roofline
 from edgeq.artifact import read_manifest
-from edgeq.session import open_session
+from edgeq.ir import HParams
+from edgeq.session import artifact_rates, gguf_file_for_rate, open_session
 
 DECODE_PROMPT = "Once upon a time"
 PREFILL_TEXT = ("The quick brown fox jumps over the lazy dog while the committee reviews the annual "
@@ -44,8 +48,6 @@ def _n_ctx(max_tokens: int, prefill_lengths: tuple[int, ...]) -> int:
 
 def measure(session, runs: int, max_tokens: int, prefill_lengths: tuple[int, ...]) -> dict:
     """Timings of an open session at its current settings (protocol in the module docstring)."""
-    from tqdm import tqdm
-
     ids = session.tokenize(DECODE_PROMPT)
     list(session.generate_ids(ids, max_tokens, stop_at_eos=False))  # warm-up
     decode, ttft = [], []
@@ -69,8 +71,6 @@ def measure(session, runs: int, max_tokens: int, prefill_lengths: tuple[int, ...
 def _resident_bytes(session, m: dict, rate: float) -> int:
     if hasattr(session, "resident_weight_bytes"):
         return int(session.resident_weight_bytes())
-    from edgeq.session import gguf_file_for_rate
-
     return int(m["files"][gguf_file_for_rate(m, rate)]["bytes"])
 
 
@@ -105,9 +105,6 @@ def profile(artifact_dir: str | Path, runtime: str = "auto", runs: int = 5, max_
 def roofline_section(m: dict, out: dict, max_tokens: int, prefill_lengths: tuple[int, ...]) -> dict:
     """Predicted decode / prefill speed of this artifact on every hardware profile (bytes and
     FLOPs per token vs bandwidth and peak), and on this host: predicted vs measured."""
-    from edgeq import roofline
-    from edgeq.ir import HParams
-
     hp = HParams.from_json(m["hparams"])
     fraction = 1.0
     widths = (m.get("prune") or {}).get("widths", {}).get(f"{out['prune_rate']:g}")
@@ -138,8 +135,6 @@ def profile_sweep(artifact_dir: str | Path, runtime: str = "auto", runs: int = 5
                   prefill_lengths: tuple[int, ...] = (128,), threads: int | None = None) -> dict:
     """Every carried pruning rate. Reference, ONNX and TVM artifacts switch in place (``set_prune_rate``, timed);
     GGUF artifacts load the rate's own file (the reload time is the switch cost)."""
-    from edgeq.session import artifact_rates
-
     root = Path(artifact_dir)
     m = read_manifest(root)
     n_ctx = _n_ctx(max_tokens, prefill_lengths)

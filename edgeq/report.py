@@ -33,6 +33,14 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+from tqdm import tqdm
+
+from edgeq.artifact import read_manifest
+from edgeq.breakdown import breakdown
+from edgeq.profile import measure, profile, profile_sweep
+from edgeq.session import artifact_rates, open_session
+
 SCHEMA = "edgeq.profile-report/1"
 
 
@@ -67,11 +75,6 @@ def _quality(artifact: Path) -> dict | None:
 
 def build_report(artifacts: list[Path], runtime: str = "auto", threads: int | None = None, quick: bool = False,
                  log: Callable[[str], None] = lambda m: None) -> dict:
-    from edgeq.artifact import read_manifest
-    from edgeq.breakdown import breakdown
-    from edgeq.profile import measure, profile, profile_sweep
-    from edgeq.session import artifact_rates, open_session
-
     runs = 2 if quick else 5
     prompts = (16, 128) if quick else (16, 128, 512)
     gens = (32,) if quick else (32, 128)
@@ -80,8 +83,6 @@ def build_report(artifacts: list[Path], runtime: str = "auto", threads: int | No
            "command": " ".join(sys.argv), "machine": machine(threads),
            "settings": {"runs": runs, "prompt_lengths": list(prompts), "generation_lengths": list(gens),
                         "quick": quick}, "artifacts": []}
-    from tqdm import tqdm
-
     bar = tqdm(total=len(artifacts) * 4, desc="profiling", unit="step", leave=False)
     for path in artifacts:
         path = Path(path)
@@ -189,8 +190,6 @@ def figures(rep: dict) -> dict[str, str]:
     if host:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         bw, peak = host["read_bandwidth_gb_s"] * 1e9, host["fp32_matmul_tflops"] * 1e12
-        import numpy as np
-
         xs = np.logspace(-2, 3, 100)
         ax.plot(xs, np.minimum(bw * xs, peak) / 1e9, color="k", label=f"this host: {bw / 1e9:.0f} GB/s, "
                                                                         f"{peak / 1e9:.0f} GFLOPS")

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from edgeq.ir import HParams
+from edgeq.targets import list_targets
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,6 @@ def compute_peak(profile, runtime: str, weight_type: str | None) -> tuple[float,
 
 def for_profiles(cost: TokenCost, runtime: str, weight_type: str | None, context: int = 256,
                  prompt: int = 512, profiles=None) -> list[dict]:
-    from edgeq.targets import list_targets
-
     rows = []
     for p in profiles if profiles is not None else list_targets():
         peak, which = compute_peak(p, runtime, weight_type)

@@ -43,7 +43,6 @@ directory named by ``$EDGEQ_TARGETS_DIR``; a path to a ``.toml`` file works too.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import os
 import re
@@ -54,6 +53,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from edgeq.errors import EdgeqError
+from edgeq.quant.formats import QType
 
 GIB = 1024**3
 ENV_TARGETS_DIR = "EDGEQ_TARGETS_DIR"
@@ -165,8 +165,6 @@ class TargetProfile:
 
     def plan_types(self, fmt: str = "gguf") -> tuple[str, ...]:
         """Candidate storage types for the planner in artifact format ``fmt``."""
-        from edgeq.quant.formats import QType
-
         ggml = {q.value for q in QType}
         if fmt == "gguf":
             return tuple(t for t in self.quant_types if t in ggml)

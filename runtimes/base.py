@@ -18,6 +18,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from edgeq.errors import EdgeqError
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -31,8 +33,6 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        from edgeq.errors import EdgeqError
-
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise EdgeqError(f"bad sampling options: temperature {self.temperature} (>= 0), top_k {self.top_k} "
                              f"(>= 0), top_p {self.top_p} (in (0, 1])")
@@ -81,8 +81,6 @@ class GenerationStats:
 def check_tokens(ids: Sequence[int], vocab_size: int, start: int, n_ctx: int) -> np.ndarray:
     """``ids`` as int64, after the checks every numpy-driven runtime makes: not empty, in the
     vocabulary, and fitting the context after the ``start`` cached positions."""
-    from edgeq.errors import EdgeqError
-
     arr = np.asarray(ids, dtype=np.int64).reshape(-1)
     if arr.size == 0:
         raise EdgeqError("empty token sequence")
@@ -112,8 +110,6 @@ class RateSwitchMixin:
         for k, r in enumerate(self._rates):
             if abs(r - float(rate)) < 1e-9:
                 return k
-        from edgeq.errors import EdgeqError
-
         raise EdgeqError(f"pruning rate {float(rate):g} is not carried by this artifact "
                          f"(available: {', '.join(f'{r:g}' for r in self._rates)})")
 
@@ -124,8 +120,6 @@ class RateSwitchMixin:
         """Switch the pruning rate without loading or copying weights. KV cache as the reference
         runtime: ``kv="keep"`` keeps cached positions as computed at their own rate (dims a rate
         drops are zero in the cache), ``kv="recompute"`` re-evaluates them at the new rate."""
-        from edgeq.errors import EdgeqError
-
         if kv not in ("keep", "recompute"):
             raise EdgeqError(f"kv policy must be 'keep' or 'recompute', got {kv!r}")
         k = self._index_of(rate)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from edgeq.errors import EdgeqError, require
 from runtimes.base import Session
@@ -150,7 +151,6 @@ class LlamaCppSession(Session):
         template = self._llm.metadata.get("tokenizer.chat_template")
         if not template:
             return prompt
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(msg):
             raise EdgeqError(f"chat template: {msg}")

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeq.artifact import read_manifest
+from edgeq.artifact import read_manifest, read_tokenizer_spec
 from edgeq.errors import EdgeqError
 from edgeq.ir import HParams
 from runtimes.base import RateSwitchMixin, Session, check_tokens
@@ -120,9 +120,7 @@ class OnnxSession(RateSwitchMixin, SpecTextMixin, Session):
     # ---- text (SpecTextMixin) ---------------------------------------------------------------
     def _tokenizer_spec(self):
         if self._spec is None and self._tok_file:
-            from edgeq.lower.onnx import read_tokenizer
-
-            self._spec = read_tokenizer(self.root / self._tok_file)
+            self._spec = read_tokenizer_spec(self.root / self._tok_file)
         return self._spec
 
     # ---- pruning rates (RateSwitchMixin) ----------------------------------------------------------

@@ -6,7 +6,6 @@ Low-rank branches (LoRA kept separate, error compensation) are applied as extra 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -54,7 +53,7 @@ class _Branches:
         return y
 
 
-class _Layer:
+class LayerWeights:
     """One layer's weights in the pruning-aware layout: every supported rate is a prefix view.
 
     Q/K rows are ordered (pair slot, half, head), V rows (component, kv group), O is stored
@@ -105,7 +104,7 @@ class _Layer:
         return branches.add(y, x, **role_kw) if branches.items else y
 
 
-def cos_sin(inv_freq: np.ndarray, L: _Layer, pos: np.ndarray, p: int, dtype):
+def cos_sin(inv_freq: np.ndarray, L: LayerWeights, pos: np.ndarray, p: int, dtype):
     """cos/sin of shape (T, KV, p) for the first p sorted pair slots of each KV group."""
     freqs = inv_freq[L.rope_index[:, :p]]  # (KV, p)
     ang = pos.astype(np.float32)[:, None, None] * freqs[None]
@@ -118,7 +117,7 @@ def apply_rope(x, cos, sin):
     return np.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=2)
 
 
-def o_proj(L: _Layer, o, n_in):
+def o_proj(L: LayerWeights, o, n_in):
     y = o @ L.wo_t[:n_in]
     if L.bo is not None:
         y = y + L.bo
@@ -127,7 +126,7 @@ def o_proj(L: _Layer, o, n_in):
     return y
 
 
-def layer_forward(hp, L: _Layer, x: np.ndarray, start: int, w: LayerWidths, kcache: np.ndarray,
+def layer_forward(hp, L: LayerWeights, x: np.ndarray, start: int, w: LayerWidths, kcache: np.ndarray,
                   vcache: np.ndarray, inv_freq: np.ndarray, dtype, timers: dict | None = None) -> np.ndarray:
     """One decoder layer on ``x`` (T, hidden) at positions ``start..start+T``: writes this layer's
     K/V into ``kcache`` (n_ctx, KV, 2, half) / ``vcache`` (n_ctx, KV, head_dim) and returns the new
@@ -194,7 +193,7 @@ class ReferenceSession(SpecTextMixin, Session):
         self.embd = ir.tensors["token_embd"].astype(dtype)
         self.out_t = np.ascontiguousarray(ir.output_weight().T, dtype=dtype)
         self.out_norm = ir.tensors["output_norm"].astype(dtype)
-        self.layers = [_Layer(ir, i, dtype) for i in range(hp.num_layers)]
+        self.layers = [LayerWeights(ir, i, dtype) for i in range(hp.num_layers)]
         self.inv_freq = rope_inv_freq(hp.head_dim, hp.rope_theta)
         half = hp.head_dim // 2
         self._k = np.zeros((hp.num_layers, n_ctx, hp.num_kv_heads, 2, half), dtype=dtype)
@@ -253,7 +252,7 @@ class ReferenceSession(SpecTextMixin, Session):
         return n * it
 
     # ---- compute -----------------------------------------------------------------------------
-    def _cos_sin(self, L: _Layer, pos: np.ndarray, p: int):
+    def _cos_sin(self, L: LayerWeights, pos: np.ndarray, p: int):
         return cos_sin(self.inv_freq, L, pos, p, self.dtype)
 
     _rope = staticmethod(apply_rope)
@@ -288,12 +287,6 @@ class ReferenceSession(SpecTextMixin, Session):
         self._pos += 1
         return (x[-1] @ self.out_t).astype(np.float32)
 
-    @classmethod
-    def from_path(cls, path: str | Path, **kw) -> "ReferenceSession":
-        from edgeq.frontend import load_model
-
-        return cls(load_model(path), **kw)
-
 
 # Vocabulary rows of the output matrix multiplied at once by streamed_logits (bounded memory).
 HEAD_CHUNK_ROWS = 8192
@@ -322,7 +315,7 @@ def streamed_logits(ir: ModelIR, sequences: Sequence[Sequence[int]], rate: float
     inv_freq = rope_inv_freq(hp.head_dim, hp.rope_theta)
     half = hp.head_dim // 2
     for li in range(hp.num_layers):
-        L = _Layer(ir, li, dtype, store=store)
+        L = LayerWeights(ir, li, dtype, store=store)
         for si, x in enumerate(xs):
             T = x.shape[0]
             kc = np.zeros((T, hp.num_kv_heads, 2, half), dtype=dtype)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment  # chat templates are untrusted input
+from tokenizers import Tokenizer
+
 from edgeq.errors import EdgeqError
 from edgeq.ir import TokenizerSpec
 
@@ -13,8 +16,6 @@ class SpecTokenizer:
     def __init__(self, spec: TokenizerSpec):
         if not spec.tokenizer_json:
             raise EdgeqError("this model carries no tokenizer.json; cannot tokenize text")
-        from tokenizers import Tokenizer
-
         self.spec = spec
         self._tok = Tokenizer.from_str(spec.tokenizer_json)
 
@@ -43,8 +44,6 @@ def render_chat(spec: TokenizerSpec, prompt: str) -> str:
     """Render a single-turn user prompt with the model's chat template (generation prompt on)."""
     if not spec.chat_template:
         return prompt
-    from jinja2.sandbox import ImmutableSandboxedEnvironment  # templates are untrusted input
-
     def raise_exception(msg):
         raise EdgeqError(f"chat template: {msg}")
 

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeq.artifact import read_manifest
+from edgeq.artifact import read_manifest, read_tokenizer_spec
 from edgeq.errors import EdgeqError
 from edgeq.hashing import sha256_file
 from edgeq.ir import HParams
@@ -109,6 +109,8 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
 
     # ---- weights ---------------------------------------------------------------------------------
     def _load_weights(self, path: Path, info: dict) -> None:
+        # lazy, and the one import of edgeq.frontend in runtimes/: the safetensors reader is core
+        # (docs/architecture.md, "Layers"); it moves out of frontend/ with the front-end rework
         from edgeq.frontend.safetensors_io import read_safetensors_aligned
 
         w = read_safetensors_aligned(path)  # aligned buffers: the kernels use them zero-copy
@@ -195,9 +197,7 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
     # ---- text --------------------------------------------------------------------------------------
     def _tokenizer_spec(self):
         if self._spec is None and self._tok_file:
-            from edgeq.lower.onnx import read_tokenizer
-
-            self._spec = read_tokenizer(self.root / self._tok_file)
+            self._spec = read_tokenizer_spec(self.root / self._tok_file)
         return self._spec
 
     # ---- compute -----------------------------------------------------------------------------------

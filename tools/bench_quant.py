@@ -86,7 +86,7 @@ def variant_ir(name: str, args, log=log):
         return ir
     if name == "uniql":
         from edgeq.calibrate import alpaca_token_sequences, calibrate
-        from edgeq.lower.gguf_rates import restore_rope_order
+        from edgeq.passes.sort_qk import restore_rope_order
         from edgeq.passes import run_pass
         from edgeq.passes.uniql import UniQLSortConfig
 

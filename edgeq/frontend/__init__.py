@@ -17,6 +17,8 @@ def load_model(path: str | Path) -> ModelIR:
     if not path.exists():
         raise EdgeqError(f"{path}: no such file or directory")
     if path.is_file() and path.suffix == ".gguf":
+        # lazy: keeps the GGUF backend out of processes that import only a part of the front end
+        # (the device runtimes read weights with edgeq.frontend.safetensors_io)
         from edgeq.lower.gguf import read_gguf
 
         return read_gguf(path)

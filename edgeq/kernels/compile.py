@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from edgeq.errors import EdgeqError
+from edgeq.kernels import tir_cpu, tir_cuda
 from edgeq.kernels.spec import KernelSpec
 
 AARCH64_CC = "aarch64-linux-gnu-gcc"
@@ -50,8 +51,6 @@ def kernel_block(target: Mapping) -> int:
 def prim_func(spec: KernelSpec, cuda: bool = False):
     tvm = _tvm()
     from tvm.script import tirx as T
-
-    from edgeq.kernels import tir_cpu, tir_cuda
 
     src = tir_cuda.source(spec) if cuda else tir_cpu.source(spec)
     return tvm.script.from_source(src, extra_vars={"T": T})

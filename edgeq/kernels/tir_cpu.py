@@ -23,7 +23,7 @@ from edgeq.kernels.spec import KernelSpec
 _HEADER = ""  # parsed with T = tvm.script.tirx in scope (edgeq.kernels.compile)
 
 
-def _signature(spec: KernelSpec) -> str:
+def signature(spec: KernelSpec) -> str:
     V, R = spec.block, spec.rank
     args = ["x_h: T.handle", "qw_h: T.handle", "sc_h: T.handle"]
     bufs = [
@@ -48,7 +48,7 @@ def _signature(spec: KernelSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _centred(spec: KernelSpec, row: str, j: str) -> tuple[str, ...]:
+def centred(spec: KernelSpec, row: str, j: str) -> tuple[str, ...]:
     """Expressions of the centred codes (q - z) in packed row ``row``, lane ``j``: one per input
     position held by the byte (two for 4-bit)."""
     z = "T.float32(%d)" % spec.zero_point if spec.symmetric else f"zp[nb, g, {j}]"
@@ -59,7 +59,7 @@ def _centred(spec: KernelSpec, row: str, j: str) -> tuple[str, ...]:
             f"(T.Cast(\"float32\", T.shift_right({byte}, T.uint8(4))) - {z})")
 
 
-def _f32(spec: KernelSpec, load: str) -> str:
+def f32_expr(spec: KernelSpec, load: str) -> str:
     """A low-rank factor element as float32 (converted when the factors are stored in float16)."""
     return load if spec.lr_dtype == "float32" else f"T.Cast(\"float32\", {load})"
 
@@ -73,7 +73,7 @@ def _low_rank_t(spec: KernelSpec) -> str:
             t[m, r] = T.float32(0)
         for k in range(K):
             for r in T.vectorized({spec.rank}):
-                t[m, r] = t[m, r] + x[m, k] * {_f32(spec, 'a[k, r]')}
+                t[m, r] = t[m, r] + x[m, k] * {f32_expr(spec, 'a[k, r]')}
 """
 
 
@@ -99,9 +99,9 @@ def decode_source(spec: KernelSpec) -> str:
     if spec.rank:
         lr = f"""            for r in range({spec.rank}):
                 for j in T.vectorized({V}):
-                    acc[j] = acc[j] + t[m, r] * {_f32(spec, 'b[nb, r, j]')}
+                    acc[j] = acc[j] + t[m, r] * {f32_expr(spec, 'b[nb, r, j]')}
 """
-    return _HEADER + _signature(spec) + _low_rank_t(spec) + f"""    xs = T.decl_buffer((M, K // {G}), "float32")
+    return _HEADER + signature(spec) + _low_rank_t(spec) + f"""    xs = T.decl_buffer((M, K // {G}), "float32")
     for m in range(M):
         for g in range(K // {G}):
             xs[m, g] = T.float32(0)
@@ -130,7 +130,7 @@ def prefill_source(spec: KernelSpec) -> str:
     V, G = spec.block, spec.group
     per = 2 if spec.bits == 4 else 1
     rows = G // per
-    c = _centred(spec, f"g * {rows} + kk", "j")
+    c = centred(spec, f"g * {rows} + kk", "j")
     fill = "\n".join(f"""                    for j in T.vectorized({V}):
                         w[kk * {per} + {p}, j] = {c[p]} * sc[nb, g, j]""" for p in range(per))
     init = "T.float32(0)"
@@ -138,9 +138,9 @@ def prefill_source(spec: KernelSpec) -> str:
     if spec.rank:
         lr = f"""            for r in range({spec.rank}):
                 for j in T.vectorized({V}):
-                    y[m, nb * {V} + j] = y[m, nb * {V} + j] + t[m, r] * {_f32(spec, 'b[nb, r, j]')}
+                    y[m, nb * {V} + j] = y[m, nb * {V} + j] + t[m, r] * {f32_expr(spec, 'b[nb, r, j]')}
 """
-    return _HEADER + _signature(spec) + _low_rank_t(spec) + f"""    for nb in T.parallel(N // {V}):
+    return _HEADER + signature(spec) + _low_rank_t(spec) + f"""    for nb in T.parallel(N // {V}):
         w = T.decl_buffer(({G}, {V}), "float32", scope="local")
         acc = T.decl_buffer(({V},), "float32", scope="local")
         for m in range(M):

@@ -11,14 +11,14 @@ Shapes are symbolic as in :mod:`edgeq.kernels.tir_cpu`.
 from __future__ import annotations
 
 from edgeq.kernels.spec import KernelSpec
-from edgeq.kernels.tir_cpu import _centred, _f32, _signature
+from edgeq.kernels.tir_cpu import centred, f32_expr, signature
 
 
 def source(spec: KernelSpec) -> str:
     V, G, R = spec.block, spec.group, spec.rank
     per = 2 if spec.bits == 4 else 1
     rows = G // per
-    c = _centred(spec, f"g * {rows} + kk", "j")
+    c = centred(spec, f"g * {rows} + kk", "j")
     terms = " + ".join(f"x[m, g * {G} + kk * {per} + {p}] * {c[p]}" for p in range(per))
     t = ""
     lr = ""
@@ -28,12 +28,12 @@ def source(spec: KernelSpec) -> str:
         for r in T.thread_binding({R}, thread="threadIdx.x"):
             t[m, r] = T.float32(0)
             for k in range(K):
-                t[m, r] = t[m, r] + x[m, k] * {_f32(spec, 'a[k, r]')}
+                t[m, r] = t[m, r] + x[m, k] * {f32_expr(spec, 'a[k, r]')}
 """
         lr = f"""                for r in range({R}):
-                    acc[0] = acc[0] + t[m, r] * {_f32(spec, 'b[nb, r, j]')}
+                    acc[0] = acc[0] + t[m, r] * {f32_expr(spec, 'b[nb, r, j]')}
 """
-    return _signature(spec) + t + f"""    for nb in T.thread_binding(N // {V}, thread="blockIdx.x"):
+    return signature(spec) + t + f"""    for nb in T.thread_binding(N // {V}, thread="blockIdx.x"):
         for j in T.thread_binding({V}, thread="threadIdx.x"):
             acc = T.decl_buffer((1,), "float32", scope="local")
             gacc = T.decl_buffer((1,), "float32", scope="local")

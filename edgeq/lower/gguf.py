@@ -30,6 +30,7 @@ and gguf-py 0.19):
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -39,8 +40,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from tqdm import tqdm
 
+from edgeq.artifact import atomic_write_file
 from edgeq.errors import EdgeqError, require
+from edgeq.hashing import sha256_file
 from edgeq.ir import (
     Arch,
     HParams,
@@ -52,6 +56,7 @@ from edgeq.ir import (
     linear_name,
 )
 from edgeq.quant.formats import FORMATS, QType, as_qtype
+from edgeq.quant.reference import dequantize, quantize
 
 __all__ = [
     "GGUF_ARCH",
@@ -63,6 +68,12 @@ __all__ = [
     "write_lora_gguf",
     "read_gguf",
     "gguf_tensor_name",
+    # shared with gguf_rates.py (GGUF at a pruning rate)
+    "ROLE_ORDER",
+    "base_type_of_plan",
+    "rotate_half_to_interleaved",
+    "write_model_header",
+    "write_tensors",
 ]
 
 # Arch -> general.architecture
@@ -84,7 +95,7 @@ KNOWN_PRE = frozenset({
     "dbrx", "smaug-bpe", "deepseek-llm", "deepseek-coder", "falcon", "mpt", "jina-v2-code",
 })
 
-_ROLE_ORDER = (Role.Q, Role.K, Role.V, Role.O, Role.GATE, Role.UP, Role.DOWN)
+ROLE_ORDER = (Role.Q, Role.K, Role.V, Role.O, Role.GATE, Role.UP, Role.DOWN)
 _QK = (Role.Q, Role.K)
 _GGML_Q6_K_BLOCK = 256
 
@@ -106,7 +117,7 @@ def _heads_for(hp: HParams, role: Role) -> int:
     return hp.num_heads if role == Role.Q else hp.num_kv_heads
 
 
-def _rotate_half_to_interleaved(x: np.ndarray, n_head: int) -> np.ndarray:
+def rotate_half_to_interleaved(x: np.ndarray, n_head: int) -> np.ndarray:
     """Permute rows (axis 0) per head from HF rotate-half order to llama.cpp's adjacent pairs
     (``LlamaModel.permute`` in convert_hf_to_gguf.py)."""
     rest = x.shape[1:]
@@ -115,7 +126,7 @@ def _rotate_half_to_interleaved(x: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _interleaved_to_rotate_half(x: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of :func:`_rotate_half_to_interleaved`."""
+    """Inverse of :func:`rotate_half_to_interleaved`."""
     rest = x.shape[1:]
     hd = x.shape[0] // n_head
     return np.ascontiguousarray(x.reshape(n_head, hd // 2, 2, *rest).swapaxes(1, 2).reshape(x.shape))
@@ -128,7 +139,7 @@ def _needs_permute(arch: Arch, role: Role) -> bool:
 def _out_rows(ir: ModelIR, lin: Linear, x: np.ndarray) -> np.ndarray:
     """Rows of an output-side array (weight, bias, LoRA B) in llama.cpp order."""
     if _needs_permute(ir.arch, lin.role):
-        return _rotate_half_to_interleaved(x, _heads_for(ir.hparams, lin.role))
+        return rotate_half_to_interleaved(x, _heads_for(ir.hparams, lin.role))
     return x
 
 
@@ -237,7 +248,7 @@ def tensor_types(ir: ModelIR, bits: int | QType | str,
     plan["token_embd"] = pick("token_embd", out_q if hp.tie_word_embeddings else base, hp.hidden_size)
     for i in range(hp.num_layers):
         plan[f"blk.{i}.attn_norm"] = QType.F32
-        for role in _ROLE_ORDER:
+        for role in ROLE_ORDER:
             name = linear_name(i, role)
             lin = ir.linears.get(name)
             if lin is None:
@@ -265,7 +276,7 @@ def _tensor_plan_names(ir: ModelIR) -> dict[str, tuple[int, ...]]:
     out: dict[str, tuple[int, ...]] = {"token_embd": (hp.vocab_size, hp.hidden_size)}
     for i in range(hp.num_layers):
         out[f"blk.{i}.attn_norm"] = (hp.hidden_size,)
-        for role in _ROLE_ORDER:
+        for role in ROLE_ORDER:
             name = linear_name(i, role)
             lin = ir.linears[name]
             out[name] = tuple(lin.weight.shape)
@@ -359,8 +370,6 @@ def packed_rows(ir: ModelIR, lin: Linear, qt: QType) -> np.ndarray | None:
     p = lin.packed
     if p is None or as_qtype(p.qtype) != qt:
         return None
-    from edgeq.quant.reference import dequantize
-
     if not np.array_equal(dequantize(p.data, qt, lin.weight.shape), np.asarray(lin.weight, dtype=np.float32)):
         raise EdgeqError(f"GGUF: {lin.name}: packed {qt.value} data no longer decodes to the weight "
                          "(a pass changed the weight after quantization)")
@@ -384,27 +393,8 @@ def _encode(arr: np.ndarray, qt: QType) -> tuple[np.ndarray, Any]:
         return arr, None
     if qt == QType.F16:
         return arr.astype(np.float16), None
-    from edgeq.quant.reference import quantize
-
     data = np.ascontiguousarray(quantize(arr, qt), dtype=np.uint8)
     return data, gguf.GGMLQuantizationType[qt.value]
-
-
-def _atomic_writer(path: Path, fill) -> None:
-    """Run ``fill(tmp_path)`` then rename onto ``path``; never leaves a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        fill(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _add_kv(w, key: str, val: Any) -> None:
@@ -436,7 +426,7 @@ def _model_name(ir: ModelIR) -> str:
     return str(name or "edgeq-model")
 
 
-def _base_of_plan(ir: ModelIR, types: Mapping[str, QType]) -> QType:
+def base_type_of_plan(ir: ModelIR, types: Mapping[str, QType]) -> QType:
     counts = Counter(as_qtype(types.get(name, QType.F32)) for name in ir.linears)
     if not counts:
         return QType.F32
@@ -592,8 +582,6 @@ def write_tensors(w, shapes: Mapping[str, tuple[int, ...]], types: Mapping[str, 
     w.write_padding(fout, fout.tell())
     names = list(shapes)
     if progress:
-        from tqdm import tqdm
-
         names = tqdm(names, desc=f"quantizing {label}", unit="tensor", leave=False)
     for name in names:
         qt = types.get(name, QType.F32)
@@ -632,7 +620,7 @@ def write_gguf(ir: ModelIR, path: str | Path, types: Mapping[str, QType | str], 
                          + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     hp = ir.hparams
     arch = GGUF_ARCH[hp.arch]
-    base = _base_of_plan(ir, types)
+    base = base_type_of_plan(ir, types)
     shapes = _tensor_plan_names(ir)
 
     def array_of(name: str) -> np.ndarray:
@@ -654,7 +642,7 @@ def write_gguf(ir: ModelIR, path: str | Path, types: Mapping[str, QType | str], 
         finally:
             w.close()
 
-    _atomic_writer(Path(path), fill)
+    atomic_write_file(Path(path), fill)
     return Path(path)
 
 
@@ -679,7 +667,7 @@ def write_lora_gguf(ir: ModelIR, adapter_name: str, path: str | Path, *,
     source = adapter_name if (":" in adapter_name or adapter_name == "qerr") else f"lora:{adapter_name}"
     branches: list[tuple[Linear, LowRank]] = []
     for i in range(ir.hparams.num_layers):
-        for role in _ROLE_ORDER:
+        for role in ROLE_ORDER:
             lin = ir.linears.get(linear_name(i, role))
             if lin is None:
                 continue
@@ -722,7 +710,7 @@ def write_lora_gguf(ir: ModelIR, adapter_name: str, path: str | Path, *,
         finally:
             w.close()
 
-    _atomic_writer(Path(path), fill)
+    atomic_write_file(Path(path), fill)
     return Path(path)
 
 
@@ -747,8 +735,6 @@ _PRE_TOKENIZERS: dict[str, Any] = {
 def _tokenizer_json(model: str, pre: str, tokens: list[str], types: list[int], merges: list[str]) -> str:
     """Best-effort HF tokenizer.json for a byte-level BPE vocabulary; "" when the pre-tokenizer
     is not one we can reproduce."""
-    import json
-
     if model != "gpt2" or pre not in _PRE_TOKENIZERS:
         return ""
     vocab = {t: i for i, t in enumerate(tokens) if types[i] != _TOKEN_UNUSED}
@@ -817,8 +803,6 @@ def _dequant(t) -> np.ndarray:
     if name == "F32":
         return np.array(t.data, dtype=np.float32).reshape(shape)
     if name in QType.__members__:
-        from edgeq.quant.reference import dequantize
-
         return np.asarray(dequantize(np.asarray(t.data), QType(name), shape), dtype=np.float32)
     try:
         out = gguf.quants.dequantize(np.asarray(t.data), tt)
@@ -877,8 +861,6 @@ def _f32(v: Any) -> float:
 
 
 def _read_model(reader, path: Path, arch: Arch, a: str) -> ModelIR:
-    from edgeq.hashing import sha256_file
-
     raw: dict[str, Any] = {t.name: t for t in reader.tensors}
 
     def req(key: str):
@@ -923,7 +905,7 @@ def _read_model(reader, path: Path, arch: Arch, a: str) -> ModelIR:
     for i in range(n_layers):
         tensors[f"blk.{i}.attn_norm"] = get(f"blk.{i}.attn_norm.weight")
         tensors[f"blk.{i}.ffn_norm"] = get(f"blk.{i}.ffn_norm.weight")
-        for role in _ROLE_ORDER:
+        for role in ROLE_ORDER:
             name = linear_name(i, role)
             w = get(f"{name}.weight")
             b = get(f"{name}.bias") if f"{name}.bias" in raw else None

@@ -8,7 +8,6 @@ Public API
 ----------
 * :func:`gguf_prune_spec` — the part of ``ir.prune`` a GGUF file can express (per-layer MLP
   widths only; see its docstring for the two modes).
-* :func:`restore_rope_order` — undo the Q/K RoPE-pair sort (``ir.rope_index``) exactly.
 * :func:`write_gguf_at_rate` — one model GGUF at one rate (deterministic, atomic).
 * :func:`write_gguf_rates` — every rate of ``ir.prune`` into a directory.
 * :func:`reference_ir_for_gguf` / :func:`reference_ir_for_gguf_rate` — the ModelIR (with the
@@ -36,7 +35,7 @@ ggml-org/llama.cpp ``src/llama-model.cpp`` / ``src/models/deci.cpp`` /
   uses the sequential frequencies ``theta_i = base^(-2i/n_rot)`` of each pair slot (the only
   per-pair hook, ``rope_freqs.weight``, is one tensor shared by every layer and head). Hence
   neither Q/K pair pruning inside a head nor V/O component truncation is expressible, and a
-  sorted pair order must be undone before writing (:func:`restore_rope_order`).
+  sorted pair order must be undone before writing (``edgeq.passes.sort_qk.restore_rope_order``).
 * ``deci`` uses rope type NORM (adjacent pairs) like ``llama``, so Q/K rows (and biases) get
   the same per-head rotate-half -> interleaved permutation as the ``llama`` arch — for Qwen2
   models too (Qwen2 itself is NEOX in llama.cpp; the permutation makes NORM equivalent).
@@ -54,20 +53,20 @@ from typing import Any, Callable, Mapping, Union
 
 import numpy as np
 
-from edgeq.errors import EdgeqError
-from edgeq.ir import Arch, HParams, LayerWidths, Linear, ModelIR, PassRecord, PruneSpec, Role
+from edgeq.artifact import atomic_write_file
+from edgeq.errors import EdgeqError, require
+from edgeq.ir import Arch, HParams, LayerWidths, Linear, ModelIR, PruneSpec, Role
 from edgeq.lower.gguf import (
     GGUF_ARCH,
-    _ROLE_ORDER,
-    _atomic_writer,
-    _base_of_plan,
-    _gguf,
-    _rotate_half_to_interleaved,
+    ROLE_ORDER,
+    base_type_of_plan,
     check,
+    rotate_half_to_interleaved,
     tensor_types,
     write_model_header,
     write_tensors,
 )
+from edgeq.passes.sort_qk import restore_rope_order
 from edgeq.quant.formats import FORMATS, QType, as_qtype
 
 __all__ = [
@@ -79,7 +78,6 @@ __all__ = [
     "rate_filename",
     "reference_ir_for_gguf",
     "reference_ir_for_gguf_rate",
-    "restore_rope_order",
     "write_gguf_at_rate",
     "write_gguf_rates",
 ]
@@ -205,48 +203,6 @@ def gguf_prune_spec(ir: ModelIR, mode: GGUFRateMode | str = GGUFRateMode.MLP_ONL
 # exact rewrites of the IR
 # --------------------------------------------------------------------------------------------
 
-def _qk_restore_rows(hp: HParams, idx: np.ndarray, role: Role) -> np.ndarray:
-    """Row gather that puts the rows of a pair-sorted Q or K weight back in the original order:
-    restored row ``h*D + o`` (and ``h*D + D/2 + o``) = sorted row of the slot holding pair ``o``."""
-    D, half = hp.head_dim, hp.head_dim // 2
-    group = hp.num_heads // hp.num_kv_heads
-    inv = np.argsort(np.asarray(idx), axis=1, kind="stable")  # (KV, half): original pair -> slot
-    n_head = hp.num_heads if role == Role.Q else hp.num_kv_heads
-    rows = []
-    for h in range(n_head):
-        g = h // group if role == Role.Q else h
-        rows.append(h * D + inv[g])
-        rows.append(h * D + half + inv[g])
-    return np.concatenate(rows)
-
-
-def restore_rope_order(ir: ModelIR) -> ModelIR:
-    """Undo the Q/K RoPE-pair sort: Q and K rows (weights, biases, low-rank ``B``) go back to
-    the original pair order of every KV group (the same order for every query head of the
-    group and for the shared K head), and ``rope_index`` is cleared. An exact reparametrisation
-    (a row permutation); a model without ``rope_index`` comes back as it is."""
-    idx_by_layer = {int(k): np.asarray(v) for k, v in ir.rope_index.items()}
-    if not idx_by_layer:
-        return ir
-    hp = ir.hparams
-    half = hp.head_dim // 2
-    lins = dict(ir.linears)
-    for layer, idx in sorted(idx_by_layer.items()):
-        if idx.shape != (hp.num_kv_heads, half):
-            raise EdgeqError(f"rope_index[{layer}]: expected shape {(hp.num_kv_heads, half)}, got {idx.shape}")
-        if np.array_equal(idx, np.tile(np.arange(half), (hp.num_kv_heads, 1))):
-            continue
-        for role in (Role.Q, Role.K):
-            lin = ir.linear(layer, role)
-            rows = _qk_restore_rows(hp, idx, role)
-            lins[lin.name] = dataclasses.replace(
-                lin, weight=np.ascontiguousarray(lin.weight[rows]),
-                bias=None if lin.bias is None else np.ascontiguousarray(lin.bias[rows]),
-                low_rank=tuple(dataclasses.replace(lr, b=np.ascontiguousarray(lr.b[rows])) for lr in lin.low_rank))
-    return ir.replace(linears=lins, rope_index={},
-                      history=tuple(ir.history) + (PassRecord("restore_rope_order"),))
-
-
 def reference_ir_for_gguf(ir: ModelIR, mode: GGUFRateMode | str = GGUFRateMode.MLP_ONLY_SAME_PARAMS) -> ModelIR:
     """``ir`` with the RoPE-pair order restored and ``prune = gguf_prune_spec(ir, mode)``: run
     the reference runtime on it with ``set_prune_rate(r)`` and it computes exactly what
@@ -304,7 +260,7 @@ def write_gguf_at_rate(ir: ModelIR, rate: float, path: str | Path, types: TypesF
     """Write the model at pruning ``rate`` as a GGUF that stock llama.cpp loads; returns ``path``.
 
     1. If ``ir`` has a ``rope_index``, the Q/K rows go back to the original pair order
-       (:func:`restore_rope_order`, exact), so llama.cpp's sequential RoPE frequencies apply.
+       (``edgeq.passes.sort_qk.restore_rope_order``, exact), so llama.cpp's sequential RoPE frequencies apply.
     2. Each layer's MLP is cut to the width of ``gguf_prune_spec(ir, mode).at(rate)``: the
        first rows of ``ffn_gate``/``ffn_up`` (and their biases), the first columns of
        ``ffn_down`` (the IR's MLP channels are sorted by importance). Attention is written whole.
@@ -321,7 +277,7 @@ def write_gguf_at_rate(ir: ModelIR, rate: float, path: str | Path, types: TypesF
     size. The file also records ``edgeq.prune_rate`` (float32). Deterministic and atomic, like
     ``write_gguf``. Low-rank branches are refused (merge them first).
     """
-    gguf = _gguf()
+    gguf = require("gguf", "gguf")
     rate = float(rate)
     spec = gguf_prune_spec(ir, mode)
     widths = spec.at(rate)
@@ -353,13 +309,13 @@ def write_gguf_at_rate(ir: ModelIR, rate: float, path: str | Path, types: TypesF
         elif lin.role == Role.DOWN and not bias:
             a = a[:, :f]
         elif permute_qk and lin.role in (Role.Q, Role.K):
-            a = _rotate_half_to_interleaved(a, hp.num_heads if lin.role == Role.Q else hp.num_kv_heads)
+            a = rotate_half_to_interleaved(a, hp.num_heads if lin.role == Role.Q else hp.num_kv_heads)
         return a
 
     order: list[tuple[str, tuple[int, ...]]] = [("token_embd", (hp.vocab_size, hp.hidden_size))]
     for i in range(hp.num_layers):
         order.append((f"blk.{i}.attn_norm", (hp.hidden_size,)))
-        for role in _ROLE_ORDER:
+        for role in ROLE_ORDER:
             lin = base_ir.linear(i, role)
             shape = tuple(lin.weight.shape)
             if role in (Role.GATE, Role.UP):
@@ -382,7 +338,7 @@ def write_gguf_at_rate(ir: ModelIR, rate: float, path: str | Path, types: TypesF
     if RATE_KV in (extra_kv or {}):
         raise EdgeqError(f"GGUF: extra_kv may not override {RATE_KV!r}")
     kv_extra = {RATE_KV: float(r_key), **dict(extra_kv or {})}
-    base_type = _base_of_plan(base_ir, tplan)
+    base_type = base_type_of_plan(base_ir, tplan)
 
     def array_of(tname: str) -> np.ndarray:
         if tname.endswith(".bias"):
@@ -399,7 +355,7 @@ def write_gguf_at_rate(ir: ModelIR, rate: float, path: str | Path, types: TypesF
         finally:
             w.close()
 
-    _atomic_writer(Path(path), fill)
+    atomic_write_file(Path(path), fill)
     return Path(path)
 
 

@@ -10,8 +10,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from edgeq.errors import EdgeqError
+from edgeq.frontend.safetensors_io import read_safetensors
 from edgeq.ir import HParams, Linear, LowRank, ModelIR, PassRecord, PruneSpec, Role, TokenizerSpec
 
 WEIGHTS = "model.safetensors"
@@ -33,8 +35,6 @@ def _jsonable(v):
 
 def write_ir(ir: ModelIR, out_dir: str | Path) -> list[str]:
     """Write ``ir`` into ``out_dir``; returns the file names written."""
-    from safetensors.numpy import save_file
-
     out = Path(out_dir)
     arrays: dict[str, np.ndarray] = {}
     linears = {}
@@ -70,8 +70,6 @@ def write_ir(ir: ModelIR, out_dir: str | Path) -> list[str]:
 
 
 def read_ir(in_dir: str | Path) -> ModelIR:
-    from edgeq.frontend.safetensors_io import read_safetensors
-
     d = Path(in_dir)
     try:
         meta = json.loads((d / META).read_text(encoding="utf-8"))

@@ -34,15 +34,18 @@ in the dims a rate drops, as the reference runtime's ``kv="keep"``).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from edgeq.artifact import write_tokenizer_spec
 from edgeq.errors import EdgeqError
-from edgeq.ir import Linear, ModelIR, Role, TokenizerSpec, linear_name
+from edgeq.ir import Linear, ModelIR, Role, linear_name
 from edgeq.lower.onnx_graph import MS_DOMAIN, GraphBuilder
+from edgeq.passes.sort_qk import qk_restore_rows, restore_rope_order
+from edgeq.quant.intgroup import dequantized, fit_format, rtn_int
 
 OPSET = 23
 IR_VERSION = 10
@@ -86,18 +89,6 @@ class OnnxOptions:
         return dataclasses.asdict(self)
 
 
-def fit_format(fmt: str, k: int):
-    """The int-group format for a tensor with ``k`` inputs: the requested group, or the largest
-    of 128/64/32 that divides ``k`` and is not larger (noted in the manifest)."""
-    from edgeq.quant.intgroup import IntGroupFormat, parse_int_format
-
-    f = parse_int_format(fmt)
-    for g in (128, 64, 32):
-        if g <= f.group and k % g == 0:
-            return IntGroupFormat(f.bits, g, f.symmetric)
-    raise EdgeqError(f"{f.name}: no group size of 32/64/128 divides the input width {k}")
-
-
 RATE_INPUT = "rate_index"  # int64 scalar: index into the artifact's pruning rates (multi-rate graphs only)
 
 
@@ -115,15 +106,6 @@ def ffn_segments(ir: ModelIR, layer: int) -> list[tuple[int, int]]:
         return [(0, F)]
     ends = sorted({ir.prune.widths[r][layer].ffn for r in rates} | {F})
     return list(zip([0] + ends[:-1], ends))
-
-
-def dequantized(weight: np.ndarray, fmt_name: str | None) -> np.ndarray:
-    """What the graph computes with for a weight stored as ``fmt_name`` (float32 for None)."""
-    if fmt_name is None:
-        return weight
-    from edgeq.quant.intgroup import rtn_int
-
-    return rtn_int(weight, fit_format(fmt_name, weight.shape[1])).dequantize()
 
 
 @dataclass
@@ -154,8 +136,6 @@ class _DecoderGraph:
     # ---- weights -----------------------------------------------------------------------------
     def _quantized(self, name: str, weight: np.ndarray, fmt_name: str):
         """(B, scales, attrs) initializers of a MatMulNBits weight; records the dequantized weight."""
-        from edgeq.quant.intgroup import rtn_int
-
         fmt = fit_format(fmt_name, weight.shape[1])
         t = rtn_int(weight, fmt)
         mnb = t.to_matmulnbits()
@@ -269,9 +249,7 @@ class _DecoderGraph:
                 m = np.tile(np.tile(np.arange(half) < w.qk_pairs, 2), H if kind == "q" else KV)
                 idx = self.sorted_rope.get(layer)
                 if idx is not None:  # the graph's Q/K rows are in the original pair order
-                    from edgeq.lower.gguf_rates import _qk_restore_rows
-
-                    m = m[_qk_restore_rows(hp, idx, Role.Q if kind == "q" else Role.K)]
+                    m = m[qk_restore_rows(hp, idx, Role.Q if kind == "q" else Role.K)]
             else:
                 m = np.tile(np.arange(D) < w.v_dims, KV if kind == "v" else H)
             rows.append(m)
@@ -524,8 +502,6 @@ def graph_ir(ir: ModelIR, weights: OnnxOptions) -> ModelIR:
     if problems:
         raise EdgeqError(f"cannot lower to onnx: {problems[0]}")
     if weights.attention == "gqa" and ir.rope_index:
-        from edgeq.lower.gguf_rates import restore_rope_order
-
         ir = restore_rope_order(ir)  # GQA's rotary uses the sequential frequencies (a row permutation)
     return ir
 
@@ -557,8 +533,6 @@ def write_onnx(ir: ModelIR, out_dir: Path, weights: OnnxOptions, switchable=(), 
         names = [n for n, a in inits.items() if a.nbytes > INLINE_BYTES]
         it = names
         if progress:
-            from tqdm import tqdm
-
             it = tqdm(names, desc="onnx weights", unit="tensor", leave=False)
         for n in it:
             a = inits[n]
@@ -587,7 +561,7 @@ def write_onnx(ir: ModelIR, out_dir: Path, weights: OnnxOptions, switchable=(), 
     model_path.write_bytes(model.SerializeToString(deterministic=True))
     onnx.checker.check_model(str(model_path))
     if ir.tokenizer is not None:
-        write_tokenizer(ir.tokenizer, out_dir / TOKENIZER_FILE)
+        write_tokenizer_spec(ir.tokenizer, out_dir / TOKENIZER_FILE)
     info = {"model_file": MODEL_FILE, "data_file": DATA_FILE, "opset": OPSET, "ir_version": IR_VERSION,
             "weights": weights.to_json(), "tensor_formats": dict(sorted(low.formats.items())),
             "tokenizer_file": TOKENIZER_FILE if ir.tokenizer is not None else None,
@@ -654,18 +628,6 @@ def write_adapter(ir: ModelIR, adapter: str, path: Path, weights: OnnxOptions) -
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
     fmt.export_adapter(str(path))
     return sorted(params)
-
-
-def write_tokenizer(spec: TokenizerSpec, path: Path) -> None:
-    path.write_text(json.dumps(spec.to_json(), sort_keys=True, indent=1, ensure_ascii=False) + "\n",
-                    encoding="utf-8")
-
-
-def read_tokenizer(path: Path) -> TokenizerSpec:
-    try:
-        return TokenizerSpec.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (OSError, json.JSONDecodeError, TypeError) as exc:
-        raise EdgeqError(f"{path}: unreadable tokenizer spec ({exc.__class__.__name__})") from None
 
 
 def linear_names(ir: ModelIR) -> list[str]:

@@ -28,8 +28,18 @@ from typing import Mapping
 
 import numpy as np
 
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from edgeq.artifact import write_tokenizer_spec
 from edgeq.errors import EdgeqError
+from edgeq.hashing import sha256_file
 from edgeq.ir import Linear, ModelIR, Role
+from edgeq.kernels import compile as kc
+from edgeq.kernels import layout
+from edgeq.kernels.compile import kernel_block
+from edgeq.kernels.spec import KernelSpec
+from edgeq.quant.intgroup import dequantized, fit_format, rtn_int
 
 LIBRARY = "kernels.so"
 WEIGHTS = "weights.safetensors"
@@ -52,8 +62,6 @@ class TvmOptions:
 
 
 def _format(bits: int, group: int, k: int) -> str:
-    from edgeq.lower.onnx import fit_format
-
     return fit_format(f"int{bits}_g{group}_sym", k).name
 
 
@@ -121,8 +129,6 @@ def biases(ir: ModelIR, layer: int) -> dict[str, np.ndarray]:
 
 
 def check(ir: ModelIR, opts: TvmOptions) -> list[str]:
-    from edgeq.kernels.compile import kernel_block
-
     problems = []
     block = kernel_block(opts.target)
     hp = ir.hparams
@@ -143,9 +149,6 @@ def check(ir: ModelIR, opts: TvmOptions) -> list[str]:
 
 def specs_for(ir: ModelIR, opts: TvmOptions) -> set:
     """Every kernel the model needs (decode and prefill forms)."""
-    from edgeq.kernels.compile import kernel_block
-    from edgeq.kernels.spec import KernelSpec
-
     block = kernel_block(opts.target)
     out = set()
     hp = ir.hparams
@@ -164,10 +167,6 @@ def specs_for(ir: ModelIR, opts: TvmOptions) -> set:
 
 def _pack(w: np.ndarray, lr, bits: int, group: int, block: int, lr_dtype: str = "float32"
           ) -> tuple[dict[str, np.ndarray], str]:
-    from edgeq.kernels import layout
-    from edgeq.kernels.spec import KernelSpec
-    from edgeq.quant.intgroup import rtn_int
-
     fmt = _format(bits, group, w.shape[1])
     t = rtn_int(w, fmt)
     spec = KernelSpec(bits=bits, group=t.fmt.group, rank=0 if lr is None else lr[0].shape[0], block=block,
@@ -181,11 +180,6 @@ def _pack(w: np.ndarray, lr, bits: int, group: int, block: int, lr_dtype: str = 
 def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = False) -> dict:
     """Write ``kernels.so``, ``weights.safetensors`` and ``tokenizer.spec.json``; returns the
     manifest's ``tvm`` section."""
-    from safetensors.numpy import save_file
-
-    from edgeq.kernels import compile as kc
-    from edgeq.lower.onnx import write_tokenizer
-
     problems = check(ir, opts)
     if problems:
         raise EdgeqError(f"cannot lower to tvm: {problems[0]}")
@@ -196,8 +190,6 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
     kernels: dict[str, str] = {}
     layers = range(hp.num_layers)
     if progress:
-        from tqdm import tqdm
-
         layers = tqdm(layers, desc="tvm weights", unit="layer", leave=False)
     half = hp.head_dim // 2
     for i in layers:
@@ -226,9 +218,7 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
     ex = kc.build(specs, opts.target)
     kc.export(ex, out_dir / LIBRARY, opts.target)
     if ir.tokenizer is not None:
-        write_tokenizer(ir.tokenizer, out_dir / TOKENIZER_FILE)
-    from edgeq.hashing import sha256_file
-
+        write_tokenizer_spec(ir.tokenizer, out_dir / TOKENIZER_FILE)
     return {"library": LIBRARY, "library_sha256": sha256_file(out_dir / LIBRARY), "weights_file": WEIGHTS, "target": dict(opts.target), "block": block,
             "bits": opts.bits, "group": opts.group, "lr_dtype": opts.lr_dtype, "kernels": dict(sorted(kernels.items())),
             "functions": [s.name for s in specs],
@@ -238,8 +228,6 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
 def lowered_ir(ir: ModelIR, opts: TvmOptions) -> ModelIR:
     """The float model a TVM artifact computes: every block linear as its int-group values (the
     head / embedding at int8), low-rank factors rounded to their storage dtype (scale folded into B)."""
-    from edgeq.lower.onnx import dequantized
-
     def factors(lr):  # as stored: A and s*B rounded to the factor dtype
         if opts.lr_dtype == "float32":
             return lr

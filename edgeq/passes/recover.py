@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from edgeq.errors import EdgeqError, require
 from edgeq.ir import LayerWidths, ModelIR, PassRecord, Role, linear_name
@@ -309,8 +310,6 @@ def recover(ir: ModelIR, sequences: Sequence[Sequence[int]], config: RecoverConf
         rate_losses: dict[float, list[float]] = {r: [] for r in rates}
         bar = None
         if progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=cfg.steps, desc="recover (LoRA)", unit="step", leave=False)
         step_s = 0.0
         stopped_early = False

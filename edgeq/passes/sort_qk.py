@@ -8,6 +8,9 @@ head of the group and for the group's K head (rows of W_q / W_k, their biases an
 ``B``), so q.k is unchanged once RoPE uses each slot's original frequency:
 ``ir.rope_index[layer][g, slot]`` = the original pair index of the slot (composed with any
 rope_index already present). Keeping a prefix of p pairs keeps dims ``[0:p] + [d/2 : d/2+p]``.
+
+:func:`restore_rope_order` is the inverse (for lowerings whose RoPE uses the sequential pair
+frequencies: GGUF, the ONNX GQA operator).
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeq.ir import ModelIR, Role, linear_name
+from edgeq.errors import EdgeqError
+from edgeq.ir import HParams, ModelIR, PassRecord, Role, linear_name
 from edgeq.passes import map_out, record, register, require_stats
 from edgeq.passes.sort_mlp import sort_order
 
@@ -68,3 +72,45 @@ def sort_qk(ir: ModelIR, config: SortQKConfig, stats) -> ModelIR:
             linears[n] = map_out(linears[n], lambda a, rows=rows: a[rows])
     return dataclasses.replace(ir, linears=linears, rope_index=rope_index,
                                history=ir.history + (record(ir, PASS_NAME, config, stats, layers_permuted=moved),))
+
+
+def qk_restore_rows(hp: HParams, idx: np.ndarray, role: Role) -> np.ndarray:
+    """Row gather that puts the rows of a pair-sorted Q or K weight back in the original order:
+    restored row ``h*D + o`` (and ``h*D + D/2 + o``) = sorted row of the slot holding pair ``o``."""
+    D, half = hp.head_dim, hp.head_dim // 2
+    group = hp.num_heads // hp.num_kv_heads
+    inv = np.argsort(np.asarray(idx), axis=1, kind="stable")  # (KV, half): original pair -> slot
+    n_head = hp.num_heads if role == Role.Q else hp.num_kv_heads
+    rows = []
+    for h in range(n_head):
+        g = h // group if role == Role.Q else h
+        rows.append(h * D + inv[g])
+        rows.append(h * D + half + inv[g])
+    return np.concatenate(rows)
+
+
+def restore_rope_order(ir: ModelIR) -> ModelIR:
+    """Undo the Q/K RoPE-pair sort: Q and K rows (weights, biases, low-rank ``B``) go back to
+    the original pair order of every KV group (the same order for every query head of the
+    group and for the shared K head), and ``rope_index`` is cleared. An exact reparametrisation
+    (a row permutation); a model without ``rope_index`` comes back as it is."""
+    idx_by_layer = {int(k): np.asarray(v) for k, v in ir.rope_index.items()}
+    if not idx_by_layer:
+        return ir
+    hp = ir.hparams
+    half = hp.head_dim // 2
+    lins = dict(ir.linears)
+    for layer, idx in sorted(idx_by_layer.items()):
+        if idx.shape != (hp.num_kv_heads, half):
+            raise EdgeqError(f"rope_index[{layer}]: expected shape {(hp.num_kv_heads, half)}, got {idx.shape}")
+        if np.array_equal(idx, np.tile(np.arange(half), (hp.num_kv_heads, 1))):
+            continue
+        for role in (Role.Q, Role.K):
+            lin = ir.linear(layer, role)
+            rows = qk_restore_rows(hp, idx, role)
+            lins[lin.name] = dataclasses.replace(
+                lin, weight=np.ascontiguousarray(lin.weight[rows]),
+                bias=None if lin.bias is None else np.ascontiguousarray(lin.bias[rows]),
+                low_rank=tuple(dataclasses.replace(lr, b=np.ascontiguousarray(lr.b[rows])) for lr in lin.low_rank))
+    return ir.replace(linears=lins, rope_index={},
+                      history=tuple(ir.history) + (PassRecord("restore_rope_order"),))

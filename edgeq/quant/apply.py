@@ -14,10 +14,16 @@ types).
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
+from tqdm import tqdm
 
 from edgeq.errors import EdgeqError
 from edgeq.ir import LowRank, ModelIR, Packed, PassRecord
+from edgeq.quant.codecs import codec_for
+from edgeq.quant.compensate import compensation
+from edgeq.quant.formats import FORMATS, as_qtype
+from edgeq.quant.gptq import GPTQConfig, gptq, pack_gguf, rtn
 from edgeq.spill import spill, spill_array
 
 COMP_SOURCE = "qerr"
@@ -28,11 +34,6 @@ def quantize_ir(ir: ModelIR, plan, stats, progress: bool = True, cache: dict | N
 
     ``cache``: a dict reused across calls on the *same* IR and statistics (e.g. several plans
     of one model in a benchmark) so each (tensor, type[, rank]) is quantized only once."""
-    from edgeq.quant.codecs import codec_for
-    from edgeq.quant.compensate import compensation
-    from edgeq.quant.formats import FORMATS, as_qtype
-    from edgeq.quant.gptq import GPTQConfig, gptq, pack_gguf, rtn
-
     plan.check(ir)
     if plan.quantizer == "gptq" or any(c.rank for c in plan.tensors.values()):
         if stats is None:
@@ -41,8 +42,6 @@ def quantize_ir(ir: ModelIR, plan, stats, progress: bool = True, cache: dict | N
     names = [n for n in plan.tensors if n in linears]
     it = names
     if progress:
-        from tqdm import tqdm
-
         it = tqdm(names, desc=f"quantizing ({plan.quantizer})", unit="tensor", leave=False)
     cfg = GPTQConfig(damp=plan.damp, act_order=plan.act_order)
     for name in it:

@@ -37,11 +37,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeq.errors import EdgeqError
+from edgeq.quant.blockops import (
+    f16,
+    f16_bytes,
+    f16_finite,
+    f16_from,
+    first_absmax,
+    importance_weights,
+    pack_nibbles,
+    pack_qh,
+    recip,
+    roundf,
+    unpack_nibbles,
+    unpack_qh,
+)
 from edgeq.quant.formats import FORMATS, QType, as_qtype, row_nbytes
-from edgeq.quant.reference import _pack_nibbles, _pack_qh, _recip, _roundf, _unpack_nibbles, _unpack_qh
 
 _F32 = np.float32
-_F16_MAX = 65504.0
 
 # Blocks per step in rtn_encode: bounds the K-quant fits' temporaries to a few tens of MB.
 _CHUNK_ELEMS = 1 << 19
@@ -73,45 +85,6 @@ class Params:
         def t(a):
             return None if a is None else a[rows]
         return Params(t(self.d), t(self.m), t(self.sc), t(self.mn), t(self.zp))
-
-
-def _f16(v: np.ndarray) -> np.ndarray:
-    """Round float32 values to fp16 (nearest even), kept as float32."""
-    with np.errstate(over="ignore"):
-        return np.asarray(v, _F32).astype(np.float16).astype(_F32)
-
-
-def _f16_finite(v: np.ndarray) -> np.ndarray:
-    """fp16 rounding after clipping to the largest finite fp16 value (for our own fits)."""
-    return _f16(np.clip(np.asarray(v, np.float64), -_F16_MAX, _F16_MAX).astype(_F32))
-
-
-def _f16_bytes(v: np.ndarray) -> np.ndarray:
-    return np.asarray(v, _F32).astype("<f2").view(np.uint8).reshape(-1, 2)
-
-
-def _f16_from(b: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(b).view("<f2").reshape(-1).astype(_F32)
-
-
-def _first_absmax(b: np.ndarray) -> np.ndarray:
-    """Signed value of the first element of largest magnitude per row (+0.0 for all-zero rows)."""
-    rows = np.arange(b.shape[0])
-    a = np.abs(b)
-    i = a.argmax(axis=1)
-    return np.where(a[rows, i] > 0, b[rows, i], _F32(0.0))
-
-
-def _weights(weight, shape: tuple[int, int]) -> np.ndarray:
-    """Broadcast an optional (block,) or (R, block) importance to ``shape`` as float64."""
-    if weight is None:
-        return np.ones(shape, np.float64)
-    w = np.asarray(weight, np.float64)
-    if w.shape not in ((shape[1],), shape):
-        raise EdgeqError(f"expected weight of shape ({shape[1]},) or {shape}, got {w.shape}")
-    if not np.isfinite(w).all() or (w < 0).any():
-        raise EdgeqError("expected finite non-negative weights")
-    return np.broadcast_to(w, shape)
 
 
 class Codec:
@@ -227,14 +200,14 @@ class _Q8_0(Codec):
         return np.abs(x).max(axis=1) / _F32(127)
 
     def fit(self, x, weight=None):
-        return Params(d=_f16(self._d32(self._blocks(x))))
+        return Params(d=f16(self._d32(self._blocks(x))))
 
     def rtn(self, x, weight=None):
         x = self._blocks(x)
         d = self._d32(x)
         with np.errstate(over="ignore", invalid="ignore"):
-            q = _roundf(x * _recip(d)[:, None]).astype(np.int16)
-        return Params(d=_f16(d)), q
+            q = roundf(x * recip(d)[:, None]).astype(np.int16)
+        return Params(d=f16(d)), q
 
     def decode(self, p, q, cols):
         return np.asarray(q).astype(_F32) * p.d[:, None]
@@ -244,11 +217,11 @@ class _Q8_0(Codec):
 
     def pack(self, p, q):
         q = self._check_codes(q, len(p))
-        return np.concatenate([_f16_bytes(p.d), q.astype(np.int8).view(np.uint8)], axis=1)
+        return np.concatenate([f16_bytes(p.d), q.astype(np.int8).view(np.uint8)], axis=1)
 
     def unpack(self, data):
         b = self._data(data)
-        return Params(d=_f16_from(b[:, :2])), b[:, 2:].view(np.int8).astype(np.int16)
+        return Params(d=f16_from(b[:, :2])), b[:, 2:].view(np.int8).astype(np.int16)
 
 
 class _SymLegacy(Codec):
@@ -260,18 +233,18 @@ class _SymLegacy(Codec):
         self.qmin, self.qmax, self.zero_code = 0, (1 << bits) - 1, self.half
 
     def _d32(self, x):
-        return _first_absmax(x) / _F32(-self.half)
+        return first_absmax(x) / _F32(-self.half)
 
     def fit(self, x, weight=None):
-        return Params(d=_f16(self._d32(self._blocks(x))))
+        return Params(d=f16(self._d32(self._blocks(x))))
 
     def rtn(self, x, weight=None):
         x = self._blocks(x)
         d = self._d32(x)
         with np.errstate(over="ignore", invalid="ignore"):
-            v = x * _recip(d)[:, None] + _F32(self.half + 0.5)
+            v = x * recip(d)[:, None] + _F32(self.half + 0.5)
             q = np.minimum(np.trunc(v), _F32(self.qmax)).astype(np.int16)
-        return Params(d=_f16(d)), q
+        return Params(d=f16(d)), q
 
     def decode(self, p, q, cols):
         return (np.asarray(q).astype(np.int16) - np.int16(self.half)).astype(_F32) * p.d[:, None]
@@ -282,19 +255,19 @@ class _SymLegacy(Codec):
 
     def pack(self, p, q):
         q = self._check_codes(q, len(p)).astype(np.uint8)
-        parts = [_f16_bytes(p.d)]
+        parts = [f16_bytes(p.d)]
         if self.bits == 5:
-            parts.append(_pack_qh(q))
-        parts.append(_pack_nibbles(q & np.uint8(0x0F)))
+            parts.append(pack_qh(q))
+        parts.append(pack_nibbles(q & np.uint8(0x0F)))
         return np.concatenate(parts, axis=1)
 
     def unpack(self, data):
         b = self._data(data)
         if self.bits == 5:
-            q = _unpack_nibbles(b[:, 6:]) | _unpack_qh(b[:, 2:6])
+            q = unpack_nibbles(b[:, 6:]) | unpack_qh(b[:, 2:6])
         else:
-            q = _unpack_nibbles(b[:, 2:])
-        return Params(d=_f16_from(b[:, :2])), q.astype(np.int16)
+            q = unpack_nibbles(b[:, 2:])
+        return Params(d=f16_from(b[:, :2])), q.astype(np.int16)
 
 
 class _MinLegacy(Codec):
@@ -313,15 +286,15 @@ class _MinLegacy(Codec):
 
     def fit(self, x, weight=None):
         d, mn = self._dm32(self._blocks(x))
-        return Params(d=_f16(d), m=_f16(mn))
+        return Params(d=f16(d), m=f16(mn))
 
     def rtn(self, x, weight=None):
         x = self._blocks(x)
         d, mn = self._dm32(x)
         with np.errstate(over="ignore", invalid="ignore"):
-            v = (x - mn[:, None]) * _recip(d)[:, None] + _F32(0.5)
+            v = (x - mn[:, None]) * recip(d)[:, None] + _F32(0.5)
             q = np.minimum(np.trunc(v), _F32(self.qmax)).astype(np.int16)
-        return Params(d=_f16(d), m=_f16(mn)), q
+        return Params(d=f16(d), m=f16(mn)), q
 
     def decode(self, p, q, cols):
         return np.asarray(q).astype(_F32) * p.d[:, None] + p.m[:, None]
@@ -331,19 +304,19 @@ class _MinLegacy(Codec):
 
     def pack(self, p, q):
         q = self._check_codes(q, len(p)).astype(np.uint8)
-        parts = [_f16_bytes(p.d), _f16_bytes(p.m)]
+        parts = [f16_bytes(p.d), f16_bytes(p.m)]
         if self.bits == 5:
-            parts.append(_pack_qh(q))
-        parts.append(_pack_nibbles(q & np.uint8(0x0F)))
+            parts.append(pack_qh(q))
+        parts.append(pack_nibbles(q & np.uint8(0x0F)))
         return np.concatenate(parts, axis=1)
 
     def unpack(self, data):
         b = self._data(data)
         if self.bits == 5:
-            q = _unpack_nibbles(b[:, 8:]) | _unpack_qh(b[:, 4:8])
+            q = unpack_nibbles(b[:, 8:]) | unpack_qh(b[:, 4:8])
         else:
-            q = _unpack_nibbles(b[:, 4:])
-        return Params(d=_f16_from(b[:, :2]), m=_f16_from(b[:, 2:4])), q.astype(np.int16)
+            q = unpack_nibbles(b[:, 4:])
+        return Params(d=f16_from(b[:, :2]), m=f16_from(b[:, 2:4])), q.astype(np.int16)
 
 
 # ---------------------------------------------------------------------------- K-quant fits
@@ -424,7 +397,7 @@ def _fit_sym_scale(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 def _round_sub_scales(v: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
     """Sub-block scales v (R, S) -> fp16 super scale (R,) and integer multiples in [lo, hi]."""
     amax = np.abs(v).max(axis=1)
-    d = _f16_finite(amax / hi)
+    d = f16_finite(amax / hi)
     with np.errstate(divide="ignore", invalid="ignore"):
         k = np.where(d[:, None] > 0, np.rint(v / d[:, None].astype(np.float64)), 0.0)
     return d, np.clip(k, lo, hi)
@@ -435,7 +408,7 @@ class _Q4_K(Codec):
 
     def fit(self, x, weight=None):
         x = self._blocks(x)
-        w = _weights(weight, x.shape).reshape(-1, 8, 32)
+        w = importance_weights(weight, x.shape).reshape(-1, 8, 32)
         a, m = _fit_min_scale(x.astype(np.float64).reshape(-1, 8, 32), w, 15)
         d, sc = _round_sub_scales(a, 0, 63)
         dmin, mn = _round_sub_scales(m, 0, 63)
@@ -465,7 +438,7 @@ class _Q4_K(Codec):
             (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4),
         ], axis=1)
         qs = (q[:, :, 0] | (q[:, :, 1] << np.uint8(4))).reshape(-1, 128)
-        return np.concatenate([_f16_bytes(p.d), _f16_bytes(p.m), scales, qs], axis=1)
+        return np.concatenate([f16_bytes(p.d), f16_bytes(p.m), scales, qs], axis=1)
 
     def unpack(self, data):
         b = self._data(data)
@@ -474,7 +447,7 @@ class _Q4_K(Codec):
         mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
         qs = b[:, 16:].reshape(-1, 4, 1, 32)
         q = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=2).reshape(-1, 256)
-        p = Params(d=_f16_from(b[:, 0:2]), m=_f16_from(b[:, 2:4]), sc=sc, mn=mn)
+        p = Params(d=f16_from(b[:, 0:2]), m=f16_from(b[:, 2:4]), sc=sc, mn=mn)
         return p, q.astype(np.int16)
 
 
@@ -483,7 +456,7 @@ class _Q6_K(Codec):
 
     def fit(self, x, weight=None):
         x = self._blocks(x)
-        w = _weights(weight, x.shape).reshape(-1, 16, 16)
+        w = importance_weights(weight, x.shape).reshape(-1, 16, 16)
         a = _fit_sym_scale(x.astype(np.float64).reshape(-1, 16, 16), w)
         d, sc = _round_sub_scales(a, -128, 127)
         return Params(d=d, sc=sc.astype(np.int8))
@@ -505,7 +478,7 @@ class _Q6_K(Codec):
         ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)
         qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
         return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64),
-                               p.sc.astype(np.int8).view(np.uint8), _f16_bytes(p.d)], axis=1)
+                               p.sc.astype(np.int8).view(np.uint8), f16_bytes(p.d)], axis=1)
 
     def unpack(self, data):
         b = self._data(data)
@@ -514,7 +487,7 @@ class _Q6_K(Codec):
         lo = np.stack([ql[:, :, 0] & 15, ql[:, :, 1] & 15, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], axis=2)
         hi = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & np.uint8(3)
         q = (lo | (hi << np.uint8(4))).reshape(-1, 256)
-        p = Params(d=_f16_from(b[:, 208:210]), sc=b[:, 192:208].view(np.int8).copy())
+        p = Params(d=f16_from(b[:, 208:210]), sc=b[:, 192:208].view(np.int8).copy())
         return p, q.astype(np.int16)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from edgeq.errors import EdgeqError
+from edgeq.quant.intgroup import IntGroupTensor
 
 
 @dataclass(frozen=True)
@@ -161,8 +162,6 @@ def pack_gguf(result: GridResult, codec) -> np.ndarray:
 def to_int_group(result: GridResult, codec):
     """An :class:`edgeq.quant.intgroup.IntGroupTensor` (ONNX MatMulNBits / TVM layout) of a
     GridResult made with an int-group codec; it dequantizes to exactly ``result.dequant``."""
-    from edgeq.quant.intgroup import IntGroupTensor
-
     fmt = codec.fmt
     R, K = result.codes.shape
     d = np.stack([np.asarray(p.d, np.float32) for p in result.params], axis=1)  # (R, n_groups)

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeq.errors import EdgeqError
-from edgeq.quant.codecs import Codec, Params, _f16_bytes, _f16_finite, _f16_from, _first_absmax, _weights
+from edgeq.quant.blockops import f16_bytes, f16_finite, f16_from, first_absmax, importance_weights
+from edgeq.quant.codecs import Codec, Params
 
 _F32 = np.float32
 _SHRINK = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76)
@@ -93,10 +94,10 @@ class IntGroupCodec(Codec):
     def _params(self, x: np.ndarray, shrink: float) -> Params:
         fmt = self.fmt
         if fmt.symmetric:
-            return Params(d=_f16_finite(_first_absmax(x).astype(np.float64) * shrink / -fmt.default_zero_point))
+            return Params(d=f16_finite(first_absmax(x).astype(np.float64) * shrink / -fmt.default_zero_point))
         lo = np.minimum(x.min(axis=1), 0.0).astype(np.float64) * shrink
         hi = np.maximum(x.max(axis=1), 0.0).astype(np.float64) * shrink
-        d = _f16_finite((hi - lo) / self.qmax)
+        d = f16_finite((hi - lo) / self.qmax)
         with np.errstate(divide="ignore", invalid="ignore"):
             zp = np.where(d > 0, np.rint(-lo / d), 0.0)
         return Params(d=d, zp=np.clip(zp, 0, self.qmax).astype(np.uint8))
@@ -106,7 +107,7 @@ class IntGroupCodec(Codec):
         p = self._params(x, 1.0)
         if weight is None:
             return p
-        w = _weights(weight, x.shape)
+        w = importance_weights(weight, x.shape)
         cols = np.arange(self.block)
         x64 = x.astype(np.float64)
 
@@ -135,7 +136,7 @@ class IntGroupCodec(Codec):
 
     def pack(self, p, q):
         q = self._check_codes(q, len(p)).astype(np.uint8)
-        parts = [_f16_bytes(p.d)]
+        parts = [f16_bytes(p.d)]
         if not self.fmt.symmetric:
             parts.append(p.zp.astype(np.uint8)[:, None])
         parts.append(_pack_codes(q, self.fmt.bits))
@@ -146,7 +147,7 @@ class IntGroupCodec(Codec):
         off = 2 if self.fmt.symmetric else 3
         zp = None if self.fmt.symmetric else b[:, 2].copy()
         q = _unpack_codes(b[:, off:], self.fmt.bits, self.block)
-        return Params(d=_f16_from(b[:, :2]), zp=zp), q.astype(np.int16)
+        return Params(d=f16_from(b[:, :2]), zp=zp), q.astype(np.int16)
 
 
 def _pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
@@ -276,3 +277,21 @@ def rtn_int(x: np.ndarray, fmt: IntGroupFormat | str) -> IntGroupTensor:
         raise EdgeqError(f"{fmt.name}: expected K a multiple of {fmt.group}, got {k}")
     p, q = int_codec(fmt).rtn(x.reshape(-1, fmt.group))
     return IntGroupTensor.from_blocks(fmt, (n, k), p, q)
+
+
+def fit_format(fmt: str | IntGroupFormat, k: int) -> IntGroupFormat:
+    """The int-group format for a tensor with ``k`` inputs: the requested group, or the largest
+    of 128/64/32 that divides ``k`` and is not larger (noted in the manifest)."""
+    f = parse_int_format(fmt)
+    for g in (128, 64, 32):
+        if g <= f.group and k % g == 0:
+            return IntGroupFormat(f.bits, g, f.symmetric)
+    raise EdgeqError(f"{f.name}: no group size of 32/64/128 divides the input width {k}")
+
+
+def dequantized(weight: np.ndarray, fmt_name: str | None) -> np.ndarray:
+    """What a lowering computes with for a weight stored as ``fmt_name`` (float32 for None):
+    round to nearest in the format fitted to its input width, then decode."""
+    if fmt_name is None:
+        return weight
+    return rtn_int(weight, fit_format(fmt_name, weight.shape[1])).dequantize()

@@ -38,6 +38,8 @@ from typing import Sequence
 import numpy as np
 
 from edgeq.errors import EdgeqError
+from edgeq.quant.blockops import f16_bytes, first_absmax, pack_nibbles, pack_qh, recip, roundf, unpack_nibbles, unpack_qh
+from edgeq.quant.codecs import codec_for
 from edgeq.quant.formats import FORMATS, QType, as_qtype, row_nbytes, tensor_nbytes
 
 # Blocks processed per step: bounds temporaries to a few tens of MB whatever the tensor size.
@@ -46,39 +48,9 @@ _CHUNK_BLOCKS = 1 << 15
 _F32 = np.float32
 
 
-def _recip(d: np.ndarray) -> np.ndarray:
-    """``d ? 1.0f/d : 0.0f`` elementwise, in float32."""
-    out = np.zeros_like(d)
-    np.divide(_F32(1.0), d, out=out, where=d != 0)
-    return out
-
-
-def _fp16_bytes(v: np.ndarray) -> np.ndarray:
-    """(n,) float32 -> (n, 2) uint8: little-endian IEEE half, round-to-nearest-even."""
-    return v.astype("<f2").view(np.uint8).reshape(-1, 2)
-
-
-def _pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """(n, 32) ints in [0, 15] -> (n, 16) uint8: byte j = q[j] | q[j + 16] << 4."""
-    q = q.astype(np.uint8)
-    return q[:, :16] | (q[:, 16:] << np.uint8(4))
-
-
-def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
-    """(n, 16) uint8 -> (n, 32) uint8 in [0, 15] (inverse of ``_pack_nibbles``)."""
-    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=1)
-
-
 def _trunc_to_nibble(v: np.ndarray) -> np.ndarray:
     """``MIN(15, (int8_t)v)`` for v >= -1 (what the Q4 quantizers feed it)."""
     return np.minimum(np.trunc(v), _F32(15)).astype(np.uint8)
-
-
-def _roundf(v: np.ndarray) -> np.ndarray:
-    """C ``roundf``: round half away from zero, exactly (no ``x + 0.5`` double rounding)."""
-    t = np.trunc(v)
-    frac = v - t  # exact in binary floating point
-    return t + np.where(np.abs(frac) >= _F32(0.5), np.sign(v), _F32(0.0))
 
 
 def _trunc_to_5bits(v: np.ndarray) -> np.ndarray:
@@ -86,34 +58,20 @@ def _trunc_to_5bits(v: np.ndarray) -> np.ndarray:
     return np.minimum(np.trunc(v), _F32(31)).astype(np.uint8)
 
 
-def _pack_qh(q: np.ndarray) -> np.ndarray:
-    """(n, 32) ints in [0, 31] -> (n, 4) uint8: little-endian uint32 whose bit j is bit 4 of q[j]."""
-    bits = (q.astype(np.uint8) >> np.uint8(4)) & np.uint8(1)
-    return np.packbits(bits, axis=1, bitorder="little")
-
-
-def _unpack_qh(qh: np.ndarray) -> np.ndarray:
-    """(n, 4) uint8 -> (n, 32) uint8 holding 0 or 16 (bit 4 of each value)."""
-    return np.unpackbits(qh, axis=1, bitorder="little") << np.uint8(4)
-
-
 def _q8_0_blocks(b: np.ndarray) -> np.ndarray:
     amax = np.abs(b).max(axis=1)
     d = amax / _F32(127)
-    iv = _recip(d)
-    q = _roundf(b * iv[:, None]).astype(np.int8)
-    return np.concatenate([_fp16_bytes(d), q.view(np.uint8)], axis=1)
+    iv = recip(d)
+    q = roundf(b * iv[:, None]).astype(np.int8)
+    return np.concatenate([f16_bytes(d), q.view(np.uint8)], axis=1)
 
 
 def _q4_0_blocks(b: np.ndarray) -> np.ndarray:
-    rows = np.arange(b.shape[0])
-    a = np.abs(b)
-    i = a.argmax(axis=1)  # first occurrence, like ggml's strict "amax < |v|"
-    mx = np.where(a[rows, i] > 0, b[rows, i], _F32(0.0))  # ggml keeps max = +0.0 for zero blocks
+    mx = first_absmax(b)  # first occurrence; +0.0 for zero blocks, like ggml
     d = mx / _F32(-8)
-    iv = _recip(d)
+    iv = recip(d)
     q = _trunc_to_nibble(b * iv[:, None] + _F32(8.5))
-    return np.concatenate([_fp16_bytes(d), _pack_nibbles(q)], axis=1)
+    return np.concatenate([f16_bytes(d), pack_nibbles(q)], axis=1)
 
 
 def _q4_1_blocks(b: np.ndarray) -> np.ndarray:
@@ -121,20 +79,17 @@ def _q4_1_blocks(b: np.ndarray) -> np.ndarray:
     mn = b[rows, b.argmin(axis=1)]  # first occurrence, like ggml's strict "v < min"
     mx = b[rows, b.argmax(axis=1)]
     d = (mx - mn) / _F32(15)
-    iv = _recip(d)
+    iv = recip(d)
     q = _trunc_to_nibble((b - mn[:, None]) * iv[:, None] + _F32(0.5))
-    return np.concatenate([_fp16_bytes(d), _fp16_bytes(mn), _pack_nibbles(q)], axis=1)
+    return np.concatenate([f16_bytes(d), f16_bytes(mn), pack_nibbles(q)], axis=1)
 
 
 def _q5_0_blocks(b: np.ndarray) -> np.ndarray:
-    rows = np.arange(b.shape[0])
-    a = np.abs(b)
-    i = a.argmax(axis=1)
-    mx = np.where(a[rows, i] > 0, b[rows, i], _F32(0.0))
+    mx = first_absmax(b)
     d = mx / _F32(-16)
-    iv = _recip(d)
+    iv = recip(d)
     q = _trunc_to_5bits(b * iv[:, None] + _F32(16.5))
-    return np.concatenate([_fp16_bytes(d), _pack_qh(q), _pack_nibbles(q & np.uint8(0x0F))], axis=1)
+    return np.concatenate([f16_bytes(d), pack_qh(q), pack_nibbles(q & np.uint8(0x0F))], axis=1)
 
 
 def _q5_1_blocks(b: np.ndarray) -> np.ndarray:
@@ -142,10 +97,10 @@ def _q5_1_blocks(b: np.ndarray) -> np.ndarray:
     mn = b[rows, b.argmin(axis=1)]
     mx = b[rows, b.argmax(axis=1)]
     d = (mx - mn) / _F32(31)
-    iv = _recip(d)
+    iv = recip(d)
     q = _trunc_to_5bits((b - mn[:, None]) * iv[:, None] + _F32(0.5))
     return np.concatenate(
-        [_fp16_bytes(d), _fp16_bytes(mn), _pack_qh(q), _pack_nibbles(q & np.uint8(0x0F))], axis=1)
+        [f16_bytes(d), f16_bytes(mn), pack_qh(q), pack_nibbles(q & np.uint8(0x0F))], axis=1)
 
 
 def _dq_q8_0(blk: np.ndarray) -> np.ndarray:
@@ -156,34 +111,32 @@ def _dq_q8_0(blk: np.ndarray) -> np.ndarray:
 
 def _dq_q4_0(blk: np.ndarray) -> np.ndarray:
     d = blk[:, :2].copy().view("<f2").astype(_F32)
-    q = _unpack_nibbles(blk[:, 2:]).astype(_F32) - _F32(8)
+    q = unpack_nibbles(blk[:, 2:]).astype(_F32) - _F32(8)
     return q * d
 
 
 def _dq_q4_1(blk: np.ndarray) -> np.ndarray:
     d = blk[:, :2].copy().view("<f2").astype(_F32)
     m = blk[:, 2:4].copy().view("<f2").astype(_F32)
-    q = _unpack_nibbles(blk[:, 4:]).astype(_F32)
+    q = unpack_nibbles(blk[:, 4:]).astype(_F32)
     return q * d + m
 
 
 def _dq_q5_0(blk: np.ndarray) -> np.ndarray:
     d = blk[:, :2].copy().view("<f2").astype(_F32)
-    q = (_unpack_nibbles(blk[:, 6:]) | _unpack_qh(blk[:, 2:6])).astype(_F32) - _F32(16)
+    q = (unpack_nibbles(blk[:, 6:]) | unpack_qh(blk[:, 2:6])).astype(_F32) - _F32(16)
     return q * d
 
 
 def _dq_q5_1(blk: np.ndarray) -> np.ndarray:
     d = blk[:, :2].copy().view("<f2").astype(_F32)
     m = blk[:, 2:4].copy().view("<f2").astype(_F32)
-    q = (_unpack_nibbles(blk[:, 8:]) | _unpack_qh(blk[:, 4:8])).astype(_F32)
+    q = (unpack_nibbles(blk[:, 8:]) | unpack_qh(blk[:, 4:8])).astype(_F32)
     return q * d + m
 
 
 def _kquant_quantizer(qt: QType):
     def fn(b: np.ndarray) -> np.ndarray:
-        from edgeq.quant.codecs import codec_for  # codecs imports this module's helpers
-
         c = codec_for(qt)
         p, q = c.rtn(b)
         return c.pack(p, q)
@@ -192,8 +145,6 @@ def _kquant_quantizer(qt: QType):
 
 def _kquant_dequantizer(qt: QType):
     def fn(blk: np.ndarray) -> np.ndarray:
-        from edgeq.quant.codecs import codec_for
-
         c = codec_for(qt)
         p, q = c.unpack(blk)
         return c.decode(p, q, np.arange(c.block))

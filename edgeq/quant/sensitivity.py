@@ -22,16 +22,16 @@ from __future__ import annotations
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from edgeq.errors import require
 from edgeq.ir import ModelIR, Role
+from edgeq.passes.recover import LoraModel
 
 class KLProbe:
     """KL(fp32 model || model with one tensor replaced) on fixed token sequences."""
 
     def __init__(self, ir: ModelIR, sequences: Sequence[Sequence[int]], threads: int | None = None):
-        from edgeq.passes.recover import LoraModel
-
         self.torch = torch = require("torch", "frontend")
         if threads:
             torch.set_num_threads(int(threads))
@@ -91,8 +91,6 @@ def measure_gains(ir: ModelIR, errors_ref: Mapping[str, float], perturbed: Calla
     names = list(errors_ref)
     it = names
     if progress:
-        from tqdm import tqdm
-
         it = tqdm(names, desc="measuring sensitivity", unit="tensor", leave=False)
     gains: dict[str, float] = {}
     for name in it:

@@ -23,10 +23,10 @@ from edgeq.lower.gguf_rates import (  # noqa: E402
     rate_filename,
     reference_ir_for_gguf,
     reference_ir_for_gguf_rate,
-    restore_rope_order,
     write_gguf_at_rate,
     write_gguf_rates,
 )
+from edgeq.passes.sort_qk import restore_rope_order  # noqa: E402
 
 # --- tolerances -----------------------------------------------------------------------------
 # F32 weights + F32 KV cache: llama.cpp and the numpy reference differ only by float rounding

@@ -1,6 +1,4 @@
 """ONNX lowering: graph checks, logits vs the reference runtime, KV cache, sorted RoPE, determinism."""
-import json
-
 import numpy as np
 import pytest
 
@@ -144,29 +142,12 @@ def test_lowering_is_deterministic(tiny_qwen2, tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
 
 
-def test_group_falls_back_to_a_divisor_of_the_width():
-    assert lo.fit_format("int4_g128_sym", 576).group == 64
-    assert lo.fit_format("int4_g128_sym", 1536).group == 128
-    assert lo.fit_format("int8_g32_asym", 96).name == "int8_g32_asym"
-    with pytest.raises(EdgeqError, match="divides"):
-        lo.fit_format("int4_g32_sym", 40)
-
-
 def test_refuses_what_it_cannot_express(tiny_llama, tmp_path):
     ir = load_model(tiny_llama)
     with pytest.raises(EdgeqError, match="8-bit or float32"):
         lo.build_model(ir, lo.OnnxOptions(linear="int4_g32_sym", head="int4_g32_sym"))
     with pytest.raises(EdgeqError, match="attention"):
         lo.OnnxOptions(attention="flash")
-
-
-def test_tokenizer_spec_round_trip(tiny_llama, tmp_path):
-    ir = load_model(tiny_llama)
-    lo.write_tokenizer(ir.tokenizer, tmp_path / "t.json")
-    assert lo.read_tokenizer(tmp_path / "t.json") == ir.tokenizer
-    (tmp_path / "bad.json").write_text(json.dumps({"nope": 1}))
-    with pytest.raises(EdgeqError, match="tokenizer"):
-        lo.read_tokenizer(tmp_path / "bad.json")
 
 
 # ---- pruning rates in one graph ------------------------------------------------------------------

@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 
 from edgeq.errors import EdgeqError
-from edgeq.quant.intgroup import IntGroupFormat, IntGroupTensor, int_codec, parse_int_format, rtn_int
+from edgeq.quant.intgroup import (
+    IntGroupFormat,
+    IntGroupTensor,
+    dequantized,
+    fit_format,
+    int_codec,
+    parse_int_format,
+    rtn_int,
+)
 
 FORMAT_NAMES = [f"int{b}_g{g}_{s}" for b in (4, 8) for g in (32, 64, 128) for s in ("sym", "asym")]
 
@@ -32,6 +40,22 @@ def test_bad_names(bad):
     with pytest.raises(EdgeqError) as ei:
         parse_int_format(bad)
     assert "\n" not in str(ei.value)
+
+
+def test_group_falls_back_to_a_divisor_of_the_width():
+    assert fit_format("int4_g128_sym", 576).group == 64
+    assert fit_format("int4_g128_sym", 1536).group == 128
+    assert fit_format("int8_g32_asym", 96).name == "int8_g32_asym"
+    with pytest.raises(EdgeqError, match="divides"):
+        fit_format("int4_g32_sym", 40)
+
+
+def test_dequantized_is_rtn_in_the_fitted_format():
+    w = _w(k=96)
+    assert dequantized(w, None) is w
+    got = dequantized(w, "int4_g64_sym")  # 96 inputs: group 32
+    np.testing.assert_array_equal(got, rtn_int(w, IntGroupFormat(4, 32, True)).dequantize())
+    assert not np.array_equal(got, w)
 
 
 def test_bad_shapes():
