@@ -244,7 +244,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = _log) -> BuildResult:
 
 def _lower_gguf(ir: ModelIR, opts: BuildOptions, target: TargetProfile, bits: int, tmp: Path,
                 log) -> tuple[dict, ModelIR]:
-    from edgeq.lower import gguf as lower_gguf
+    from edgeq.backends.gguf import lower as lower_gguf
 
     separate = opts.adapter_mode == "separate" and bool(ir.adapters)
     base = ir.without_low_rank() if separate else ir
@@ -260,7 +260,7 @@ def _lower_gguf(ir: ModelIR, opts: BuildOptions, target: TargetProfile, bits: in
                     "adapter_files": adapter_files, "weight_type": types[linear_name(0, Role.Q)].value,
                     "bits": bits, "tensor_types": {k: v.value for k, v in sorted(types.items())}}
         return manifest, ir
-    from edgeq.lower.gguf_rates import gguf_prune_spec, reference_ir_for_gguf, write_gguf_rates
+    from edgeq.backends.gguf.rates import gguf_prune_spec, reference_ir_for_gguf, write_gguf_rates
 
     log(f"writing one GGUF per pruning rate ({', '.join(f'{r:g}' for r in ir.prune.rates)})")
     files = write_gguf_rates(ir, tmp, lambda r: opts.qtype or bits, progress=True)
@@ -329,7 +329,7 @@ def plan_for(ir: ModelIR, opts: BuildOptions, target: TargetProfile, log: Callab
 def planner_budget(ir: ModelIR, opts: BuildOptions, target: TargetProfile) -> int:
     """Bytes for the 2-D weights (+ branches): from --budget-mb (minus the fixed overhead),
     --bpw, or the target's default bits per weight."""
-    from edgeq.lower.gguf import fixed_overhead_bytes
+    from edgeq.backends.gguf.lower import fixed_overhead_bytes
     from edgeq.plan import n_weights
 
     if opts.budget_mb is not None:
@@ -347,7 +347,7 @@ def planner_budget(ir: ModelIR, opts: BuildOptions, target: TargetProfile) -> in
 def _lower_gguf_planned(ir: ModelIR, float_ir: ModelIR, plan, opts: BuildOptions, target: TargetProfile,
                         tmp: Path, log) -> tuple[dict, ModelIR]:
     """GGUF from a quantized IR: packed linears written as they are, compensation as a LoRA GGUF."""
-    from edgeq.lower import gguf as lower_gguf
+    from edgeq.backends.gguf import lower as lower_gguf
     from edgeq.plan import n_weights, plan_bytes
     from edgeq.quant.apply import COMP_SOURCE, has_compensation
 
@@ -385,7 +385,7 @@ def _lower_gguf_planned(ir: ModelIR, float_ir: ModelIR, plan, opts: BuildOptions
 
 def _write_adapter_files(ir: ModelIR, tmp: Path, log) -> list[str]:
     """One llama.cpp LoRA-adapter GGUF per adapter kept separate; returns the file names."""
-    from edgeq.lower import gguf as lower_gguf
+    from edgeq.backends.gguf import lower as lower_gguf
 
     files = []
     for name in ir.adapters:
@@ -407,7 +407,7 @@ def onnx_weights(bits: int, target: TargetProfile):
     """The ONNX weight layout for ``--bits`` on ``target``: int4 / int8 groups of the profile's block
     size for the block linears (the embedding and head at int8, as llama.cpp keeps them at Q8_0 in
     its 4-bit files), or float32 throughout."""
-    from edgeq.lower.onnx import OnnxOptions
+    from edgeq.backends.onnx.lower import OnnxOptions
 
     if bits == 32:
         return OnnxOptions(linear=None, head=None, accuracy_level=target.onnx_accuracy_level)
@@ -417,7 +417,7 @@ def onnx_weights(bits: int, target: TargetProfile):
 
 def _lower_onnx(ir: ModelIR, opts: BuildOptions, target: TargetProfile, bits: int, tmp: Path,
                 log) -> tuple[dict, ModelIR]:
-    from edgeq.lower import onnx as lower_onnx
+    from edgeq.backends.onnx import lower as lower_onnx
 
     weights = onnx_weights(bits, target)
     separate = opts.adapter_mode == "separate" and bool(ir.adapters)
@@ -462,7 +462,7 @@ def _runs_here(manifest: dict) -> bool:
 
 def _lower_tvm(ir: ModelIR, opts: BuildOptions, target: TargetProfile, bits: int, tmp: Path,
                log) -> tuple[dict, ModelIR]:
-    from edgeq.lower import tvm as lower_tvm
+    from edgeq.backends.tvm import lower as lower_tvm
 
     if bits not in (4, 8):
         raise EdgeqError(f"the tvm format stores int4 or int8 weights; target {target.name} defaults to {bits} bits "
@@ -484,7 +484,7 @@ def _lower_tvm(ir: ModelIR, opts: BuildOptions, target: TargetProfile, bits: int
 
 def _lower_reference(ir: ModelIR, opts: BuildOptions, target: TargetProfile, tmp: Path,
                      log) -> tuple[dict, ModelIR]:
-    from edgeq.lower.ir_files import WEIGHTS, write_ir
+    from edgeq.backends.reference.ir_files import WEIGHTS, write_ir
 
     log(f"writing {WEIGHTS} (float32, pruning-aware layout at load) for the reference runtime")
     write_ir(ir, tmp)

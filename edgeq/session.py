@@ -48,7 +48,7 @@ def open_session(artifact_dir: str | Path, runtime: str = "auto", n_ctx: int = 2
     if fmt == "reference":
         if runtime == "llamacpp":
             raise EdgeqError("a reference artifact runs on the reference runtime only")
-        from edgeq.lower.ir_files import read_ir
+        from edgeq.backends.reference.ir_files import read_ir
         from runtimes.reference import ReferenceSession
 
         check_rate(m, rate)
@@ -86,6 +86,6 @@ def open_session(artifact_dir: str | Path, runtime: str = "auto", n_ctx: int = 2
     if m.get("adapter_files"):
         raise EdgeqError("the reference runtime does not load separate LoRA-adapter GGUFs; "
                          "use --runtime llamacpp or build with --adapter-mode merge")
-    from edgeq.lower.gguf import read_gguf
+    from edgeq.backends.gguf.lower import read_gguf
 
     return ReferenceSession(read_gguf(model), n_ctx=n_ctx)

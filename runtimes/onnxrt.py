@@ -1,6 +1,6 @@
 """onnxruntime runtime for edgeq ONNX artifacts (numpy + onnxruntime + tokenizers; no torch).
 
-The artifact's graph (edgeq.lower.onnx) takes new tokens + the KV cache and returns logits + the
+The artifact's graph (edgeq.backends.onnx.lower) takes new tokens + the KV cache and returns logits + the
 grown cache; this session keeps the cache as numpy arrays between calls. LoRA adapters kept
 separate ship as onnxruntime adapter files and are activated per run (``set_adapter``), so an
 adapter is switched or disabled without rebuilding or reloading the base model.
@@ -120,7 +120,7 @@ class OnnxSession(RateSwitchMixin, SpecTextMixin, Session):
     # ---- text (SpecTextMixin) ---------------------------------------------------------------
     def _tokenizer_spec(self):
         if self._spec is None and self._tok_file:
-            from edgeq.lower.onnx import read_tokenizer
+            from edgeq.backends.onnx.lower import read_tokenizer
 
             self._spec = read_tokenizer(self.root / self._tok_file)
         return self._spec

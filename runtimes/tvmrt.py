@@ -195,7 +195,7 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
     # ---- text --------------------------------------------------------------------------------------
     def _tokenizer_spec(self):
         if self._spec is None and self._tok_file:
-            from edgeq.lower.onnx import read_tokenizer
+            from edgeq.backends.onnx.lower import read_tokenizer
 
             self._spec = read_tokenizer(self.root / self._tok_file)
         return self._spec

@@ -17,7 +17,7 @@ def load_model(path: str | Path) -> ModelIR:
     if not path.exists():
         raise EdgeqError(f"{path}: no such file or directory")
     if path.is_file() and path.suffix == ".gguf":
-        from edgeq.lower.gguf import read_gguf
+        from edgeq.backends.gguf.lower import read_gguf
 
         return read_gguf(path)
     if path.is_dir():

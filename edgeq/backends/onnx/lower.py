@@ -42,7 +42,7 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.ir import Linear, ModelIR, Role, TokenizerSpec, linear_name
-from edgeq.lower.onnx_graph import MS_DOMAIN, GraphBuilder
+from edgeq.backends.onnx.graph import MS_DOMAIN, GraphBuilder
 
 OPSET = 23
 IR_VERSION = 10
@@ -269,7 +269,7 @@ class _DecoderGraph:
                 m = np.tile(np.tile(np.arange(half) < w.qk_pairs, 2), H if kind == "q" else KV)
                 idx = self.sorted_rope.get(layer)
                 if idx is not None:  # the graph's Q/K rows are in the original pair order
-                    from edgeq.lower.gguf_rates import _qk_restore_rows
+                    from edgeq.backends.gguf.rates import _qk_restore_rows
 
                     m = m[_qk_restore_rows(hp, idx, Role.Q if kind == "q" else Role.K)]
             else:
@@ -524,7 +524,7 @@ def graph_ir(ir: ModelIR, weights: OnnxOptions) -> ModelIR:
     if problems:
         raise EdgeqError(f"cannot lower to onnx: {problems[0]}")
     if weights.attention == "gqa" and ir.rope_index:
-        from edgeq.lower.gguf_rates import restore_rope_order
+        from edgeq.backends.gguf.rates import restore_rope_order
 
         ir = restore_rope_order(ir)  # GQA's rotary uses the sequential frequencies (a row permutation)
     return ir

@@ -52,7 +52,7 @@ class TvmOptions:
 
 
 def _format(bits: int, group: int, k: int) -> str:
-    from edgeq.lower.onnx import fit_format
+    from edgeq.backends.onnx.lower import fit_format
 
     return fit_format(f"int{bits}_g{group}_sym", k).name
 
@@ -184,7 +184,7 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
     from safetensors.numpy import save_file
 
     from edgeq.kernels import compile as kc
-    from edgeq.lower.onnx import write_tokenizer
+    from edgeq.backends.onnx.lower import write_tokenizer
 
     problems = check(ir, opts)
     if problems:
@@ -238,7 +238,7 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
 def lowered_ir(ir: ModelIR, opts: TvmOptions) -> ModelIR:
     """The float model a TVM artifact computes: every block linear as its int-group values (the
     head / embedding at int8), low-rank factors rounded to their storage dtype (scale folded into B)."""
-    from edgeq.lower.onnx import dequantized
+    from edgeq.backends.onnx.lower import dequantized
 
     def factors(lr):  # as stored: A and s*B rounded to the factor dtype
         if opts.lr_dtype == "float32":
