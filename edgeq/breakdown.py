@@ -140,13 +140,8 @@ def reference_breakdown(session, steps: int) -> dict:
 
 
 def breakdown(session, steps: int = 16) -> dict:
+    """Ask the backend whose runtime ``session`` is (edgeq.backends) for its breakdown."""
+    from edgeq.backends import Backend, for_runtime
+
     name = getattr(session, "name", "")
-    if name == "onnxruntime":
-        return onnx_breakdown(session, steps)
-    if name == "tvm":
-        return tvm_breakdown(session, steps)
-    if name == "reference":
-        return reference_breakdown(session, steps)
-    return {"available": False, "runtime": name,
-            "method": "llama-cpp-python exposes no per-op or per-layer timings (only whole-call totals: "
-                      "prompt eval and eval time), so no breakdown is reported for GGUF artifacts"}
+    return (for_runtime(name) or Backend()).breakdown(session, steps)

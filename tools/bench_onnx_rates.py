@@ -73,7 +73,7 @@ def lower(out: Path, bits: int) -> dict:
     """Lower the compressed model saved in ``out/ir`` twice (every rate / rate 0 only)."""
     import shutil
 
-    from edgeq.build import onnx_weights
+    from edgeq.backends.onnx.backend import onnx_weights
     from edgeq.backends.reference.ir_files import read_ir
     from edgeq.targets import load_target
 
