@@ -198,3 +198,22 @@ def test_open_session_checks_the_runtime_against_the_backend(tmp_path, fmt, runt
 
 def test_switches_in_place_everywhere_but_gguf():
     assert [b.name for b in backends.backends() if not b.switches_in_place] == ["gguf"]
+
+
+def test_eval_takes_every_backend_runtime_for_artifacts_only(tiny_llama):
+    from edgeq.eval_cmd import RUNTIMES, open_target
+
+    assert RUNTIMES == backends.runtimes()
+    with pytest.raises(EdgeqError, match="--runtime tvm runs artifacts only"):
+        open_target(tiny_llama, runtime="tvm")
+
+
+def test_cli_choices_come_from_the_registry():
+    from click.testing import CliRunner
+
+    from edgeq.cli import main
+
+    r = CliRunner().invoke(main, ["build", "m", "--format", "tflite", "-o", "x"])
+    assert r.exit_code == 2 and "'gguf', 'onnx', 'tvm', 'reference'" in r.output
+    r = CliRunner().invoke(main, ["run", "a", "--prompt", "p", "--runtime", "tflite"])
+    assert r.exit_code == 2 and "'auto', 'llamacpp', 'onnxruntime', 'tvm', 'reference'" in r.output
