@@ -160,3 +160,27 @@ def read_tokenizer_spec(path: Path) -> TokenizerSpec:
         return TokenizerSpec.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
     except (OSError, json.JSONDecodeError, TypeError) as exc:
         raise EdgeqError(f"{path}: unreadable tokenizer spec ({exc.__class__.__name__})") from None
+
+
+# ---- the pruning rates a manifest carries ------------------------------------------------------
+
+def rate_key(rate: float) -> str:
+    return f"{float(rate):g}"
+
+
+def artifact_rates(m: dict) -> tuple[float, ...]:
+    p = m.get("prune")
+    return tuple(float(r) for r in p["rates"]) if p else (0.0,)
+
+
+def check_rate(m: dict, rate: float) -> None:
+    rates = artifact_rates(m)
+    if not any(abs(rate - r) < 1e-9 for r in rates):
+        raise EdgeqError(f"pruning rate {rate:g} is not carried by this artifact "
+                         f"(available: {', '.join(rate_key(r) for r in rates)})")
+
+
+def gguf_file_for_rate(m: dict, rate: float) -> str:
+    check_rate(m, rate)
+    p = m.get("prune")
+    return p["files"][rate_key(rate)] if p else m["model_file"]

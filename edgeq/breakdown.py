@@ -138,14 +138,15 @@ def reference_breakdown(session, steps: int) -> dict:
                    session.hp.num_layers)
 
 
+# backend name -> how its runtime's decode step is broken down; the others say why not
+# (``Backend.no_breakdown``, e.g. llama.cpp exposes only whole-call totals)
+_BY_BACKEND = {"onnx": onnx_breakdown, "tvm": tvm_breakdown, "reference": reference_breakdown}
+
+
 def breakdown(session, steps: int = 16) -> dict:
-    name = getattr(session, "name", "")
-    if name == "onnxruntime":
-        return onnx_breakdown(session, steps)
-    if name == "tvm":
-        return tvm_breakdown(session, steps)
-    if name == "reference":
-        return reference_breakdown(session, steps)
-    return {"available": False, "runtime": name,
-            "method": "llama-cpp-python exposes no per-op or per-layer timings (only whole-call totals: "
-                      "prompt eval and eval time), so no breakdown is reported for GGUF artifacts"}
+    """The breakdown of the backend whose runtime ``session`` is (edgeq.backends registry)."""
+    from edgeq.backends import Backend, for_runtime
+
+    backend = for_runtime(getattr(session, "name", "")) or Backend()
+    fn = _BY_BACKEND.get(backend.name)
+    return fn(session, steps) if fn is not None else backend.breakdown(session, steps)

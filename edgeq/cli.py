@@ -8,8 +8,10 @@ from pathlib import Path
 
 import click
 
-from edgeq import __version__
+from edgeq import __version__, backends
 from edgeq.errors import EdgeqError
+
+FORMAT_HELP = ", ".join(f"{b.name} ({b.summary})" for b in backends.backends())
 
 
 def _fail_cleanly(fn):
@@ -54,10 +56,8 @@ def targets(as_json):
 @click.option("--adapter-mode", type=click.Choice(["merge", "separate"]), default="merge", show_default=True,
               help="Merge adapters into the weights, or keep each as a LoRA-adapter file applied at run time.")
 @click.option("--target", default="cpu-avx2", show_default=True, help="Hardware profile (see `edgeq targets`).")
-@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx", "tvm", "reference"]), default=None,
-              help="Artifact format: gguf (llama.cpp), onnx (onnxruntime, MatMulNBits), tvm (generated kernels "
-                   "with fused low-rank branches) or reference (float32, numpy runtime, run-time rate switch). "
-                   "Default: the target's first (cpu: gguf, gpu: onnx).")
+@click.option("--format", "fmt", type=click.Choice(backends.names()), default=None,
+              help=f"Artifact format: {FORMAT_HELP}. Default: the target's first (cpu: gguf, gpu: onnx).")
 @click.option("--bits", type=int, default=None,
               help="Weight bits: 8 (Q8_0 / int8) or 4 (Q4_0 / int4), 32 float; default: the target's.")
 @click.option("--qtype", default=None, help="Explicit weight type for the block linears (e.g. Q4_1); overrides --bits.")
@@ -146,7 +146,7 @@ def plan(model, adapters, target, budget_mb, bpw, calib_samples, calib_len, cali
 @click.option("--prompt", required=True, help="Prompt text.")
 @click.option("--max-tokens", type=int, default=128, show_default=True)
 @click.option("--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
-@click.option("--runtime", type=click.Choice(["auto", "llamacpp", "onnxruntime", "tvm", "reference"]), default="auto", show_default=True)
+@click.option("--runtime", type=click.Choice(backends.runtimes()), default="auto", show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @click.option("--prune", type=float, default=None, help="Pruning rate to run at (one the artifact carries).")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy; > 0: sample.")
@@ -172,7 +172,7 @@ def run(artifact, prompt, max_tokens, chat, runtime, threads, prune, temperature
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--runtime", type=click.Choice(["auto", "llamacpp", "onnxruntime", "tvm", "reference"]), default="auto", show_default=True)
+@click.option("--runtime", type=click.Choice(backends.runtimes()), default="auto", show_default=True)
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Also write the report as JSON.")
 @_fail_cleanly
 def verify(artifact, runtime, json_file):
@@ -198,7 +198,7 @@ def verify(artifact, runtime, json_file):
 
 @main.command()
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--runtime", type=click.Choice(["auto", "llamacpp", "onnxruntime", "tvm", "reference"]), default="auto", show_default=True)
+@click.option("--runtime", type=click.Choice(backends.runtimes()), default="auto", show_default=True)
 @click.option("--runs", type=int, default=5, show_default=True, help="Timed runs (after one warm-up).")
 @click.option("--max-tokens", type=int, default=128, show_default=True, help="Decode length.")
 @click.option("--threads", type=int, default=None)
@@ -258,7 +258,7 @@ def inspect(artifact, tensors, as_json):
 
 @main.command("eval")
 @click.argument("target", type=click.Path(path_type=Path))
-@click.option("--runtime", type=click.Choice(["auto", "llamacpp", "onnxruntime", "tvm", "reference"]), default="auto", show_default=True)
+@click.option("--runtime", type=click.Choice(backends.runtimes()), default="auto", show_default=True)
 @click.option("--prune", type=float, default=None, help="Pruning rate: one the artifact carries; for a source model, via set_prune_rate.")
 @click.option("--tasks", default=None,
               help="Comma-separated subset of wikitext,kl,lambada (default: all; kl where a reference exists).")

@@ -16,6 +16,7 @@ import click
 
 from edgeq import __version__, evaluate
 from edgeq.artifact import MANIFEST, read_manifest
+from edgeq.backends import runtimes
 from edgeq.errors import EdgeqError
 from edgeq.frontend import load_adapter, load_model, merge_adapters
 from edgeq.session import default_threads, open_session
@@ -23,7 +24,8 @@ from runtimes.llamacpp import LlamaCppSession
 from runtimes.reference import ReferenceSession
 
 TASKS = ("wikitext", "kl", "lambada")
-RUNTIMES = ("auto", "llamacpp", "reference")
+RUNTIMES = runtimes()  # an artifact: whatever its backend accepts (edgeq.session.open_session checks)
+SOURCE_RUNTIMES = ("auto", "llamacpp", "reference")  # a source model: llama.cpp for a .gguf, else the reference
 PPL_CTX = 512
 
 
@@ -59,6 +61,9 @@ def open_target(target: str | Path, runtime: str = "auto", n_ctx: int = 2048, th
     if is_artifact(path):
         m = read_manifest(path)
         return open_session(path, runtime=runtime, n_ctx=n_ctx, threads=threads, manifest=m, prune=prune), m
+    if runtime not in SOURCE_RUNTIMES:
+        raise EdgeqError(f"{path}: --runtime {runtime} runs artifacts only (a source model runs on "
+                         f"{' or '.join(SOURCE_RUNTIMES[1:])})")
     if runtime == "llamacpp":
         if not (path.is_file() and path.suffix == ".gguf"):
             raise EdgeqError(f"{path}: --runtime llamacpp runs artifacts and .gguf files only")

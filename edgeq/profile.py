@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from edgeq import roofline
 from edgeq.artifact import read_manifest
+from edgeq.backends import for_manifest
 from edgeq.ir import HParams
 from edgeq.session import artifact_rates, gguf_file_for_rate, open_session
 
@@ -139,7 +140,7 @@ def profile_sweep(artifact_dir: str | Path, runtime: str = "auto", runs: int = 5
     m = read_manifest(root)
     n_ctx = _n_ctx(max_tokens, prefill_lengths)
     rows = []
-    if m["format"] in ("reference", "onnx", "tvm"):
+    if for_manifest(m).switches_in_place:
         t0 = time.perf_counter()
         session = open_session(root, runtime=runtime, n_ctx=n_ctx, threads=threads, manifest=m)
         load_s = time.perf_counter() - t0

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from edgeq.backends import int8_runtimes
 from edgeq.ir import HParams
 from edgeq.targets import list_targets
 
@@ -78,7 +79,7 @@ def predict(cost: TokenCost, bandwidth_gb_s: float, peak_tflops: float, context:
             "context": context, "prompt": prompt, "bandwidth_gb_s": bandwidth_gb_s, "peak_tflops": peak_tflops}
 
 
-INT_RUNTIMES = ("llamacpp", "onnxruntime")  # quantized weights through int8 dot products
+INT_RUNTIMES = int8_runtimes()  # quantized weights through int8 dot products (llamacpp, onnxruntime)
 
 
 def compute_peak(profile, runtime: str, weight_type: str | None) -> tuple[float, str]:

@@ -52,6 +52,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from edgeq.backends import target_formats
 from edgeq.errors import EdgeqError
 from edgeq.quant.formats import QType
 
@@ -65,10 +66,9 @@ class DeviceKind(str, Enum):
     MOBILE = "mobile"
 
 
-class ArtifactFormat(str, Enum):
-    GGUF = "gguf"
-    ONNX = "onnx"
-    TVM = "tvm"
+# The formats a profile may list in ``deploy.formats``: every registered backend that is not
+# built for all targets alike (``reference``), e.g. ArtifactFormat.GGUF == "gguf".
+ArtifactFormat = Enum("ArtifactFormat", [(n.upper(), n) for n in target_formats()], type=str, module=__name__)
 
 
 # Quant types a profile may name -> the block (weights per scale, along the input axis) the type

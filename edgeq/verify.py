@@ -7,6 +7,7 @@ from pathlib import Path
 
 from edgeq import goldens, tolerances
 from edgeq.artifact import check_files, read_manifest
+from edgeq.backends import for_manifest
 from edgeq.errors import EdgeqError
 from edgeq.session import open_session
 
@@ -32,11 +33,10 @@ def verify(artifact_dir: str | Path, runtime: str = "auto") -> VerifyReport:
         return rep
     g = m.get("goldens")
     if not g:
-        t = m.get("tvm", {}).get("target")
-        if t is not None and m.get("target"):
-            rep.problems.append(f"files match the manifest; the {m['target']} build ({t.get('kind')} "
-                                f"{t.get('arch') or t.get('mtriple', '')}) carries no goldens: run and verify it on "
-                                "that device")
+        device = for_manifest(m).device(m)
+        if device is not None and m.get("target"):
+            rep.problems.append(f"files match the manifest; the {m['target']} build ({device}) carries no goldens: "
+                                "run and verify it on that device")
         else:
             rep.problems.append("artifact was built without goldens (--no-goldens)")
         return rep

@@ -3,7 +3,7 @@
 Model loading, tokenization and the chat template come from llama-cpp-python's ``Llama``
 object; evaluation goes through llama.cpp's low-level batch API so that ``logits`` can ask for
 every position's logits without the high-level wrapper's ``n_ctx x n_vocab`` score buffer.
-LoRA-adapter GGUFs (``edgeq.lower.gguf.write_lora_gguf``) are attached with
+LoRA-adapter GGUFs (``edgeq.backends.gguf.lower.write_lora_gguf``) are attached with
 ``llama_adapter_lora_init`` + ``llama_set_adapters_lora``, so any number can be stacked.
 """
 from __future__ import annotations

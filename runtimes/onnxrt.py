@@ -1,6 +1,6 @@
 """onnxruntime runtime for edgeq ONNX artifacts (numpy + onnxruntime + tokenizers; no torch).
 
-The artifact's graph (edgeq.lower.onnx) takes new tokens + the KV cache and returns logits + the
+The artifact's graph (edgeq.backends.onnx.lower) takes new tokens + the KV cache and returns logits + the
 grown cache; this session keeps the cache as numpy arrays between calls. LoRA adapters kept
 separate ship as onnxruntime adapter files and are activated per run (``set_adapter``), so an
 adapter is switched or disabled without rebuilding or reloading the base model.

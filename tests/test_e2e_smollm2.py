@@ -37,7 +37,7 @@ def test_q8_artifact_verifies_and_answers(q8):
 
 def test_q8_llamacpp_logits_match_reference_on_the_same_weights(q8):
     """GGUF round trip: llama.cpp on model.gguf vs the numpy reference on the dequantized file."""
-    from edgeq.lower.gguf import read_gguf
+    from edgeq.backends.gguf.lower import read_gguf
     from runtimes.llamacpp import LlamaCppSession
     from runtimes.reference import ReferenceSession
 
@@ -93,7 +93,7 @@ def test_onnx_int8_on_smollm2_matches_reference_and_answers(smollm2_dir, tmp_pat
     same dequantized weights; the artifact verifies and answers."""
     pytest.importorskip("onnxruntime")
     from edgeq.frontend import load_model
-    from edgeq.lower.onnx import OnnxOptions, lowered_ir
+    from edgeq.backends.onnx.lower import OnnxOptions, lowered_ir
     from edgeq.session import open_session
     from edgeq.tolerances import ONNX_INT8_MAX_MEAN_KL
     from runtimes.reference import ReferenceSession
@@ -118,7 +118,7 @@ def test_tvm_int4_on_smollm2_matches_reference_and_answers(smollm2_dir, tmp_path
     the same dequantized weights — float32 kernels, so close to exact; verifies and answers."""
     pytest.importorskip("tvm")
     from edgeq.frontend import load_model
-    from edgeq.lower.tvm import TvmOptions, lowered_ir
+    from edgeq.backends.tvm.lower import TvmOptions, lowered_ir
     from edgeq.session import open_session
     from runtimes.reference import ReferenceSession
 

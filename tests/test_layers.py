@@ -49,10 +49,10 @@ def _copy_tree(dst: Path) -> Path:
 
 @pytest.mark.parametrize("module, bad_import, contract", [
     # the regression issue 13 names: a runtime reading the tokenizer through the ONNX lowering
-    ("runtimes/tvmrt.py", "from edgeq.lower.onnx import OnnxOptions", "runtimes"),
+    ("runtimes/tvmrt.py", "from edgeq.backends.onnx.lower import OnnxOptions", "runtimes"),
     ("runtimes/reference.py", "from edgeq.frontend import load_model", "runtimes"),
     ("edgeq/ir.py", "from edgeq.quant.formats import QType", "layers"),
-    ("edgeq/lower/tvm.py", "from edgeq.lower.onnx import OnnxOptions", "lowerings"),
+    ("edgeq/backends/tvm/lower.py", "from edgeq.backends.onnx.lower import OnnxOptions", "lowerings"),
     ("edgeq/quant/codecs.py", "from edgeq.quant.reference import quantize", "quant"),
 ])
 def test_a_bad_import_breaks_its_contract(tmp_path, module, bad_import, contract):

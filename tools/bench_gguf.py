@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 from edgeq.build import BuildOptions, build  # noqa: E402
 from edgeq.evaluate import perplexity, wikitext2_test_text  # noqa: E402
 from edgeq.frontend import load_model  # noqa: E402
-from edgeq.lower import gguf as lower_gguf  # noqa: E402
+from edgeq.backends.gguf import lower as lower_gguf  # noqa: E402
 from runtimes.llamacpp import LlamaCppSession  # noqa: E402
 
 LLAMA_FTYPE = {"Q8_0": 7, "Q4_0": 2}

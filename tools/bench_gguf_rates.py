@@ -4,7 +4,7 @@
         [--rates 0,0.15,0.25,0.35] [--plan hand|uniform] [--sort naive|none] [--runs 5] [--threads 2]
         [--f32-check]
 
-Writes ``model-r{rate}.gguf`` for every rate (edgeq.lower.gguf_rates.write_gguf_rates) and
+Writes ``model-r{rate}.gguf`` for every rate (edgeq.backends.gguf.rates.write_gguf_rates) and
 reports per rate: file size, architecture (llama / deci), per-layer MLP width range, realised
 rate (prunable parameters removed / total), write time, the switch time = LlamaCppSession load
 time (constructor, n_ctx 512, warm page cache; median and min of ``--runs``), and checks
@@ -47,8 +47,8 @@ sys.path.insert(0, str(REPO))
 
 from edgeq.frontend import load_model  # noqa: E402
 from edgeq.ir import LayerWidths, ModelIR, PruneSpec  # noqa: E402
-from edgeq.lower.gguf import tensor_types  # noqa: E402
-from edgeq.lower.gguf_rates import (  # noqa: E402
+from edgeq.backends.gguf.lower import tensor_types  # noqa: E402
+from edgeq.backends.gguf.rates import (  # noqa: E402
     gguf_prune_spec,
     prunable_params_removed,
     reference_ir_for_gguf,

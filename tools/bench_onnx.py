@@ -61,11 +61,11 @@ def own_weights_reference(path: Path):
 
     m = read_manifest(path)
     if m["format"] == "gguf":
-        from edgeq.lower.gguf import read_gguf
+        from edgeq.backends.gguf.lower import read_gguf
 
         return ReferenceSession(read_gguf(path / m["model_file"]), n_ctx=600, dtype=np.float64)
     from edgeq.frontend import load_model
-    from edgeq.lower.onnx import OnnxOptions, lowered_ir
+    from edgeq.backends.onnx.lower import OnnxOptions, lowered_ir
 
     w = m["onnx"]["weights"]
     return ReferenceSession(lowered_ir(load_model(MODEL), OnnxOptions(**w)), n_ctx=600, dtype=np.float64)

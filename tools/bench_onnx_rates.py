@@ -43,7 +43,7 @@ def log(msg: str) -> None:
 
 def _write_onnx_artifact(ir, out: Path, weights) -> None:
     from edgeq.artifact import write_manifest
-    from edgeq.lower.onnx import write_onnx
+    from edgeq.backends.onnx.lower import write_onnx
 
     out.mkdir(parents=True, exist_ok=True)
     info = write_onnx(ir, out, weights, progress=True)
@@ -56,7 +56,7 @@ def _write_onnx_artifact(ir, out: Path, weights) -> None:
 
 def build(out: Path, rates: tuple[float, ...], bits: int) -> dict:
     from edgeq.build import BuildOptions, compress, prepare_ir
-    from edgeq.lower.ir_files import write_ir
+    from edgeq.backends.reference.ir_files import write_ir
     from edgeq.targets import load_target
 
     target = load_target("cpu-avx2")
@@ -73,8 +73,8 @@ def lower(out: Path, bits: int) -> dict:
     """Lower the compressed model saved in ``out/ir`` twice (every rate / rate 0 only)."""
     import shutil
 
-    from edgeq.build import onnx_weights
-    from edgeq.lower.ir_files import read_ir
+    from edgeq.backends.onnx.backend import onnx_weights
+    from edgeq.backends.reference.ir_files import read_ir
     from edgeq.targets import load_target
 
     ir = read_ir(out / "ir")
@@ -90,8 +90,8 @@ def lower(out: Path, bits: int) -> dict:
 def quality(out: Path, rates, ppl_tokens: int, kl_tokens: int, threads: int) -> dict:
     from edgeq.artifact import read_manifest
     from edgeq.evaluate import evaluate_wikitext, wikitext2_test_text
-    from edgeq.lower.ir_files import read_ir
-    from edgeq.lower.onnx import OnnxOptions, lowered_ir
+    from edgeq.backends.reference.ir_files import read_ir
+    from edgeq.backends.onnx.lower import OnnxOptions, lowered_ir
     from edgeq.session import open_session
     from runtimes.reference import ReferenceSession
 

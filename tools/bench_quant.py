@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from edgeq.evaluate import evaluate_wikitext, lambada, wikitext2_test_text  # noqa: E402
 from edgeq.frontend import load_adapter, load_model, merge_adapters  # noqa: E402
-from edgeq.lower import gguf as lower_gguf  # noqa: E402
+from edgeq.backends.gguf import lower as lower_gguf  # noqa: E402
 from runtimes.llamacpp import LlamaCppSession  # noqa: E402
 
 # llama_ftype values (llama.h)
@@ -108,7 +108,7 @@ def build_variant(vname: str, args, out: Path) -> list[dict]:
     f32 = out / "f32.gguf"
     log(f"{vname}: writing F32 GGUF")
     lower_gguf.write_gguf(ir, f32, lower_gguf.tensor_types(ir, 32))
-    from edgeq.lower.ir_files import write_ir
+    from edgeq.backends.reference.ir_files import write_ir
 
     (out / "fp32-ir").mkdir(exist_ok=True)
     write_ir(ir, out / "fp32-ir")  # the reference model of this variant
@@ -170,7 +170,7 @@ def build_variant(vname: str, args, out: Path) -> list[dict]:
 
 
 def eval_variant(vname: str, rows: list[dict], args, out: Path) -> None:
-    from edgeq.lower.ir_files import read_ir
+    from edgeq.backends.reference.ir_files import read_ir
     from runtimes.reference import ReferenceSession
 
     ref = CachedLogits(ReferenceSession(read_ir(out / "fp32-ir"), n_ctx=args.ctx))

@@ -42,7 +42,7 @@ def quality(path: Path, ppl_tokens: int, kl_tokens: int, threads: int) -> dict:
     from edgeq.artifact import read_manifest
     from edgeq.evaluate import evaluate_wikitext, wikitext2_test_text
     from edgeq.frontend import load_model
-    from edgeq.lower.tvm import TvmOptions, lowered_ir
+    from edgeq.backends.tvm.lower import TvmOptions, lowered_ir
     from edgeq.session import open_session
     from runtimes.reference import ReferenceSession
 

@@ -19,7 +19,7 @@ def load_model(path: str | Path) -> ModelIR:
     if path.is_file() and path.suffix == ".gguf":
         # lazy: keeps the GGUF backend out of processes that import only a part of the front end
         # (the device runtimes read weights with edgeq.frontend.safetensors_io)
-        from edgeq.lower.gguf import read_gguf
+        from edgeq.backends.gguf.lower import read_gguf
 
         return read_gguf(path)
     if path.is_dir():

@@ -27,7 +27,7 @@ TEXTS = ["Hello world! 123 the quick brown fox", "  multiple   spaces\n\nnewline
 def built(tmp_path_factory, tiny_llama, tiny_qwen2, tiny_llama_lora, tiny_qwen2_lora):
     """arch -> (ir, F32 GGUF path, ir with adapter 'ft', LoRA GGUF path)."""
     from edgeq.frontend import load_adapter, load_model
-    from edgeq.lower.gguf import tensor_types, write_gguf, write_lora_gguf
+    from edgeq.backends.gguf.lower import tensor_types, write_gguf, write_lora_gguf
 
     out = tmp_path_factory.mktemp("llamacpp")
     res = {}
@@ -165,7 +165,7 @@ def test_works_without_torch(built):
     path = built["llama"][1]
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
             "from runtimes.llamacpp import LlamaCppSession\n"
-            "from edgeq.lower.gguf import read_gguf\n"
+            "from edgeq.backends.gguf.lower import read_gguf\n"
             f"ir = read_gguf({str(path)!r})\n"
             f"s = LlamaCppSession({str(path)!r}, n_ctx=32)\n"
             "assert s.logits(s.tokenize('hello')).shape[1] == ir.hparams.vocab_size\n"

@@ -200,7 +200,7 @@ def tensor_types(ir: ModelIR, bits: int | QType | str,
     8 -> Q8_0, 4 -> Q4_0, or an explicit base type (``QType.Q4_1`` / ``"Q4_1"`` ...).
 
     The rule (what ``llama_model_quantize`` does for the ftype of that base type on a
-    Llama/Qwen2 model with no imatrix, verified by tests/lower/test_gguf.py against
+    Llama/Qwen2 model with no imatrix, verified by tests/backends/gguf/test_lower.py against
     llama-cpp-python 0.3.36):
 
     * 1-D tensors (norms, biases) stay F32.
@@ -313,7 +313,7 @@ def check(ir: ModelIR, types: Mapping[str, QType | str] | None = None, *,
                         f"{hp.num_heads}*{hp.head_dim} != {hp.hidden_size}")
     if hp.arch == Arch.QWEN2 and not as_deci and any(l.role == Role.O and l.bias is not None for l in ir.linears.values()):
         problems.append("llama.cpp's qwen2 architecture loads no attn_output bias (write it as 'deci', "
-                        "see edgeq.lower.gguf_rates)")
+                        "see edgeq.backends.gguf.rates)")
     tok = ir.tokenizer
     if tok is None:
         problems.append("no tokenizer: a GGUF model needs tokenizer.ggml.* metadata")

@@ -1,4 +1,4 @@
-"""GGUF at a rate: one llama.cpp file per pruning rate (edgeq.lower.gguf_rates).
+"""GGUF at a rate: one llama.cpp file per pruning rate (edgeq.backends.gguf.rates).
 
 The tiny models get a random RoPE-pair order per KV group (an exact reparametrisation, as the
 UniQL sort produces) and a hand-made PruneSpec that prunes MLP, Q/K pairs and V/O components;
@@ -15,8 +15,8 @@ gguf = pytest.importorskip("gguf")
 
 from edgeq.errors import EdgeqError  # noqa: E402
 from edgeq.ir import LayerWidths, LowRank, ModelIR, PruneSpec, Role, linear_name  # noqa: E402
-from edgeq.lower.gguf import read_gguf, tensor_types, write_gguf  # noqa: E402
-from edgeq.lower.gguf_rates import (  # noqa: E402
+from edgeq.backends.gguf.lower import read_gguf, tensor_types, write_gguf  # noqa: E402
+from edgeq.backends.gguf.rates import (  # noqa: E402
     RATE_KV,
     gguf_prune_spec,
     prunable_params_removed,
@@ -50,7 +50,7 @@ GRAN = 32  # tiny models: intermediate 128, head_dim 16, hidden 64, 4 heads / 2 
 def sort_rope_pairs(ir: ModelIR, seed: int) -> ModelIR:
     """Apply a random RoPE-pair permutation per layer and KV group to the Q/K rows (weights and
     biases) and record it in ``rope_index`` — what the UniQL sort does, written independently
-    of edgeq.lower.gguf_rates."""
+    of edgeq.backends.gguf.rates."""
     rng = np.random.default_rng(seed)
     hp = ir.hparams
     D, half, group = hp.head_dim, hp.head_dim // 2, hp.num_heads // hp.num_kv_heads

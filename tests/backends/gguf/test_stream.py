@@ -10,7 +10,7 @@ import pytest
 
 from edgeq.frontend import load_model
 from edgeq.lazy import is_lazy
-from edgeq.lower import gguf as lower_gguf
+from edgeq.backends.gguf import lower as lower_gguf
 from edgeq.quant.formats import QType
 
 

@@ -9,7 +9,7 @@ from edgeq.artifact import write_manifest  # noqa: E402
 from edgeq.errors import EdgeqError  # noqa: E402
 from edgeq.frontend import load_model  # noqa: E402
 from edgeq.ir import Role  # noqa: E402
-from edgeq.lower import onnx as lo  # noqa: E402
+from edgeq.backends.onnx import lower as lo  # noqa: E402
 from runtimes.onnxrt import OnnxSession  # noqa: E402
 from runtimes.reference import ReferenceSession  # noqa: E402
 

@@ -17,7 +17,7 @@ Public API
 
 llama.cpp facts this relies on (llama.cpp as vendored by llama-cpp-python 0.3.36; read in
 ggml-org/llama.cpp ``src/llama-model.cpp`` / ``src/models/deci.cpp`` /
-``convert_hf_to_gguf.py`` ``DeciModel``, and checked by tests/lower/test_gguf_rates.py):
+``convert_hf_to_gguf.py`` ``DeciModel``, and checked by tests/backends/gguf/test_rates.py):
 
 * ``{arch}.feed_forward_length``, ``{arch}.attention.head_count`` and
   ``{arch}.attention.head_count_kv`` are read for *every* architecture with
@@ -56,7 +56,7 @@ import numpy as np
 from edgeq.artifact import atomic_write_file
 from edgeq.errors import EdgeqError, require
 from edgeq.ir import Arch, HParams, LayerWidths, Linear, ModelIR, PruneSpec, Role
-from edgeq.lower.gguf import (
+from edgeq.backends.gguf.lower import (
     GGUF_ARCH,
     ROLE_ORDER,
     base_type_of_plan,
@@ -265,13 +265,13 @@ def write_gguf_at_rate(ir: ModelIR, rate: float, path: str | Path, types: TypesF
        first rows of ``ffn_gate``/``ffn_up`` (and their biases), the first columns of
        ``ffn_down`` (the IR's MLP channels are sorted by importance). Attention is written whole.
     3. ``general.architecture``: with ``arch="auto"`` the model's own (``llama``/``qwen2``,
-       exactly what :func:`edgeq.lower.gguf.write_gguf` writes) when every layer has the same
+       exactly what :func:`edgeq.backends.gguf.lower.write_gguf` writes) when every layer has the same
        width (rate 0 in particular), else ``deci`` with a per-layer ``deci.feed_forward_length``
        array (head counts stay scalars: whole heads are never pruned); ``arch="deci"`` always
        writes ``deci``. Q/K rows and biases are permuted to llama.cpp's interleaved RoPE pairs
        for ``llama`` and ``deci`` (not for ``qwen2``, which is NEOX in llama.cpp).
 
-    ``types``: a plan from :func:`edgeq.lower.gguf.tensor_types` on ``ir`` (IR names, full
+    ``types``: a plan from :func:`edgeq.backends.gguf.lower.tensor_types` on ``ir`` (IR names, full
     shapes), bits / a type name (then ``tensor_types(ir, types)``), or a callable
     ``rate -> plan``. Every cut ``ffn_down`` row length must be a multiple of its type's block
     size. The file also records ``edgeq.prune_rate`` (float32). Deterministic and atomic, like

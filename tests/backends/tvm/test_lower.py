@@ -11,7 +11,7 @@ pytest.importorskip("tvm")
 from edgeq.artifact import write_manifest  # noqa: E402
 from edgeq.errors import EdgeqError  # noqa: E402
 from edgeq.frontend import load_adapter, load_model  # noqa: E402
-from edgeq.lower import tvm as lt  # noqa: E402
+from edgeq.backends.tvm import lower as lt  # noqa: E402
 from runtimes.reference import ReferenceSession  # noqa: E402
 from runtimes.tvmrt import TvmSession  # noqa: E402
 

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from edgeq.artifact import write_tokenizer_spec
 from edgeq.errors import EdgeqError
 from edgeq.ir import Linear, ModelIR, Role, linear_name
-from edgeq.lower.onnx_graph import MS_DOMAIN, GraphBuilder
+from edgeq.backends.onnx.graph import MS_DOMAIN, GraphBuilder
 from edgeq.passes.sort_qk import qk_restore_rows, restore_rope_order
 from edgeq.quant.intgroup import dequantized, fit_format, rtn_int
 

@@ -13,7 +13,7 @@ gguf = pytest.importorskip("gguf")
 
 from edgeq.errors import EdgeqError  # noqa: E402
 from edgeq.ir import Arch, HParams, Linear, LowRank, ModelIR, Role, TokenizerSpec  # noqa: E402
-from edgeq.lower.gguf import (  # noqa: E402
+from edgeq.backends.gguf.lower import (  # noqa: E402
     check,
     gguf_tensor_name,
     llamacpp_output_type,

@@ -1,0 +1,106 @@
+"""The Backend interface: one artifact format (gguf, onnx, tvm, reference) as one unit.
+
+A backend is a small object registered under its format name (see ``edgeq.backends``). It
+knows everything format-specific about a build and about opening what was built:
+
+* ``check_options(opts, target)``: reject options this format cannot honour (one ``EdgeqError``);
+* ``default_options(opts, target)``: what the user left open, filled from the target profile
+  (weight bits, the ONNX weight layout, the TVM kernel options ...);
+* ``lower(ir, opts, target, tmp, log)``: write the payload into the temporary artifact directory
+  and return ``(manifest section, reference IR)``: the format-owned part of the manifest (the
+  keys of :meth:`Backend.manifest`, plus ``section`` and ``prune`` where the format has them) and
+  the float IR the goldens compare against (the artifact's own view of the model);
+* ``open_session(root, manifest, runtime, n_ctx, threads, rate)``: a runtime Session on a built
+  artifact;
+* ``runs_here(manifest)``: whether this host can run the artifact (goldens are recorded only then).
+
+Method bodies import their lowering / runtime modules when called, so importing the registry
+stays cheap (the CLI builds its choices from it) and optional dependencies (onnx, tvm,
+llama-cpp-python) are needed only by the backend that uses them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from edgeq.errors import EdgeqError
+
+if TYPE_CHECKING:  # type hints only: build.py imports the backends
+    from edgeq.build import BuildOptions
+    from edgeq.ir import ModelIR
+    from edgeq.targets import TargetProfile
+
+Log = Callable[[str], None]
+
+
+class Backend:
+    """Base class: override the attributes and the methods your format needs."""
+
+    name: str = ""  # the --format value and the manifest's "format"
+    summary: str = ""  # a few words for `edgeq build --help`: what runs it, what it stores
+    runtime: str = ""  # the runtime its artifacts run on (the manifest's "runtime"; --runtime auto)
+    runtimes: tuple[str, ...] = ()  # every runtime that opens its artifacts, ``runtime`` first
+    session_name: str | None = None  # the ``name`` its runtime's sessions report, where not ``runtime``
+    section: str | None = None  # the manifest key holding the format's own description, if any
+    on_every_target: bool = False  # True: buildable for any target (profiles list the others)
+    plans: bool = False  # lowers a per-tensor quantization plan (edgeq plan / --budget-mb / --bpw)
+    switches_in_place: bool = False  # set_prune_rate switches a carried rate without reloading
+    int8_runtimes: tuple[str, ...] = ()  # runtimes that run its quantized weights through int8 dots
+    no_breakdown: str = "no per-layer timings for this runtime"  # why breakdown() has nothing
+
+    # ---- build side -----------------------------------------------------------------------
+    def check_options(self, opts: BuildOptions, target: TargetProfile) -> None:
+        """Raise ``EdgeqError`` for options this format cannot honour (generic checks are build's)."""
+
+    def default_options(self, opts: BuildOptions, target: TargetProfile) -> dict:
+        """Options the user left open, from the target profile: at least ``bits``."""
+        return {"bits": opts.bits if opts.bits is not None else target.default_bits}
+
+    def lower(self, ir: ModelIR, opts: BuildOptions, target: TargetProfile, tmp: Path, log: Log, *,
+              plan=None, float_ir: ModelIR | None = None) -> tuple[dict, ModelIR]:
+        """Write the payload into ``tmp``; return (manifest section, reference IR for the goldens).
+
+        ``plan`` / ``float_ir``: a planned build (``plans`` backends only): ``ir`` is quantized
+        per ``plan``, ``float_ir`` the model before quantization."""
+        raise NotImplementedError
+
+    def fixed_overhead_bytes(self, ir: ModelIR) -> int:
+        """Bytes a planned artifact spends outside the planned weights (``plans`` backends)."""
+        raise EdgeqError(f"the {self.name} format does not take a quantization plan")
+
+    def manifest(self, model_file: str, weight_type: str, bits: int | None, adapter_files=(), **extra) -> dict:
+        """The keys every format's manifest has (+ ``extra``); build adds target, options, source ..."""
+        return {"format": self.name, "runtime": self.runtime, "model_file": model_file,
+                "adapter_files": list(adapter_files),
+                "weight_type": weight_type, "bits": bits, **extra}
+
+    # ---- run side -------------------------------------------------------------------------
+    def check_runtime(self, runtime: str) -> None:
+        if runtime == "auto" or runtime in self.runtimes:
+            return
+        if len(self.runtimes) == 1:
+            a = "an" if self.name[:1] in "aeiou" else "a"
+            raise EdgeqError(f"{a} {self.name} artifact runs on the {self.runtimes[0]} runtime only")
+        raise EdgeqError(f"a {self.name} artifact does not run on {runtime}")
+
+    def open_session(self, root: Path, manifest: dict, runtime: str, n_ctx: int, threads: int, rate: float):
+        """A Session on the artifact at pruning ``rate`` (``runtime`` already checked; "auto" allowed)."""
+        raise NotImplementedError
+
+    def runs_here(self, manifest: dict) -> bool:
+        """Whether this host can run the artifact (a cross-compiled build cannot)."""
+        return True
+
+    def device(self, manifest: dict) -> str | None:
+        """The device a build was compiled for, where the artifact names one (for messages)."""
+        return None
+
+    def breakdown(self, session, steps: int) -> dict:
+        """Where a decode step's time goes on ``session`` (see edgeq.breakdown)."""
+        return {"available": False, "runtime": getattr(session, "name", ""), "method": self.no_breakdown}
+
+
+def switchable_prune_section(ir: ModelIR, opts: BuildOptions, expressed: str, **extra) -> dict:
+    """The manifest's ``prune`` section of a format that carries every rate at full fidelity."""
+    return {"rates": list(ir.prune.rates), "method": opts.sort, "granularity": ir.prune.granularity,
+            "widths": ir.prune.to_json()["widths"], "expressed": expressed, "dropped": "nothing", **extra}

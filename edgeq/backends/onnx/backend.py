@@ -1,0 +1,74 @@
+"""The onnx backend: one ONNX graph (MatMulNBits int4/int8 or float32 weights, GroupQueryAttention
+with a KV cache, every pruning rate behind a rate input) run by onnxruntime (lower.py, graph.py)."""
+from __future__ import annotations
+
+from edgeq.backends.base import Backend, switchable_prune_section
+from edgeq.errors import EdgeqError
+
+PRUNE_EXPRESSED = ("everything, in one graph with a rate input (switched at run time, nothing reloaded): "
+                   "MLP channels as per-rate segments skipped by If nodes; Q/K RoPE pairs and V/O "
+                   "components as per-rate masks (the attention projections run at full width)")
+
+
+def onnx_weights(bits: int, target):
+    """The ONNX weight layout for ``--bits`` on ``target``: int4 / int8 groups of the profile's block
+    size for the block linears (the embedding and head at int8, as llama.cpp keeps them at Q8_0 in
+    its 4-bit files), or float32 throughout."""
+    from edgeq.backends.onnx.lower import OnnxOptions
+
+    if bits == 32:
+        return OnnxOptions(linear=None, head=None, accuracy_level=target.onnx_accuracy_level)
+    g = target.quant_block_size
+    return OnnxOptions(linear=f"int{bits}_g{g}_sym", head=f"int8_g{g}_sym", accuracy_level=target.onnx_accuracy_level)
+
+
+class OnnxBackend(Backend):
+    name = "onnx"
+    summary = "onnxruntime, MatMulNBits"
+    runtime = "onnxruntime"
+    runtimes = ("onnxruntime",)
+    section = "onnx"
+    switches_in_place = True
+    int8_runtimes = ("onnxruntime",)
+
+    def check_options(self, opts, target) -> None:
+        if opts.qtype:
+            raise EdgeqError("--qtype names a GGUF type; the onnx format takes --bits 4, 8 or 32")
+        if opts.bits == 16:
+            raise EdgeqError("the onnx format stores int4/int8 (MatMulNBits) or float32 weights: --bits 4, 8 or 32")
+
+    def default_options(self, opts, target) -> dict:
+        d = super().default_options(opts, target)
+        d["weights"] = onnx_weights(d["bits"], target)
+        return d
+
+    def lower(self, ir, opts, target, tmp, log, *, plan=None, float_ir=None):
+        from edgeq.backends.onnx import lower as lower_onnx
+
+        d = self.default_options(opts, target)
+        bits, weights = d["bits"], d["weights"]
+        separate = opts.adapter_mode == "separate" and bool(ir.adapters)
+        switchable = tuple(ir.adapters) if separate else ()
+        log(f"writing {lower_onnx.MODEL_FILE} + {lower_onnx.DATA_FILE} (linears {weights.linear or 'F32'}, "
+            f"embedding/head {weights.head or 'F32'}, accuracy_level {weights.accuracy_level}) for target {target.name}")
+        info = lower_onnx.write_onnx(ir, tmp, weights, switchable=switchable, progress=True)
+        adapter_files = {}
+        for name in switchable:
+            fname = f"adapter-{name}.onnx_adapter"
+            log(f"writing LoRA adapter {fname} (onnxruntime adapter format)")
+            lower_onnx.write_adapter(ir, name, tmp / fname, weights)
+            adapter_files[name] = fname
+        info["adapter_files"] = adapter_files
+        manifest = self.manifest(lower_onnx.MODEL_FILE, "F32" if bits == 32 else f"INT{bits}", bits,
+                                 sorted(adapter_files.values()), onnx=info)
+        if ir.prune is not None:
+            manifest["prune"] = switchable_prune_section(ir, opts, PRUNE_EXPRESSED,
+                                                         weight_bytes_per_rate=info.get("weight_bytes_per_rate"))
+        return manifest, ir
+
+    def open_session(self, root, manifest, runtime, n_ctx, threads, rate):
+        from edgeq.artifact import check_rate
+        from runtimes.onnxrt import OnnxSession
+
+        check_rate(manifest, rate)
+        return OnnxSession(root, manifest=manifest, n_ctx=n_ctx, threads=threads, prune=rate)

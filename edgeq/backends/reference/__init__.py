@@ -1,0 +1,1 @@
+"""The reference backend (see backend.py; registered in edgeq/backends/__init__.py)."""

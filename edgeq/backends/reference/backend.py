@@ -1,0 +1,45 @@
+"""The reference backend: the float32 ModelIR as files (ir_files.py: safetensors + JSON), run by the
+numpy reference runtime, which switches every pruning rate at run time. Built for any target."""
+from __future__ import annotations
+
+from edgeq.backends.base import Backend, switchable_prune_section
+from edgeq.errors import EdgeqError
+
+PRUNE_EXPRESSED = ("everything: MLP channels, Q/K RoPE pairs, V/O components per layer; "
+                   "the rate switches at run time without copying weights")
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    summary = "float32, numpy runtime, run-time rate switch"
+    runtime = "reference"
+    runtimes = ("reference",)
+    on_every_target = True
+    switches_in_place = True
+
+    def check_options(self, opts, target) -> None:
+        if opts.qtype or opts.bits not in (None, 32):
+            raise EdgeqError("the reference format stores float32 weights; drop --bits/--qtype")
+
+    def default_options(self, opts, target) -> dict:
+        return {"bits": 32}
+
+    def lower(self, ir, opts, target, tmp, log, *, plan=None, float_ir=None):
+        from edgeq.backends.reference.ir_files import WEIGHTS, write_ir
+
+        log(f"writing {WEIGHTS} (float32, pruning-aware layout at load) for the reference runtime")
+        write_ir(ir, tmp)
+        manifest = self.manifest(WEIGHTS, "F32", self.default_options(opts, target)["bits"])
+        if ir.prune is not None:
+            manifest["prune"] = switchable_prune_section(ir, opts, PRUNE_EXPRESSED)
+        return manifest, ir
+
+    def open_session(self, root, manifest, runtime, n_ctx, threads, rate):
+        from edgeq.backends.reference.ir_files import read_ir
+        from edgeq.artifact import check_rate
+        from runtimes.reference import ReferenceSession
+
+        check_rate(manifest, rate)
+        s = ReferenceSession(read_ir(root), n_ctx=n_ctx)
+        s.set_prune_rate(rate)
+        return s

@@ -1,0 +1,67 @@
+"""The tvm backend: int4/int8 kernels generated and compiled for the target (TVM TensorIR, fused
+low-rank branches) + a safetensors weight file, run by the TVM runtime (lower.py)."""
+from __future__ import annotations
+
+import platform
+
+from edgeq.backends.base import Backend, switchable_prune_section
+from edgeq.errors import EdgeqError
+
+PRUNE_EXPRESSED = ("everything, switched at run time with nothing reloaded: MLP channels as the active "
+                   "width of the kernels (one compiled function serves every width); Q/K RoPE pairs and V/O "
+                   "components as per-rate masks (the attention matmuls run at full width)")
+
+
+class TvmBackend(Backend):
+    name = "tvm"
+    summary = "generated kernels with fused low-rank branches"
+    runtime = "tvm"
+    runtimes = ("tvm",)
+    section = "tvm"
+    switches_in_place = True
+
+    def check_options(self, opts, target) -> None:
+        if opts.qtype:
+            raise EdgeqError("--qtype names a GGUF type; the tvm format takes --bits 4 or 8")
+        if opts.bits not in (None, 4, 8):
+            raise EdgeqError("the tvm format stores int4 or int8 weights (generated kernels): --bits 4 or 8")
+
+    def default_options(self, opts, target) -> dict:
+        from edgeq.backends.tvm.lower import TvmOptions
+
+        d = super().default_options(opts, target)
+        bits = d["bits"]
+        if bits not in (4, 8):
+            raise EdgeqError(f"the tvm format stores int4 or int8 weights; target {target.name} defaults to {bits} "
+                             "bits (give --bits 4 or 8)")
+        d["tvm"] = TvmOptions(bits=bits, group=target.quant_block_size, target=target.compile_target.as_dict())
+        return d
+
+    def lower(self, ir, opts, target, tmp, log, *, plan=None, float_ir=None):
+        from edgeq.backends.tvm import lower as lower_tvm
+
+        d = self.default_options(opts, target)
+        bits, tvm_opts = d["bits"], d["tvm"]
+        log(f"generating and compiling kernels for {target.name} ({tvm_opts.target}), writing "
+            f"{lower_tvm.LIBRARY} + {lower_tvm.WEIGHTS} (int{bits}, group {tvm_opts.group}; head int8)")
+        info = lower_tvm.write_tvm(ir, tmp, tvm_opts, progress=True)
+        manifest = self.manifest(lower_tvm.LIBRARY, f"INT{bits}", bits, tvm=info)
+        if ir.prune is not None:
+            manifest["prune"] = switchable_prune_section(ir, opts, PRUNE_EXPRESSED)
+        return manifest, ir
+
+    def runs_here(self, manifest: dict) -> bool:
+        t = manifest["tvm"]["target"]
+        return t.get("kind") != "cuda" and str(t.get("mtriple", "x86_64")).startswith(platform.machine())
+
+    def device(self, manifest: dict) -> str | None:
+        t = manifest.get("tvm", {}).get("target")
+        return None if t is None else f"{t.get('kind')} {t.get('arch') or t.get('mtriple', '')}"
+
+    def open_session(self, root, manifest, runtime, n_ctx, threads, rate):
+        from edgeq.artifact import check_rate
+        from runtimes.tvmrt import TvmSession, runtime_only
+
+        runtime_only()
+        check_rate(manifest, rate)
+        return TvmSession(root, manifest=manifest, n_ctx=n_ctx, threads=threads, prune=rate)

@@ -1,1 +1,0 @@
-"""Lowerings: ModelIR -> artifact payloads (one module per artifact kind)."""
