@@ -185,7 +185,9 @@ def verify(artifact, runtime, json_file):
         at = f"rate {key}: " if len(rep.regression) > 1 else ""
         click.echo(f"{at}regression vs recorded goldens: top-1 {r['top1_agreement']:.4f}, "
                    f"max |Δ log-prob| {r['max_logprob_diff']:.2g} over {r['positions']} positions")
-        click.echo(f"{at}vs fp32 reference: top-1 {f['top1_agreement']:.4f}, mean KL {f['mean_kl']:.4g}, "
+        clear = "n/a" if f["clear_top1_agreement"] is None else f"{f['clear_top1_agreement']:.4f}"
+        click.echo(f"{at}vs fp32 reference: top-1 {f['top1_agreement']:.4f} ({clear} at {f['clear_positions']} "
+                   f"clear positions), mean KL {f['mean_kl']:.4g}, relative KL {f['relative_kl']:.4g}, "
                    f"p99 KL {f['p99_kl']:.4g}")
     if json_file:
         json_file.write_text(json.dumps(rep.to_json(), indent=1))
