@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgeq.artifact import read_manifest
+from edgeq.artifact import artifact_path, read_manifest
 from edgeq.errors import EdgeqError
 
 RUNTIMES = ("auto", "llamacpp", "onnxruntime", "tvm", "reference")
@@ -48,10 +48,12 @@ def open_session(artifact_dir: str | Path, runtime: str = "auto", n_ctx: int = 2
     if fmt == "reference":
         if runtime == "llamacpp":
             raise EdgeqError("a reference artifact runs on the reference runtime only")
-        from edgeq.lower.ir_files import read_ir
+        from edgeq.lower.ir_files import META, WEIGHTS, read_ir
         from runtimes.reference import ReferenceSession
 
         check_rate(m, rate)
+        for name in (WEIGHTS, META):  # fixed names, but either could be a symlink leaving the artifact
+            artifact_path(root, name)
         s = ReferenceSession(read_ir(root), n_ctx=n_ctx)
         s.set_prune_rate(rate)
         return s
@@ -75,11 +77,11 @@ def open_session(artifact_dir: str | Path, runtime: str = "auto", n_ctx: int = 2
         raise EdgeqError(f"a {fmt} artifact does not run on {runtime}")
     if fmt != "gguf":
         raise EdgeqError(f"{root}: unsupported artifact format {fmt!r}")
-    model = root / gguf_file_for_rate(m, rate)
+    model = artifact_path(root, gguf_file_for_rate(m, rate))
     if runtime in ("auto", "llamacpp"):
         from runtimes.llamacpp import LlamaCppSession
 
-        return LlamaCppSession(model, lora_paths=[root / f for f in m.get("adapter_files", [])],
+        return LlamaCppSession(model, lora_paths=[artifact_path(root, f) for f in m.get("adapter_files", [])],
                                n_ctx=n_ctx, n_threads=threads or default_threads())
     from runtimes.reference import ReferenceSession
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeq import goldens, tolerances
-from edgeq.artifact import check_files, read_manifest
+from edgeq.artifact import artifact_path, check_files, read_manifest
 from edgeq.errors import EdgeqError
 from edgeq.session import open_session
 
@@ -41,7 +41,7 @@ def verify(artifact_dir: str | Path, runtime: str = "auto") -> VerifyReport:
             rep.problems.append("artifact was built without goldens (--no-goldens)")
         return rep
     try:
-        data = json.loads((root / g["file"]).read_text())
+        data = json.loads(artifact_path(root, g["file"]).read_text())
         token_ids = data["token_ids"]
         per_rate = data["rates"]
     except (json.JSONDecodeError, KeyError) as exc:
