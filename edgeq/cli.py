@@ -27,7 +27,29 @@ def _fail_cleanly(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """Options click rejects (an unknown --format, --bits 3.5, a missing argument) end like every
+    other bad input: one ``error:`` line on stderr and exit 1, not click's usage block and exit 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # plain `edgeq`: the help text
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
+            click.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(1)
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeq")
 def main():
     """edgeq: compile fine-tuned LLMs (+ LoRA adapters) into verified edge artifacts."""
@@ -159,6 +181,10 @@ def run(artifact, prompt, max_tokens, chat, runtime, threads, prune, temperature
     from edgeq.session import open_session
     from runtimes.base import Sampling
 
+    if max_tokens < 1:
+        raise EdgeqError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if threads is not None and threads < 1:
+        raise EdgeqError(f"--threads must be >= 1, got {threads}")
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     with open_session(artifact, runtime=runtime, threads=threads, prune=prune) as s:
         for piece in s.generate(prompt, max_tokens=max_tokens, chat=chat, sampling=sampling):
