@@ -12,8 +12,8 @@ MERGE_RTOL = 1e-5  # the issue's bound: merged weights match peft's merge_and_un
 
 
 def _peft_merged_state(model_dir, adapter_dir):
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+    import torch
+    import peft
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

