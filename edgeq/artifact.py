@@ -152,12 +152,12 @@ def manifest_file_names(m: dict) -> list[str]:
     def section(key):
         v = m.get(key)
         if v is not None and not isinstance(v, dict):
-            raise EdgeqError(f"manifest: {key!r} is not a JSON object")
+            raise EdgeqError(f"{key!r} is not a JSON object")
         return v or {}
 
     files = m.get("files", {})
     if not isinstance(files, dict):
-        raise EdgeqError("manifest: 'files' is not a JSON object")
+        raise EdgeqError("'files' is not a JSON object")
     names.extend(files)
     for key in ("model_file", "adapter_files", "plan_file"):
         add(m.get(key))
@@ -172,7 +172,11 @@ def manifest_file_names(m: dict) -> list[str]:
 
 def check_manifest_paths(root: str | Path, m: dict) -> None:
     """Refuse a manifest naming any file outside ``root`` (see :func:`artifact_path`)."""
-    for name in manifest_file_names(m):
+    try:
+        names = manifest_file_names(m)
+    except EdgeqError as exc:
+        raise EdgeqError(f"{Path(root) / MANIFEST}: {exc}") from None
+    for name in names:
         artifact_path(root, name)
 
 
@@ -182,8 +186,10 @@ def check_files(root: Path, manifest: dict) -> list[str]:
     listed = manifest.get("files", {})
     for name, info in sorted(listed.items()):
         p = artifact_path(root, name)
-        if not p.exists():
-            problems.append(f"{name}: missing")
+        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or not isinstance(info.get("sha256"), str):
+            problems.append(f"{name}: malformed manifest entry (expected sha256 and bytes)")
+        elif not p.is_file():
+            problems.append(f"{name}: missing" if not p.exists() else f"{name}: not a file")
         elif p.stat().st_size != info["bytes"]:
             problems.append(f"{name}: size {p.stat().st_size} != manifest {info['bytes']}")
         elif sha256_file(p) != info["sha256"]:

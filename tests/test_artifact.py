@@ -182,3 +182,32 @@ def test_onnx_graph_external_data_leaving_the_artifact_is_refused(tiny_llama, tm
     assert code == 1, text
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "escapes model directory" in errors[0], text
+
+
+@pytest.mark.parametrize("entry", [None, {"sha256": "0"}, {"bytes": "12", "sha256": "0"}, []])
+def test_malformed_files_entry_is_a_problem_not_a_traceback(built, tmp_path, entry):
+    art = tmp_path / "art"
+    shutil.copytree(built, art)
+    _edit_manifest(art, lambda m: m["files"].update({"model.gguf": entry}))
+    code, text = run_cli("verify", art)
+    assert code == 1 and "Traceback" not in text
+    assert "FAIL model.gguf: malformed manifest entry" in text
+
+
+def test_a_listed_directory_is_a_problem_not_a_traceback(built, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(built, art)
+    (art / "model.gguf").unlink()
+    (art / "model.gguf").mkdir()
+    code, text = run_cli("verify", art)
+    assert code == 1 and "FAIL model.gguf: not a file" in text, text
+
+
+def test_a_files_table_that_is_not_an_object_is_one_error_line(built, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(built, art)
+    _edit_manifest(art, lambda m: m.update(files=["model.gguf"]))
+    code, text = run_cli("verify", art)
+    assert code == 1
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "manifest.json: 'files' is not a JSON object" in errors[0], text
