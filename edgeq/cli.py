@@ -244,6 +244,8 @@ def profile(artifacts, runtime, runs, max_tokens, threads, json_file, prune, rep
 
     if runs < 1 or max_tokens < 2:
         raise EdgeqError("--runs must be >= 1 and --max-tokens >= 2")
+    if threads is not None and threads < 1:
+        raise EdgeqError(f"--threads must be >= 1, got {threads}")
     for a in artifacts:
         if not (a / "manifest.json").is_file():
             raise EdgeqError(f"{a}: not an artifact directory (no manifest.json)")
@@ -301,6 +303,9 @@ def inspect(artifact, tensors, as_json):
 def eval_(target, runtime, prune, tasks, limit, ppl_tokens, reference, threads, json_file):
     """Accuracy: WikiText-2 perplexity, KL vs the fp32 reference, LAMBADA (benchmark protocol)."""
     from edgeq.eval_cmd import format_report, run_eval
+
+    if threads is not None and threads < 1:
+        raise EdgeqError(f"--threads must be >= 1, got {threads}")
 
     rep = run_eval(target, runtime=runtime, prune=prune, tasks=tasks, limit=limit, ppl_tokens=ppl_tokens,
                    reference=reference, threads=threads)

@@ -38,9 +38,12 @@ def test_run_refuses_a_max_tokens_below_one(built, value):
     assert "--max-tokens must be >= 1" in one_error_line(text)
 
 
-def test_run_refuses_zero_threads(built):
-    code, text = run_cli("run", built, "--prompt", "hello", "--threads", "0")
-    assert code == 1 and "--threads" in one_error_line(text)
+@pytest.mark.parametrize("command", [["run", "--prompt", "hello"], ["profile", "--runs", "1", "--max-tokens", "2"],
+                                     ["eval", "--tasks", "wikitext", "--ppl-tokens", "64"]])
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_commands_refuse_a_thread_count_below_one(built, command, threads):
+    code, text = run_cli(command[0], built, *command[1:], "--threads", threads)
+    assert code == 1 and "--threads must be >= 1" in one_error_line(text)
 
 
 @pytest.mark.parametrize("args, needle", [
