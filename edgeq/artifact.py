@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterator
 
 from edgeq import __version__
@@ -129,7 +129,75 @@ def read_manifest(artifact_dir: str | Path) -> dict:
     if m["schema_version"] != SCHEMA_VERSION:
         raise EdgeqError(f"{path}: manifest schema {m['schema_version']} is not supported "
                          f"(this edgeq reads schema {SCHEMA_VERSION})")
+    check_manifest_paths(root, m)
     return m
+
+
+def artifact_path(root: str | Path, name) -> Path:
+    """``root / name`` for a file an artifact names, refused (EdgeqError) unless ``name`` is a
+    plain relative path that stays inside ``root``: no absolute path or drive, no ``..``, no
+    symlink (of the file or of a folder on the way) that resolves outside ``root``. Every open of
+    a manifest-named file goes through here, so a hostile manifest cannot make a command read (or
+    for a TVM artifact, load as code) a file elsewhere on the machine."""
+    root = Path(root)
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise EdgeqError(f"{root}: the manifest names a file {name!r}: not a file name; refusing it")
+    parts = PurePosixPath(name).parts
+    if (PurePosixPath(name).is_absolute() or PureWindowsPath(name).drive or PureWindowsPath(name).root
+            or "\\" in name or ".." in parts):
+        raise EdgeqError(f"{root}: the manifest names {name!r}, a path outside the artifact directory; "
+                         "refusing to open it")
+    p = root / name
+    real_root, real = root.resolve(), p.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise EdgeqError(f"{root}: the manifest names {name!r}, which resolves outside the artifact directory "
+                         f"(a symlink to {real}); refusing to open it")
+    return p
+
+
+def manifest_file_names(m: dict) -> list[str]:
+    """Every file name a manifest refers to (its files table and each format's fields)."""
+    names: list = []
+
+    def add(v):
+        if v is None:
+            return
+        if isinstance(v, dict):
+            names.extend(v.values())
+        elif isinstance(v, list):
+            names.extend(v)
+        else:
+            names.append(v)
+
+    def section(key):
+        v = m.get(key)
+        if v is not None and not isinstance(v, dict):
+            raise EdgeqError(f"{key!r} is not a JSON object")
+        return v or {}
+
+    files = m.get("files", {})
+    if not isinstance(files, dict):
+        raise EdgeqError("'files' is not a JSON object")
+    names.extend(files)
+    for key in ("model_file", "adapter_files", "plan_file"):
+        add(m.get(key))
+    add(section("goldens").get("file"))
+    add(section("prune").get("files"))
+    for key in ("model_file", "data_file", "tokenizer_file", "adapter_files"):
+        add(section("onnx").get(key))
+    for key in ("library", "weights_file", "tokenizer_file"):
+        add(section("tvm").get(key))
+    return names
+
+
+def check_manifest_paths(root: str | Path, m: dict) -> None:
+    """Refuse a manifest naming any file outside ``root`` (see :func:`artifact_path`)."""
+    try:
+        names = manifest_file_names(m)
+    except EdgeqError as exc:
+        raise EdgeqError(f"{Path(root) / MANIFEST}: {exc}") from None
+    for name in names:
+        artifact_path(root, name)
 
 
 def check_files(root: Path, manifest: dict) -> list[str]:
@@ -137,9 +205,11 @@ def check_files(root: Path, manifest: dict) -> list[str]:
     problems = []
     listed = manifest.get("files", {})
     for name, info in sorted(listed.items()):
-        p = root / name
-        if not p.exists():
-            problems.append(f"{name}: missing")
+        p = artifact_path(root, name)
+        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or not isinstance(info.get("sha256"), str):
+            problems.append(f"{name}: malformed manifest entry (expected sha256 and bytes)")
+        elif not p.is_file():
+            problems.append(f"{name}: missing" if not p.exists() else f"{name}: not a file")
         elif p.stat().st_size != info["bytes"]:
             problems.append(f"{name}: size {p.stat().st_size} != manifest {info['bytes']}")
         elif sha256_file(p) != info["sha256"]:

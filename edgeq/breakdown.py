@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 
 from edgeq.profile import prompt_of_length
+from edgeq.artifact import artifact_path
 
 CATEGORIES = ("attention", "matmul", "norm", "other")
 _LAYER = re.compile(r"blk\.(\d+)\.")
@@ -68,7 +69,7 @@ def onnx_breakdown(session, steps: int) -> dict:
     so.log_severity_level = 3
     with tempfile.TemporaryDirectory() as tmp:
         so.profile_file_prefix = f"{tmp}/edgeq"
-        prof = ort.InferenceSession(str(session.root / session.manifest["onnx"]["model_file"]), so,
+        prof = ort.InferenceSession(str(artifact_path(session.root, session.manifest["onnx"]["model_file"])), so,
                                     providers=["CPUExecutionProvider"])
         _start(session)
         main, session.sess = session.sess, prof

@@ -29,7 +29,29 @@ def _fail_cleanly(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """Options click rejects (an unknown --format, --bits 3.5, a missing argument) end like every
+    other bad input: one ``error:`` line on stderr and exit 1, not click's usage block and exit 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # plain `edgeq`: the help text
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
+            click.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(1)
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeq")
 def main():
     """edgeq: compile fine-tuned LLMs (+ LoRA adapters) into verified edge artifacts."""
@@ -159,6 +181,10 @@ def run(artifact, prompt, max_tokens, chat, runtime, threads, prune, temperature
     from edgeq.session import open_session
     from runtimes.base import Sampling
 
+    if max_tokens < 1:
+        raise EdgeqError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if threads is not None and threads < 1:
+        raise EdgeqError(f"--threads must be >= 1, got {threads}")
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     with open_session(artifact, runtime=runtime, threads=threads, prune=prune) as s:
         for piece in s.generate(prompt, max_tokens=max_tokens, chat=chat, sampling=sampling):
@@ -185,7 +211,9 @@ def verify(artifact, runtime, json_file):
         at = f"rate {key}: " if len(rep.regression) > 1 else ""
         click.echo(f"{at}regression vs recorded goldens: top-1 {r['top1_agreement']:.4f}, "
                    f"max |Δ log-prob| {r['max_logprob_diff']:.2g} over {r['positions']} positions")
-        click.echo(f"{at}vs fp32 reference: top-1 {f['top1_agreement']:.4f}, mean KL {f['mean_kl']:.4g}, "
+        clear = "n/a" if f["clear_top1_agreement"] is None else f"{f['clear_top1_agreement']:.4f}"
+        click.echo(f"{at}vs fp32 reference: top-1 {f['top1_agreement']:.4f} ({clear} at {f['clear_positions']} "
+                   f"clear positions), mean KL {f['mean_kl']:.4g}, relative KL {f['relative_kl']:.4g}, "
                    f"p99 KL {f['p99_kl']:.4g}")
     if json_file:
         json_file.write_text(json.dumps(rep.to_json(), indent=1))
@@ -216,6 +244,8 @@ def profile(artifacts, runtime, runs, max_tokens, threads, json_file, prune, rep
 
     if runs < 1 or max_tokens < 2:
         raise EdgeqError("--runs must be >= 1 and --max-tokens >= 2")
+    if threads is not None and threads < 1:
+        raise EdgeqError(f"--threads must be >= 1, got {threads}")
     for a in artifacts:
         if not (a / "manifest.json").is_file():
             raise EdgeqError(f"{a}: not an artifact directory (no manifest.json)")
@@ -273,6 +303,9 @@ def inspect(artifact, tensors, as_json):
 def eval_(target, runtime, prune, tasks, limit, ppl_tokens, reference, threads, json_file):
     """Accuracy: WikiText-2 perplexity, KL vs the fp32 reference, LAMBADA (benchmark protocol)."""
     from edgeq.eval_cmd import format_report, run_eval
+
+    if threads is not None and threads < 1:
+        raise EdgeqError(f"--threads must be >= 1, got {threads}")
 
     rep = run_eval(target, runtime=runtime, prune=prune, tasks=tasks, limit=limit, ppl_tokens=ppl_tokens,
                    reference=reference, threads=threads)

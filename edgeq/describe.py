@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from edgeq.artifact import read_manifest
+from edgeq.artifact import artifact_path, read_manifest
 from edgeq.errors import EdgeqError, require
 
 
@@ -25,7 +25,7 @@ def describe(artifact_dir: str | Path) -> dict:
     for name, info in m["files"].items():
         entry = dict(info)
         if name.endswith(".gguf"):
-            entry["tensors"] = gguf_tensors(root / name)
+            entry["tensors"] = gguf_tensors(artifact_path(root, name))
         files[name] = entry
     return {"manifest": m, "files": files}
 

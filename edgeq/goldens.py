@@ -50,10 +50,21 @@ class Comparison:
     mean_kl: float  # top-k truncated KL(expected || actual), nats per position
     p99_kl: float
     max_logprob_diff: float  # on the expected top-k ids
+    # What the expected distributions say at all: top-k truncated KL(expected || uniform over the
+    # vocabulary), nats per position. A near-flat model (a small random one) has a tiny one.
+    mean_info: float = 0.0
+    # mean_kl / mean_info: the share of that information the actual distributions lose; scale-free
+    # (~0 for a faithful artifact, ~1 or more for one unrelated to the expected model).
+    relative_kl: float = 0.0
+    # top-1 agreement counted only where the expected top-1 beats its top-2 by >= clear_margin
+    # nats (elsewhere the top-1 is a near tie that any rounding may flip).
+    clear_margin: float = 0.0
+    clear_positions: int = 0
+    clear_top1_agreement: float | None = None
 
     def to_json(self) -> dict:
-        d = {k: round(float(v), 6) for k, v in self.__dict__.items()}
-        d["positions"] = self.positions
+        d = {k: (v if v is None or isinstance(v, int) else round(float(v), 6)) for k, v in self.__dict__.items()}
+        d["positions"], d["clear_positions"] = self.positions, self.clear_positions
         return d
 
 
@@ -61,16 +72,27 @@ def logprobs(session, token_ids: list[list[int]]) -> list[np.ndarray]:
     return [log_softmax(session.logits(ids)) for ids in token_ids]
 
 
-def compare(expected: dict, actual: list[np.ndarray]) -> Comparison:
-    """Compare log-probs (from :func:`logprobs`) with recorded top-k goldens."""
-    agree, kls, diffs = [], [], []
+def compare(expected: dict, actual: list[np.ndarray], clear_margin: float = 0.0) -> Comparison:
+    """Compare log-probs (from :func:`logprobs`, full vocabulary) with recorded top-k goldens."""
+    agree, clear, kls, infos, diffs = [], [], [], [], []
     for lp, e_ids, e_lp in zip(actual, expected["topk_ids"], expected["topk_logprobs"]):
         e_ids, e_lp = np.asarray(e_ids), np.asarray(e_lp, dtype=np.float64)
         got = np.take_along_axis(lp, e_ids, axis=-1)
+        p = np.exp(e_lp)
         agree.extend((np.argmax(lp, axis=-1) == e_ids[:, 0]).tolist())
-        kls.extend((np.exp(e_lp) * (e_lp - got)).sum(axis=-1).tolist())
+        margin = e_lp[:, 0] - e_lp[:, 1] if e_lp.shape[-1] > 1 else np.full(len(e_lp), np.inf)
+        clear.extend((margin >= clear_margin).tolist())
+        kls.extend((p * (e_lp - got)).sum(axis=-1).tolist())
+        infos.extend((p * (e_lp + np.log(lp.shape[-1]))).sum(axis=-1).tolist())
         diffs.append(np.abs(got - e_lp).max())
-    kls_a = np.asarray(kls)
-    return Comparison(positions=len(agree), top1_agreement=float(np.mean(agree)),
-                      mean_kl=float(kls_a.mean()), p99_kl=float(np.percentile(kls_a, 99)),
-                      max_logprob_diff=float(max(diffs)))
+    kls_a, agree_a, clear_a = np.asarray(kls), np.asarray(agree), np.asarray(clear, dtype=bool)
+    mean_kl, info = float(kls_a.mean()), float(np.mean(infos))
+    if info > 0:
+        rel = mean_kl / info
+    else:  # a uniform expected distribution: nothing to lose
+        rel = 0.0 if mean_kl <= 0 else float("inf")
+    return Comparison(positions=len(agree), top1_agreement=float(agree_a.mean()),
+                      mean_kl=mean_kl, p99_kl=float(np.percentile(kls_a, 99)),
+                      max_logprob_diff=float(max(diffs)), mean_info=info, relative_kl=rel,
+                      clear_margin=float(clear_margin), clear_positions=int(clear_a.sum()),
+                      clear_top1_agreement=float(agree_a[clear_a].mean()) if clear_a.any() else None)

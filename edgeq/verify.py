@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeq import goldens, tolerances
-from edgeq.artifact import check_files, read_manifest
+from edgeq.artifact import artifact_path, check_files, read_manifest
 from edgeq.backends import for_manifest
 from edgeq.errors import EdgeqError
 from edgeq.session import open_session
@@ -41,7 +41,7 @@ def verify(artifact_dir: str | Path, runtime: str = "auto") -> VerifyReport:
             rep.problems.append("artifact was built without goldens (--no-goldens)")
         return rep
     try:
-        data = json.loads((root / g["file"]).read_text())
+        data = json.loads(artifact_path(root, g["file"]).read_text())
         token_ids = data["token_ids"]
         per_rate = data["rates"]
     except (json.JSONDecodeError, KeyError) as exc:
@@ -50,13 +50,16 @@ def verify(artifact_dir: str | Path, runtime: str = "auto") -> VerifyReport:
     rep.tolerance = {"regression_max_logprob_diff": tolerances.REGRESSION_MAX_LOGPROB_DIFF,
                      "regression_min_top1": tolerances.REGRESSION_MIN_TOP1}
     if tol is not None:
-        rep.tolerance.update({"reference_max_mean_kl": tol.max_mean_kl, "reference_min_top1": tol.min_top1})
+        rep.tolerance.update({"reference_max_mean_kl": tol.max_mean_kl, "reference_min_top1": tol.min_top1,
+                              "reference_max_relative_kl": tol.max_relative_kl,
+                              "reference_top1_clear_margin": tolerances.TOP1_CLEAR_MARGIN,
+                              "reference_top1_min_clear_positions": tolerances.TOP1_MIN_CLEAR_POSITIONS})
     rep.regression, rep.reference = {}, {}
     for key, expected in per_rate.items():
         with open_session(root, runtime=runtime, n_ctx=256, manifest=m, prune=float(key)) as s:
             lps = goldens.logprobs(s, token_ids)
         reg = goldens.compare(expected["artifact"], lps)
-        ref = goldens.compare(expected["reference"], lps)
+        ref = goldens.compare(expected["reference"], lps, clear_margin=tolerances.TOP1_CLEAR_MARGIN)
         rep.regression[key], rep.reference[key] = reg.to_json(), ref.to_json()
         at = f"rate {key}: " if len(per_rate) > 1 else ""
         if reg.top1_agreement < tolerances.REGRESSION_MIN_TOP1:
@@ -66,11 +69,21 @@ def verify(artifact_dir: str | Path, runtime: str = "auto") -> VerifyReport:
             rep.problems.append(f"{at}regression: max |Δ log-prob| {reg.max_logprob_diff:.3g} > "
                                 f"{tolerances.REGRESSION_MAX_LOGPROB_DIFF} vs recorded goldens")
         if tol is not None:
-            if ref.mean_kl > tol.max_mean_kl:
-                rep.problems.append(f"{at}reference: mean KL {ref.mean_kl:.4g} > {tol.max_mean_kl} "
-                                    f"for {m.get('weight_type')}")
-            if ref.top1_agreement < tol.min_top1:
-                rep.problems.append(f"{at}reference: top-1 agreement {ref.top1_agreement:.4f} < {tol.min_top1} "
-                                    f"for {m.get('weight_type')}")
+            rep.problems += _reference_problems(ref, tol, f"{at}reference: ", f"for {m.get('weight_type')}")
     rep.ok = not rep.problems
     return rep
+
+
+def _reference_problems(ref: goldens.Comparison, tol: tolerances.ReferenceTolerance, at: str, fmt: str) -> list[str]:
+    """The artifact vs the fp32 reference: absolute KL, relative KL, top-1 where the reference is clear."""
+    out = []
+    if ref.mean_kl > tol.max_mean_kl:
+        out.append(f"{at}mean KL {ref.mean_kl:.4g} > {tol.max_mean_kl} {fmt}")
+    if ref.relative_kl > tol.max_relative_kl:
+        out.append(f"{at}relative KL {ref.relative_kl:.4g} > {tol.max_relative_kl} {fmt} (mean KL "
+                   f"{ref.mean_kl:.4g} of the reference's {ref.mean_info:.4g} nats from uniform)")
+    if ref.clear_positions >= tolerances.TOP1_MIN_CLEAR_POSITIONS and ref.clear_top1_agreement < tol.min_top1:
+        out.append(f"{at}top-1 agreement {ref.clear_top1_agreement:.4f} < {tol.min_top1} {fmt} at the "
+                   f"{ref.clear_positions} positions where the reference's top-1 leads by >= "
+                   f"{tolerances.TOP1_CLEAR_MARGIN} nats")
+    return out

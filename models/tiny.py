@@ -180,7 +180,7 @@ def save_tokenizer(tok, out_dir: Path, *, bos: str | None, eos: str, pad: str, a
     write_json(out_dir / "special_tokens_map.json", {k: v for k, v in special.items() if v is not None})
 
 
-def _randomise_(model, seed: int) -> None:
+def _randomise_(model, seed: int, embed_std: float = EMBED_STD, linear_std: float = LINEAR_STD) -> None:
     """Overwrite every parameter from a seeded generator, in sorted name order."""
     import torch
 
@@ -192,14 +192,15 @@ def _randomise_(model, seed: int) -> None:
             elif name.endswith(".bias"):
                 p.copy_(BIAS_STD * torch.randn(p.shape, generator=gen))
             elif "embed_tokens" in name or name.startswith("lm_head"):
-                p.copy_(EMBED_STD * torch.randn(p.shape, generator=gen))
+                p.copy_(embed_std * torch.randn(p.shape, generator=gen))
             elif name.endswith(".weight") and p.dim() == 2:
-                p.copy_(LINEAR_STD * torch.randn(p.shape, generator=gen))
+                p.copy_(linear_std * torch.randn(p.shape, generator=gen))
             else:
                 raise EdgeqError(f"tiny model: no init rule for parameter {name} {tuple(p.shape)}")
 
 
-def _make_tiny(out_dir: Path, arch: str, seed: int, tie_embeddings: bool) -> Path:
+def _make_tiny(out_dir: Path, arch: str, seed: int, tie_embeddings: bool, embed_std: float = EMBED_STD,
+               linear_std: float = LINEAR_STD) -> Path:
     require("torch", "frontend")
     transformers = require("transformers", "frontend")
     import torch
@@ -229,7 +230,7 @@ def _make_tiny(out_dir: Path, arch: str, seed: int, tie_embeddings: bool) -> Pat
         raise EdgeqError(f"unknown tiny arch {arch!r}")
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.float32)
-    _randomise_(model, seed)
+    _randomise_(model, seed, embed_std, linear_std)
     if tie_embeddings:
         model.tie_weights()
     model.eval()
@@ -238,13 +239,20 @@ def _make_tiny(out_dir: Path, arch: str, seed: int, tie_embeddings: bool) -> Pat
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
         save_tokenizer(tok, tmp, bos=bos, eos=eos, pad=pad, add_bos=add_bos, tokenizer_class=tok_class)
-        write_marker(tmp, {"recipe": f"tiny-{arch}/v1", "seed": seed, "tie_embeddings": tie_embeddings})
+        marker = {"recipe": f"tiny-{arch}/v1", "seed": seed, "tie_embeddings": tie_embeddings}
+        if (embed_std, linear_std) != (EMBED_STD, LINEAR_STD):
+            marker.update(embed_std=embed_std, linear_std=linear_std)
+        write_marker(tmp, marker)
     return out_dir
 
 
-def make_tiny_llama(out_dir: Path, seed: int = 0, tie_embeddings: bool = False) -> Path:
-    """Write a tiny random Llama checkpoint to ``out_dir`` (created or replaced); return it."""
-    return _make_tiny(out_dir, "llama", seed, tie_embeddings)
+def make_tiny_llama(out_dir: Path, seed: int = 0, tie_embeddings: bool = False, embed_std: float = EMBED_STD,
+                    linear_std: float = LINEAR_STD) -> Path:
+    """Write a tiny random Llama checkpoint to ``out_dir`` (created or replaced); return it.
+    ``embed_std`` / ``linear_std`` change the initialisation scales (e.g. a small ``embed_std``
+    gives near-flat next-token distributions, a large ``linear_std`` a model 4-bit rounding
+    moves a lot)."""
+    return _make_tiny(out_dir, "llama", seed, tie_embeddings, embed_std, linear_std)
 
 
 def make_tiny_qwen2(out_dir: Path, seed: int = 0, tie_embeddings: bool = True) -> Path:

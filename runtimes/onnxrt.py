@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeq.artifact import read_manifest, read_tokenizer_spec
+from edgeq.artifact import artifact_path, read_manifest, read_tokenizer_spec
 from edgeq.errors import EdgeqError
 from edgeq.ir import HParams
 from runtimes.base import RateSwitchMixin, Session, check_tokens
@@ -50,8 +50,11 @@ class OnnxSession(RateSwitchMixin, SpecTextMixin, Session):
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        model_path = artifact_path(root, info["model_file"])
+        if info.get("data_file"):
+            artifact_path(root, info["data_file"])
         try:
-            self.sess = ort.InferenceSession(str(root / info["model_file"]), so, providers=["CPUExecutionProvider"])
+            self.sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise EdgeqError(f"{root / info['model_file']}: onnxruntime cannot load it ({msg[:200]})") from None
@@ -60,8 +63,9 @@ class OnnxSession(RateSwitchMixin, SpecTextMixin, Session):
         self._adapters = {}
         for name, fname in sorted(info.get("adapter_files", {}).items()):
             a = ort.LoraAdapter()
+            apath = artifact_path(root, fname)
             try:
-                a.Load(str(root / fname))
+                a.Load(str(apath))
             except Exception:
                 raise EdgeqError(f"{root / fname}: corrupt or unreadable onnxruntime adapter file") from None
             self._adapters[name] = a
@@ -89,7 +93,7 @@ class OnnxSession(RateSwitchMixin, SpecTextMixin, Session):
         per_rate = info.get("weight_bytes_per_rate")
         if per_rate:
             return int(per_rate[f"{self._rates[self._index_of(self.prune_rate if rate is None else rate)]:g}"])
-        return sum((self.root / info[k]).stat().st_size for k in ("model_file", "data_file"))
+        return sum(artifact_path(self.root, info[k]).stat().st_size for k in ("model_file", "data_file"))
 
     # ---- adapters ------------------------------------------------------------------------------
     @property
@@ -120,7 +124,7 @@ class OnnxSession(RateSwitchMixin, SpecTextMixin, Session):
     # ---- text (SpecTextMixin) ---------------------------------------------------------------
     def _tokenizer_spec(self):
         if self._spec is None and self._tok_file:
-            self._spec = read_tokenizer_spec(self.root / self._tok_file)
+            self._spec = read_tokenizer_spec(artifact_path(self.root, self._tok_file))
         return self._spec
 
     # ---- pruning rates (RateSwitchMixin) ----------------------------------------------------------

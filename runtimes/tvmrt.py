@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeq.artifact import read_manifest, read_tokenizer_spec
+from edgeq.artifact import artifact_path, read_manifest, read_tokenizer_spec
 from edgeq.errors import EdgeqError
 from edgeq.hashing import sha256_file
 from edgeq.ir import HParams
@@ -48,7 +48,7 @@ def _tvm(threads: int | None):
 def check_library(root: Path, manifest: dict) -> Path:
     """The artifact's kernel library, after checking its sha256 against the manifest."""
     info = manifest["tvm"]
-    lib = root / info["library"]
+    lib = artifact_path(root, info["library"])
     want = info.get("library_sha256")
     if not lib.is_file():
         raise EdgeqError(f"{lib}: missing kernel library")
@@ -86,7 +86,7 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
         self.hp = hp = HParams.from_json(m["hparams"])
         self.n_ctx = n_ctx
         self.block = int(info["block"])
-        self._load_weights(root / info["weights_file"], info)
+        self._load_weights(artifact_path(root, info["weights_file"]), info)
         self._spec = None
         self._tok_file = info.get("tokenizer_file")
         p = m.get("prune")
@@ -197,7 +197,7 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
     # ---- text --------------------------------------------------------------------------------------
     def _tokenizer_spec(self):
         if self._spec is None and self._tok_file:
-            self._spec = read_tokenizer_spec(self.root / self._tok_file)
+            self._spec = read_tokenizer_spec(artifact_path(self.root, self._tok_file))
         return self._spec
 
     # ---- compute -----------------------------------------------------------------------------------

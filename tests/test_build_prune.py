@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from edgeq.cli import main
 
-pytest.importorskip("llama_cpp")
+import llama_cpp  # noqa: F401
 CALIB = ["--calib-samples", "4", "--calib-len", "64"]
 
 
@@ -20,7 +20,7 @@ def run_cli(*args):
 def pruned(request, tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("pruned") / request.param
     if request.param == "tvm":
-        pytest.importorskip("tvm")
+        import tvm  # noqa: F401
     bits = {"gguf": ["--bits", "8"], "onnx": ["--bits", "4"], "tvm": ["--bits", "4"]}.get(request.param, [])
     code, text = run_cli("build", tiny_llama, "--format", request.param, *bits, "--prune-rates", "0,0.25,0.5",
                          *CALIB, "-o", out)

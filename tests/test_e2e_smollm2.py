@@ -10,7 +10,7 @@ from edgeq.goldens import log_softmax
 from edgeq.tolerances import GGUF_Q8_MAX_MEAN_KL, GGUF_Q8_MIN_TOP1
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("llama_cpp")
+import llama_cpp  # noqa: F401
 
 
 def cli(*args):
@@ -91,7 +91,7 @@ def test_planned_build_beats_uniform_q4_0_at_its_size(smollm2_dir, tmp_path):
 def test_onnx_int8_on_smollm2_matches_reference_and_answers(smollm2_dir, tmp_path):
     """ONNX int8 (MatMulNBits, accuracy_level 4) on onnxruntime vs the reference runtime on the
     same dequantized weights; the artifact verifies and answers."""
-    pytest.importorskip("onnxruntime")
+    import onnxruntime  # noqa: F401
     from edgeq.frontend import load_model
     from edgeq.backends.onnx.lower import OnnxOptions, lowered_ir
     from edgeq.session import open_session
@@ -116,7 +116,7 @@ def test_onnx_int8_on_smollm2_matches_reference_and_answers(smollm2_dir, tmp_pat
 def test_tvm_int4_on_smollm2_matches_reference_and_answers(smollm2_dir, tmp_path):
     """TVM int4 (generated kernels for cpu-avx2 + the numpy decoder) vs the reference runtime on
     the same dequantized weights — float32 kernels, so close to exact; verifies and answers."""
-    pytest.importorskip("tvm")
+    import tvm  # noqa: F401
     from edgeq.frontend import load_model
     from edgeq.backends.tvm.lower import TvmOptions, lowered_ir
     from edgeq.session import open_session

@@ -24,8 +24,8 @@ def _ids(n, vocab, seed=0):
 def _torch_stats(model_dir, adapter_dir, tokens, ctx):
     """NLL of the scored positions of `model+adapter`, KL(base ‖ model+adapter), top-1 agreement,
     computed with transformers/peft: torch forward of each window, float64 softmax."""
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+    import torch
+    import peft
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -230,7 +230,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def artifact(tiny_llama, tmp_path_factory):
-    pytest.importorskip("llama_cpp")
+    import llama_cpp  # noqa: F401
     out = tmp_path_factory.mktemp("art") / "q8"
     code, text = run_cli("build", tiny_llama, "--bits", "8", "-o", out)
     assert code == 0, text
@@ -301,7 +301,7 @@ def test_eval_cli_missing_data_dir_is_a_one_line_error(tiny_llama, tmp_path):
 def test_smollm2_reference_lambada_first_50(smollm2_dir):
     path = evaluate.resolve_data_dir() / "lambada" / "lambada_test.jsonl"
     if not path.exists():
-        pytest.skip(f"{path} not found (set EDGEQ_DATA to the shared data directory)")
+        pytest.fail(f"{path} not found (set EDGEQ_DATA to the shared data directory)", pytrace=False)
     s = ReferenceSession(load_model(smollm2_dir), n_ctx=512)
     res = evaluate.lambada(s, path=path, limit=50, progress=False)
     assert res.items == 50
@@ -311,9 +311,10 @@ def test_smollm2_reference_lambada_first_50(smollm2_dir):
 @pytest.mark.parametrize("fmt", ["gguf", "reference"])
 def test_eval_cli_at_pruning_rates(fmt, tiny_llama, data_dir, tmp_path):
     """A pruned artifact is scored at each carried rate vs the unpruned fp32 source."""
-    pytest.importorskip("llama_cpp")
+    import llama_cpp  # noqa: F401
+
     if not (evaluate.resolve_data_dir() / "alpaca").exists():
-        pytest.skip("calibration data (../shared/data/alpaca) not found")
+        pytest.fail("calibration data (../shared/data/alpaca) not found (set EDGEQ_DATA)", pytrace=False)
     art = tmp_path / "pruned"
     bits = ["--bits", "8"] if fmt == "gguf" else []
     code, text = run_cli("build", tiny_llama, "--format", fmt, *bits, "--prune-rates", "0,0.5",

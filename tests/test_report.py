@@ -8,10 +8,10 @@ from click.testing import CliRunner
 
 from edgeq.cli import main
 
-pytest.importorskip("llama_cpp")
-pytest.importorskip("onnxruntime")
-pytest.importorskip("tvm")
-pytest.importorskip("matplotlib")
+import llama_cpp  # noqa: F401
+import onnxruntime  # noqa: F401
+import tvm  # noqa: F401
+import matplotlib  # noqa: F401
 
 
 def run_cli(*args):

@@ -45,23 +45,72 @@ def _check_config(cfg: dict, where: Path) -> None:
                          f"LoRA-able linear for (supported: {', '.join(HF_MODULE_ROLE)})")
 
 
+_CLASS_FAMILY_RE = re.compile(r"^([A-Za-z0-9]+?)(?:For[A-Za-z]+|PreTrainedModel|Model)$")
+_PARENT_LIBRARY_RE = re.compile(r"^transformers\.models\.(\w+)\.modeling_\w+$")
+
+
+def _recorded_base_class(cfg: dict) -> tuple[str, str] | None:
+    """(class name, where it is recorded) of the model the adapter was trained on, if recorded:
+    PEFT writes ``auto_mapping: {base_model_class, parent_library}``; older configs a top-level
+    ``base_model_class``."""
+    am = cfg.get("auto_mapping")
+    if isinstance(am, dict) and am.get("base_model_class"):
+        return str(am["base_model_class"]), "auto_mapping.base_model_class"
+    if cfg.get("base_model_class"):
+        return str(cfg["base_model_class"]), "base_model_class"
+    return None
+
+
+def _check_class(cls: str, where: str, ir: ModelIR, name: str) -> None:
+    ours = SUPPORTED_ARCH_TYPES[ir.arch.value]
+    if cls in ours:
+        return
+    fam = _CLASS_FAMILY_RE.match(cls)
+    if fam is None or fam.group(1).lower() != ir.arch.value:
+        raise EdgeqError(f"adapter {name!r} does not match the model: it was trained on a {cls} "
+                         f"(adapter_config.json {where}), this model is a {ir.arch.value} ({ours[0]})")
+
+
 def _check_base(cfg: dict, ir: ModelIR, name: str) -> None:
-    """If the adapter names a local base checkpoint, its architecture must be this model's."""
+    """The base model the adapter records must be this model's architecture: the base class PEFT
+    recorded (``auto_mapping``), the library it came from, and, when ``base_model_name_or_path``
+    is a local checkpoint, its config (model type, architectures, shapes). A hub id that is not
+    on this machine cannot be checked beyond the class; its name is kept in the manifest."""
+    rec = _recorded_base_class(cfg)
+    if rec is not None:
+        _check_class(*rec, ir, name)
+    am = cfg.get("auto_mapping")
+    lib = am.get("parent_library") if isinstance(am, dict) else None
+    m = _PARENT_LIBRARY_RE.match(str(lib or ""))
+    if m and m.group(1) != ir.arch.value:
+        raise EdgeqError(f"adapter {name!r} does not match the model: it was trained on a {m.group(1)} model "
+                         f"(adapter_config.json auto_mapping.parent_library {lib}), this model is {ir.arch.value}")
     base = cfg.get("base_model_name_or_path")
-    if not base:
+    if not base or not isinstance(base, str):
         return
     base_cfg = Path(base) / "config.json"
     try:
         if not base_cfg.is_file():
             return
         bc = json.loads(base_cfg.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
+        return
+    if not isinstance(bc, dict):
         return
     if bc.get("model_type") and bc.get("model_type") != ir.arch.value:
         raise EdgeqError(f"adapter {name!r} does not match the model: it was trained on a "
                          f"{bc.get('model_type')} model ({base}), this model is {ir.arch.value}")
-    for key, ours in (("hidden_size", ir.hparams.hidden_size), ("num_hidden_layers", ir.hparams.num_layers)):
-        if key in bc and int(bc[key]) != ours:
+    for cls in bc.get("architectures") or []:
+        _check_class(str(cls), f"base_model_name_or_path {base}: architectures", ir, name)
+    hp = ir.hparams
+    for key, ours in (("hidden_size", hp.hidden_size), ("num_hidden_layers", hp.num_layers),
+                      ("intermediate_size", hp.intermediate_size), ("num_attention_heads", hp.num_heads),
+                      ("num_key_value_heads", hp.num_kv_heads)):
+        try:
+            theirs = int(bc[key]) if bc.get(key) is not None else None
+        except (TypeError, ValueError):
+            theirs = None
+        if theirs is not None and theirs != ours:
             raise EdgeqError(f"adapter {name!r} does not match the model: its base has {key}={bc[key]}, "
                              f"this model has {ours}")
 
@@ -85,7 +134,7 @@ def load_adapter(ir: ModelIR, adapter_dir: str | Path, name: str | None = None) 
     cfg = _read_config(adapter_dir)
     _check_config(cfg, adapter_dir)
     _check_base(cfg, ir, name)
-    base_arch = cfg.get("base_model_class") or ""
+    rec = _recorded_base_class(cfg)
     wfile = adapter_dir / "adapter_model.safetensors"
     if not wfile.exists():
         if (adapter_dir / "adapter_model.bin").exists():
@@ -136,7 +185,7 @@ def load_adapter(ir: ModelIR, adapter_dir: str | Path, name: str | None = None) 
         "alpha": cfg.get("lora_alpha"),
         "target_modules": sorted({str(p["module"]) for p in pairs.values()}),
         "base_model": cfg.get("base_model_name_or_path"),
-        "base_model_class": base_arch or None,
+        "base_model_class": rec[0] if rec else None,
         "linears": len(pairs),
     }
     adapters = dict(ir.adapters)

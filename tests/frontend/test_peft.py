@@ -12,8 +12,8 @@ MERGE_RTOL = 1e-5  # the issue's bound: merged weights match peft's merge_and_un
 
 
 def _peft_merged_state(model_dir, adapter_dir):
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+    import torch
+    import peft
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -104,3 +104,65 @@ def test_truncated_adapter_is_refused(tiny_llama, tiny_llama_lora, tmp_path):
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(EdgeqError, match="truncated"):
         load_adapter(load_model(tiny_llama), bad)
+
+
+def _with_config(src, dst, **changes):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+QWEN2_MAPPING = {"base_model_class": "Qwen2ForCausalLM", "parent_library": "transformers.models.qwen2.modeling_qwen2"}
+
+
+@pytest.mark.parametrize("recorded", [
+    {"auto_mapping": QWEN2_MAPPING},
+    {"auto_mapping": {"base_model_class": "Qwen2ForCausalLM"}},
+    {"auto_mapping": {"base_model_class": "PeftCustomModel", "parent_library": "transformers.models.qwen2.modeling_qwen2"}},
+    {"base_model_class": "Qwen2ForCausalLM"},
+    {"auto_mapping": {"base_model_class": "MistralForCausalLM"}},
+])
+def test_adapter_recording_another_base_class_is_refused_even_with_the_same_shapes(
+        tiny_llama, tiny_qwen2_lora, tmp_path, recorded):
+    """Issue 18 defect 3: a Qwen2 adapter (same shapes as the tiny Llama) whose base is a hub id
+    not on this machine used to be applied silently; the class PEFT recorded says otherwise."""
+    bad = _with_config(tiny_qwen2_lora, tmp_path / "lora", base_model_name_or_path="Qwen/Qwen2-0.5B", **recorded)
+    with pytest.raises(EdgeqError, match=r"adapter 'lora' does not match the model: it was trained on a "):
+        load_adapter(load_model(tiny_llama), bad)
+
+
+def test_adapter_recording_this_base_class_is_applied_and_recorded(tiny_llama, tiny_llama_lora, tmp_path):
+    ok = _with_config(tiny_llama_lora, tmp_path / "lora", base_model_name_or_path="meta-llama/Llama-3.2-1B",
+                      auto_mapping={"base_model_class": "LlamaForCausalLM",
+                                    "parent_library": "transformers.models.llama.modeling_llama"})
+    ir = load_adapter(load_model(tiny_llama), ok)
+    assert ir.adapters["lora"]["base_model_class"] == "LlamaForCausalLM"
+    assert ir.adapters["lora"]["base_model"] == "meta-llama/Llama-3.2-1B"
+
+
+def test_adapter_whose_local_base_lists_another_class_is_refused(tiny_llama, tiny_qwen2, tiny_qwen2_lora, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_qwen2, base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg.pop("model_type")  # only the architectures list says what it is
+    (base / "config.json").write_text(json.dumps(cfg))
+    bad = _with_config(tiny_qwen2_lora, tmp_path / "lora", base_model_name_or_path=str(base))
+    with pytest.raises(EdgeqError, match=r"trained on a Qwen2ForCausalLM \(adapter_config.json base_model_name_or_path"):
+        load_adapter(load_model(tiny_llama), bad)
+
+
+def test_cli_build_with_another_base_class_adapter_is_one_error_line(tiny_llama, tiny_qwen2_lora, tmp_path):
+    from click.testing import CliRunner
+
+    from edgeq.cli import main
+
+    bad = _with_config(tiny_qwen2_lora, tmp_path / "lora", base_model_name_or_path="Qwen/Qwen2-0.5B",
+                       auto_mapping=QWEN2_MAPPING)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["build", str(tiny_llama), "--adapter", str(bad), "-o", str(out)])
+    assert r.exit_code == 1, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Qwen2ForCausalLM" in errors[0], r.output
+    assert not out.exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-tvm = pytest.importorskip("tvm")
+import tvm
 
 from edgeq.errors import EdgeqError  # noqa: E402
 from edgeq.kernels import compile as kc  # noqa: E402

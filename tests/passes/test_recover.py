@@ -4,7 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from edgeq.errors import EdgeqError  # noqa: E402
 from edgeq.frontend import load_adapter, load_model  # noqa: E402

@@ -30,7 +30,9 @@ def _load_tiny_gguf():
 
 @pytest.fixture(scope="module")
 def gguf():
-    return pytest.importorskip("gguf")
+    import gguf
+
+    return gguf
 
 
 def _ggml_type(gguf, qt: QType):
@@ -367,7 +369,7 @@ _FTYPES = {QType.Q8_0: "LLAMA_FTYPE_MOSTLY_Q8_0", QType.Q4_0: "LLAMA_FTYPE_MOSTL
 
 @pytest.mark.parametrize("qt", QUANT_TYPES, ids=lambda q: q.value)
 def test_bit_exact_with_llama_cpp_quantize(tiny_f32, tmp_path, gguf, qt):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
     src_path, src = tiny_f32
     out_path = tmp_path / f"tiny-{qt.value}.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
@@ -405,7 +407,7 @@ def test_bit_exact_with_llama_cpp_quantize(tiny_f32, tmp_path, gguf, qt):
 
 def test_quantized_tiny_model_loads_in_llama_cpp(tiny_f32, tmp_path):
     """The tiny GGUF is a real model: llama.cpp loads the quantized file, tokenizes and evaluates."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
     src_path, _ = tiny_f32
     out_path = tmp_path / "tiny-q4_0.gguf"
     params = llama_cpp.llama_model_quantize_default_params()

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("llama_cpp")
-pytest.importorskip("gguf")
+import llama_cpp  # noqa: F401
+import gguf  # noqa: F401
 
 from edgeq.errors import EdgeqError  # noqa: E402
 

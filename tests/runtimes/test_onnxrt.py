@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+import onnx  # noqa: F401
+import onnxruntime  # noqa: F401
 
 from edgeq.build import BuildOptions, build  # noqa: E402
 from edgeq.errors import EdgeqError  # noqa: E402

@@ -9,7 +9,7 @@ REF_FP32_VS_TRANSFORMERS_MAX_ABS_DEEP = 3e-4  # float32 accumulation over 30 lay
 
 
 def _hf_logits(model_dir, ids, adapter_dir=None):
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import AutoModelForCausalLM
 
     m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

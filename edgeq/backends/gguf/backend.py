@@ -118,13 +118,13 @@ class GgufBackend(Backend):
         return manifest, float_ir
 
     def open_session(self, root, manifest, runtime, n_ctx, threads, rate):
-        from edgeq.artifact import gguf_file_for_rate
+        from edgeq.artifact import artifact_path, gguf_file_for_rate
 
-        model = root / gguf_file_for_rate(manifest, rate)
+        model = artifact_path(root, gguf_file_for_rate(manifest, rate))
         if runtime in ("auto", "llamacpp"):
             from runtimes.llamacpp import LlamaCppSession
 
-            return LlamaCppSession(model, lora_paths=[root / f for f in manifest.get("adapter_files", [])],
+            return LlamaCppSession(model, lora_paths=[artifact_path(root, f) for f in manifest.get("adapter_files", [])],
                                    n_ctx=n_ctx, n_threads=threads)
         if manifest.get("adapter_files"):
             raise EdgeqError("the reference runtime does not load separate LoRA-adapter GGUFs; "

@@ -208,18 +208,20 @@ def tensor_types(ir: ModelIR, bits: int | QType | str,
       legacy ftypes (Q4_0, Q4_1, Q8_0, F16, F32) llama.cpp bumps none of them (attn_v and
       ffn_down bumps only exist for K-quant/IQ ftypes, or Q4_0/Q5_0 *with* an imatrix).
     * ``output`` — and ``token_embd`` when the embeddings are tied (no ``output.weight``) —
-      get :func:`llamacpp_output_type`: Q8_0 if hidden is not a multiple of the base block
-      size or the base is Q8_0; otherwise Q6_K, falling back to Q8_0 when hidden is not a
-      multiple of 256. For SmolLM2-135M (hidden 576, tied) under Q4_0/Q4_1 that is **Q8_0**
-      (the shipped SmolLM2-135M-Instruct.Q4_1.gguf has exactly that); Qwen2.5-0.5B (896) too.
+      get :func:`llamacpp_output_type` (llama.cpp's ``llama_tensor_get_type_impl`` for the
+      output category, then ``tensor_type_fallback``): Q8_0 if hidden is not a multiple of the
+      base block size or the base is Q8_0; otherwise Q6_K, falling back to Q8_0 when hidden
+      is not a multiple of 256 (Q6_K's block). So Llama-3.2-1B (hidden 2048) gets a **Q6_K**
+      head under Q4_0/Q4_1, SmolLM2-135M (hidden 576, tied) a **Q8_0** one (the shipped
+      SmolLM2-135M-Instruct.Q4_1.gguf has exactly that); Qwen2.5-0.5B (896) too.
     * An untied ``token_embd`` gets the base type.
     * F32/F16 bases: every 2-D tensor gets the base type.
 
-    One deviation: edgeq's Q6_K is its own fit, not llama.cpp's iterative quantizer, so where
-    llama.cpp picks Q6_K (hidden a multiple of 256 with a 4-bit base) this recipe plans Q8_0 to
-    keep every byte reproducible — that tensor is then 8.5 instead of 6.5625 bits per weight
-    (planned builds may choose Q6_K freely). Everything else gives the same tensor types and byte-identical
-    tensor data as llama.cpp's quantizer (tested), hence the same size for the same format.
+    Same tensor types as llama.cpp's quantizer for every shape, hence the same file size
+    (tested against llama_model_quantize). The tensor data is byte-identical to llama.cpp's
+    for every type but Q6_K: edgeq's Q6_K is its own (deterministic) fit, not llama.cpp's
+    iterative ``make_qx_quants`` search, so a Q6_K head has the same size and bits per weight
+    (6.5625) but different bytes, with a rounding error of the same size (tested).
 
     ``overrides`` (2-D tensors only): exact IR name, then ``re:<regex>`` (full match), then
     ``_default`` (replaces the base for linears); first match wins. Values are bits or types.
@@ -243,8 +245,7 @@ def tensor_types(ir: ModelIR, bits: int | QType | str,
                              f"got {ncols}")
         return qt
 
-    out_t = llamacpp_output_type(hp.hidden_size, base)
-    out_q = QType.Q8_0 if out_t == "Q6_K" else QType(out_t)
+    out_q = QType(llamacpp_output_type(hp.hidden_size, base))
     plan["token_embd"] = pick("token_embd", out_q if hp.tie_word_embeddings else base, hp.hidden_size)
     for i in range(hp.num_layers):
         plan[f"blk.{i}.attn_norm"] = QType.F32

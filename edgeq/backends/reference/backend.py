@@ -35,11 +35,13 @@ class ReferenceBackend(Backend):
         return manifest, ir
 
     def open_session(self, root, manifest, runtime, n_ctx, threads, rate):
-        from edgeq.backends.reference.ir_files import read_ir
-        from edgeq.artifact import check_rate
+        from edgeq.artifact import artifact_path, check_rate
+        from edgeq.backends.reference.ir_files import META, WEIGHTS, read_ir
         from runtimes.reference import ReferenceSession
 
         check_rate(manifest, rate)
+        for name in (WEIGHTS, META):  # fixed names, but either could be a symlink leaving the artifact
+            artifact_path(root, name)
         s = ReferenceSession(read_ir(root), n_ctx=n_ctx)
         s.set_prune_rate(rate)
         return s

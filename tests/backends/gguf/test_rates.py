@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
+import gguf
 
 from edgeq.errors import EdgeqError  # noqa: E402
 from edgeq.ir import LayerWidths, LowRank, ModelIR, PruneSpec, Role, linear_name  # noqa: E402
@@ -89,7 +89,7 @@ def _reference_logits(ir: ModelIR, rate: float = 0.0) -> np.ndarray:
 
 
 def _llamacpp(path):
-    pytest.importorskip("llama_cpp")
+    import llama_cpp  # noqa: F401
     from runtimes.llamacpp import LlamaCppSession
 
     with LlamaCppSession(path, n_ctx=64, kv_cache_type="f32") as s:

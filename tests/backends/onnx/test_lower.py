@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+import onnx
+import onnxruntime  # noqa: F401
 
 from edgeq.artifact import write_manifest  # noqa: E402
 from edgeq.errors import EdgeqError  # noqa: E402

@@ -1,12 +1,13 @@
 """TVM lowering + runtime: logits vs the reference runtime (tiny Llama / Qwen2, sorted and pruned,
 low-rank branches fused into the kernels), rate switching, tampered library, cross targets."""
 import json
+import os
 import platform
 
 import numpy as np
 import pytest
 
-pytest.importorskip("tvm")
+import tvm  # noqa: F401
 
 from edgeq.artifact import write_manifest  # noqa: E402
 from edgeq.errors import EdgeqError  # noqa: E402
@@ -116,23 +117,30 @@ def test_lowering_is_deterministic(tiny_qwen2, tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
-def test_cross_targets_build_and_refuse_to_run_here(tiny_llama, tmp_path):
-    """mobile-arm64: an aarch64 shared library (cross-linked); gpu-t4: a CUDA module. Both are
-    written; the runtime here says where they run."""
+@pytest.mark.skipif(bool(os.environ.get("EDGEQ_SKIP_CROSS")), reason="EDGEQ_SKIP_CROSS set")
+def test_aarch64_target_builds_and_refuses_to_run_here(tiny_llama, tmp_path):
+    """mobile-arm64: an aarch64 shared library, cross-linked with Debian's aarch64 gcc (make
+    install provides it; missing tools are a failure, the opt-out is EDGEQ_SKIP_CROSS=1)."""
     import subprocess
 
     from edgeq.kernels.emulate import tools_missing
 
+    assert not tools_missing(), f"aarch64 cross tools missing: {tools_missing()} (make cross-tools, or EDGEQ_SKIP_CROSS=1)"
     ir = load_model(tiny_llama)
-    if not tools_missing():
-        out = tmp_path / "arm"
-        out.mkdir()
-        info = lt.write_tvm(ir, out, lt.TvmOptions(bits=4, group=32, target={
-            "kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}))
-        write_manifest(out, {"format": "tvm", "tvm": info, "hparams": ir.hparams.to_json()})
-        assert "aarch64" in subprocess.run(["file", str(out / lt.LIBRARY)], capture_output=True, text=True).stdout
-        with pytest.raises(EdgeqError, match="run it on that device"):
-            TvmSession(out)
+    out = tmp_path / "arm"
+    out.mkdir()
+    info = lt.write_tvm(ir, out, lt.TvmOptions(bits=4, group=32, target={
+        "kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}))
+    write_manifest(out, {"format": "tvm", "tvm": info, "hparams": ir.hparams.to_json()})
+    assert "aarch64" in subprocess.run(["file", str(out / lt.LIBRARY)], capture_output=True, text=True).stdout
+    with pytest.raises(EdgeqError, match="run it on that device"):
+        TvmSession(out)
+
+
+def test_cuda_target_builds_and_refuses_to_run_here(tiny_llama, tmp_path):
+    """gpu-t4: a CUDA module; the runtime here says where it runs, verify checks its files and
+    says to verify on the device."""
+    ir = load_model(tiny_llama)
     out = tmp_path / "t4"
     out.mkdir()
     info = lt.write_tvm(ir, out, lt.TvmOptions(bits=4, group=32, target={"kind": "cuda", "arch": "sm_75"}))
@@ -143,7 +151,7 @@ def test_cross_targets_build_and_refuse_to_run_here(tiny_llama, tmp_path):
 
     rep = verify(out)
     assert not rep.ok and "verify it on that device" in rep.problems[0]
-    assert info["block"] == 32 and json.dumps(info)
+    assert info["block"] == 32 and json.loads(json.dumps(info)) == info
 
 
 def test_refuses_what_it_cannot_express(tiny_llama):
