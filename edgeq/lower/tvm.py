@@ -84,21 +84,42 @@ def interleave_rows(f: int, block: int) -> np.ndarray:
     return idx.transpose(1, 0, 2).reshape(-1)
 
 
-def matmul_groups(ir: ModelIR, layer: int, block: int) -> dict[str, tuple[np.ndarray, tuple | None]]:
-    """The layer's four kernel matmuls: name -> (float weight (N, K), low-rank (A, B) or None)."""
+def matmul_groups(ir: ModelIR, layer: int, block: int, names=GROUPS) -> dict[str, tuple[np.ndarray, tuple | None]]:
+    """The layer's four kernel matmuls: name -> (float weight (N, K), low-rank (A, B) or None);
+    ``names``: only these (each is read and stacked only when asked for)."""
     q, k, v, o = (ir.linear(layer, r) for r in (Role.Q, Role.K, Role.V, Role.O))
     gate, up, down = (ir.linear(layer, r) for r in (Role.GATE, Role.UP, Role.DOWN))
-    F = gate.out_features
-    perm = interleave_rows(F, block)
-    gu_w = np.concatenate([gate.weight, up.weight])[perm]
-    gu_lr = _stack_low_rank([gate, up])
-    if gu_lr is not None:
-        gu_lr = (gu_lr[0], gu_lr[1][perm])
+
+    def gate_up():
+        perm = interleave_rows(gate.out_features, block)
+        gu_lr = _stack_low_rank([gate, up])
+        if gu_lr is not None:
+            gu_lr = (gu_lr[0], gu_lr[1][perm])
+        return np.concatenate([gate.weight, up.weight])[perm], gu_lr
+
+    parts = {
+        "qkv": lambda: (np.concatenate([q.weight, k.weight, v.weight]), _stack_low_rank([q, k, v])),
+        "o": lambda: (o.weight, _stack_low_rank([o])),
+        "gate_up": gate_up,
+        "down": lambda: (down.weight, _stack_low_rank([down])),
+    }
+    return {name: parts[name]() for name in names}
+
+
+def group_dims(ir: ModelIR, layer: int) -> dict[str, tuple[int, int, int]]:
+    """The layer's four kernel matmuls as name -> (outputs N, inputs K, low-rank rank), from
+    shapes alone (no weight is read)."""
+    q, k, v, o = (ir.linear(layer, r) for r in (Role.Q, Role.K, Role.V, Role.O))
+    gate, up, down = (ir.linear(layer, r) for r in (Role.GATE, Role.UP, Role.DOWN))
+
+    def rank(lins):
+        return sum(lr.rank for lin in lins for lr in lin.low_rank)
+
     return {
-        "qkv": (np.concatenate([q.weight, k.weight, v.weight]), _stack_low_rank([q, k, v])),
-        "o": (o.weight, _stack_low_rank([o])),
-        "gate_up": (gu_w, gu_lr),
-        "down": (down.weight, _stack_low_rank([down])),
+        "qkv": (q.out_features + k.out_features + v.out_features, q.in_features, rank([q, k, v])),
+        "o": (o.out_features, o.in_features, rank([o])),
+        "gate_up": (gate.out_features + up.out_features, gate.in_features, rank([gate, up])),
+        "down": (down.out_features, down.in_features, rank([down])),
     }
 
 
@@ -150,11 +171,11 @@ def specs_for(ir: ModelIR, opts: TvmOptions) -> set:
     out = set()
     hp = ir.hparams
     for i in range(hp.num_layers):
-        for name, (w, lr) in matmul_groups(ir, i, block).items():
-            fmt = _format(opts.bits, opts.group, w.shape[1])
+        for name, (_, k, rank) in group_dims(ir, i).items():
+            fmt = _format(opts.bits, opts.group, k)
             g = int(fmt.split("_g")[1].split("_")[0])
             for prefill in (False, True):
-                out.add(KernelSpec(bits=opts.bits, group=g, rank=0 if lr is None else lr[0].shape[0], block=block,
+                out.add(KernelSpec(bits=opts.bits, group=g, rank=rank, block=block,
                                    lr_dtype=opts.lr_dtype,
                                    prefill=prefill))
     g = int(_format(8, opts.group, hp.hidden_size).split("_g")[1].split("_")[0])
@@ -178,13 +199,26 @@ def _pack(w: np.ndarray, lr, bits: int, group: int, block: int, lr_dtype: str = 
     return arrays, spec.name.rsplit("_", 1)[0]  # the spec name without _decode / _prefill
 
 
+def _packed_shapes(n: int, k: int, rank: int, bits: int, group: int, block: int, lr_dtype: str = "float32"
+                   ) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """name -> (dtype, shape) of the arrays :func:`_pack` makes for an (n, k) weight with a
+    rank-``rank`` low-rank branch (0: none), from the shapes alone."""
+    g = int(_format(bits, group, k).split("_g")[1].split("_")[0])
+    out = {"qw": (np.dtype(np.uint8), (n // block, k * bits // 8, block)),
+           "sc": (np.dtype(np.float32), (n // block, k // g, block))}
+    if rank:
+        out["a"] = (np.dtype(lr_dtype), (k, rank))
+        out["b"] = (np.dtype(lr_dtype), (n // block, rank, block))
+    return out
+
+
 def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = False) -> dict:
     """Write ``kernels.so``, ``weights.safetensors`` and ``tokenizer.spec.json``; returns the
     manifest's ``tvm`` section."""
-    from safetensors.numpy import save_file
-
     from edgeq.kernels import compile as kc
     from edgeq.lower.onnx import write_tokenizer
+    from edgeq.safetensors_writer import SafetensorsWriter
+    from edgeq.streaming import row_ranges
 
     problems = check(ir, opts)
     if problems:
@@ -192,36 +226,55 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
     out_dir = Path(out_dir)
     block = kc.kernel_block(opts.target)
     hp = ir.hparams
-    arrays: dict[str, np.ndarray] = {}
+    heads = ("token_embd",) + (() if hp.tie_word_embeddings else ("output",))
+    # streamed: every array's shape first (the safetensors header), then one matmul group (one
+    # row chunk of the embedding / head) packed and written at a time
+    shapes: dict[str, tuple] = {}
+    small: dict[str, np.ndarray] = {}  # biases, norms, RoPE order: a few vectors per layer
+    half = hp.head_dim // 2
+    for i in range(hp.num_layers):
+        for name, (n, k, rank) in group_dims(ir, i).items():
+            for key, spec in _packed_shapes(n, k, rank, opts.bits, opts.group, block, opts.lr_dtype).items():
+                shapes[f"blk.{i}.{name}.{key}"] = spec
+        for name, b in biases(ir, i).items():
+            if name == "gate_up":
+                b = b[interleave_rows(hp.intermediate_size, block)]
+            small[f"blk.{i}.{name}.bias"] = b
+        small[f"blk.{i}.attn_norm"] = ir.tensors[f"blk.{i}.attn_norm"].astype(np.float32)
+        small[f"blk.{i}.ffn_norm"] = ir.tensors[f"blk.{i}.ffn_norm"].astype(np.float32)
+        idx = ir.rope_index.get(i)
+        small[f"blk.{i}.rope_index"] = (np.tile(np.arange(half), (hp.num_kv_heads, 1)) if idx is None
+                                        else np.asarray(idx)).astype(np.int64)
+    small["output_norm"] = ir.tensors["output_norm"].astype(np.float32)
+    for name in heads:
+        n, k = ir.tensors[name].shape
+        for key, spec in _packed_shapes(n, k, 0, 8, opts.group, block).items():
+            shapes[f"{name}.{key}"] = spec
+    shapes.update({name: (a.dtype, a.shape) for name, a in small.items()})
     kernels: dict[str, str] = {}
     layers = range(hp.num_layers)
     if progress:
         from tqdm import tqdm
 
         layers = tqdm(layers, desc="tvm weights", unit="layer", leave=False)
-    half = hp.head_dim // 2
-    for i in layers:
-        for name, (w, lr) in matmul_groups(ir, i, block).items():
-            packed, kname = _pack(w, lr, opts.bits, opts.group, block, opts.lr_dtype)
-            for k, v in packed.items():
-                arrays[f"blk.{i}.{name}.{k}"] = v
-            kernels[f"blk.{i}.{name}"] = kname
-        for name, b in biases(ir, i).items():
-            if name == "gate_up":
-                b = b[interleave_rows(hp.intermediate_size, block)]
-            arrays[f"blk.{i}.{name}.bias"] = b
-        arrays[f"blk.{i}.attn_norm"] = ir.tensors[f"blk.{i}.attn_norm"].astype(np.float32)
-        arrays[f"blk.{i}.ffn_norm"] = ir.tensors[f"blk.{i}.ffn_norm"].astype(np.float32)
-        idx = ir.rope_index.get(i)
-        arrays[f"blk.{i}.rope_index"] = (np.tile(np.arange(half), (hp.num_kv_heads, 1)) if idx is None
-                                         else np.asarray(idx)).astype(np.int64)
-    arrays["output_norm"] = ir.tensors["output_norm"].astype(np.float32)
-    for name in ("token_embd",) + (() if hp.tie_word_embeddings else ("output",)):
-        packed, kname = _pack(ir.tensors[name], None, 8, opts.group, block)
-        for k, v in packed.items():
-            arrays[f"{name}.{k}"] = v
-        kernels[name] = kname
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(out_dir / WEIGHTS))
+    with SafetensorsWriter(out_dir / WEIGHTS, shapes) as st:
+        for name, a in small.items():
+            st.write(name, np.ascontiguousarray(a))
+        for i in layers:
+            for name in GROUPS:
+                w, lr = matmul_groups(ir, i, block, (name,))[name]
+                packed, kname = _pack(w, lr, opts.bits, opts.group, block, opts.lr_dtype)
+                del w, lr
+                for k, v in packed.items():
+                    st.write(f"blk.{i}.{name}.{k}", v)
+                kernels[f"blk.{i}.{name}"] = kname
+        for name in heads:
+            t = ir.tensors[name]
+            for r0, r1 in row_ranges(t.shape[0], t.shape[1], multiple=block):  # row blocks lead the layout
+                packed, kname = _pack(np.asarray(t[r0:r1], np.float32), None, 8, opts.group, block)
+                for k, v in packed.items():
+                    st.write(f"{name}.{k}", v, start=r0 // block)
+            kernels[name] = kname
     specs = sorted(specs_for(ir, opts), key=lambda s: s.name)
     ex = kc.build(specs, opts.target)
     kc.export(ex, out_dir / LIBRARY, opts.target)
