@@ -3,7 +3,8 @@
 
 The bytes are those of ``safetensors.numpy.save_file`` (tested): tensors laid out by dtype,
 largest dtype first in the format's dtype order, then by name; the header is compact JSON in
-that order (``__metadata__`` first when given), padded with spaces to a multiple of 8 bytes.
+that order (``__metadata__`` first when given, its keys sorted where save_file's order is
+random), padded with spaces to a multiple of 8 bytes.
 So memory is bounded by the largest array a caller produces, not by the file.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ def layout(specs: Mapping[str, tuple[object, tuple[int, ...]]], metadata: Mappin
     entries.sort(key=lambda e: (-_RANK[e[1]], e[0].encode("utf-8")))
     header: dict[str, object] = {}
     if metadata:
-        header["__metadata__"] = dict(metadata)
+        header["__metadata__"] = dict(sorted(metadata.items()))  # save_file: hash order (random)
     pos = 0
     data_at: dict[str, tuple[int, int]] = {}
     for name, st, shape, nbytes in entries:

@@ -45,7 +45,7 @@ class RegionFile:
         if name not in self.regions:
             raise EdgeqError(f"{self.path.name}: no region {name!r}")
         off, length = self.regions[name]
-        buf = memoryview(np.ascontiguousarray(data)).cast("B")
+        buf = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         end = at + buf.nbytes
         if at < 0 or end > length:
             raise EdgeqError(f"{self.path.name}: {name}: bytes [{at}, {end}) outside its {length} bytes")
@@ -53,7 +53,7 @@ class RegionFile:
         if any(a < end and at < b for a, b in done):
             raise EdgeqError(f"{self.path.name}: {name}: bytes [{at}, {end}) written twice")
         self._f.seek(off + at)
-        self._f.write(buf)
+        self._f.write(memoryview(buf))
         done.append((at, end))
 
     def missing(self) -> list[str]:
