@@ -14,9 +14,10 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 
-# Values per row chunk when a large tensor is streamed (~16M values: 64 MB in float32), so a
-# vocabulary-sized matrix never sits in memory whole (the GGUF writer uses the same size).
-STREAM_CHUNK_VALUES = 1 << 24
+# Values per row chunk when a large tensor is streamed (~4M values: 16 MB in float32; int-group
+# quantization (edgeq.quant.intgroup.rtn_int) peaks at ~60 bytes per value: ~0.25 GB), so a
+# vocabulary-sized matrix or an 8B model's MLP never sits in memory whole.
+STREAM_CHUNK_VALUES = 1 << 22
 
 
 def row_ranges(rows: int, row_values: int, multiple: int = 1):

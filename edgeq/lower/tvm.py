@@ -86,24 +86,42 @@ def interleave_rows(f: int, block: int) -> np.ndarray:
 
 def matmul_groups(ir: ModelIR, layer: int, block: int, names=GROUPS) -> dict[str, tuple[np.ndarray, tuple | None]]:
     """The layer's four kernel matmuls: name -> (float weight (N, K), low-rank (A, B) or None);
-    ``names``: only these (each is read and stacked only when asked for)."""
+    ``names``: only these."""
+    out = {}
+    for name in names:
+        rows, lr = group_rows(ir, layer, name, block)
+        out[name] = (rows(0, group_dims(ir, layer)[name][0]), lr)
+    return out
+
+
+def group_rows(ir: ModelIR, layer: int, name: str, block: int):
+    """One kernel matmul of the layer as (``rows(r0, r1)``: float32 rows ``[r0, r1)`` of its
+    stacked weight, read on demand (for ``gate_up``, ``r0`` and ``r1`` multiples of
+    ``2 * block``), low-rank (A, B) or None)."""
     q, k, v, o = (ir.linear(layer, r) for r in (Role.Q, Role.K, Role.V, Role.O))
     gate, up, down = (ir.linear(layer, r) for r in (Role.GATE, Role.UP, Role.DOWN))
+    if name == "gate_up":  # gate block j, up block j, gate block j + 1, ... (interleave_rows)
+        def rows(r0, r1):
+            g, u = (np.asarray(lin.weight[r0 // 2:r1 // 2], np.float32) for lin in (gate, up))
+            nb = (r1 - r0) // (2 * block)
+            return np.stack([g.reshape(nb, block, -1), u.reshape(nb, block, -1)], axis=1).reshape(r1 - r0, -1)
 
-    def gate_up():
-        perm = interleave_rows(gate.out_features, block)
         gu_lr = _stack_low_rank([gate, up])
         if gu_lr is not None:
-            gu_lr = (gu_lr[0], gu_lr[1][perm])
-        return np.concatenate([gate.weight, up.weight])[perm], gu_lr
+            gu_lr = (gu_lr[0], gu_lr[1][interleave_rows(gate.out_features, block)])
+        return rows, gu_lr
+    lins = {"qkv": [q, k, v], "o": [o], "down": [down]}[name]
 
-    parts = {
-        "qkv": lambda: (np.concatenate([q.weight, k.weight, v.weight]), _stack_low_rank([q, k, v])),
-        "o": lambda: (o.weight, _stack_low_rank([o])),
-        "gate_up": gate_up,
-        "down": lambda: (down.weight, _stack_low_rank([down])),
-    }
-    return {name: parts[name]() for name in names}
+    def rows(r0, r1):  # rows of the row-stacked weights
+        out, at = [], 0
+        for lin in lins:
+            a, b = max(r0, at), min(r1, at + lin.out_features)
+            if a < b:
+                out.append(np.asarray(lin.weight[a - at:b - at], np.float32))
+            at += lin.out_features
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    return rows, _stack_low_rank(lins)
 
 
 def group_dims(ir: ModelIR, layer: int) -> dict[str, tuple[int, int, int]]:
@@ -212,13 +230,35 @@ def _packed_shapes(n: int, k: int, rank: int, bits: int, group: int, block: int,
     return out
 
 
+def _write_packed(st, prefix: str, rows, n: int, k: int, lr, bits: int, group: int, block: int,
+                  lr_dtype: str = "float32") -> str:
+    """Quantize and pack an (n, k) weight (``rows(r0, r1)`` reads its rows) one row chunk at a
+    time (row blocks lead the kernels' layout, and group quantization is per row, so the chunks
+    are slices of the whole-tensor packing), and its low-rank branch (small) whole; returns the
+    kernel name."""
+    from edgeq.kernels import layout
+    from edgeq.kernels.spec import KernelSpec
+    from edgeq.streaming import row_ranges
+
+    for r0, r1 in row_ranges(n, k, multiple=2 * block):
+        packed, kname = _pack(rows(r0, r1), None, bits, group, block, lr_dtype)
+        for key, v in packed.items():
+            st.write(f"{prefix}.{key}", v, start=r0 // block)
+    if lr is None:
+        return kname
+    g = int(_format(bits, group, k).split("_g")[1].split("_")[0])
+    spec = KernelSpec(bits=bits, group=g, rank=lr[0].shape[0], block=block, lr_dtype=lr_dtype)
+    for key, v in layout.pack_low_rank(lr[0], lr[1], spec).items():
+        st.write(f"{prefix}.{key}", v)
+    return spec.name.rsplit("_", 1)[0]  # as _pack names it
+
+
 def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = False) -> dict:
     """Write ``kernels.so``, ``weights.safetensors`` and ``tokenizer.spec.json``; returns the
     manifest's ``tvm`` section."""
     from edgeq.kernels import compile as kc
     from edgeq.lower.onnx import write_tokenizer
     from edgeq.safetensors_writer import SafetensorsWriter
-    from edgeq.streaming import row_ranges
 
     problems = check(ir, opts)
     if problems:
@@ -262,19 +302,14 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
             st.write(name, np.ascontiguousarray(a))
         for i in layers:
             for name in GROUPS:
-                w, lr = matmul_groups(ir, i, block, (name,))[name]
-                packed, kname = _pack(w, lr, opts.bits, opts.group, block, opts.lr_dtype)
-                del w, lr
-                for k, v in packed.items():
-                    st.write(f"blk.{i}.{name}.{k}", v)
-                kernels[f"blk.{i}.{name}"] = kname
+                n, k, _ = group_dims(ir, i)[name]
+                rows, lr = group_rows(ir, i, name, block)
+                kernels[f"blk.{i}.{name}"] = _write_packed(st, f"blk.{i}.{name}", rows, n, k, lr, opts.bits,
+                                                           opts.group, block, opts.lr_dtype)
         for name in heads:
             t = ir.tensors[name]
-            for r0, r1 in row_ranges(t.shape[0], t.shape[1], multiple=block):  # row blocks lead the layout
-                packed, kname = _pack(np.asarray(t[r0:r1], np.float32), None, 8, opts.group, block)
-                for k, v in packed.items():
-                    st.write(f"{name}.{k}", v, start=r0 // block)
-            kernels[name] = kname
+            kernels[name] = _write_packed(st, name, lambda r0, r1: np.asarray(t[r0:r1], np.float32), *t.shape,
+                                          None, 8, opts.group, block)
     specs = sorted(specs_for(ir, opts), key=lambda s: s.name)
     ex = kc.build(specs, opts.target)
     kc.export(ex, out_dir / LIBRARY, opts.target)

@@ -190,3 +190,85 @@ def test_reference_ir_lazy_chunked_equals_eager_whole(tiny_model, tiny_llama_lor
     back = read_ir(out)
     for n, lin in e.linears.items():
         np.testing.assert_array_equal(np.asarray(back.linears[n].weight), lin.weight)
+
+
+# ---- memory ---------------------------------------------------------------------------------------
+def _random_checkpoint(src, out, layers, hidden=256, ffn=1024, heads=4, kv=2, head_dim=64, seed=0):
+    """A float16 checkpoint with the tiny Llama's tokenizer and ``layers`` wider layers."""
+    import json
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    out.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name not in ("model.safetensors", "config.json"):
+            shutil.copy(f, out / f.name)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads,
+               num_key_value_heads=kv, head_dim=head_dim)
+    (out / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(seed)
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * 0.05).astype(np.float16)
+
+    V = cfg["vocab_size"]
+    t = {"model.embed_tokens.weight": w(V, hidden), "lm_head.weight": w(V, hidden),
+         "model.norm.weight": np.ones(hidden, np.float16)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t.update({p + "input_layernorm.weight": np.ones(hidden, np.float16),
+                  p + "post_attention_layernorm.weight": np.ones(hidden, np.float16),
+                  p + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
+                  p + "self_attn.k_proj.weight": w(kv * head_dim, hidden),
+                  p + "self_attn.v_proj.weight": w(kv * head_dim, hidden),
+                  p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
+                  p + "mlp.gate_proj.weight": w(ffn, hidden), p + "mlp.up_proj.weight": w(ffn, hidden),
+                  p + "mlp.down_proj.weight": w(hidden, ffn)})
+    save_file(t, str(out / "model.safetensors"))
+    return out
+
+
+def _writers():
+    from edgeq.lower import onnx as lo
+    from edgeq.lower.ir_files import write_ir
+
+    out = {"onnx-int4": lambda m, d: lo.write_onnx(m, d, lo.OnnxOptions()),
+           "onnx-f32": lambda m, d: lo.write_onnx(m, d, lo.OnnxOptions(linear=None, head=None)),
+           "reference": write_ir}
+    if platform.machine() == "x86_64":
+        from edgeq.lower import tvm as lt
+
+        opts = lt.TvmOptions(bits=4, group=32, target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"})
+        out["tvm"] = lambda m, d: lt.write_tvm(m, d, opts)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["onnx-int4", "onnx-f32", "reference", "tvm"])
+def test_peak_memory_of_writing_does_not_grow_with_depth(tiny_llama, tmp_path, monkeypatch, fmt):
+    """Peak numpy memory (tracemalloc) while writing a lazily loaded model: the same at 2 and
+    at 8 layers, and far below the model's float32 size (one tensor / one row chunk at a time)."""
+    pytest.importorskip("tvm" if fmt == "tvm" else "onnx")
+    import tracemalloc
+
+    if fmt not in _writers():
+        pytest.skip("tvm artifacts built for an x86 profile")
+    write = _writers()[fmt]
+    monkeypatch.setattr(streaming, "STREAM_CHUNK_VALUES", 1 << 16)
+    peaks, sizes = {}, {}
+    for layers in (2, 8):
+        ir = load_model(_random_checkpoint(tiny_llama, tmp_path / f"m{layers}", layers))
+        sizes[layers] = sum(lin.weight.size for lin in ir.linears.values()) * 4
+        (tmp_path / f"warm{layers}").mkdir()
+        write(ir, tmp_path / f"warm{layers}")  # imports and caches outside the measurement
+        (tmp_path / f"o{layers}").mkdir()
+        tracemalloc.start()
+        try:
+            write(ir, tmp_path / f"o{layers}")
+            peaks[layers] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert sizes[8] > 3.9 * sizes[2]
+    assert peaks[8] < 1.2 * peaks[2] + (1 << 20), (peaks, sizes)
+    assert peaks[8] < sizes[8] / 4, (peaks, sizes)
