@@ -17,7 +17,8 @@ from typing import Mapping
 import numpy as np
 
 from edgeq.errors import EdgeqError
-from edgeq.streaming import RegionFile
+from edgeq.lazy import is_lazy
+from edgeq.streaming import RegionFile, row_ranges
 
 # numpy dtype -> safetensors dtype, in the format's dtype order (the layout sorts descending)
 _DTYPES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "float16": "F16",
@@ -101,9 +102,6 @@ class SafetensorsWriter:
 def save_streaming(path: str | Path, specs: Mapping[str, tuple[object, tuple[int, ...]]], produce) -> None:
     """Write ``specs`` with ``produce(name)`` giving each array; for callers whose arrays are
     cheap one at a time (a lazy tensor is read in row chunks: memory is one chunk)."""
-    from edgeq.lazy import is_lazy
-    from edgeq.streaming import row_ranges
-
     with SafetensorsWriter(path, specs) as st:
         for name, (dtype, shape) in specs.items():
             a = produce(name)

@@ -13,6 +13,7 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.ir import HParams, Linear, LowRank, ModelIR, PassRecord, PruneSpec, Role, TokenizerSpec
+from edgeq.safetensors_writer import save_streaming
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
@@ -33,8 +34,6 @@ def _jsonable(v):
 
 def write_ir(ir: ModelIR, out_dir: str | Path) -> list[str]:
     """Write ``ir`` into ``out_dir``; returns the file names written."""
-    from edgeq.safetensors_writer import save_streaming
-
     out = Path(out_dir)
     arrays: dict[str, object] = {}  # name -> the IR's array (lazy ones stay in their file until written)
     linears = {}

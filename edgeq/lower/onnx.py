@@ -43,6 +43,7 @@ import numpy as np
 from edgeq.errors import EdgeqError
 from edgeq.ir import Linear, ModelIR, Role, TokenizerSpec, linear_name
 from edgeq.lower.onnx_graph import MS_DOMAIN, Deferred, GraphBuilder
+from edgeq.streaming import RegionFile, row_ranges
 
 OPSET = 23
 IR_VERSION = 10
@@ -159,7 +160,6 @@ def _quantized_pieces(rows: _Rows, fmt, names: dict[str, str]):
     B / scales / zero_points -> initializer), quantized one row chunk at a time (group-wise
     quantization is per row, so the pieces are exactly those of the whole weight)."""
     from edgeq.quant.intgroup import rtn_int
-    from edgeq.streaming import row_ranges
 
     n, k = rows.shape
     for r0, r1 in row_ranges(n, k):
@@ -174,8 +174,6 @@ def _quantized_pieces(rows: _Rows, fmt, names: dict[str, str]):
 def _transposed_pieces(rows: _Rows, name: str):
     """The float32 weight transposed to (in, out), in row chunks of the transpose (the weight
     itself is read whole: one tensor)."""
-    from edgeq.streaming import row_ranges
-
     w = rows.read()
     n, k = w.shape
     for c0, c1 in row_ranges(k, n):
@@ -183,8 +181,6 @@ def _transposed_pieces(rows: _Rows, name: str):
 
 
 def _row_pieces(rows: _Rows, name: str):
-    from edgeq.streaming import row_ranges
-
     n, k = rows.shape
     for r0, r1 in row_ranges(n, k):
         yield name, r0 * k * 4, rows.read(r0, r1)
@@ -627,8 +623,6 @@ def write_onnx(ir: ModelIR, out_dir: Path, weights: OnnxOptions, switchable=(), 
     whose branches become overridable inputs (see :func:`write_adapter`).
     """
     import onnx
-
-    from edgeq.streaming import RegionFile
 
     g, low, inits = build_model(ir, weights, switchable)
     out_dir = Path(out_dir)

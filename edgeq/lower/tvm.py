@@ -30,6 +30,8 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.ir import Linear, ModelIR, Role
+from edgeq.safetensors_writer import SafetensorsWriter
+from edgeq.streaming import row_ranges
 
 LIBRARY = "kernels.so"
 WEIGHTS = "weights.safetensors"
@@ -238,7 +240,6 @@ def _write_packed(st, prefix: str, rows, n: int, k: int, lr, bits: int, group: i
     kernel name."""
     from edgeq.kernels import layout
     from edgeq.kernels.spec import KernelSpec
-    from edgeq.streaming import row_ranges
 
     for r0, r1 in row_ranges(n, k, multiple=2 * block):
         packed, kname = _pack(rows(r0, r1), None, bits, group, block, lr_dtype)
@@ -258,7 +259,6 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
     manifest's ``tvm`` section."""
     from edgeq.kernels import compile as kc
     from edgeq.lower.onnx import write_tokenizer
-    from edgeq.safetensors_writer import SafetensorsWriter
 
     problems = check(ir, opts)
     if problems:
