@@ -1,4 +1,5 @@
-"""A small ONNX graph builder: named nodes, initializers kept as numpy arrays until written.
+"""A small ONNX graph builder: named nodes, initializers kept as numpy arrays (or, for weights,
+as :class:`Deferred` shapes computed only when written) until written.
 
 Only ``onnx`` (no onnxruntime, no torch). Names are made unique and deterministic (a counter
 per prefix), so the same model gives the same bytes.
@@ -14,12 +15,28 @@ from edgeq.errors import EdgeqError
 MS_DOMAIN = "com.microsoft"
 
 
+class Deferred:
+    """An initializer whose values are computed when the model is written (so a graph of a large
+    model holds no weight bytes): its dtype and shape are known while the graph is built;
+    ``source()`` — shared by the initializers computed together, e.g. a weight's codes and
+    scales — yields ``(name, byte offset, array)`` pieces of them, a bounded amount at a time."""
+
+    __slots__ = ("dtype", "shape", "source")
+
+    def __init__(self, dtype, shape, source):
+        self.dtype, self.shape, self.source = np.dtype(dtype), tuple(int(s) for s in shape), source
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
 class GraphBuilder:
     def __init__(self):
         import onnx  # noqa: F401  (fail early with the caller's message if missing)
 
         self.nodes = []
-        self.inits: dict[str, np.ndarray] = {}
+        self.inits: dict[str, np.ndarray | Deferred] = {}
         self.inputs = []
         self.outputs = []
         self.overridable: set[str] = set()  # initializers that are also graph inputs
@@ -31,10 +48,10 @@ class GraphBuilder:
         self._count[prefix] += 1
         return prefix if n == 0 else f"{prefix}_{n}"
 
-    def init(self, name: str, value: np.ndarray) -> str:
+    def init(self, name: str, value: np.ndarray | Deferred) -> str:
         if name in self.inits:
             raise EdgeqError(f"onnx graph: initializer {name} defined twice")
-        self.inits[name] = np.ascontiguousarray(value)
+        self.inits[name] = value if isinstance(value, Deferred) else np.ascontiguousarray(value)
         return name
 
     def const(self, value, dtype=np.int64) -> str:
@@ -101,7 +118,7 @@ class GraphBuilder:
         return name
 
     def model(self, graph_name: str, opset: int, ir_version: int, tensor_proto):
-        """ModelProto; ``tensor_proto(name, array)`` turns each initializer into a TensorProto."""
+        """ModelProto; ``tensor_proto(name, array or Deferred)`` turns each initializer into a TensorProto."""
         from onnx import helper
 
         inits = [tensor_proto(n, a) for n, a in self.inits.items()]

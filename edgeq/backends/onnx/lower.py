@@ -43,9 +43,10 @@ from tqdm import tqdm
 from edgeq.artifact import write_tokenizer_spec
 from edgeq.errors import EdgeqError
 from edgeq.ir import Linear, ModelIR, Role, linear_name
-from edgeq.backends.onnx.graph import MS_DOMAIN, GraphBuilder
+from edgeq.backends.onnx.graph import MS_DOMAIN, Deferred, GraphBuilder
 from edgeq.passes.sort_qk import qk_restore_rows, restore_rope_order
 from edgeq.quant.intgroup import dequantized, fit_format, rtn_int
+from edgeq.streaming import RegionFile, row_ranges
 
 OPSET = 23
 IR_VERSION = 10
@@ -89,6 +90,7 @@ class OnnxOptions:
         return dataclasses.asdict(self)
 
 
+
 RATE_INPUT = "rate_index"  # int64 scalar: index into the artifact's pruning rates (multi-rate graphs only)
 
 
@@ -106,6 +108,64 @@ def ffn_segments(ir: ModelIR, layer: int) -> list[tuple[int, int]]:
         return [(0, F)]
     ends = sorted({ir.prune.widths[r][layer].ffn for r in rates} | {F})
     return list(zip([0] + ends[:-1], ends))
+
+
+
+class _Rows:
+    """A float32 (N, K) weight read on demand: row ranges of IR tensors (lazy or in memory)
+    stacked, optionally restricted to input columns ``[lo, hi)``. Nothing is read until
+    :meth:`read`, which reads only the rows asked for."""
+
+    def __init__(self, parts, cols: tuple[int, int] | None = None):
+        self.parts = [(t, int(lo), int(hi)) for t, lo, hi in parts]  # (tensor, first row, end row)
+        self.cols = cols
+        k = self.parts[0][0].shape[1]
+        self.shape = (sum(hi - lo for _, lo, hi in self.parts), k if cols is None else cols[1] - cols[0])
+
+    @classmethod
+    def of(cls, t, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> "_Rows":
+        lo, hi = rows or (0, t.shape[0])
+        return cls([(t, lo, hi)], cols)
+
+    def read(self, r0: int = 0, r1: int | None = None) -> np.ndarray:
+        r1 = self.shape[0] if r1 is None else r1
+        out, at = [], 0
+        for t, lo, hi in self.parts:
+            a, b = max(r0, at), min(r1, at + hi - lo)
+            if a < b:
+                part = t[lo + a - at:lo + b - at]
+                out.append(part if self.cols is None else part[:, self.cols[0]:self.cols[1]])
+            at += hi - lo
+        return np.ascontiguousarray(out[0] if len(out) == 1 else np.concatenate(out), dtype=np.float32)
+
+
+def _quantized_pieces(rows: _Rows, fmt, names: dict[str, str]):
+    """``(name, byte offset, array)`` pieces of a weight's MatMulNBits initializers (``names``:
+    B / scales / zero_points -> initializer), quantized one row chunk at a time (group-wise
+    quantization is per row, so the pieces are exactly those of the whole weight)."""
+    n, k = rows.shape
+    for r0, r1 in row_ranges(n, k):
+        t = rtn_int(rows.read(r0, r1), fmt)
+        mnb = t.to_matmulnbits()
+        mnb["scales"] = mnb["scales"].reshape(r1 - r0, t.n_blocks)
+        for key, name in names.items():
+            a = mnb[key]
+            yield name, r0 * (a.nbytes // (r1 - r0)), a
+
+
+def _transposed_pieces(rows: _Rows, name: str):
+    """The float32 weight transposed to (in, out), in row chunks of the transpose (the weight
+    itself is read whole: one tensor)."""
+    w = rows.read()
+    n, k = w.shape
+    for c0, c1 in row_ranges(k, n):
+        yield name, c0 * n * 4, np.ascontiguousarray(w[:, c0:c1].T)
+
+
+def _row_pieces(rows: _Rows, name: str):
+    n, k = rows.shape
+    for r0, r1 in row_ranges(n, k):
+        yield name, r0 * k * 4, rows.read(r0, r1)
 
 
 @dataclass
@@ -134,22 +194,31 @@ class _DecoderGraph:
         self.rate_index: str | None = None
 
     # ---- weights -----------------------------------------------------------------------------
-    def _quantized(self, name: str, weight: np.ndarray, fmt_name: str):
-        """(B, scales, attrs) initializers of a MatMulNBits weight; records the dequantized weight."""
+    def _quantized(self, name: str, weight: _Rows, fmt_name: str):
+        """(B, scales, attrs) initializers of a MatMulNBits weight, quantized when written."""
         fmt = fit_format(fmt_name, weight.shape[1])
-        t = rtn_int(weight, fmt)
-        mnb = t.to_matmulnbits()
-        n, nb = t.shape[0], t.n_blocks
-        b = self.g.init(f"{name}.qweight", mnb["B"])
-        s = self.g.init(f"{name}.scales", mnb["scales"].reshape(n, nb))
-        zp = self.g.init(f"{name}.zero_points", mnb["zero_points"]) if "zero_points" in mnb else None
+        n, k = weight.shape
+        nb = k // fmt.group
+        names = {"B": f"{name}.qweight", "scales": f"{name}.scales"}
+        if not fmt.symmetric:
+            names["zero_points"] = f"{name}.zero_points"
+
+        def source():
+            return _quantized_pieces(weight, fmt, names)
+
+        b = self.g.init(names["B"], Deferred(np.uint8, (n, nb, fmt.group * fmt.bits // 8), source))
+        s = self.g.init(names["scales"], Deferred(np.float32, (n, nb), source))
+        zp = (self.g.init(names["zero_points"], Deferred(np.uint8, (n * (-(-nb * fmt.bits // 8)),), source))
+              if not fmt.symmetric else None)
         self.low.formats[name] = fmt.name
-        attrs = dict(t.matmulnbits_attributes(), accuracy_level=self.w.accuracy_level)
+        attrs = {"K": k, "N": n, "bits": fmt.bits, "block_size": fmt.group, "accuracy_level": self.w.accuracy_level}
         return b, s, zp, attrs, fmt
 
-    def _matmul(self, x: str, name: str, weight: np.ndarray, fmt_name: str | None, bias: str | None = None) -> str:
+    def _matmul(self, x: str, name: str, weight: _Rows, fmt_name: str | None, bias: str | None = None) -> str:
         if fmt_name is None:
-            wt = self.g.init(f"{name}.weight_t", np.ascontiguousarray(weight.T, dtype=np.float32))  # (in, out)
+            n, k = weight.shape
+            wt = self.g.init(f"{name}.weight_t", Deferred(np.float32, (k, n), lambda: _transposed_pieces(
+                weight, f"{name}.weight_t")))  # (in, out)
             self.low.formats[name] = "F32"
             y = self.g.op("MatMul", [x, wt], name=f"{name}.matmul")
             return self.g.op("Add", [y, bias], name=f"{name}.add_bias") if bias else y
@@ -159,7 +228,7 @@ class _DecoderGraph:
 
     def linear(self, x: str, lin: Linear) -> str:
         bias = self.g.init(f"{lin.name}.bias", lin.bias.astype(np.float32)) if lin.bias is not None else None
-        y = self._matmul(x, lin.name, lin.weight, self.w.linear, bias)
+        y = self._matmul(x, lin.name, _Rows.of(lin.weight), self.w.linear, bias)
         for lr in lin.low_rank:
             y = self.g.op("Add", [y, self._branch(x, lin, lr)], name=f"{lin.name}.add_branch")
         return y
@@ -170,7 +239,7 @@ class _DecoderGraph:
         for linears without low-rank branches; group-wise quantization is per row, so the stored
         values are those of the separate weights."""
         lo, hi = rows or (0, None)
-        w = np.ascontiguousarray(np.concatenate([lin.weight[lo:hi] for lin in lins]))
+        w = _Rows([(lin.weight, lo, lin.out_features if hi is None else hi) for lin in lins])
         b = None
         if any(lin.bias is not None for lin in lins):
             b = self.g.init(f"{name}.bias", np.concatenate([
@@ -186,8 +255,6 @@ class _DecoderGraph:
                 cols: tuple[int, int] | None = None) -> str:
         """``x -> (x A^T) (s B^T)``; ``rows`` / ``cols``: only that output / input channel range
         (an MLP segment of a multi-rate graph)."""
-        at = np.ascontiguousarray(lr.a.T, dtype=np.float32)  # (in, rank)
-        bt = np.ascontiguousarray((lr.b * np.float32(lr.scale)).T, dtype=np.float32)  # (rank, out)
         tag = lr.source.split(":", 1)[1] if lr.source.startswith("lora:") else lr.source
         base = f"lora.{tag}.{lin.name}" if lr.source.startswith("lora:") else f"{lin.name}.{tag}"
         sl = f".ch{rows[0]}_{rows[1]}" if rows else (f".ch{cols[0]}_{cols[1]}" if cols else "")
@@ -208,11 +275,21 @@ class _DecoderGraph:
                 a = self.g.op("Slice", [a, self.g.const([cols[0]]), self.g.const([cols[1]]), self.g.const([0])],
                               name=f"{base}.a{sl}")
         else:
-            if rows:
-                bt = np.ascontiguousarray(bt[:, rows[0]:rows[1]])
-            if cols:
-                at = np.ascontiguousarray(at[cols[0]:cols[1]])
-            a, b = self.g.init(f"{base}.a{sl}", at), self.g.init(f"{base}.b{sl}", bt)
+            na, nb_ = f"{base}.a{sl}", f"{base}.b{sl}"
+
+            def source():  # computed when written
+                at = np.ascontiguousarray(lr.a.T, dtype=np.float32)  # (in, rank)
+                bt = np.ascontiguousarray((lr.b * np.float32(lr.scale)).T, dtype=np.float32)  # (rank, out)
+                if rows:
+                    bt = np.ascontiguousarray(bt[:, rows[0]:rows[1]])
+                if cols:
+                    at = np.ascontiguousarray(at[cols[0]:cols[1]])
+                return iter([(na, 0, at), (nb_, 0, bt)])
+
+            n_in = cols[1] - cols[0] if cols else lin.in_features
+            n_out = rows[1] - rows[0] if rows else lin.out_features
+            a = self.g.init(na, Deferred(np.float32, (n_in, lr.rank), source))
+            b = self.g.init(nb_, Deferred(np.float32, (lr.rank, n_out), source))
         return self.g.op("MatMul", [self.g.op("MatMul", [x, a], name=f"{base}{sl}.xa"), b], name=f"{base}{sl}.xab")
 
     # ---- pruning rates -------------------------------------------------------------------------
@@ -258,11 +335,11 @@ class _DecoderGraph:
     def _seg_linear(self, x: str, lin: Linear, rows=None, cols=None, bias: bool = True) -> str:
         lo, hi = rows or cols
         name = f"{lin.name}.ch{lo}_{hi}"
-        w = lin.weight[lo:hi] if rows else lin.weight[:, lo:hi]
+        w = _Rows.of(lin.weight, rows=rows) if rows else _Rows.of(lin.weight, cols=cols)
         b = None
         if bias and lin.bias is not None:
             b = self.g.init(f"{name}.bias", (lin.bias[lo:hi] if rows else lin.bias).astype(np.float32))
-        y = self._matmul(x, name, np.ascontiguousarray(w), self.w.linear, b)
+        y = self._matmul(x, name, w, self.w.linear, b)
         for lr in lin.low_rank:
             y = self.g.op("Add", [y, self._branch(x, lin, lr, rows=rows, cols=cols)], name=f"{name}.add_branch")
         return y
@@ -328,12 +405,13 @@ class _DecoderGraph:
     def embedding_and_head(self, ids: str):
         """(hidden states of the ids, a function hidden -> logits)."""
         hp, g = self.ir.hparams, self.g
-        emb = self.ir.tensors["token_embd"]
+        emb = _Rows.of(self.ir.tensors["token_embd"])
         fmt = self.w.head
         if fmt is not None and fit_format(fmt, hp.hidden_size).bits != 8:
             raise EdgeqError(f"the embedding/head format must be 8-bit or float32, got {fmt}")
         if fmt is None:
-            table = g.init("token_embd.weight", emb.astype(np.float32))
+            table = g.init("token_embd.weight", Deferred(np.float32, emb.shape, lambda: _row_pieces(
+                emb, "token_embd.weight")))
             self.low.formats["token_embd"] = "F32"
             x = g.op("Gather", [table, ids], name="token_embd.gather", axis=0)  # (1, S, hidden)
         else:
@@ -353,7 +431,7 @@ class _DecoderGraph:
                                                        g.const([0])], name="output.logits3")
             return x, lambda h: g.op("MatMulNBits", [h, tied_b, tied_s], name="output.matmul", domain=MS_DOMAIN,
                                      **dict(tied_attrs, accuracy_level=self.w.accuracy_level))
-        out_w = self.ir.tensors["output"]
+        out_w = _Rows.of(self.ir.tensors["output"])
         return x, lambda h: self._matmul(h, "output", out_w, fmt)
 
     # ---- RoPE ------------------------------------------------------------------------------------
@@ -527,26 +605,38 @@ def write_onnx(ir: ModelIR, out_dir: Path, weights: OnnxOptions, switchable=(), 
     g, low, inits = build_model(ir, weights, switchable)
     out_dir = Path(out_dir)
     data_path = out_dir / DATA_FILE
+    # streamed: the data file is laid out from the initializers' sizes first, then each weight is
+    # computed (quantized, transposed...) one tensor / one row chunk at a time and written at its
+    # offset; only tiny initializers (inline in model.onnx) are kept
     offsets: dict[str, tuple[int, int]] = {}
-    with open(data_path, "wb") as f:
-        pos = 0
-        names = [n for n, a in inits.items() if a.nbytes > INLINE_BYTES]
-        it = names
-        if progress:
-            it = tqdm(names, desc="onnx weights", unit="tensor", leave=False)
-        for n in it:
-            a = inits[n]
+    pos = 0
+    for n, a in inits.items():
+        if a.nbytes > INLINE_BYTES:
             align = ALIGN_LARGE if a.nbytes >= 65536 else 64
-            pad = (-pos) % align
-            f.write(b"\0" * pad)
-            pos += pad
-            f.write(np.ascontiguousarray(a).tobytes())
+            pos += (-pos) % align
             offsets[n] = (pos, a.nbytes)
             pos += a.nbytes
+    inline = {n: np.zeros(a.shape, a.dtype) for n, a in inits.items() if isinstance(a, Deferred) and n not in offsets}
+    sources = list(dict.fromkeys(a.source for a in inits.values() if isinstance(a, Deferred)))
+    if progress:
+        sources = tqdm(sources, desc="onnx weights", unit="tensor", leave=False)
+    with RegionFile(data_path, pos, offsets) as f:
+        for n in offsets:
+            if not isinstance(inits[n], Deferred):
+                f.write(n, inits[n])
+        for source in sources:
+            for n, at, arr in source():
+                if arr.dtype != inits[n].dtype:
+                    raise EdgeqError(f"onnx: {n}: computed {arr.dtype}, declared {inits[n].dtype}")
+                if n in offsets:
+                    f.write(n, arr, at=at)
+                else:
+                    raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+                    inline[n].reshape(-1).view(np.uint8)[at:at + raw.nbytes] = raw
 
-    def tensor_proto(name: str, arr: np.ndarray):
+    def tensor_proto(name: str, arr):
         if name not in offsets:
-            return onnx.numpy_helper.from_array(arr, name)
+            return onnx.numpy_helper.from_array(inline[name] if isinstance(arr, Deferred) else arr, name)
         t = onnx.TensorProto(name=name, dims=list(arr.shape),
                              data_type=onnx.helper.np_dtype_to_tensor_dtype(arr.dtype))
         t.data_location = onnx.TensorProto.EXTERNAL
@@ -628,6 +718,8 @@ def write_adapter(ir: ModelIR, adapter: str, path: Path, weights: OnnxOptions) -
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
     fmt.export_adapter(str(path))
     return sorted(params)
+
+
 
 
 def linear_names(ir: ModelIR) -> list[str]:

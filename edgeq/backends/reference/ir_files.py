@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from edgeq.errors import EdgeqError
 from edgeq.frontend.safetensors_io import read_safetensors
 from edgeq.ir import HParams, Linear, LowRank, ModelIR, PassRecord, PruneSpec, Role, TokenizerSpec
+from edgeq.safetensors_writer import save_streaming
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
@@ -36,24 +36,25 @@ def _jsonable(v):
 def write_ir(ir: ModelIR, out_dir: str | Path) -> list[str]:
     """Write ``ir`` into ``out_dir``; returns the file names written."""
     out = Path(out_dir)
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, object] = {}  # name -> the IR's array (lazy ones stay in their file until written)
     linears = {}
     for name in sorted(ir.linears):
         lin = ir.linears[name]
-        arrays[f"{name}.weight"] = np.ascontiguousarray(lin.weight)
+        arrays[f"{name}.weight"] = lin.weight
         if lin.bias is not None:
-            arrays[f"{name}.bias"] = np.ascontiguousarray(lin.bias)
+            arrays[f"{name}.bias"] = lin.bias
         branches = []
         for k, lr in enumerate(lin.low_rank):
-            arrays[f"{name}.lr{k}.a"] = np.ascontiguousarray(lr.a)
-            arrays[f"{name}.lr{k}.b"] = np.ascontiguousarray(lr.b)
+            arrays[f"{name}.lr{k}.a"] = lr.a
+            arrays[f"{name}.lr{k}.b"] = lr.b
             branches.append({"scale": lr.scale, "source": lr.source})
         linears[name] = {"role": lin.role.value, "layer": lin.layer, "low_rank": branches}
     for name in sorted(ir.tensors):
-        arrays[f"tensor.{name}"] = np.ascontiguousarray(ir.tensors[name])
+        arrays[f"tensor.{name}"] = ir.tensors[name]
     for layer in sorted(ir.rope_index):
-        arrays[f"rope_index.{layer}"] = np.ascontiguousarray(ir.rope_index[layer], dtype=np.int64)
-    save_file(arrays, str(out / WEIGHTS))
+        arrays[f"rope_index.{layer}"] = np.asarray(ir.rope_index[layer], dtype=np.int64)
+    # streamed: the header from shapes first, then one array (one row chunk of a lazy one) at a time
+    save_streaming(out / WEIGHTS, {n: (a.dtype, a.shape) for n, a in arrays.items()}, arrays.__getitem__)
     tok = ir.tokenizer.to_json() if ir.tokenizer is not None else None
     meta = {
         "format_version": FORMAT_VERSION,

@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-
-from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from edgeq.artifact import write_tokenizer_spec
@@ -40,6 +38,8 @@ from edgeq.kernels import layout
 from edgeq.kernels.compile import kernel_block
 from edgeq.kernels.spec import KernelSpec
 from edgeq.quant.intgroup import dequantized, fit_format, rtn_int
+from edgeq.safetensors_writer import SafetensorsWriter
+from edgeq.streaming import row_ranges
 
 LIBRARY = "kernels.so"
 WEIGHTS = "weights.safetensors"
@@ -92,21 +92,60 @@ def interleave_rows(f: int, block: int) -> np.ndarray:
     return idx.transpose(1, 0, 2).reshape(-1)
 
 
-def matmul_groups(ir: ModelIR, layer: int, block: int) -> dict[str, tuple[np.ndarray, tuple | None]]:
-    """The layer's four kernel matmuls: name -> (float weight (N, K), low-rank (A, B) or None)."""
+def matmul_groups(ir: ModelIR, layer: int, block: int, names=GROUPS) -> dict[str, tuple[np.ndarray, tuple | None]]:
+    """The layer's four kernel matmuls: name -> (float weight (N, K), low-rank (A, B) or None);
+    ``names``: only these."""
+    out = {}
+    for name in names:
+        rows, lr = group_rows(ir, layer, name, block)
+        out[name] = (rows(0, group_dims(ir, layer)[name][0]), lr)
+    return out
+
+
+def group_rows(ir: ModelIR, layer: int, name: str, block: int):
+    """One kernel matmul of the layer as (``rows(r0, r1)``: float32 rows ``[r0, r1)`` of its
+    stacked weight, read on demand (for ``gate_up``, ``r0`` and ``r1`` multiples of
+    ``2 * block``), low-rank (A, B) or None)."""
     q, k, v, o = (ir.linear(layer, r) for r in (Role.Q, Role.K, Role.V, Role.O))
     gate, up, down = (ir.linear(layer, r) for r in (Role.GATE, Role.UP, Role.DOWN))
-    F = gate.out_features
-    perm = interleave_rows(F, block)
-    gu_w = np.concatenate([gate.weight, up.weight])[perm]
-    gu_lr = _stack_low_rank([gate, up])
-    if gu_lr is not None:
-        gu_lr = (gu_lr[0], gu_lr[1][perm])
+    if name == "gate_up":  # gate block j, up block j, gate block j + 1, ... (interleave_rows)
+        def rows(r0, r1):
+            g, u = (np.asarray(lin.weight[r0 // 2:r1 // 2], np.float32) for lin in (gate, up))
+            nb = (r1 - r0) // (2 * block)
+            return np.stack([g.reshape(nb, block, -1), u.reshape(nb, block, -1)], axis=1).reshape(r1 - r0, -1)
+
+        gu_lr = _stack_low_rank([gate, up])
+        if gu_lr is not None:
+            gu_lr = (gu_lr[0], gu_lr[1][interleave_rows(gate.out_features, block)])
+        return rows, gu_lr
+    lins = {"qkv": [q, k, v], "o": [o], "down": [down]}[name]
+
+    def rows(r0, r1):  # rows of the row-stacked weights
+        out, at = [], 0
+        for lin in lins:
+            a, b = max(r0, at), min(r1, at + lin.out_features)
+            if a < b:
+                out.append(np.asarray(lin.weight[a - at:b - at], np.float32))
+            at += lin.out_features
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    return rows, _stack_low_rank(lins)
+
+
+def group_dims(ir: ModelIR, layer: int) -> dict[str, tuple[int, int, int]]:
+    """The layer's four kernel matmuls as name -> (outputs N, inputs K, low-rank rank), from
+    shapes alone (no weight is read)."""
+    q, k, v, o = (ir.linear(layer, r) for r in (Role.Q, Role.K, Role.V, Role.O))
+    gate, up, down = (ir.linear(layer, r) for r in (Role.GATE, Role.UP, Role.DOWN))
+
+    def rank(lins):
+        return sum(lr.rank for lin in lins for lr in lin.low_rank)
+
     return {
-        "qkv": (np.concatenate([q.weight, k.weight, v.weight]), _stack_low_rank([q, k, v])),
-        "o": (o.weight, _stack_low_rank([o])),
-        "gate_up": (gu_w, gu_lr),
-        "down": (down.weight, _stack_low_rank([down])),
+        "qkv": (q.out_features + k.out_features + v.out_features, q.in_features, rank([q, k, v])),
+        "o": (o.out_features, o.in_features, rank([o])),
+        "gate_up": (gate.out_features + up.out_features, gate.in_features, rank([gate, up])),
+        "down": (down.out_features, down.in_features, rank([down])),
     }
 
 
@@ -153,11 +192,11 @@ def specs_for(ir: ModelIR, opts: TvmOptions) -> set:
     out = set()
     hp = ir.hparams
     for i in range(hp.num_layers):
-        for name, (w, lr) in matmul_groups(ir, i, block).items():
-            fmt = _format(opts.bits, opts.group, w.shape[1])
+        for name, (_, k, rank) in group_dims(ir, i).items():
+            fmt = _format(opts.bits, opts.group, k)
             g = int(fmt.split("_g")[1].split("_")[0])
             for prefill in (False, True):
-                out.add(KernelSpec(bits=opts.bits, group=g, rank=0 if lr is None else lr[0].shape[0], block=block,
+                out.add(KernelSpec(bits=opts.bits, group=g, rank=rank, block=block,
                                    lr_dtype=opts.lr_dtype,
                                    prefill=prefill))
     g = int(_format(8, opts.group, hp.hidden_size).split("_g")[1].split("_")[0])
@@ -177,6 +216,38 @@ def _pack(w: np.ndarray, lr, bits: int, group: int, block: int, lr_dtype: str = 
     return arrays, spec.name.rsplit("_", 1)[0]  # the spec name without _decode / _prefill
 
 
+def _packed_shapes(n: int, k: int, rank: int, bits: int, group: int, block: int, lr_dtype: str = "float32"
+                   ) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """name -> (dtype, shape) of the arrays :func:`_pack` makes for an (n, k) weight with a
+    rank-``rank`` low-rank branch (0: none), from the shapes alone."""
+    g = int(_format(bits, group, k).split("_g")[1].split("_")[0])
+    out = {"qw": (np.dtype(np.uint8), (n // block, k * bits // 8, block)),
+           "sc": (np.dtype(np.float32), (n // block, k // g, block))}
+    if rank:
+        out["a"] = (np.dtype(lr_dtype), (k, rank))
+        out["b"] = (np.dtype(lr_dtype), (n // block, rank, block))
+    return out
+
+
+def _write_packed(st, prefix: str, rows, n: int, k: int, lr, bits: int, group: int, block: int,
+                  lr_dtype: str = "float32") -> str:
+    """Quantize and pack an (n, k) weight (``rows(r0, r1)`` reads its rows) one row chunk at a
+    time (row blocks lead the kernels' layout, and group quantization is per row, so the chunks
+    are slices of the whole-tensor packing), and its low-rank branch (small) whole; returns the
+    kernel name."""
+    for r0, r1 in row_ranges(n, k, multiple=2 * block):
+        packed, kname = _pack(rows(r0, r1), None, bits, group, block, lr_dtype)
+        for key, v in packed.items():
+            st.write(f"{prefix}.{key}", v, start=r0 // block)
+    if lr is None:
+        return kname
+    g = int(_format(bits, group, k).split("_g")[1].split("_")[0])
+    spec = KernelSpec(bits=bits, group=g, rank=lr[0].shape[0], block=block, lr_dtype=lr_dtype)
+    for key, v in layout.pack_low_rank(lr[0], lr[1], spec).items():
+        st.write(f"{prefix}.{key}", v)
+    return spec.name.rsplit("_", 1)[0]  # as _pack names it
+
+
 def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = False) -> dict:
     """Write ``kernels.so``, ``weights.safetensors`` and ``tokenizer.spec.json``; returns the
     manifest's ``tvm`` section."""
@@ -186,34 +257,48 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
     out_dir = Path(out_dir)
     block = kc.kernel_block(opts.target)
     hp = ir.hparams
-    arrays: dict[str, np.ndarray] = {}
+    heads = ("token_embd",) + (() if hp.tie_word_embeddings else ("output",))
+    # streamed: every array's shape first (the safetensors header), then one matmul group (one
+    # row chunk of the embedding / head) packed and written at a time
+    shapes: dict[str, tuple] = {}
+    small: dict[str, np.ndarray] = {}  # biases, norms, RoPE order: a few vectors per layer
+    half = hp.head_dim // 2
+    for i in range(hp.num_layers):
+        for name, (n, k, rank) in group_dims(ir, i).items():
+            for key, spec in _packed_shapes(n, k, rank, opts.bits, opts.group, block, opts.lr_dtype).items():
+                shapes[f"blk.{i}.{name}.{key}"] = spec
+        for name, b in biases(ir, i).items():
+            if name == "gate_up":
+                b = b[interleave_rows(hp.intermediate_size, block)]
+            small[f"blk.{i}.{name}.bias"] = b
+        small[f"blk.{i}.attn_norm"] = ir.tensors[f"blk.{i}.attn_norm"].astype(np.float32)
+        small[f"blk.{i}.ffn_norm"] = ir.tensors[f"blk.{i}.ffn_norm"].astype(np.float32)
+        idx = ir.rope_index.get(i)
+        small[f"blk.{i}.rope_index"] = (np.tile(np.arange(half), (hp.num_kv_heads, 1)) if idx is None
+                                        else np.asarray(idx)).astype(np.int64)
+    small["output_norm"] = ir.tensors["output_norm"].astype(np.float32)
+    for name in heads:
+        n, k = ir.tensors[name].shape
+        for key, spec in _packed_shapes(n, k, 0, 8, opts.group, block).items():
+            shapes[f"{name}.{key}"] = spec
+    shapes.update({name: (a.dtype, a.shape) for name, a in small.items()})
     kernels: dict[str, str] = {}
     layers = range(hp.num_layers)
     if progress:
         layers = tqdm(layers, desc="tvm weights", unit="layer", leave=False)
-    half = hp.head_dim // 2
-    for i in layers:
-        for name, (w, lr) in matmul_groups(ir, i, block).items():
-            packed, kname = _pack(w, lr, opts.bits, opts.group, block, opts.lr_dtype)
-            for k, v in packed.items():
-                arrays[f"blk.{i}.{name}.{k}"] = v
-            kernels[f"blk.{i}.{name}"] = kname
-        for name, b in biases(ir, i).items():
-            if name == "gate_up":
-                b = b[interleave_rows(hp.intermediate_size, block)]
-            arrays[f"blk.{i}.{name}.bias"] = b
-        arrays[f"blk.{i}.attn_norm"] = ir.tensors[f"blk.{i}.attn_norm"].astype(np.float32)
-        arrays[f"blk.{i}.ffn_norm"] = ir.tensors[f"blk.{i}.ffn_norm"].astype(np.float32)
-        idx = ir.rope_index.get(i)
-        arrays[f"blk.{i}.rope_index"] = (np.tile(np.arange(half), (hp.num_kv_heads, 1)) if idx is None
-                                         else np.asarray(idx)).astype(np.int64)
-    arrays["output_norm"] = ir.tensors["output_norm"].astype(np.float32)
-    for name in ("token_embd",) + (() if hp.tie_word_embeddings else ("output",)):
-        packed, kname = _pack(ir.tensors[name], None, 8, opts.group, block)
-        for k, v in packed.items():
-            arrays[f"{name}.{k}"] = v
-        kernels[name] = kname
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(out_dir / WEIGHTS))
+    with SafetensorsWriter(out_dir / WEIGHTS, shapes) as st:
+        for name, a in small.items():
+            st.write(name, np.ascontiguousarray(a))
+        for i in layers:
+            for name in GROUPS:
+                n, k, _ = group_dims(ir, i)[name]
+                rows, lr = group_rows(ir, i, name, block)
+                kernels[f"blk.{i}.{name}"] = _write_packed(st, f"blk.{i}.{name}", rows, n, k, lr, opts.bits,
+                                                           opts.group, block, opts.lr_dtype)
+        for name in heads:
+            t = ir.tensors[name]
+            kernels[name] = _write_packed(st, name, lambda r0, r1: np.asarray(t[r0:r1], np.float32), *t.shape,
+                                          None, 8, opts.group, block)
     specs = sorted(specs_for(ir, opts), key=lambda s: s.name)
     ex = kc.build(specs, opts.target)
     kc.export(ex, out_dir / LIBRARY, opts.target)

@@ -1,0 +1,42 @@
+"""Row ranges for streamed tensors and the region-by-region file writer."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeq import streaming
+from edgeq.errors import EdgeqError
+from edgeq.streaming import RegionFile, row_ranges
+
+
+def test_row_ranges_cover_every_row_once(monkeypatch):
+    monkeypatch.setattr(streaming, "STREAM_CHUNK_VALUES", 100)
+    got = list(row_ranges(23, 10))
+    assert got == [(0, 10), (10, 20), (20, 23)]
+    got = list(row_ranges(50, 10, multiple=4))  # 10 rows per chunk rounded down to 8
+    assert got[:-1] == [(r, r + 8) for r in range(0, 48, 8)] and got[-1] == (48, 50)
+    assert list(row_ranges(5, 1000, multiple=4)) == [(0, 4), (4, 5)]  # at least one block per chunk
+    assert list(row_ranges(0, 10)) == []
+
+
+def test_region_file_any_order_zero_padding(tmp_path):
+    p = tmp_path / "f.bin"
+    with RegionFile(p, 12, {"a": (0, 4), "b": (8, 4)}) as f:
+        f.write("b", np.array([5, 6], np.uint8), at=2)
+        f.write("a", np.array([1, 2, 3, 4], np.uint8))
+        f.write("b", np.array([7, 8], np.uint8))
+    assert p.read_bytes() == bytes([1, 2, 3, 4, 0, 0, 0, 0, 7, 8, 5, 6])
+
+
+def test_region_file_refuses_bad_writes(tmp_path):
+    f = RegionFile(tmp_path / "f.bin", 8, {"a": (0, 4), "b": (4, 4)})
+    with pytest.raises(EdgeqError, match="outside"):
+        f.write("a", np.zeros(5, np.uint8))
+    f.write("a", np.zeros(2, np.uint8), at=1)
+    with pytest.raises(EdgeqError, match="twice"):
+        f.write("a", np.zeros(2, np.uint8), at=2)
+    with pytest.raises(EdgeqError, match="no region"):
+        f.write("c", np.zeros(1, np.uint8))
+    assert f.missing() == ["a", "b"]
+    with pytest.raises(EdgeqError, match="not written"):
+        f.close()
