@@ -5,6 +5,8 @@
 * ``models.tiny``      – tiny deterministic random Llama / Qwen2 checkpoints (+ random LoRA
   adapters) for fast tests.
 * ``models.train_lora`` – a real LoRA fine-tune (PEFT) on Alpaca records.
+* ``models.scale``     – random-weight bf16 Llama checkpoints with the real shapes of
+  Llama-3.2-1B / 3B and Llama-3.1-8B (sharded like the Hub), for ``tools/bench_scale.py``.
 
 Each is runnable from the repository root, e.g. ``python -m models.smollm2``.
 Outputs go under ``models/cache/`` (git-ignored) unless told otherwise.
