@@ -104,7 +104,8 @@ def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: 
     steps.append(Step(f"{fmt} lowering", BASE_BYTES + lower,
                       "choose --format gguf (streamed) for a model this size"))
     if goldens:
-        steps.append(Step("recording goldens", BASE_BYTES + layer + 2 * 2 * largest + 2 * 8 * 8192 * h,
+        wide = 2 * layer + 2 * largest if 2 * layer <= (1 << 30) else layer + 2 * 2 * largest  # store dtype
+        steps.append(Step("recording goldens", BASE_BYTES + wide + 2 * 8 * 8192 * h,
                           "the reference runs layer by layer; nothing lowers this but a machine with more memory"))
     return steps
 

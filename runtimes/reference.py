@@ -292,10 +292,16 @@ class ReferenceSession(SpecTextMixin, Session):
 HEAD_CHUNK_ROWS = 8192
 
 
+# streamed_logits keeps a layer's weights in the arithmetic dtype (converted once, shared by the
+# sequences) while that layer is at most this large, else in float32 (converted per matmul).
+STORE_WIDE_MAX_BYTES = 1 << 30
+
+
 def streamed_logits(ir: ModelIR, sequences: Sequence[Sequence[int]], rate: float = 0.0, dtype=np.float64,
-                    store=np.float32, progress=None) -> list[np.ndarray]:
+                    store=None, progress=None) -> list[np.ndarray]:
     """Logits of every position of each sequence (each from a fresh context), computed layer by
-    layer: one layer's weights are materialised (``store`` dtype, computed in ``dtype``) for all
+    layer: one layer's weights are materialised (``store`` dtype — by default ``dtype`` while a
+    layer is at most STORE_WIDE_MAX_BYTES, else float32 — computed in ``dtype``) for all
     sequences, then freed; the output matrix is applied in row chunks. Peak memory: one layer +
     the sequences' activations, whatever the depth or vocabulary (how goldens are recorded for
     models of any size). Same math as :class:`ReferenceSession` (the layer function is shared).
@@ -314,6 +320,9 @@ def streamed_logits(ir: ModelIR, sequences: Sequence[Sequence[int]], rate: float
         xs.append(np.stack([np.asarray(embd[int(t):int(t) + 1], dtype=np.float32)[0] for t in ids]).astype(dtype))
     inv_freq = rope_inv_freq(hp.head_dim, hp.rope_theta)
     half = hp.head_dim // 2
+    if store is None:  # float32 weights widen exactly: either store computes the same values
+        layer = sum(ir.linear(0, r).weight.size for r in Role)
+        store = dtype if layer * np.dtype(dtype).itemsize <= STORE_WIDE_MAX_BYTES else np.float32
     for li in range(hp.num_layers):
         L = LayerWeights(ir, li, dtype, store=store)
         for si, x in enumerate(xs):

@@ -55,6 +55,7 @@ from edgeq.ir import (
     TokenizerSpec,
     linear_name,
 )
+from edgeq.quant import native
 from edgeq.quant.formats import FORMATS, QType, as_qtype
 from edgeq.quant.reference import dequantize, quantize
 
@@ -394,7 +395,10 @@ def _encode(arr: np.ndarray, qt: QType) -> tuple[np.ndarray, Any]:
         return arr, None
     if qt == QType.F16:
         return arr.astype(np.float16), None
-    data = np.ascontiguousarray(quantize(arr, qt), dtype=np.uint8)
+    if native.available() and qt in native.NATIVE_TYPES and arr.ndim == 2:
+        data = native.quantize(arr, qt)  # ggml's own encoder: same bytes, faster (edgeq.quant.native)
+    else:
+        data = np.ascontiguousarray(quantize(arr, qt), dtype=np.uint8)
     return data, gguf.GGMLQuantizationType[qt.value]
 
 
