@@ -114,3 +114,14 @@ def test_peak_memory_grows_with_the_layer_not_the_depth(tiny_llama, tmp_path, wh
         peaks[layers] = int(r.stdout.split()[-1])
     layer_f32 = 4 * (512 * (2 * 512 + 2 * 256) + 3 * 512 * 2048)  # 15.7 MB
     assert peaks[12] - peaks[2] < 2 * layer_f32, peaks
+
+
+def test_every_format_is_layer_bounded():
+    cfg = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8}
+    hp = hparams_from_config(cfg, Path("x"))
+    deep = hparams_from_config({**cfg, "num_hidden_layers": 80}, Path("x"))
+    for fmt in ("gguf", "onnx", "tvm", "reference"):
+        kw = dict(fmt=fmt, prunes=False, planned=False, recover=False, goldens=True, calib_samples=64, calib_len=256)
+        assert max(s.bytes for s in memory.build_steps(hp, **kw)) < 3e9, fmt
+        assert memory.build_steps(hp, **kw) == memory.build_steps(deep, **kw), fmt
