@@ -260,12 +260,12 @@ def plan_for(ir: ModelIR, opts: BuildOptions, target: TargetProfile, log: Callab
     budget = planner_budget(ir, opts, target)
     types = target.plan_types(opts.format)
     probe = None
-    from edgeq.memory import available_bytes, probe_bytes
+    from edgeq.memory import PROBE_MAX_BYTES, available_bytes, probe_bytes
 
     need, avail = probe_bytes(ir.hparams, opts.probe_samples), available_bytes()
-    if need > avail:  # the probe runs the whole model in torch: too big here, weigh layer errors instead
-        log(f"warning: the KL sensitivity probe would need ~{need / 1e9:.1f} GB ({avail / 1e9:.1f} GB available); "
-            "the planner weighs each tensor's layer output error instead")
+    if need > min(avail, PROBE_MAX_BYTES):  # the probe holds the whole model in torch: small models only
+        log(f"note: the whole-model KL sensitivity probe would need ~{need / 1e9:.1f} GB (used up to "
+            f"{PROBE_MAX_BYTES / 1e9:.1f} GB); the planner weighs each tensor's layer output error instead")
     else:
         try:
             from edgeq.quant.sensitivity import KLProbe

@@ -113,6 +113,12 @@ def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: 
     return steps
 
 
+# The planner's whole-model KL probe (a torch forward of every layer) is used only up to this size
+# (SmolLM2-135M: ~1.3 GB); larger models are planned from layer-local output errors, so that no
+# step holds the whole model in float32.
+PROBE_MAX_BYTES = 2_000_000_000
+
+
 def probe_bytes(hp: HParams, probe_samples: int = 4) -> int:
     """Peak of the planner's KL sensitivity probe: a torch forward of the whole model in float32,
     every layer's input cached, reference log-probs in float64."""
