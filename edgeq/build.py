@@ -1,7 +1,9 @@
 """`edgeq build`: model (+ adapters) -> verified artifact directory, atomically.
 
-Pipeline: front end -> adapters (merge or keep) -> [calibrate -> sort (UniQL or naive) ->
-recovery fine-tune -> rate plan] -> [quantization plan] -> backend.lower -> goldens -> manifest.
+:class:`BuildOptions` is what the user typed; :func:`steps` turns it into the build's step list
+(front end -> adapters (merge or keep) -> memory check -> [calibrate -> sort (UniQL or naive) ->
+rate plan -> recovery fine-tune] -> [quantization plan -> calibrate -> quantize] -> lower ->
+goldens), frozen, versioned configs that :mod:`edgeq.pipeline` runs and records in the manifest.
 Everything format-specific lives in the format's backend (edgeq/backends/<format>/backend.py).
 """
 from __future__ import annotations
@@ -12,13 +14,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
-from edgeq import backends, goldens
-from edgeq.artifact import GOLDENS, atomic_directory, dump_json, write_manifest
+from edgeq import backends, pipeline
 from edgeq.errors import EdgeqError
-from edgeq.frontend import load_adapter, load_model, merge_adapters
 from edgeq.ir import ModelIR
+from edgeq.pipeline import (
+    AdaptersStep,
+    BuildContext,
+    CalibrateStep,
+    CheckMemoryStep,
+    GoldensStep,
+    LoadStep,
+    LowerStep,
+    PlanStep,
+    QuantizeStep,
+    RatePlanStep,
+    RecoverStep,
+    SortStep,
+    Step,
+)
+from edgeq.quant import storage
 from edgeq.targets import TargetProfile, load_target
 
 SORTS = ("uniql", "naive")
@@ -26,6 +40,8 @@ SORTS = ("uniql", "naive")
 
 @dataclass(frozen=True)
 class BuildOptions:
+    """What the user typed (``edgeq build`` options); :func:`steps` makes the build from it."""
+
     model: Path
     out: Path
     target: str = "cpu-avx2"
@@ -88,18 +104,6 @@ def _log(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def prepare_ir(opts: BuildOptions, log: Callable[[str], None] = _log) -> ModelIR:
-    """Front end: load the model, attach adapters, merge them if asked."""
-    log(f"loading {opts.model}")
-    ir = load_model(opts.model)
-    for path in opts.adapters:
-        log(f"loading adapter {path}")
-        ir = load_adapter(ir, path)
-    if opts.adapter_mode == "merge" and opts.adapters:
-        ir = merge_adapters(ir)
-    return ir
-
-
 def check_options(opts: BuildOptions, target: TargetProfile) -> None:
     backend = backends.get(opts.format)
     if not backend.on_every_target and opts.format not in target.formats:
@@ -107,8 +111,8 @@ def check_options(opts: BuildOptions, target: TargetProfile) -> None:
                          f"(it runs: {', '.join(target.formats)})")
     if opts.adapter_mode not in ("merge", "separate"):
         raise EdgeqError(f"unknown adapter mode {opts.adapter_mode!r} (merge or separate)")
-    if opts.bits is not None and opts.bits not in (4, 8, 16, 32):
-        raise EdgeqError(f"unsupported --bits {opts.bits} (4, 8, 16 or 32)")
+    if opts.bits is not None and opts.bits not in storage.bits_choices():
+        raise EdgeqError(f"unsupported --bits {opts.bits} ({storage.or_list(storage.bits_choices())})")
     backend.check_options(opts, target)
     if opts.prunes:
         if opts.adapter_mode == "separate" and opts.adapters:
@@ -137,195 +141,90 @@ def check_options(opts: BuildOptions, target: TargetProfile) -> None:
         raise EdgeqError("--budget-mb and --bpw must be positive")
 
 
+def _front(opts: BuildOptions) -> list[Step]:
+    out: list[Step] = [LoadStep(model=str(opts.model))]
+    if opts.adapters:
+        out.append(AdaptersStep(paths=tuple(str(p) for p in opts.adapters), merge=opts.adapter_mode == "merge"))
+    return out
+
+
+def _calibrate(opts: BuildOptions) -> CalibrateStep:
+    return CalibrateStep(samples=opts.calib_samples, seq_len=opts.calib_len,
+                         data=None if opts.calib_data is None else str(opts.calib_data))
+
+
+def _planning(opts: BuildOptions) -> list[Step]:
+    """Plan and calibrate (a plan file is loaded and checked first; the planner needs the statistics)."""
+    plan = PlanStep(format=opts.format, file=None if opts.plan is None else str(opts.plan), budget_mb=opts.budget_mb,
+                    bpw=opts.bpw, probe_samples=opts.probe_samples)
+    return [plan, _calibrate(opts)] if opts.plan is not None else [_calibrate(opts), plan]
+
+
+def compress_steps(opts: BuildOptions, target: TargetProfile) -> list[Step]:
+    """Structured pruning (issue 3's method): calibrate, sort, plan the rates, optionally recover."""
+    from edgeq.passes.rate_plan import check_rates
+
+    rates = check_rates(opts.prune_rates)
+    out: list[Step] = [_calibrate(opts), SortStep(method=opts.sort),
+                       RatePlanStep(rates=rates, granularity=target.prune_granularity, importance=opts.importance)]
+    if opts.recover:
+        out.append(RecoverStep(steps=opts.recover_steps, data=None if opts.calib_data is None else str(opts.calib_data)))
+    return out
+
+
+def steps(opts: BuildOptions, target: TargetProfile) -> list[Step]:
+    """The build's steps for ``opts`` (format resolved, options checked) on ``target``."""
+    out = _front(opts)
+    out.append(CheckMemoryStep(format=opts.format, prunes=opts.prunes, planned=opts.planned, recover=opts.recover,
+                               goldens=opts.record_goldens, calib_samples=opts.calib_samples,
+                               calib_len=opts.calib_len, probe_samples=opts.probe_samples))
+    if opts.prunes:
+        out += compress_steps(opts, target)
+    if opts.planned:
+        out += [*_planning(opts), QuantizeStep()]
+    out.append(LowerStep(format=opts.format))
+    if opts.record_goldens:
+        out.append(GoldensStep())
+    return out
+
+
+def plan_steps(opts: BuildOptions) -> list[Step]:
+    """`edgeq plan`: load the model (+ adapters), calibrate, plan; nothing is written."""
+    return [*_front(opts), *_planning(opts)]
+
+
 def compress(ir: ModelIR, opts: BuildOptions, target: TargetProfile, log: Callable[[str], None] = _log,
              timings: dict | None = None) -> ModelIR:
-    """Calibrate, sort, optionally recover, and plan the pruning rates (issue 3's method)."""
-    from edgeq.calibrate import alpaca_token_sequences, calibrate
-    from edgeq.passes import run_pass
-    from edgeq.passes.naive_sort import naive_sort
-    from edgeq.passes.rate_plan import apply_prune_spec, check_rates, plan_rates
-    from edgeq.passes.uniql import UniQLSortConfig
+    """``ir`` through :func:`compress_steps` (benchmarks run the pruning steps alone)."""
+    ctx = pipeline.run(compress_steps(opts, target), BuildContext(opts=opts, target=target, log=log, ir=ir))
+    if timings is not None:
+        timings.update(ctx.timings)
+    return ctx.ir
 
-    timings = timings if timings is not None else {}
-    rates = check_rates(opts.prune_rates)
-    t = time.perf_counter()
-    seqs = alpaca_token_sequences(ir.tokenizer, path=opts.calib_data, n_samples=opts.calib_samples,
-                                  seq_len=opts.calib_len)
-    log(f"calibrating on {len(seqs)} x {opts.calib_len} Alpaca tokens")
-    stats = calibrate(ir, seqs, source={"data": "alpaca", "samples": len(seqs), "seq_len": opts.calib_len})
-    timings["calibrate"] = time.perf_counter() - t
-    t = time.perf_counter()
-    log(f"sorting ({opts.sort})")
-    ir = run_pass(ir, UniQLSortConfig(), stats) if opts.sort == "uniql" else naive_sort(ir)
-    timings["sort"] = time.perf_counter() - t
-    importance = np.array([layer.angular for layer in stats.layers])
-    spec = plan_rates(ir, rates, granularity=target.prune_granularity,
-                      importance=importance if opts.importance == "angular" else None, mode=opts.importance)
-    ir = apply_prune_spec(ir, spec)
-    if opts.recover:
-        from edgeq.passes.recover import RecoverConfig, recover
 
-        t = time.perf_counter()
-        cfg = RecoverConfig() if opts.recover_steps is None else RecoverConfig(steps=opts.recover_steps)
-        log(f"recovery fine-tune ({cfg.steps} steps, LoRA r={cfg.rank}, rate sampled per step)")
-        ir = recover(ir, alpaca_token_sequences(ir.tokenizer, path=opts.calib_data, n_samples=max(cfg.steps, 1)
-                                                * cfg.batch_size, seq_len=cfg.seq_len, seed=1), cfg)
-        timings["recover"] = time.perf_counter() - t
-    return ir
+def prepare_ir(opts: BuildOptions, log: Callable[[str], None] = _log) -> ModelIR:
+    """Front end: load the model, attach adapters, merge them if asked."""
+    return pipeline.run(_front(opts), BuildContext(opts=opts, target=None, log=log)).ir
+
+
+def resolve_format(opts: BuildOptions, target: TargetProfile) -> BuildOptions:
+    """``opts`` with the format filled in: the target profile's first format this edgeq lowers."""
+    if opts.format is not None:
+        return opts
+    return dataclasses.replace(opts, format=next((f.value for f in target.formats if backends.find(f.value)), "gguf"))
 
 
 def build(opts: BuildOptions, log: Callable[[str], None] = _log) -> BuildResult:
-    """Run the pipeline with what passes produce parked on disk (``edgeq.spill``) next to the
+    """Run the build's steps with what passes produce parked on disk (``edgeq.spill``) next to the
     output, so memory holds about a layer at a time; the spill directory is removed at the end."""
     from edgeq.spill import spilling
 
-    with spilling(Path(opts.out).resolve().parent):
-        return _build(opts, log)
-
-
-def _build(opts: BuildOptions, log: Callable[[str], None]) -> BuildResult:
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
     target = load_target(opts.target)
-    if opts.format is None:
-        opts = dataclasses.replace(opts, format=next((f.value for f in target.formats if backends.find(f.value)),
-                                                     "gguf"))
+    opts = resolve_format(opts, target)
     check_options(opts, target)
-    backend = backends.get(opts.format)
-    t = time.perf_counter()
-    ir = prepare_ir(opts, log)
-    timings["load"] = time.perf_counter() - t
-    from edgeq.memory import check_build
-
-    check_build(ir.hparams, log=log, fmt=opts.format, prunes=opts.prunes, planned=opts.planned,
-                recover=opts.recover, goldens=opts.record_goldens, calib_samples=opts.calib_samples,
-                calib_len=opts.calib_len, probe_samples=opts.probe_samples)
-    if opts.prunes:
-        ir = compress(ir, opts, target, log, timings)
-    plan = None
-    float_ir = ir
-    if opts.planned:
-        from edgeq.quant.apply import quantize_ir
-
-        plan, stats = plan_for(ir, opts, target, log, timings)
-        t = time.perf_counter()
-        log(f"quantizing ({plan.quantizer}, compensation {plan.compensation} where rank > 0)")
-        ir = quantize_ir(ir, plan, stats)
-        timings["quantize"] = time.perf_counter() - t
-    with atomic_directory(opts.out, force=opts.force) as tmp:
-        t = time.perf_counter()
-        manifest, ref_ir = backend.lower(ir, opts, target, tmp, log, plan=plan, float_ir=float_ir)
-        timings["lower"] = time.perf_counter() - t
-        manifest.update({
-            "target": target.name,
-            "options": opts.to_json(),
-            "source": dict(ir.source),
-            "adapters": {k: dict(v) for k, v in ir.adapters.items()},
-            "hparams": ir.hparams.to_json(),
-            "history": [{"name": r.name, "options": dict(r.options)} for r in ir.history],
-        })
-        if opts.record_goldens and not backend.runs_here(manifest):
-            log(f"not recording goldens: a {manifest['format']} artifact for {target.name} does not run on this host")
-        elif opts.record_goldens:
-            t = time.perf_counter()
-            log("recording goldens (fp32 reference and the artifact)")
-            manifest["goldens"] = record_goldens(ref_ir, tmp, manifest)
-            timings["goldens"] = time.perf_counter() - t
-        manifest = write_manifest(tmp, manifest)
-    total = time.perf_counter() - t_start
-    return BuildResult(out=Path(opts.out), manifest=manifest, seconds=total, timings=timings)
-
-
-def plan_for(ir: ModelIR, opts: BuildOptions, target: TargetProfile, log: Callable[[str], None] = _log,
-             timings: dict | None = None):
-    """(plan, calibration stats): the given plan file, or the planner's choice for the target."""
-    from edgeq.calibrate import alpaca_token_sequences, calibrate
-    from edgeq.plan import Plan, make_plan, n_weights
-
-    timings = timings if timings is not None else {}
-    plan = Plan.load(opts.plan) if opts.plan is not None else None
-    if plan is not None:
-        if plan.target and plan.target != target.name:
-            raise EdgeqError(f"{opts.plan}: plan made for target {plan.target!r}, building for {target.name!r}")
-        plan.check(ir, where=str(opts.plan))
-    t = time.perf_counter()
-    seqs = alpaca_token_sequences(ir.tokenizer, path=opts.calib_data, n_samples=opts.calib_samples,
-                                  seq_len=opts.calib_len)
-    log(f"calibrating on {len(seqs)} x {opts.calib_len} Alpaca tokens")
-    stats = calibrate(ir, seqs, source={"data": "alpaca", "samples": len(seqs), "seq_len": opts.calib_len})
-    timings["calibrate"] = timings.get("calibrate", 0.0) + time.perf_counter() - t
-    if plan is not None:
-        return plan, stats
-    t = time.perf_counter()
-    budget = planner_budget(ir, opts, target)
-    types = target.plan_types(opts.format)
-    probe = None
-    from edgeq.memory import PROBE_MAX_BYTES, available_bytes, probe_bytes
-
-    need, avail = probe_bytes(ir.hparams, opts.probe_samples), available_bytes()
-    if need > min(avail, PROBE_MAX_BYTES):  # the probe holds the whole model in torch: small models only
-        log(f"note: the whole-model KL sensitivity probe would need ~{need / 1e9:.1f} GB (used up to "
-            f"{PROBE_MAX_BYTES / 1e9:.1f} GB); the planner weighs each tensor's layer output error instead")
-    else:
-        try:
-            from edgeq.quant.sensitivity import KLProbe
-
-            n = max(1, min(opts.probe_samples, len(seqs)))
-            probe = KLProbe(ir, [s[:min(len(s), 128)] for s in seqs[-n:]], threads=None)
-        except EdgeqError as exc:  # torch missing: fall back to unweighted output errors
-            log(f"warning: no KL sensitivity probe ({exc}); the planner weighs raw layer output errors")
-    log(f"planning: {len(types)} types x ranks {list(target.plan_ranks)} for a {budget / 1e6:.2f} MB weight budget")
-    plan = make_plan(ir, stats, target.name, types, target.plan_ranks, budget, probe=probe,
-                     model=str(ir.source.get("name") or Path(str(ir.source.get("path", ""))).name))
-    plan.summary["bpw"] = round(budget * 8 / n_weights(ir), 4)
-    plan.summary["sensitivity"] = "kl-probe" if probe is not None else "layer-output-error"
-    timings["plan"] = time.perf_counter() - t
-    return plan, stats
-
-
-def planner_budget(ir: ModelIR, opts: BuildOptions, target: TargetProfile) -> int:
-    """Bytes for the 2-D weights (+ branches): from --budget-mb (minus the fixed overhead),
-    --bpw, or the target's default bits per weight."""
-    from edgeq.plan import n_weights
-
-    fixed_overhead_bytes = backends.get(opts.format).fixed_overhead_bytes
-    if opts.budget_mb is not None:
-        budget = int(opts.budget_mb * 1e6) - fixed_overhead_bytes(ir)
-        if budget <= 0:
-            raise EdgeqError(f"--budget-mb {opts.budget_mb} does not even cover the file overhead "
-                             f"({fixed_overhead_bytes(ir) / 1e6:.2f} MB)")
-        return budget
-    bpw = opts.bpw if opts.bpw is not None else target.plan_bpw
-    if bpw is None:
-        raise EdgeqError(f"target {target.name} has no plan.default_bpw; pass --bpw or --budget-mb")
-    return int(bpw * n_weights(ir) / 8)
-
-
-def record_goldens(ref_ir: ModelIR, root: Path, manifest: dict) -> dict:
-    """Goldens at every carried rate: the float64 reference at that rate and the artifact.
-
-    The reference runs layer by layer (``runtimes.reference.streamed_logits``: one layer's
-    float32 weights in memory at a time, float64 arithmetic), so recording goldens is bounded by
-    a layer whatever the model's size."""
-    from edgeq.session import artifact_rates, open_session, rate_key
-    from runtimes.reference import streamed_logits
-    from runtimes.text import SpecTextMixin
-
-    class _Tokenizer(SpecTextMixin):
-        def _tokenizer_spec(self):
-            return ref_ir.tokenizer
-
-    token_ids = goldens.golden_token_ids(_Tokenizer())
-    data = {"prompts": list(goldens.GOLDEN_PROMPTS), "token_ids": token_ids, "rates": {}}
-    rates = artifact_rates(manifest)
-    for rate in rates:
-        lps = [goldens.log_softmax(lg) for lg in streamed_logits(ref_ir, token_ids, rate)]
-        data["rates"][rate_key(rate)] = {"reference": goldens.record_logprobs(lps)}
-    for rate in rates:
-        with open_session(root, n_ctx=256, manifest=manifest, prune=rate) as art:
-            data["rates"][rate_key(rate)]["artifact"] = goldens.record(art, token_ids)
-    dump_json(data, root / GOLDENS)
-    return {"file": GOLDENS, "positions": sum(len(t) for t in token_ids), "topk": goldens.GOLDEN_TOPK,
-            "rates": [rate_key(r) for r in rates],
-            "reference": {"runtime": "reference", "weights": "float32", "arithmetic": "float64",
-                          "mode": "layer by layer"}}
+    with spilling(Path(opts.out).resolve().parent):
+        ctx = pipeline.run(steps(opts, target), BuildContext(opts=opts, target=target, log=log),
+                           out=Path(opts.out), force=opts.force)
+    return BuildResult(out=Path(opts.out), manifest=ctx.manifest, seconds=time.perf_counter() - t_start,
+                       timings=ctx.timings)

@@ -147,7 +147,8 @@ def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, n
 @_fail_cleanly
 def plan(model, adapters, target, budget_mb, bpw, calib_samples, calib_len, calib_data, out):
     """Choose a per-tensor quantization type and compensation rank for TARGET's budget."""
-    from edgeq.build import BuildOptions, check_options, plan_for, prepare_ir
+    from edgeq import pipeline
+    from edgeq.build import BuildOptions, check_options, plan_steps
     from edgeq.plan import n_weights, plan_bytes
     from edgeq.targets import load_target
 
@@ -155,8 +156,9 @@ def plan(model, adapters, target, budget_mb, bpw, calib_samples, calib_len, cali
                         bpw=bpw, calib_samples=calib_samples, calib_len=calib_len, calib_data=calib_data)
     prof = load_target(target)
     check_options(opts, prof)
-    ir = prepare_ir(opts)
-    p, _ = plan_for(ir, opts, prof)
+    ctx = pipeline.run(plan_steps(opts),
+                       pipeline.BuildContext(opts=opts, target=prof, log=lambda m: click.echo(m, err=True)))
+    ir, p = ctx.ir, ctx.plan
     p.save(out)
     nb = plan_bytes(ir, p)
     click.echo(f"wrote {out}: {nb / 1e6:.2f} MB of weights ({nb * 8 / n_weights(ir):.3f} bpw), "

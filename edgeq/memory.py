@@ -95,7 +95,7 @@ def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: 
         if recover:
             steps.append(Step("recovery fine-tune", BASE_BYTES + 3 * 4 * n_params,
                               "drop --recover (the fine-tune holds the whole model in float32)"))
-    if planned:  # the KL probe is used only where it fits (build.plan_for); else layer output errors
+    if planned:  # the KL probe is used only where it fits (edgeq.pipeline PlanStep); else layer output errors
         steps.append(Step("planning (per-tensor measurements)", BASE_BYTES + 8 * largest + 2 * 8 * f * f
                           + 2 * 4 * 8192 * h, "give --bits or --qtype instead of a planned build"))
         steps.append(Step("GPTQ quantization", BASE_BYTES + 6 * largest + 3 * 8 * f * f,

@@ -36,10 +36,10 @@ from tqdm import tqdm
 from edgeq.artifact import atomic_write_text
 from edgeq.errors import EdgeqError
 from edgeq.ir import ModelIR, Role, linear_name
-from edgeq.quant.codecs import codec_for
 from edgeq.quant.compensate import sqrt_and_inv
-from edgeq.quant.formats import FORMATS, QType, as_qtype, tensor_nbytes
+from edgeq.quant import storage
 from edgeq.quant.gptq import GPTQConfig, gptq, output_error, rtn
+from edgeq.quant.intgroup import storage_codec
 from edgeq.quant.reference import roundtrip
 from edgeq.quant.sensitivity import measure_gains
 
@@ -80,10 +80,12 @@ class Plan:
                              f"got {self.compensation!r}")
         if not (0 <= self.damp < 1):
             raise EdgeqError(f"{where}: damp must be in [0, 1), got {self.damp}")
-        known = {q.value for q in QType}
+        known = {t.name for t in storage.for_backend(self.format)}
         for name, c in self.tensors.items():
             if c.type not in known:
-                raise EdgeqError(f"{where}: {name}: unknown type {c.type!r} (known: {', '.join(sorted(known))})")
+                if storage.find(c.type) is None or storage.find(c.type).name != c.type:
+                    raise EdgeqError(f"{where}: {name}: unknown type {c.type!r} (known: {', '.join(sorted(known))})")
+                storage.plannable([c.type], self.format, f"{where}: {name}: ")
             if c.rank < 0:
                 raise EdgeqError(f"{where}: {name}: rank must be >= 0, got {c.rank}")
         if ir is None:
@@ -217,7 +219,7 @@ def plan_tensor_shapes(ir: ModelIR) -> dict[str, tuple[int, int]]:
 
 
 def choice_problem(name: str, shape: tuple[int, int], c: Choice) -> str | None:
-    info = FORMATS[as_qtype(c.type)]
+    info = storage.get(c.type)
     if shape[1] % info.block_size:
         return f"{name}: {c.type} needs a row length that is a multiple of {info.block_size}, got {shape[1]}"
     if c.rank and not name.startswith("blk."):
@@ -230,7 +232,7 @@ def choice_problem(name: str, shape: tuple[int, int], c: Choice) -> str | None:
 
 
 def choice_bytes(shape: tuple[int, int], c: Choice) -> int:
-    return tensor_nbytes(c.type, shape) + 2 * c.rank * (shape[0] + shape[1])
+    return storage.get(c.type).nbytes(shape) + 2 * c.rank * (shape[0] + shape[1])
 
 
 def n_weights(ir: ModelIR) -> int:
@@ -313,7 +315,7 @@ def solve(table: Mapping[str, Sequence[Option]], budget: int) -> dict[str, Optio
 # ---- measuring -----------------------------------------------------------------------------------
 
 def _quantized(w: np.ndarray, cov: np.ndarray | None, qtype: str, quantizer: str, damp: float, act_order: bool):
-    codec = codec_for(qtype)
+    codec = storage_codec(qtype)
     if quantizer == "gptq" and cov is not None:
         return gptq(w, cov, codec, GPTQConfig(damp=damp, act_order=act_order))
     return rtn(w, codec, None if cov is None else np.diag(cov))
@@ -334,12 +336,14 @@ def _table_mse(x, qtype: str, rows: int = 8192) -> float:
 
 def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[int], quantizer: str = "rtn",
                     damp: float = 0.01, act_order: bool = False, probe=None, ref_type: str | None = None,
-                    progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, list[Option]]:
-    """Candidate options with predicted KL for every plan tensor (see the module doc)."""
+                    progress: bool = True, log: Callable[[str], None] | None = None,
+                    format: str = "gguf") -> dict[str, list[Option]]:
+    """Candidate options with predicted KL for every plan tensor (see the module doc); ``types``
+    must be storage types the ``format`` backend stores (edgeq.quant.storage)."""
     shapes = plan_tensor_shapes(ir)
-    types = [as_qtype(t).value for t in types]
-    quant_types = [t for t in types if FORMATS[as_qtype(t)].block_size > 1]
-    ref_type = ref_type or (min(quant_types, key=lambda t: FORMATS[as_qtype(t)].bits_per_weight)
+    types = list(storage.plannable(types, format, "planner: "))
+    quant_types = [t for t in types if storage.get(t).block_size > 1]
+    ref_type = ref_type or (min(quant_types, key=lambda t: storage.get(t).bits_per_weight())
                             if quant_types else types[0])
     ranks = sorted({int(r) for r in ranks} | {0})
     errs: dict[str, dict[Choice, float]] = {}
@@ -355,7 +359,7 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
         e: dict[Choice, float] = {}
         S = None
         for t in types:
-            info = FORMATS[as_qtype(t)]
+            info = storage.get(t)
             if info.block_size == 1:
                 e[Choice(t, 0)] = output_error(w - _rtn_table(w, t), cov)
                 continue
@@ -368,7 +372,7 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
             if t == ref_type:
                 ref_weights[name] = res.dequant  # the gain is KL / err of the same perturbation
             # compensation only pays below ~6 bits per weight (an 8-bit error is already tiny)
-            rr = [r for r in ranks if 0 < r <= min(w.shape)] if info.bits_per_weight < RANK_MAX_BPW else []
+            rr = [r for r in ranks if 0 < r <= min(w.shape)] if info.bits_per_weight() < RANK_MAX_BPW else []
             if rr:
                 if S is None:
                     S, _ = sqrt_and_inv(cov, 1e-4)
@@ -390,7 +394,7 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
         src = ir.tensors[name] if name in ir.tensors else ir.output_weight()
         opts = []
         for t in types:
-            if shapes[name][1] % FORMATS[as_qtype(t)].block_size:
+            if shapes[name][1] % storage.get(t).block_size:
                 continue
             if probe is None:  # mean squared error, in row chunks (a vocabulary-sized table never whole)
                 kl = _table_mse(src, t)
@@ -406,11 +410,15 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
 def make_plan(ir: ModelIR, stats, target: str, types: Sequence[str], ranks: Sequence[int], budget_bytes: int,
               quantizer: str = "gptq", compensation: str = "qera", damp: float = 0.01, act_order: bool = False,
               probe=None, progress: bool = True, table: Mapping[str, Sequence[Option]] | None = None,
-              model: str = "") -> Plan:
+              model: str = "", format: str = "gguf") -> Plan:
+    """The planner's plan for the ``format`` backend: ``types`` are the candidates (storage types
+    that backend stores; any other is an error, see edgeq.quant.storage.plannable)."""
+    types = list(storage.plannable(types, format, "planner: "))
     if table is None:  # measured with RTN (weighted fit): ~10x faster than GPTQ over every candidate type
-        table = measure_options(ir, stats, types, ranks, "rtn", damp, act_order, probe, progress=progress)
+        table = measure_options(ir, stats, types, ranks, "rtn", damp, act_order, probe, progress=progress,
+                                format=format)
     sel = solve(table, budget_bytes)
-    plan = Plan(target=target, quantizer=quantizer, compensation=compensation, damp=damp, act_order=act_order,
+    plan = Plan(target=target, format=format, quantizer=quantizer, compensation=compensation, damp=damp, act_order=act_order,
                 tensors={n: o.choice for n, o in sel.items()}, budget_bytes=int(budget_bytes), model=model)
     plan.notes = {n: {"bytes": o.nbytes, "kl": o.kl} for n, o in sel.items()}
     plan.summary = {"predicted_weight_bytes": sum(o.nbytes for o in sel.values()),

@@ -31,7 +31,7 @@ File layout (every section and key below is required unless marked optional)::
 
     [deploy]
     formats = ["onnx", "gguf", "tvm"]    # ordered, best first
-    quant_types = ["INT4", "Q4_0"]       # ordered, best first
+    quant_types = ["INT4", "Q4_0"]       # storage types (edgeq.quant.storage), ordered, best first
     default_bits = 4
     quant_block_size = 128
     prune_granularity = 128              # multiple of quant_block_size and of each type's block
@@ -54,7 +54,7 @@ from typing import Any, Iterable, Mapping
 
 from edgeq.backends import target_formats
 from edgeq.errors import EdgeqError
-from edgeq.quant.formats import QType
+from edgeq.quant import storage
 
 GIB = 1024**3
 ENV_TARGETS_DIR = "EDGEQ_TARGETS_DIR"
@@ -71,30 +71,14 @@ class DeviceKind(str, Enum):
 ArtifactFormat = Enum("ArtifactFormat", [(n.upper(), n) for n in target_formats()], type=str, module=__name__)
 
 
-# Quant types a profile may name -> the block (weights per scale, along the input axis) the type
-# itself imposes. ``None``: the block is the profile's ``quant_block_size`` (the blockwise integer
-# grid of ONNX MatMulNBits and generated TVM kernels). GGUF sizes as in gguf-py GGML_QUANT_SIZES.
-QUANT_TYPE_BLOCK: dict[str, int | None] = {
-    "F32": 1,
-    "F16": 1,
-    "BF16": 1,
-    "Q4_0": 32,
-    "Q4_1": 32,
-    "Q5_0": 32,
-    "Q5_1": 32,
-    "Q8_0": 32,
-    "IQ4_NL": 32,
-    "Q2_K": 256,
-    "Q3_K": 256,
-    "Q4_K": 256,
-    "Q5_K": 256,
-    "Q6_K": 256,
-    "IQ4_XS": 256,
-    "INT4": None,
-    "INT8": None,
-}
+# Quant types a profile may name (the storage-type registry, edgeq.quant.storage) -> the block
+# (weights per scale, along the input axis) the type itself imposes. ``None``: the block is the
+# profile's ``quant_block_size`` (the blockwise integer grid of ONNX MatMulNBits and generated TVM
+# kernels). A view of the registry, kept for readers of this module.
+QUANT_TYPE_BLOCK: dict[str, int | None] = {t.name: t.block_size for t in storage.types()}
 
-ALLOWED_BITS = (2, 3, 4, 5, 6, 8, 16)
+# ``deploy.default_bits``: what some backend's --bits takes.
+ALLOWED_BITS = storage.bits_choices()
 _CUDA_ARCH = re.compile(r"^sm_\d{2,3}[a-z]?$")
 
 
@@ -151,7 +135,7 @@ class TargetProfile:
     isa_features: tuple[str, ...]
     compile_target: CompileTarget
     formats: tuple[ArtifactFormat, ...]  # best first
-    quant_types: tuple[str, ...]  # keys of QUANT_TYPE_BLOCK, best first
+    quant_types: tuple[str, ...]  # storage-type names (edgeq.quant.storage), best first
     default_bits: int
     quant_block_size: int
     prune_granularity: int
@@ -164,11 +148,9 @@ class TargetProfile:
     onnx_accuracy_level: int = 4
 
     def plan_types(self, fmt: str = "gguf") -> tuple[str, ...]:
-        """Candidate storage types for the planner in artifact format ``fmt``."""
-        ggml = {q.value for q in QType}
-        if fmt == "gguf":
-            return tuple(t for t in self.quant_types if t in ggml)
-        return tuple(t for t in self.quant_types if t not in ggml)
+        """Candidate storage types for the planner in artifact format ``fmt``: the profile's types
+        that the ``fmt`` backend can store (the registry's ``backends``), best first."""
+        return tuple(t for t in self.quant_types if storage.get(t).stored_by(fmt))
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -206,10 +188,10 @@ class TargetProfile:
 
     def block_for(self, quant_type: str) -> int:
         """Weights per scale for a quant type on this target."""
-        if quant_type not in QUANT_TYPE_BLOCK:
-            raise EdgeqError(f"unknown quant type {quant_type!r}; known: {', '.join(QUANT_TYPE_BLOCK)}")
-        block = QUANT_TYPE_BLOCK[quant_type]
-        return self.quant_block_size if block is None else block
+        t = storage.find(quant_type)
+        if t is None or t.name != quant_type:
+            raise EdgeqError(f"unknown quant type {quant_type!r}; known: {', '.join(storage.names())}")
+        return t.block_for(self.quant_block_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,8 +400,12 @@ def parse_target(data: Mapping[str, Any], where: str = "<target>", source: Path 
     formats = tuple(_enum(dep, "formats", ArtifactFormat, f) for f in dep.strings("formats"))
     quant_types = dep.strings("quant_types")
     for q in quant_types:
-        if q not in QUANT_TYPE_BLOCK:
-            raise dep.error(f"unknown quant type {q!r} in 'deploy.quant_types'; known: {', '.join(QUANT_TYPE_BLOCK)}")
+        t = storage.find(q)
+        if t is None or t.name != q:
+            raise dep.error(f"unknown quant type {q!r} in 'deploy.quant_types'; known: {', '.join(storage.names())}")
+        if not any(t.stored_by(f.value) for f in formats):
+            raise dep.error(f"quant type {q!r} in 'deploy.quant_types' is stored by none of the target's formats "
+                            f"({', '.join(f.value for f in formats)}; {q}: {', '.join(sorted(t.backends))})")
     default_bits = dep.integer("default_bits")
     if default_bits not in ALLOWED_BITS:
         raise dep.error(f"'deploy.default_bits' must be one of {', '.join(map(str, ALLOWED_BITS))}, got {default_bits}")
@@ -428,7 +414,7 @@ def parse_target(data: Mapping[str, Any], where: str = "<target>", source: Path 
     if gran % block:
         raise dep.error(f"prune_granularity {gran} is not a multiple of quant_block_size {block}")
     for q in quant_types:
-        qb = QUANT_TYPE_BLOCK[q]
+        qb = storage.get(q).block_size
         # K-quant super-blocks (256) are exempt: the planner only gives them to tensors whose
         # widths are multiples of 256, as llama.cpp falls back for the others.
         if qb is not None and qb < 256 and gran % qb:

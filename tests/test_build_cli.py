@@ -130,12 +130,12 @@ def test_bad_input_gives_one_line_error_and_no_output(case, tiny_llama, tiny_qwe
 
 
 def test_failure_inside_the_build_leaves_no_partial_artifact(tiny_llama, tmp_path, monkeypatch):
-    import edgeq.build
+    import edgeq.pipeline.steps
 
     def boom(*a, **k):
-        raise edgeq.build.EdgeqError("simulated failure while recording goldens")
+        raise edgeq.pipeline.steps.EdgeqError("simulated failure while recording goldens")
 
-    monkeypatch.setattr(edgeq.build, "record_goldens", boom)
+    monkeypatch.setattr(edgeq.pipeline.steps, "record_goldens", boom)
     out = tmp_path / "out"
     code, text = run_cli("build", tiny_llama, "-o", out)
     assert code == 1 and "simulated failure" in text

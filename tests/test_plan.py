@@ -226,3 +226,36 @@ def test_bad_plan_options(tiny_llama, tmp_path, args, msg):
     code, text = run_cli("build", tiny_llama, *args, *CAL, "-o", tmp_path / "x")
     assert code == 1 and msg in text, text
     assert not (tmp_path / "x").exists()
+
+
+# ---- storage types: what a backend cannot write cannot be planned for it --------------------------
+
+@pytest.mark.parametrize("types, fmt, msg", [
+    (["Q4_0", "INT4"], "gguf", "INT4 cannot be stored in a gguf artifact"),
+    (["Q4_0"], "onnx", "Q4_0 cannot be stored in a onnx artifact"),
+    (["INT4"], "onnx", "INT4 cannot be planned"),
+    (["Q2_K"], "gguf", "unknown storage type 'Q2_K'"),
+])
+def test_planner_refuses_types_the_backend_cannot_write(tiny_llama, types, fmt, msg):
+    from edgeq.frontend import load_model
+
+    ir = load_model(tiny_llama)
+    with pytest.raises(EdgeqError, match=msg):
+        make_plan(ir, None, "cpu-avx2", types, [0], 10**9, progress=False, format=fmt)
+
+
+def test_plan_files_name_types_their_format_stores(tmp_path):
+    text = Plan(target="cpu-avx2", tensors={"token_embd": Choice("Q8_0"), "blk.0.attn_q": Choice("Q4_0")}).to_toml()
+    p = tmp_path / "int.toml"
+    p.write_text(text.replace('type = "Q4_0"', 'type = "INT4"', 1))
+    with pytest.raises(EdgeqError, match="blk.0.attn_q: INT4 cannot be stored in a gguf artifact"):
+        Plan.load(p)
+
+
+def test_target_plan_types_are_the_ones_the_format_stores():
+    from edgeq.targets import load_target
+
+    cpu = load_target("cpu-avx2")
+    assert "INT4" in cpu.quant_types and "Q4_0" in cpu.quant_types
+    assert cpu.plan_types("gguf") == tuple(t for t in cpu.quant_types if not t.startswith("INT"))
+    assert cpu.plan_types("onnx") == ("INT4", "INT8")

@@ -309,3 +309,17 @@ def test_table_contains_every_profile():
 
 def test_table_of_nothing_is_just_the_header():
     assert len(format_targets_table([]).splitlines()) == 2
+
+
+def test_quant_types_come_from_the_storage_registry(tmp_path):
+    from edgeq.quant import storage
+
+    assert QUANT_TYPE_BLOCK == {t.name: t.block_size for t in storage.types()}
+    assert "Q2_K" not in QUANT_TYPE_BLOCK and "IQ4_XS" not in QUANT_TYPE_BLOCK  # edgeq writes neither
+    text = GOOD_CPU.format(name="q2", block=32, gran=256).replace('"Q4_0", "INT4"', '"Q4_0", "Q2_K"')
+    with pytest.raises(EdgeqError, match="unknown quant type 'Q2_K'"):
+        load_target(write_profile(tmp_path, name="q2", text=text))
+    # INT4 is stored by onnx/tvm only: a gguf-only target cannot list it
+    text = GOOD_CPU.format(name="go", block=32, gran=32).replace('["gguf", "onnx"]', '["gguf"]')
+    with pytest.raises(EdgeqError, match="'INT4' in 'deploy.quant_types' is stored by none of the target's formats"):
+        load_target(write_profile(tmp_path, name="go", text=text))

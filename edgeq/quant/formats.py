@@ -1,8 +1,9 @@
-"""The GGML tensor storage formats edgeq can write, and their byte sizes.
+"""The GGML view of the storage-type registry: ``QType`` / ``FORMATS`` and byte sizes.
 
 Every quantized format stores a row of ``n`` values as ``n / block_size`` consecutive blocks
 of ``type_size`` bytes (the GGML layout: little-endian fp16 scale(s) and packed quants; the
-per-type layouts are noted in ``FORMATS``).  F32 and F16 are "blocks" of one value.
+per-type layouts are the ``layout`` of each entry in :mod:`edgeq.quant.storage`, where the
+types, their sizes and GGML ids are registered).  F32 and F16 are "blocks" of one value.
 """
 from __future__ import annotations
 
@@ -11,18 +12,10 @@ from enum import Enum
 from typing import Sequence
 
 from edgeq.errors import EdgeqError
+from edgeq.quant import storage
 
-
-class QType(str, Enum):
-    F32 = "F32"
-    F16 = "F16"
-    Q8_0 = "Q8_0"
-    Q4_0 = "Q4_0"
-    Q4_1 = "Q4_1"
-    Q5_0 = "Q5_0"
-    Q5_1 = "Q5_1"
-    Q4_K = "Q4_K"
-    Q6_K = "Q6_K"
+# The GGML types edgeq writes, e.g. QType.Q4_0 == "Q4_0", in the registry's order.
+QType = Enum("QType", [(t.name, t.name) for t in storage.ggml_types()], type=str, module=__name__)
 
 
 @dataclass(frozen=True)
@@ -39,24 +32,9 @@ class FormatInfo:
 
 
 FORMATS: dict[QType, FormatInfo] = {
-    QType.F32: FormatInfo(block_size=1, type_size=4, ggml_type_id=0, bits=32),
-    QType.F16: FormatInfo(block_size=1, type_size=2, ggml_type_id=1, bits=16),
-    # block_q4_0: fp16 d; uint8 qs[16] (low nibbles = values 0..15, high nibbles = 16..31)
-    QType.Q4_0: FormatInfo(block_size=32, type_size=18, ggml_type_id=2, bits=4),
-    # block_q4_1: fp16 d; fp16 m; uint8 qs[16]
-    QType.Q4_1: FormatInfo(block_size=32, type_size=20, ggml_type_id=3, bits=4),
-    # block_q5_0: fp16 d; uint32 qh (bit j = 5th bit of value j); uint8 qs[16] (nibbles as Q4_0)
-    QType.Q5_0: FormatInfo(block_size=32, type_size=22, ggml_type_id=6, bits=5),
-    # block_q5_1: fp16 d; fp16 m; uint32 qh; uint8 qs[16]
-    QType.Q5_1: FormatInfo(block_size=32, type_size=24, ggml_type_id=7, bits=5),
-    # block_q8_0: fp16 d; int8 qs[32]
-    QType.Q8_0: FormatInfo(block_size=32, type_size=34, ggml_type_id=8, bits=8),
-    # block_q4_K: fp16 d; fp16 dmin; uint8 scales[12] (6-bit scale + 6-bit min for 8 sub-blocks
-    # of 32); uint8 qs[128] (per 64 values: low nibbles = first 32, high nibbles = next 32)
-    QType.Q4_K: FormatInfo(block_size=256, type_size=144, ggml_type_id=12, bits=4),
-    # block_q6_K: uint8 ql[128] (low 4 bits); uint8 qh[64] (high 2 bits); int8 scales[16]
-    # (sub-blocks of 16); fp16 d
-    QType.Q6_K: FormatInfo(block_size=256, type_size=210, ggml_type_id=14, bits=6),
+    QType(t.name): FormatInfo(block_size=t.block_size, type_size=t.type_size, ggml_type_id=t.ggml_type_id,
+                              bits=t.bits)
+    for t in storage.ggml_types()
 }
 
 # Formats whose quantizer in edgeq.quant.reference reproduces ggml's bytes exactly (the K-quants

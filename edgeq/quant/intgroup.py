@@ -28,7 +28,8 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.quant.blockops import f16_bytes, f16_finite, f16_from, first_absmax, importance_weights
-from edgeq.quant.codecs import Codec, Params
+from edgeq.quant import storage
+from edgeq.quant.codecs import Codec, Params, codec_for
 
 _F32 = np.float32
 _SHRINK = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76)
@@ -175,6 +176,15 @@ def int_codec(fmt: IntGroupFormat | str) -> IntGroupCodec:
     if fmt not in _CODECS:
         _CODECS[fmt] = IntGroupCodec(fmt)
     return _CODECS[fmt]
+
+
+def storage_codec(name: str, group: int | None = None) -> Codec:
+    """The block codec of a storage type (edgeq.quant.storage): a GGML type's own codec, or the
+    int-group codec at ``group`` (the target's quant_block_size) for INT4 / INT8."""
+    t = storage.get(name)
+    if t.codec == "int-group":
+        return int_codec(t.codec_name(group))
+    return codec_for(t.name)
 
 
 @dataclass(frozen=True, eq=False)

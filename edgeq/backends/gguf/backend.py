@@ -7,6 +7,7 @@ from pathlib import Path
 
 from edgeq.backends.base import Backend
 from edgeq.errors import EdgeqError
+from edgeq.quant import storage
 
 MODEL_FILE = "model.gguf"
 PLAN_FILE = "plan.toml"
@@ -28,6 +29,10 @@ class GgufBackend(Backend):
     int8_runtimes = ("llamacpp",)
     no_breakdown = ("llama-cpp-python exposes no per-op or per-layer timings (only whole-call totals: "
                     "prompt eval and eval time), so no breakdown is reported for GGUF artifacts")
+
+    def check_options(self, opts, target) -> None:
+        if opts.qtype:  # a type the gguf backend stores (the storage registry); --bits is build's check
+            storage.check_storable([opts.qtype], self.name, "--qtype: ")
 
     def default_options(self, opts, target) -> dict:
         d = super().default_options(opts, target)

@@ -56,6 +56,7 @@ from edgeq.ir import (
     linear_name,
 )
 from edgeq.quant import native
+from edgeq.quant import storage
 from edgeq.quant.formats import FORMATS, QType, as_qtype
 from edgeq.quant.reference import dequantize, quantize
 
@@ -86,8 +87,8 @@ LLAMA_FTYPE: dict[QType, int] = {QType.F32: 0, QType.F16: 1, QType.Q4_0: 2, QTyp
                                  QType.Q5_0: 8, QType.Q5_1: 9, QType.Q4_K: 15, QType.Q6_K: 18}
 # (general.file_type is informational for llama.cpp; Q4_K/Q6_K map to MOSTLY_Q4_K_M / MOSTLY_Q6_K)
 
-# bits -> base type of the block linears
-_BITS: dict[int, QType] = {32: QType.F32, 16: QType.F16, 8: QType.Q8_0, 4: QType.Q4_0}
+# bits -> base type of the block linears: what --bits means for gguf in the storage-type registry
+_BITS: dict[int, QType] = {b: QType(storage.for_bits("gguf", b).name) for b in storage.bits_choices("gguf")}
 
 # tokenizer.ggml.pre values llama.cpp (llama-vocab.cpp) accepts for BPE vocabularies that our
 # front end produces. "default" and "gpt-2" are generic byte-level BPE pre-tokenizers.
@@ -154,7 +155,9 @@ def _base_qtype(bits: int | QType | str) -> QType:
             raise EdgeqError(f"GGUF: expected bits in {sorted(_BITS)} or a type in "
                              f"{[q.value for q in QType]}, got {bits}")
         return _BITS[int(bits)]
-    return as_qtype(bits)
+    qt = as_qtype(bits)
+    storage.check_storable([qt.value], "gguf", "GGUF: ")
+    return qt
 
 
 def _is_quantized(qt: QType) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from edgeq.backends.base import Backend, switchable_prune_section
 from edgeq.errors import EdgeqError
+from edgeq.quant import storage
 
 PRUNE_EXPRESSED = ("everything, in one graph with a rate input (switched at run time, nothing reloaded): "
                    "MLP channels as per-rate segments skipped by If nodes; Q/K RoPE pairs and V/O "
@@ -16,10 +17,12 @@ def onnx_weights(bits: int, target):
     its 4-bit files), or float32 throughout."""
     from edgeq.backends.onnx.lower import OnnxOptions
 
-    if bits == 32:
+    t = storage.for_bits("onnx", bits)
+    if not t.quantized:
         return OnnxOptions(linear=None, head=None, accuracy_level=target.onnx_accuracy_level)
     g = target.quant_block_size
-    return OnnxOptions(linear=f"int{bits}_g{g}_sym", head=f"int8_g{g}_sym", accuracy_level=target.onnx_accuracy_level)
+    return OnnxOptions(linear=t.codec_name(g), head=storage.get("INT8").codec_name(g),
+                       accuracy_level=target.onnx_accuracy_level)
 
 
 class OnnxBackend(Backend):
@@ -32,10 +35,12 @@ class OnnxBackend(Backend):
     int8_runtimes = ("onnxruntime",)
 
     def check_options(self, opts, target) -> None:
+        bits = storage.bits_choices(self.name)  # 4, 8, 32 (INT4, INT8, F32 in the storage registry)
         if opts.qtype:
-            raise EdgeqError("--qtype names a GGUF type; the onnx format takes --bits 4, 8 or 32")
-        if opts.bits == 16:
-            raise EdgeqError("the onnx format stores int4/int8 (MatMulNBits) or float32 weights: --bits 4, 8 or 32")
+            raise EdgeqError(f"--qtype names a GGUF type; the onnx format takes --bits {storage.or_list(bits)}")
+        if opts.bits is not None and opts.bits not in bits:
+            raise EdgeqError("the onnx format stores int4/int8 (MatMulNBits) or float32 weights: "
+                             f"--bits {storage.or_list(bits)}")
 
     def default_options(self, opts, target) -> dict:
         d = super().default_options(opts, target)
@@ -59,7 +64,7 @@ class OnnxBackend(Backend):
             lower_onnx.write_adapter(ir, name, tmp / fname, weights)
             adapter_files[name] = fname
         info["adapter_files"] = adapter_files
-        manifest = self.manifest(lower_onnx.MODEL_FILE, "F32" if bits == 32 else f"INT{bits}", bits,
+        manifest = self.manifest(lower_onnx.MODEL_FILE, storage.for_bits(self.name, bits).name, bits,
                                  sorted(adapter_files.values()), onnx=info)
         if ir.prune is not None:
             manifest["prune"] = switchable_prune_section(ir, opts, PRUNE_EXPRESSED,

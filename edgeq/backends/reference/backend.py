@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from edgeq.backends.base import Backend, switchable_prune_section
 from edgeq.errors import EdgeqError
+from edgeq.quant import storage
 
 PRUNE_EXPRESSED = ("everything: MLP channels, Q/K RoPE pairs, V/O components per layer; "
                    "the rate switches at run time without copying weights")
@@ -18,18 +19,19 @@ class ReferenceBackend(Backend):
     switches_in_place = True
 
     def check_options(self, opts, target) -> None:
-        if opts.qtype or opts.bits not in (None, 32):
+        if opts.qtype or (opts.bits is not None and opts.bits not in storage.bits_choices(self.name)):
             raise EdgeqError("the reference format stores float32 weights; drop --bits/--qtype")
 
     def default_options(self, opts, target) -> dict:
-        return {"bits": 32}
+        return {"bits": storage.bits_choices(self.name)[0]}  # 32: F32, its one storage type
 
     def lower(self, ir, opts, target, tmp, log, *, plan=None, float_ir=None):
         from edgeq.backends.reference.ir_files import WEIGHTS, write_ir
 
         log(f"writing {WEIGHTS} (float32, pruning-aware layout at load) for the reference runtime")
         write_ir(ir, tmp)
-        manifest = self.manifest(WEIGHTS, "F32", self.default_options(opts, target)["bits"])
+        bits = self.default_options(opts, target)["bits"]
+        manifest = self.manifest(WEIGHTS, storage.for_bits(self.name, bits).name, bits)
         if ir.prune is not None:
             manifest["prune"] = switchable_prune_section(ir, opts, PRUNE_EXPRESSED)
         return manifest, ir

@@ -6,6 +6,7 @@ import platform
 
 from edgeq.backends.base import Backend, switchable_prune_section
 from edgeq.errors import EdgeqError
+from edgeq.quant import storage
 
 PRUNE_EXPRESSED = ("everything, switched at run time with nothing reloaded: MLP channels as the active "
                    "width of the kernels (one compiled function serves every width); Q/K RoPE pairs and V/O "
@@ -21,19 +22,20 @@ class TvmBackend(Backend):
     switches_in_place = True
 
     def check_options(self, opts, target) -> None:
+        bits = storage.or_list(storage.bits_choices(self.name))  # 4 or 8 (INT4, INT8 in the storage registry)
         if opts.qtype:
-            raise EdgeqError("--qtype names a GGUF type; the tvm format takes --bits 4 or 8")
-        if opts.bits not in (None, 4, 8):
-            raise EdgeqError("the tvm format stores int4 or int8 weights (generated kernels): --bits 4 or 8")
+            raise EdgeqError(f"--qtype names a GGUF type; the tvm format takes --bits {bits}")
+        if opts.bits is not None and opts.bits not in storage.bits_choices(self.name):
+            raise EdgeqError(f"the tvm format stores int4 or int8 weights (generated kernels): --bits {bits}")
 
     def default_options(self, opts, target) -> dict:
         from edgeq.backends.tvm.lower import TvmOptions
 
         d = super().default_options(opts, target)
         bits = d["bits"]
-        if bits not in (4, 8):
+        if bits not in storage.bits_choices(self.name):
             raise EdgeqError(f"the tvm format stores int4 or int8 weights; target {target.name} defaults to {bits} "
-                             "bits (give --bits 4 or 8)")
+                             f"bits (give --bits {storage.or_list(storage.bits_choices(self.name))})")
         d["tvm"] = TvmOptions(bits=bits, group=target.quant_block_size, target=target.compile_target.as_dict())
         return d
 
@@ -45,7 +47,7 @@ class TvmBackend(Backend):
         log(f"generating and compiling kernels for {target.name} ({tvm_opts.target}), writing "
             f"{lower_tvm.LIBRARY} + {lower_tvm.WEIGHTS} (int{bits}, group {tvm_opts.group}; head int8)")
         info = lower_tvm.write_tvm(ir, tmp, tvm_opts, progress=True)
-        manifest = self.manifest(lower_tvm.LIBRARY, f"INT{bits}", bits, tvm=info)
+        manifest = self.manifest(lower_tvm.LIBRARY, storage.for_bits(self.name, bits).name, bits, tvm=info)
         if ir.prune is not None:
             manifest["prune"] = switchable_prune_section(ir, opts, PRUNE_EXPRESSED)
         return manifest, ir

@@ -1,0 +1,315 @@
+"""The build steps: one frozen, versioned config per step of ``edgeq build``.
+
+In build order: load the model -> attach adapters -> memory check -> [calibrate -> sort ->
+rate plan -> recovery fine-tune] (structured pruning) -> [plan -> calibrate -> quantize] (planned
+builds) -> lower (the backend writes the payload and its manifest section) -> goldens.
+``edgeq.build.steps`` turns the options a user typed into this list; ``edgeq.pipeline.runner``
+runs it. The passes a step calls still append their own records to the IR's history (what was
+done to the weights, kept with the model); the manifest's ``steps`` list records the build.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeq import backends, goldens
+from edgeq.artifact import GOLDENS, dump_json
+from edgeq.errors import EdgeqError
+from edgeq.pipeline.runner import BuildContext, Step
+
+
+@dataclass(frozen=True)
+class LoadStep(Step):
+    """Front end: the HF checkpoint directory or .gguf file as a ModelIR."""
+
+    name = "load"
+    model: str
+
+    def run(self, ctx: BuildContext) -> None:
+        from edgeq.frontend import load_model
+
+        ctx.log(f"loading {self.model}")
+        ctx.ir = load_model(Path(self.model))
+
+
+@dataclass(frozen=True)
+class AdaptersStep(Step):
+    """Attach PEFT LoRA adapters; merge them into the weights unless they are kept separate."""
+
+    name = "adapters"
+    paths: tuple[str, ...]
+    merge: bool
+
+    def run(self, ctx: BuildContext) -> None:
+        from edgeq.frontend import load_adapter, merge_adapters
+
+        ir = ctx.need("ir", self)
+        for path in self.paths:
+            ctx.log(f"loading adapter {path}")
+            ir = load_adapter(ir, Path(path))
+        if self.merge and self.paths:
+            ir = merge_adapters(ir)
+        ctx.ir = ir
+
+
+@dataclass(frozen=True)
+class CheckMemoryStep(Step):
+    """Refuse before the first heavy step when a later step would not fit in memory."""
+
+    name = "check_memory"
+    format: str
+    prunes: bool
+    planned: bool
+    recover: bool
+    goldens: bool
+    calib_samples: int
+    calib_len: int
+    probe_samples: int
+
+    def run(self, ctx: BuildContext) -> None:
+        from edgeq.memory import check_build
+
+        check_build(ctx.need("ir", self).hparams, log=ctx.log, fmt=self.format, prunes=self.prunes,
+                    planned=self.planned, recover=self.recover, goldens=self.goldens,
+                    calib_samples=self.calib_samples, calib_len=self.calib_len, probe_samples=self.probe_samples)
+
+
+@dataclass(frozen=True)
+class CalibrateStep(Step):
+    """Per-layer activation statistics on Alpaca token sequences (edgeq.calibrate)."""
+
+    name = "calibrate"
+    samples: int
+    seq_len: int
+    data: str | None = None  # Alpaca JSON; None: the bundled data set
+
+    def run(self, ctx: BuildContext) -> None:
+        from edgeq.calibrate import alpaca_token_sequences, calibrate
+
+        ir = ctx.need("ir", self)
+        seqs = alpaca_token_sequences(ir.tokenizer, path=None if self.data is None else Path(self.data),
+                                      n_samples=self.samples, seq_len=self.seq_len)
+        ctx.log(f"calibrating on {len(seqs)} x {self.seq_len} Alpaca tokens")
+        ctx.calib_seqs = seqs
+        ctx.stats = calibrate(ir, seqs, source={"data": "alpaca", "samples": len(seqs), "seq_len": self.seq_len})
+
+
+@dataclass(frozen=True)
+class SortStep(Step):
+    """Reorder channels by importance: UniQL's sorts (calibrated) or the weight-norm baseline."""
+
+    name = "sort"
+    method: str  # uniql | naive
+
+    def run(self, ctx: BuildContext) -> None:
+        from edgeq.passes import run_pass
+        from edgeq.passes.naive_sort import naive_sort
+        from edgeq.passes.uniql import UniQLSortConfig
+
+        ctx.log(f"sorting ({self.method})")
+        ir = ctx.need("ir", self)
+        ctx.ir = run_pass(ir, UniQLSortConfig(), ctx.need("stats", self)) if self.method == "uniql" else naive_sort(ir)
+
+
+@dataclass(frozen=True)
+class RatePlanStep(Step):
+    """Per-layer kept widths at every pruning rate (edgeq.passes.rate_plan), carried by the IR."""
+
+    name = "rate_plan"
+    rates: tuple[float, ...]  # validated, 0 first (edgeq.passes.rate_plan.check_rates)
+    granularity: int
+    importance: str  # angular (per-layer angular distance) | uniform
+
+    def run(self, ctx: BuildContext) -> None:
+        from edgeq.passes.rate_plan import apply_prune_spec, plan_rates
+
+        ir = ctx.need("ir", self)
+        angular = None
+        if self.importance == "angular":
+            angular = np.array([layer.angular for layer in ctx.need("stats", self).layers])
+        spec = plan_rates(ir, self.rates, granularity=self.granularity, importance=angular, mode=self.importance)
+        ctx.ir = apply_prune_spec(ir, spec)
+
+
+@dataclass(frozen=True)
+class RecoverStep(Step):
+    """LoRA recovery fine-tune with the pruning rate sampled per step (edgeq.passes.recover)."""
+
+    name = "recover"
+    steps: int | None = None  # None: RecoverConfig's default
+    data: str | None = None
+
+    def run(self, ctx: BuildContext) -> None:
+        from edgeq.calibrate import alpaca_token_sequences
+        from edgeq.passes.recover import RecoverConfig, recover
+
+        ir = ctx.need("ir", self)
+        cfg = RecoverConfig() if self.steps is None else RecoverConfig(steps=self.steps)
+        ctx.log(f"recovery fine-tune ({cfg.steps} steps, LoRA r={cfg.rank}, rate sampled per step)")
+        seqs = alpaca_token_sequences(ir.tokenizer, path=None if self.data is None else Path(self.data),
+                                      n_samples=max(cfg.steps, 1) * cfg.batch_size, seq_len=cfg.seq_len, seed=1)
+        ctx.ir = recover(ir, seqs, cfg)
+
+
+@dataclass(frozen=True)
+class PlanStep(Step):
+    """The per-tensor quantization plan: replayed from ``file``, or the planner's choice among the
+    target's storage types that ``format`` stores, under the budget (``budget_mb``, ``bpw`` or the
+    target's plan.default_bpw). The planner runs after calibration; a plan file is checked before."""
+
+    name = "plan"
+    format: str
+    file: str | None = None
+    budget_mb: float | None = None
+    bpw: float | None = None
+    probe_samples: int = 4
+
+    def run(self, ctx: BuildContext) -> None:
+        if self.file is not None:
+            ctx.plan = self._load(ctx)
+        else:
+            ctx.plan = self._make(ctx)
+
+    def _load(self, ctx: BuildContext):
+        from edgeq.plan import Plan
+
+        plan = Plan.load(Path(self.file))
+        target = ctx.target
+        if plan.target and plan.target != target.name:
+            raise EdgeqError(f"{self.file}: plan made for target {plan.target!r}, building for {target.name!r}")
+        if plan.format != self.format:
+            raise EdgeqError(f"{self.file}: plan made for the {plan.format} format, building {self.format}")
+        plan.check(ctx.need("ir", self), where=str(self.file))
+        return plan
+
+    def _make(self, ctx: BuildContext):
+        from edgeq.memory import PROBE_MAX_BYTES, available_bytes, probe_bytes
+        from edgeq.plan import make_plan, n_weights
+
+        ir, stats, seqs, target = ctx.need("ir", self), ctx.need("stats", self), ctx.calib_seqs, ctx.target
+        budget = self.budget(ir, target)
+        types = target.plan_types(self.format)
+        probe = None
+        need, avail = probe_bytes(ir.hparams, self.probe_samples), available_bytes()
+        if need > min(avail, PROBE_MAX_BYTES):  # the probe holds the whole model in torch: small models only
+            ctx.log(f"note: the whole-model KL sensitivity probe would need ~{need / 1e9:.1f} GB (used up to "
+                    f"{PROBE_MAX_BYTES / 1e9:.1f} GB); the planner weighs each tensor's layer output error instead")
+        else:
+            try:
+                from edgeq.quant.sensitivity import KLProbe
+
+                n = max(1, min(self.probe_samples, len(seqs)))
+                probe = KLProbe(ir, [s[:min(len(s), 128)] for s in seqs[-n:]], threads=None)
+            except EdgeqError as exc:  # torch missing: fall back to unweighted output errors
+                ctx.log(f"warning: no KL sensitivity probe ({exc}); the planner weighs raw layer output errors")
+        ctx.log(f"planning: {len(types)} types x ranks {list(target.plan_ranks)} for a {budget / 1e6:.2f} MB "
+                "weight budget")
+        plan = make_plan(ir, stats, target.name, types, target.plan_ranks, budget, probe=probe, format=self.format,
+                         model=str(ir.source.get("name") or Path(str(ir.source.get("path", ""))).name))
+        plan.summary["bpw"] = round(budget * 8 / n_weights(ir), 4)
+        plan.summary["sensitivity"] = "kl-probe" if probe is not None else "layer-output-error"
+        return plan
+
+    def budget(self, ir, target) -> int:
+        """Bytes for the 2-D weights (+ branches): from --budget-mb (minus the fixed overhead),
+        --bpw, or the target's default bits per weight."""
+        from edgeq.plan import n_weights
+
+        fixed_overhead_bytes = backends.get(self.format).fixed_overhead_bytes
+        if self.budget_mb is not None:
+            budget = int(self.budget_mb * 1e6) - fixed_overhead_bytes(ir)
+            if budget <= 0:
+                raise EdgeqError(f"--budget-mb {self.budget_mb} does not even cover the file overhead "
+                                 f"({fixed_overhead_bytes(ir) / 1e6:.2f} MB)")
+            return budget
+        bpw = self.bpw if self.bpw is not None else target.plan_bpw
+        if bpw is None:
+            raise EdgeqError(f"target {target.name} has no plan.default_bpw; pass --bpw or --budget-mb")
+        return int(bpw * n_weights(ir) / 8)
+
+
+@dataclass(frozen=True)
+class QuantizeStep(Step):
+    """Quantize every planned tensor (the plan's quantizer; error compensation where rank > 0)."""
+
+    name = "quantize"
+
+    def run(self, ctx: BuildContext) -> None:
+        from edgeq.quant.apply import quantize_ir
+
+        plan = ctx.need("plan", self)
+        ctx.float_ir = ctx.need("ir", self)
+        ctx.log(f"quantizing ({plan.quantizer}, compensation {plan.compensation} where rank > 0)")
+        ctx.ir = quantize_ir(ctx.float_ir, plan, ctx.need("stats", self))
+
+
+@dataclass(frozen=True)
+class LowerStep(Step):
+    """The backend of ``format`` writes the payload; the manifest gets its section and the build's."""
+
+    name = "lower"
+    writes_artifact = True
+    format: str
+
+    def run(self, ctx: BuildContext) -> None:
+        ir, opts, target = ctx.need("ir", self), ctx.opts, ctx.target
+        manifest, ctx.ref_ir = backends.get(self.format).lower(ir, opts, target, ctx.tmp, ctx.log, plan=ctx.plan,
+                                                               float_ir=ir if ctx.float_ir is None else ctx.float_ir)
+        manifest.update({
+            "target": target.name,
+            "options": opts.to_json(),
+            "source": dict(ir.source),
+            "adapters": {k: dict(v) for k, v in ir.adapters.items()},
+            "hparams": ir.hparams.to_json(),
+            "history": [{"name": r.name, "options": dict(r.options)} for r in ir.history],
+        })
+        ctx.manifest = manifest
+
+
+@dataclass(frozen=True)
+class GoldensStep(Step):
+    """Reference and artifact log-probabilities on the golden prompts (when the artifact runs here)."""
+
+    name = "goldens"
+    writes_artifact = True
+
+    def run(self, ctx: BuildContext) -> None:
+        manifest = ctx.need("manifest", self)
+        if not backends.for_manifest(manifest).runs_here(manifest):
+            ctx.log(f"not recording goldens: a {manifest['format']} artifact for {ctx.target.name} does not run "
+                    "on this host")
+            return
+        ctx.log("recording goldens (fp32 reference and the artifact)")
+        manifest["goldens"] = record_goldens(ctx.need("ref_ir", self), ctx.tmp, manifest)
+
+
+def record_goldens(ref_ir, root: Path, manifest: dict) -> dict:
+    """Goldens at every carried rate: the float64 reference at that rate and the artifact.
+
+    The reference runs layer by layer (``runtimes.reference.streamed_logits``: one layer's
+    float32 weights in memory at a time, float64 arithmetic), so recording goldens is bounded by
+    a layer whatever the model's size."""
+    from edgeq.session import artifact_rates, open_session, rate_key
+    from runtimes.reference import streamed_logits
+    from runtimes.text import SpecTextMixin
+
+    class _Tokenizer(SpecTextMixin):
+        def _tokenizer_spec(self):
+            return ref_ir.tokenizer
+
+    token_ids = goldens.golden_token_ids(_Tokenizer())
+    data = {"prompts": list(goldens.GOLDEN_PROMPTS), "token_ids": token_ids, "rates": {}}
+    rates = artifact_rates(manifest)
+    for rate in rates:
+        lps = [goldens.log_softmax(lg) for lg in streamed_logits(ref_ir, token_ids, rate)]
+        data["rates"][rate_key(rate)] = {"reference": goldens.record_logprobs(lps)}
+    for rate in rates:
+        with open_session(root, n_ctx=256, manifest=manifest, prune=rate) as art:
+            data["rates"][rate_key(rate)]["artifact"] = goldens.record(art, token_ids)
+    dump_json(data, root / GOLDENS)
+    return {"file": GOLDENS, "positions": sum(len(t) for t in token_ids), "topk": goldens.GOLDEN_TOPK,
+            "rates": [rate_key(r) for r in rates],
+            "reference": {"runtime": "reference", "weights": "float32", "arithmetic": "float64",
+                          "mode": "layer by layer"}}
