@@ -39,19 +39,6 @@ class Role(str, Enum):
     DOWN = "ffn_down"
 
 
-# Hugging Face module name (last component) <-> role.
-HF_MODULE_ROLE: dict[str, Role] = {
-    "q_proj": Role.Q,
-    "k_proj": Role.K,
-    "v_proj": Role.V,
-    "o_proj": Role.O,
-    "gate_proj": Role.GATE,
-    "up_proj": Role.UP,
-    "down_proj": Role.DOWN,
-}
-ROLE_HF_MODULE: dict[Role, str] = {r: m for m, r in HF_MODULE_ROLE.items()}
-
-
 def linear_name(layer: int, role: Role) -> str:
     return f"blk.{layer}.{role.value}"
 
