@@ -25,6 +25,26 @@ _F32 = np.float32
 # ---------------------------------------------------------------------------- legacy (32)
 
 
+def _pack_nibble_block(head: list[np.ndarray], q: np.ndarray, bits: int) -> np.ndarray:
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1 block bytes: the fp16 ``head`` (d, or d and m), for 5 bits the
+    32 high bits ``qh``, then the low nibbles."""
+    q = q.astype(np.uint8)
+    parts = list(head)
+    if bits == 5:
+        parts.append(pack_qh(q))
+    parts.append(pack_nibbles(q & np.uint8(0x0F)))
+    return np.concatenate(parts, axis=1)
+
+
+def _unpack_nibble_block(b: np.ndarray, head_bytes: int, bits: int) -> np.ndarray:
+    """The codes of :func:`_pack_nibble_block` bytes whose fp16 head takes ``head_bytes``."""
+    if bits == 5:
+        q = unpack_nibbles(b[:, head_bytes + 4:]) | unpack_qh(b[:, head_bytes:head_bytes + 4])
+    else:
+        q = unpack_nibbles(b[:, head_bytes:])
+    return q.astype(np.int16)
+
+
 class _Q8_0(Codec):
     qtype, block, type_size, qmin, qmax, zero_code = QType.Q8_0, 32, 34, -127, 127, 0
     store_min = -128  # int8 can hold it (ggml never writes it; unpack may meet it)
@@ -87,20 +107,11 @@ class _SymLegacy(Codec):
         return d, -self.half * d
 
     def pack(self, p, q):
-        q = self._check_codes(q, len(p)).astype(np.uint8)
-        parts = [f16_bytes(p.d)]
-        if self.bits == 5:
-            parts.append(pack_qh(q))
-        parts.append(pack_nibbles(q & np.uint8(0x0F)))
-        return np.concatenate(parts, axis=1)
+        return _pack_nibble_block([f16_bytes(p.d)], self._check_codes(q, len(p)), self.bits)
 
     def unpack(self, data):
         b = self._data(data)
-        if self.bits == 5:
-            q = unpack_nibbles(b[:, 6:]) | unpack_qh(b[:, 2:6])
-        else:
-            q = unpack_nibbles(b[:, 2:])
-        return Params(d=f16_from(b[:, :2])), q.astype(np.int16)
+        return Params(d=f16_from(b[:, :2])), _unpack_nibble_block(b, 2, self.bits)
 
 
 class _MinLegacy(Codec):
@@ -136,19 +147,10 @@ class _MinLegacy(Codec):
         return p.d.astype(np.float64)[:, None], p.m.astype(np.float64)[:, None]
 
     def pack(self, p, q):
-        q = self._check_codes(q, len(p)).astype(np.uint8)
-        parts = [f16_bytes(p.d), f16_bytes(p.m)]
-        if self.bits == 5:
-            parts.append(pack_qh(q))
-        parts.append(pack_nibbles(q & np.uint8(0x0F)))
-        return np.concatenate(parts, axis=1)
+        return _pack_nibble_block([f16_bytes(p.d), f16_bytes(p.m)], self._check_codes(q, len(p)), self.bits)
 
     def unpack(self, data):
         b = self._data(data)
-        if self.bits == 5:
-            q = unpack_nibbles(b[:, 8:]) | unpack_qh(b[:, 4:8])
-        else:
-            q = unpack_nibbles(b[:, 4:])
-        return Params(d=f16_from(b[:, :2]), m=f16_from(b[:, 2:4])), q.astype(np.int16)
+        return Params(d=f16_from(b[:, :2]), m=f16_from(b[:, 2:4])), _unpack_nibble_block(b, 4, self.bits)
 
 

@@ -55,12 +55,13 @@ import numpy as np
 
 from edgeq.artifact import atomic_write_file
 from edgeq.errors import EdgeqError, require
-from edgeq.ir import HParams, LayerWidths, Linear, ModelIR, PruneSpec, Role
+from edgeq.ir import HParams, LayerWidths, Linear, ModelIR, PruneSpec, Role, full_widths
 from edgeq.backends.gguf.check import check
 from edgeq.backends.gguf.layout import GGUF_ARCH, heads_for, rotate_half_to_interleaved, tensor_shapes
 from edgeq.backends.gguf.types import base_type_of_plan, tensor_types
 from edgeq.backends.gguf.write import write_model_header, write_tensors
 from edgeq.families import RopeStyle, family
+from edgeq.passes.rate_plan import prunable_params
 from edgeq.passes.sort_qk import restore_rope_order
 from edgeq.quant.formats import FORMATS, QType, as_qtype
 
@@ -95,13 +96,8 @@ class GGUFRateMode(str, Enum):
 # the plan a GGUF can realise
 # --------------------------------------------------------------------------------------------
 
-def _full_widths(hp: HParams) -> LayerWidths:
-    return LayerWidths(ffn=hp.intermediate_size, qk_pairs=hp.head_dim // 2, v_dims=hp.head_dim)
-
-
 def _layer_removed(hp: HParams, w: LayerWidths) -> int:
-    H, KV, D, h, F = hp.num_heads, hp.num_kv_heads, hp.head_dim, hp.hidden_size, hp.intermediate_size
-    return h * (2 * (D // 2 - w.qk_pairs) * (H + KV) + (D - w.v_dims) * (KV + H) + 3 * (F - w.ffn))
+    return prunable_params(hp, full_widths(hp)) - prunable_params(hp, w)
 
 
 def prunable_params_removed(hp: HParams, widths: tuple[LayerWidths, ...] | list[LayerWidths]) -> int:
@@ -172,7 +168,7 @@ def gguf_prune_spec(ir: ModelIR, mode: GGUFRateMode | str = GGUFRateMode.MLP_ONL
     """
     mode = _mode(mode)
     hp = ir.hparams
-    full = _full_widths(hp)
+    full = full_widths(hp)
     spec = ir.prune
     if spec is None:
         return PruneSpec(rates=(0.0,), widths={0.0: tuple(full for _ in range(hp.num_layers))}, granularity=1)

@@ -15,6 +15,7 @@ from edgeq.errors import EdgeqError
 from edgeq.ir import Linear, ModelIR, Role
 from edgeq.passes.sort_qk import qk_restore_rows
 from edgeq.quant.intgroup import fit_format
+from runtimes.reference import rope_inv_freq
 
 
 @dataclass
@@ -319,7 +320,7 @@ class DecoderGraph:
         n_new = g.op("Shape", [ids], name="n_new", start=1, end=2)  # (1,)
         n_past = g.op("Shape", [pasts[0][0]], name="n_past", start=2, end=3)
         total = g.op("Add", [n_past, n_new], name="n_total")
-        rope = {"inv_freq": _inv_freq(D, hp.rope_theta), "total": total}
+        rope = {"inv_freq": rope_inv_freq(D, hp.rope_theta), "total": total}
         if self.w.attention == "standard":
             sq = lambda t: g.op("Squeeze", [t, g.const([0])])  # noqa: E731
             q_pos = g.op("Range", [sq(n_past), sq(total), g.const(1)], name="q_pos")  # (S,)
@@ -408,9 +409,3 @@ class DecoderGraph:
                  num_heads=hp.num_heads, kv_num_heads=hp.num_kv_heads, do_rotary=1, rotary_interleaved=0,
                  scale=float(1.0 / np.sqrt(hp.head_dim)))
         return o[0]  # (1, S, H*D)
-
-
-def _inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    return (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)
-                                         / np.float32(head_dim)))).astype(np.float32)
-
