@@ -36,8 +36,12 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.quant.codec_base import Codec, Params
-from edgeq.quant.codecs_kquant import _Q4_K, _Q6_K
-from edgeq.quant.codecs_legacy import _Q8_0, _MinLegacy, _SymLegacy
+# (the short private aliases keep the registry table below as it was before the split)
+from edgeq.quant.codecs_kquant import Q4_KCodec as _Q4_K
+from edgeq.quant.codecs_kquant import Q6_KCodec as _Q6_K
+from edgeq.quant.codecs_legacy import MinLegacyCodec as _MinLegacy
+from edgeq.quant.codecs_legacy import Q8_0Codec as _Q8_0
+from edgeq.quant.codecs_legacy import SymLegacyCodec as _SymLegacy
 from edgeq.quant.formats import QType, as_qtype, row_nbytes
 
 _F32 = np.float32

@@ -95,7 +95,7 @@ def _round_sub_scales(v: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.n
     return d, np.clip(k, lo, hi)
 
 
-class _Q4_K(Codec):
+class Q4_KCodec(Codec):
     qtype, block, type_size, qmin, qmax, zero_code = QType.Q4_K, 256, 144, 0, 15, 0
 
     def fit(self, x, weight=None):
@@ -143,7 +143,7 @@ class _Q4_K(Codec):
         return p, q.astype(np.int16)
 
 
-class _Q6_K(Codec):
+class Q6_KCodec(Codec):
     qtype, block, type_size, qmin, qmax, zero_code = QType.Q6_K, 256, 210, 0, 63, 32
 
     def fit(self, x, weight=None):

@@ -45,7 +45,7 @@ def _unpack_nibble_block(b: np.ndarray, head_bytes: int, bits: int) -> np.ndarra
     return q.astype(np.int16)
 
 
-class _Q8_0(Codec):
+class Q8_0Codec(Codec):
     qtype, block, type_size, qmin, qmax, zero_code = QType.Q8_0, 32, 34, -127, 127, 0
     store_min = -128  # int8 can hold it (ggml never writes it; unpack may meet it)
 
@@ -77,7 +77,7 @@ class _Q8_0(Codec):
         return Params(d=f16_from(b[:, :2])), b[:, 2:].view(np.int8).astype(np.int16)
 
 
-class _SymLegacy(Codec):
+class SymLegacyCodec(Codec):
     """Q4_0 / Q5_0: value = (q - half) * d; ggml: d = max / -half, q = min(qmax, (int)(x*id + half + .5))."""
 
     def __init__(self, qtype: QType, bits: int):
@@ -114,7 +114,7 @@ class _SymLegacy(Codec):
         return Params(d=f16_from(b[:, :2])), _unpack_nibble_block(b, 2, self.bits)
 
 
-class _MinLegacy(Codec):
+class MinLegacyCodec(Codec):
     """Q4_1 / Q5_1: value = q * d + m; ggml: d = (max - min) / qmax, q = (int)((x - min)*id + .5)."""
 
     def __init__(self, qtype: QType, bits: int):
