@@ -40,6 +40,3 @@ def by_gguf_arch(name: object) -> Family | None:
 def hf_model_types() -> tuple[str, ...]:
     return tuple(_BY_MODEL_TYPE)
 
-
-def gguf_archs() -> tuple[str, ...]:
-    return tuple(_BY_GGUF_ARCH)

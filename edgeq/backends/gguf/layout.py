@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeq.errors import EdgeqError, require
-from edgeq.families import FAMILIES, LINEAR_ROLES, Family, by_gguf_arch, family
+from edgeq.families import FAMILIES, LINEAR_ROLES, Family, family
 from edgeq.ir import Arch, HParams, Linear, ModelIR, Role
 
 # Arch -> general.architecture
@@ -28,15 +28,6 @@ ROLE_ORDER = LINEAR_ROLES
 def gguf_module():
     """gguf-py (an optional dependency: a clear error when it is missing)."""
     return require("gguf", "gguf")
-
-
-def gguf_family(ir: ModelIR) -> Family | None:
-    """The family of ``ir`` if llama.cpp knows its architecture, else None."""
-    return family(ir.arch) if ir.arch in GGUF_ARCH else None
-
-
-def family_of_gguf_arch(name: object) -> Family | None:
-    return by_gguf_arch(name)
 
 
 def gguf_tensor_name(ir_name: str) -> str:

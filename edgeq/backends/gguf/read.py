@@ -9,7 +9,6 @@ import numpy as np
 from edgeq.backends.gguf.layout import (
     GGUF_ARCH,
     ROLE_ORDER,
-    family_of_gguf_arch,
     gguf_module,
     gguf_tensor_name,
     heads_for,
@@ -20,7 +19,7 @@ from edgeq.backends.gguf.layout import (
 from edgeq.backends.gguf.tokenizer import field, read_tokenizer
 from edgeq.errors import EdgeqError
 from edgeq.hashing import sha256_file
-from edgeq.families import Family
+from edgeq.families import Family, by_gguf_arch
 from edgeq.ir import HParams, Linear, ModelIR
 from edgeq.quant.formats import QType
 from edgeq.quant.reference import dequantize
@@ -74,7 +73,7 @@ def read_gguf(path: str | Path) -> ModelIR:
         raise EdgeqError(f"{path}: corrupt GGUF metadata: {exc}") from None
     if gtype == "adapter":
         raise EdgeqError(f"{path}: is a LoRA adapter GGUF, not a model")
-    fam = family_of_gguf_arch(arch_s)
+    fam = by_gguf_arch(arch_s)
     if fam is None:
         raise EdgeqError(f"{path}: unsupported GGUF architecture {arch_s!r} "
                          f"(supported: {sorted(GGUF_ARCH.values())})")
