@@ -62,7 +62,8 @@ def main():
 @_fail_cleanly
 def targets(as_json):
     """List the hardware target profiles (targets/*.toml)."""
-    from edgeq.targets import format_targets_table, list_targets
+    from edgeq.targets import list_targets
+    from edgeq.targets_table import format_targets_table
 
     profiles = list_targets()
     if as_json:

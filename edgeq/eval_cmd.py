@@ -171,10 +171,7 @@ def run_eval(target: str | Path, runtime: str = "auto", prune: float | None = No
             t = time.perf_counter()
             tokens = list(session.tokenize(text, add_special=False))
             if ref is not None:
-                head = text[:4000]
-                if list(ref.tokenize(head, add_special=False)) != list(session.tokenize(head, add_special=False)):
-                    raise EdgeqError("the reference and the evaluated model tokenize the text differently; "
-                                     "KL needs the same tokenizer")
+                evaluate.check_same_tokenizer(session, ref, text)
             n = min(len(tokens), max_tokens) if max_tokens else len(tokens)
             log(f"wikitext-2 test: {n} of {len(tokens)} tokens, windows of {ctx}"
                 + (" (+ KL vs reference)" if ref is not None else ""))

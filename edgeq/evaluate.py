@@ -181,6 +181,15 @@ def wikitext2_tokens(session, data_dir: Path | None = None) -> list[int]:
     return list(session.tokenize(wikitext2_test_text(data_dir), add_special=False))
 
 
+def check_same_tokenizer(session, ref_session, text: str) -> None:
+    """KL compares the two models position by position: they must tokenize ``text`` alike
+    (checked on its first 4000 characters)."""
+    head = text[:4000]
+    if list(ref_session.tokenize(head, add_special=False)) != list(session.tokenize(head, add_special=False)):
+        raise EdgeqError("the reference and the evaluated model tokenize the text differently; "
+                         "KL needs the same tokenizer")
+
+
 def evaluate_wikitext(session, ref_session=None, tokens: list[int] | None = None, ctx: int = 512,
                       max_tokens: int | None = 16384, progress: bool = True,
                       data_dir: Path | None = None) -> WikitextResult:
@@ -193,10 +202,7 @@ def evaluate_wikitext(session, ref_session=None, tokens: list[int] | None = None
         text = wikitext2_test_text(data_dir)
         tokens = list(session.tokenize(text, add_special=False))
         if ref_session is not None:
-            head = text[:4000]
-            if list(ref_session.tokenize(head, add_special=False)) != list(session.tokenize(head, add_special=False)):
-                raise EdgeqError("the reference and the evaluated model tokenize the text differently; "
-                                 "KL needs the same tokenizer")
+            check_same_tokenizer(session, ref_session, text)
     ppl, kl, ref_ppl = _score_windows(session, ref_session, tokens, ctx, max_tokens, progress)
     return WikitextResult(perplexity=ppl, kl=kl, reference_perplexity=ref_ppl)
 

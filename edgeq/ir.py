@@ -39,19 +39,6 @@ class Role(str, Enum):
     DOWN = "ffn_down"
 
 
-# Hugging Face module name (last component) <-> role.
-HF_MODULE_ROLE: dict[str, Role] = {
-    "q_proj": Role.Q,
-    "k_proj": Role.K,
-    "v_proj": Role.V,
-    "o_proj": Role.O,
-    "gate_proj": Role.GATE,
-    "up_proj": Role.UP,
-    "down_proj": Role.DOWN,
-}
-ROLE_HF_MODULE: dict[Role, str] = {r: m for m, r in HF_MODULE_ROLE.items()}
-
-
 def linear_name(layer: int, role: Role) -> str:
     return f"blk.{layer}.{role.value}"
 
@@ -175,6 +162,36 @@ class LayerWidths:
         return dataclasses.asdict(self)
 
 
+def full_widths(hp: HParams) -> LayerWidths:
+    """The widths that keep everything (pruning rate 0)."""
+    return LayerWidths(ffn=hp.intermediate_size, qk_pairs=hp.head_dim // 2, v_dims=hp.head_dim)
+
+
+def linear_shapes(hp: HParams) -> dict[Role, tuple[int, int]]:
+    """(out, in) of each block linear."""
+    q_out, kv_out = hp.num_heads * hp.head_dim, hp.num_kv_heads * hp.head_dim
+    h, f = hp.hidden_size, hp.intermediate_size
+    return {Role.Q: (q_out, h), Role.K: (kv_out, h), Role.V: (kv_out, h), Role.O: (h, q_out),
+            Role.GATE: (f, h), Role.UP: (f, h), Role.DOWN: (h, f)}
+
+
+def weight_matrix_shapes(hp: HParams) -> dict[str, tuple[int, int]]:
+    """Every 2-D weight of the model: the embedding, the untied output head, the block linears."""
+    out = {"token_embd": (hp.vocab_size, hp.hidden_size)}
+    if not hp.tie_word_embeddings:
+        out["output"] = (hp.vocab_size, hp.hidden_size)
+    per_role = linear_shapes(hp)
+    for i in range(hp.num_layers):
+        for role, shape in per_role.items():
+            out[linear_name(i, role)] = shape
+    return out
+
+
+def n_weight_params(hp: HParams) -> int:
+    """Parameters in the 2-D weights (:func:`weight_matrix_shapes`; norms and biases not counted)."""
+    return sum(a * b for a, b in weight_matrix_shapes(hp).values())
+
+
 @dataclass(frozen=True)
 class PruneSpec:
     """The pruning rates an artifact carries and, for each, every layer's kept widths.
@@ -244,19 +261,8 @@ class ModelIR:
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         hp = self.hparams
-        q_out = hp.num_heads * hp.head_dim
-        kv_out = hp.num_kv_heads * hp.head_dim
-        h, f = hp.hidden_size, hp.intermediate_size
-        shapes: dict[str, tuple[int, ...]] = {}
-        for i in range(hp.num_layers):
-            shapes[linear_name(i, Role.Q)] = (q_out, h)
-            shapes[linear_name(i, Role.K)] = (kv_out, h)
-            shapes[linear_name(i, Role.V)] = (kv_out, h)
-            shapes[linear_name(i, Role.O)] = (h, q_out)
-            shapes[linear_name(i, Role.GATE)] = (f, h)
-            shapes[linear_name(i, Role.UP)] = (f, h)
-            shapes[linear_name(i, Role.DOWN)] = (h, f)
-        return shapes
+        per_role = linear_shapes(hp)
+        return {linear_name(i, role): shape for i in range(hp.num_layers) for role, shape in per_role.items()}
 
     def validate(self) -> None:
         """Check structural invariants; raise EdgeqError naming the first violation."""

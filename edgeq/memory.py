@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeq.errors import EdgeqError
-from edgeq.ir import HParams
+from edgeq.ir import HParams, linear_shapes, n_weight_params
 
 BASE_BYTES = 600 << 20  # the interpreter, numpy, tokenizers, llama.cpp / onnxruntime / tvm libraries
 GB = 1e9
@@ -64,13 +64,10 @@ def available_bytes() -> int:
 
 
 def _layer_params(hp: HParams) -> int:
-    q, kv = hp.num_heads * hp.head_dim, hp.num_kv_heads * hp.head_dim
-    return hp.hidden_size * (2 * q + 2 * kv) + 3 * hp.hidden_size * hp.intermediate_size
+    return sum(a * b for a, b in linear_shapes(hp).values())
 
 
-def model_params(hp: HParams) -> int:
-    embd = hp.vocab_size * hp.hidden_size * (1 if hp.tie_word_embeddings else 2)
-    return hp.num_layers * _layer_params(hp) + embd
+model_params = n_weight_params  # parameters in the 2-D weights
 
 
 def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: bool, goldens: bool,

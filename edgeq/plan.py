@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from edgeq.artifact import atomic_write_text
 from edgeq.errors import EdgeqError
-from edgeq.ir import ModelIR, Role, linear_name
+from edgeq.ir import ModelIR, n_weight_params, weight_matrix_shapes
+from edgeq.quant.codecs import codec_for
 from edgeq.quant.compensate import sqrt_and_inv
 from edgeq.quant import storage
 from edgeq.quant.gptq import GPTQConfig, gptq, output_error, rtn
@@ -207,15 +208,7 @@ def _tensor_sort_key(name: str):
 
 def plan_tensor_shapes(ir: ModelIR) -> dict[str, tuple[int, int]]:
     """Every 2-D weight a plan assigns: the embedding, the untied output head, all linears."""
-    hp = ir.hparams
-    out = {"token_embd": (hp.vocab_size, hp.hidden_size)}
-    if not hp.tie_word_embeddings:
-        out["output"] = (hp.vocab_size, hp.hidden_size)
-    for i in range(hp.num_layers):
-        for role in (Role.Q, Role.K, Role.V, Role.O, Role.GATE, Role.UP, Role.DOWN):
-            name = linear_name(i, role)
-            out[name] = tuple(ir.linears[name].weight.shape)
-    return out
+    return weight_matrix_shapes(ir.hparams)
 
 
 def choice_problem(name: str, shape: tuple[int, int], c: Choice) -> str | None:
@@ -236,7 +229,7 @@ def choice_bytes(shape: tuple[int, int], c: Choice) -> int:
 
 
 def n_weights(ir: ModelIR) -> int:
-    return sum(a * b for a, b in plan_tensor_shapes(ir).values())
+    return n_weight_params(ir.hparams)
 
 
 def plan_bytes(ir: ModelIR, plan: Plan) -> int:

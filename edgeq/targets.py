@@ -43,20 +43,24 @@ directory named by ``$EDGEQ_TARGETS_DIR``; a path to a ``.toml`` file works too.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import tomllib
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from edgeq.backends import target_formats
 from edgeq.errors import EdgeqError
 from edgeq.quant import storage
+from edgeq.quant.formats import QType
+# (private aliases: parse_target below reads as before the schema moved out)
+from edgeq.targets_schema import GIB
+from edgeq.targets_schema import Reader as _Reader
+from edgeq.targets_schema import enum_value as _enum
+from edgeq.targets_schema import show as _show
 
-GIB = 1024**3
 ENV_TARGETS_DIR = "EDGEQ_TARGETS_DIR"
 
 
@@ -243,111 +247,7 @@ def list_targets() -> list[TargetProfile]:
 
 
 # --------------------------------------------------------------------------------------------
-# Parsing and validation
-
-_SCHEMA: dict[str, set[str]] = {
-    "": {"name", "description", "kind", "reference_device", "memory", "peak", "isa", "compile", "deploy", "plan"},
-    "plan": {"default_bpw", "ranks"},
-    "memory": {"total_gib", "total_bytes", "budget_gib", "budget_bytes", "bandwidth_gb_s"},
-    "peak": {"fp32_tflops", "fp16_tflops", "int8_tops", "int4_tops"},
-    "isa": {"features"},
-    "compile": {"tvm_target"},
-    "compile.tvm_target": {"kind", "mtriple", "mcpu", "mattr", "arch"},
-    "deploy": {"formats", "quant_types", "default_bits", "quant_block_size", "prune_granularity", "threads",
-               "onnx_accuracy_level"},
-}
-
-_MISSING = object()
-
-
-class _Reader:
-    """Typed access to one TOML table, with errors naming the file and the dotted key."""
-
-    def __init__(self, where: str, table: Mapping[str, Any], prefix: str = ""):
-        self.where = where
-        self.table = table
-        self.prefix = prefix
-        allowed = _SCHEMA.get(prefix.rstrip("."), set())
-        extra = sorted(set(table) - allowed)
-        if extra:
-            raise self.error(f"unknown field '{self.prefix}{extra[0]}'")
-
-    def error(self, msg: str) -> EdgeqError:
-        return EdgeqError(f"{self.where}: {msg}")
-
-    def key(self, k: str) -> str:
-        return f"{self.prefix}{k}"
-
-    def raw(self, k: str, required: bool = True) -> Any:
-        v = self.table.get(k, _MISSING)
-        if v is _MISSING and required:
-            raise self.error(f"missing field '{self.key(k)}'")
-        return None if v is _MISSING else v
-
-    def sub(self, k: str) -> "_Reader":
-        v = self.raw(k)
-        if not isinstance(v, dict):
-            raise self.error(f"'{self.key(k)}' must be a table, got {_show(v)}")
-        return _Reader(self.where, v, f"{self.key(k)}.")
-
-    def string(self, k: str, required: bool = True) -> str | None:
-        v = self.raw(k, required)
-        if v is None:
-            return None
-        if not isinstance(v, str) or not v.strip():
-            raise self.error(f"'{self.key(k)}' must be a non-empty string, got {_show(v)}")
-        return v
-
-    def number(self, k: str, required: bool = True) -> float | None:
-        v = self.raw(k, required)
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise self.error(f"'{self.key(k)}' must be a positive number, got {_show(v)}")
-        return float(v)
-
-    def integer(self, k: str, required: bool = True) -> int | None:
-        v = self.raw(k, required)
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise self.error(f"'{self.key(k)}' must be a positive integer, got {_show(v)}")
-        return v
-
-    def strings(self, k: str, required: bool = True) -> tuple[str, ...]:
-        v = self.raw(k, required)
-        if v is None:
-            return ()
-        if not isinstance(v, list) or not v or not all(isinstance(s, str) and s for s in v):
-            raise self.error(f"'{self.key(k)}' must be a non-empty list of strings, got {_show(v)}")
-        dup = sorted({s for s in v if v.count(s) > 1})
-        if dup:
-            raise self.error(f"'{self.key(k)}' lists {dup[0]!r} twice")
-        return tuple(v)
-
-    def bytes_(self, stem: str) -> int:
-        """``<stem>_gib`` or ``<stem>_bytes`` (exactly one), as bytes."""
-        gib, nbytes = self.table.get(f"{stem}_gib"), self.table.get(f"{stem}_bytes")
-        if gib is not None and nbytes is not None:
-            raise self.error(f"give one of '{self.key(stem + '_gib')}' and '{self.key(stem + '_bytes')}', not both")
-        if nbytes is not None:
-            return int(self.integer(f"{stem}_bytes"))
-        if gib is None:
-            raise self.error(f"missing field '{self.key(stem + '_gib')}' (or '{self.key(stem + '_bytes')}')")
-        return int(round(self.number(f"{stem}_gib") * GIB))
-
-
-def _show(v: Any) -> str:
-    s = repr(v)
-    return s if len(s) <= 60 else s[:57] + "..."
-
-
-def _enum(r: _Reader, k: str, enum: type[Enum], value: str) -> Any:
-    try:
-        return enum(value)
-    except ValueError:
-        choices = ", ".join(e.value for e in enum)
-        raise r.error(f"'{r.key(k)}' must be one of {choices}, got {value!r}") from None
+# Parsing and validation (the schema and the typed reader: edgeq/targets_schema.py)
 
 
 def _load_file(path: Path) -> TargetProfile:
@@ -492,60 +392,3 @@ def _compile_target(r: _Reader, kind: DeviceKind) -> CompileTarget:
             raise r.error(f"'compile.tvm_target.arch' must look like sm_75, got {arch!r}")
         return CompileTarget(kind="cuda", arch=arch)
     raise r.error(f"'compile.tvm_target.kind' must be one of llvm, cuda, got {tkind!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# Display
-
-
-def _num(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:g}" if v < 100 else f"{v:.0f}"
-
-
-def _join_capped(items: Iterable[str], limit: int = 40) -> str:
-    """Comma-join ``items``; past ``limit`` characters, end with ``+N`` for the ones left out."""
-    items = list(items)
-    out: list[str] = []
-    for i, item in enumerate(items):
-        rest = len(items) - i - 1
-        candidate = ",".join([*out, item])
-        suffix = f",+{rest}" if rest else ""
-        if out and len(candidate) + len(suffix) > limit:
-            return ",".join(out) + f",+{len(items) - i}"
-        out.append(item)
-    return ",".join(out)
-
-
-def format_targets_table(profiles: Iterable[TargetProfile]) -> str:
-    """A fixed-width text table of profiles, one row each."""
-    header = (
-        "name", "kind", "budget GiB", "BW GB/s", "fp16 TFLOPS", "int8 TOPS",
-        "ISA", "formats", "quant types", "block", "prune",
-    )
-    right = {2, 3, 4, 5, 9, 10}  # numeric columns
-    rows = [
-        (
-            p.name,
-            p.kind.value,
-            f"{p.memory_budget_gib:g}",
-            _num(p.bandwidth_gb_s),
-            _num(p.peak_fp16_tflops),
-            _num(p.peak_int8_tops),
-            _join_capped(p.isa_features),
-            ",".join(f.value for f in p.formats),
-            ",".join(p.quant_types),
-            str(p.quant_block_size),
-            str(p.prune_granularity),
-        )
-        for p in profiles
-    ]
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-
-    def line(cells: tuple[str, ...]) -> str:
-        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
-        return "  ".join(out).rstrip()
-
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), sep, *(line(r) for r in rows)])

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from edgeq.artifact import read_manifest
 from edgeq.errors import EdgeqError
 
 
@@ -76,6 +78,15 @@ class GenerationStats:
     @property
     def prefill_tok_s(self) -> float:
         return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+
+def artifact_manifest(root: Path, manifest: dict | None, fmt: str) -> dict:
+    """The manifest of the artifact at ``root`` (read unless given), checked to be of format ``fmt``."""
+    m = manifest or read_manifest(root)
+    if m.get("format") != fmt:
+        article = "an" if fmt[:1] in "aeiou" else "a"
+        raise EdgeqError(f"{root}: not {article} {fmt} artifact (format {m.get('format')!r})")
+    return m
 
 
 def check_tokens(ids: Sequence[int], vocab_size: int, start: int, n_ctx: int) -> np.ndarray:

@@ -12,10 +12,10 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeq.artifact import artifact_path, read_manifest, read_tokenizer_spec
+from edgeq.artifact import artifact_path, read_tokenizer_spec
 from edgeq.errors import EdgeqError
 from edgeq.ir import HParams
-from runtimes.base import RateSwitchMixin, Session, check_tokens
+from runtimes.base import RateSwitchMixin, Session, artifact_manifest, check_tokens
 from runtimes.text import SpecTextMixin
 
 
@@ -34,9 +34,7 @@ class OnnxSession(RateSwitchMixin, SpecTextMixin, Session):
                  threads: int | None = None, prune: float = 0.0):
         ort = _ort()
         self.root = root = Path(artifact_dir)
-        m = manifest or read_manifest(root)
-        if m.get("format") != "onnx":
-            raise EdgeqError(f"{root}: not an onnx artifact (format {m.get('format')!r})")
+        m = artifact_manifest(root, manifest, "onnx")
         self.manifest = m
         info = m["onnx"]
         self._rates = tuple(float(r) for r in info.get("rates") or (0.0,))

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from edgeq.errors import EdgeqError
-from edgeq.ir import LayerWidths, Linear, ModelIR, Role
+from edgeq.ir import LayerWidths, Linear, ModelIR, Role, full_widths
 from runtimes.base import Session, check_tokens
 from runtimes.text import SpecTextMixin
 
@@ -200,8 +200,7 @@ class ReferenceSession(SpecTextMixin, Session):
         self._v = np.zeros((hp.num_layers, n_ctx, hp.num_kv_heads, hp.head_dim), dtype=dtype)
         self._ids = np.zeros(n_ctx, dtype=np.int64)
         self._pos = 0
-        self._full_widths = tuple(LayerWidths(ffn=hp.intermediate_size, qk_pairs=half, v_dims=hp.head_dim)
-                                  for _ in range(hp.num_layers))
+        self._full_widths = (full_widths(hp),) * hp.num_layers
         self.prune_rate, self.widths = 0.0, self._full_widths
         self.timers = None  # {layer: {"attention": s, "mlp": s}} accumulated when a dict (edgeq.breakdown)
 
@@ -308,9 +307,7 @@ def streamed_logits(ir: ModelIR, sequences: Sequence[Sequence[int]], rate: float
 
     ``progress``: optional callable ``(layer_index, num_layers)`` called after each layer."""
     hp = ir.hparams
-    widths = ir.prune.at(rate) if ir.prune is not None else tuple(
-        LayerWidths(ffn=hp.intermediate_size, qk_pairs=hp.head_dim // 2, v_dims=hp.head_dim)
-        for _ in range(hp.num_layers))
+    widths = ir.prune.at(rate) if ir.prune is not None else (full_widths(hp),) * hp.num_layers
     if ir.prune is None and rate != 0:
         raise EdgeqError(f"pruning rate {rate:g} is not carried by this model (it carries only 0)")
     embd = ir.tensors["token_embd"]

@@ -18,11 +18,11 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeq.artifact import artifact_path, read_manifest, read_tokenizer_spec
+from edgeq.artifact import artifact_path, read_tokenizer_spec
 from edgeq.errors import EdgeqError
 from edgeq.hashing import sha256_file
 from edgeq.ir import HParams
-from runtimes.base import RateSwitchMixin, Session, check_tokens
+from runtimes.base import RateSwitchMixin, Session, artifact_manifest, check_tokens
 from runtimes.reference import rope_inv_freq
 from runtimes.text import SpecTextMixin
 
@@ -63,9 +63,7 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
     def __init__(self, artifact_dir: str | Path, manifest: dict | None = None, n_ctx: int = 2048,
                  threads: int | None = None, prune: float = 0.0):
         self.root = root = Path(artifact_dir)
-        m = manifest or read_manifest(root)
-        if m.get("format") != "tvm":
-            raise EdgeqError(f"{root}: not a tvm artifact (format {m.get('format')!r})")
+        m = artifact_manifest(root, manifest, "tvm")
         self.manifest = m
         info = m["tvm"]
         target = info["target"]

@@ -1,22 +1,18 @@
-"""Hugging Face checkpoint directory (Llama / Qwen2) -> ModelIR. numpy only."""
+"""Hugging Face checkpoint directory -> ModelIR, for the families of :mod:`edgeq.families`. numpy only."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 
 from edgeq.errors import EdgeqError
+from edgeq.families import by_hf_model_type, family, hf_model_types
 from edgeq.frontend.jsonfile import read_json
 from edgeq.frontend.safetensors_io import checkpoint_files, lazy_safetensors
 from edgeq.frontend.tokenizer import load_tokenizer_spec
 from edgeq.hashing import sha256_file
 from edgeq.lazy import is_lazy
-from edgeq.ir import HF_MODULE_ROLE, Arch, HParams, Linear, ModelIR, linear_name
-
-SUPPORTED = {"llama": Arch.LLAMA, "qwen2": Arch.QWEN2}
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
-_NORM_RE = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
+from edgeq.ir import HParams, Linear, ModelIR, Role
 
 
 def read_config(model_dir: Path) -> dict:
@@ -26,8 +22,9 @@ def read_config(model_dir: Path) -> dict:
 
 def hparams_from_config(cfg: dict, where: Path) -> HParams:
     mt = cfg.get("model_type")
-    if mt not in SUPPORTED:
-        raise EdgeqError(f"{where}: unknown architecture {mt!r} (supported: {', '.join(SUPPORTED)})")
+    fam = by_hf_model_type(mt)
+    if fam is None:
+        raise EdgeqError(f"{where}: unknown architecture {mt!r} (supported: {', '.join(hf_model_types())})")
     # transformers >= 5 writes rope settings under "rope_parameters"; older ones use
     # "rope_theta" + "rope_scaling"
     rope = cfg.get("rope_parameters") or {}
@@ -39,7 +36,7 @@ def hparams_from_config(cfg: dict, where: Path) -> HParams:
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         return HParams(
-            arch=SUPPORTED[mt],
+            arch=fam.arch,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(cfg["intermediate_size"]),
@@ -47,11 +44,11 @@ def hparams_from_config(cfg: dict, where: Path) -> HParams:
             num_heads=heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
-            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", fam.rope_theta))),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", fam.rms_norm_eps)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", mt == "qwen2")),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", fam.tie_word_embeddings)),
+            attention_bias=bool(cfg.get("attention_bias", fam.attention_bias)),
         )
     except KeyError as exc:
         raise EdgeqError(f"{where}/config.json: missing field {exc.args[0]!r}") from None
@@ -70,32 +67,25 @@ def load_hf(model_dir: str | Path) -> ModelIR:
     weights: dict[str, np.ndarray] = {}
     biases: dict[str, np.ndarray] = {}
     tensors: dict[str, np.ndarray] = {}
+    fam = family(hp.arch)
+    roles = {r.value: r for r in Role}
     for key, arr in raw.items():
-        if m := _LAYER_RE.match(key):
-            layer, _, module, kind = m.groups()
-            role = HF_MODULE_ROLE.get(module)
-            if role is None:
-                raise EdgeqError(f"{model_dir}: unexpected tensor {key}")
-            (weights if kind == "weight" else biases)[linear_name(int(layer), role)] = arr
-        elif m := _NORM_RE.match(key):
-            layer, which = m.groups()
-            tensors[f"blk.{layer}.{'attn_norm' if which == 'input_layernorm' else 'ffn_norm'}"] = arr
-        elif key == "model.embed_tokens.weight":
-            tensors["token_embd"] = arr
-        elif key == "model.norm.weight":
-            tensors["output_norm"] = arr
-        elif key == "lm_head.weight":
-            if not hp.tie_word_embeddings:
-                tensors["output"] = arr
-        elif key.endswith("rotary_emb.inv_freq"):
-            continue
-        else:
+        ir_name = fam.ir_name_of_hf(key)
+        if ir_name is None:
+            if fam.hf_is_ignored(key):
+                continue
             raise EdgeqError(f"{model_dir}: unexpected tensor {key} for architecture {hp.arch.value}")
+        if ir_name == "output" and hp.tie_word_embeddings:
+            continue
+        parts = ir_name.split(".")
+        if len(parts) >= 3 and parts[2] in roles:  # blk.N.<role>[.bias]
+            (biases if parts[-1] == "bias" else weights)[".".join(parts[:3])] = arr
+        else:
+            tensors[ir_name] = arr
     linears = {}
     for name, w in sorted(weights.items()):
         layer, role_s = name.split(".")[1:]
-        role = next(r for r in HF_MODULE_ROLE.values() if r.value == role_s)
-        linears[name] = Linear(name=name, role=role, layer=int(layer),
+        linears[name] = Linear(name=name, role=roles[role_s], layer=int(layer),
                                weight=w if is_lazy(w) else np.ascontiguousarray(w, dtype=np.float32),
                                bias=biases.get(name))
     tokenizer = load_tokenizer_spec(model_dir, hp.arch.value)

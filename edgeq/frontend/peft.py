@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.errors import EdgeqError
+from edgeq.families import Family, family
 from edgeq.frontend.jsonfile import read_json
 from edgeq.frontend.safetensors_io import read_safetensors
 from edgeq.hashing import sha256_file
-from edgeq.ir import HF_MODULE_ROLE, Linear, LowRank, ModelIR, PassRecord, linear_name
+from edgeq.ir import Linear, LowRank, ModelIR, PassRecord, linear_name
 
-_KEY_RE = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
-SUPPORTED_ARCH_TYPES = {"llama": ("LlamaForCausalLM",), "qwen2": ("Qwen2ForCausalLM",)}
+# PEFT names an adapted linear's tensors base_model.model.<HF module path>.lora_A[.<adapter>].weight
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<module_path>.+)\.lora_(?P<ab>[AB])(?:\.\w+)?\.weight$")
 
 
 def _read_config(adapter_dir: Path) -> dict:
@@ -25,7 +25,7 @@ def _read_config(adapter_dir: Path) -> dict:
                      missing=f"{adapter_dir}: no adapter_config.json (expected a PEFT adapter directory)")
 
 
-def _check_config(cfg: dict, where: Path) -> None:
+def _check_config(cfg: dict, where: Path, fam: Family) -> None:
     if cfg.get("peft_type", "LORA") != "LORA":
         raise EdgeqError(f"{where}: adapter type {cfg.get('peft_type')!r} is not supported (only LORA)")
     if cfg.get("use_dora"):
@@ -35,14 +35,14 @@ def _check_config(cfg: dict, where: Path) -> None:
     if cfg.get("modules_to_save"):
         raise EdgeqError(f"{where}: modules_to_save {cfg['modules_to_save']} is not supported")
     if cfg.get("fan_in_fan_out"):
-        raise EdgeqError(f"{where}: fan_in_fan_out adapters are not supported for Llama/Qwen2")
+        raise EdgeqError(f"{where}: fan_in_fan_out adapters are not supported for {fam.arch.value}")
     targets = cfg.get("target_modules") or []
     if isinstance(targets, str):
         return  # a regex; checked per tensor below
-    unknown = [t for t in targets if t not in HF_MODULE_ROLE]
+    unknown = [t for t in targets if t not in fam.peft_modules]
     if unknown:
         raise EdgeqError(f"{where}: adapter targets module {unknown[0]!r}, which this model has no "
-                         f"LoRA-able linear for (supported: {', '.join(HF_MODULE_ROLE)})")
+                         f"LoRA-able linear for (supported: {', '.join(fam.peft_modules)})")
 
 
 _CLASS_FAMILY_RE = re.compile(r"^([A-Za-z0-9]+?)(?:For[A-Za-z]+|PreTrainedModel|Model)$")
@@ -62,7 +62,7 @@ def _recorded_base_class(cfg: dict) -> tuple[str, str] | None:
 
 
 def _check_class(cls: str, where: str, ir: ModelIR, name: str) -> None:
-    ours = SUPPORTED_ARCH_TYPES[ir.arch.value]
+    ours = family(ir.arch).hf_architectures
     if cls in ours:
         return
     fam = _CLASS_FAMILY_RE.match(cls)
@@ -132,7 +132,8 @@ def load_adapter(ir: ModelIR, adapter_dir: str | Path, name: str | None = None) 
     if name in ir.adapters:
         raise EdgeqError(f"adapter name {name!r} used twice")
     cfg = _read_config(adapter_dir)
-    _check_config(cfg, adapter_dir)
+    fam = family(ir.arch)
+    _check_config(cfg, adapter_dir, fam)
     _check_base(cfg, ir, name)
     rec = _recorded_base_class(cfg)
     wfile = adapter_dir / "adapter_model.safetensors"
@@ -147,12 +148,15 @@ def load_adapter(ir: ModelIR, adapter_dir: str | Path, name: str | None = None) 
         if not m:
             raise EdgeqError(f"{adapter_dir}: tensor {key!r} does not belong to a "
                              f"{ir.arch.value} model (expected base_model.model.model.layers.N.<module>.lora_A/B)")
-        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
-        role = HF_MODULE_ROLE.get(module)
-        if role is None:
+        module = m["module_path"].rsplit(".", 1)[-1]
+        ir_name = fam.ir_name_of_hf(f"{m['module_path']}.weight")
+        role = fam.peft_modules.get(module)
+        if ir_name is None or role is None or ir_name.split(".")[2:] != [role.value]:
             raise EdgeqError(f"{adapter_dir}: tensor {key!r} targets module {module!r}, unknown to {ir.arch.value}")
-        pairs.setdefault(linear_name(layer, role), {})[ab] = raw[key]
-        pairs[linear_name(layer, role)]["module"] = module  # type: ignore[assignment]
+        layer_s = ir_name.split(".")[1]
+        ab = m["ab"]
+        pairs.setdefault(linear_name(int(layer_s), role), {})[ab] = raw[key]
+        pairs[linear_name(int(layer_s), role)]["module"] = module  # type: ignore[assignment]
     if not pairs:
         raise EdgeqError(f"{adapter_dir}: adapter has no LoRA tensors")
     linears = dict(ir.linears)

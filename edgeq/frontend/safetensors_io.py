@@ -74,19 +74,20 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     for name in sorted(header):
-        info = header[name]
-        start, end = info["data_offsets"]
-        buf = np.asarray(mm[offset + start: offset + end])
-        arr = buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
-        if info["dtype"] == "BF16":
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        elif arr.dtype.kind == "f":
-            arr = arr.astype(np.float32)
-        else:
-            arr = arr.copy()
-        out[name] = arr
+        out[name] = _read_tensor(mm, offset, header[name])
     del mm
     return out
+
+
+def _read_tensor(mm: np.ndarray, offset: int, info: dict) -> np.ndarray:
+    """One tensor of a memory-mapped file: floating ones as float32 (BF16 widened), others as stored."""
+    start, end = info["data_offsets"]
+    arr = np.asarray(mm[offset + start: offset + end]).view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+    if info["dtype"] == "BF16":
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    if arr.dtype.kind == "f":
+        return arr.astype(np.float32)
+    return arr.copy()
 
 
 def lazy_safetensors(path: str | Path) -> dict[str, "np.ndarray | LazyTensor"]:
@@ -108,16 +109,7 @@ def lazy_safetensors(path: str | Path) -> dict[str, "np.ndarray | LazyTensor"]:
     if small:
         mm = np.memmap(path, dtype=np.uint8, mode="r")
         for name in small:
-            info = header[name]
-            start, end = info["data_offsets"]
-            arr = np.asarray(mm[offset + start: offset + end]).view(_DTYPES[info["dtype"]]).reshape(info["shape"])
-            if info["dtype"] == "BF16":
-                arr = (arr.astype(np.uint32) << 16).view(np.float32)
-            elif arr.dtype.kind == "f":
-                arr = arr.astype(np.float32)
-            else:
-                arr = arr.copy()
-            out[name] = arr
+            out[name] = _read_tensor(mm, offset, header[name])
         del mm
     return out
 

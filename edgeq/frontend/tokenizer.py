@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from edgeq.errors import EdgeqError
+from edgeq.families import family
 from edgeq.frontend.jsonfile import read_json
 from edgeq.ir import TokenizerSpec
 
@@ -31,8 +32,9 @@ def _pre_name(tok: dict, arch: str) -> str:
     """llama.cpp's pre-tokenizer name, from the structure of the HF pre-tokenizer."""
     pre = tok.get("pre_tokenizer") or {}
     kinds = [p.get("type") for p in pre.get("pretokenizers", [])] if pre.get("type") == "Sequence" else [pre.get("type")]
-    if arch == "qwen2" and "Split" in kinds:
-        return "qwen2"
+    split_name = family(arch).split_pre_tokenizer
+    if split_name is not None and "Split" in kinds:
+        return split_name
     if kinds == ["Digits", "ByteLevel"]:
         return "smollm"  # SmolLM/StarCoder family: individual digits, then byte level
     if kinds == ["ByteLevel"]:

@@ -66,7 +66,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from edgeq.errors import EdgeqError
-from edgeq.ir import HParams, LayerWidths, ModelIR, PassRecord, PruneSpec
+from edgeq.ir import HParams, LayerWidths, ModelIR, PassRecord, PruneSpec, full_widths
 
 MAX_RATE = 0.9  # the largest global rate accepted anywhere
 MAX_LAYER_PRUNE = 0.8  # default per-layer clamp of the continuous allocation
@@ -87,11 +87,6 @@ def _hp(model: ModelIR | HParams) -> HParams:
     if isinstance(model, HParams):
         return model
     raise EdgeqError(f"expected a ModelIR or HParams, got {type(model).__name__}")
-
-
-def full_widths(hp: HParams) -> LayerWidths:
-    """The widths that keep everything."""
-    return LayerWidths(ffn=hp.intermediate_size, qk_pairs=hp.head_dim // 2, v_dims=hp.head_dim)
 
 
 def _unit_params(hp: HParams) -> tuple[int, int, int]:

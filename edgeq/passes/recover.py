@@ -27,7 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 from edgeq.errors import EdgeqError, require
-from edgeq.ir import LayerWidths, ModelIR, PassRecord, Role, linear_name
+from edgeq.ir import LayerWidths, ModelIR, PassRecord, Role, full_widths, linear_name
+from runtimes.reference import rope_inv_freq
 
 ROLES = (Role.Q, Role.K, Role.V, Role.O, Role.GATE, Role.UP, Role.DOWN)
 
@@ -60,9 +61,7 @@ class RecoverConfig:
 
 
 def _full_widths(ir: ModelIR) -> tuple[LayerWidths, ...]:
-    hp = ir.hparams
-    return tuple(LayerWidths(ffn=hp.intermediate_size, qk_pairs=hp.head_dim // 2, v_dims=hp.head_dim)
-                 for _ in range(hp.num_layers))
+    return (full_widths(ir.hparams),) * ir.hparams.num_layers
 
 
 def widths_at(ir: ModelIR, rate: float) -> tuple[LayerWidths, ...]:
@@ -119,8 +118,7 @@ class LoraModel:
             idx = ir.rope_index.get(i)
             self.rope_index.append(np.tile(np.arange(self.half), (KV, 1)) if idx is None else np.asarray(idx))
         # float32 inverse frequencies exactly as the reference runtime (and transformers) compute them
-        self.inv_freq = (1.0 / (np.float32(hp.rope_theta) ** (np.arange(0, D, 2, dtype=np.int64).astype(np.float32)
-                                                              / np.float32(D)))).astype(np.float32)
+        self.inv_freq = rope_inv_freq(D, hp.rope_theta)
         self._rope_cache: dict[tuple[int, int], tuple] = {}
 
     # ---- parameters ----------------------------------------------------------------------------

@@ -55,17 +55,13 @@ import numpy as np
 
 from edgeq.artifact import atomic_write_file
 from edgeq.errors import EdgeqError, require
-from edgeq.ir import Arch, HParams, LayerWidths, Linear, ModelIR, PruneSpec, Role
-from edgeq.backends.gguf.lower import (
-    GGUF_ARCH,
-    ROLE_ORDER,
-    base_type_of_plan,
-    check,
-    rotate_half_to_interleaved,
-    tensor_types,
-    write_model_header,
-    write_tensors,
-)
+from edgeq.ir import HParams, LayerWidths, Linear, ModelIR, PruneSpec, Role, full_widths
+from edgeq.backends.gguf.check import check
+from edgeq.backends.gguf.layout import GGUF_ARCH, heads_for, rotate_half_to_interleaved, tensor_shapes
+from edgeq.backends.gguf.types import base_type_of_plan, tensor_types
+from edgeq.backends.gguf.write import write_model_header, write_tensors
+from edgeq.families import RopeStyle, family
+from edgeq.passes.rate_plan import prunable_params
 from edgeq.passes.sort_qk import restore_rope_order
 from edgeq.quant.formats import FORMATS, QType, as_qtype
 
@@ -100,13 +96,8 @@ class GGUFRateMode(str, Enum):
 # the plan a GGUF can realise
 # --------------------------------------------------------------------------------------------
 
-def _full_widths(hp: HParams) -> LayerWidths:
-    return LayerWidths(ffn=hp.intermediate_size, qk_pairs=hp.head_dim // 2, v_dims=hp.head_dim)
-
-
 def _layer_removed(hp: HParams, w: LayerWidths) -> int:
-    H, KV, D, h, F = hp.num_heads, hp.num_kv_heads, hp.head_dim, hp.hidden_size, hp.intermediate_size
-    return h * (2 * (D // 2 - w.qk_pairs) * (H + KV) + (D - w.v_dims) * (KV + H) + 3 * (F - w.ffn))
+    return prunable_params(hp, full_widths(hp)) - prunable_params(hp, w)
 
 
 def prunable_params_removed(hp: HParams, widths: tuple[LayerWidths, ...] | list[LayerWidths]) -> int:
@@ -177,7 +168,7 @@ def gguf_prune_spec(ir: ModelIR, mode: GGUFRateMode | str = GGUFRateMode.MLP_ONL
     """
     mode = _mode(mode)
     hp = ir.hparams
-    full = _full_widths(hp)
+    full = full_widths(hp)
     spec = ir.prune
     if spec is None:
         return PruneSpec(rates=(0.0,), widths={0.0: tuple(full for _ in range(hp.num_layers))}, granularity=1)
@@ -247,7 +238,7 @@ def _choose_arch(ir: ModelIR, ffn: list[int], arch: str) -> str:
     if arch not in ("auto", DECI_ARCH):
         raise EdgeqError(f"GGUF at a rate: expected arch 'auto' or 'deci', got {arch!r}")
     o_bias = any(lin.role == Role.O and lin.bias is not None for lin in ir.linears.values())
-    if arch == "auto" and len(set(ffn)) == 1 and not (o_bias and ir.arch == Arch.QWEN2):
+    if arch == "auto" and len(set(ffn)) == 1 and not (o_bias and not family(ir.arch).gguf_loads_o_bias):
         return GGUF_ARCH[ir.arch]  # one width for every layer: the model's own architecture
     # deci also takes an attn_output bias (llama.cpp's qwen2 does not load one; the SVD V/O
     # pass folds Qwen2's V bias into it)
@@ -299,7 +290,9 @@ def write_gguf_at_rate(ir: ModelIR, rate: float, path: str | Path, types: TypesF
         raise EdgeqError(f"GGUF at rate {r_key:g}: llama.cpp's deci architecture needs "
                          f"num_heads*head_dim == hidden_size for attn_q/attn_output biases, got "
                          f"{hp.num_heads}*{hp.head_dim} != {hp.hidden_size}")
-    permute_qk = arch_s in ("llama", DECI_ARCH)
+    # deci is rope type NORM (interleaved pairs), like llama
+    permute_qk = family(hp.arch).gguf_permute_qk if arch_s == GGUF_ARCH[hp.arch] else \
+        family(hp.arch).hf_rope != RopeStyle.INTERLEAVED
 
     def layer_tensor(lin: Linear, bias: bool) -> np.ndarray:
         a = lin.bias if bias else lin.weight
@@ -309,26 +302,18 @@ def write_gguf_at_rate(ir: ModelIR, rate: float, path: str | Path, types: TypesF
         elif lin.role == Role.DOWN and not bias:
             a = a[:, :f]
         elif permute_qk and lin.role in (Role.Q, Role.K):
-            a = rotate_half_to_interleaved(a, hp.num_heads if lin.role == Role.Q else hp.num_kv_heads)
+            a = rotate_half_to_interleaved(a, heads_for(hp, lin.role))
         return a
 
-    order: list[tuple[str, tuple[int, ...]]] = [("token_embd", (hp.vocab_size, hp.hidden_size))]
-    for i in range(hp.num_layers):
-        order.append((f"blk.{i}.attn_norm", (hp.hidden_size,)))
-        for role in ROLE_ORDER:
-            lin = base_ir.linear(i, role)
-            shape = tuple(lin.weight.shape)
-            if role in (Role.GATE, Role.UP):
-                shape = (ffn[i], shape[1])
-            elif role == Role.DOWN:
-                shape = (shape[0], ffn[i])
-            order.append((lin.name, shape))
-            if lin.bias is not None:
-                order.append((f"{lin.name}.bias", (ffn[i],) if role in (Role.GATE, Role.UP) else tuple(lin.bias.shape)))
-        order.append((f"blk.{i}.ffn_norm", (hp.hidden_size,)))
-    order.append(("output_norm", (hp.hidden_size,)))
-    if not hp.tie_word_embeddings:
-        order.append(("output", (hp.vocab_size, hp.hidden_size)))
+    order: list[tuple[str, tuple[int, ...]]] = []
+    for tname, shape in tensor_shapes(base_ir).items():  # the full model's, cut to the layer's MLP width
+        lname = tname[: -len(".bias")] if tname.endswith(".bias") else tname
+        lin = base_ir.linears.get(lname)
+        if lin is not None and lin.role in (Role.GATE, Role.UP):
+            shape = (ffn[lin.layer], *shape[1:])
+        elif lin is not None and lin.role == Role.DOWN and lname == tname:
+            shape = (shape[0], ffn[lin.layer])
+        order.append((tname, shape))
     for tname, shape in order:
         qt = tplan.get(tname, QType.F32)
         bs = FORMATS[qt].block_size

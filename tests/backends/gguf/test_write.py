@@ -10,7 +10,8 @@ import pytest
 
 from edgeq.frontend import load_model
 from edgeq.lazy import is_lazy
-from edgeq.backends.gguf import lower as lower_gguf
+from edgeq.backends.gguf import write as lower_gguf
+from edgeq.backends.gguf.types import tensor_types
 from edgeq.quant.formats import QType
 
 
@@ -35,7 +36,7 @@ def test_lazy_model_writes_the_same_file(tiny_llama, tmp_path, bits, monkeypatch
     assert all(is_lazy(l.weight) for l in ir.linears.values())
     eager = ir.replace(linears={k: dataclasses.replace(v, weight=np.asarray(v.weight)) for k, v in ir.linears.items()},
                        tensors={k: np.asarray(v) for k, v in ir.tensors.items()})
-    types = lower_gguf.tensor_types(ir, bits)
+    types = tensor_types(ir, bits)
     monkeypatch.setattr(lower_gguf, "STREAM_CHUNK_VALUES", 64 * 5)  # force chunking on tiny tensors
     lower_gguf.write_gguf(ir, tmp_path / "lazy.gguf", types)
     monkeypatch.setattr(lower_gguf, "STREAM_CHUNK_VALUES", 1 << 30)

@@ -1,0 +1,165 @@
+"""GGUF model file -> ModelIR (the GGUF front end)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeq.backends.gguf.layout import (
+    GGUF_ARCH,
+    ROLE_ORDER,
+    gguf_module,
+    gguf_tensor_name,
+    heads_for,
+    interleaved_to_rotate_half,
+    layout_names,
+    needs_permute,
+)
+from edgeq.backends.gguf.tokenizer import field, read_tokenizer
+from edgeq.errors import EdgeqError
+from edgeq.hashing import sha256_file
+from edgeq.families import Family, by_gguf_arch
+from edgeq.ir import HParams, Linear, ModelIR
+from edgeq.quant.formats import QType
+from edgeq.quant.reference import dequantize
+
+
+def _dequant(t) -> np.ndarray:
+    gguf = gguf_module()
+    shape = tuple(int(s) for s in reversed([int(x) for x in t.shape]))
+    tt = t.tensor_type
+    name = tt.name
+    if name == "F32":
+        return np.array(t.data, dtype=np.float32).reshape(shape)
+    if name in QType.__members__:
+        return np.asarray(dequantize(np.asarray(t.data), QType(name), shape), dtype=np.float32)
+    try:
+        out = gguf.quants.dequantize(np.asarray(t.data), tt)
+    except NotImplementedError:
+        raise EdgeqError(f"GGUF: tensor {t.name}: type {name} cannot be dequantized") from None
+    return np.asarray(out, dtype=np.float32).reshape(shape)
+
+
+def read_gguf(path: str | Path) -> ModelIR:
+    """GGUF model file -> ModelIR (float32 weights, HF rotate-half Q/K order restored).
+
+    Supports general.architecture ``llama`` and ``qwen2``; F32/F16/Q8_0/Q4_0/Q4_1 tensors are
+    decoded with edgeq's reference dequantizer, other ggml types through
+    ``gguf.quants.dequantize``. The TokenizerSpec is rebuilt from ``tokenizer.ggml.*``; its
+    ``tokenizer_json`` is a reconstructed HF tokenizer.json for byte-level BPE vocabularies
+    with pre-tokenizer ``gpt-2``/``default``/``smollm``/``qwen2``, and the empty string ``""``
+    for anything else (text tokenization then needs the llama.cpp runtime). Unknown
+    architectures and truncated/corrupt files raise a one-line :class:`EdgeqError`.
+    """
+    gguf = gguf_module()
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeqError(f"{path}: no such file")
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - gguf-py raises ValueError/IndexError/... on bad input
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EdgeqError(f"{path}: not a readable GGUF file (truncated or corrupt?): {msg}") from None
+    for t in reader.tensors:
+        if int(t.data_offset) + int(t.n_bytes) > size:
+            raise EdgeqError(f"{path}: truncated GGUF file: tensor {t.name} ends at byte "
+                             f"{int(t.data_offset) + int(t.n_bytes)}, file has {size}")
+    try:
+        arch_s = field(reader, "general.architecture")
+        gtype = field(reader, "general.type")
+    except Exception as exc:  # noqa: BLE001
+        raise EdgeqError(f"{path}: corrupt GGUF metadata: {exc}") from None
+    if gtype == "adapter":
+        raise EdgeqError(f"{path}: is a LoRA adapter GGUF, not a model")
+    fam = by_gguf_arch(arch_s)
+    if fam is None:
+        raise EdgeqError(f"{path}: unsupported GGUF architecture {arch_s!r} "
+                         f"(supported: {sorted(GGUF_ARCH.values())})")
+    try:
+        return _read_model(reader, path, fam, arch_s)
+    except EdgeqError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise EdgeqError(f"{path}: corrupt GGUF file: {type(exc).__name__}: {exc}") from None
+
+
+def _f32(v: Any) -> float:
+    """A float32 metadata value as the shortest decimal that round-trips (1e-05, not 9.99e-06)."""
+    return float(str(np.float32(v)))
+
+
+def _read_model(reader, path: Path, fam: Family, a: str) -> ModelIR:
+    raw: dict[str, Any] = {t.name: t for t in reader.tensors}
+
+    def req(key: str):
+        v = field(reader, f"{a}.{key}")
+        if v is None:
+            raise EdgeqError(f"{path}: missing metadata {a}.{key}")
+        return v
+
+    if "token_embd.weight" not in raw:
+        raise EdgeqError(f"{path}: missing tensor token_embd.weight")
+    te = raw["token_embd.weight"]
+    hidden = int(req("embedding_length"))
+    n_head = int(req("attention.head_count"))
+    n_kv = int(field(reader, f"{a}.attention.head_count_kv", n_head))
+    head_dim = int(field(reader, f"{a}.attention.key_length", hidden // n_head))
+    n_layers = int(req("block_count"))
+    hp = HParams(
+        arch=fam.arch,
+        vocab_size=int(te.shape[1]),
+        hidden_size=hidden,
+        intermediate_size=int(req("feed_forward_length")),
+        num_layers=n_layers,
+        num_heads=n_head,
+        num_kv_heads=n_kv,
+        head_dim=head_dim,
+        rope_theta=_f32(field(reader, f"{a}.rope.freq_base", 10000.0)),
+        rms_norm_eps=_f32(req("attention.layer_norm_rms_epsilon")),
+        max_position_embeddings=int(field(reader, f"{a}.context_length", 2048)),
+        tie_word_embeddings=gguf_tensor_name("output") not in raw,
+        attention_bias="blk.0.attn_q.bias" in raw,
+    )
+
+    def get(name: str) -> np.ndarray:
+        if name not in raw:
+            raise EdgeqError(f"{path}: missing tensor {name}")
+        return _dequant(raw[name])
+
+    tensors: dict[str, np.ndarray] = {}
+    linears: dict[str, Linear] = {}
+    roles = {r.value: r for r in ROLE_ORDER}
+    for name in layout_names(fam, n_layers):
+        parts = name.split(".")
+        if name.endswith(".bias"):
+            continue  # read with its linear
+        if len(parts) == 3 and parts[0] == "blk" and parts[2] in roles:
+            i, role = int(parts[1]), roles[parts[2]]
+            w = get(gguf_tensor_name(name))
+            b = get(gguf_tensor_name(f"{name}.bias")) if gguf_tensor_name(f"{name}.bias") in raw else None
+            if needs_permute(fam.arch, role):
+                nh = heads_for(hp, role)
+                w = interleaved_to_rotate_half(w, nh)
+                if b is not None:
+                    b = interleaved_to_rotate_half(b, nh)
+            linears[name] = Linear(name=name, role=role, layer=i, weight=np.ascontiguousarray(w, dtype=np.float32),
+                                   bias=None if b is None else np.ascontiguousarray(b, dtype=np.float32))
+        elif name == "output" and hp.tie_word_embeddings:
+            continue
+        else:
+            tensors[name] = get(gguf_tensor_name(name))
+    known = {gguf_tensor_name(n) for n in tensors} | {f"{n}.weight" for n in linears} | \
+        {f"{n}.bias" for n, l in linears.items() if l.bias is not None}
+    extra = sorted(set(raw) - known)
+    if extra:
+        raise EdgeqError(f"{path}: unexpected tensors for a {a} model: {extra[:3]}")
+    tok = read_tokenizer(reader)
+    name = field(reader, "general.name")
+    source = {"kind": "gguf", "path": str(path), "name": name or path.stem,
+              "files": {path.name: sha256_file(path)},
+              "file_type": field(reader, "general.file_type")}
+    ir = ModelIR(hparams=hp, linears=linears, tensors=tensors, tokenizer=tok, source=source)
+    ir.validate()
+    return ir
