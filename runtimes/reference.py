@@ -127,17 +127,22 @@ def o_proj(L: LayerWeights, o, n_in):
 
 
 def layer_forward(hp, L: LayerWeights, x: np.ndarray, start: int, w: LayerWidths, kcache: np.ndarray,
-                  vcache: np.ndarray, inv_freq: np.ndarray, dtype, timers: dict | None = None) -> np.ndarray:
+                  vcache: np.ndarray, inv_freq: np.ndarray, dtype, timers: dict | None = None,
+                  pos: np.ndarray | None = None, mask: np.ndarray | None = None) -> np.ndarray:
     """One decoder layer on ``x`` (T, hidden) at positions ``start..start+T``: writes this layer's
     K/V into ``kcache`` (n_ctx, KV, 2, half) / ``vcache`` (n_ctx, KV, head_dim) and returns the new
-    residual stream. ``w``: the widths kept at the current pruning rate."""
+    residual stream. ``w``: the widths kept at the current pruning rate.
+
+    ``pos`` / ``mask`` (RoPE positions of the T rows, additive (T, start+T) attention mask) replace
+    the causal defaults: several sequences packed into one call (:func:`streamed_logits`)."""
     T = x.shape[0]
-    pos = np.arange(start, start + T)
+    pos = np.arange(start, start + T) if pos is None else pos
     H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
     group = H // KV
     scale = dtype(1.0 / np.sqrt(D))  # the original head_dim, whatever is kept
     end = start + T
-    mask = np.triu(np.full((T, end), -np.inf, dtype=dtype), k=start + 1)
+    if mask is None:
+        mask = np.triu(np.full((T, end), -np.inf, dtype=dtype), k=start + 1)
     if timers is not None:
         t0 = time.perf_counter()
     p, nv, f = w.qk_pairs, w.v_dims, w.ffn
@@ -320,18 +325,26 @@ def streamed_logits(ir: ModelIR, sequences: Sequence[Sequence[int]], rate: float
     if store is None:  # float32 weights widen exactly: either store computes the same values
         layer = sum(ir.linear(0, r).weight.size for r in Role)
         store = dtype if layer * np.dtype(dtype).itemsize <= STORE_WIDE_MAX_BYTES else np.float32
+    # the sequences are packed into one block of rows (each linear reads a layer's weights once for
+    # all of them); attention stays within each sequence (block-diagonal causal mask, own positions)
+    lens = [x.shape[0] for x in xs]
+    T = sum(lens)
+    pos = np.concatenate([np.arange(n) for n in lens])
+    seq = np.repeat(np.arange(len(lens)), lens)
+    mask = np.where((seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None]), 0.0, -np.inf).astype(dtype)
+    x = np.concatenate(xs, axis=0)
+    del xs
     for li in range(hp.num_layers):
         L = LayerWeights(ir, li, dtype, store=store)
-        for si, x in enumerate(xs):
-            T = x.shape[0]
-            kc = np.zeros((T, hp.num_kv_heads, 2, half), dtype=dtype)
-            vc = np.zeros((T, hp.num_kv_heads, hp.head_dim), dtype=dtype)
-            xs[si] = layer_forward(hp, L, x, 0, widths[li], kc, vc, inv_freq, dtype)
+        kc = np.zeros((T, hp.num_kv_heads, 2, half), dtype=dtype)
+        vc = np.zeros((T, hp.num_kv_heads, hp.head_dim), dtype=dtype)
+        x = layer_forward(hp, L, x, 0, widths[li], kc, vc, inv_freq, dtype, pos=pos, mask=mask)
         del L
         if progress is not None:
             progress(li + 1, hp.num_layers)
     out_norm = ir.tensors["output_norm"].astype(dtype)
-    hs = [rms_norm(x, out_norm, hp.rms_norm_eps) for x in xs]
+    bounds = np.cumsum([0] + lens)
+    hs = [rms_norm(x[a:b], out_norm, hp.rms_norm_eps) for a, b in zip(bounds[:-1], bounds[1:])]
     head = ir.output_weight()
     logits = [np.empty((h.shape[0], hp.vocab_size), dtype=np.float32) for h in hs]
     for r0 in range(0, hp.vocab_size, HEAD_CHUNK_ROWS):
