@@ -124,9 +124,28 @@ def probe_bytes(hp: HParams, probe_samples: int = 4) -> int:
             + 3 * 8 * probe_samples * 128 * hp.vocab_size)
 
 
-def check_build(hp: HParams, log=None, **kw) -> list[Step]:
-    """Refuse (EdgeqError) before the build when a step would not fit; returns the steps."""
+def spill_bytes(hp: HParams, *, prunes: bool, planned: bool) -> int:
+    """Disk the spill directory (edgeq.spill) may take: the calibration statistics (float64) and
+    what the passes rewrite — the sorted weights (float32) or GPTQ's dequantized weights + codes."""
+    h, f, HD = hp.hidden_size, hp.intermediate_size, hp.num_heads * hp.head_dim
+    stats = hp.num_layers * 8 * (f * f + 2 * h * h + HD * HD) if (prunes or planned) else 0
+    weights = hp.num_layers * _layer_params(hp) * ((4 if prunes else 0) + (5 if planned else 0))
+    return stats + weights
+
+
+def check_build(hp: HParams, log=None, spill_dir: str | os.PathLike | None = None, **kw) -> list[Step]:
+    """Refuse (EdgeqError) before the build when a step would not fit in memory, or when the spill
+    directory (``spill_dir``'s file system) lacks the disk it may need; returns the steps."""
     steps = build_steps(hp, **kw)
+    if spill_dir is not None:
+        import shutil
+
+        need = spill_bytes(hp, prunes=kw.get("prunes", False), planned=kw.get("planned", False))
+        free = shutil.disk_usage(spill_dir).free
+        if need > free:
+            raise EdgeqError(f"the build parks up to {need / GB:.1f} GB of statistics and rewritten weights on disk "
+                             f"next to the output and {spill_dir} has {free / GB:.1f} GB free; free disk space or "
+                             "write the output (-o) to a larger file system")
     avail = available_bytes()
     for s in steps:
         if s.bytes > avail:

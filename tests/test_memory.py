@@ -125,3 +125,21 @@ def test_every_format_is_layer_bounded():
         kw = dict(fmt=fmt, prunes=False, planned=False, recover=False, goldens=True, calib_samples=64, calib_len=256)
         assert max(s.bytes for s in memory.build_steps(hp, **kw)) < 3e9, fmt
         assert memory.build_steps(hp, **kw) == memory.build_steps(deep, **kw), fmt
+
+
+def test_refused_when_the_spill_disk_is_too_small(tmp_path, monkeypatch):
+    cfg = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8}
+    hp = hparams_from_config(cfg, Path("x"))
+    assert memory.spill_bytes(hp, prunes=True, planned=False) > 50e9  # 8B statistics in float64: said up front
+    assert memory.spill_bytes(hp, prunes=False, planned=False) == 0
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, 10**9))
+    kw = dict(fmt="gguf", prunes=True, planned=False, recover=False, goldens=True, calib_samples=64, calib_len=256)
+    monkeypatch.setenv("EDGEQ_MEMORY_LIMIT", "100G")
+    with pytest.raises(Exception, match="on disk"):
+        memory.check_build(hp, spill_dir=tmp_path, **kw)
+    memory.check_build(hp, spill_dir=None, **kw)  # memory alone fits under the 100G cap

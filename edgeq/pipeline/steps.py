@@ -71,7 +71,8 @@ class CheckMemoryStep(Step):
     def run(self, ctx: BuildContext) -> None:
         from edgeq.memory import check_build
 
-        check_build(ctx.need("ir", self).hparams, log=ctx.log, fmt=self.format, prunes=self.prunes,
+        check_build(ctx.need("ir", self).hparams, log=ctx.log, spill_dir=Path(ctx.opts.out).resolve().parent,
+                    fmt=self.format, prunes=self.prunes,
                     planned=self.planned, recover=self.recover, goldens=self.goldens,
                     calib_samples=self.calib_samples, calib_len=self.calib_len, probe_samples=self.probe_samples)
 
