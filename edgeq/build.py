@@ -48,6 +48,7 @@ class BuildOptions:
     budget_mb: float | None = None  # planner budget: total artifact MB (1e6 bytes)
     bpw: float | None = None  # planner budget: bits per 2-D weight (default: the target's plan.default_bpw)
     probe_samples: int = 4  # planner: calibration sequences for the KL sensitivity probe
+    sensitivity: str = "kl-probe"  # planner: kl-probe (a tail re-run per tensor) | fisher (backward passes)
 
     @property
     def planned(self) -> bool:
@@ -67,6 +68,8 @@ class BuildOptions:
         if self.planned:
             d.update(plan=self.plan.name if self.plan else None, budget_mb=self.budget_mb, bpw=self.bpw,
                      calib_samples=self.calib_samples, calib_len=self.calib_len, probe_samples=self.probe_samples)
+            if self.sensitivity != "kl-probe":  # (the default's manifests stay as they were)
+                d["sensitivity"] = self.sensitivity
         if self.prunes:
             d.update(prune_rates=list(self.prune_rates), sort=self.sort, importance=self.importance,
                      calib_samples=self.calib_samples, calib_len=self.calib_len, recover=self.recover,
@@ -262,9 +265,9 @@ def plan_for(ir: ModelIR, opts: BuildOptions, target: TargetProfile, log: Callab
     probe = None
     from edgeq.memory import available_bytes, probe_bytes
 
-    need, avail = probe_bytes(ir.hparams, opts.probe_samples), available_bytes()
+    need, avail = probe_bytes(ir.hparams, opts.probe_samples, opts.sensitivity), available_bytes()
     if need > avail:  # the probe runs the whole model in torch: too big here, weigh layer errors instead
-        log(f"warning: the KL sensitivity probe would need ~{need / 1e9:.1f} GB ({avail / 1e9:.1f} GB available); "
+        log(f"warning: the {opts.sensitivity} sensitivity probe would need ~{need / 1e9:.1f} GB ({avail / 1e9:.1f} GB available); "
             "the planner weighs each tensor's layer output error instead")
     else:
         try:
@@ -276,9 +279,10 @@ def plan_for(ir: ModelIR, opts: BuildOptions, target: TargetProfile, log: Callab
             log(f"warning: no KL sensitivity probe ({exc}); the planner weighs raw layer output errors")
     log(f"planning: {len(types)} types x ranks {list(target.plan_ranks)} for a {budget / 1e6:.2f} MB weight budget")
     plan = make_plan(ir, stats, target.name, types, target.plan_ranks, budget, probe=probe,
-                     model=str(ir.source.get("name") or Path(str(ir.source.get("path", ""))).name))
+                     model=str(ir.source.get("name") or Path(str(ir.source.get("path", ""))).name),
+                     sensitivity=opts.sensitivity)
     plan.summary["bpw"] = round(budget * 8 / n_weights(ir), 4)
-    plan.summary["sensitivity"] = "kl-probe" if probe is not None else "layer-output-error"
+    plan.summary["sensitivity"] = opts.sensitivity if probe is not None else "layer-output-error"
     timings["plan"] = time.perf_counter() - t
     return plan, stats
 
