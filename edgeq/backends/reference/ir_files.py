@@ -21,7 +21,6 @@ import numpy as np
 from edgeq.errors import EdgeqError
 from edgeq.frontend.safetensors_io import map_safetensors, read_safetensors
 from edgeq.ir import HParams, Linear, LowRank, ModelIR, PassRecord, PruneSpec, Role, TokenizerSpec
-from edgeq.lazy import is_lazy
 from edgeq.safetensors_writer import save_streaming
 from runtimes.reference import from_runtime_layout, layout_moves, to_runtime_layout
 
