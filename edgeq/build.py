@@ -64,6 +64,7 @@ class BuildOptions:
     budget_mb: float | None = None  # planner budget: total artifact MB (1e6 bytes)
     bpw: float | None = None  # planner budget: bits per 2-D weight (default: the target's plan.default_bpw)
     probe_samples: int = 4  # planner: calibration sequences for the KL sensitivity probe
+    sensitivity: str = "kl-probe"  # planner: kl-probe (a tail re-run per tensor) | fisher (backward passes)
 
     @property
     def planned(self) -> bool:
@@ -83,6 +84,8 @@ class BuildOptions:
         if self.planned:
             d.update(plan=self.plan.name if self.plan else None, budget_mb=self.budget_mb, bpw=self.bpw,
                      calib_samples=self.calib_samples, calib_len=self.calib_len, probe_samples=self.probe_samples)
+            if self.sensitivity != "kl-probe":  # (the default's manifests stay as they were)
+                d["sensitivity"] = self.sensitivity
         if self.prunes:
             d.update(prune_rates=list(self.prune_rates), sort=self.sort, importance=self.importance,
                      calib_samples=self.calib_samples, calib_len=self.calib_len, recover=self.recover,
@@ -156,7 +159,7 @@ def _calibrate(opts: BuildOptions) -> CalibrateStep:
 def _planning(opts: BuildOptions) -> list[Step]:
     """Plan and calibrate (a plan file is loaded and checked first; the planner needs the statistics)."""
     plan = PlanStep(format=opts.format, file=None if opts.plan is None else str(opts.plan), budget_mb=opts.budget_mb,
-                    bpw=opts.bpw, probe_samples=opts.probe_samples)
+                    bpw=opts.bpw, probe_samples=opts.probe_samples, sensitivity=opts.sensitivity)
     return [plan, _calibrate(opts)] if opts.plan is not None else [_calibrate(opts), plan]
 
 

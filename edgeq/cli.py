@@ -104,9 +104,14 @@ def targets(as_json):
 @click.option("--budget-mb", type=float, default=None,
               help="Planner: total artifact size in MB (1e6 bytes). Default: the target's plan.default_bpw.")
 @click.option("--bpw", type=float, default=None, help="Planner: bits per weight over the 2-D weights.")
+@click.option("--sensitivity", type=click.Choice(["fisher", "kl-probe"]), default="kl-probe", show_default=True,
+              help="Planner: how a tensor's layer error becomes predicted KL: a model tail re-run per tensor "
+                   "(kl-probe, exact, O(layers^2)) or second order from one forward + 16 backward passes for all "
+                   "tensors (fisher, O(params); docs/benchmarks.md).")
 @_fail_cleanly
 def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, no_goldens, prune_rates, sort,
-          importance, calib_samples, calib_len, calib_data, recover, recover_steps, plan_file, budget_mb, bpw):
+          importance, calib_samples, calib_len, calib_data, recover, recover_steps, plan_file, budget_mb, bpw,
+          sensitivity):
     """Compile MODEL (HF checkpoint dir or .gguf) into an artifact directory."""
     from edgeq.build import BuildOptions, build as run_build
 
@@ -119,7 +124,8 @@ def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, n
                         adapters=tuple(adapters), adapter_mode=adapter_mode, force=force,
                         record_goldens=not no_goldens, prune_rates=rates, sort=sort, importance=importance,
                         calib_samples=calib_samples, calib_len=calib_len, calib_data=calib_data,
-                        recover=recover, recover_steps=recover_steps, plan=plan_file, budget_mb=budget_mb, bpw=bpw)
+                        recover=recover, recover_steps=recover_steps, plan=plan_file, budget_mb=budget_mb, bpw=bpw,
+                        sensitivity=sensitivity)
     res = run_build(opts)
     m = res.manifest
     size = sum(f["bytes"] for f in m["files"].values())
@@ -145,8 +151,12 @@ def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, n
 @click.option("--calib-len", type=int, default=256, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None, help="Alpaca JSON for calibration.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Plan file to write (TOML).")
+@click.option("--sensitivity", type=click.Choice(["fisher", "kl-probe"]), default="kl-probe", show_default=True,
+              help="Planner: how a tensor's layer error becomes predicted KL: a model tail re-run per tensor "
+                   "(kl-probe, exact, O(layers^2)) or second order from one forward + 16 backward passes for all "
+                   "tensors (fisher, O(params); docs/benchmarks.md).")
 @_fail_cleanly
-def plan(model, adapters, target, budget_mb, bpw, calib_samples, calib_len, calib_data, out):
+def plan(model, adapters, target, budget_mb, bpw, calib_samples, calib_len, calib_data, out, sensitivity):
     """Choose a per-tensor quantization type and compensation rank for TARGET's budget."""
     from edgeq import pipeline
     from edgeq.build import BuildOptions, check_options, plan_steps
@@ -154,7 +164,8 @@ def plan(model, adapters, target, budget_mb, bpw, calib_samples, calib_len, cali
     from edgeq.targets import load_target
 
     opts = BuildOptions(model=model, out=out, target=target, adapters=tuple(adapters), budget_mb=budget_mb,
-                        bpw=bpw, calib_samples=calib_samples, calib_len=calib_len, calib_data=calib_data)
+                        bpw=bpw, calib_samples=calib_samples, calib_len=calib_len, calib_data=calib_data,
+                        sensitivity=sensitivity)
     prof = load_target(target)
     check_options(opts, prof)
     ctx = pipeline.run(plan_steps(opts),

@@ -116,12 +116,18 @@ def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: 
 PROBE_MAX_BYTES = 2_000_000_000
 
 
-def probe_bytes(hp: HParams, probe_samples: int = 4) -> int:
+def probe_bytes(hp: HParams, probe_samples: int = 4, sensitivity: str = "kl-probe") -> int:
     """Peak of the planner's KL sensitivity probe: a torch forward of the whole model in float32,
-    every layer's input cached, reference log-probs in float64."""
-    h = hp.hidden_size
-    return (BASE_BYTES + 4 * model_params(hp) + 4 * hp.num_layers * probe_samples * 128 * h
-            + 3 * 8 * probe_samples * 128 * hp.vocab_size)
+    every layer's input cached, reference log-probs in float64; with ``sensitivity="fisher"``
+    also every linear's perturbation (float32, the size of the model) and the autograd graph of
+    one forward (each layer's saved activations) for the backward passes."""
+    h, f = hp.hidden_size, hp.intermediate_size
+    N = probe_samples * 128
+    need = (BASE_BYTES + 4 * model_params(hp) + 4 * hp.num_layers * N * h + 3 * 8 * N * hp.vocab_size)
+    if sensitivity == "fisher":
+        HD = hp.num_heads * hp.head_dim
+        need += 4 * model_params(hp) + 4 * hp.num_layers * N * (12 * h + 6 * f + 2 * HD) + 3 * 4 * N * hp.vocab_size
+    return need
 
 
 def spill_bytes(hp: HParams, *, prunes: bool, planned: bool) -> int:

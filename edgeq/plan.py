@@ -42,7 +42,7 @@ from edgeq.quant import storage
 from edgeq.quant.gptq import GPTQConfig, gptq, output_error, rtn
 from edgeq.quant.intgroup import storage_codec
 from edgeq.quant.reference import roundtrip
-from edgeq.quant.sensitivity import measure_gains
+from edgeq.quant.sensitivity import SENSITIVITIES, fisher_gains, measure_gains
 
 PLAN_VERSION = 1
 QUANTIZERS = ("gptq", "rtn")
@@ -330,9 +330,13 @@ def _table_mse(x, qtype: str, rows: int = 8192) -> float:
 def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[int], quantizer: str = "rtn",
                     damp: float = 0.01, act_order: bool = False, probe=None, ref_type: str | None = None,
                     progress: bool = True, log: Callable[[str], None] | None = None,
-                    format: str = "gguf") -> dict[str, list[Option]]:
+                    format: str = "gguf", sensitivity: str = "kl-probe") -> dict[str, list[Option]]:
     """Candidate options with predicted KL for every plan tensor (see the module doc); ``types``
-    must be storage types the ``format`` backend stores (edgeq.quant.storage)."""
+    must be storage types the ``format`` backend stores (edgeq.quant.storage).
+    ``sensitivity``: how ``probe`` converts layer errors into KL (:mod:`edgeq.quant.sensitivity`):
+    "kl-probe" (a tail re-run per tensor) or "fisher" (second order, all tensors at once)."""
+    if sensitivity not in SENSITIVITIES:
+        raise EdgeqError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, got {sensitivity!r}")
     shapes = plan_tensor_shapes(ir)
     types = list(storage.plannable(types, format, "planner: "))
     quant_types = [t for t in types if storage.get(t).block_size > 1]
@@ -377,7 +381,10 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
     table: dict[str, list[Option]] = {}
     if probe is not None and ref_weights:
         ref_errs = {n: errs[n][Choice(ref_type, 0)] for n in ref_weights}
-        gains = measure_gains(ir, ref_errs, lambda n: ref_weights[n], probe, progress=progress)
+        if sensitivity == "fisher":
+            gains = fisher_gains(ir, ref_errs, lambda n: ref_weights[n], probe)
+        else:
+            gains = measure_gains(ir, ref_errs, lambda n: ref_weights[n], probe, progress=progress)
     else:
         gains = {n: 1.0 for n in names}
     for name in names:
@@ -403,13 +410,13 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
 def make_plan(ir: ModelIR, stats, target: str, types: Sequence[str], ranks: Sequence[int], budget_bytes: int,
               quantizer: str = "gptq", compensation: str = "qera", damp: float = 0.01, act_order: bool = False,
               probe=None, progress: bool = True, table: Mapping[str, Sequence[Option]] | None = None,
-              model: str = "", format: str = "gguf") -> Plan:
+              model: str = "", format: str = "gguf", sensitivity: str = "kl-probe") -> Plan:
     """The planner's plan for the ``format`` backend: ``types`` are the candidates (storage types
     that backend stores; any other is an error, see edgeq.quant.storage.plannable)."""
     types = list(storage.plannable(types, format, "planner: "))
     if table is None:  # measured with RTN (weighted fit): ~10x faster than GPTQ over every candidate type
         table = measure_options(ir, stats, types, ranks, "rtn", damp, act_order, probe, progress=progress,
-                                format=format)
+                                format=format, sensitivity=sensitivity)
     sel = solve(table, budget_bytes)
     plan = Plan(target=target, format=format, quantizer=quantizer, compensation=compensation, damp=damp, act_order=act_order,
                 tensors={n: o.choice for n, o in sel.items()}, budget_bytes=int(budget_bytes), model=model)

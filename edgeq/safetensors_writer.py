@@ -33,10 +33,14 @@ def _st_dtype(dtype) -> str:
     return _DTYPES[dt.name]
 
 
-def layout(specs: Mapping[str, tuple[object, tuple[int, ...]]], metadata: Mapping[str, str] | None = None
-           ) -> tuple[bytes, dict[str, tuple[int, int]]]:
+def layout(specs: Mapping[str, tuple[object, tuple[int, ...]]], metadata: Mapping[str, str] | None = None,
+           align: int = 8) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """(header bytes incl. the 8-byte length, name -> (file offset, length)) for arrays
-    ``specs``: name -> (dtype, shape)."""
+    ``specs``: name -> (dtype, shape). ``align``: the header is space-padded so that the data
+    section starts at a multiple of it (8: save_file's bytes; 64: every tensor whose offset in
+    the data section is a multiple of 64 can be memory-mapped for kernels that need aligned data)."""
+    if align % 8 or align <= 0:
+        raise EdgeqError(f"safetensors: alignment must be a positive multiple of 8, got {align}")
     entries = []
     for name, (dtype, shape) in specs.items():
         st = _st_dtype(dtype)
@@ -54,7 +58,7 @@ def layout(specs: Mapping[str, tuple[object, tuple[int, ...]]], metadata: Mappin
         data_at[name] = (pos, nbytes)
         pos += nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)
+    text += b" " * (-(8 + len(text)) % align)
     head = struct.pack("<Q", len(text)) + text
     return head, {n: (len(head) + off, length) for n, (off, length) in data_at.items()}
 
@@ -69,9 +73,9 @@ class SafetensorsWriter:
     Closing checks that every array was written completely."""
 
     def __init__(self, path: str | Path, specs: Mapping[str, tuple[object, tuple[int, ...]]],
-                 metadata: Mapping[str, str] | None = None):
+                 metadata: Mapping[str, str] | None = None, align: int = 8):
         self.specs = {n: (np.dtype(dt), tuple(int(s) for s in shape)) for n, (dt, shape) in specs.items()}
-        head, regions = layout(self.specs, metadata)
+        head, regions = layout(self.specs, metadata, align)
         size = len(head) + sum(length for _, length in regions.values())
         self._file = RegionFile(path, size, {"__header__": (0, len(head)), **regions})
         self._file.write("__header__", np.frombuffer(head, np.uint8))

@@ -31,17 +31,67 @@ def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
                                          / np.float32(head_dim)))).astype(np.float32)
 
 
+def pruning_layout(hp) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(q_rows, k_rows, v_rows, o_cols): the order of Q/K/V's output rows and of O's input
+    columns in the pruning-aware layout. Q/K rows are ordered (pair slot, half, head), V rows
+    (component, kv group), O columns (component, head): a pruning rate keeps a prefix of each."""
+    H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
+    half = D // 2
+    q_rows = np.array([h * D + hf * half + s for s in range(half) for hf in (0, 1) for h in range(H)])
+    k_rows = np.array([h * D + hf * half + s for s in range(half) for hf in (0, 1) for h in range(KV)])
+    v_rows = np.array([g * D + c for c in range(D) for g in range(KV)])
+    o_cols = np.array([h * D + c for c in range(D) for h in range(H)])
+    return q_rows, k_rows, v_rows, o_cols
+
+
+def layout_moves(role: Role, kind: str) -> bool:
+    """Whether :func:`to_runtime_layout` changes this array (else it is used as is)."""
+    return ((role in (Role.Q, Role.K, Role.V) and kind in ("weight", "bias", "b"))
+            or (role == Role.O and kind in ("weight", "a")) or (role == Role.DOWN and kind == "weight"))
+
+
+def to_runtime_layout(hp, role: Role, kind: str, a):
+    """One array of a linear (``kind``: "weight", "bias", "a" or "b" of a low-rank branch) in
+    natural order -> as :class:`LayerWeights` holds it: rows of Q/K/V and of their biases and B
+    factors permuted, O's weight columns permuted and transposed (``wo_t``), O's A factors'
+    columns permuted, ffn_down's weight transposed (``wd_t``); everything else as is."""
+    q_rows, k_rows, v_rows, o_cols = pruning_layout(hp)
+    rows = {Role.Q: q_rows, Role.K: k_rows, Role.V: v_rows}.get(role)
+    if rows is not None and kind in ("weight", "bias", "b"):
+        return np.asarray(a)[rows]
+    if role == Role.O and kind == "weight":
+        return np.asarray(a)[:, o_cols].T
+    if role == Role.O and kind == "a":
+        return np.asarray(a)[:, o_cols]
+    if role == Role.DOWN and kind == "weight":
+        return np.asarray(a).T
+    return a
+
+
+def from_runtime_layout(hp, role: Role, kind: str, a):
+    """The inverse of :func:`to_runtime_layout` (a view where it is a transpose)."""
+    q_rows, k_rows, v_rows, o_cols = pruning_layout(hp)
+    rows = {Role.Q: q_rows, Role.K: k_rows, Role.V: v_rows}.get(role)
+    if rows is not None and kind in ("weight", "bias", "b"):
+        return np.asarray(a)[np.argsort(rows)]
+    if role == Role.O and kind == "weight":
+        return np.asarray(a).T[:, np.argsort(o_cols)]
+    if role == Role.O and kind == "a":
+        return np.asarray(a)[:, np.argsort(o_cols)]
+    if role == Role.DOWN and kind == "weight":
+        return np.asarray(a).T
+    return a
+
+
 class _Branches:
     """Low-rank branches of one linear in the pruning-aware layout."""
 
-    def __init__(self, lin: Linear, dtype, out_rows=None, in_cols=None):
+    def __init__(self, hp, lin: Linear, dtype, laid_out: bool = False):
         self.items = []
         for lr in lin.low_rank:
             a, b = lr.a, lr.b
-            if in_cols is not None:
-                a = a[:, in_cols]
-            if out_rows is not None:
-                b = b[out_rows]
+            if not laid_out:
+                a, b = (to_runtime_layout(hp, lin.role, k, x) for k, x in (("a", a), ("b", b)))
             self.items.append((np.ascontiguousarray(a, dtype=dtype), np.ascontiguousarray(b, dtype=dtype),
                                dtype(lr.scale)))
 
@@ -58,38 +108,44 @@ class LayerWeights:
 
     Q/K rows are ordered (pair slot, half, head), V rows (component, kv group), O is stored
     transposed with rows (component, head), ffn_down transposed; so a rate keeps the first
-    rows of each matrix and nothing is ever copied on a rate switch.
+    rows of each matrix and nothing is ever copied on a rate switch (:func:`pruning_layout`,
+    :func:`to_runtime_layout`).
+
+    ``laid_out``: the IR's linears are already in that layout, O's and ffn_down's weights as
+    transposed views (``to_runtime_layout(..).T``): a reference artifact of format 2, memory-mapped;
+    its float32 weights are then used in place, never copied. Otherwise (an IR in natural
+    order) they are permuted copies.
     """
 
-    def __init__(self, ir: ModelIR, i: int, dtype, store=None):
+    def __init__(self, ir: ModelIR, i: int, dtype, store=None, laid_out: bool = False):
         """``store``: dtype of the seven weight matrices (default ``dtype``); a float32 store with a
         float64 ``dtype`` computes in float64 from float32 weights (half the memory, same values)."""
         hp = ir.hparams
-        H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
-        half = D // 2
-        self.q_rows = np.array([h * D + hf * half + s for s in range(half) for hf in (0, 1) for h in range(H)])
-        self.k_rows = np.array([h * D + hf * half + s for s in range(half) for hf in (0, 1) for h in range(KV)])
-        self.v_rows = np.array([g * D + c for c in range(D) for g in range(KV)])
-        self.o_cols = np.array([h * D + c for c in range(D) for h in range(H)])
-        q, k, v, o = (ir.linear(i, r) for r in (Role.Q, Role.K, Role.V, Role.O))
-        gate, up, down = (ir.linear(i, r) for r in (Role.GATE, Role.UP, Role.DOWN))
-        c = lambda a: np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
-        cw = lambda a: np.ascontiguousarray(a, dtype=store or dtype)  # noqa: E731
-        self.wq, self.wk, self.wv = cw(q.weight[self.q_rows]), cw(k.weight[self.k_rows]), cw(v.weight[self.v_rows])
-        self.bq = None if q.bias is None else c(q.bias[self.q_rows])
-        self.bk = None if k.bias is None else c(k.bias[self.k_rows])
-        self.bv = None if v.bias is None else c(v.bias[self.v_rows])
-        self.wo_t = cw(np.asarray(o.weight)[:, self.o_cols].T)  # (D*H, hidden), rows (component, head)
-        self.bo = None if o.bias is None else c(o.bias)
-        self.wg, self.wu, self.wd_t = cw(gate.weight), cw(up.weight), cw(np.asarray(down.weight).T)
-        self.bg = None if gate.bias is None else c(gate.bias)
-        self.bu = None if up.bias is None else c(up.bias)
-        self.bd = None if down.bias is None else c(down.bias)
-        self.lr = {Role.Q: _Branches(q, dtype, out_rows=self.q_rows), Role.K: _Branches(k, dtype, out_rows=self.k_rows),
-                   Role.V: _Branches(v, dtype, out_rows=self.v_rows), Role.O: _Branches(o, dtype, in_cols=self.o_cols),
-                   Role.GATE: _Branches(gate, dtype), Role.UP: _Branches(up, dtype), Role.DOWN: _Branches(down, dtype)}
-        self.attn_norm = ir.tensors[f"blk.{i}.attn_norm"].astype(dtype)
-        self.ffn_norm = ir.tensors[f"blk.{i}.ffn_norm"].astype(dtype)
+        KV, half = hp.num_kv_heads, hp.head_dim // 2
+        self.q_rows, self.k_rows, self.v_rows, self.o_cols = pruning_layout(hp)
+        lins = {r: ir.linear(i, r) for r in (Role.Q, Role.K, Role.V, Role.O, Role.GATE, Role.UP, Role.DOWN)}
+
+        def arr(role, kind, dt):
+            lin = lins[role]
+            a = lin.weight if kind == "weight" else lin.bias
+            if a is None:
+                return None
+            if laid_out:
+                a = a.T if kind == "weight" and role in (Role.O, Role.DOWN) else a
+            else:
+                a = to_runtime_layout(hp, role, kind, a)
+            return np.ascontiguousarray(a, dtype=dt)  # a view when already contiguous in dtype ``dt``
+
+        w, b = store or dtype, dtype
+        self.wq, self.wk, self.wv = arr(Role.Q, "weight", w), arr(Role.K, "weight", w), arr(Role.V, "weight", w)
+        self.bq, self.bk, self.bv = arr(Role.Q, "bias", b), arr(Role.K, "bias", b), arr(Role.V, "bias", b)
+        self.wo_t = arr(Role.O, "weight", w)  # (D*H, hidden), rows (component, head)
+        self.bo = arr(Role.O, "bias", b)
+        self.wg, self.wu, self.wd_t = arr(Role.GATE, "weight", w), arr(Role.UP, "weight", w), arr(Role.DOWN, "weight", w)
+        self.bg, self.bu, self.bd = arr(Role.GATE, "bias", b), arr(Role.UP, "bias", b), arr(Role.DOWN, "bias", b)
+        self.lr = {r: _Branches(hp, lin, dtype, laid_out) for r, lin in lins.items()}
+        self.attn_norm = np.asarray(ir.tensors[f"blk.{i}.attn_norm"], dtype=dtype)
+        self.ffn_norm = np.asarray(ir.tensors[f"blk.{i}.ffn_norm"], dtype=dtype)
         idx = ir.rope_index.get(i)
         self.rope_index = np.tile(np.arange(half), (KV, 1)) if idx is None else np.asarray(idx)
 
@@ -189,16 +245,22 @@ def layer_forward(hp, L: LayerWeights, x: np.ndarray, start: int, w: LayerWidths
 class ReferenceSession(SpecTextMixin, Session):
     name = "reference"
 
-    def __init__(self, ir: ModelIR, n_ctx: int = 2048, dtype=np.float32):
+    def __init__(self, ir: ModelIR, n_ctx: int = 2048, dtype=np.float32, laid_out: bool = False):
+        """``laid_out``: ``ir``'s linears are in the runtime's layout (:class:`LayerWeights`; a
+        memory-mapped reference artifact of format 2): float32 weights are used in place, the
+        output head too (as a transposed view), so the weights stay file-backed pages."""
         ir.validate()
         self.ir = ir
         self.hp = hp = ir.hparams
         self.dtype = dtype
         self.n_ctx = n_ctx
-        self.embd = ir.tensors["token_embd"].astype(dtype)
-        self.out_t = np.ascontiguousarray(ir.output_weight().T, dtype=dtype)
-        self.out_norm = ir.tensors["output_norm"].astype(dtype)
-        self.layers = [LayerWeights(ir, i, dtype) for i in range(hp.num_layers)]
+        self.embd = np.asarray(ir.tensors["token_embd"], dtype=dtype)
+        if laid_out:
+            self.out_t = np.asarray(ir.output_weight(), dtype=dtype).T
+        else:  # a contiguous copy, as every existing number was computed
+            self.out_t = np.ascontiguousarray(ir.output_weight().T, dtype=dtype)
+        self.out_norm = np.asarray(ir.tensors["output_norm"], dtype=dtype)
+        self.layers = [LayerWeights(ir, i, dtype, laid_out=laid_out) for i in range(hp.num_layers)]
         self.inv_freq = rope_inv_freq(hp.head_dim, hp.rope_theta)
         half = hp.head_dim // 2
         self._k = np.zeros((hp.num_layers, n_ctx, hp.num_kv_heads, 2, half), dtype=dtype)

@@ -27,6 +27,11 @@ from runtimes.reference import rope_inv_freq
 from runtimes.text import SpecTextMixin
 
 
+# Alignment TVM's DLPack import requires (tvm.runtime.from_dlpack: require_alignment=64, as the
+# generated kernels assume aligned buffers); the tvm writer aligns every kernel array to it.
+WEIGHT_ALIGN = 64
+
+
 def runtime_only() -> None:
     """Make a later ``import tvm`` load only TVM's runtime library (3 MB) instead of the compiler
     (~250 MB with LLVM) — for processes that run artifacts and never compile (``edgeq run`` ...).
@@ -109,20 +114,39 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
     def _load_weights(self, path: Path, info: dict) -> None:
         # lazy, and the one import of edgeq.frontend in runtimes/: the safetensors reader is core
         # (docs/architecture.md, "Layers"); it moves out of frontend/ with the front-end rework
-        from edgeq.frontend.safetensors_io import read_safetensors_aligned
+        from edgeq.frontend.safetensors_io import map_safetensors
 
-        w = read_safetensors_aligned(path)  # aligned buffers: the kernels use them zero-copy
+        # memory-mapped, copy-on-write (DLPack exports only writable arrays; nothing writes them):
+        # the weights stay file-backed page cache, not private memory
+        w = map_safetensors(path, copy_on_write=True)
         tvm = self._tvm
+        self.mapped_weights = self.copied_weights = 0  # bytes handed to the kernels in place / copied
 
         def device(a: np.ndarray):
+            if a.ctypes.data % WEIGHT_ALIGN == 0:  # TVM's from_dlpack requires 64-byte aligned data
+                try:
+                    t = tvm.runtime.from_dlpack(a)
+                    self.mapped_weights += a.nbytes
+                    return t
+                except Exception:  # e.g. a TVM built without DLPack import: a private copy below
+                    pass
+            # an artifact written before its tensors were aligned (or an odd-sized array before
+            # this one): a private aligned copy, as the kernels assume aligned buffers
+            self.copied_weights += a.nbytes
+            raw = np.empty(a.nbytes + WEIGHT_ALIGN, np.uint8)
+            pad = (-raw.ctypes.data) % WEIGHT_ALIGN
+            c = raw[pad:pad + a.nbytes].view(a.dtype).reshape(a.shape)
+            c[...] = a
             try:
-                return tvm.runtime.from_dlpack(a)
-            except Exception:  # e.g. a TVM built without DLPack import: a private copy
-                return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
+                return tvm.runtime.from_dlpack(c)
+            except Exception:
+                return tvm.runtime.tensor(c, tvm.cpu())
 
         kernel_arrays = (".qw", ".sc", ".zp", ".a", ".b")
         self._np = {k: v for k, v in w.items() if not k.endswith(kernel_arrays)}
-        self._np.update({k: w[k] for k in ("token_embd.qw", "token_embd.sc")})  # the embedding lookup
+        self._np.update({k: w[k][...] for k in ("token_embd.qw", "token_embd.sc")})  # the embedding lookup
+        for v in self._np.values():
+            v.flags.writeable = False  # views of the (copy-on-write) map: never written
         self._dev = {k: device(v) for k, v in w.items() if k.endswith(kernel_arrays)}
         self._bytes = {k: v.nbytes for k, v in w.items()}
         self._kernels = {}

@@ -259,3 +259,21 @@ def test_target_plan_types_are_the_ones_the_format_stores():
     assert "INT4" in cpu.quant_types and "Q4_0" in cpu.quant_types
     assert cpu.plan_types("gguf") == tuple(t for t in cpu.quant_types if not t.startswith("INT"))
     assert cpu.plan_types("onnx") == ("INT4", "INT8")
+
+
+def test_fisher_and_kl_probe_plans_agree_and_unknown_sensitivity_is_an_error(tiny_plan_inputs):
+    """The default sensitivity (fisher, one backward pass) and the exact probe (a tail re-run
+    per tensor) give plans of the same size and close predicted KL on the tiny model."""
+    ir, stats, probe = tiny_plan_inputs
+    from edgeq.plan import n_weights
+
+    budget = int(5.0 * n_weights(ir) / 8)
+    plans = {s: make_plan(ir, stats, "cpu-avx2", TYPES, [0, 8], budget, probe=probe, progress=False, sensitivity=s)
+             for s in ("fisher", "kl-probe")}
+    f, k = plans["fisher"], plans["kl-probe"]
+    assert plan_bytes(ir, f) <= budget and plan_bytes(ir, k) <= budget
+    same = sum(f.tensors[n] == k.tensors[n] for n in f.tensors) / len(f.tensors)
+    assert same >= 0.5, same
+    assert f.summary["predicted_kl"] == pytest.approx(k.summary["predicted_kl"], rel=0.5)
+    with pytest.raises(EdgeqError, match="sensitivity must be one of"):
+        make_plan(ir, stats, "cpu-avx2", TYPES, [0, 8], budget, probe=probe, progress=False, sensitivity="magic")

@@ -86,3 +86,25 @@ def test_refuses_undeclared_mismatched_and_incomplete(tmp_path):
     st.write("w", np.zeros((2, 2), np.float32))
     with pytest.raises(EdgeqError, match="not written"):
         st.close()
+
+
+def test_aligned_data_section_reads_back_with_safetensors(tmp_path):
+    """``align=64`` pads the header so that the data section starts at a multiple of 64; the
+    file stays a valid safetensors file (safetensors' own reader) with the same arrays."""
+    from safetensors.numpy import load_file
+
+    from edgeq.frontend.safetensors_io import read_header
+    from edgeq.safetensors_writer import SafetensorsWriter
+
+    arrays = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "bb": np.arange(5, dtype=np.int64),
+              "c": np.arange(64, dtype=np.uint8)}
+    for align in (8, 64, 128):
+        p = tmp_path / f"x{align}.safetensors"
+        with SafetensorsWriter(p, {k: (v.dtype, v.shape) for k, v in arrays.items()}, align=align) as st:
+            for k, v in arrays.items():
+                st.write(k, v)
+        _, start = read_header(p)
+        assert start % align == 0
+        back = load_file(str(p))
+        for k, v in arrays.items():
+            np.testing.assert_array_equal(back[k], v)

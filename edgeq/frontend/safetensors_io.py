@@ -135,6 +135,26 @@ def read_safetensors_aligned(path: str | Path, align: int = 64) -> dict[str, np.
     return out
 
 
+def map_safetensors(path: str | Path, copy_on_write: bool = False) -> dict[str, np.ndarray]:
+    """Every tensor as stored (no dtype conversion; BF16 as uint16), as views of one memory map
+    of the file: nothing is read until used, and the pages read are the page cache's
+    (file-backed, dropped under memory pressure), not private memory — how runtimes hold an
+    artifact's weights. The map lives as long as any view. Read-only views, or with
+    ``copy_on_write`` writable ones (a private mapping: a page becomes private memory only if
+    written; DLPack cannot export read-only arrays, so kernels get these)."""
+    header, offset = read_header(path)
+    out: dict[str, np.ndarray] = {}
+    if not header:
+        return out
+    mm = np.memmap(path, dtype=np.uint8, mode="c" if copy_on_write else "r")
+    for name in sorted(header):
+        info = header[name]
+        start, end = info["data_offsets"]
+        out[name] = np.ndarray(tuple(info["shape"]), dtype=_DTYPES[info["dtype"]], buffer=mm,
+                               offset=offset + start)
+    return out
+
+
 def checkpoint_files(model_dir: Path) -> list[Path]:
     """The safetensors shards of a HF checkpoint directory (single file or indexed)."""
     index = model_dir / "model.safetensors.index.json"

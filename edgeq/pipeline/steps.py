@@ -166,6 +166,7 @@ class PlanStep(Step):
     budget_mb: float | None = None
     bpw: float | None = None
     probe_samples: int = 4
+    sensitivity: str = "kl-probe"  # kl-probe (a tail re-run per tensor) | fisher (backward passes)
 
     def run(self, ctx: BuildContext) -> None:
         if self.file is not None:
@@ -193,9 +194,9 @@ class PlanStep(Step):
         budget = self.budget(ir, target)
         types = target.plan_types(self.format)
         probe = None
-        need, avail = probe_bytes(ir.hparams, self.probe_samples), available_bytes()
+        need, avail = probe_bytes(ir.hparams, self.probe_samples, self.sensitivity), available_bytes()
         if need > min(avail, PROBE_MAX_BYTES):  # the probe holds the whole model in torch: small models only
-            ctx.log(f"note: the whole-model KL sensitivity probe would need ~{need / 1e9:.1f} GB (used up to "
+            ctx.log(f"note: the whole-model {self.sensitivity} sensitivity probe would need ~{need / 1e9:.1f} GB (used up to "
                     f"{PROBE_MAX_BYTES / 1e9:.1f} GB); the planner weighs each tensor's layer output error instead")
         else:
             try:
@@ -208,9 +209,10 @@ class PlanStep(Step):
         ctx.log(f"planning: {len(types)} types x ranks {list(target.plan_ranks)} for a {budget / 1e6:.2f} MB "
                 "weight budget")
         plan = make_plan(ir, stats, target.name, types, target.plan_ranks, budget, probe=probe, format=self.format,
-                         model=str(ir.source.get("name") or Path(str(ir.source.get("path", ""))).name))
+                         model=str(ir.source.get("name") or Path(str(ir.source.get("path", ""))).name),
+                         sensitivity=self.sensitivity)
         plan.summary["bpw"] = round(budget * 8 / n_weights(ir), 4)
-        plan.summary["sensitivity"] = "kl-probe" if probe is not None else "layer-output-error"
+        plan.summary["sensitivity"] = self.sensitivity if probe is not None else "layer-output-error"
         return plan
 
     def budget(self, ir, target) -> int:

@@ -176,13 +176,23 @@ def test_reference_ir_lazy_chunked_equals_eager_whole(tiny_model, tiny_llama_lor
 
     ir = _pruned(tiny_llama, tiny_llama_lora) if pruned else load_model(tiny_model)
     out = _both(lambda m, d: write_ir(m, d), ir, tmp_path, monkeypatch, [WEIGHTS, META])
-    # the bytes safetensors' own writer makes of the same arrays, and read_ir gives the model back
+    # the bytes safetensors' own writer makes of the same arrays in the runtime's layout (format 2),
+    # and read_ir gives the model back
+    from edgeq.ir import Role
+    from runtimes.reference import to_runtime_layout
+
     e = _eager(ir)
-    arrays = {f"{n}.weight": lin.weight for n, lin in e.linears.items()}
-    arrays.update({f"{n}.bias": lin.bias for n, lin in e.linears.items() if lin.bias is not None})
+    hp = e.hparams
+
+    def lay(lin, kind, a):
+        return to_runtime_layout(hp, lin.role, kind, a)
+
+    arrays = {f"{n}.weight" + ("_t" if lin.role in (Role.O, Role.DOWN) else ""): lay(lin, "weight", lin.weight)
+              for n, lin in e.linears.items()}
+    arrays.update({f"{n}.bias": lay(lin, "bias", lin.bias) for n, lin in e.linears.items() if lin.bias is not None})
     for n, lin in e.linears.items():
         for k, lr in enumerate(lin.low_rank):
-            arrays.update({f"{n}.lr{k}.a": lr.a, f"{n}.lr{k}.b": lr.b})
+            arrays.update({f"{n}.lr{k}.a": lay(lin, "a", lr.a), f"{n}.lr{k}.b": lay(lin, "b", lr.b)})
     arrays.update({f"tensor.{n}": t for n, t in e.tensors.items()})
     arrays.update({f"rope_index.{i}": np.asarray(v, np.int64) for i, v in e.rope_index.items()})
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp_path / "ref.safetensors"))
@@ -190,6 +200,11 @@ def test_reference_ir_lazy_chunked_equals_eager_whole(tiny_model, tiny_llama_lor
     back = read_ir(out)
     for n, lin in e.linears.items():
         np.testing.assert_array_equal(np.asarray(back.linears[n].weight), lin.weight)
+        if lin.bias is not None:
+            np.testing.assert_array_equal(back.linears[n].bias, lin.bias)
+        for lr, lr2 in zip(lin.low_rank, back.linears[n].low_rank, strict=True):
+            np.testing.assert_array_equal(lr2.a, lr.a)
+            np.testing.assert_array_equal(lr2.b, lr.b)
 
 
 # ---- memory ---------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ class ReferenceBackend(Backend):
     def lower(self, ir, opts, target, tmp, log, *, plan=None, float_ir=None):
         from edgeq.backends.reference.ir_files import WEIGHTS, write_ir
 
-        log(f"writing {WEIGHTS} (float32, pruning-aware layout at load) for the reference runtime")
+        log(f"writing {WEIGHTS} (float32, in the runtime's pruning-aware layout) for the reference runtime")
         write_ir(ir, tmp)
         bits = self.default_options(opts, target)["bits"]
         manifest = self.manifest(WEIGHTS, storage.for_bits(self.name, bits).name, bits)
@@ -38,12 +38,13 @@ class ReferenceBackend(Backend):
 
     def open_session(self, root, manifest, runtime, n_ctx, threads, rate):
         from edgeq.artifact import artifact_path, check_rate
-        from edgeq.backends.reference.ir_files import META, WEIGHTS, read_ir
+        from edgeq.backends.reference.ir_files import META, WEIGHTS, open_ir
         from runtimes.reference import ReferenceSession
 
         check_rate(manifest, rate)
         for name in (WEIGHTS, META):  # fixed names, but either could be a symlink leaving the artifact
             artifact_path(root, name)
-        s = ReferenceSession(read_ir(root), n_ctx=n_ctx)
+        ir, laid_out = open_ir(root)  # memory-mapped: format-2 weights are used in place
+        s = ReferenceSession(ir, n_ctx=n_ctx, laid_out=laid_out)
         s.set_prune_rate(rate)
         return s

@@ -45,6 +45,9 @@ LIBRARY = "kernels.so"
 WEIGHTS = "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.spec.json"
 GROUPS = ("qkv", "o", "gate_up", "down")
+# Alignment of the weights file's data section (runtimes/tvmrt.py WEIGHT_ALIGN: TVM's from_dlpack
+# requires 64); tensor sizes are multiples of 64 bytes in practice, so every tensor is aligned.
+WEIGHTS_ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -286,7 +289,9 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
     layers = range(hp.num_layers)
     if progress:
         layers = tqdm(layers, desc="tvm weights", unit="layer", leave=False)
-    with SafetensorsWriter(out_dir / WEIGHTS, shapes) as st:
+    # the data section 64-byte aligned (WEIGHTS_ALIGN): the runtime memory-maps the file and hands
+    # aligned arrays to the kernels in place (TVM's DLPack import requires 64-byte alignment)
+    with SafetensorsWriter(out_dir / WEIGHTS, shapes, align=WEIGHTS_ALIGN) as st:
         for name, a in small.items():
             st.write(name, np.ascontiguousarray(a))
         for i in layers:

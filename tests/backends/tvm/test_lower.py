@@ -185,3 +185,48 @@ def test_runtime_alone_no_torch_no_tvm_compiler(tiny_qwen2, tmp_path):
     env["PYTHONPATH"] = str(repo)
     r = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def _kernel_bytes(path):
+    from edgeq.frontend.safetensors_io import read_header
+
+    header, _ = read_header(path)
+    return sum(e - s for n, v in header.items() for s, e in [v["data_offsets"]]
+               if n.endswith((".qw", ".sc", ".zp", ".a", ".b")))
+
+
+def test_weights_are_memory_mapped_in_place(tiny_llama, tiny_llama_lora, tmp_path):
+    """The weights file's data section is 64-byte aligned (TVM's DLPack import requires it), so
+    every kernel array is handed to the kernels as a view of the memory-mapped file: no copy."""
+    ir = _pruned(tiny_llama, tiny_llama_lora)
+    _write(ir, tmp_path / "a")
+    path = tmp_path / "a" / lt.WEIGHTS
+    from edgeq.frontend.safetensors_io import read_header
+
+    _, data_start = read_header(path)
+    assert data_start % 64 == 0
+    s = TvmSession(tmp_path / "a")
+    assert s.copied_weights == 0
+    assert s.mapped_weights == _kernel_bytes(path) > 0
+
+
+def test_artifact_with_unaligned_weights_still_runs_identically(tiny_qwen2, tmp_path):
+    """An artifact written before the alignment (8-byte aligned header, as safetensors' own
+    writer pads it): its kernel arrays are copied into aligned buffers; same logits."""
+    from safetensors.numpy import load_file, save_file
+
+    ir = load_model(tiny_qwen2)
+    _write(ir, tmp_path / "a")
+    ids = _ids(ir)
+    want = TvmSession(tmp_path / "a").logits(ids)
+    path = tmp_path / "a" / lt.WEIGHTS
+    arrays = load_file(str(path))
+    save_file(arrays, str(path))  # same arrays, data section only 8-byte aligned
+    from edgeq.frontend.safetensors_io import read_header
+
+    _, data_start = read_header(path)
+    s = TvmSession(tmp_path / "a")
+    if data_start % 64:
+        assert s.copied_weights > 0
+    assert s.copied_weights + s.mapped_weights == _kernel_bytes(path)
+    np.testing.assert_array_equal(s.logits(ids), want)
