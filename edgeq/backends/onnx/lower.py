@@ -25,11 +25,17 @@ adapter, so it is switched or disabled without touching the base (the ORT-GenAI 
 initializers but tiny constants live in ``model.onnx.data``, at offsets aligned for mmap.
 
 Pruning rates (a model carrying several): one graph for all of them, with an int64 scalar input
-``rate_index`` (index into the rates). MLP channels are split into segments at the kept widths;
-every segment but the first is an ``If`` on the rate whose branch reads its weights from the outer
-scope (each weight stored and prepacked once). Q/K pairs and V/O components are pruned with
-per-rate masks on the Q/K/V outputs and on the attention output (exact; the KV cache keeps zeros
-in the dims a rate drops, as the reference runtime's ``kv="keep"``).
+``rate_index`` (index into the rates). The MLP channels a rate prunes are expressed one of two ways
+(``OnnxOptions.ffn_rates``): ``"mask"`` (default) keeps the 1-rate graph's two MatMulNBits calls
+per MLP (gate|up, down) at full width and zeroes the pruned channels of the SwiGLU output with a
+per-rate mask, so rate 0 runs at the speed of a 1-rate graph and every rate reads every MLP weight;
+``"segments"`` splits the channels into segments at the kept widths, every segment but the first
+an ``If`` on the rate whose branch reads its weights from the outer scope, so a rate reads only its
+channels' weights but rate 0 makes four times the MatMulNBits calls (each call has a fixed cost:
+0.73x the 1-rate graph's decode speed on SmolLM2, docs/benchmarks.md). Either way each weight is
+stored and prepacked once. Q/K pairs and V/O components are pruned with per-rate masks on the
+Q/K/V outputs and on the attention output (exact; the KV cache keeps zeros in the dims a rate
+drops, as the reference runtime's ``kv="keep"``).
 """
 from __future__ import annotations
 
@@ -66,6 +72,7 @@ def _need_onnx():
 
 
 ATTENTION = ("gqa", "standard")
+FFN_RATES = ("mask", "segments")
 
 
 @dataclass(frozen=True)
@@ -81,10 +88,16 @@ class OnnxOptions:
     # gathered RoPE frequencies (the form pruned Q/K pairs need).
     attention: str = "gqa"
     max_positions: int = 32768  # GQA cos/sin cache rows (capped by the model's max positions)
+    # multi-rate graphs: "mask": full-width MLP matmuls, the pruned channels zeroed (rate 0 as fast
+    # as a 1-rate graph); "segments": MLP split at the kept widths behind If nodes (a rate reads
+    # only its weights, at the cost of more, smaller MatMulNBits calls)
+    ffn_rates: str = "mask"
 
     def __post_init__(self):
         if self.attention not in ATTENTION:
             raise EdgeqError(f"unknown onnx attention {self.attention!r} (available: {', '.join(ATTENTION)})")
+        if self.ffn_rates not in FFN_RATES:
+            raise EdgeqError(f"unknown onnx ffn_rates {self.ffn_rates!r} (available: {', '.join(FFN_RATES)})")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,12 +112,13 @@ def graph_rates(ir: ModelIR) -> tuple[float, ...] | None:
     return tuple(ir.prune.rates) if ir.prune is not None and len(ir.prune.rates) > 1 else None
 
 
-def ffn_segments(ir: ModelIR, layer: int) -> list[tuple[int, int]]:
-    """MLP channel segments ``[lo, hi)`` of one layer, split at every kept width a rate uses:
-    the first is always computed, segment ``[lo, hi)`` only at rates keeping ``hi`` channels or more."""
+def ffn_segments(ir: ModelIR, layer: int, ffn_rates: str = "segments") -> list[tuple[int, int]]:
+    """MLP channel segments ``[lo, hi)`` of one layer, each one MatMulNBits call per matmul. With
+    ``ffn_rates="segments"``, split at every kept width a rate uses: the first is always computed,
+    segment ``[lo, hi)`` only at rates keeping ``hi`` channels or more; with ``"mask"``, one."""
     F = ir.hparams.intermediate_size
     rates = graph_rates(ir)
-    if rates is None:
+    if rates is None or ffn_rates == "mask":
         return [(0, F)]
     ends = sorted({ir.prune.widths[r][layer].ffn for r in rates} | {F})
     return list(zip([0] + ends[:-1], ends))
@@ -365,13 +379,20 @@ class _DecoderGraph:
         return self._seg_linear(act, self.ir.linear(i, Role.DOWN), cols=(lo, hi), bias=False)
 
     def ffn(self, i: int, h: str) -> str:
-        """SwiGLU MLP. In a multi-rate graph the channels are split into segments at the kept
-        widths; every segment but the first is an ``If`` on the rate (its weights read from the
+        """SwiGLU MLP. In a multi-rate graph, ``ffn_rates="mask"``: the full-width matmuls with the
+        SwiGLU output masked by the rate; ``"segments"``: the channels split into segments at the
+        kept widths, every segment but the first an ``If`` on the rate (its weights read from the
         outer scope, so each is stored, and prepacked, once), skipped when the rate prunes it."""
         ir, g = self.ir, self.g
-        segs = ffn_segments(ir, i)
+        segs = ffn_segments(ir, i, self.w.ffn_rates)
         if len(segs) == 1:
-            return self.linear(self._gate_up(i, h), ir.linear(i, Role.DOWN))
+            act = self._gate_up(i, h)
+            if self.rates is not None:  # "mask": the channels beyond the rate's kept width zeroed
+                F = ir.hparams.intermediate_size
+                table = np.stack([np.arange(F) < ir.prune.widths[r][i].ffn for r in self.rates]).astype(np.float32)
+                if not table.all():
+                    act = g.op("Mul", [act, self._gather_by_rate(table, "mask_ffn")], name=f"blk.{i}.ffn_rate_mask")
+            return self.linear(act, ir.linear(i, Role.DOWN))
         import onnx
 
         y = self._ffn_part(i, h, *segs[0])
@@ -671,7 +692,7 @@ def write_onnx(ir: ModelIR, out_dir: Path, weights: OnnxOptions, switchable=(), 
 def lowered_ir(ir: ModelIR, weights: OnnxOptions) -> ModelIR:
     """The float model the ONNX graph computes: ``ir`` with every weight replaced by the
     dequantized int-group values the graph stores (MLP down projections of a multi-rate graph
-    quantized per channel segment, as the graph holds them). Q/K stay in ``ir``'s pair order
+    with ``ffn_rates="segments"`` quantized per channel segment, as the graph holds them). Q/K stay in ``ir``'s pair order
     (the GQA graph's exact row permutation of them is the same model)."""
     problems = check(ir)
     if problems:
@@ -682,7 +703,7 @@ def lowered_ir(ir: ModelIR, weights: OnnxOptions) -> ModelIR:
             lin = ir.linear(i, role)
             if role == Role.DOWN and weights.linear is not None:
                 w = np.concatenate([dequantized(np.ascontiguousarray(lin.weight[:, lo:hi]), weights.linear)
-                                    for lo, hi in ffn_segments(ir, i)], axis=1)
+                                    for lo, hi in ffn_segments(ir, i, weights.ffn_rates)], axis=1)
             else:
                 w = dequantized(lin.weight, weights.linear)
             linears[lin.name] = dataclasses.replace(lin, weight=w, packed=None)
