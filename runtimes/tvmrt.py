@@ -10,6 +10,7 @@ The library is code: it is loaded only when its sha256 matches the artifact's ma
 """
 from __future__ import annotations
 
+import importlib.abc
 import os
 import platform
 import sys
@@ -40,13 +41,34 @@ def runtime_only() -> None:
         os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
 
 
+class _NoTorch(importlib.abc.MetaPathFinder):
+    """Answers "no such module" for torch while TVM loads. ``tvm_ffi`` imports torch when it is
+    installed (``tvm_ffi/__init__.py``, ``_convert.py``, ``stream.py``, its Cython ``core``: every
+    one a ``try: import torch / except ImportError``), only to accept torch tensors and dtypes: ~210
+    MB of a device process's RSS for nothing — the runtime hands it numpy arrays through DLPack,
+    which needs no torch. A finder and not ``sys.modules["torch"] = None``: it is removed again
+    once TVM has loaded, so a later ``import torch`` in the same process (a test) still works."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r} (not loaded with the TVM runtime)", name=name)
+        return None
+
+
 def _tvm(threads: int | None):
     if threads:
         os.environ["TVM_NUM_THREADS"] = str(threads)  # read when the thread pool starts
+    block = "tvm_ffi" not in sys.modules and "torch" not in sys.modules
+    finder = _NoTorch()
+    if block:
+        sys.meta_path.insert(0, finder)
     try:
         import tvm
     except ImportError:
         raise EdgeqError("the tvm runtime needs TVM: pip install 'edgeq[tvm]' (apache-tvm 0.27)") from None
+    finally:
+        if block:
+            sys.meta_path.remove(finder)
     return tvm
 
 

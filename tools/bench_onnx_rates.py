@@ -1,26 +1,32 @@
 """Issue 5 part 4 benchmark: one ONNX artifact carrying four pruning rates on onnxruntime.
 
-    .venv/bin/python tools/bench_onnx_rates.py [--stage build|quality|speed|all] [--rates 0,0.15,0.25,0.35]
+    .venv/bin/python tools/bench_onnx_rates.py [--stage build|lower|quality|speed|interleave|all] [--rates 0,0.15,0.25,0.35]
         [--bits 4] [--ppl-tokens 8192] [--kl-tokens 2048] [--runs 5] [--rounds 2] [--threads 2]
         [--out out/bench-onnx-rates]
 
 SmolLM2-135M-Instruct, target cpu-avx2. ``build``: the compress step of ``edgeq build
 --prune-rates`` (Alpaca calibration, UniQL sort, per-layer rate plan at the profile's granularity)
-once, then the *same* sorted model lowered twice with the same int-group weights: ``rates4``
-carrying every rate (one graph, a rate input: MLP segments behind If nodes, attention masks) and
-``rate1`` carrying rate 0 only (no rate input, no segments) — the "1 rate loaded" baseline. The
+once, then the *same* sorted model lowered three times with the same int-group weights:
+``rates4`` carrying every rate (one graph, a rate input; the default MLP form: full-width matmuls,
+the pruned channels masked, attention masks), ``rates4seg`` the same with the MLP split into
+segments behind If nodes (``ffn_rates="segments"``, the form before issue 16) and ``rate1``
+carrying rate 0 only (no rate input, no segments, no masks) — the "1 rate loaded" baseline. The
 float model is kept as a reference artifact (``ir/``) for the quality stage (``lower`` re-lowers it).
 
 ``speed``: one fresh process per artifact (A B A B over ``--rounds``): RSS after loading, decode
 tok/s (128 greedy tokens) and prefill tok/s (128-token prompt) at every rate, the median time of
 ``set_prune_rate`` (1000 calls) and of the first decode step after a switch, peak RSS of the
-process after running every rate. ``quality``: per rate, wikitext-2 perplexity (ctx 512, second
+process after running every rate. ``interleave``: the decode speed comparison in one process, every
+artifact's session open, A B C rounds (``--rounds``; each: 64 greedy tokens per artifact and rate),
+medians and ratios to ``rate1`` at rate 0 — less exposed to a shared machine's load drifting between
+processes than ``speed``. ``quality``: per rate, wikitext-2 perplexity (ctx 512, second
 half of each window scored) and KL(reference ‖ onnx) vs edgeq's numpy runtime (float64) on the
 artifact's own dequantized weights at that rate. Writes OUT/results.json and prints tables.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -79,10 +85,11 @@ def lower(out: Path, bits: int) -> dict:
 
     ir = read_ir(out / "ir")
     weights = onnx_weights(bits, load_target("cpu-avx2"))
-    for name, model in (("rates4", ir), ("rate1", ir.replace(prune=None))):
+    seg = dataclasses.replace(weights, ffn_rates="segments")
+    for name, model, w in (("rates4", ir, weights), ("rates4seg", ir, seg), ("rate1", ir.replace(prune=None), weights)):
         log(f"lowering {name}")
         shutil.rmtree(out / name, ignore_errors=True)
-        _write_onnx_artifact(model, out / name, weights)
+        _write_onnx_artifact(model, out / name, w)
     return {"weights": weights.to_json(),
             "ffn_widths": {f"{r:g}": [w.ffn for w in ir.prune.widths[r]] for r in ir.prune.rates}}
 
@@ -147,8 +154,41 @@ print(json.dumps({{"rss_before": before, "rss_after_load": after_load, "load_s":
 """
 
 
+INTERLEAVE_CODE = """
+import json, statistics, sys, time
+sys.path.insert(0, {repo!r})
+from edgeq.session import open_session
+arts = {arts!r}
+ss = {{n: open_session(p, n_ctx=256, threads={threads}) for n, p in arts.items()}}
+ids = ss["rate1"].tokenize("Once upon a time")
+got = {{n: {{"{{:g}}".format(r): [] for r in s.prune_rates}} for n, s in ss.items()}}
+for k in range({rounds}):
+    for n, s in ss.items():
+        for r in s.prune_rates:
+            s.set_prune_rate(r)
+            list(s.generate_ids(ids, 8, stop_at_eos=False))  # warm
+            list(s.generate_ids(ids, 64, stop_at_eos=False))
+            got[n]["{{:g}}".format(r)].append(s.last_stats.decode_tok_s)
+print(json.dumps(got))
+"""
+
+
+def interleave(out: Path, rounds: int, threads: int) -> dict:
+    arts = {n: str(out / n) for n in ("rate1", "rates4", "rates4seg") if (out / n / "manifest.json").exists()}
+    log(f"interleaved decode, {rounds} rounds: {', '.join(arts)}")
+    code = INTERLEAVE_CODE.format(repo=str(REPO), arts=arts, threads=threads, rounds=rounds)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "TQDM_DISABLE": "1"})
+    if p.returncode:
+        raise RuntimeError(p.stderr[-2000:])
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    base = statistics.median(got["rate1"]["0"])
+    return {n: {r: {"decode_tok_s": statistics.median(v), "vs_rate1_at_0": statistics.median(v) / base,
+                    "runs": v} for r, v in rates.items()} for n, rates in got.items()}
+
+
 def speed(out: Path, runs: int, rounds: int, threads: int) -> dict:
-    arts = {"rate1": out / "rate1", "rates4": out / "rates4"}
+    arts = {n: out / n for n in ("rate1", "rates4", "rates4seg") if (out / n / "manifest.json").exists()}
     got: dict[str, list[dict]] = {n: [] for n in arts}
     for k in range(rounds):
         for name, path in arts.items():
@@ -187,18 +227,30 @@ def tables(res: dict) -> str:
         for n, v in sp.items():
             lines.append(f"| {n} | {res['sizes_mb'][n]:.1f} | {v['load_s']:.2f} | {v['rss_after_load_mb']:.0f} | "
                          f"{v['session_rss_mb']:.0f} | {v['peak_rss_mb']:.0f} |")
-        a, b = sp["rates4"], sp["rate1"]
-        lines += ["", f"rates4 / rate1: RSS after load {a['rss_after_load_mb'] / b['rss_after_load_mb']:.3f}x, "
-                      f"session RSS {a['session_rss_mb'] / b['session_rss_mb']:.3f}x, "
-                      f"peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.3f}x", ""]
+        b = sp["rate1"]
+        lines.append("")
+        for n in (n for n in ("rates4", "rates4seg") if n in sp):
+            a = sp[n]
+            lines.append(f"{n} / rate1: RSS after load {a['rss_after_load_mb'] / b['rss_after_load_mb']:.3f}x, "
+                         f"session RSS {a['session_rss_mb'] / b['session_rss_mb']:.3f}x, "
+                         f"peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.3f}x, decode at rate 0 "
+                         f"{a['rates']['0']['decode_tok_s'] / b['rates']['0']['decode_tok_s']:.3f}x")
+        lines.append("")
+    il = res.get("interleave")
+    if il:
+        lines += ["| artifact | rate | decode tok/s (interleaved, median) | vs rate1 at rate 0 |", "|---|---|---|---|"]
+        for n, rates in il.items():
+            for rate, v in rates.items():
+                lines.append(f"| {n} | {rate} | {v['decode_tok_s']:.1f} | {v['vs_rate1_at_0']:.3f}x |")
+        lines.append("")
     q = res.get("quality", {})
     lines += ["| artifact | rate | weights read MB | ppl | KL vs own weights | top-1 | decode tok/s | prefill tok/s "
               "| set_prune_rate µs | first step after switch ms |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for n in ("rate1", "rates4"):
+    for n in ("rate1", "rates4", "rates4seg"):
         for rate, v in (sp or {}).get(n, {}).get("rates", {}).items():
             qq = q.get(rate, {}) if n == "rates4" else {}
             f = lambda d, k, fmt: format(d[k], fmt) if k in d else "-"  # noqa: E731
-            wb = res.get("weight_bytes_per_rate", {}).get(rate) if n == "rates4" else None
+            wb = res.get("weight_bytes_per_rate", {}).get(n, {}).get(rate)
             lines.append(f"| {n} | {rate} | {'-' if wb is None else format(wb / 1e6, '.1f')} | {f(qq, 'ppl', '.2f')} | "
                          f"{f(qq, 'kl_vs_own_weights', '.2e')} | {f(qq, 'top1_vs_own_weights', '.3f')} | "
                          f"{v['decode_tok_s']:.1f} | {v['prefill_128_tok_s']:.0f} | {v['switch_us']:.2f} | "
@@ -215,7 +267,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--stage", choices=["all", "build", "lower", "quality", "speed"], default="all",
+    ap.add_argument("--stage", choices=["all", "build", "lower", "quality", "speed", "interleave"], default="all",
                     help="build = compress + lower; lower = re-lower the saved compressed model")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench-onnx-rates")
     a = ap.parse_args()
@@ -229,13 +281,17 @@ def main() -> None:
         res["build"] = dict(res.get("build", {}), **lower(a.out, a.bits))
     from edgeq.artifact import read_manifest
 
+    arts = [n for n in ("rate1", "rates4", "rates4seg") if (a.out / n / "manifest.json").exists()]
     res["sizes_mb"] = {n: sum(f.stat().st_size for f in (a.out / n).iterdir() if f.suffix in (".onnx", ".data"))
-                       / 1e6 for n in ("rate1", "rates4")}
-    res["weight_bytes_per_rate"] = read_manifest(a.out / "rates4")["onnx"]["weight_bytes_per_rate"]
+                       / 1e6 for n in arts}
+    res["weight_bytes_per_rate"] = {n: read_manifest(a.out / n)["onnx"]["weight_bytes_per_rate"]
+                                    for n in arts if n != "rate1"}
     if a.stage in ("all", "quality"):
         res["quality"] = quality(a.out, rates, a.ppl_tokens, a.kl_tokens, a.threads)
     if a.stage in ("all", "speed"):
         res["speed"] = speed(a.out, a.runs, a.rounds, a.threads)
+    if a.stage in ("all", "interleave"):
+        res["interleave"] = interleave(a.out, a.rounds, a.threads)
     res["command"] = " ".join(sys.argv)
     res_path.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
     print(tables(res))

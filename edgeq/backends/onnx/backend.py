@@ -7,8 +7,11 @@ from edgeq.errors import EdgeqError
 from edgeq.quant import storage
 
 PRUNE_EXPRESSED = ("everything, in one graph with a rate input (switched at run time, nothing reloaded): "
-                   "MLP channels as per-rate segments skipped by If nodes; Q/K RoPE pairs and V/O "
-                   "components as per-rate masks (the attention projections run at full width)")
+                   "MLP channels as {mlp}; Q/K RoPE pairs and V/O components as per-rate masks (the "
+                   "attention projections run at full width)")
+PRUNE_MLP = {"mask": "per-rate masks on the SwiGLU output (the MLP matmuls run at full width, as fast as a "
+                     "1-rate graph at rate 0)",
+             "segments": "per-rate segments skipped by If nodes"}
 
 
 def onnx_weights(bits: int, target):
@@ -67,7 +70,8 @@ class OnnxBackend(Backend):
         manifest = self.manifest(lower_onnx.MODEL_FILE, storage.for_bits(self.name, bits).name, bits,
                                  sorted(adapter_files.values()), onnx=info)
         if ir.prune is not None:
-            manifest["prune"] = switchable_prune_section(ir, opts, PRUNE_EXPRESSED,
+            expressed = PRUNE_EXPRESSED.format(mlp=PRUNE_MLP[weights.ffn_rates])
+            manifest["prune"] = switchable_prune_section(ir, opts, expressed,
                                                          weight_bytes_per_rate=info.get("weight_bytes_per_rate"))
         return manifest, ir
 

@@ -215,13 +215,20 @@ class DecoderGraph:
         return self._seg_linear(act, self.ir.linear(i, Role.DOWN), cols=(lo, hi), bias=False)
 
     def ffn(self, i: int, h: str) -> str:
-        """SwiGLU MLP. In a multi-rate graph the channels are split into segments at the kept
-        widths; every segment but the first is an ``If`` on the rate (its weights read from the
+        """SwiGLU MLP. In a multi-rate graph, ``ffn_rates="mask"``: the full-width matmuls with the
+        SwiGLU output masked by the rate; ``"segments"``: the channels split into segments at the
+        kept widths, every segment but the first an ``If`` on the rate (its weights read from the
         outer scope, so each is stored, and prepacked, once), skipped when the rate prunes it."""
         ir, g = self.ir, self.g
-        segs = ffn_segments(ir, i)
+        segs = ffn_segments(ir, i, self.w.ffn_rates)
         if len(segs) == 1:
-            return self.linear(self._gate_up(i, h), ir.linear(i, Role.DOWN))
+            act = self._gate_up(i, h)
+            if self.rates is not None:  # "mask": the channels beyond the rate's kept width zeroed
+                F = ir.hparams.intermediate_size
+                table = np.stack([np.arange(F) < ir.prune.widths[r][i].ffn for r in self.rates]).astype(np.float32)
+                if not table.all():
+                    act = g.op("Mul", [act, self._gather_by_rate(table, "mask_ffn")], name=f"blk.{i}.ffn_rate_mask")
+            return self.linear(act, ir.linear(i, Role.DOWN))
         import onnx
 
         y = self._ffn_part(i, h, *segs[0])

@@ -25,11 +25,16 @@ adapter, so it is switched or disabled without touching the base (the ORT-GenAI 
 initializers but tiny constants live in ``model.onnx.data``, at offsets aligned for mmap.
 
 Pruning rates (a model carrying several): one graph for all of them, with an int64 scalar input
-``rate_index`` (index into the rates). MLP channels are split into segments at the kept widths;
-every segment but the first is an ``If`` on the rate whose branch reads its weights from the outer
-scope (each weight stored and prepacked once). Q/K pairs and V/O components are pruned with
-per-rate masks on the Q/K/V outputs and on the attention output (exact; the KV cache keeps zeros
-in the dims a rate drops, as the reference runtime's ``kv="keep"``).
+``rate_index`` (index into the rates). The MLP channels a rate prunes are expressed one of two ways
+(``OnnxOptions.ffn_rates``): ``"mask"`` (default) keeps the 1-rate graph's two MatMulNBits calls
+per MLP (gate|up, down) at full width and zeroes the pruned channels of the SwiGLU output with a
+per-rate mask, so rate 0 runs at the speed of a 1-rate graph and every rate reads every MLP weight;
+``"segments"`` splits the channels into segments at the kept widths, every segment but the first
+an ``If`` on the rate whose branch reads its weights from the outer scope, so a rate reads only its
+channels' weights but rate 0 makes four times the MatMulNBits calls (docs/benchmarks.md). Either
+way each weight is stored and prepacked once. Q/K pairs and V/O components are pruned with per-rate
+masks on the Q/K/V outputs and on the attention output (exact; the KV cache keeps zeros in the dims
+a rate drops, as the reference runtime's ``kv="keep"``).
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ from tqdm import tqdm
 from edgeq.artifact import write_tokenizer_spec
 from edgeq.backends.onnx.decoder import DecoderGraph, Lowered
 from edgeq.backends.onnx.graph import Deferred
-from edgeq.backends.onnx.options import ATTENTION, RATE_INPUT, OnnxOptions, ffn_segments, graph_rates
+from edgeq.backends.onnx.options import ATTENTION, FFN_RATES, RATE_INPUT, OnnxOptions, ffn_segments, graph_rates
 from edgeq.errors import EdgeqError
 from edgeq.families import LINEAR_ROLES
 from edgeq.ir import ModelIR, Role, linear_name
@@ -58,7 +63,7 @@ TOKENIZER_FILE = "tokenizer.spec.json"
 INLINE_BYTES = 256  # smaller initializers stay inside model.onnx
 ALIGN_LARGE = 4096  # offsets of tensors >= 64 KiB are page aligned (mmap-friendly)
 ROLES = LINEAR_ROLES
-__all__ = ["ATTENTION", "RATE_INPUT", "OnnxOptions", "ffn_segments", "graph_rates"]  # re-exported
+__all__ = ["ATTENTION", "FFN_RATES", "RATE_INPUT", "OnnxOptions", "ffn_segments", "graph_rates"]  # re-exported
 
 
 def _need_onnx():
@@ -185,7 +190,7 @@ def lowered_ir(ir: ModelIR, weights: OnnxOptions) -> ModelIR:
             lin = ir.linear(i, role)
             if role == Role.DOWN and weights.linear is not None:
                 w = np.concatenate([dequantized(np.ascontiguousarray(lin.weight[:, lo:hi]), weights.linear)
-                                    for lo, hi in ffn_segments(ir, i)], axis=1)
+                                    for lo, hi in ffn_segments(ir, i, weights.ffn_rates)], axis=1)
             else:
                 w = dequantized(lin.weight, weights.linear)
             linears[lin.name] = dataclasses.replace(lin, weight=w, packed=None)

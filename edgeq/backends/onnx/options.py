@@ -9,6 +9,7 @@ from edgeq.errors import EdgeqError
 from edgeq.ir import ModelIR
 
 ATTENTION = ("gqa", "standard")
+FFN_RATES = ("mask", "segments")
 
 
 @dataclass(frozen=True)
@@ -24,10 +25,16 @@ class OnnxOptions:
     # gathered RoPE frequencies (the form pruned Q/K pairs need).
     attention: str = "gqa"
     max_positions: int = 32768  # GQA cos/sin cache rows (capped by the model's max positions)
+    # multi-rate graphs: "mask": full-width MLP matmuls, the pruned channels zeroed (rate 0 as fast
+    # as a 1-rate graph); "segments": MLP split at the kept widths behind If nodes (a rate reads
+    # only its weights, at the cost of more, smaller MatMulNBits calls)
+    ffn_rates: str = "mask"
 
     def __post_init__(self):
         if self.attention not in ATTENTION:
             raise EdgeqError(f"unknown onnx attention {self.attention!r} (available: {', '.join(ATTENTION)})")
+        if self.ffn_rates not in FFN_RATES:
+            raise EdgeqError(f"unknown onnx ffn_rates {self.ffn_rates!r} (available: {', '.join(FFN_RATES)})")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -42,12 +49,13 @@ def graph_rates(ir: ModelIR) -> tuple[float, ...] | None:
     return tuple(ir.prune.rates) if ir.prune is not None and len(ir.prune.rates) > 1 else None
 
 
-def ffn_segments(ir: ModelIR, layer: int) -> list[tuple[int, int]]:
-    """MLP channel segments ``[lo, hi)`` of one layer, split at every kept width a rate uses:
-    the first is always computed, segment ``[lo, hi)`` only at rates keeping ``hi`` channels or more."""
+def ffn_segments(ir: ModelIR, layer: int, ffn_rates: str = "segments") -> list[tuple[int, int]]:
+    """MLP channel segments ``[lo, hi)`` of one layer, each one MatMulNBits call per matmul. With
+    ``ffn_rates="segments"``, split at every kept width a rate uses: the first is always computed,
+    segment ``[lo, hi)`` only at rates keeping ``hi`` channels or more; with ``"mask"``, one."""
     F = ir.hparams.intermediate_size
     rates = graph_rates(ir)
-    if rates is None:
+    if rates is None or ffn_rates == "mask":
         return [(0, F)]
     ends = sorted({ir.prune.widths[r][layer].ffn for r in rates} | {F})
     return list(zip([0] + ends[:-1], ends))

@@ -165,10 +165,11 @@ def _pruned(model_dir, lora=None):
     return apply_prune_spec(ir, plan_rates(ir, RATES, granularity=32, importance=np.array([0.1, 0.3])))
 
 
+@pytest.mark.parametrize("ffn_rates", lo.FFN_RATES)
 @pytest.mark.parametrize("attention", ["gqa", "standard"])
-def test_multi_rate_graph_matches_reference_at_every_rate(tiny_model, tmp_path, attention):
+def test_multi_rate_graph_matches_reference_at_every_rate(tiny_model, tmp_path, attention, ffn_rates):
     ir = _pruned(tiny_model)
-    opts = _write(ir, tmp_path / "a", attention=attention, accuracy_level=1, **INT4)
+    opts = _write(ir, tmp_path / "a", attention=attention, accuracy_level=1, ffn_rates=ffn_rates, **INT4)
     s = OnnxSession(tmp_path / "a")
     ref = ReferenceSession(lo.lowered_ir(ir, opts), dtype=np.float64)
     assert s.prune_rates == RATES
@@ -182,12 +183,14 @@ def test_multi_rate_graph_matches_reference_at_every_rate(tiny_model, tmp_path, 
     assert all(np.abs(got[r] - got[0.0]).max() > 1e-2 for r in RATES[1:])  # each rate really prunes
 
 
-def test_multi_rate_graph_with_separate_lora_branches(tiny_llama, tiny_llama_lora, tmp_path):
-    """LoRA branches kept separate are split with the MLP segments (sliced adapter inputs)."""
+@pytest.mark.parametrize("ffn_rates", lo.FFN_RATES)
+def test_multi_rate_graph_with_separate_lora_branches(tiny_llama, tiny_llama_lora, tmp_path, ffn_rates):
+    """LoRA branches kept separate: masked with the MLP channels, or split with the MLP segments
+    (sliced adapter inputs)."""
     ir = _pruned(tiny_llama, tiny_llama_lora)
     out = tmp_path / "a"
     out.mkdir()
-    opts = lo.OnnxOptions(accuracy_level=1, **INT4)
+    opts = lo.OnnxOptions(accuracy_level=1, ffn_rates=ffn_rates, **INT4)
     info = lo.write_onnx(ir, out, opts, switchable=tuple(ir.adapters))
     (name,) = ir.adapters
     lo.write_adapter(ir, name, out / "a.onnx_adapter", opts)
@@ -206,11 +209,12 @@ def test_multi_rate_graph_with_separate_lora_branches(tiny_llama, tiny_llama_lor
             assert np.abs(s.logits(ids) - want).max() <= 1e-4 * np.abs(want).max(), (r, active)
 
 
+@pytest.mark.parametrize("ffn_rates", lo.FFN_RATES)
 @pytest.mark.parametrize("kv", ["keep", "recompute"])
-def test_rate_switch_mid_context_follows_the_reference(tiny_llama, tmp_path, kv):
+def test_rate_switch_mid_context_follows_the_reference(tiny_llama, tmp_path, kv, ffn_rates):
     """Switching rates while a context is cached: the KV cache policy of the reference runtime."""
     ir = _pruned(tiny_llama)
-    opts = _write(ir, tmp_path / "a", accuracy_level=1, **INT4)
+    opts = _write(ir, tmp_path / "a", accuracy_level=1, ffn_rates=ffn_rates, **INT4)
     s = OnnxSession(tmp_path / "a")
     ref = ReferenceSession(lo.lowered_ir(ir, opts), dtype=np.float64)
     ids = _ids(ir, 20)
@@ -239,13 +243,13 @@ def _walk(graph):
 
 
 def test_rates_share_one_copy_of_the_weights(tiny_llama, tmp_path):
-    """Every weight is stored once and read by exactly one MatMulNBits node (so onnxruntime
-    prepacks it once): the 4-rate graph holds the bytes of the 1-rate one, and a rate's run
-    skips the MLP segments it prunes."""
+    """Segmented MLP: every weight is stored once and read by exactly one MatMulNBits node (so
+    onnxruntime prepacks it once): the 4-rate graph holds the bytes of the 1-rate one, and a
+    rate's run skips the MLP segments it prunes."""
     from collections import Counter
 
     ir = _pruned(tiny_llama)
-    _write(ir, tmp_path / "multi", **INT4)
+    _write(ir, tmp_path / "multi", ffn_rates="segments", **INT4)
     _write(ir.replace(prune=None), tmp_path / "one", **INT4)
     m = onnx.load(str(tmp_path / "multi" / lo.MODEL_FILE), load_external_data=False)
     readers = Counter(n.input[1] for n in _walk(m.graph) if n.op_type == "MatMulNBits")
@@ -265,6 +269,44 @@ def test_rates_share_one_copy_of_the_weights(tiny_llama, tmp_path):
     s = OnnxSession(tmp_path / "multi")
     per_rate = [s.resident_weight_bytes(r) for r in RATES]
     assert all(a > b for a, b in zip(per_rate, per_rate[1:]))
+
+
+def test_masked_mlp_makes_the_calls_of_one_rate(tiny_llama, tmp_path):
+    """``ffn_rates="mask"`` (the default): the 4-rate graph makes exactly the MatMulNBits calls of
+    the 1-rate graph, on the same (identical) weights, each read by one node; no control flow;
+    the MLP's pruned channels are zeroed by one per-rate mask per layer, so every rate reads
+    every weight."""
+    from collections import Counter
+
+    ir = _pruned(tiny_llama)
+    assert lo.OnnxOptions().ffn_rates == "mask"
+    _write(ir, tmp_path / "multi", **INT4)
+    _write(ir.replace(prune=None), tmp_path / "one", **INT4)
+    g = {d: onnx.load(str(tmp_path / d / lo.MODEL_FILE), load_external_data=False).graph for d in ("multi", "one")}
+
+    def matmuls(graph):
+        return sorted((n.name, tuple(n.input[1:3]), tuple((a.name, a.i) for a in n.attribute))
+                      for n in _walk(graph) if n.op_type == "MatMulNBits")
+
+    assert matmuls(g["multi"]) == matmuls(g["one"])
+    assert Counter(n.input[1] for n in _walk(g["multi"]) if n.op_type == "MatMulNBits").most_common(1)[0][1] == 1
+    assert not any(n.op_type == "If" for n in _walk(g["multi"]))
+    masks = [n for n in g["multi"].node if n.name.endswith("ffn_rate_mask")]
+    F = ir.hparams.intermediate_size
+    assert len(masks) == sum(any(ir.prune.widths[r][i].ffn < F for r in RATES) for i in range(ir.hparams.num_layers)) > 0
+    q = {d: {t.name: (tuple(t.dims), t.external_data) for t in g[d].initializer if t.name.endswith((".qweight", ".scales"))}
+         for d in g}
+    assert q["multi"].keys() == q["one"].keys() and q["one"]
+    data = {d: (tmp_path / d / lo.DATA_FILE).read_bytes() for d in g}
+
+    def payload(d, name):
+        ext = dict((e.key, e.value) for e in q[d][name][1])
+        return data[d][int(ext["offset"]):int(ext["offset"]) + int(ext["length"])] if ext else None
+
+    assert all(payload("multi", n) == payload("one", n) for n in q["one"])
+    s = OnnxSession(tmp_path / "multi")
+    per_rate = [s.resident_weight_bytes(r) for r in RATES]
+    assert len(set(per_rate)) == 1  # honest: no rate skips MLP weights in this form
 
 
 def _synthetic_ir(layers=6, hidden=512, ffn=2048, heads=8, kv=2, vocab=512, seed=0):
