@@ -145,7 +145,18 @@ class Plan:
             raise EdgeqError(f"{where}: invalid TOML: {exc}") from None
         if data.get("version") != PLAN_VERSION:
             raise EdgeqError(f"{where}: expected plan version {PLAN_VERSION}, got {data.get('version')!r}")
-        method = data.get("method", {})
+        method, budget = data.get("method", {}), data.get("budget", {})
+        for key, table in (("method", method), ("budget", budget)):
+            if not isinstance(table, dict):
+                raise EdgeqError(f"{where}: [{key}] must be a table")
+        for key, kinds in (("damp", (int, float)), ("act_order", (bool,)), ("quantizer", (str,)),
+                           ("compensation", (str,))):
+            v = method.get(key)
+            if v is not None and (not isinstance(v, kinds) or (bool not in kinds and isinstance(v, bool))):
+                raise EdgeqError(f"{where}: method.{key} has the wrong type ({type(v).__name__})")
+        wb = budget.get("weight_bytes")
+        if wb is not None and (isinstance(wb, bool) or not isinstance(wb, int) or wb < 0):
+            raise EdgeqError(f"{where}: budget.weight_bytes must be a non-negative integer, got {wb!r}")
         tensors_raw = data.get("tensors")
         if not isinstance(tensors_raw, dict) or not tensors_raw:
             raise EdgeqError(f"{where}: missing [tensors] table")
@@ -162,7 +173,6 @@ class Plan:
             n = {k: x for k, x in v.items() if k not in ("type", "rank")}
             if n:
                 notes[name] = n
-        budget = data.get("budget", {})
         plan = Plan(target=str(data.get("target", "")), format=str(data.get("format", "gguf")),
                     quantizer=str(method.get("quantizer", "gptq")), compensation=str(method.get("compensation", "qera")),
                     damp=float(method.get("damp", 0.01)), act_order=bool(method.get("act_order", False)),
