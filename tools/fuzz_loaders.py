@@ -144,8 +144,9 @@ class Loader:
     extra: dict = field(default_factory=dict)
 
 
-def make_loaders(work: Path) -> dict[str, Loader]:
-    """The loaders under test, each with its seed and a function feeding it one input."""
+def make_loaders(work: Path, tiny: Path | None = None) -> dict[str, Loader]:
+    """The loaders under test, each with its seed and a function feeding it one input
+    (``tiny``: a tiny Llama checkpoint for the adapter loader; made under ``work`` if None)."""
     from edgeq.artifact import artifact_rates, check_files, gguf_file_for_rate, read_manifest, read_tokenizer_spec
     from edgeq.backends.gguf.lower import read_gguf
     from edgeq.frontend.hf import load_hf
@@ -228,7 +229,8 @@ def make_loaders(work: Path) -> dict[str, Loader]:
 
     out["goldens"] = Loader("goldens", "json", json.dumps(_goldens(vocab)).encode(), load_goldens_)
 
-    tiny = make_tiny_llama(work / "tiny", seed=0) if not (work / "tiny" / "config.json").exists() else work / "tiny"
+    if tiny is None:
+        tiny = make_tiny_llama(work / "tiny", seed=0)
     lora = work / "lora-seed"
     if not (lora / "adapter_config.json").exists():
         make_random_lora(tiny, lora, r=2, alpha=4, target_modules=("q_proj", "v_proj"), seed=1)
