@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import hypothesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -488,13 +489,16 @@ def run_one(loader: Loader, data: bytes, timeout: float):
         return exc
 
 
-def fuzz(loader: Loader, n: int, timeout: float, out_dir: Path | None, seed: int = 0) -> Result:
+CHUNK = 2000  # inputs per hypothesis run: its record of explored inputs grows with a run's length
+
+
+def fuzz(loader: Loader, n: int, timeout: float, out_dir: Path | None, seed: int = 0,
+         progress: Callable[[Result], None] | None = None) -> Result:
+    """``n`` inputs for ``loader``, as runs of CHUNK inputs seeded ``seed``, ``seed + 1``, ..."""
     res = Result(loader.name)
     t0 = time.perf_counter()
+    strategy = strategy_for(loader)
 
-    @settings(max_examples=n, database=None, deadline=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck), derandomize=False)
-    @given(strategy_for(loader))
     def one(data):
         res.inputs += 1
         r = run_one(loader, data, timeout)
@@ -513,8 +517,19 @@ def fuzz(loader: Loader, n: int, timeout: float, out_dir: Path | None, seed: int
                 path.write_bytes(data)
             res.findings[sig] = (count + 1, path, text or "".join(traceback.format_exception(r))[-2000:])
 
-    one()
-    res.seconds = time.perf_counter() - t0
+    done, chunk = 0, 0
+    while done < n:
+        k = min(CHUNK, n - done)
+        run = hypothesis.seed(seed * 1_000_003 + chunk)(
+            settings(max_examples=k, database=None, deadline=None, phases=[Phase.generate],
+                     suppress_health_check=list(HealthCheck))(given(strategy)(one)))
+        before = res.inputs
+        run()
+        done += max(res.inputs - before, 1)  # hypothesis may stop early when a space is exhausted
+        chunk += 1
+        res.seconds = time.perf_counter() - t0
+        if progress is not None:
+            progress(res)
     return res
 
 
@@ -535,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-mb", type=int, default=1024, help="address space allowed beyond the start")
     ap.add_argument("--findings", type=Path, default=Path("fuzz-findings"), help="where failing inputs go")
     ap.add_argument("--json", type=Path, default=None, help="write the counts as JSON")
+    ap.add_argument("--seed", type=int, default=0, help="hypothesis seed of the first run")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="edgeq-fuzz.") as tmp:
         loaders = make_loaders(Path(tmp))
@@ -542,7 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         names = args.loader or list(loaders)
         results = []
         for name in names:
-            r = fuzz(loaders[name], args.n, args.timeout, args.findings)
+            r = fuzz(loaders[name], args.n, args.timeout, args.findings, seed=args.seed,
+                     progress=lambda r: print(f"  {r.loader}: {r.inputs} inputs, {r.seconds:.0f} s, "
+                                              f"findings {len(r.findings)}", flush=True))
             results.append(r)
             print(f"{name:12s} {r.inputs:8d} inputs  {r.accepted:7d} loaded  {r.refused:7d} refused  "
                   f"{r.seconds:7.1f} s  findings: {len(r.findings)}", flush=True)
