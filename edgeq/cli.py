@@ -49,8 +49,10 @@ class _OneLineErrors(click.Group):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         import signal
+        import threading
 
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        if threading.current_thread() is threading.main_thread():  # SIGTERM cleans up like Ctrl-C
+            signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.NoArgsIsHelpError as exc:  # plain `edgeq`: the help text
