@@ -83,9 +83,9 @@ class Plan:
         known = {q.value for q in QType}
         for name, c in self.tensors.items():
             if c.type not in known:
-                raise EdgeqError(f"{where}: {name}: unknown type {c.type!r} (known: {', '.join(sorted(known))})")
+                raise EdgeqError(f"{where}: {_shown(name)}: unknown type {c.type!r} (known: {', '.join(sorted(known))})")
             if c.rank < 0:
-                raise EdgeqError(f"{where}: {name}: rank must be >= 0, got {c.rank}")
+                raise EdgeqError(f"{where}: {_shown(name)}: rank must be >= 0, got {c.rank}")
         if ir is None:
             return
         want = set(plan_tensor_shapes(ir))
@@ -165,10 +165,10 @@ class Plan:
             if isinstance(v, str):
                 v = {"type": v}
             if not isinstance(v, dict) or "type" not in v:
-                raise EdgeqError(f"{where}: tensors.{name}: expected {{ type = ..., rank = ... }}")
+                raise EdgeqError(f"{where}: tensors.{_shown(name)}: expected {{ type = ..., rank = ... }}")
             rank = v.get("rank", 0)
             if isinstance(rank, bool) or not isinstance(rank, int):
-                raise EdgeqError(f"{where}: tensors.{name}: rank must be an integer, got {rank!r}")
+                raise EdgeqError(f"{where}: tensors.{_shown(name)}: rank must be an integer, got {rank!r}")
             tensors[name] = Choice(str(v["type"]).upper(), int(rank))
             n = {k: x for k, x in v.items() if k not in ("type", "rank")}
             if n:
@@ -427,3 +427,8 @@ def make_plan(ir: ModelIR, stats, target: str, types: Sequence[str], ranks: Sequ
                     "predicted_kl": sum(o.kl for o in sel.values()),
                     "types": ",".join(types), "ranks": ",".join(str(r) for r in sorted(set(ranks)))}
     return plan
+
+
+def _shown(name: str) -> str:
+    """A tensor name for a one-line message (escaped when it holds newlines or other controls)."""
+    return name if name.isprintable() else repr(name)
