@@ -175,7 +175,7 @@ def read_manifest(artifact_dir: str | Path) -> dict:
     if not isinstance(m, dict) or "schema_version" not in m:
         raise EdgeqError(f"{path}: not an edgeq manifest")
     if m["schema_version"] != SCHEMA_VERSION:
-        raise EdgeqError(f"{path}: manifest schema {m['schema_version']} is not supported "
+        raise EdgeqError(f"{path}: manifest schema {m['schema_version']!r} is not supported "
                          f"(this edgeq reads schema {SCHEMA_VERSION})")
     check_manifest_paths(root, m)
     _check_prune_section(path, m.get("prune"))
