@@ -4,10 +4,13 @@ runtimes read them (docs/architecture.md, "Layers")."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterator
 
@@ -70,20 +73,65 @@ def atomic_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]
         if not out.is_dir() or any(out.iterdir()):
             raise EdgeqError(f"{out} already exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         yield tmp
         _normalise_modes(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        # The swap is one critical section: SIGINT / SIGTERM wait until it is over (an interrupt
+        # between the two renames would leave no artifact at all), and concurrent builds into the
+        # same parent take turns (a lock on the parent directory), so two builds racing for one
+        # ``-o`` end with one artifact and, without --force, one clear error.
+        with _deferred_signals(), _locked(out.parent):
+            if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+                raise EdgeqError(f"{out} was created by another process while this build ran; "
+                                 "pass --force to replace it")
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.replace(out, old / "x")
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _deferred_signals() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM until the block ends, then deliver them (main thread only: Python
+    runs signal handlers there; elsewhere the block runs unguarded)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    saved = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is None:  # installed outside Python: leave it alone
+            continue
+        saved[sig] = handler
+        signal.signal(sig, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        for sig in pending:
+            signal.raise_signal(sig)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive flock on ``directory`` (released when the block ends or the process dies)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _normalise_modes(root: Path) -> None:
@@ -127,10 +175,25 @@ def read_manifest(artifact_dir: str | Path) -> dict:
     if not isinstance(m, dict) or "schema_version" not in m:
         raise EdgeqError(f"{path}: not an edgeq manifest")
     if m["schema_version"] != SCHEMA_VERSION:
-        raise EdgeqError(f"{path}: manifest schema {m['schema_version']} is not supported "
+        raise EdgeqError(f"{path}: manifest schema {m['schema_version']!r} is not supported "
                          f"(this edgeq reads schema {SCHEMA_VERSION})")
     check_manifest_paths(root, m)
+    _check_prune_section(path, m.get("prune"))
     return m
+
+
+def _check_prune_section(path: Path, p) -> None:
+    """``prune``: ``rates`` a non-empty list of finite numbers in [0, 1), ``files`` (when present)
+    one file name per rate key."""
+    if p is None:
+        return
+    rates = p.get("rates")
+    if not isinstance(rates, list) or not rates or not all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r < 1 for r in rates):
+        raise EdgeqError(f"{path}: prune.rates must be a non-empty list of rates in [0, 1)")
+    files = p.get("files")
+    if files is not None and (not isinstance(files, dict) or any(rate_key(r) not in files for r in rates)):
+        raise EdgeqError(f"{path}: prune.files must name one file per rate")
 
 
 def artifact_path(root: str | Path, name) -> Path:
@@ -225,11 +288,41 @@ def write_tokenizer_spec(spec: TokenizerSpec, path: Path) -> None:
     dump_json(spec.to_json(), Path(path))
 
 
+_SPEC_FIELDS = {"tokenizer_json": (str,), "model": (str,), "pre": (str,), "tokens": (list,), "token_types": (list,),
+                "merges": (list,), "bos_id": (int, None), "eos_id": (int, None), "pad_id": (int, None),
+                "unk_id": (int, None), "add_bos": (bool,), "chat_template": (str, None)}
+
+
 def read_tokenizer_spec(path: Path) -> TokenizerSpec:
+    """The tokenizer spec file, its fields checked against the JSON types :func:`write_tokenizer_spec`
+    writes (token ids within the vocabulary); anything else is one EdgeqError line."""
     try:
-        return TokenizerSpec.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise EdgeqError(f"{path}: unreadable tokenizer spec ({exc.__class__.__name__})") from None
+
+    def bad(what: str):
+        raise EdgeqError(f"{path}: corrupt tokenizer spec ({what})")
+
+    if not isinstance(d, dict):
+        bad("not a JSON object")
+    if set(d) != set(_SPEC_FIELDS):
+        bad(f"fields {sorted(set(d) ^ set(_SPEC_FIELDS))[:3]} missing or unknown")
+    for key, kinds in _SPEC_FIELDS.items():
+        v = d[key]
+        ok = (v is None and None in kinds) or any(
+            k is not None and isinstance(v, k) and not (k is int and isinstance(v, bool)) for k in kinds)
+        if not ok:
+            bad(f"{key} is a {type(v).__name__}")
+    n = len(d["tokens"])
+    if not all(isinstance(t, str) for t in d["tokens"]) or not all(isinstance(m, str) for m in d["merges"]):
+        bad("tokens and merges must be strings")
+    if len(d["token_types"]) != n or not all(isinstance(t, int) and not isinstance(t, bool) for t in d["token_types"]):
+        bad("token_types must be one integer per token")
+    for key in ("bos_id", "eos_id", "pad_id", "unk_id"):
+        if d[key] is not None and not 0 <= d[key] < n:
+            bad(f"{key} {d[key]} is not a token id (vocabulary of {n})")
+    return TokenizerSpec.from_json(d)
 
 
 # ---- the pruning rates a manifest carries ------------------------------------------------------
@@ -253,4 +346,7 @@ def check_rate(m: dict, rate: float) -> None:
 def gguf_file_for_rate(m: dict, rate: float) -> str:
     check_rate(m, rate)
     p = m.get("prune")
-    return p["files"][rate_key(rate)] if p else m["model_file"]
+    name = (p.get("files") or {}).get(rate_key(rate)) if p else m.get("model_file")
+    if not isinstance(name, str):
+        raise EdgeqError(f"the manifest names no model file for pruning rate {rate:g}")
+    return name

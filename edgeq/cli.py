@@ -22,11 +22,23 @@ def _fail_cleanly(fn):
         except EdgeqError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            click.echo("terminated" if isinstance(exc, Terminated) else "interrupted", err=True)
+            sys.exit(143 if isinstance(exc, Terminated) else 130)
+        except OSError as exc:  # disk full, file too large, permission denied, ...: one line
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            sys.exit(1)
 
     return wrapper
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that ``finally`` blocks and temp-dir cleanups run."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 class _OneLineErrors(click.Group):
@@ -36,6 +48,11 @@ class _OneLineErrors(click.Group):
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # SIGTERM cleans up like Ctrl-C
+            signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.NoArgsIsHelpError as exc:  # plain `edgeq`: the help text

@@ -1,9 +1,14 @@
 """Goldens: top-k token ids and log-probs for fixed prompts, recorded at build time."""
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from edgeq.errors import EdgeqError
 
 GOLDEN_PROMPTS = (
     "The capital of France is Paris, a city known for its museums, its cafes and the river that "
@@ -68,15 +73,80 @@ class Comparison:
         return d
 
 
+def load_goldens(path: str | Path) -> dict:
+    """A goldens file, parsed and checked: ``token_ids`` a non-empty list of non-empty lists of
+    token ids; ``rates`` maps a rate to ``artifact`` / ``reference`` entries whose ``topk_ids``
+    (ints >= 0) and ``topk_logprobs`` (finite floats) have one row of k >= 1 per position of
+    every prompt. Anything else is one EdgeqError line."""
+    path = Path(path)
+
+    def bad(what: str):
+        raise EdgeqError(f"{path}: corrupt goldens ({what})")
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        bad(exc.__class__.__name__)
+    if not isinstance(data, dict):
+        bad("not a JSON object")
+    tids = data.get("token_ids")
+    if not (isinstance(tids, list) and tids and all(isinstance(t, list) and t and all(_is_int(i) and i >= 0 for i in t)
+                                                   for t in tids)):
+        bad("token_ids must be a non-empty list of non-empty lists of token ids")
+    rates = data.get("rates")
+    if not isinstance(rates, dict) or not rates:
+        bad("rates must be a non-empty JSON object")
+    for key, entry in rates.items():
+        try:
+            ok = math.isfinite(float(key))
+        except ValueError:
+            ok = False
+        if not ok:
+            bad(f"rate {key!r} is not a number")
+        if not isinstance(entry, dict):
+            bad(f"rate {key}: not a JSON object")
+        for source in ("artifact", "reference"):
+            e = entry.get(source)
+            if not isinstance(e, dict):
+                bad(f"rate {key}: no {source} entry")
+            for field_, good in (("topk_ids", lambda v: _is_int(v) and v >= 0),
+                                 ("topk_logprobs", lambda v: _is_num(v) and math.isfinite(v))):
+                rows = e.get(field_)
+                if not isinstance(rows, list) or len(rows) != len(tids):
+                    bad(f"rate {key}: {source}.{field_} must have one list per prompt")
+                for prompt, t in zip(rows, tids):
+                    if not (isinstance(prompt, list) and len(prompt) == len(t)
+                            and all(isinstance(r, list) and r and len(r) == len(prompt[0]) and all(good(v) for v in r)
+                                    for r in prompt)):
+                        bad(f"rate {key}: {source}.{field_} must have one row of k values per position")
+            if any(len(a[0]) != len(b[0]) for a, b in zip(e["topk_ids"], e["topk_logprobs"])):
+                bad(f"rate {key}: {source}: topk_ids and topk_logprobs differ in k")
+    return data
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def logprobs(session, token_ids: list[list[int]]) -> list[np.ndarray]:
     return [log_softmax(session.logits(ids)) for ids in token_ids]
 
 
-def compare(expected: dict, actual: list[np.ndarray], clear_margin: float = 0.0) -> Comparison:
-    """Compare log-probs (from :func:`logprobs`, full vocabulary) with recorded top-k goldens."""
+def compare(expected: dict, actual: list[np.ndarray], clear_margin: float = 0.0,
+            where: str = "goldens") -> Comparison:
+    """Compare log-probs (from :func:`logprobs`, full vocabulary) with recorded top-k goldens
+    (checked by :func:`load_goldens`; ids outside the vocabulary are one EdgeqError line)."""
     agree, clear, kls, infos, diffs = [], [], [], [], []
     for lp, e_ids, e_lp in zip(actual, expected["topk_ids"], expected["topk_logprobs"]):
-        e_ids, e_lp = np.asarray(e_ids), np.asarray(e_lp, dtype=np.float64)
+        e_ids, e_lp = np.asarray(e_ids, dtype=np.int64), np.asarray(e_lp, dtype=np.float64)
+        if e_ids.shape != e_lp.shape or e_ids.ndim != 2 or e_ids.shape[0] != lp.shape[0]:
+            raise EdgeqError(f"{where}: goldens of shape {e_ids.shape} do not match the {lp.shape[0]} positions run")
+        if e_ids.min() < 0 or e_ids.max() >= lp.shape[-1]:
+            raise EdgeqError(f"{where}: goldens name token ids outside the vocabulary (size {lp.shape[-1]})")
         got = np.take_along_axis(lp, e_ids, axis=-1)
         p = np.exp(e_lp)
         agree.extend((np.argmax(lp, axis=-1) == e_ids[:, 0]).tolist())

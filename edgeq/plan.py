@@ -85,10 +85,10 @@ class Plan:
         for name, c in self.tensors.items():
             if c.type not in known:
                 if storage.find(c.type) is None or storage.find(c.type).name != c.type:
-                    raise EdgeqError(f"{where}: {name}: unknown type {c.type!r} (known: {', '.join(sorted(known))})")
-                storage.plannable([c.type], self.format, f"{where}: {name}: ")
+                    raise EdgeqError(f"{where}: {_shown(name)}: unknown type {c.type!r} (known: {', '.join(sorted(known))})")
+                storage.plannable([c.type], self.format, f"{where}: {_shown(name)}: ")
             if c.rank < 0:
-                raise EdgeqError(f"{where}: {name}: rank must be >= 0, got {c.rank}")
+                raise EdgeqError(f"{where}: {_shown(name)}: rank must be >= 0, got {c.rank}")
         if ir is None:
             return
         want = set(plan_tensor_shapes(ir))
@@ -148,7 +148,18 @@ class Plan:
             raise EdgeqError(f"{where}: invalid TOML: {exc}") from None
         if data.get("version") != PLAN_VERSION:
             raise EdgeqError(f"{where}: expected plan version {PLAN_VERSION}, got {data.get('version')!r}")
-        method = data.get("method", {})
+        method, budget = data.get("method", {}), data.get("budget", {})
+        for key, table in (("method", method), ("budget", budget)):
+            if not isinstance(table, dict):
+                raise EdgeqError(f"{where}: [{key}] must be a table")
+        for key, kinds in (("damp", (int, float)), ("act_order", (bool,)), ("quantizer", (str,)),
+                           ("compensation", (str,))):
+            v = method.get(key)
+            if v is not None and (not isinstance(v, kinds) or (bool not in kinds and isinstance(v, bool))):
+                raise EdgeqError(f"{where}: method.{key} has the wrong type ({type(v).__name__})")
+        wb = budget.get("weight_bytes")
+        if wb is not None and (isinstance(wb, bool) or not isinstance(wb, int) or wb < 0):
+            raise EdgeqError(f"{where}: budget.weight_bytes must be a non-negative integer, got {wb!r}")
         tensors_raw = data.get("tensors")
         if not isinstance(tensors_raw, dict) or not tensors_raw:
             raise EdgeqError(f"{where}: missing [tensors] table")
@@ -157,15 +168,14 @@ class Plan:
             if isinstance(v, str):
                 v = {"type": v}
             if not isinstance(v, dict) or "type" not in v:
-                raise EdgeqError(f"{where}: tensors.{name}: expected {{ type = ..., rank = ... }}")
+                raise EdgeqError(f"{where}: tensors.{_shown(name)}: expected {{ type = ..., rank = ... }}")
             rank = v.get("rank", 0)
             if isinstance(rank, bool) or not isinstance(rank, int):
-                raise EdgeqError(f"{where}: tensors.{name}: rank must be an integer, got {rank!r}")
+                raise EdgeqError(f"{where}: tensors.{_shown(name)}: rank must be an integer, got {rank!r}")
             tensors[name] = Choice(str(v["type"]).upper(), int(rank))
             n = {k: x for k, x in v.items() if k not in ("type", "rank")}
             if n:
                 notes[name] = n
-        budget = data.get("budget", {})
         plan = Plan(target=str(data.get("target", "")), format=str(data.get("format", "gguf")),
                     quantizer=str(method.get("quantizer", "gptq")), compensation=str(method.get("compensation", "qera")),
                     damp=float(method.get("damp", 0.01)), act_order=bool(method.get("act_order", False)),
@@ -425,3 +435,8 @@ def make_plan(ir: ModelIR, stats, target: str, types: Sequence[str], ranks: Sequ
                     "predicted_kl": sum(o.kl for o in sel.values()),
                     "types": ",".join(types), "ranks": ",".join(str(r) for r in sorted(set(ranks)))}
     return plan
+
+
+def _shown(name: str) -> str:
+    """A tensor name for a one-line message (escaped when it holds newlines or other controls)."""
+    return name if name.isprintable() else repr(name)

@@ -1,7 +1,6 @@
 """`edgeq verify`: hashes + rerun the artifact against its recorded goldens."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,12 +39,11 @@ def verify(artifact_dir: str | Path, runtime: str = "auto") -> VerifyReport:
         else:
             rep.problems.append("artifact was built without goldens (--no-goldens)")
         return rep
-    try:
-        data = json.loads(artifact_path(root, g["file"]).read_text())
-        token_ids = data["token_ids"]
-        per_rate = data["rates"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise EdgeqError(f"{root / g['file']}: corrupt goldens ({exc.__class__.__name__})") from None
+    if not isinstance(g, dict) or "file" not in g:
+        raise EdgeqError(f"{root / 'manifest.json'}: corrupt goldens entry")
+    gpath = artifact_path(root, g["file"])
+    data = goldens.load_goldens(gpath)
+    token_ids, per_rate = data["token_ids"], data["rates"]
     tol = tolerances.REFERENCE_TOLERANCE.get(m.get("weight_type", ""))
     rep.tolerance = {"regression_max_logprob_diff": tolerances.REGRESSION_MAX_LOGPROB_DIFF,
                      "regression_min_top1": tolerances.REGRESSION_MIN_TOP1}
@@ -58,8 +56,8 @@ def verify(artifact_dir: str | Path, runtime: str = "auto") -> VerifyReport:
     for key, expected in per_rate.items():
         with open_session(root, runtime=runtime, n_ctx=256, manifest=m, prune=float(key)) as s:
             lps = goldens.logprobs(s, token_ids)
-        reg = goldens.compare(expected["artifact"], lps)
-        ref = goldens.compare(expected["reference"], lps, clear_margin=tolerances.TOP1_CLEAR_MARGIN)
+        reg = goldens.compare(expected["artifact"], lps, where=str(gpath))
+        ref = goldens.compare(expected["reference"], lps, clear_margin=tolerances.TOP1_CLEAR_MARGIN, where=str(gpath))
         rep.regression[key], rep.reference[key] = reg.to_json(), ref.to_json()
         at = f"rate {key}: " if len(per_rate) > 1 else ""
         if reg.top1_agreement < tolerances.REGRESSION_MIN_TOP1:

@@ -226,3 +226,35 @@ def test_tokenizer_spec_round_trip(tiny_llama, tmp_path):
         read_tokenizer_spec(tmp_path / "bad.json")
     with pytest.raises(EdgeqError, match="tokenizer"):
         read_tokenizer_spec(tmp_path / "missing.json")
+
+
+def test_a_signal_during_the_swap_waits_until_the_new_artifact_is_in_place(tmp_path):
+    """The window a random signal rarely hits: SIGINT between the renames of a --force swap is
+    delivered after the swap, so the directory is never missing."""
+    import os
+    import signal
+
+    import edgeq.artifact as art
+
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "f").write_text("old")
+    real_replace = os.replace
+    seen = []
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if not seen:  # right after the first rename: the old artifact moved away, the new not yet in
+            seen.append(out.exists())
+            os.kill(os.getpid(), signal.SIGINT)
+
+    art.os.replace = replace
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with art.atomic_directory(out, force=True) as tmp:
+                (tmp / "f").write_text("new")
+    finally:
+        art.os.replace = real_replace
+    assert seen == [False]  # the signal did arrive inside the window
+    assert (out / "f").read_text() == "new"  # and was delivered once the swap was complete
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]

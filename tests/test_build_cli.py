@@ -2,6 +2,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -184,3 +185,70 @@ def test_targets_table_lists_every_profile():
     assert code == 0
     for name in ("cpu-avx2", "cpu-avx512", "mobile-arm64", "gpu-t4", "gpu-rtx3060", "gpu-rtx4090-laptop"):
         assert name in text
+
+
+def _reference_text(model_dir, prompt, n):
+    from edgeq.frontend import load_model
+    from runtimes.reference import ReferenceSession
+
+    s = ReferenceSession(load_model(model_dir))
+    ids = s.tokenize(prompt)
+    toks = list(s.generate_ids(ids, n, stop_at_eos=False))
+    return toks, "".join(s.generate(prompt, max_tokens=n, stop_at_eos=False))
+
+
+@pytest.mark.parametrize("fmt", ["reference", "gguf-q8"])
+def test_run_prints_the_reference_greedy_text(fmt, built, tiny_llama, tmp_path):
+    """`edgeq run --raw` (greedy) prints what the fp32 reference generates for the same prompt."""
+    art = built
+    if fmt == "reference":
+        art = tmp_path / "ref"
+        code, text = run_cli("build", tiny_llama, "--format", "reference", "--no-goldens", "-o", art)
+        assert code == 0, text
+    prompt, n = "hello world", 8
+    r = CliRunner().invoke(main, ["run", str(art), "--prompt", prompt, "--raw", "--max-tokens", str(n)],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    toks, want = _reference_text(tiny_llama, prompt, n)
+    assert len(set(toks)) > 1  # not a degenerate repeat of one token
+    assert r.stdout.rstrip("\n") == want
+
+
+def _kl(p_logits, q_logits):
+    """Mean KL(softmax p || softmax q) over positions, nats."""
+    from edgeq.goldens import log_softmax
+
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def test_separate_lora_artifact_matches_merged_and_the_reference(tiny_qwen2, tiny_qwen2_lora, tmp_path):
+    """A separate-LoRA artifact runs like the merged one and like the fp32 reference with the
+    adapter merged, and unlike the base model (so the adapter file is really applied)."""
+    from edgeq.frontend import load_adapter, load_model, merge_adapters
+    from edgeq.session import open_session
+    from runtimes.reference import ReferenceSession
+
+    arts = {}
+    for mode in ("separate", "merge"):
+        arts[mode] = tmp_path / mode
+        code, text = run_cli("build", tiny_qwen2, "--adapter", tiny_qwen2_lora, "--adapter-mode", mode,
+                             "--bits", "8", "--no-goldens", "-o", arts[mode])
+        assert code == 0, text
+    base = load_model(tiny_qwen2)
+    ref = ReferenceSession(merge_adapters(load_adapter(base, tiny_qwen2_lora)))
+    ids = ref.tokenize("The quick brown fox jumps over the lazy dog, again and again.")
+    want = ref.logits(ids)
+    got = {}
+    for mode, art in arts.items():
+        with open_session(art, n_ctx=128) as s:
+            got[mode] = s.logits(ids)
+    kl_sep, kl_merge = _kl(want, got["separate"]), _kl(want, got["merge"])
+    kl_base = _kl(want, ReferenceSession(base).logits(ids))
+    print(f"KL vs reference: separate {kl_sep:.2e}, merged {kl_merge:.2e}, base (no adapter) {kl_base:.2e}")
+    assert kl_base > 20 * max(kl_sep, kl_merge)  # the adapter's effect is far above the Q8 error
+    assert kl_sep < SEPARATE_LORA_MAX_KL and kl_merge < SEPARATE_LORA_MAX_KL
+    assert _kl(got["merge"], got["separate"]) < SEPARATE_LORA_MAX_KL
+
+
+SEPARATE_LORA_MAX_KL = 1e-3  # Q8_0 on the tiny model: ~1e-4 (the adapter itself: ~4e-2)

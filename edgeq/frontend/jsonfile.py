@@ -15,3 +15,7 @@ def read_json(path: Path, missing: str | None = None) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise EdgeqError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise EdgeqError(f"{path}: invalid JSON ({exc.__class__.__name__})") from None
+    except OSError as exc:
+        raise EdgeqError(f"{path}: cannot read ({exc.strerror or exc})") from None

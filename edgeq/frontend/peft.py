@@ -25,7 +25,41 @@ def _read_config(adapter_dir: Path) -> dict:
                      missing=f"{adapter_dir}: no adapter_config.json (expected a PEFT adapter directory)")
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_types(cfg, where: Path) -> None:
+    """The fields edgeq reads, with the JSON types PEFT writes (else one EdgeqError line)."""
+    if not isinstance(cfg, dict):
+        raise EdgeqError(f"{where}: adapter_config.json is not a JSON object")
+    kinds = {"peft_type": (str,), "bias": (str,), "base_model_name_or_path": (str,), "base_model_class": (str,),
+             "auto_mapping": (dict,), "alpha_pattern": (dict,), "rank_pattern": (dict,),
+             "target_modules": (list, str), "modules_to_save": (list,)}
+    for key, types in kinds.items():
+        if cfg.get(key) is not None and not isinstance(cfg[key], types):
+            raise EdgeqError(f"{where}: adapter_config.json {key} is a {type(cfg[key]).__name__}, expected "
+                             f"{' or '.join('object' if t is dict else t.__name__ for t in types)}")
+    if isinstance(cfg.get("target_modules"), list) and not all(isinstance(t, str) for t in cfg["target_modules"]):
+        raise EdgeqError(f"{where}: adapter_config.json target_modules must be module names")
+    if cfg.get("r") is not None and not (isinstance(cfg["r"], int) and not isinstance(cfg["r"], bool)):
+        raise EdgeqError(f"{where}: adapter_config.json r must be an integer, got {cfg['r']!r}")
+    if "lora_alpha" in cfg and not _number(cfg["lora_alpha"]):
+        raise EdgeqError(f"{where}: adapter_config.json lora_alpha must be a finite number, got {cfg['lora_alpha']!r}")
+    patterns = list((cfg.get("alpha_pattern") or {}).items())
+    if isinstance(cfg.get("target_modules"), str):
+        patterns.append((cfg["target_modules"], 1))
+    for pat, a in patterns:
+        if not _number(a):
+            raise EdgeqError(f"{where}: adapter_config.json alpha_pattern {pat!r}: not a finite number")
+        try:
+            re.compile(pat)
+        except re.error as exc:
+            raise EdgeqError(f"{where}: adapter_config.json: invalid pattern {pat!r} ({exc})") from None
+
+
 def _check_config(cfg: dict, where: Path, fam: Family) -> None:
+    _check_types(cfg, where)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise EdgeqError(f"{where}: adapter type {cfg.get('peft_type')!r} is not supported (only LORA)")
     if cfg.get("use_dora"):
@@ -185,7 +219,7 @@ def load_adapter(ir: ModelIR, adapter_dir: str | Path, name: str | None = None) 
         "path": str(adapter_dir),
         "sha256": sha256_file(wfile),
         "config_sha256": sha256_file(adapter_dir / "adapter_config.json"),
-        "rank": int(cfg.get("r", 0)),
+        "rank": int(cfg.get("r") or 0),
         "alpha": cfg.get("lora_alpha"),
         "target_modules": sorted({str(p["module"]) for p in pairs.values()}),
         "base_model": cfg.get("base_model_name_or_path"),

@@ -6,6 +6,7 @@ bfloat16) and so that truncated or corrupt files give one clear line instead of 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -43,22 +44,23 @@ def read_header(path: str | Path) -> tuple[dict, int]:
                              f"(header length {n}, file size {size})")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise EdgeqError(f"{path}: corrupt safetensors header ({exc.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise EdgeqError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     data_len = size - 8 - n
     for name, info in header.items():
-        try:
-            start, end = info["data_offsets"]
-            dtype = info["dtype"]
-            shape = info["shape"]
-        except (KeyError, TypeError, ValueError):
-            raise EdgeqError(f"{path}: corrupt safetensors entry for {name!r}") from None
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) \
+                or not _int_list(info.get("shape")) or not _int_list(info.get("data_offsets"), 2):
+            raise EdgeqError(f"{path}: corrupt safetensors entry for {name!r} (expected dtype, shape "
+                             "and data_offsets [start, end])")
+        start, end = info["data_offsets"]
+        dtype, shape = info["dtype"], info["shape"]
         if dtype not in _DTYPES:
-            raise EdgeqError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+            raise EdgeqError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        # Python integers: a claimed shape cannot overflow into a small, plausible byte count
+        nbytes = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
         if end - start != nbytes or start < 0:
             raise EdgeqError(f"{path}: tensor {name!r}: expected {nbytes} bytes for shape {shape} "
                              f"{dtype}, header says {end - start}")
@@ -66,6 +68,12 @@ def read_header(path: str | Path) -> tuple[dict, int]:
             raise EdgeqError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
                              f"{end} of the data section, which has only {data_len} bytes")
     return header, 8 + n
+
+
+def _int_list(v, length: int | None = None) -> bool:
+    """A JSON list of non-negative integers (of ``length`` items when given)."""
+    return (isinstance(v, list) and (length is None or len(v) == length)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v))
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:

@@ -97,7 +97,7 @@ def test_x86_avx512_kernels(tmp_path):
     specs = [KernelSpec(bits=4, rank=32, block=16), KernelSpec(bits=8, symmetric=False, rank=16, block=16, prefill=True)]
     ex = kc.build(specs, AVX512)
     asm = ex.mod.inspect_source("asm")
-    assert "zmm" in asm or "ymm" in asm  # compiled for the profile, vectorized
+    assert "zmm" in asm  # compiled for the AVX-512 profile: 512-bit registers (ymm is AVX2)
     if "avx512f" not in Path("/proc/cpuinfo").read_text():
         pytest.skip("host has no AVX-512: compiled, not run")
     for spec in specs:

@@ -95,7 +95,9 @@ def test_greedy_generation_matches_reference(built, arch):
         text = "".join(s.generate(TEXTS[0], max_tokens=6, stop_at_eos=False))
     assert got == list(ref.generate_ids(ids, 12, stop_at_eos=False))
     assert stats.new_tokens == 12 and stats.prompt_tokens == len(ids) and stats.prefill_seconds > 0
-    assert isinstance(text, str)
+    # the text path (tokenize, greedy decode, detokenize) gives the reference's text
+    want = "".join(ref.generate(TEXTS[0], max_tokens=6, stop_at_eos=False))
+    assert text == want and len(want) > 0
 
 
 def test_tokenizer_matches_hf(built, arch):
