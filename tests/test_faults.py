@@ -78,9 +78,11 @@ def test_signals_at_random_points_leave_all_or_nothing(kind, tiny_llama, tmp_pat
         if code == 0:
             assert _intact(fresh)
         else:
-            assert code == (130 if sig == signal.SIGINT else 143), err
+            # 130 / 143: the handler ran; -sig: the signal came while none was installed (interpreter
+            # start-up or shutdown, seen under load) — either way the directory is all or nothing
+            assert code in ((130, -signal.SIGINT) if sig == signal.SIGINT else (143, -signal.SIGTERM)), (code, err)
             assert "Traceback" not in err, err
-            assert not fresh.exists()
+            assert not fresh.exists() or _intact(fresh)
         # with --force over the previous artifact: the new one or the previous one, intact
         code2, err2 = _interrupt(_build_cmd(tiny_llama, prev, *args, "--force"), delay, sig, tmpdir)
         assert "Traceback" not in err2, err2
