@@ -126,3 +126,24 @@ def materialize(x) -> np.ndarray:
 
 def is_lazy(x) -> bool:
     return isinstance(x, LazyTensor)
+
+
+class LazyArray64(LazyTensor):
+    """A float64 array parked in a raw file (edgeq.spill statistics): read whole on use, as float64,
+    and unmapped again, so a build's resident memory does not grow with every layer's statistics."""
+
+    __slots__ = ()
+    dtype = np.dtype(np.float64)
+
+    def __init__(self, path: str | Path, shape: tuple[int, ...]):
+        super().__init__(path, 0, "F64", shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * 8
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return np.array(self._raw()[start:stop])
+
+    def numpy(self) -> np.ndarray:
+        return np.array(self._raw())

@@ -4,7 +4,8 @@ Inside ``with spilling(dir):`` every 2-D float32 array a pass produces through
 :func:`spill` is written to a file in ``dir`` and replaced by a :class:`~edgeq.lazy.LazyTensor`
 reading it back (memory-mapped, on use). Values are stored exactly (float32 bytes), so a
 spilled build computes the same numbers as one held in memory. Statistics (float64) spill the
-same way through :func:`spill_array` (a read-only memory map of a ``.npy`` file).
+same way through :func:`spill_array` (float64: a :class:`~edgeq.lazy.LazyArray64` read whole on
+use; other dtypes: a read-only memory map of a ``.npy`` file).
 Outside such a block both functions return their argument.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edgeq.lazy import LazyTensor
+from edgeq.lazy import LazyArray64, LazyTensor
 
 # Arrays smaller than this stay in memory (norms, biases, tiny models' matrices cost less than a file).
 MIN_SPILL_BYTES = 1 << 20
@@ -43,11 +44,17 @@ class SpillStore:
         self.bytes += arr.nbytes
         return LazyTensor(path, 0, "F32", arr.shape)
 
-    def put_array(self, arr: np.ndarray) -> np.ndarray:
-        path = self._path(".npy")
-        np.save(path, arr)
+    def put_array(self, arr: np.ndarray):
+        if arr.dtype != np.float64:
+            path = self._path(".npy")
+            np.save(path, arr)
+            self.bytes += arr.nbytes
+            return np.load(path, mmap_mode="r")
+        arr = np.ascontiguousarray(arr)
+        path = self._path(".f64")
+        arr.tofile(path)
         self.bytes += arr.nbytes
-        return np.load(path, mmap_mode="r")
+        return LazyArray64(path, arr.shape)  # read on use, not kept mapped
 
 
 def active() -> "SpillStore | None":

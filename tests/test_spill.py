@@ -28,6 +28,7 @@ def test_spill_round_trip_exact(tmp_path):
         assert isinstance(t, LazyTensor) and store.count == 2
         np.testing.assert_array_equal(np.asarray(t), a)
         np.testing.assert_array_equal(st, s)
+        assert not isinstance(st, np.ndarray) and np.asarray(st).dtype == np.float64  # read on use
         small = np.ones((2, 2), np.float32)
         assert spill.spill(small) is small  # under MIN_SPILL_BYTES
         root = store.root
