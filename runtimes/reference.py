@@ -318,11 +318,6 @@ class ReferenceSession(SpecTextMixin, Session):
         return n * it
 
     # ---- compute -----------------------------------------------------------------------------
-    def _cos_sin(self, L: LayerWeights, pos: np.ndarray, p: int):
-        return cos_sin(self.inv_freq, L, pos, p, self.dtype)
-
-    _rope = staticmethod(apply_rope)
-
     def _forward(self, ids: Sequence[int], start: int) -> np.ndarray:
         hp = self.hp
         ids = check_tokens(ids, hp.vocab_size, start, self.n_ctx)
@@ -335,8 +330,6 @@ class ReferenceSession(SpecTextMixin, Session):
                               self.dtype, None if timers is None else timers[li])
         x = rms_norm(x, self.out_norm, hp.rms_norm_eps)
         return x
-
-    _o_proj = staticmethod(o_proj)
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         x = self._forward(token_ids, 0)
