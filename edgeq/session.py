@@ -16,8 +16,9 @@ def default_threads() -> int:
 
 
 def open_session(artifact_dir: str | Path, runtime: str = "auto", n_ctx: int = 2048, threads: int | None = None,
-                 manifest: dict | None = None, prune: float | None = None):
-    """A Session on the artifact; ``prune`` selects a carried pruning rate (default 0)."""
+                 manifest: dict | None = None, prune: float | None = None, options: dict | None = None):
+    """A Session on the artifact; ``prune`` selects a carried pruning rate (default 0); ``options``:
+    runtime settings recorded with the goldens (see ``Backend.golden_options``)."""
     root = Path(artifact_dir)
     m = manifest or read_manifest(root)
     if runtime not in RUNTIMES:
@@ -27,4 +28,5 @@ def open_session(artifact_dir: str | Path, runtime: str = "auto", n_ctx: int = 2
     if backend is None:
         raise EdgeqError(f"{root}: unsupported artifact format {m.get('format')!r}")
     backend.check_runtime(runtime)
-    return backend.open_session(root, m, runtime, n_ctx=n_ctx, threads=threads or default_threads(), rate=rate)
+    return backend.open_session(root, m, runtime, n_ctx=n_ctx, threads=threads or default_threads(), rate=rate,
+                                options=options)

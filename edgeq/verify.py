@@ -53,8 +53,11 @@ def verify(artifact_dir: str | Path, runtime: str = "auto") -> VerifyReport:
                               "reference_top1_clear_margin": tolerances.TOP1_CLEAR_MARGIN,
                               "reference_top1_min_clear_positions": tolerances.TOP1_MIN_CLEAR_POSITIONS})
     rep.regression, rep.reference = {}, {}
+    options = g.get("session_options") or {}  # how the goldens ran the artifact (e.g. llama.cpp's repack)
+    if not isinstance(options, dict):
+        raise EdgeqError(f"{root / 'manifest.json'}: corrupt goldens entry (session_options)")
     for key, expected in per_rate.items():
-        with open_session(root, runtime=runtime, n_ctx=256, manifest=m, prune=float(key)) as s:
+        with open_session(root, runtime=runtime, n_ctx=256, manifest=m, prune=float(key), options=options) as s:
             lps = goldens.logprobs(s, token_ids)
         reg = goldens.compare(expected["artifact"], lps, where=str(gpath))
         ref = goldens.compare(expected["reference"], lps, clear_margin=tolerances.TOP1_CLEAR_MARGIN, where=str(gpath))

@@ -8,6 +8,7 @@ LoRA-adapter GGUFs (``edgeq.backends.gguf.lower.write_lora_gguf``) are attached 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from collections import deque
 from pathlib import Path
@@ -47,12 +48,33 @@ def _last_log(default: str = "") -> str:
     return errors[0] if errors else default
 
 
+@contextlib.contextmanager
+def _model_params(llama_cpp, **fields):
+    """Model parameters ``llama_cpp.Llama`` does not take as arguments (``use_extra_bufts``: the CPU
+    repack of Q4_0 / IQ4_NL weights into a second, interleaved copy), set on the defaults it
+    starts from while one model is created."""
+    lib = llama_cpp.llama_cpp
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        for k, v in fields.items():
+            setattr(p, k, v)
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
+
+
 class LlamaCppSession(Session):
     name = "llama.cpp"
 
     def __init__(self, model_path: str | Path, lora_paths: Sequence[str | Path] = (), n_ctx: int = 2048,
                  n_threads: int = 2, seed: int = 0, lora_scales: Sequence[float] | None = None,
-                 n_batch: int = 512, kv_cache_type: str = "f16", verbose: bool = False):
+                 n_batch: int = 512, kv_cache_type: str = "f16", verbose: bool = False, repack: bool = True):
         llama_cpp = require("llama_cpp", "gguf")
         self._lib = llama_cpp
         self._batch = None
@@ -77,12 +99,14 @@ class LlamaCppSession(Session):
         self.n_ctx = int(n_ctx)
         self.n_threads = int(n_threads)
         self.n_batch = max(1, min(int(n_batch), self.n_ctx))
+        self.repack = bool(repack)
         try:
-            self._llm = llama_cpp.Llama(
-                model_path=str(model_path), n_ctx=self.n_ctx, n_batch=self.n_batch, n_ubatch=self.n_batch,
-                n_threads=int(n_threads), n_threads_batch=int(n_threads), seed=int(seed),
-                logits_all=False, verbose=verbose, n_gpu_layers=0,
-                type_k=kv_types[kv_cache_type], type_v=kv_types[kv_cache_type])
+            with _model_params(llama_cpp, use_extra_bufts=self.repack):
+                self._llm = llama_cpp.Llama(
+                    model_path=str(model_path), n_ctx=self.n_ctx, n_batch=self.n_batch, n_ubatch=self.n_batch,
+                    n_threads=int(n_threads), n_threads_batch=int(n_threads), seed=int(seed),
+                    logits_all=False, verbose=verbose, n_gpu_layers=0,
+                    type_k=kv_types[kv_cache_type], type_v=kv_types[kv_cache_type])
         except Exception as exc:  # noqa: BLE001 - llama-cpp-python raises ValueError/RuntimeError
             detail = _last_log(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise EdgeqError(f"{model_path}: llama.cpp could not load the model: {detail}") from None

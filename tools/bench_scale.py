@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/bench_scale.py --shape llama-3.2-1b --work /work/scale [--ckpt DIR]
         [--formats gguf,onnx,tvm] [--skip-llamacpp] [--edgeq-args "--prune-rates 0,0.15"]
-        [--repeat N] [--mem-limit GB] [--json results.json]
+        [--planned] [--repeat N] [--mem-limit GB] [--json results.json]
 
 The checkpoint is a random-weight Llama with the real shape (:mod:`models.scale`; made under
 ``WORK/ckpt-<shape>-s<seed>`` and reused, or given with ``--ckpt``). Then, each step a child
@@ -303,12 +303,14 @@ def llamacpp_steps(ckpt: Path, work: Path, sdist: Path, threads: int) -> list[tu
     return [("llama.cpp convert (bf16)", conv, env, bf16), ("llama.cpp quantize (Q4_0)", quant, qenv, q4)]
 
 
-def edgeq_step(ckpt: Path, work: Path, fmt: str, extra: list[str]) -> tuple[str, list[str], dict, Path]:
+def edgeq_step(ckpt: Path, work: Path, fmt: str, extra: list[str], planned: bool = False
+               ) -> tuple[str, list[str], dict, Path]:
     out = work / "out" / f"edgeq-{fmt}"
-    cmd = [sys.executable, "-m", "edgeq.cli", "build", str(ckpt), "--bits", "4", "--format", fmt,
+    bits = [] if planned else ["--bits", "4"]
+    cmd = [sys.executable, "-m", "edgeq.cli", "build", str(ckpt), *bits, "--format", fmt,
            "-o", str(out), "--force", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    label = f"edgeq build --bits 4 --format {fmt}" + (f" {shlex.join(extra)}" if extra else "")
+    label = "edgeq build " + shlex.join([*bits, "--format", fmt, *extra])
     return label, cmd, env, out
 
 
@@ -367,6 +369,9 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default="gguf", help="edgeq formats, comma-separated (gguf,onnx,tvm,reference)")
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--skip-edgeq", action="store_true")
+    ap.add_argument("--planned", action="store_true",
+                    help="edgeq's default planned build (GPTQ + compensation at the profile's budget) "
+                         "instead of --bits 4")
     ap.add_argument("--edgeq-args", default="", help="extra arguments for edgeq build (one shell-quoted string)")
     ap.add_argument("--repeat", type=int, default=1, help="runs, interleaved A B A B")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp quantize threads")
@@ -428,7 +433,7 @@ def main(argv=None) -> int:
                     break
         if not args.skip_edgeq:
             for fmt in formats:
-                label, cmd, env, out = edgeq_step(ckpt, work, fmt, extra)
+                label, cmd, env, out = edgeq_step(ckpt, work, fmt, extra, planned=args.planned)
                 r = measure(label, cmd, env, logs / f"{rep}-edgeq-{fmt}.log", cap)
                 r["repeat"], r["output_mb"] = rep, round(du(out) / MB, 1)
                 runs.append(r)

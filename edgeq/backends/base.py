@@ -83,9 +83,17 @@ class Backend:
             raise EdgeqError(f"{a} {self.name} artifact runs on the {self.runtimes[0]} runtime only")
         raise EdgeqError(f"a {self.name} artifact does not run on {runtime}")
 
-    def open_session(self, root: Path, manifest: dict, runtime: str, n_ctx: int, threads: int, rate: float):
-        """A Session on the artifact at pruning ``rate`` (``runtime`` already checked; "auto" allowed)."""
+    def open_session(self, root: Path, manifest: dict, runtime: str, n_ctx: int, threads: int, rate: float,
+                     options: dict | None = None):
+        """A Session on the artifact at pruning ``rate`` (``runtime`` already checked; "auto" allowed).
+
+        ``options``: runtime settings the goldens were recorded with (:meth:`golden_options`), so
+        that ``verify`` reruns the artifact the same way; formats without any ignore it."""
         raise NotImplementedError
+
+    def golden_options(self, root: Path, manifest: dict) -> dict:
+        """Runtime settings for recording (and re-checking) this artifact's goldens; {} = defaults."""
+        return {}
 
     def runs_here(self, manifest: dict) -> bool:
         """Whether this host can run the artifact (a cross-compiled build cannot)."""

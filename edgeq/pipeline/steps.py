@@ -308,11 +308,13 @@ def record_goldens(ref_ir, root: Path, manifest: dict) -> dict:
     for rate in rates:
         lps = [goldens.log_softmax(lg) for lg in streamed_logits(ref_ir, token_ids, rate)]
         data["rates"][rate_key(rate)] = {"reference": goldens.record_logprobs(lps)}
+    options = backends.for_manifest(manifest).golden_options(root, manifest)
     for rate in rates:
-        with open_session(root, n_ctx=256, manifest=manifest, prune=rate) as art:
+        with open_session(root, n_ctx=256, manifest=manifest, prune=rate, options=options) as art:
             data["rates"][rate_key(rate)]["artifact"] = goldens.record(art, token_ids)
     dump_json(data, root / GOLDENS)
+    extra = {"session_options": options} if options else {}
     return {"file": GOLDENS, "positions": sum(len(t) for t in token_ids), "topk": goldens.GOLDEN_TOPK,
-            "rates": [rate_key(r) for r in rates],
+            "rates": [rate_key(r) for r in rates], **extra,
             "reference": {"runtime": "reference", "weights": "float32", "arithmetic": "float64",
                           "mode": "layer by layer"}}

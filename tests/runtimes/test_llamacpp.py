@@ -175,3 +175,4 @@ def test_works_without_torch(built):
     env = {**os.environ, "PYTHONPATH": str(repo)}
     r = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+

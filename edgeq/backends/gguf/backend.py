@@ -12,6 +12,11 @@ from edgeq.quant import storage
 MODEL_FILE = "model.gguf"
 PLAN_FILE = "plan.toml"
 COMPENSATION_FILE = "compensation.gguf"
+# Above this many bytes of model file, goldens (and verify, which reruns them) run llama.cpp on the
+# mapped file without its CPU repack: the repack keeps a second, interleaved copy of every Q4_0 /
+# IQ4_NL weight in anonymous memory (4.4 GB for an 8B Q4_0 model), doubling the build's peak. A
+# device's own runs keep llama.cpp's default (repacked) layout.
+GOLDENS_REPACK_MAX_BYTES = 2 * 1024 ** 3
 PRUNE_EXPRESSED = ("per-layer MLP widths (llama.cpp 'deci' architecture), one file per rate, "
                    "loaded by the runtime at the requested rate (a switch is a reload)")
 PRUNE_DROPPED = ("Q/K RoPE-pair pruning and V/O component truncation (llama.cpp has one head dim and "
@@ -122,15 +127,26 @@ class GgufBackend(Backend):
                   "realised_total_bytes": total, "bpw": round(total * 8 / n_weights(ir), 4)})
         return manifest, float_ir
 
-    def open_session(self, root, manifest, runtime, n_ctx, threads, rate):
+    def golden_options(self, root, manifest) -> dict:
         from edgeq.artifact import artifact_path, gguf_file_for_rate
 
+        rates = (manifest.get("prune") or {}).get("rates") or [0.0]
+        largest = max(artifact_path(root, gguf_file_for_rate(manifest, float(r))).stat().st_size for r in rates)
+        return {"repack": False} if largest > GOLDENS_REPACK_MAX_BYTES else {}
+
+    def open_session(self, root, manifest, runtime, n_ctx, threads, rate, options=None):
+        from edgeq.artifact import artifact_path, gguf_file_for_rate
+
+        options = dict(options or {})
+        repack = options.pop("repack", True)
+        if options or not isinstance(repack, bool):
+            raise EdgeqError(f"unknown llama.cpp session options {sorted(options) or {'repack': repack}}")
         model = artifact_path(root, gguf_file_for_rate(manifest, rate))
         if runtime in ("auto", "llamacpp"):
             from runtimes.llamacpp import LlamaCppSession
 
             return LlamaCppSession(model, lora_paths=[artifact_path(root, f) for f in manifest.get("adapter_files", [])],
-                                   n_ctx=n_ctx, n_threads=threads)
+                                   n_ctx=n_ctx, n_threads=threads, repack=repack)
         if manifest.get("adapter_files"):
             raise EdgeqError("the reference runtime does not load separate LoRA-adapter GGUFs; "
                              "use --runtime llamacpp or build with --adapter-mode merge")

@@ -75,7 +75,7 @@ class OnnxBackend(Backend):
                                                          weight_bytes_per_rate=info.get("weight_bytes_per_rate"))
         return manifest, ir
 
-    def open_session(self, root, manifest, runtime, n_ctx, threads, rate):
+    def open_session(self, root, manifest, runtime, n_ctx, threads, rate, options=None):
         from edgeq.artifact import check_rate
         from runtimes.onnxrt import OnnxSession
 

@@ -36,7 +36,7 @@ class ReferenceBackend(Backend):
             manifest["prune"] = switchable_prune_section(ir, opts, PRUNE_EXPRESSED)
         return manifest, ir
 
-    def open_session(self, root, manifest, runtime, n_ctx, threads, rate):
+    def open_session(self, root, manifest, runtime, n_ctx, threads, rate, options=None):
         from edgeq.artifact import artifact_path, check_rate
         from edgeq.backends.reference.ir_files import META, WEIGHTS, open_ir
         from runtimes.reference import ReferenceSession

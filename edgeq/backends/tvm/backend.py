@@ -60,7 +60,7 @@ class TvmBackend(Backend):
         t = manifest.get("tvm", {}).get("target")
         return None if t is None else f"{t.get('kind')} {t.get('arch') or t.get('mtriple', '')}"
 
-    def open_session(self, root, manifest, runtime, n_ctx, threads, rate):
+    def open_session(self, root, manifest, runtime, n_ctx, threads, rate, options=None):
         from edgeq.artifact import check_rate
         from runtimes.tvmrt import TvmSession, runtime_only
 
