@@ -24,7 +24,9 @@ _STORED = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2
 def widen(raw: np.ndarray, stored: str) -> np.ndarray:
     """Stored values -> a new float32 array (bf16 widened exactly)."""
     if stored == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
+        wide = raw.astype(np.uint32)
+        wide <<= 16  # in place: one pass and one allocation fewer than ``<< 16``
+        return wide.view(np.float32)
     return raw.astype(np.float32)
 
 

@@ -117,9 +117,12 @@ class LayerWeights:
     order) they are permuted copies.
     """
 
-    def __init__(self, ir: ModelIR, i: int, dtype, store=None, laid_out: bool = False):
+    def __init__(self, ir: ModelIR, i: int, dtype, store=None, laid_out: bool = False, contiguous: bool = True):
         """``store``: dtype of the seven weight matrices (default ``dtype``); a float32 store with a
-        float64 ``dtype`` computes in float64 from float32 weights (half the memory, same values)."""
+        float64 ``dtype`` computes in float64 from float32 weights (half the memory, same values).
+        ``contiguous=False``: O's and ffn_down's transposes stay views (BLAS reads them transposed;
+        same products), for a layer used for one pass — copying them transposed is most of the cost
+        of preparing a big layer, and only a decode loop gains from row-contiguous weights."""
         hp = ir.hparams
         KV, half = hp.num_kv_heads, hp.head_dim // 2
         self.q_rows, self.k_rows, self.v_rows, self.o_cols = pruning_layout(hp)
@@ -134,6 +137,8 @@ class LayerWeights:
                 a = a.T if kind == "weight" and role in (Role.O, Role.DOWN) else a
             else:
                 a = to_runtime_layout(hp, role, kind, a)
+            if not contiguous:
+                return np.asarray(a, dtype=dt)  # keeps a transpose's memory order (no strided copy)
             return np.ascontiguousarray(a, dtype=dt)  # a view when already contiguous in dtype ``dt``
 
         w, b = store or dtype, dtype
@@ -352,11 +357,21 @@ HEAD_CHUNK_ROWS = 8192
 
 
 # streamed_logits keeps a layer's weights in the arithmetic dtype (converted once, shared by the
-# sequences) while that layer is at most this large, else in float32 (converted per matmul).
+# sequences) while that layer is at most this large, else in float32 (converted per matmul). Its
+# default arithmetic (``dtype=None``) is float64 while a layer's float64 weights fit in this many
+# bytes, float32 above (Llama-3.1-8B's layers: float64 would mean 1.75 GB per layer, or a float64
+# copy of each float32 matrix per product; float32 is 4-5x faster there, and its rounding, ~1e-6
+# relative, is far below what any quantized format's check measures).
 STORE_WIDE_MAX_BYTES = 1 << 30
 
 
-def streamed_logits(ir: ModelIR, sequences: Sequence[Sequence[int]], rate: float = 0.0, dtype=np.float64,
+def streamed_dtype(ir: ModelIR) -> np.dtype:
+    """The arithmetic :func:`streamed_logits` uses by default for ``ir`` (see STORE_WIDE_MAX_BYTES)."""
+    layer = sum(ir.linear(0, r).weight.size for r in Role)
+    return np.dtype(np.float64 if layer * 8 <= STORE_WIDE_MAX_BYTES else np.float32)
+
+
+def streamed_logits(ir: ModelIR, sequences: Sequence[Sequence[int]], rate: float = 0.0, dtype=None,
                     store=None, progress=None) -> list[np.ndarray]:
     """Logits of every position of each sequence (each from a fresh context), computed layer by
     layer: one layer's weights are materialised (``store`` dtype — by default ``dtype`` while a
@@ -367,6 +382,7 @@ def streamed_logits(ir: ModelIR, sequences: Sequence[Sequence[int]], rate: float
 
     ``progress``: optional callable ``(layer_index, num_layers)`` called after each layer."""
     hp = ir.hparams
+    dtype = (streamed_dtype(ir) if dtype is None else np.dtype(dtype)).type
     widths = ir.prune.at(rate) if ir.prune is not None else (full_widths(hp),) * hp.num_layers
     if ir.prune is None and rate != 0:
         raise EdgeqError(f"pruning rate {rate:g} is not carried by this model (it carries only 0)")
@@ -390,7 +406,7 @@ def streamed_logits(ir: ModelIR, sequences: Sequence[Sequence[int]], rate: float
     x = np.concatenate(xs, axis=0)
     del xs
     for li in range(hp.num_layers):
-        L = LayerWeights(ir, li, dtype, store=store)
+        L = LayerWeights(ir, li, dtype, store=store, contiguous=False)
         kc = np.zeros((T, hp.num_kv_heads, 2, half), dtype=dtype)
         vc = np.zeros((T, hp.num_kv_heads, hp.head_dim), dtype=dtype)
         x = layer_forward(hp, L, x, 0, widths[li], kc, vc, inv_freq, dtype, pos=pos, mask=mask)

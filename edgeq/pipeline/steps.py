@@ -289,13 +289,14 @@ class GoldensStep(Step):
 
 
 def record_goldens(ref_ir, root: Path, manifest: dict) -> dict:
-    """Goldens at every carried rate: the float64 reference at that rate and the artifact.
+    """Goldens at every carried rate: the float reference at that rate and the artifact.
 
     The reference runs layer by layer (``runtimes.reference.streamed_logits``: one layer's
-    float32 weights in memory at a time, float64 arithmetic), so recording goldens is bounded by
-    a layer whatever the model's size."""
+    weights in memory at a time, float64 arithmetic up to ~3B shapes, float32 above:
+    ``streamed_dtype``), so recording goldens is bounded by a layer whatever the model's size;
+    the artifact runs with its backend's ``golden_options``."""
     from edgeq.session import artifact_rates, open_session, rate_key
-    from runtimes.reference import streamed_logits
+    from runtimes.reference import streamed_dtype, streamed_logits
     from runtimes.text import SpecTextMixin
 
     class _Tokenizer(SpecTextMixin):
@@ -316,5 +317,5 @@ def record_goldens(ref_ir, root: Path, manifest: dict) -> dict:
     extra = {"session_options": options} if options else {}
     return {"file": GOLDENS, "positions": sum(len(t) for t in token_ids), "topk": goldens.GOLDEN_TOPK,
             "rates": [rate_key(r) for r in rates], **extra,
-            "reference": {"runtime": "reference", "weights": "float32", "arithmetic": "float64",
+            "reference": {"runtime": "reference", "weights": "float32", "arithmetic": streamed_dtype(ref_ir).name,
                           "mode": "layer by layer"}}

@@ -73,3 +73,26 @@ def test_smollm2_logits_match_transformers(smollm2_dir):
     assert np.abs(s.logits(ids) - theirs).max() <= REF_VS_TRANSFORMERS_MAX_ABS
     fp32 = ReferenceSession(ir).logits(ids)
     assert np.abs(fp32 - theirs).max() <= REF_FP32_VS_TRANSFORMERS_MAX_ABS_DEEP
+
+
+STREAMED_F64_MAX_ABS = 1e-6  # same float64 math (packing differs); both logits are returned as float32
+STREAMED_F32_MAX_ABS = 1e-4  # float32 arithmetic vs float64 on a 2-layer model
+
+
+def test_streamed_logits_equal_the_session_per_sequence_with_adapter(tiny_llama, tiny_llama_lora, monkeypatch):
+    """The goldens' layer-by-layer reference (sequences packed, transposes kept as views) gives
+    each sequence's logits as the float64 session does; above STORE_WIDE_MAX_BYTES it computes in
+    float32 (the 8B default) and stays within float32 rounding of them."""
+    import runtimes.reference as ref
+
+    ir = load_adapter(load_model(tiny_llama), tiny_llama_lora)  # a separate low-rank branch per linear
+    seqs = [_ids(n, ir.hparams.vocab_size, seed=n) for n in (7, 19, 12)]
+    want = [ReferenceSession(ir, dtype=np.float64).logits(s) for s in seqs]
+    assert ref.streamed_dtype(ir) == np.float64
+    got = ref.streamed_logits(ir, seqs)
+    assert max(np.abs(g - w).max() for g, w in zip(got, want)) <= STREAMED_F64_MAX_ABS
+    monkeypatch.setattr(ref, "STORE_WIDE_MAX_BYTES", 1024)
+    assert ref.streamed_dtype(ir) == np.float32
+    got32 = ref.streamed_logits(ir, seqs)
+    err = max(np.abs(g - w).max() for g, w in zip(got32, want))
+    assert 0 < err <= STREAMED_F32_MAX_ABS
