@@ -16,39 +16,37 @@ from edgeq.backends.gguf.layout import (
     layout_names,
     needs_permute,
 )
+from edgeq.backends.gguf.lazy import GGUFTensor, can_dequantize
 from edgeq.backends.gguf.tokenizer import field, read_tokenizer
 from edgeq.errors import EdgeqError
 from edgeq.hashing import sha256_file
 from edgeq.families import Family, by_gguf_arch
 from edgeq.ir import HParams, Linear, ModelIR
-from edgeq.quant.formats import QType
-from edgeq.quant.reference import dequantize
+from edgeq.lazy import is_lazy
 
 
-def _dequant(t) -> np.ndarray:
-    gguf = gguf_module()
+def _tensor(path: Path, t, n_head: int = 0) -> "np.ndarray | GGUFTensor":
+    """Tensor ``t`` of the reader: a :class:`GGUFTensor` (nothing read) for two or more
+    dimensions, else (norms, biases) its float32 values now; the ggml type is checked here."""
+    name = t.tensor_type.name
+    if not can_dequantize(name):
+        raise EdgeqError(f"GGUF: tensor {t.name}: type {name} cannot be dequantized")
     shape = tuple(int(s) for s in reversed([int(x) for x in t.shape]))
-    tt = t.tensor_type
-    name = tt.name
-    if name == "F32":
-        return np.array(t.data, dtype=np.float32).reshape(shape)
-    if name in QType.__members__:
-        return np.asarray(dequantize(np.asarray(t.data), QType(name), shape), dtype=np.float32)
-    try:
-        out = gguf.quants.dequantize(np.asarray(t.data), tt)
-    except NotImplementedError:
-        raise EdgeqError(f"GGUF: tensor {t.name}: type {name} cannot be dequantized") from None
-    return np.asarray(out, dtype=np.float32).reshape(shape)
+    lazy = GGUFTensor(path, int(t.data_offset), name, shape, n_head=n_head if len(shape) >= 2 else 0)
+    return lazy if len(shape) >= 2 else lazy.numpy()
 
 
 def read_gguf(path: str | Path) -> ModelIR:
     """GGUF model file -> ModelIR (float32 weights, HF rotate-half Q/K order restored).
 
-    Supports general.architecture ``llama`` and ``qwen2``; F32/F16/Q8_0/Q4_0/Q4_1 tensors are
-    decoded with edgeq's reference dequantizer, other ggml types through
-    ``gguf.quants.dequantize``. The TokenizerSpec is rebuilt from ``tokenizer.ggml.*``; its
-    ``tokenizer_json`` is a reconstructed HF tokenizer.json for byte-level BPE vocabularies
-    with pre-tokenizer ``gpt-2``/``default``/``smollm``/``qwen2``, and the empty string ``""``
+    Weights are lazy: every matrix is a :class:`~edgeq.backends.gguf.lazy.GGUFTensor` that
+    dequantizes on use (whole, or only the rows a step reads) and is never cached; only norms
+    and biases are read now. Every tensor's type and byte range is checked here, before any
+    step reads it. Supports general.architecture ``llama`` and ``qwen2``; edgeq's own types
+    (F16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q6_K) are decoded with edgeq's reference dequantizer,
+    other ggml types (BF16, other K- and I-quants) through ``gguf.quants.dequantize``.
+    The TokenizerSpec is rebuilt from ``tokenizer.ggml.*``; its ``tokenizer_json`` is a
+    reconstructed HF tokenizer.json for byte-level BPE vocabularies with pre-tokenizer ``gpt-2``/``default``/``smollm``/``qwen2``, and the empty string ``""``
     for anything else (text tokenization then needs the llama.cpp runtime). Unknown
     architectures and truncated/corrupt files raise a one-line :class:`EdgeqError`.
     """
@@ -123,10 +121,10 @@ def _read_model(reader, path: Path, fam: Family, a: str) -> ModelIR:
         attention_bias="blk.0.attn_q.bias" in raw,
     )
 
-    def get(name: str) -> np.ndarray:
+    def get(name: str, n_head: int = 0):
         if name not in raw:
             raise EdgeqError(f"{path}: missing tensor {name}")
-        return _dequant(raw[name])
+        return _tensor(path.resolve(), raw[name], n_head)
 
     tensors: dict[str, np.ndarray] = {}
     linears: dict[str, Linear] = {}
@@ -137,14 +135,15 @@ def _read_model(reader, path: Path, fam: Family, a: str) -> ModelIR:
             continue  # read with its linear
         if len(parts) == 3 and parts[0] == "blk" and parts[2] in roles:
             i, role = int(parts[1]), roles[parts[2]]
-            w = get(gguf_tensor_name(name))
+            nh = heads_for(hp, role) if needs_permute(fam.arch, role) else 0
+            w = get(gguf_tensor_name(name), nh)  # lazy: the Q/K row permutation is applied on read
             b = get(gguf_tensor_name(f"{name}.bias")) if gguf_tensor_name(f"{name}.bias") in raw else None
-            if needs_permute(fam.arch, role):
-                nh = heads_for(hp, role)
+            if nh and not is_lazy(w):
                 w = interleaved_to_rotate_half(w, nh)
-                if b is not None:
-                    b = interleaved_to_rotate_half(b, nh)
-            linears[name] = Linear(name=name, role=role, layer=i, weight=np.ascontiguousarray(w, dtype=np.float32),
+            if nh and b is not None:
+                b = interleaved_to_rotate_half(b, nh)
+            linears[name] = Linear(name=name, role=role, layer=i,
+                                   weight=w if is_lazy(w) else np.ascontiguousarray(w, dtype=np.float32),
                                    bias=None if b is None else np.ascontiguousarray(b, dtype=np.float32))
         elif name == "output" and hp.tie_word_embeddings:
             continue
