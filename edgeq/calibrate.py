@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+from scipy.linalg.blas import dsyrk as syrk
 from tqdm import tqdm
 
 import edgeq
@@ -197,22 +198,41 @@ class CalibStats:
             raise EdgeqError(f"{path}: not an edgeq calibration statistics file ({exc})") from None
 
 
+def _symmetrize_lower(a: np.ndarray) -> None:
+    """Copy the lower triangle of the square ``a`` onto its upper one, in place."""
+    iu = np.triu_indices(a.shape[0], k=1)
+    a[iu] = a.T[iu]
+
+
 class _Accumulator:
     """float64 sums for one layer; fixed size whatever the number of sequences."""
 
-    def __init__(self, f: int, h: int, H: int, KV: int, D: int):
-        self.zz = np.zeros((f, f), dtype=np.float64)
-        self.xx = np.zeros((h, h), dtype=np.float64)
-        self.oo = np.zeros((H * D, H * D), dtype=np.float64)
-        self.ff = np.zeros((h, h), dtype=np.float64)
+    def __init__(self, f: int, h: int, H: int, KV: int, D: int, o_cols: np.ndarray | None = None):
+        """``o_cols``: the runtime's o_proj input order (``LayerWeights.o_cols``) -> IR order."""
+        self.zz = np.zeros((f, f), dtype=np.float64, order="F")
+        self.xx = np.zeros((h, h), dtype=np.float64, order="F")
+        self.oo = np.zeros((H * D, H * D), dtype=np.float64, order="F")
+        self.ff = np.zeros((h, h), dtype=np.float64, order="F")
+        self._o_order = np.argsort(np.arange(H * D) if o_cols is None else np.asarray(o_cols))
         self.q = np.zeros((H, D), dtype=np.float64)
         self.k = np.zeros((KV, D), dtype=np.float64)
         self.angular = 0.0
         self.n_tokens = 0
         self.n_seqs = 0
 
+    def add_gram(self, acc: np.ndarray, x: np.ndarray) -> None:
+        """``acc += x^T x`` in float64 (products and sums) with BLAS syrk: half the multiplies of
+        ``x.T @ x``, written into the lower triangle of ``acc`` in place (the upper one is filled
+        by :meth:`result`). ``acc`` is Fortran-ordered so that syrk updates it without a copy."""
+        syrk(1.0, np.asarray(x, dtype=np.float64), beta=1.0, c=acc, trans=1, lower=1, overwrite_c=1)
+
     def result(self) -> LayerStats:
         n = max(self.n_tokens, 1)
+        for a in (self.zz, self.xx, self.oo, self.ff):  # the lower triangles -> symmetric matrices
+            _symmetrize_lower(a)
+        # the o_proj input was accumulated in the runtime's column order (component, head)
+        self.oo = np.ascontiguousarray(self.oo[np.ix_(self._o_order, self._o_order)])
+        self.zz, self.xx, self.ff = (np.ascontiguousarray(a) for a in (self.zz, self.xx, self.ff))
         for a in (self.zz, self.xx, self.q, self.k, self.oo, self.ff):  # in place: no second copy
             a /= n
         return LayerStats(mlp_zz=self.zz, attn_xx=self.xx, q_diag=self.q, k_diag=self.k,
@@ -249,7 +269,7 @@ def _stats_layer(hp, L, x: np.ndarray, acc: _Accumulator, inv_freq: np.ndarray) 
     mask = np.triu(np.full((T, T), -np.inf, dtype=f32), k=1)
     x_in_last = x[-1].astype(np.float64)
     h = rms_norm(x, L.attn_norm, hp.rms_norm_eps)
-    acc.xx += h.T @ h
+    acc.add_gram(acc.xx, h)
     cos, sin = cos_sin(inv_freq, L, pos, half, f32)  # (T, KV, half)
     q = L._lin(h, L.wq, L.bq, L.wq.shape[0], L.lr[Role.Q], {}).reshape(T, half, 2, H)
     k = L._lin(h, L.wk, L.bk, L.wk.shape[0], L.lr[Role.K], {}).reshape(T, half, 2, KV)
@@ -269,15 +289,14 @@ def _stats_layer(hp, L, x: np.ndarray, acc: _Accumulator, inv_freq: np.ndarray) 
     att /= att.sum(axis=-1, keepdims=True)
     o = att.reshape(KV, G * T, T) @ np.ascontiguousarray(v.transpose(2, 0, 1))  # (KV, G*T, D)
     o = o.reshape(KV, G, T, D).transpose(2, 3, 0, 1).reshape(T, D * H)  # rows (component, head = kv*G + g)
-    oo = o.T @ o  # runtime column order L.o_cols -> IR order (head, component)
-    acc.oo[np.ix_(L.o_cols, L.o_cols)] += oo
+    acc.add_gram(acc.oo, o)  # runtime column order (component, head); IR order at the end
     x = x + o_proj(L, o, D * H)
     h = rms_norm(x, L.ffn_norm, hp.rms_norm_eps)
-    acc.ff += h.T @ h
+    acc.add_gram(acc.ff, h)
     g = L._lin(h, L.wg, L.bg, L.wg.shape[0], L.lr[Role.GATE], {})
     u = L._lin(h, L.wu, L.bu, L.wu.shape[0], L.lr[Role.UP], {})
     z = silu(g) * u
-    acc.zz += z.T @ z  # float32 product of one sequence (syrk), summed in float64
+    acc.add_gram(acc.zz, z)
     y = z @ L.wd_t
     if L.bd is not None:
         y = y + L.bd
@@ -329,7 +348,8 @@ def calibrate(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = 
     layers = []
     for li in range(hp.num_layers):
         L = LayerWeights(ir, li, np.float32)
-        acc = _Accumulator(hp.intermediate_size, hp.hidden_size, hp.num_heads, hp.num_kv_heads, hp.head_dim)
+        acc = _Accumulator(hp.intermediate_size, hp.hidden_size, hp.num_heads, hp.num_kv_heads, hp.head_dim,
+                           o_cols=L.o_cols)
         for si in range(len(xs)):
             xs[si] = _stats_layer(hp, L, xs[si], acc, inv_freq)
             if bar is not None:
