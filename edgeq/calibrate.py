@@ -221,11 +221,9 @@ class _Accumulator:
         if name == "attn_in":
             self.xx += a.T @ a
         elif name == "q":
-            self.q += _head_major(np.square(a.reshape(-1, self.half, 2, self.H)).sum(axis=0, dtype=np.float64),
-                                  self.H, self.half)
+            self.q += _head_major_energy(a, self.H, self.half)
         elif name == "k":
-            self.k += _head_major(np.square(a.reshape(-1, self.half, 2, self.KV)).sum(axis=0, dtype=np.float64),
-                                  self.KV, self.half)
+            self.k += _head_major_energy(a, self.KV, self.half)
         elif name == "o_in":
             self.oo[np.ix_(self.o_cols, self.o_cols)] += a.T @ a
         elif name == "ffn_in":
@@ -251,10 +249,12 @@ class _Accumulator:
                           o_xx=self.oo, ffn_xx=self.ff)
 
 
-def _head_major(a: np.ndarray, n_heads: int, half: int) -> np.ndarray:
-    """(half, 2, n_heads) sums in the reference runtime's (pair slot, half, head) row order ->
-    (n_heads, head_dim) in the IR's row order (head, half, pair slot)."""
-    return a.reshape(half, 2, n_heads).transpose(2, 1, 0).reshape(n_heads, 2 * half)
+def _head_major_energy(a: np.ndarray, n_heads: int, half: int) -> np.ndarray:
+    """Sum over tokens of ``a**2`` (float64) for a Q/K projection ``a`` (T, head_dim * n_heads) in the
+    reference runtime's (pair slot, half, head) row order -> (n_heads, head_dim) in the IR's row
+    order (head, half, pair slot)."""
+    e = np.square(a.reshape(-1, half, 2, n_heads)).sum(axis=0, dtype=np.float64)
+    return e.transpose(2, 1, 0).reshape(n_heads, 2 * half)
 
 
 def calibrate(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = True,
