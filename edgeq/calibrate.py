@@ -22,8 +22,8 @@ Statistics
 :func:`calibrate` runs each sequence through the model in fp32 (rate 0, low-rank branches
 applied), so every layer sees the outputs of the previous *uncompressed* layers. The forward is
 the reference runtime's own (``LayerWeights``, ``layer_forward``); the accumulators read its
-``taps`` (the input of every linear, Q/K before RoPE). One sequence is processed at a time and only these float64
-accumulators are kept (memory is independent of the number of samples:
+``taps`` (the input of every linear, Q/K before RoPE). One sequence is processed at a time and
+only these float64 accumulators are kept (memory is independent of the number of samples:
 ``num_layers * (d_ff**2 + 2 * hidden**2 + (heads * head_dim)**2) * 8`` bytes, 725 MB for
 SmolLM2-135M):
 
