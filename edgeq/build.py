@@ -16,7 +16,6 @@ from typing import Callable
 
 from edgeq import backends, pipeline
 from edgeq.errors import EdgeqError
-from edgeq.ir import ModelIR
 from edgeq.pipeline import (
     AdaptersStep,
     BuildContext,
@@ -144,7 +143,8 @@ def check_options(opts: BuildOptions, target: TargetProfile) -> None:
         raise EdgeqError("--budget-mb and --bpw must be positive")
 
 
-def _front(opts: BuildOptions) -> list[Step]:
+def front_steps(opts: BuildOptions) -> list[Step]:
+    """Front end: load the model, attach adapters (merged unless kept separate)."""
     out: list[Step] = [LoadStep(model=str(opts.model))]
     if opts.adapters:
         out.append(AdaptersStep(paths=tuple(str(p) for p in opts.adapters), merge=opts.adapter_mode == "merge"))
@@ -164,7 +164,9 @@ def _planning(opts: BuildOptions) -> list[Step]:
 
 
 def compress_steps(opts: BuildOptions, target: TargetProfile) -> list[Step]:
-    """Structured pruning (issue 3's method): calibrate, sort, plan the rates, optionally recover."""
+    """Structured pruning (issue 3's method): calibrate, sort, plan the rates, optionally recover.
+    Part of :func:`steps`; the pruning benchmarks (tools/bench_prune.py, bench_onnx_rates.py) run
+    these steps alone through the same runner (``edgeq.pipeline.run``)."""
     from edgeq.passes.rate_plan import check_rates
 
     rates = check_rates(opts.prune_rates)
@@ -177,7 +179,7 @@ def compress_steps(opts: BuildOptions, target: TargetProfile) -> list[Step]:
 
 def steps(opts: BuildOptions, target: TargetProfile) -> list[Step]:
     """The build's steps for ``opts`` (format resolved, options checked) on ``target``."""
-    out = _front(opts)
+    out = front_steps(opts)
     out.append(CheckMemoryStep(format=opts.format, prunes=opts.prunes, planned=opts.planned, recover=opts.recover,
                                goldens=opts.record_goldens, calib_samples=opts.calib_samples,
                                calib_len=opts.calib_len, probe_samples=opts.probe_samples))
@@ -193,21 +195,7 @@ def steps(opts: BuildOptions, target: TargetProfile) -> list[Step]:
 
 def plan_steps(opts: BuildOptions) -> list[Step]:
     """`edgeq plan`: load the model (+ adapters), calibrate, plan; nothing is written."""
-    return [*_front(opts), *_planning(opts)]
-
-
-def compress(ir: ModelIR, opts: BuildOptions, target: TargetProfile, log: Callable[[str], None] = _log,
-             timings: dict | None = None) -> ModelIR:
-    """``ir`` through :func:`compress_steps` (benchmarks run the pruning steps alone)."""
-    ctx = pipeline.run(compress_steps(opts, target), BuildContext(opts=opts, target=target, log=log, ir=ir))
-    if timings is not None:
-        timings.update(ctx.timings)
-    return ctx.ir
-
-
-def prepare_ir(opts: BuildOptions, log: Callable[[str], None] = _log) -> ModelIR:
-    """Front end: load the model, attach adapters, merge them if asked."""
-    return pipeline.run(_front(opts), BuildContext(opts=opts, target=None, log=log)).ir
+    return [*front_steps(opts), *_planning(opts)]
 
 
 def resolve_format(opts: BuildOptions, target: TargetProfile) -> BuildOptions:

@@ -19,10 +19,11 @@ Two text formats (``fmt``):
 
 Statistics
 ----------
-:func:`calibrate` runs each sequence through the model in fp32 (the reference runtime's
-weights and kernels, rate 0, low-rank branches applied), so every layer sees the outputs of
-the previous *uncompressed* layers. One sequence is processed at a time and only these float64
-accumulators are kept (memory is independent of the number of samples:
+:func:`calibrate` runs each sequence through the model in fp32 (rate 0, low-rank branches
+applied), so every layer sees the outputs of the previous *uncompressed* layers. The forward is
+the reference runtime's own (``LayerWeights``, ``layer_forward``); the accumulators read its
+``taps`` (the input of every linear, Q/K before RoPE). One sequence is processed at a time and
+only these float64 accumulators are kept (memory is independent of the number of samples:
 ``num_layers * (d_ff**2 + 2 * hidden**2 + (heads * head_dim)**2) * 8`` bytes, 725 MB for
 SmolLM2-135M):
 
@@ -56,10 +57,9 @@ from tqdm import tqdm
 
 import edgeq
 from edgeq.errors import EdgeqError
-from edgeq.ir import ModelIR, Role, TokenizerSpec
+from edgeq.ir import ModelIR, Role, TokenizerSpec, full_widths
 from edgeq.spill import spill_array
-from runtimes.reference import (LayerWeights, ReferenceSession, apply_rope, cos_sin, o_proj, rms_norm,
-                                rope_inv_freq, silu)
+from runtimes.reference import LayerWeights, layer_forward, pruning_layout, rope_inv_freq
 from runtimes.text import SpecTokenizer, render_chat
 
 ALPACA_FILE = Path("alpaca") / "alpaca_small.json"
@@ -198,40 +198,74 @@ class CalibStats:
             raise EdgeqError(f"{path}: not an edgeq calibration statistics file ({exc})") from None
 
 
-def _symmetrize_lower(a: np.ndarray) -> None:
-    """Copy the lower triangle of the square ``a`` onto its upper one, in place."""
-    iu = np.triu_indices(a.shape[0], k=1)
-    a[iu] = a.T[iu]
+def _add_gram(acc: np.ndarray, x: np.ndarray) -> None:
+    """``acc += x^T x`` in float64 (products and sums) with BLAS syrk: half the multiplies of
+    ``x.T @ x``, into the lower triangle of the Fortran-ordered ``acc``, in place (no (n, n)
+    temporary; the upper triangle is filled by :func:`_symmetrize_lower` at the end)."""
+    syrk(1.0, np.asarray(x, dtype=np.float64), beta=1.0, c=acc, trans=1, lower=1, overwrite_c=1)
+
+
+def _symmetrize_lower(a: np.ndarray, block: int = 1024) -> None:
+    """Copy the lower triangle of the square ``a`` onto its upper one, in place, a block of rows
+    at a time (temporaries of ``block`` rows, not of the whole matrix)."""
+    n = a.shape[0]
+    for i0 in range(0, n, block):
+        i1 = min(n, i0 + block)
+        a[i0:i1, i1:] = a[i1:, i0:i1].T
+        d = a[i0:i1, i0:i1]
+        iu = np.triu_indices(i1 - i0, k=1)
+        d[iu] = d.T[iu]
 
 
 class _Accumulator:
-    """float64 sums for one layer; fixed size whatever the number of sequences."""
+    """float64 sums for one layer; fixed size whatever the number of sequences. Called as the
+    ``taps`` of :func:`runtimes.reference.layer_forward` (one sequence per call), it adds each
+    activation's contribution; :meth:`add_sequence` then adds the layer's input/output comparison."""
 
-    def __init__(self, f: int, h: int, H: int, KV: int, D: int, o_cols: np.ndarray | None = None):
-        """``o_cols``: the runtime's o_proj input order (``LayerWeights.o_cols``) -> IR order."""
+    def __init__(self, hp):
+        f, h, H, KV, D = hp.intermediate_size, hp.hidden_size, hp.num_heads, hp.num_kv_heads, hp.head_dim
+        self.H, self.KV, self.half = H, KV, D // 2
+        # the o_proj input arrives in the runtime's column order; IR order = these indices of it
+        self.o_order = np.argsort(pruning_layout(hp)[3])
+        # Gram matrices: lower triangles accumulated in place by BLAS syrk (Fortran order)
         self.zz = np.zeros((f, f), dtype=np.float64, order="F")
         self.xx = np.zeros((h, h), dtype=np.float64, order="F")
         self.oo = np.zeros((H * D, H * D), dtype=np.float64, order="F")
         self.ff = np.zeros((h, h), dtype=np.float64, order="F")
-        self._o_order = np.argsort(np.arange(H * D) if o_cols is None else np.asarray(o_cols))
         self.q = np.zeros((H, D), dtype=np.float64)
         self.k = np.zeros((KV, D), dtype=np.float64)
         self.angular = 0.0
         self.n_tokens = 0
         self.n_seqs = 0
 
-    def add_gram(self, acc: np.ndarray, x: np.ndarray) -> None:
-        """``acc += x^T x`` in float64 (products and sums) with BLAS syrk: half the multiplies of
-        ``x.T @ x``, written into the lower triangle of ``acc`` in place (the upper one is filled
-        by :meth:`result`). ``acc`` is Fortran-ordered so that syrk updates it without a copy."""
-        syrk(1.0, np.asarray(x, dtype=np.float64), beta=1.0, c=acc, trans=1, lower=1, overwrite_c=1)
+    def __call__(self, name: str, a: np.ndarray) -> None:
+        if name == "attn_in":
+            _add_gram(self.xx, a)
+        elif name == "q":
+            self.q += _head_major_energy(a, self.H, self.half)
+        elif name == "k":
+            self.k += _head_major_energy(a, self.KV, self.half)
+        elif name == "o_in":
+            _add_gram(self.oo, a)  # runtime column order; IR order in result()
+        elif name == "ffn_in":
+            _add_gram(self.ff, a)
+        elif name == "down_in":
+            _add_gram(self.zz, a)
+
+    def add_sequence(self, x_in: np.ndarray, x_out: np.ndarray) -> None:
+        """After the layer ran on one sequence (``x_in`` -> ``x_out``, (T, hidden)): count its tokens
+        and add 1 - cos of the layer's input and output residual stream at the last token."""
+        self.n_tokens += x_in.shape[0]
+        x_in_last, x_out_last = x_in[-1].astype(np.float64), x_out[-1].astype(np.float64)
+        denom = np.linalg.norm(x_in_last) * np.linalg.norm(x_out_last)
+        self.angular += 1.0 - (float(x_in_last @ x_out_last) / denom if denom > 0 else 1.0)
+        self.n_seqs += 1
 
     def result(self) -> LayerStats:
         n = max(self.n_tokens, 1)
         for a in (self.zz, self.xx, self.oo, self.ff):  # the lower triangles -> symmetric matrices
             _symmetrize_lower(a)
-        # the o_proj input was accumulated in the runtime's column order (component, head)
-        self.oo = np.ascontiguousarray(self.oo[np.ix_(self._o_order, self._o_order)])
+        self.oo = np.ascontiguousarray(self.oo[np.ix_(self.o_order, self.o_order)])
         self.zz, self.xx, self.ff = (np.ascontiguousarray(a) for a in (self.zz, self.xx, self.ff))
         for a in (self.zz, self.xx, self.q, self.k, self.oo, self.ff):  # in place: no second copy
             a /= n
@@ -240,79 +274,12 @@ class _Accumulator:
                           o_xx=self.oo, ffn_xx=self.ff)
 
 
-def _head_major(a: np.ndarray, n_heads: int, half: int) -> np.ndarray:
-    """(half, 2, n_heads) sums in the reference runtime's (pair slot, half, head) row order ->
-    (n_heads, head_dim) in the IR's row order (head, half, pair slot)."""
-    return a.reshape(half, 2, n_heads).transpose(2, 1, 0).reshape(n_heads, 2 * half)
-
-
-def _stats_forward(sess, ids: np.ndarray, accs: list[_Accumulator]) -> np.ndarray:
-    """One full-width forward of ``ids`` through a ReferenceSession's layers, adding to ``accs``.
-
-    Same weights, layout and helpers as :meth:`ReferenceSession._forward` at rate 0, with the
-    attention written as batched matmuls (no KV cache: one sequence, positions 0..T-1).
-    Returns the final normed hidden states (for self-checks)."""
-    x = sess.embd[ids]
-    for L, acc in zip(sess.layers, accs):
-        x = _stats_layer(sess.hp, L, x, acc, sess.inv_freq)
-    return rms_norm(x, sess.out_norm, sess.hp.rms_norm_eps)
-
-
-def _stats_layer(hp, L, x: np.ndarray, acc: _Accumulator, inv_freq: np.ndarray) -> np.ndarray:
-    """One layer (a reference-runtime ``LayerWeights``, float32) on one sequence's residual stream ``x``
-    (T, hidden), adding to ``acc``; returns the layer's output stream."""
-    H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
-    half, G, T = D // 2, H // KV, x.shape[0]
-    f32 = np.float32
-    pos = np.arange(T)
-    scale = f32(1.0 / np.sqrt(D))
-    mask = np.triu(np.full((T, T), -np.inf, dtype=f32), k=1)
-    x_in_last = x[-1].astype(np.float64)
-    h = rms_norm(x, L.attn_norm, hp.rms_norm_eps)
-    acc.add_gram(acc.xx, h)
-    cos, sin = cos_sin(inv_freq, L, pos, half, f32)  # (T, KV, half)
-    q = L._lin(h, L.wq, L.bq, L.wq.shape[0], L.lr[Role.Q], {}).reshape(T, half, 2, H)
-    k = L._lin(h, L.wk, L.bk, L.wk.shape[0], L.lr[Role.K], {}).reshape(T, half, 2, KV)
-    v = L._lin(h, L.wv, L.bv, L.wv.shape[0], L.lr[Role.V], {}).reshape(T, D, KV)
-    acc.q += _head_major(np.square(q).sum(axis=0, dtype=np.float64), H, half)
-    acc.k += _head_major(np.square(k).sum(axis=0, dtype=np.float64), KV, half)
-    q = apply_rope(q.transpose(0, 3, 2, 1), np.repeat(cos, G, axis=1), np.repeat(sin, G, axis=1))
-    k = apply_rope(k.transpose(0, 3, 2, 1), cos, sin)  # (T, KV, 2, half)
-    # plain 3-d batched matmuls (a broadcast 4-d matmul is several times slower in numpy)
-    qg = np.ascontiguousarray(q.reshape(T, KV, G, D).transpose(1, 2, 0, 3)).reshape(KV, G * T, D)
-    kg = np.ascontiguousarray(k.reshape(T, KV, D).transpose(1, 2, 0))  # (KV, D, T)
-    att = (qg @ kg).reshape(KV, G, T, T)
-    att *= scale
-    att += mask
-    att -= att.max(axis=-1, keepdims=True)
-    np.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
-    o = att.reshape(KV, G * T, T) @ np.ascontiguousarray(v.transpose(2, 0, 1))  # (KV, G*T, D)
-    o = o.reshape(KV, G, T, D).transpose(2, 3, 0, 1).reshape(T, D * H)  # rows (component, head = kv*G + g)
-    acc.add_gram(acc.oo, o)  # runtime column order (component, head); IR order at the end
-    x = x + o_proj(L, o, D * H)
-    h = rms_norm(x, L.ffn_norm, hp.rms_norm_eps)
-    acc.add_gram(acc.ff, h)
-    g = L._lin(h, L.wg, L.bg, L.wg.shape[0], L.lr[Role.GATE], {})
-    u = L._lin(h, L.wu, L.bu, L.wu.shape[0], L.lr[Role.UP], {})
-    z = silu(g) * u
-    acc.add_gram(acc.zz, z)
-    y = z @ L.wd_t
-    if L.bd is not None:
-        y = y + L.bd
-    if L.lr[Role.DOWN].items:
-        y = L.lr[Role.DOWN].add(y, z)
-    x = x + y
-    x_out_last = x[-1].astype(np.float64)
-    denom = np.linalg.norm(x_in_last) * np.linalg.norm(x_out_last)
-    acc.angular += 1.0 - (float(x_in_last @ x_out_last) / denom if denom > 0 else 1.0)
-    acc.n_tokens += T
-    acc.n_seqs += 1
-    return x
-
-
-def _stats_session(ir: ModelIR):
-    return ReferenceSession(ir, n_ctx=1)  # n_ctx: the KV cache is not used here
+def _head_major_energy(a: np.ndarray, n_heads: int, half: int) -> np.ndarray:
+    """Sum over tokens of ``a**2`` (float64) for a Q/K projection ``a`` (T, head_dim * n_heads) in the
+    reference runtime's (pair slot, half, head) row order -> (n_heads, head_dim) in the IR's row
+    order (head, half, pair slot)."""
+    e = np.square(a.reshape(-1, half, 2, n_heads)).sum(axis=0, dtype=np.float64)
+    return e.transpose(2, 1, 0).reshape(n_heads, 2 * half)
 
 
 def calibrate(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = True,
@@ -341,17 +308,22 @@ def calibrate(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = 
     # so the statistics equal a sequence-by-sequence pass bit for bit.
     embd = ir.tensors["token_embd"]
     xs = [np.stack([np.asarray(embd[int(t):int(t) + 1], dtype=np.float32)[0] for t in ids]) for ids in ids_all]
-    inv_freq = rope_inv_freq(hp.head_dim, hp.rope_theta)
+    # the reference runtime's layer forward at rate 0, in float32, one sequence per call (positions
+    # 0..T-1; a KV buffer of T positions, rewritten by each call); the accumulator is its taps
+    widths, inv_freq, T = full_widths(hp), rope_inv_freq(hp.head_dim, hp.rope_theta), len(ids_all[0])
+    kc = np.zeros((T, hp.num_kv_heads, 2, hp.head_dim // 2), dtype=np.float32)
+    vc = np.zeros((T, hp.num_kv_heads, hp.head_dim), dtype=np.float32)
     bar = None
     if progress:
         bar = tqdm(total=hp.num_layers * len(xs), desc="calibrating", unit="seq", leave=False)
     layers = []
     for li in range(hp.num_layers):
         L = LayerWeights(ir, li, np.float32)
-        acc = _Accumulator(hp.intermediate_size, hp.hidden_size, hp.num_heads, hp.num_kv_heads, hp.head_dim,
-                           o_cols=L.o_cols)
+        acc = _Accumulator(hp)
         for si in range(len(xs)):
-            xs[si] = _stats_layer(hp, L, xs[si], acc, inv_freq)
+            y = layer_forward(hp, L, xs[si], 0, widths, kc, vc, inv_freq, np.float32, taps=acc)
+            acc.add_sequence(xs[si], y)
+            xs[si] = y
             if bar is not None:
                 bar.update(1)
         del L

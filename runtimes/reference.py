@@ -6,7 +6,7 @@ Low-rank branches (LoRA kept separate, error compensation) are applied as extra 
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -187,15 +187,31 @@ def o_proj(L: LayerWeights, o, n_in):
     return y
 
 
+# What layer_forward hands its ``taps`` callable, in call order: the inputs of every linear (per
+# row of ``x``) and the Q/K projections before RoPE, all in the runtime layout (LayerWeights).
+TAPS = (
+    "attn_in",  # (T, hidden): the attention input after attn_norm, input of q/k/v_proj
+    "q",  # (T, 2 * qk_pairs * H): q_proj output pre-RoPE (biases, low-rank branches), rows (pair slot, half, head)
+    "k",  # (T, 2 * qk_pairs * KV): k_proj output pre-RoPE, rows (pair slot, half, kv head)
+    "o_in",  # (T, v_dims * H): the attention output, input of o_proj, columns (component, head)
+    "ffn_in",  # (T, hidden): the MLP input after ffn_norm, input of gate/up_proj
+    "down_in",  # (T, ffn): silu(gate) * up, input of down_proj
+)
+
+
 def layer_forward(hp, L: LayerWeights, x: np.ndarray, start: int, w: LayerWidths, kcache: np.ndarray,
                   vcache: np.ndarray, inv_freq: np.ndarray, dtype, timers: dict | None = None,
-                  pos: np.ndarray | None = None, mask: np.ndarray | None = None) -> np.ndarray:
+                  pos: np.ndarray | None = None, mask: np.ndarray | None = None,
+                  taps: Callable[[str, np.ndarray], None] | None = None) -> np.ndarray:
     """One decoder layer on ``x`` (T, hidden) at positions ``start..start+T``: writes this layer's
     K/V into ``kcache`` (n_ctx, KV, 2, half) / ``vcache`` (n_ctx, KV, head_dim) and returns the new
     residual stream. ``w``: the widths kept at the current pruning rate.
 
     ``pos`` / ``mask`` (RoPE positions of the T rows, additive (T, start+T) attention mask) replace
-    the causal defaults: several sequences packed into one call (:func:`streamed_logits`)."""
+    the causal defaults: several sequences packed into one call (:func:`streamed_logits`).
+    ``taps``: called as ``taps(name, activation)`` with each activation of :data:`TAPS` (read it,
+    do not keep or change it); calibration's statistics come from here. Timers (``timers``:
+    seconds added under "attention" / "mlp") are the other hook."""
     T = x.shape[0]
     pos = np.arange(start, start + T) if pos is None else pos
     H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
@@ -210,9 +226,14 @@ def layer_forward(hp, L: LayerWeights, x: np.ndarray, start: int, w: LayerWidths
     h = rms_norm(x, L.attn_norm, hp.rms_norm_eps)
     cos, sin = cos_sin(inv_freq, L, pos, p, dtype)
     q = L._lin(h, L.wq, L.bq, p * 2 * H, L.lr[Role.Q], {"n_out": p * 2 * H})
+    if taps is not None:
+        taps("attn_in", h)
+        taps("q", q)
     q = q.reshape(T, p, 2, H).transpose(0, 3, 2, 1)  # (T, H, 2, p)
     q = apply_rope(q, np.repeat(cos, group, axis=1), np.repeat(sin, group, axis=1))
     k = L._lin(h, L.wk, L.bk, p * 2 * KV, L.lr[Role.K], {"n_out": p * 2 * KV})
+    if taps is not None:
+        taps("k", k)
     k = apply_rope(k.reshape(T, p, 2, KV).transpose(0, 3, 2, 1), cos, sin)
     v = L._lin(h, L.wv, L.bv, nv * KV, L.lr[Role.V], {"n_out": nv * KV})
     v = v.reshape(T, nv, KV).transpose(0, 2, 1)  # (T, KV, nv)
@@ -228,6 +249,8 @@ def layer_forward(hp, L: LayerWeights, x: np.ndarray, start: int, w: LayerWidths
     np.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
     o = np.einsum("kgts,skc->tckg", att, V).reshape(T, nv * H)  # rows (component, head)
+    if taps is not None:
+        taps("o_in", o)
     x = x + o_proj(L, o, nv * H)
     if timers is not None:
         t1 = time.perf_counter()
@@ -236,6 +259,9 @@ def layer_forward(hp, L: LayerWeights, x: np.ndarray, start: int, w: LayerWidths
     g = L._lin(h, L.wg, L.bg, f, L.lr[Role.GATE], {"n_out": f})
     u = L._lin(h, L.wu, L.bu, f, L.lr[Role.UP], {"n_out": f})
     a = silu(g) * u
+    if taps is not None:
+        taps("ffn_in", h)
+        taps("down_in", a)
     y = a @ L.wd_t[:f]
     if L.bd is not None:
         y = y + L.bd

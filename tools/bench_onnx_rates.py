@@ -61,15 +61,16 @@ def _write_onnx_artifact(ir, out: Path, weights) -> None:
 
 
 def build(out: Path, rates: tuple[float, ...], bits: int) -> dict:
-    from edgeq.build import BuildOptions, compress, prepare_ir
+    from edgeq import pipeline
     from edgeq.backends.reference.ir_files import write_ir
+    from edgeq.build import BuildOptions, compress_steps, front_steps
     from edgeq.targets import load_target
 
     target = load_target("cpu-avx2")
     opts = BuildOptions(model=MODEL, out=out, format="onnx", bits=bits, prune_rates=rates)
-    t = time.perf_counter()
-    ir = compress(prepare_ir(opts, log), opts, target, log)
-    compress_s = time.perf_counter() - t
+    compress = compress_steps(opts, target)
+    ctx = pipeline.run([*front_steps(opts), *compress], pipeline.BuildContext(opts=opts, target=target, log=log))
+    ir, compress_s = ctx.ir, sum(ctx.timings[s.name] for s in compress)
     (out / "ir").mkdir(parents=True, exist_ok=True)
     write_ir(ir, out / "ir")
     return dict(lower(out, bits), compress_s=compress_s)

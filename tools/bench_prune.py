@@ -28,7 +28,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edgeq.build import BuildOptions, compress  # noqa: E402
+from edgeq import pipeline  # noqa: E402
+from edgeq.build import BuildOptions, compress_steps  # noqa: E402
 from edgeq.evaluate import (_window_logits, lambada_item_correct, lambada_item_ids, load_lambada,  # noqa: E402
                             wikitext2_test_text)
 from edgeq.frontend import load_model  # noqa: E402
@@ -69,8 +70,7 @@ def main(argv=None) -> int:
         opts = BuildOptions(model=args.model, out=args.out, prune_rates=rates, sort=method,
                             calib_samples=args.calib_samples, calib_len=args.calib_len)
         t = time.perf_counter()
-        timings: dict = {}
-        models[method] = compress(base, opts, target, log, timings)
+        models[method], timings = _compress(base, opts, target)
         build_s[method] = time.perf_counter() - t
         log(f"{method}: {timings}")
     if args.recover:
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
                             calib_samples=args.calib_samples, calib_len=args.calib_len, recover=True,
                             recover_steps=args.recover_steps)
         t = time.perf_counter()
-        models["uniql+recover"] = compress(base, opts, target, log)
+        models["uniql+recover"], _ = _compress(base, opts, target)
         build_s["uniql+recover"] = time.perf_counter() - t
     sessions = {k: ReferenceSession(ir, n_ctx=640) for k, ir in models.items()}
     ref = ReferenceSession(base, n_ctx=640)
@@ -173,6 +173,13 @@ def main(argv=None) -> int:
               f"{row['decode_tok_s']:.1f} | {row['decode_tok_s'] / speed[rates[0]]:.3f} | "
               f"{row['resident_weight_bytes'] / 1e6:.1f} | {row['switch_s'] * 1e6:.1f} us |")
     return 0
+
+
+def _compress(base, opts: BuildOptions, target):
+    """``base`` through the build's pruning steps (``compress_steps``, run by the build's runner):
+    the pruned model and each step's seconds."""
+    ctx = pipeline.run(compress_steps(opts, target), pipeline.BuildContext(opts=opts, target=target, log=log, ir=base))
+    return ctx.ir, ctx.timings
 
 
 def _realised(ir, rate: float) -> float:

@@ -6,6 +6,7 @@ from runtimes.reference import ReferenceSession
 
 REF_VS_TRANSFORMERS_MAX_ABS = 1e-4  # the issue's bound, fp32 logits
 REF_FP32_VS_TRANSFORMERS_MAX_ABS_DEEP = 3e-4  # float32 accumulation over 30 layers (SmolLM2)
+TAP_VS_TRANSFORMERS_MAX_ABS = 1e-5  # one fp32 layer's activations
 
 
 def _hf_logits(model_dir, ids, adapter_dir=None):
@@ -96,3 +97,57 @@ def test_streamed_logits_equal_the_session_per_sequence_with_adapter(tiny_llama,
     got32 = ref.streamed_logits(ir, seqs)
     err = max(np.abs(g - w).max() for g, w in zip(got32, want))
     assert 0 < err <= STREAMED_F32_MAX_ABS
+
+
+def _hf_linear_io(model_dir, ids, layer=0):
+    """transformers' inputs (and q/k outputs) of one layer's linears, by forward hooks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    blk, got, hooks = m.model.layers[layer], {}, []
+    for name, mod, out in (("attn_in", blk.self_attn.q_proj, "q"), (None, blk.self_attn.k_proj, "k"),
+                           ("o_in", blk.self_attn.o_proj, None), ("ffn_in", blk.mlp.gate_proj, None),
+                           ("down_in", blk.mlp.down_proj, None)):
+        def hook(_, args, res, name=name, out=out):
+            if name:
+                got[name] = args[0][0].numpy().copy()
+            if out:
+                got[out] = res[0].numpy().copy()
+        hooks.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        m(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    return got
+
+
+def test_layer_taps_are_the_linear_inputs_and_change_nothing(tiny_model):
+    from edgeq.ir import Role, full_widths
+    from runtimes.reference import TAPS, LayerWeights, from_runtime_layout, layer_forward, rope_inv_freq
+
+    ir = load_model(tiny_model)
+    hp = ir.hparams
+    ids = _ids(24, hp.vocab_size, seed=3)
+    L = LayerWeights(ir, 0, np.float32)
+    x = np.asarray(ir.tensors["token_embd"], dtype=np.float32)[ids]
+
+    def run(taps=None):
+        kc = np.zeros((len(ids), hp.num_kv_heads, 2, hp.head_dim // 2), dtype=np.float32)
+        vc = np.zeros((len(ids), hp.num_kv_heads, hp.head_dim), dtype=np.float32)
+        return layer_forward(hp, L, x, 0, full_widths(hp), kc, vc, rope_inv_freq(hp.head_dim, hp.rope_theta),
+                             np.float32, taps=taps)
+
+    seen = []
+    tapped = run(lambda name, a: seen.append((name, a.copy())))
+    assert np.array_equal(tapped, run())  # observing changes nothing
+    assert [n for n, _ in seen] == list(TAPS)
+    ours = dict(seen)
+    # runtime layout -> natural order (rows of Q/K outputs, columns of the o_proj input)
+    ours["q"] = from_runtime_layout(hp, Role.Q, "weight", ours["q"].T).T
+    ours["k"] = from_runtime_layout(hp, Role.K, "weight", ours["k"].T).T
+    ours["o_in"] = from_runtime_layout(hp, Role.O, "a", ours["o_in"])
+    hf = _hf_linear_io(tiny_model, ids)
+    for name in TAPS:
+        assert np.abs(ours[name] - hf[name]).max() <= TAP_VS_TRANSFORMERS_MAX_ABS, name
+    assert np.abs(hf["o_in"]).max() > 0.01  # not a degenerate layer
