@@ -107,6 +107,8 @@ def _read_model(reader, path: Path, fam: Family, a: str) -> ModelIR:
     n_kv = int(field(reader, f"{a}.attention.head_count_kv", n_head))
     head_dim = int(field(reader, f"{a}.attention.key_length", hidden // n_head))
     n_layers = int(req("block_count"))
+    if not 0 <= n_layers <= len(raw):  # every block holds tensors; names are listed per block below
+        raise EdgeqError(f"{path}: corrupt GGUF metadata: {a}.block_count {n_layers} with {len(raw)} tensors")
     hp = HParams(
         arch=fam.arch,
         vocab_size=int(te.shape[1]),

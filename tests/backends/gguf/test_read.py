@@ -82,3 +82,32 @@ def test_unknown_architecture_and_adapter_are_clear_errors(tmp_path):
         read_gguf(write_lora_gguf(lora, "x", tmp_path / "a.gguf"))
     with pytest.raises(EdgeqError, match="no such file"):
         read_gguf(tmp_path / "missing.gguf")
+
+
+@pytest.mark.parametrize("count", [64, 2**20])  # the file has 21 tensors
+def test_block_count_beyond_the_tensors_is_refused_fast(tmp_path, count):
+    """Found by tools/fuzz_loaders.py: a block_count field overwritten with a large value made the
+    reader list every layer's tensor names before looking for one (2**24: minutes and gigabytes;
+    2**32 - 1: unbounded). A count the file's tensors cannot hold is refused before that."""
+    import struct
+    import time
+    import tracemalloc
+
+    ir = tiny_ir(tied=False)
+    data = bytearray(write_gguf(ir, tmp_path / "m.gguf", tensor_types(ir, 32)).read_bytes())
+    key = b"llama.block_count"
+    i = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key)
+    assert struct.unpack_from("<II", data, i) == (gguf.GGUFValueType.UINT32, ir.hparams.num_layers)
+    struct.pack_into("<I", data, i + 4, count)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data)
+    tracemalloc.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(EdgeqError, match=r"block_count -?\d+ with \d+ tensors") as exc:
+            read_gguf(bad)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - t0 < 5 and peak < 8 << 20, (time.monotonic() - t0, peak)
+    assert "\n" not in str(exc.value) and "bad.gguf" in str(exc.value)
