@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import struct
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -67,6 +70,65 @@ def test_the_harness_reports_other_exceptions_and_hangs(loaders):
     assert isinstance(fz.run_one(slow, b"x", 0.2), fz.Hang)
     multiline = fz.Loader("ml", "binary", b"", lambda data: (_ for _ in ()).throw(EdgeqError("a\nb")))
     assert isinstance(fz.run_one(multiline, b"x", 1.0), AssertionError)
+    fz._alarm(signal.SIGALRM, None)  # a late alarm (none armed: between inputs) is ignored, not raised
+
+
+def _hang_if(cond):
+    def run(data):
+        if cond(data):
+            lock = threading.Lock()
+            lock.acquire()
+            lock.acquire()  # a real deadlock inside the loader (no signal can break it)
+        if data[:1] == b"!":
+            raise EdgeqError("refused")
+    return run
+
+
+def test_the_fuzzing_child_is_killed_on_a_hang_and_the_input_saved(tmp_path):
+    """The tool's runs happen in a child process watched from the parent: a loader that
+    deadlocks on some inputs is killed after the timeout, the input is saved and, hanging again
+    alone, reported as a Hang; the other inputs are still counted; no SIGALRM is involved."""
+    hangs = lambda data: len(data) % 7 == 3  # noqa: E731
+    loader = fz.Loader("deadlock", "binary", b"seed!", _hang_if(hangs))
+    t0 = time.monotonic()
+    res = fz.fuzz(loader, 40, timeout=0.5, out_dir=tmp_path / "found", seed=3, work=tmp_path)
+    assert time.monotonic() - t0 < 60
+    assert res.inputs >= 40 and res.accepted + res.refused + sum(c for c, _, _ in res.findings.values()) == res.inputs
+    assert list(res.findings) == ["Hang (over 0.5 s)"], (res.findings, res.harness)
+    count, path, _ = res.findings["Hang (over 0.5 s)"]
+    assert count >= 1 and hangs(Path(path).read_bytes())
+    assert not res.harness
+
+
+def test_a_hang_that_does_not_come_back_is_a_harness_event_not_a_finding(tmp_path):
+    marker = tmp_path / "hung-once"
+
+    def once(data):  # hangs the first time only (a load spike, a deadlock outside the loader)
+        if not marker.exists():
+            marker.write_bytes(data)
+            time.sleep(30)
+
+    res = fz.fuzz(fz.Loader("once", "binary", b"abc", once), 10, timeout=0.5, out_dir=tmp_path / "f",
+                  seed=1, work=tmp_path)
+    assert not res.findings and len(res.harness) == 1 and "alone: accepted" in res.harness[0]
+    assert res.inputs >= 10 and res.accepted == res.inputs
+
+
+def test_crashes_and_allocations_in_the_child_are_findings_with_the_input(tmp_path):
+    def crash(data):
+        if len(data) % 13 == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # a loader crash takes only the child down
+        if len(data) % 4 == 2:
+            bytearray(8 << 30)  # an allocation past RLIMIT_AS: MemoryError
+
+    res = fz.fuzz(fz.Loader("crash", "binary", b"abcd", crash), 60, timeout=5.0, out_dir=tmp_path / "f",
+                  seed=2, mem_mb=512, work=tmp_path)
+    sigs = sorted(res.findings)
+    assert sigs[0] == "MemoryError at test_fuzz_loaders.py:" + sigs[0].rsplit(":", 1)[1], sigs
+    assert sigs[1:] == ["child process died"], (sigs, res.harness)
+    assert len(Path(res.findings["child process died"][1]).read_bytes()) % 13 == 1
+    assert len(Path(res.findings[sigs[0]][1]).read_bytes()) % 4 == 2
+    assert not res.harness
 
 
 def _peak_of(fn) -> tuple[BaseException | None, int]:
