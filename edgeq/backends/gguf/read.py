@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeq.backends.gguf.extents import check_metadata_extents
 from edgeq.backends.gguf.layout import (
     GGUF_ARCH,
     ROLE_ORDER,
@@ -57,6 +58,7 @@ def read_gguf(path: str | Path) -> ModelIR:
     if not path.is_file():
         raise EdgeqError(f"{path}: no such file")
     size = path.stat().st_size
+    check_metadata_extents(path)  # gguf-py would loop over an array claiming more than the file holds
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # noqa: BLE001 - gguf-py raises ValueError/IndexError/... on bad input

@@ -111,3 +111,31 @@ def test_block_count_beyond_the_tensors_is_refused_fast(tmp_path, count):
         tracemalloc.stop()
     assert time.monotonic() - t0 < 5 and peak < 8 << 20, (time.monotonic() - t0, peak)
     assert "\n" not in str(exc.value) and "bad.gguf" in str(exc.value)
+
+
+@pytest.mark.parametrize("edit", ["token_type_length", "tokens_as_int8"])
+def test_metadata_array_claiming_more_than_the_file_is_refused_fast(tmp_path, edit):
+    """Found by tools/fuzz_loaders.py (seed 18, run 0): gguf-py walks an array element by
+    element and reads past the end of the file as empty arrays, so `tokenizer.ggml.tokens`
+    re-typed as an int8 array of 2**32 + 1 elements (a 5 kB file) looped 2**32 times. Here
+    2**20 elements (seconds of looping before the fix) are refused before gguf-py runs."""
+    import struct
+    import time
+
+    ir = tiny_ir(tied=False)
+    data = bytearray(write_gguf(ir, tmp_path / "m.gguf", tensor_types(ir, 32)).read_bytes())
+    key = b"tokenizer.ggml.token_type" if edit == "token_type_length" else b"tokenizer.ggml.tokens"
+    i = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key)
+    vtype, itype, n = struct.unpack_from("<IIQ", data, i)
+    assert vtype == gguf.GGUFValueType.ARRAY and n == ir.hparams.vocab_size
+    if edit == "tokens_as_int8":
+        assert itype == gguf.GGUFValueType.STRING
+        itype = gguf.GGUFValueType.INT8
+    struct.pack_into("<IQ", data, i + 4, itype, 2**20)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data)
+    t0 = time.monotonic()
+    with pytest.raises(EdgeqError, match=r"'tokenizer\.ggml\.token.*': an array of 1048576 values") as exc:
+        read_gguf(bad)
+    assert time.monotonic() - t0 < 2
+    assert "\n" not in str(exc.value) and "bad.gguf" in str(exc.value)
