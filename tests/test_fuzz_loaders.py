@@ -72,6 +72,20 @@ def test_the_harness_reports_other_exceptions_and_hangs(loaders):
     assert isinstance(fz.run_one(multiline, b"x", 1.0), AssertionError)
     fz._alarm(signal.SIGALRM, None)  # a late alarm (none armed: between inputs) is ignored, not raised
 
+    def wraps_everything(data):  # a loader that turns any Exception into a refusal (read_gguf does)
+        try:
+            if data == b"slow":
+                time.sleep(5)
+            if data == b"big":
+                raise MemoryError("an allocation past the limit")
+        except Exception as exc:  # noqa: BLE001
+            raise EdgeqError(f"corrupt: {type(exc).__name__}") from None
+
+    wrapping = fz.Loader("wrap", "binary", b"", wraps_everything)
+    assert isinstance(fz.run_one(wrapping, b"slow", 0.2), fz.Hang)  # not swallowed as a refusal
+    assert isinstance(fz.run_one(wrapping, b"big", 1.0), MemoryError)  # refused, but a finding
+    assert fz.run_one(wrapping, b"fine", 1.0) == "accepted"
+
 
 def _hang_if(cond):
     def run(data):

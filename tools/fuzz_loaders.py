@@ -5,9 +5,11 @@ deleted runs, boundary integers written over length and count fields), structure
 the JSON / TOML documents (a value anywhere replaced by another type, a huge or negative
 number, NaN, a deep nesting; a key deleted) and raw bytes — and must either load or raise
 :class:`~edgeq.errors.EdgeqError`. Anything else counts as a finding: another exception, a hang
-(over ``--timeout`` seconds for one input) or an allocation the input drove: the process runs
-under an address-space limit (``RLIMIT_AS``: what it uses at start plus ``--mem-mb``), so an
-allocation sized by a claimed length larger than the file raises ``MemoryError``.
+(over ``--timeout`` seconds for one input), a crash, or an allocation the input drove. Each run
+of CHUNK inputs happens in a forked child under an address-space limit (``RLIMIT_AS``: what it
+uses at start plus ``--mem-mb``; the parent has none), so an allocation sized by a claimed length
+larger than the file raises ``MemoryError``; the parent watches the child's progress and kills it
+when one input runs past the timeout, keeping that input (see "the driver" below).
 
     python tools/fuzz_loaders.py                      # 100000 inputs per loader (docs/robustness.md)
     python tools/fuzz_loaders.py -n 2000 --loader gguf
@@ -459,8 +461,9 @@ def strategy_for(loader: Loader):
 # saved; one that does not is reported as a harness event (load spike, deadlock outside the
 # loader), never silently dropped.
 
-class Hang(Exception):
-    pass
+class Hang(BaseException):
+    """Raised by the in-process SIGALRM limit; a BaseException so that a loader's own
+    ``except Exception`` (read_gguf wraps gguf-py's errors) cannot turn it into a refusal."""
 
 
 _armed = False
@@ -511,12 +514,28 @@ def run_one(loader: Loader, data: bytes, timeout: float | None = None):
             loader.run(data)
         return "accepted"
     except EdgeqError as exc:
+        masked = _masked(exc)
+        if masked is not None:  # e.g. read_gguf's "corrupt GGUF file: MemoryError"
+            return masked
         msg = str(exc)
         if "\n" in msg or not msg:
             return AssertionError(f"EdgeqError message is not one line: {msg!r}")
         return "refused"
-    except Exception as exc:  # noqa: BLE001 - every other exception is a finding
+    except (Exception, Hang) as exc:  # noqa: BLE001 - every other exception is a finding
         return exc
+
+
+def _masked(exc: BaseException) -> BaseException | None:
+    """A MemoryError or Hang an EdgeqError was raised from (``from None`` still keeps it as
+    ``__context__``): a refusal that hides an allocation past the limit or a hang is a finding."""
+    seen = set()
+    e = exc.__cause__ or exc.__context__
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (MemoryError, Hang)):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 CHUNK = 2000  # inputs per hypothesis run (one child process): its record of explored inputs grows with a run's length
