@@ -203,3 +203,21 @@ def test_gguf_patch_helper_changes_what_the_reader_sees(loaders, tmp_path):
     f.write_bytes(loaders["gguf"].seed)
     assert read_gguf(f).tensors["output"].shape == (6, 8)
     assert np.isfinite(read_gguf(f).tensors["output"]).all()
+
+
+def test_first_run_continues_a_stopped_seed_without_repeating(tmp_path, monkeypatch):
+    """--first-run K gives the inputs a full run of the same seed gives from its K-th run of
+    CHUNK inputs on (so a fuzzing run stopped after K runs can be continued, counts adding up)."""
+    monkeypatch.setattr(fz, "CHUNK", 6)
+    log = tmp_path / "inputs"
+
+    def record(data):  # runs in the fuzzing child: append to a file the parent reads after
+        with open(log, "a") as f:
+            f.write(data.hex() + "\n")
+
+    loader = fz.Loader("rec", "binary", b"seed bytes", record)
+    fz.fuzz(loader, 18, timeout=5.0, out_dir=None, seed=4, work=tmp_path)
+    whole = log.read_text().splitlines()
+    log.unlink()
+    fz.fuzz(loader, 12, timeout=5.0, out_dir=None, seed=4, work=tmp_path, first_run=1)
+    assert len(whole) == 18 and log.read_text().splitlines() == whole[6:]

@@ -697,15 +697,16 @@ def reproduce(loader: Loader, data: bytes, timeout: float, mem_mb: int | None, w
 
 def fuzz(loader: Loader, n: int, timeout: float, out_dir: Path | None, seed: int = 0,
          progress: Callable[[Result], None] | None = None, mem_mb: int | None = 1024,
-         work: Path | None = None) -> Result:
-    """``n`` inputs for ``loader``, as runs of CHUNK inputs seeded ``seed * 1000003 + 0, 1, ...``,
+         work: Path | None = None, first_run: int = 0) -> Result:
+    """``n`` inputs for ``loader``, as runs of CHUNK inputs seeded ``seed * 1000003 + first_run,
+    first_run + 1, ...`` (``first_run``: continue a stopped run of the same seed without repeating),
     each run in a child process watched by this one (see above)."""
     res = Result(loader.name)
     t0 = time.perf_counter()
     strategy = strategy_for(loader)
     work = work or Path(tempfile.gettempdir())
     current = work / f".fuzz-current-{loader.name}-{os.getpid()}.bin"
-    done, chunk = 0, 0
+    done, chunk = 0, first_run
     while done < n:
         k = min(CHUNK, n - done)
         before = res.inputs
@@ -777,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--findings", type=Path, default=Path("fuzz-findings"), help="where failing inputs go")
     ap.add_argument("--json", type=Path, default=None, help="write the counts as JSON")
     ap.add_argument("--seed", type=int, default=0, help="hypothesis seed of the first run")
+    ap.add_argument("--first-run", type=int, default=0,
+                    help="start at this run of 2000 inputs of --seed (continue a stopped fuzzing run)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="edgeq-fuzz.") as tmp:
         loaders = make_loaders(Path(tmp))
@@ -784,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for name in names:
             r = fuzz(loaders[name], args.n, args.timeout, args.findings, seed=args.seed, mem_mb=args.mem_mb,
+                     first_run=args.first_run,
                      work=Path(tmp),
                      progress=lambda r: print(f"  {r.loader}: {r.inputs} inputs, {r.seconds:.0f} s, "
                                               f"findings {len(r.findings)}, harness events {len(r.harness)}",

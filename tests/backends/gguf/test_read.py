@@ -86,8 +86,9 @@ def test_unknown_architecture_and_adapter_are_clear_errors(tmp_path):
 
 @pytest.mark.parametrize("count", [64, 2**20])  # the file has 21 tensors
 def test_block_count_beyond_the_tensors_is_refused_fast(tmp_path, count):
-    """Found by tools/fuzz_loaders.py: a block_count field overwritten with a large value made the
-    reader list every layer's tensor names before looking for one (2**24: minutes and gigabytes;
+    """Found while investigating a fuzzer hang: a block_count field overwritten with a large value
+    (a boundary integer, as tools/fuzz_loaders.py writes) made the reader list every layer's
+    tensor names before looking for one (2**24: minutes and gigabytes;
     2**32 - 1: unbounded). A count the file's tensors cannot hold is refused before that."""
     import struct
     import time
