@@ -9,7 +9,10 @@ from edgeq.errors import EdgeqError, require
 
 
 def gguf_tensors(path: Path) -> list[dict]:
+    from edgeq.backends.gguf.extents import check_metadata_extents
+
     gguf = require("gguf", "gguf")
+    check_metadata_extents(Path(path))  # before gguf-py, which loops over oversized arrays
     try:
         reader = gguf.GGUFReader(path)
     except Exception as exc:  # gguf-py raises assorted errors on corrupt files

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import struct
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -67,6 +70,79 @@ def test_the_harness_reports_other_exceptions_and_hangs(loaders):
     assert isinstance(fz.run_one(slow, b"x", 0.2), fz.Hang)
     multiline = fz.Loader("ml", "binary", b"", lambda data: (_ for _ in ()).throw(EdgeqError("a\nb")))
     assert isinstance(fz.run_one(multiline, b"x", 1.0), AssertionError)
+    fz._alarm(signal.SIGALRM, None)  # a late alarm (none armed: between inputs) is ignored, not raised
+
+    def wraps_everything(data):  # a loader that turns any Exception into a refusal (read_gguf does)
+        try:
+            if data == b"slow":
+                time.sleep(5)
+            if data == b"big":
+                raise MemoryError("an allocation past the limit")
+        except Exception as exc:  # noqa: BLE001
+            raise EdgeqError(f"corrupt: {type(exc).__name__}") from None
+
+    wrapping = fz.Loader("wrap", "binary", b"", wraps_everything)
+    assert isinstance(fz.run_one(wrapping, b"slow", 0.2), fz.Hang)  # not swallowed as a refusal
+    assert isinstance(fz.run_one(wrapping, b"big", 1.0), MemoryError)  # refused, but a finding
+    assert fz.run_one(wrapping, b"fine", 1.0) == "accepted"
+
+
+def _hang_if(cond):
+    def run(data):
+        if cond(data):
+            lock = threading.Lock()
+            lock.acquire()
+            lock.acquire()  # a real deadlock inside the loader (no signal can break it)
+        if data[:1] == b"!":
+            raise EdgeqError("refused")
+    return run
+
+
+def test_the_fuzzing_child_is_killed_on_a_hang_and_the_input_saved(tmp_path):
+    """The tool's runs happen in a child process watched from the parent: a loader that
+    deadlocks on some inputs is killed after the timeout, the input is saved and, hanging again
+    alone, reported as a Hang; the other inputs are still counted; no SIGALRM is involved."""
+    hangs = lambda data: len(data) % 7 == 3  # noqa: E731
+    loader = fz.Loader("deadlock", "binary", b"seed!", _hang_if(hangs))
+    t0 = time.monotonic()
+    res = fz.fuzz(loader, 40, timeout=0.5, out_dir=tmp_path / "found", seed=3, work=tmp_path)
+    assert time.monotonic() - t0 < 60
+    assert res.inputs >= 40 and res.accepted + res.refused + sum(c for c, _, _ in res.findings.values()) == res.inputs
+    assert list(res.findings) == ["Hang (over 0.5 s)"], (res.findings, res.harness)
+    count, path, _ = res.findings["Hang (over 0.5 s)"]
+    assert count >= 1 and hangs(Path(path).read_bytes())
+    assert not res.harness
+
+
+def test_a_hang_that_does_not_come_back_is_a_harness_event_not_a_finding(tmp_path):
+    marker = tmp_path / "hung-once"
+
+    def once(data):  # hangs the first time only (a load spike, a deadlock outside the loader)
+        if not marker.exists():
+            marker.write_bytes(data)
+            time.sleep(30)
+
+    res = fz.fuzz(fz.Loader("once", "binary", b"abc", once), 10, timeout=0.5, out_dir=tmp_path / "f",
+                  seed=1, work=tmp_path)
+    assert not res.findings and len(res.harness) == 1 and "alone: accepted" in res.harness[0]
+    assert res.inputs >= 10 and res.accepted == res.inputs
+
+
+def test_crashes_and_allocations_in_the_child_are_findings_with_the_input(tmp_path):
+    def crash(data):
+        if len(data) % 13 == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # a loader crash takes only the child down
+        if len(data) % 4 == 2:
+            bytearray(8 << 30)  # an allocation past RLIMIT_AS: MemoryError
+
+    res = fz.fuzz(fz.Loader("crash", "binary", b"abcd", crash), 60, timeout=5.0, out_dir=tmp_path / "f",
+                  seed=2, mem_mb=512, work=tmp_path)
+    sigs = sorted(res.findings)
+    assert sigs[0] == "MemoryError at test_fuzz_loaders.py:" + sigs[0].rsplit(":", 1)[1], sigs
+    assert sigs[1:] == ["child process died"], (sigs, res.harness)
+    assert len(Path(res.findings["child process died"][1]).read_bytes()) % 13 == 1
+    assert len(Path(res.findings[sigs[0]][1]).read_bytes()) % 4 == 2
+    assert not res.harness
 
 
 def _peak_of(fn) -> tuple[BaseException | None, int]:
@@ -127,3 +203,21 @@ def test_gguf_patch_helper_changes_what_the_reader_sees(loaders, tmp_path):
     f.write_bytes(loaders["gguf"].seed)
     assert read_gguf(f).tensors["output"].shape == (6, 8)
     assert np.isfinite(read_gguf(f).tensors["output"]).all()
+
+
+def test_first_run_continues_a_stopped_seed_without_repeating(tmp_path, monkeypatch):
+    """--first-run K gives the inputs a full run of the same seed gives from its K-th run of
+    CHUNK inputs on (so a fuzzing run stopped after K runs can be continued, counts adding up)."""
+    monkeypatch.setattr(fz, "CHUNK", 6)
+    log = tmp_path / "inputs"
+
+    def record(data):  # runs in the fuzzing child: append to a file the parent reads after
+        with open(log, "a") as f:
+            f.write(data.hex() + "\n")
+
+    loader = fz.Loader("rec", "binary", b"seed bytes", record)
+    fz.fuzz(loader, 18, timeout=5.0, out_dir=None, seed=4, work=tmp_path)
+    whole = log.read_text().splitlines()
+    log.unlink()
+    fz.fuzz(loader, 12, timeout=5.0, out_dir=None, seed=4, work=tmp_path, first_run=1)
+    assert len(whole) == 18 and log.read_text().splitlines() == whole[6:]

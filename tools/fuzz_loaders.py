@@ -5,9 +5,11 @@ deleted runs, boundary integers written over length and count fields), structure
 the JSON / TOML documents (a value anywhere replaced by another type, a huge or negative
 number, NaN, a deep nesting; a key deleted) and raw bytes — and must either load or raise
 :class:`~edgeq.errors.EdgeqError`. Anything else counts as a finding: another exception, a hang
-(over ``--timeout`` seconds for one input) or an allocation the input drove: the process runs
-under an address-space limit (``RLIMIT_AS``: what it uses at start plus ``--mem-mb``), so an
-allocation sized by a claimed length larger than the file raises ``MemoryError``.
+(over ``--timeout`` seconds for one input), a crash, or an allocation the input drove. Each run
+of CHUNK inputs happens in a forked child under an address-space limit (``RLIMIT_AS``: what it
+uses at start plus ``--mem-mb``; the parent has none), so an allocation sized by a claimed length
+larger than the file raises ``MemoryError``; the parent watches the child's progress and kills it
+when one input runs past the timeout, keeping that input (see "the driver" below).
 
     python tools/fuzz_loaders.py                      # 100000 inputs per loader (docs/robustness.md)
     python tools/fuzz_loaders.py -n 2000 --loader gguf
@@ -33,6 +35,10 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+if __name__ == "__main__":  # one thread per numeric library: fork-safe children, less address space
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 import numpy as np
 import hypothesis
@@ -445,22 +451,46 @@ def strategy_for(loader: Loader):
 
 
 # ---- the driver -----------------------------------------------------------------------------
+#
+# Each run of CHUNK inputs happens in a forked child process; the parent only watches it. The
+# child runs under the address-space limit (the parent, its temp directory and its clean-up do
+# not), raises nothing from signal handlers, and before each input writes the input to a file and
+# a line to a pipe. The parent kills a child whose input has run past ``timeout`` seconds of wall
+# time (or that has gone quiet between inputs, or died), keeps the input it was on, and runs that
+# input again alone in a fresh child: a hang or crash that comes back is a finding with the input
+# saved; one that does not is reported as a harness event (load spike, deadlock outside the
+# loader), never silently dropped.
 
-class Hang(Exception):
-    pass
+class Hang(BaseException):
+    """Raised by the in-process SIGALRM limit; a BaseException so that a loader's own
+    ``except Exception`` (read_gguf wraps gguf-py's errors) cannot turn it into a refusal."""
+
+
+_armed = False
 
 
 def _alarm(signum, frame):
-    raise Hang("one input ran past the time limit")
+    if _armed:  # a late alarm (after the call returned, between inputs) is ignored
+        raise Hang("one input ran past the time limit")
 
 
 @contextlib.contextmanager
-def time_limit(seconds: float):
+def time_limit(seconds: float | None):
+    """SIGALRM around one call, for in-process use (the test suite's short run). Only in the
+    main thread; the fuzzing runs themselves use the watchdog process instead (no signals)."""
+    global _armed
+    import threading
+
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
     old = signal.signal(signal.SIGALRM, _alarm)
+    _armed = True
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
+        _armed = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
 
@@ -473,71 +503,263 @@ class Result:
     refused: int = 0
     seconds: float = 0.0
     findings: dict = field(default_factory=dict)  # signature -> (count, example path, traceback)
+    harness: list = field(default_factory=list)  # stalls / child deaths that did not reproduce
 
 
-def run_one(loader: Loader, data: bytes, timeout: float):
-    """'accepted' | 'refused' | the unexpected exception (a finding)."""
+def run_one(loader: Loader, data: bytes, timeout: float | None = None):
+    """'accepted' | 'refused' | the unexpected exception (a finding). ``timeout``: a SIGALRM
+    limit for in-process callers; None in the fuzzing child (the parent's watchdog times it)."""
     try:
         with time_limit(timeout):
             loader.run(data)
         return "accepted"
     except EdgeqError as exc:
+        masked = _masked(exc)
+        if masked is not None:  # e.g. read_gguf's "corrupt GGUF file: MemoryError"
+            return masked
         msg = str(exc)
         if "\n" in msg or not msg:
             return AssertionError(f"EdgeqError message is not one line: {msg!r}")
         return "refused"
-    except Exception as exc:  # noqa: BLE001 - every other exception is a finding
+    except (Exception, Hang) as exc:  # noqa: BLE001 - every other exception is a finding
         return exc
 
 
-CHUNK = 2000  # inputs per hypothesis run: its record of explored inputs grows with a run's length
+def _masked(exc: BaseException) -> BaseException | None:
+    """A MemoryError or Hang an EdgeqError was raised from (``from None`` still keeps it as
+    ``__context__``): a refusal that hides an allocation past the limit or a hang is a finding."""
+    seen = set()
+    e = exc.__cause__ or exc.__context__
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (MemoryError, Hang)):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+CHUNK = 2000  # inputs per hypothesis run (one child process): its record of explored inputs grows with a run's length
+STALL_S = 120.0  # a child that neither starts nor finishes an input for this long is stuck outside the loader
+
+
+def _signature(exc: BaseException) -> str:
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f"{tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else "?"
+    return f"{type(exc).__name__} at {where}"
+
+
+def _child(body: Callable[[Callable[[str], None]], None], wfd: int, mem_mb: int | None) -> None:
+    """In the forked child: run ``body(send)``, never return (os._exit: no clean-up of the
+    parent's temp directory, no atexit handlers)."""
+    code = 0
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # the parent handles ^C
+        if mem_mb is not None:
+            limit_address_space(mem_mb)
+
+        def send(line: str) -> None:
+            os.write(wfd, (line + "\n").encode())
+
+        body(send)
+        send("D")
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, then exit
+        code = 3
+        try:
+            os.write(wfd, ("X " + json.dumps(f"{_signature(exc)}: {exc!r}"[:1000]) + "\n").encode())
+        except BaseException:  # noqa: BLE001
+            pass
+    finally:
+        os._exit(code)
+
+
+@dataclass
+class Outcome:
+    how: str  # "done" | "hang" | "stall" | "died"
+    in_input: bool  # whether the child was inside a loader call when it ended
+    detail: str = ""
+
+
+def _supervise(body, on_line: Callable[[str], None], timeout: float, mem_mb: int | None) -> Outcome:
+    """Fork a child running ``body``; pass its lines to ``on_line``; kill it (SIGKILL) when one
+    input runs past ``timeout`` s or nothing happens for STALL_S s."""
+    import select
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(rfd)
+        _child(body, wfd, mem_mb)
+    os.close(wfd)
+    buf, in_input, last, how, detail, done = b"", False, time.monotonic(), None, "", False
+    try:
+        while how is None:
+            limit = (timeout if in_input else STALL_S) - (time.monotonic() - last)
+            ready, _, _ = select.select([rfd], [], [], max(limit, 0))
+            if not ready:
+                how = "hang" if in_input else "stall"
+                detail = f"no progress for {time.monotonic() - last:.1f} s"
+                break
+            chunk = os.read(rfd, 1 << 16)
+            if not chunk:
+                break  # the child exited (or died)
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                line = raw.decode()
+                if line == "S":
+                    in_input, last = True, time.monotonic()
+                elif line == "D":
+                    done = True
+                elif line.startswith("X "):
+                    detail = json.loads(line[2:])
+                else:
+                    in_input, last = False, time.monotonic()
+                    on_line(line)
+    finally:
+        if how is not None:
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        os.close(rfd)
+    if how is None:
+        if done and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            return Outcome("done", False)
+        how = "died"
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        detail = (f"killed by signal {sig}" if sig else f"exit status {os.WEXITSTATUS(status)}") + \
+            (f": {detail}" if detail else "")
+    return Outcome(how, in_input, detail)
+
+
+def _chunk_body(loader: Loader, strategy, k: int, hyp_seed: int, current: Path, out_dir: Path | None, tag: str):
+    """The child's work: ``k`` hypothesis inputs, one line per input to the parent."""
+
+    def body(send):
+        nfound = 0
+
+        def one(data):
+            nonlocal nfound
+            current.write_bytes(data)
+            send("S")
+            r = run_one(loader, data)
+            if r in ("accepted", "refused"):
+                send(r[0].upper())
+                return
+            path = None
+            if out_dir is not None:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                path = out_dir / f"{loader.name}-{tag}-{nfound}.bin"
+                path.write_bytes(data)
+                nfound += 1
+            text = "".join(traceback.format_exception(r))[-2000:]
+            send("F " + json.dumps({"sig": _signature(r), "path": str(path) if path else None, "text": text}))
+
+        run = hypothesis.seed(hyp_seed)(
+            settings(max_examples=k, database=None, deadline=None, phases=[Phase.generate],
+                     suppress_health_check=list(HealthCheck))(given(strategy)(one)))
+        run()
+
+    return body
+
+
+def _record(res: Result, line: str) -> None:
+    if line == "A":
+        res.accepted += 1
+    elif line == "R":
+        res.refused += 1
+    elif line.startswith("F "):
+        f = json.loads(line[2:])
+        count, path, text = res.findings.get(f["sig"], (0, None, None))
+        res.findings[f["sig"]] = (count + 1, path or f["path"], text or f["text"])
+
+
+def reproduce(loader: Loader, data: bytes, timeout: float, mem_mb: int | None, work: Path) -> tuple[str, str]:
+    """Run one input alone in a fresh child: ('accepted' | 'refused' | 'finding' | 'hang' | 'stall'
+    | 'died', detail)."""
+    got: list[str] = []
+
+    def body(send):
+        send("S")
+        r = run_one(loader, data)
+        send(r[0].upper() if isinstance(r, str) else "F " + json.dumps(
+            {"sig": _signature(r), "text": "".join(traceback.format_exception(r))[-2000:]}))
+
+    out = _supervise(body, got.append, timeout, mem_mb)
+    if out.how != "done":
+        return out.how, out.detail
+    line = got[-1] if got else ""
+    if line == "A":
+        return "accepted", ""
+    if line == "R":
+        return "refused", ""
+    f = json.loads(line[2:])
+    return "finding", f"{f['sig']}\n{f['text']}"
 
 
 def fuzz(loader: Loader, n: int, timeout: float, out_dir: Path | None, seed: int = 0,
-         progress: Callable[[Result], None] | None = None) -> Result:
-    """``n`` inputs for ``loader``, as runs of CHUNK inputs seeded ``seed``, ``seed + 1``, ..."""
+         progress: Callable[[Result], None] | None = None, mem_mb: int | None = 1024,
+         work: Path | None = None, first_run: int = 0) -> Result:
+    """``n`` inputs for ``loader``, as runs of CHUNK inputs seeded ``seed * 1000003 + first_run,
+    first_run + 1, ...`` (``first_run``: continue a stopped run of the same seed without repeating),
+    each run in a child process watched by this one (see above)."""
     res = Result(loader.name)
     t0 = time.perf_counter()
     strategy = strategy_for(loader)
-
-    def one(data):
-        res.inputs += 1
-        r = run_one(loader, data, timeout)
-        if r == "accepted":
-            res.accepted += 1
-        elif r == "refused":
-            res.refused += 1
-        else:
-            tb = traceback.extract_tb(r.__traceback__)
-            where = f"{tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else "?"
-            sig = f"{type(r).__name__} at {where}"
-            count, path, text = res.findings.get(sig, (0, None, None))
-            if path is None and out_dir is not None:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                path = out_dir / f"{loader.name}-{len(res.findings)}.bin"
-                path.write_bytes(data)
-            res.findings[sig] = (count + 1, path, text or "".join(traceback.format_exception(r))[-2000:])
-
-    done, chunk = 0, 0
+    work = work or Path(tempfile.gettempdir())
+    current = work / f".fuzz-current-{loader.name}-{os.getpid()}.bin"
+    done, chunk = 0, first_run
     while done < n:
         k = min(CHUNK, n - done)
-        run = hypothesis.seed(seed * 1_000_003 + chunk)(
-            settings(max_examples=k, database=None, deadline=None, phases=[Phase.generate],
-                     suppress_health_check=list(HealthCheck))(given(strategy)(one)))
         before = res.inputs
-        run()
-        # refused inputs leave memory maps in exception reference cycles until a full collection;
-        # without one the address space (RLIMIT_AS) fills up after ~46 000 GGUF inputs
-        gc.collect()
+
+        def on_line(line):
+            res.inputs += 1
+            _record(res, line)
+
+        tag = f"s{seed}c{chunk}"
+        out = _supervise(_chunk_body(loader, strategy, k, seed * 1_000_003 + chunk, current, out_dir, tag),
+                         on_line, timeout, mem_mb)
+        if out.how != "done":
+            _abnormal(res, loader, out, current, timeout, mem_mb, work, out_dir, tag)
         done += max(res.inputs - before, 1)  # hypothesis may stop early when a space is exhausted
         chunk += 1
         res.seconds = time.perf_counter() - t0
         if progress is not None:
             progress(res)
+    with contextlib.suppress(FileNotFoundError):
+        current.unlink()
     return res
 
 
+def _abnormal(res: Result, loader: Loader, out: Outcome, current: Path, timeout: float, mem_mb: int | None,
+              work: Path, out_dir: Path | None, tag: str) -> None:
+    """A child hung, stalled or died: a finding if the input it was on does it again alone."""
+    what = f"run {tag}: child {out.how} ({out.detail})"
+    if not out.in_input:
+        res.harness.append(what + ", between inputs")
+        return
+    res.inputs += 1  # the input it was on
+    data = current.read_bytes()
+    again, detail = reproduce(loader, data, timeout, mem_mb, work)
+    path = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{loader.name}-{tag}-{out.how}.bin"
+        path.write_bytes(data)
+    if again in ("hang", "stall", "died", "finding"):
+        sig = {"hang": f"Hang (over {timeout:g} s)", "stall": f"Hang (over {timeout:g} s)",
+               "died": "child process died"}.get(again, detail.split("\n", 1)[0])
+        count, p0, text = res.findings.get(sig, (0, None, None))
+        res.findings[sig] = (count + 1, p0 or path, text or f"{what}; alone again: {again} ({detail})")
+    else:
+        if again == "accepted":
+            res.accepted += 1
+        else:
+            res.refused += 1
+        res.harness.append(f"{what}; the input alone: {again} (example: {path})")
+
+
 def limit_address_space(extra_mb: int) -> None:
+    """RLIMIT_AS = this process's address space now + ``extra_mb`` (called in the child)."""
     import resource
 
     with open("/proc/self/statm") as f:
@@ -551,29 +773,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", type=int, default=100_000, help="inputs per loader")
     ap.add_argument("--loader", action="append", help="only these loaders (repeatable)")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds one input may take")
-    ap.add_argument("--mem-mb", type=int, default=1024, help="address space allowed beyond the start")
+    ap.add_argument("--mem-mb", type=int, default=1024,
+                    help="address space each fuzzing child may add to what it starts with (RLIMIT_AS)")
     ap.add_argument("--findings", type=Path, default=Path("fuzz-findings"), help="where failing inputs go")
     ap.add_argument("--json", type=Path, default=None, help="write the counts as JSON")
     ap.add_argument("--seed", type=int, default=0, help="hypothesis seed of the first run")
+    ap.add_argument("--first-run", type=int, default=0,
+                    help="start at this run of 2000 inputs of --seed (continue a stopped fuzzing run)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="edgeq-fuzz.") as tmp:
         loaders = make_loaders(Path(tmp))
-        limit_address_space(args.mem_mb)
         names = args.loader or list(loaders)
         results = []
         for name in names:
-            r = fuzz(loaders[name], args.n, args.timeout, args.findings, seed=args.seed,
+            r = fuzz(loaders[name], args.n, args.timeout, args.findings, seed=args.seed, mem_mb=args.mem_mb,
+                     first_run=args.first_run,
+                     work=Path(tmp),
                      progress=lambda r: print(f"  {r.loader}: {r.inputs} inputs, {r.seconds:.0f} s, "
-                                              f"findings {len(r.findings)}", flush=True))
+                                              f"findings {len(r.findings)}, harness events {len(r.harness)}",
+                                              flush=True))
             results.append(r)
             print(f"{name:12s} {r.inputs:8d} inputs  {r.accepted:7d} loaded  {r.refused:7d} refused  "
                   f"{r.seconds:7.1f} s  findings: {len(r.findings)}", flush=True)
             for sig, (count, path, text) in r.findings.items():
                 print(f"    {count:6d} x {sig}  (example: {path})\n{text}", flush=True)
+            for event in r.harness:
+                print(f"    harness: {event}", flush=True)
     if args.json:
         args.json.write_text(json.dumps([{"loader": r.loader, "inputs": r.inputs, "accepted": r.accepted,
                                           "refused": r.refused, "seconds": round(r.seconds, 1),
-                                          "findings": {k: v[0] for k, v in r.findings.items()}}
+                                          "findings": {k: v[0] for k, v in r.findings.items()},
+                                          "harness": r.harness, "seed": args.seed, "timeout": args.timeout,
+                                          "mem_mb": args.mem_mb}
                                          for r in results], indent=1) + "\n")
     return 1 if any(r.findings for r in results) else 0
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeq.backends.gguf.extents import check_metadata_extents
 from edgeq.backends.gguf.layout import (
     GGUF_ARCH,
     ROLE_ORDER,
@@ -55,6 +56,7 @@ def read_gguf(path: str | Path) -> ModelIR:
     if not path.is_file():
         raise EdgeqError(f"{path}: no such file")
     size = path.stat().st_size
+    check_metadata_extents(path)  # gguf-py would loop over an array claiming more than the file holds
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # noqa: BLE001 - gguf-py raises ValueError/IndexError/... on bad input
@@ -105,6 +107,8 @@ def _read_model(reader, path: Path, fam: Family, a: str) -> ModelIR:
     n_kv = int(field(reader, f"{a}.attention.head_count_kv", n_head))
     head_dim = int(field(reader, f"{a}.attention.key_length", hidden // n_head))
     n_layers = int(req("block_count"))
+    if not 0 <= n_layers <= len(raw):  # every block holds tensors; names are listed per block below
+        raise EdgeqError(f"{path}: corrupt GGUF metadata: {a}.block_count {n_layers} with {len(raw)} tensors")
     hp = HParams(
         arch=fam.arch,
         vocab_size=int(te.shape[1]),

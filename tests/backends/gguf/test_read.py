@@ -82,3 +82,61 @@ def test_unknown_architecture_and_adapter_are_clear_errors(tmp_path):
         read_gguf(write_lora_gguf(lora, "x", tmp_path / "a.gguf"))
     with pytest.raises(EdgeqError, match="no such file"):
         read_gguf(tmp_path / "missing.gguf")
+
+
+@pytest.mark.parametrize("count", [64, 2**20])  # the file has 21 tensors
+def test_block_count_beyond_the_tensors_is_refused_fast(tmp_path, count):
+    """Found while investigating a fuzzer hang: a block_count field overwritten with a large value
+    (a boundary integer, as tools/fuzz_loaders.py writes) made the reader list every layer's
+    tensor names before looking for one (2**24: minutes and gigabytes;
+    2**32 - 1: unbounded). A count the file's tensors cannot hold is refused before that."""
+    import struct
+    import time
+    import tracemalloc
+
+    ir = tiny_ir(tied=False)
+    data = bytearray(write_gguf(ir, tmp_path / "m.gguf", tensor_types(ir, 32)).read_bytes())
+    key = b"llama.block_count"
+    i = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key)
+    assert struct.unpack_from("<II", data, i) == (gguf.GGUFValueType.UINT32, ir.hparams.num_layers)
+    struct.pack_into("<I", data, i + 4, count)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data)
+    tracemalloc.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(EdgeqError, match=r"block_count -?\d+ with \d+ tensors") as exc:
+            read_gguf(bad)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - t0 < 5 and peak < 8 << 20, (time.monotonic() - t0, peak)
+    assert "\n" not in str(exc.value) and "bad.gguf" in str(exc.value)
+
+
+@pytest.mark.parametrize("edit", ["token_type_length", "tokens_as_int8"])
+def test_metadata_array_claiming_more_than_the_file_is_refused_fast(tmp_path, edit):
+    """Found by tools/fuzz_loaders.py (seed 18, run 0): gguf-py walks an array element by
+    element and reads past the end of the file as empty arrays, so `tokenizer.ggml.tokens`
+    re-typed as an int8 array of 2**32 + 1 elements (a 5 kB file) looped 2**32 times. Here
+    2**20 elements (seconds of looping before the fix) are refused before gguf-py runs."""
+    import struct
+    import time
+
+    ir = tiny_ir(tied=False)
+    data = bytearray(write_gguf(ir, tmp_path / "m.gguf", tensor_types(ir, 32)).read_bytes())
+    key = b"tokenizer.ggml.token_type" if edit == "token_type_length" else b"tokenizer.ggml.tokens"
+    i = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key)
+    vtype, itype, n = struct.unpack_from("<IIQ", data, i)
+    assert vtype == gguf.GGUFValueType.ARRAY and n == ir.hparams.vocab_size
+    if edit == "tokens_as_int8":
+        assert itype == gguf.GGUFValueType.STRING
+        itype = gguf.GGUFValueType.INT8
+    struct.pack_into("<IQ", data, i + 4, itype, 2**20)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data)
+    t0 = time.monotonic()
+    with pytest.raises(EdgeqError, match=r"'tokenizer\.ggml\.token.*': an array of 1048576 values") as exc:
+        read_gguf(bad)
+    assert time.monotonic() - t0 < 2
+    assert "\n" not in str(exc.value) and "bad.gguf" in str(exc.value)
