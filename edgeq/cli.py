@@ -248,6 +248,8 @@ def verify(artifact, runtime, json_file):
                    f"p99 KL {f['p99_kl']:.4g}")
     if json_file:
         json_file.write_text(json.dumps(rep.to_json(), indent=1))
+    for n in rep.notes:
+        click.echo(f"NOTE {n}")
     for p in rep.problems:
         click.echo(f"FAIL {p}", err=True)
     if not rep.ok:

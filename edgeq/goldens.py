@@ -121,6 +121,15 @@ def load_goldens(path: str | Path) -> dict:
                         bad(f"rate {key}: {source}.{field_} must have one row of k values per position")
             if any(len(a[0]) != len(b[0]) for a, b in zip(e["topk_ids"], e["topk_logprobs"])):
                 bad(f"rate {key}: {source}: topk_ids and topk_logprobs differ in k")
+        floor = entry.get("reference_floor")
+        if floor is not None and not (isinstance(floor, dict) and isinstance(floor.get("weight_type"), str)
+                                      and all(_is_num(floor.get(f)) and math.isfinite(floor[f]) and floor[f] >= 0
+                                              for f in ("relative_kl", "mean_kl"))
+                                      and (floor.get("clear_top1_agreement") is None
+                                           or (_is_num(floor["clear_top1_agreement"])
+                                               and 0 <= floor["clear_top1_agreement"] <= 1))):
+            bad(f"rate {key}: reference_floor must hold weight_type, relative_kl, mean_kl (finite, >= 0) and "
+                "clear_top1_agreement (null or in [0, 1])")
     return data
 
 

@@ -200,7 +200,7 @@ def _randomise_(model, seed: int, embed_std: float = EMBED_STD, linear_std: floa
 
 
 def _make_tiny(out_dir: Path, arch: str, seed: int, tie_embeddings: bool, embed_std: float = EMBED_STD,
-               linear_std: float = LINEAR_STD) -> Path:
+               linear_std: float = LINEAR_STD, num_layers: int = NUM_LAYERS) -> Path:
     require("torch", "frontend")
     transformers = require("transformers", "frontend")
     import torch
@@ -208,7 +208,7 @@ def _make_tiny(out_dir: Path, arch: str, seed: int, tie_embeddings: bool, embed_
     tok = build_tiny_tokenizer("qwen2" if arch == "qwen2" else "gpt2")
     common = dict(
         vocab_size=tok.get_vocab_size(), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-        num_hidden_layers=NUM_LAYERS, num_attention_heads=NUM_HEADS, num_key_value_heads=NUM_KV_HEADS,
+        num_hidden_layers=num_layers, num_attention_heads=NUM_HEADS, num_key_value_heads=NUM_KV_HEADS,
         head_dim=HEAD_DIM, max_position_embeddings=MAX_POSITIONS, hidden_act="silu",
         tie_word_embeddings=tie_embeddings, initializer_range=LINEAR_STD, use_cache=True,
     )
@@ -242,17 +242,19 @@ def _make_tiny(out_dir: Path, arch: str, seed: int, tie_embeddings: bool, embed_
         marker = {"recipe": f"tiny-{arch}/v1", "seed": seed, "tie_embeddings": tie_embeddings}
         if (embed_std, linear_std) != (EMBED_STD, LINEAR_STD):
             marker.update(embed_std=embed_std, linear_std=linear_std)
+        if num_layers != NUM_LAYERS:
+            marker.update(num_layers=num_layers)
         write_marker(tmp, marker)
     return out_dir
 
 
 def make_tiny_llama(out_dir: Path, seed: int = 0, tie_embeddings: bool = False, embed_std: float = EMBED_STD,
-                    linear_std: float = LINEAR_STD) -> Path:
+                    linear_std: float = LINEAR_STD, num_layers: int = NUM_LAYERS) -> Path:
     """Write a tiny random Llama checkpoint to ``out_dir`` (created or replaced); return it.
     ``embed_std`` / ``linear_std`` change the initialisation scales (e.g. a small ``embed_std``
     gives near-flat next-token distributions, a large ``linear_std`` a model 4-bit rounding
-    moves a lot)."""
-    return _make_tiny(out_dir, "llama", seed, tie_embeddings, embed_std, linear_std)
+    moves a lot; many layers of large weights, a model that amplifies any rounding)."""
+    return _make_tiny(out_dir, "llama", seed, tie_embeddings, embed_std, linear_std, num_layers)
 
 
 def make_tiny_qwen2(out_dir: Path, seed: int = 0, tie_embeddings: bool = True) -> Path:

@@ -94,6 +94,87 @@ def test_another_models_artifact_fails_the_reference_check(models, variant, tmp_
     assert "FAIL reference: relative KL" in text
 
 
+# A model that amplifies rounding (8 layers of std-0.3 random weights): a correct Q4_0 build,
+# byte-identical to plain rounding, loses more than the format bound (relative KL ~0.56 > 0.5).
+DEEP = dict(linear_std=0.3, num_layers=8)
+
+
+@pytest.fixture(scope="module")
+def deep_builds(tmp_path_factory):
+    d = tmp_path_factory.mktemp("verify-deep")
+    art = build(make_tiny_llama(d / "m", seed=0, **DEEP), "gguf", d / "a")
+    other = build(make_tiny_llama(d / "o", seed=7, **DEEP), "gguf", d / "b")
+    return art, other
+
+
+def test_a_model_that_amplifies_rounding_verifies_against_its_format_floor(deep_builds, tmp_path):
+    art, _ = deep_builds
+    entry = json.loads((art / "goldens.json").read_text())["rates"]["0"]
+    floor = entry["reference_floor"]  # measured at build time because the format bound failed
+    assert floor["weight_type"] == "Q4_0"
+    code, text = run_cli("verify", art, "--json", tmp_path / "v.json")
+    assert code == 0, text
+    rel = json.loads((tmp_path / "v.json").read_text())["reference"]["0"]["relative_kl"]
+    # the format bound alone would have failed this correct build; plain rounding explains it
+    assert rel > tolerances.REFERENCE_TOLERANCE["Q4_0"].max_relative_kl
+    assert floor["relative_kl"] <= rel <= tolerances.FLOOR_HEADROOM * floor["relative_kl"]
+
+
+def test_the_floor_still_fails_another_models_artifact(deep_builds, tmp_path):
+    art, other = deep_builds
+    wrong = tmp_path / "w"
+    shutil.copytree(other, wrong)
+    g_ok = json.loads((art / "goldens.json").read_text())
+    g = json.loads((wrong / "goldens.json").read_text())
+    g["rates"]["0"]["reference"] = g_ok["rates"]["0"]["reference"]
+    g["rates"]["0"]["reference_floor"] = g_ok["rates"]["0"]["reference_floor"]
+    (wrong / "goldens.json").write_text(json.dumps(g))
+    m = read_manifest(wrong)
+    m.pop("files")
+    write_manifest(wrong, m)
+    code, text = run_cli("verify", wrong)
+    assert code == 1, text
+    assert "FAIL regression" not in text
+    assert "what rounding to Q4_0 alone loses on this model" in text
+
+
+def test_a_floor_as_lossy_as_another_model_makes_the_check_inconclusive_not_passed(deep_builds, tmp_path):
+    """Where plain rounding already loses as much as a wrong model would, verify says so (a NOTE,
+    exit 0 on the regression check) instead of passing the reference check on meaningless numbers."""
+    art, _ = deep_builds
+    a = tmp_path / "a"
+    shutil.copytree(art, a)
+    g = json.loads((a / "goldens.json").read_text())
+    g["rates"]["0"]["reference_floor"]["relative_kl"] = tolerances.UNRELATED_MIN_RELATIVE_KL
+    (a / "goldens.json").write_text(json.dumps(g))
+    m = read_manifest(a)
+    m.pop("files")
+    write_manifest(a, m)
+    code, text = run_cli("verify", a)
+    assert code == 0, text
+    assert "NOTE reference check inconclusive for this model" in text
+
+
+def test_a_model_within_the_format_bound_records_no_floor(models, tmp_path):
+    art = build(models["noisy"], "gguf", tmp_path / "a")
+    assert "reference_floor" not in json.loads((art / "goldens.json").read_text())["rates"]["0"]
+
+
+def test_a_corrupt_floor_is_one_error_line(deep_builds, tmp_path):
+    art, _ = deep_builds
+    a = tmp_path / "a"
+    shutil.copytree(art, a)
+    g = json.loads((a / "goldens.json").read_text())
+    g["rates"]["0"]["reference_floor"]["relative_kl"] = -1
+    (a / "goldens.json").write_text(json.dumps(g))
+    m = read_manifest(a)
+    m.pop("files")
+    write_manifest(a, m)
+    code, text = run_cli("verify", a)
+    assert code == 1
+    assert "corrupt goldens (rate 0: reference_floor" in text
+
+
 def _expected(lps, k=goldens.GOLDEN_TOPK):
     top = np.argsort(-lps, axis=-1, kind="stable")[:, :k]
     return {"topk_ids": [top.tolist()], "topk_logprobs": [np.take_along_axis(lps, top, axis=-1).tolist()]}

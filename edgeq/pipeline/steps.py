@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq import backends, goldens
+from edgeq import backends, goldens, reference_check, tolerances
 from edgeq.artifact import GOLDENS, dump_json
 from edgeq.errors import EdgeqError
 from edgeq.pipeline.runner import BuildContext, Step
@@ -285,10 +285,10 @@ class GoldensStep(Step):
                     "on this host")
             return
         ctx.log("recording goldens (fp32 reference and the artifact)")
-        manifest["goldens"] = record_goldens(ctx.need("ref_ir", self), ctx.tmp, manifest)
+        manifest["goldens"] = record_goldens(ctx.need("ref_ir", self), ctx.tmp, manifest, ctx.target)
 
 
-def record_goldens(ref_ir, root: Path, manifest: dict) -> dict:
+def record_goldens(ref_ir, root: Path, manifest: dict, target) -> dict:
     """Goldens at every carried rate: the float reference at that rate and the artifact.
 
     The reference runs layer by layer (``runtimes.reference.streamed_logits``: one layer's
@@ -310,9 +310,22 @@ def record_goldens(ref_ir, root: Path, manifest: dict) -> dict:
         lps = [goldens.log_softmax(lg) for lg in streamed_logits(ref_ir, token_ids, rate)]
         data["rates"][rate_key(rate)] = {"reference": goldens.record_logprobs(lps)}
     options = backends.for_manifest(manifest).golden_options(root, manifest)
+    tol = tolerances.REFERENCE_TOLERANCE.get(manifest.get("weight_type", ""))
     for rate in rates:
+        entry = data["rates"][rate_key(rate)]
         with open_session(root, n_ctx=256, manifest=manifest, prune=rate, options=options) as art:
-            data["rates"][rate_key(rate)]["artifact"] = goldens.record(art, token_ids)
+            lps = goldens.logprobs(art, token_ids)
+        entry["artifact"] = goldens.record_logprobs(lps)
+        if tol is None:
+            continue
+        ref = goldens.compare(entry["reference"], lps, clear_margin=tolerances.TOP1_CLEAR_MARGIN)
+        rounding = reference_check.format_rounding(manifest.get("weight_type"), target)
+        if rounding is not None and reference_check.problems(ref, tol, "", ""):  # is it the model? (reference_check)
+            floor_ir = reference_check.rounded_ir(ref_ir, rounding)
+            lps_f = [goldens.log_softmax(lg) for lg in streamed_logits(floor_ir, token_ids, rate)]
+            entry["reference_floor"] = reference_check.floor_entry(
+                goldens.compare(entry["reference"], lps_f, clear_margin=tolerances.TOP1_CLEAR_MARGIN),
+                manifest.get("weight_type"))
     dump_json(data, root / GOLDENS)
     extra = {"session_options": options} if options else {}
     return {"file": GOLDENS, "positions": sum(len(t) for t in token_ids), "topk": goldens.GOLDEN_TOPK,
