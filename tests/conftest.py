@@ -52,6 +52,13 @@ def tiny_qwen2_lora(tiny_dir, tiny_qwen2) -> Path:
     return make_random_lora(tiny_qwen2, tiny_dir / "tiny-qwen2-lora", r=4, alpha=8, seed=2)
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3(tiny_dir) -> Path:
+    from models.tiny_gemma3 import make_tiny_gemma3
+
+    return make_tiny_gemma3(tiny_dir / "tiny-gemma3", seed=0)
+
+
 @pytest.fixture(params=["llama", "qwen2"])
 def tiny_model(request, tiny_llama, tiny_qwen2) -> Path:
     return {"llama": tiny_llama, "qwen2": tiny_qwen2}[request.param]

@@ -123,6 +123,7 @@ def _read_model(reader, path: Path, fam: Family, a: str) -> ModelIR:
         max_position_embeddings=int(field(reader, f"{a}.context_length", 2048)),
         tie_word_embeddings=gguf_tensor_name("output") not in raw,
         attention_bias="blk.0.attn_q.bias" in raw,
+        **fam.gguf_block_hparams(hidden, n_layers, head_dim, field(reader, f"{a}.attention.sliding_window")),
     )
 
     def get(name: str, n_head: int = 0):

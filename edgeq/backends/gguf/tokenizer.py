@@ -33,6 +33,8 @@ def write_tokenizer(w, tok: TokenizerSpec, n_vocab: int) -> None:
     w.add_tokenizer_model(tok.model)
     w.add_tokenizer_pre(tok.pre)
     w.add_token_list(tokens)
+    if tok.scores is not None:  # SentencePiece-style: llama.cpp merges by these
+        w.add_token_scores([float(x) for x in tok.scores] + [0.0] * (len(tokens) - len(tok.scores)))
     w.add_token_types(types)
     if tok.merges:
         w.add_token_merges(list(tok.merges))
@@ -45,6 +47,8 @@ def write_tokenizer(w, tok: TokenizerSpec, n_vocab: int) -> None:
     if tok.pad_id is not None:
         w.add_pad_token_id(int(tok.pad_id))
     w.add_add_bos_token(bool(tok.add_bos))
+    if tok.add_space_prefix is not None:
+        w.add_add_space_prefix(bool(tok.add_space_prefix))
     if tok.chat_template:
         w.add_chat_template(tok.chat_template)
 
@@ -112,6 +116,8 @@ def read_tokenizer(reader) -> TokenizerSpec | None:
         return None if v is None else int(v)
 
     add_bos = field(reader, "tokenizer.ggml.add_bos_token")
+    scores = field(reader, "tokenizer.ggml.scores")
+    space = field(reader, "tokenizer.ggml.add_space_prefix")
     # drop the [PADi]/unused tail that write_gguf (and convert_hf_to_gguf) append
     n = len(tokens)
     while n > 0 and types[n - 1] == _TOKEN_UNUSED and tokens[n - 1] == f"[PAD{n - 1}]":
@@ -124,5 +130,7 @@ def read_tokenizer(reader) -> TokenizerSpec | None:
         pad_id=opt_id("tokenizer.ggml.padding_token_id"), unk_id=opt_id("tokenizer.ggml.unknown_token_id"),
         add_bos=bool(add_bos) if add_bos is not None else False,
         chat_template=field(reader, "tokenizer.chat_template"),
+        scores=None if scores is None else tuple(float(x) for x in scores[:n]),
+        add_space_prefix=None if space is None else bool(space),
     )
 
