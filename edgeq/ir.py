@@ -114,6 +114,12 @@ class HParams:
             d["layer_types"] = tuple(d["layer_types"])
         return HParams(**d)
 
+    def special_blocks(self) -> tuple[str, ...]:
+        """The family-block fields that differ from the Llama forward (empty for Llama / Qwen2):
+        what a lowering or pass that implements only that forward must refuse."""
+        return tuple(f.name for f in dataclasses.fields(self)
+                     if f.name in _OPTIONAL_FIELDS and getattr(self, f.name) != f.default)
+
     def is_sliding(self, layer: int) -> bool:
         """Whether ``layer`` attends within the sliding window (a local layer)."""
         return self.layer_types is not None and self.layer_types[layer] == SLIDING
