@@ -116,3 +116,25 @@ def test_separate_lora_branch_matches_peft(tiny_gemma3, tiny_dir):
     assert _rel(ours, theirs) <= REF_VS_TRANSFORMERS_MAX_REL_F64
     base = ReferenceSession(load_model(tiny_gemma3), n_ctx=64, dtype=np.float64).logits(ids)
     assert _rel(base, theirs) > 100 * REF_VS_TRANSFORMERS_MAX_REL_F64  # the adapter matters
+
+
+@pytest.mark.slow
+def test_gemma3_270m_logits_match_transformers(gemma3_dir):
+    """The materialised Gemma 3 270M, float64 mode, over a prompt longer than its 512-token
+    sliding window (the last 64 positions, where the sliding and global layers see different
+    keys). Measured 2026-12-03: see docs/benchmarks.md, "Issue 17 — Gemma 3"."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgeq.evaluate import wikitext2_test_text
+
+    ir = load_model(gemma3_dir)
+    s = ReferenceSession(ir, n_ctx=640, dtype=np.float64)
+    ids = s.tokenize(wikitext2_test_text()[:20000])[:600]
+    assert len(ids) == 600 > ir.hparams.sliding_window
+    ours = s._forward(ids, 0)[-64:] @ s.out_t
+    del s
+    m = AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float64).eval()
+    with torch.no_grad():
+        theirs = m(torch.tensor([ids]), logits_to_keep=64).logits[0].numpy()
+    assert _rel(ours, theirs) <= REF_VS_TRANSFORMERS_MAX_REL_F64
