@@ -89,6 +89,18 @@ def test_tokenizer_matches_hf(gemma_ir, f32_gguf):
         assert s.eos_ids == hf.eos_ids
 
 
+def test_tokenizer_json_rebuilt_from_gguf_metadata_encodes_the_same(gemma_ir, f32_gguf):
+    """A gemma3 GGUF as input: the SentencePiece vocabulary (tokens, scores, types) becomes an HF
+    tokenizer.json again, which tokenizes and detokenizes as the original does."""
+    from runtimes.text import SpecTokenizer
+
+    back, orig = SpecTokenizer(read_gguf(f32_gguf).tokenizer), SpecTokenizer(gemma_ir.tokenizer)
+    for text in TEXTS + [TEXT * 5]:
+        ids = orig.encode(text)
+        assert back.encode(text) == ids, text
+        assert back.decode(ids) == orig.decode(ids), text
+
+
 def test_read_back_is_the_same_model(gemma_ir, f32_gguf):
     back = read_gguf(f32_gguf)
     assert back.hparams == gemma_ir.hparams
