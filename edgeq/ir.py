@@ -10,7 +10,11 @@ Conventions
   ``(j, j + head_dim/2)``); a lowering that needs another convention permutes on the way out.
 * Non-linear tensors live in ``ModelIR.tensors``: ``token_embd`` (vocab, hidden),
   ``output_norm``, ``output`` (only when embeddings are untied), ``blk.{i}.attn_norm``,
-  ``blk.{i}.ffn_norm``.
+  ``blk.{i}.ffn_norm`` (plus, per :func:`block_norm_names`, Gemma's ``attn_q_norm`` /
+  ``attn_k_norm`` / ``post_attention_norm`` / ``post_ffw_norm``).
+* Norm weights are the *effective* multipliers ``x / rms(x) * w`` — what llama.cpp's GGUFs
+  store. A family whose checkpoints store ``w - 1`` (Gemma's ``(1 + w)`` convention) is
+  converted by its front end (``Family.hf_norm_offset``).
 """
 from __future__ import annotations
 
@@ -27,6 +31,11 @@ from edgeq.errors import EdgeqError
 class Arch(str, Enum):
     LLAMA = "llama"
     QWEN2 = "qwen2"
+    GEMMA3 = "gemma3"
+
+
+# HParams.layer_types entries (Hugging Face's names)
+SLIDING, FULL = "sliding_attention", "full_attention"
 
 
 class Role(str, Enum):
@@ -37,6 +46,23 @@ class Role(str, Enum):
     GATE = "ffn_gate"
     UP = "ffn_up"
     DOWN = "ffn_down"
+
+
+HIDDEN_ACTS = ("silu", "gelu_tanh")
+QK_NORMS = ("attn_q_norm", "attn_k_norm")
+
+
+def block_norm_names(hp: "HParams") -> tuple[str, ...]:
+    """The norm tensors of each block (``blk.N.<name>``), in the order the forward uses them."""
+    names = ["attn_norm"]
+    if hp.qk_norm:
+        names += QK_NORMS
+    if hp.sandwich_norm:
+        names.append("post_attention_norm")
+    names.append("ffn_norm")
+    if hp.sandwich_norm:
+        names.append("post_ffw_norm")
+    return tuple(names)
 
 
 def linear_name(layer: int, role: Role) -> str:
@@ -58,17 +84,66 @@ class HParams:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool  # q/k/v carry biases (Qwen2)
+    # --- the forward's family blocks (defaults: the Llama forward; Gemma 3 sets them all) ---
+    hidden_act: str = "silu"  # the MLP's gate activation: "silu" | "gelu_tanh"
+    embedding_scale: float = 1.0  # token embeddings are multiplied by this (Gemma: float32(sqrt(hidden)))
+    query_pre_attn_scalar: float | None = None  # attention scores scale by its -1/2 power (None: head_dim)
+    qk_norm: bool = False  # RMSNorm over each Q/K head (blk.N.attn_q_norm / attn_k_norm, head_dim) before RoPE
+    sandwich_norm: bool = False  # RMSNorm on the attention / MLP outputs before the residual add
+    sliding_window: int | None = None  # keys a sliding-attention layer sees: query pos - key pos < this
+    layer_types: tuple[str, ...] | None = None  # per layer SLIDING or FULL (None: all full)
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (None: rope_theta)
 
     def to_json(self) -> dict:
+        """JSON form; the family-block fields are written only where they differ from the
+        defaults (so Llama / Qwen2 manifests are as before)."""
         d = dataclasses.asdict(self)
         d["arch"] = self.arch.value
+        for f in dataclasses.fields(self):
+            if f.name in _OPTIONAL_FIELDS and d[f.name] == f.default:
+                del d[f.name]
+        if d.get("layer_types") is not None:
+            d["layer_types"] = list(d["layer_types"])
         return d
 
     @staticmethod
     def from_json(d: Mapping) -> "HParams":
         d = dict(d)
         d["arch"] = Arch(d["arch"])
+        if d.get("layer_types") is not None:
+            d["layer_types"] = tuple(d["layer_types"])
         return HParams(**d)
+
+    def special_blocks(self) -> tuple[str, ...]:
+        """The family-block fields that differ from the Llama forward (empty for Llama / Qwen2):
+        what a lowering or pass that implements only that forward must refuse."""
+        return tuple(f.name for f in dataclasses.fields(self)
+                     if f.name in _OPTIONAL_FIELDS and getattr(self, f.name) != f.default)
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether ``layer`` attends within the sliding window (a local layer)."""
+        return self.layer_types is not None and self.layer_types[layer] == SLIDING
+
+    def layer_rope_theta(self, layer: int) -> float:
+        """The RoPE base of ``layer``: the local base on sliding layers, else ``rope_theta``."""
+        if self.is_sliding(layer) and self.rope_local_theta is not None:
+            return self.rope_local_theta
+        return self.rope_theta
+
+    @property
+    def attention_scale(self) -> float:
+        """What attention scores are multiplied by: ``query_pre_attn_scalar ** -0.5``, by default
+        ``head_dim ** -0.5``."""
+        return 1.0 / float(np.sqrt(self.query_pre_attn_scalar or self.head_dim))
+
+
+_OPTIONAL_FIELDS = ("hidden_act", "embedding_scale", "query_pre_attn_scalar", "qk_norm", "sandwich_norm",
+                    "sliding_window", "layer_types", "rope_local_theta")
+
+
+# TokenizerSpec.model values: llama.cpp's tokenizer.ggml.model names
+TOKENIZER_BPE = "gpt2"  # byte-level BPE
+TOKENIZER_SPM = "llama"  # SentencePiece-style (scores, byte fallback)
 
 
 @dataclass(frozen=True)
@@ -92,9 +167,17 @@ class TokenizerSpec:
     unk_id: int | None
     add_bos: bool
     chat_template: str | None
+    # SentencePiece-style vocabularies (model "llama"): llama.cpp's per-token merge scores and
+    # whether it prepends a space to the text (None for byte-level BPE: not written)
+    scores: tuple[float, ...] | None = None
+    add_space_prefix: bool | None = None
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for key in ("scores", "add_space_prefix"):  # byte-level BPE specs serialise as before
+            if d[key] is None:
+                del d[key]
+        return d
 
     @staticmethod
     def from_json(d: Mapping) -> "TokenizerSpec":
@@ -300,14 +383,23 @@ class ModelIR:
         if not hp.tie_word_embeddings:
             need["output"] = (hp.vocab_size, hp.hidden_size)
         for i in range(hp.num_layers):
-            need[f"blk.{i}.attn_norm"] = (hp.hidden_size,)
-            need[f"blk.{i}.ffn_norm"] = (hp.hidden_size,)
+            for norm in block_norm_names(hp):
+                need[f"blk.{i}.{norm}"] = (hp.head_dim,) if norm in QK_NORMS else (hp.hidden_size,)
         for name, shape in need.items():
             t = self.tensors.get(name)
             if t is None:
                 raise EdgeqError(f"missing tensor {name}")
             if tuple(t.shape) != shape:
                 raise EdgeqError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+
+        if hp.layer_types is not None and (len(hp.layer_types) != hp.num_layers
+                                           or set(hp.layer_types) - {SLIDING, FULL}):
+            raise EdgeqError(f"layer_types: expected {hp.num_layers} of {SLIDING!r}/{FULL!r}, "
+                             f"got {list(hp.layer_types)[:4]}...")
+        if hp.layer_types is not None and SLIDING in hp.layer_types and not hp.sliding_window:
+            raise EdgeqError("sliding-attention layers need a sliding_window")
+        if hp.hidden_act not in HIDDEN_ACTS:
+            raise EdgeqError(f"hidden_act {hp.hidden_act!r} is not supported (supported: {list(HIDDEN_ACTS)})")
 
     def _validate_prune(self, spec: PruneSpec) -> None:
         hp = self.hparams

@@ -180,15 +180,17 @@ def save_tokenizer(tok, out_dir: Path, *, bos: str | None, eos: str, pad: str, a
     write_json(out_dir / "special_tokens_map.json", {k: v for k, v in special.items() if v is not None})
 
 
-def _randomise_(model, seed: int, embed_std: float = EMBED_STD, linear_std: float = LINEAR_STD) -> None:
-    """Overwrite every parameter from a seeded generator, in sorted name order."""
+def _randomise_(model, seed: int, embed_std: float = EMBED_STD, linear_std: float = LINEAR_STD,
+                norm_center: float = 1.0) -> None:
+    """Overwrite every parameter from a seeded generator, in sorted name order. ``norm_center``:
+    the mean of the stored norm weights (0 for Gemma, whose checkpoints store ``w - 1``)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + NORM_STD * torch.randn(p.shape, generator=gen))
+                p.copy_(norm_center + NORM_STD * torch.randn(p.shape, generator=gen))
             elif name.endswith(".bias"):
                 p.copy_(BIAS_STD * torch.randn(p.shape, generator=gen))
             elif "embed_tokens" in name or name.startswith("lm_head"):

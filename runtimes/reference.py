@@ -1,4 +1,4 @@
-"""Reference runtime: executes a ModelIR directly with numpy (Llama / Qwen2), KV cache included.
+"""Reference runtime: executes a ModelIR directly with numpy (Llama / Qwen2 / Gemma 3), KV cache included.
 
 The oracle for every other runtime: logits match ``transformers`` in fp32 (tests/runtimes).
 Low-rank branches (LoRA kept separate, error compensation) are applied as extra small GEMMs.
@@ -23,6 +23,21 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation (PyTorch's ``gelu(approximate="tanh")``)."""
+    c = x.dtype.type(np.sqrt(2.0 / np.pi))
+    return x.dtype.type(0.5) * x * (1 + np.tanh(c * (x + x.dtype.type(0.044715) * x * x * x)))
+
+
+ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
+
+
+def head_rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm of each head of ``x`` (T, n, 2, p) over its (2, p) dims; ``w`` (2, p)."""
+    var = np.mean(x * x, axis=(2, 3), keepdims=True)
+    return (x / np.sqrt(var + eps)) * w
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
@@ -153,6 +168,21 @@ class LayerWeights:
         self.ffn_norm = np.asarray(ir.tensors[f"blk.{i}.ffn_norm"], dtype=dtype)
         idx = ir.rope_index.get(i)
         self.rope_index = np.tile(np.arange(half), (KV, 1)) if idx is None else np.asarray(idx)
+        # Gemma's blocks: QK-norm weights in the (half, pair slot) order of a head's rows, the
+        # sandwich norms, the sliding window and the layer's own RoPE base
+        self.q_norm = self.k_norm = self.post_attn_norm = self.post_ffw_norm = None
+        if hp.qk_norm:
+            if idx is not None:
+                raise EdgeqError("QK-norm models cannot carry a sorted RoPE-pair order (pruning is "
+                                 "not supported for them)")
+            self.q_norm, self.k_norm = (np.asarray(ir.tensors[f"blk.{i}.{n}"], dtype=dtype).reshape(2, half)
+                                        for n in ("attn_q_norm", "attn_k_norm"))
+        if hp.sandwich_norm:
+            self.post_attn_norm = np.asarray(ir.tensors[f"blk.{i}.post_attention_norm"], dtype=dtype)
+            self.post_ffw_norm = np.asarray(ir.tensors[f"blk.{i}.post_ffw_norm"], dtype=dtype)
+        self.window = hp.sliding_window if hp.is_sliding(i) else None
+        theta = hp.layer_rope_theta(i)
+        self.inv_freq = None if theta == hp.rope_theta else rope_inv_freq(hp.head_dim, theta)
 
     def buffers(self) -> list[np.ndarray]:
         return [self.wq, self.wk, self.wv, self.wo_t, self.wg, self.wu, self.wd_t]
@@ -213,13 +243,21 @@ def layer_forward(hp, L: LayerWeights, x: np.ndarray, start: int, w: LayerWidths
     do not keep or change it); calibration's statistics come from here. Timers (``timers``:
     seconds added under "attention" / "mlp") are the other hook."""
     T = x.shape[0]
-    pos = np.arange(start, start + T) if pos is None else pos
     H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
     group = H // KV
-    scale = dtype(1.0 / np.sqrt(D))  # the original head_dim, whatever is kept
+    scale = dtype(hp.attention_scale)  # of the original head_dim, whatever is kept
     end = start + T
+    if L.inv_freq is not None:  # a layer with its own RoPE base (Gemma's sliding layers)
+        inv_freq = L.inv_freq
     if mask is None:
         mask = np.triu(np.full((T, end), -np.inf, dtype=dtype), k=start + 1)
+    if L.window is not None:  # keys at or beyond the window behind each query are masked
+        kpos = np.arange(end) if pos is None else pos
+        qpos = np.arange(start, end) if pos is None else pos
+        if kpos.shape[0] != end:
+            raise EdgeqError("sliding-window attention needs the key positions: pass pos for every cached row")
+        mask = np.where(qpos[:, None] - kpos[None, :] >= L.window, -np.inf, mask).astype(dtype)
+    pos = np.arange(start, start + T) if pos is None else pos
     if timers is not None:
         t0 = time.perf_counter()
     p, nv, f = w.qk_pairs, w.v_dims, w.ffn
@@ -230,11 +268,16 @@ def layer_forward(hp, L: LayerWeights, x: np.ndarray, start: int, w: LayerWidths
         taps("attn_in", h)
         taps("q", q)
     q = q.reshape(T, p, 2, H).transpose(0, 3, 2, 1)  # (T, H, 2, p)
+    if L.q_norm is not None:
+        q = head_rms_norm(q, L.q_norm[:, :p], hp.rms_norm_eps)
     q = apply_rope(q, np.repeat(cos, group, axis=1), np.repeat(sin, group, axis=1))
     k = L._lin(h, L.wk, L.bk, p * 2 * KV, L.lr[Role.K], {"n_out": p * 2 * KV})
     if taps is not None:
         taps("k", k)
-    k = apply_rope(k.reshape(T, p, 2, KV).transpose(0, 3, 2, 1), cos, sin)
+    k = k.reshape(T, p, 2, KV).transpose(0, 3, 2, 1)
+    if L.k_norm is not None:
+        k = head_rms_norm(k, L.k_norm[:, :p], hp.rms_norm_eps)
+    k = apply_rope(k, cos, sin)
     v = L._lin(h, L.wv, L.bv, nv * KV, L.lr[Role.V], {"n_out": nv * KV})
     v = v.reshape(T, nv, KV).transpose(0, 2, 1)  # (T, KV, nv)
     kcache[start:end, :, :, :p] = k
@@ -251,14 +294,17 @@ def layer_forward(hp, L: LayerWeights, x: np.ndarray, start: int, w: LayerWidths
     o = np.einsum("kgts,skc->tckg", att, V).reshape(T, nv * H)  # rows (component, head)
     if taps is not None:
         taps("o_in", o)
-    x = x + o_proj(L, o, nv * H)
+    y = o_proj(L, o, nv * H)
+    if L.post_attn_norm is not None:
+        y = rms_norm(y, L.post_attn_norm, hp.rms_norm_eps)
+    x = x + y
     if timers is not None:
         t1 = time.perf_counter()
         timers["attention"] += t1 - t0
     h = rms_norm(x, L.ffn_norm, hp.rms_norm_eps)
     g = L._lin(h, L.wg, L.bg, f, L.lr[Role.GATE], {"n_out": f})
     u = L._lin(h, L.wu, L.bu, f, L.lr[Role.UP], {"n_out": f})
-    a = silu(g) * u
+    a = ACTIVATIONS[hp.hidden_act](g) * u
     if taps is not None:
         taps("ffn_in", h)
         taps("down_in", a)
@@ -267,6 +313,8 @@ def layer_forward(hp, L: LayerWeights, x: np.ndarray, start: int, w: LayerWidths
         y = y + L.bd
     if L.lr[Role.DOWN].items:
         y = L.lr[Role.DOWN].add(y, a, n_in=f)
+    if L.post_ffw_norm is not None:
+        y = rms_norm(y, L.post_ffw_norm, hp.rms_norm_eps)
     x = x + y
     if timers is not None:
         timers["mlp"] += time.perf_counter() - t1
@@ -355,6 +403,8 @@ class ReferenceSession(SpecTextMixin, Session):
         T = ids.size
         self._ids[start:start + T] = ids
         x = self.embd[ids]
+        if hp.embedding_scale != 1.0:
+            x = x * self.dtype(hp.embedding_scale)
         timers = self.timers
         for li, L in enumerate(self.layers):
             x = layer_forward(hp, L, x, start, self.widths[li], self._k[li], self._v[li], self.inv_freq,
@@ -416,7 +466,8 @@ def streamed_logits(ir: ModelIR, sequences: Sequence[Sequence[int]], rate: float
     xs = []
     for seq in sequences:
         ids = check_tokens(seq, hp.vocab_size, 0, max(len(seq), 1))
-        xs.append(np.stack([np.asarray(embd[int(t):int(t) + 1], dtype=np.float32)[0] for t in ids]).astype(dtype))
+        x = np.stack([np.asarray(embd[int(t):int(t) + 1], dtype=np.float32)[0] for t in ids]).astype(dtype)
+        xs.append(x if hp.embedding_scale == 1.0 else x * dtype(hp.embedding_scale))
     inv_freq = rope_inv_freq(hp.head_dim, hp.rope_theta)
     half = hp.head_dim // 2
     if store is None:  # float32 weights widen exactly: either store computes the same values

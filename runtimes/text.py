@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 from edgeq.errors import EdgeqError
 from edgeq.ir import TokenizerSpec
 
-_EOS_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
+_EOS_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>", "<end_of_turn>")  # llama.cpp's end-of-generation names
 
 
 class SpecTokenizer:

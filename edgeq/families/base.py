@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Mapping
 
+import numpy as np
+
 from edgeq.ir import Arch, Role
 
 
@@ -58,6 +60,20 @@ class Family:
     # llama.cpp tokenizer.ggml.pre for a byte-level BPE whose pre-tokenizer has a Split regex
     # (None: the generic naming of edgeq.frontend.tokenizer applies)
     split_pre_tokenizer: str | None = None
+    # --- the family's special blocks (defaults: the Llama forward); see edgeq.ir.HParams
+    hf_norm_offset: float = 0.0  # checkpoints store norm weights minus this (Gemma: 1, "(1 + w)")
+    # config.json hidden_act(ivation) -> HParams.hidden_act; the first is the family's (and GGUF's)
+    hf_activations: Mapping[str, str] = field(default_factory=lambda: {"silu": "silu"})
+    scaled_embedding: bool = False  # embeddings multiplied by float32(sqrt(hidden_size))
+    # config.json's query_pre_attn_scalar sets the attention scale (llama.cpp: head_dim, but 27B)
+    query_scalar: bool = False
+    qk_norm: bool = False  # per-head RMSNorm of Q and K (q_norm / k_norm)
+    sandwich_norm: bool = False  # RMSNorm of the attention and MLP outputs (post_*_norm)
+    sliding_window: bool = False  # config.json sliding_window / layer_types are honoured
+    # llama.cpp's graph for gguf_arch: which layers are global (every n-th; None: all) and the
+    # RoPE base of the sliding ones (both hard-wired there, not read from the GGUF)
+    gguf_swa_pattern: int | None = None
+    gguf_rope_local_theta: float | None = None
     _hf_res: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +86,23 @@ class Family:
         (``convert_hf_to_gguf.py``'s ``LlamaModel.permute``) when the HF order differs from
         llama.cpp's."""
         return self.hf_rope != self.gguf_rope
+
+    def gguf_block_hparams(self, hidden_size: int, num_layers: int, head_dim: int,
+                           sliding_window: int | None) -> dict:
+        """The HParams fields of the family's special blocks as llama.cpp's graph for
+        ``gguf_arch`` runs them (what a GGUF of this family means; what one must match)."""
+        from edgeq.ir import FULL, SLIDING  # noqa: PLC0415 - ir is below families; keep the import local
+
+        out: dict = {"hidden_act": next(iter(self.hf_activations.values())),
+                     "embedding_scale": float(np.float32(np.sqrt(hidden_size))) if self.scaled_embedding else 1.0,
+                     "query_pre_attn_scalar": float(head_dim) if self.query_scalar else None,
+                     "qk_norm": self.qk_norm, "sandwich_norm": self.sandwich_norm,
+                     "sliding_window": None, "layer_types": None, "rope_local_theta": None}
+        if self.sliding_window and sliding_window:
+            n = self.gguf_swa_pattern or num_layers + 1
+            out.update(sliding_window=int(sliding_window), rope_local_theta=self.gguf_rope_local_theta,
+                       layer_types=tuple(FULL if (i + 1) % n == 0 else SLIDING for i in range(num_layers)))
+        return out
 
     def ir_name_of_hf(self, key: str) -> str | None:
         """IR name of a checkpoint tensor (``model.layers.3.self_attn.q_proj.weight`` ->

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from edgeq.errors import EdgeqError
 from edgeq.families.base import Family
+from edgeq.families.gemma3 import GEMMA3
 from edgeq.families.llama import LLAMA
 from edgeq.families.qwen2 import QWEN2
 from edgeq.ir import Arch
 
-FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2)
+FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, GEMMA3)
 _BY_ARCH = {f.arch: f for f in FAMILIES}
 _BY_MODEL_TYPE = {f.hf_model_type: f for f in FAMILIES}
 _BY_GGUF_ARCH = {f.gguf_arch: f for f in FAMILIES}

@@ -131,7 +131,7 @@ def _check_base(cfg: dict, ir: ModelIR, name: str) -> None:
         return
     if not isinstance(bc, dict):
         return
-    if bc.get("model_type") and bc.get("model_type") != ir.arch.value:
+    if bc.get("model_type") and bc.get("model_type") != family(ir.arch).hf_model_type:
         raise EdgeqError(f"adapter {name!r} does not match the model: it was trained on a "
                          f"{bc.get('model_type')} model ({base}), this model is {ir.arch.value}")
     for cls in bc.get("architectures") or []:

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from edgeq.errors import EdgeqError
 from edgeq.families import family
 from edgeq.frontend.jsonfile import read_json
-from edgeq.ir import TokenizerSpec
+from edgeq.ir import TOKENIZER_BPE, TOKENIZER_SPM, TokenizerSpec
 
 # llama.cpp token types
-TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_BYTE = 1, 2, 3, 4, 6
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-F]{2}>$")
 
 
 def _token_id(tok: dict, cfg: dict, key: str) -> int | None:
@@ -57,8 +59,10 @@ def load_tokenizer_spec(model_dir: Path, arch: str) -> TokenizerSpec:
     if model.get("type") != "BPE":
         raise EdgeqError(f"{tj_path}: unsupported tokenizer model {model.get('type')!r} (supported: BPE)")
     byte_level = "ByteLevel" in json.dumps(tok.get("pre_tokenizer")) or "ByteLevel" in json.dumps(tok.get("decoder"))
-    if not byte_level:
-        raise EdgeqError(f"{tj_path}: only byte-level BPE tokenizers (GPT-2 style) are supported for now")
+    spm = not byte_level and bool(model.get("byte_fallback"))  # SentencePiece-style BPE (Gemma)
+    if not byte_level and not spm:
+        raise EdgeqError(f"{tj_path}: only byte-level BPE (GPT-2 style) and SentencePiece-style BPE "
+                         "(byte fallback) tokenizers are supported for now")
     vocab: dict[str, int] = dict(model["vocab"])
     types: dict[int, int] = {i: TOKEN_NORMAL for i in vocab.values()}
     for added in tok.get("added_tokens", []):
@@ -73,6 +77,9 @@ def load_tokenizer_spec(model_dir: Path, arch: str) -> TokenizerSpec:
             tokens[i] = f"[PAD{i}]"
             types[i] = TOKEN_USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    scores = None
+    if spm:
+        scores, types = _spm_scores_and_types(tokens, types, merges, model.get("unk_token"))
     chat_template = cfg.get("chat_template")
     if isinstance(chat_template, list):  # named templates: take the default one
         named = {t.get("name"): t.get("template") for t in chat_template}
@@ -81,15 +88,53 @@ def load_tokenizer_spec(model_dir: Path, arch: str) -> TokenizerSpec:
         chat_template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
     return TokenizerSpec(
         tokenizer_json=text,
-        model="gpt2",
-        pre=_pre_name(tok, arch),
+        model=TOKENIZER_SPM if spm else TOKENIZER_BPE,
+        pre="default" if spm else _pre_name(tok, arch),
         tokens=tuple(tokens),
         token_types=tuple(types[i] for i in range(n)),
-        merges=tuple(merges),
+        merges=() if spm else tuple(merges),
         bos_id=_token_id(tok, cfg, "bos_token"),
         eos_id=_token_id(tok, cfg, "eos_token"),
         pad_id=_token_id(tok, cfg, "pad_token"),
         unk_id=_token_id(tok, cfg, "unk_token"),
         add_bos=bool(cfg.get("add_bos_token", False)),
         chat_template=chat_template,
+        scores=scores,
+        add_space_prefix=_prepends_space(tok) if spm else None,
     )
+
+
+def _spm_scores_and_types(tokens: list[str], types: dict[int, int], merges: list[str],
+                          unk: str | None) -> tuple[tuple[float, ...], dict[int, int]]:
+    """llama.cpp's view of a SentencePiece-style BPE: a score per token (its merge's rank,
+    negated: llama.cpp merges the highest-scoring pair first, HF the lowest-ranked merge) and
+    the byte-fallback tokens ``<0xXX>`` typed BYTE, the unknown token UNKNOWN."""
+    index = {t: i for i, t in enumerate(tokens)}
+    scores = [0.0] * len(tokens)
+    done = set()
+    for rank, m in enumerate(merges):
+        merged = m.replace(" ", "", 1)
+        i = index.get(merged)
+        if i is not None and i not in done:
+            scores[i] = -float(rank + 1)
+            done.add(i)
+    types = dict(types)
+    for i, t in enumerate(tokens):
+        if types[i] == TOKEN_NORMAL and _BYTE_TOKEN.match(t):
+            types[i] = TOKEN_BYTE
+        elif unk is not None and t == unk:
+            types[i] = TOKEN_UNKNOWN
+    return tuple(scores), types
+
+
+def _prepends_space(tok: dict) -> bool:
+    """Whether the tokenizer puts a "▁" before the text (a Prepend normalizer or a Metaspace
+    that prepends): llama.cpp's ``add_space_prefix``."""
+    parts = [tok.get("normalizer") or {}, tok.get("pre_tokenizer") or {}]
+    flat = []
+    while parts:
+        p = parts.pop()
+        flat.append(p)
+        parts.extend(p.get("normalizers", []) + p.get("pretokenizers", []))
+    return any(p.get("type") == "Prepend" or (p.get("type") == "Metaspace" and p.get("prepend_scheme") in
+                                                 ("first", "always")) for p in flat)

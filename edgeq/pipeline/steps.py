@@ -32,6 +32,12 @@ class LoadStep(Step):
 
         ctx.log(f"loading {self.model}")
         ctx.ir = load_model(Path(self.model))
+        blocks = ctx.ir.hparams.special_blocks()
+        backend = backends.find(ctx.opts.format) if ctx.opts.format else None
+        if blocks and backend is not None and not backend.family_blocks:
+            able = [b.name for b in backends.backends() if b.family_blocks]
+            raise EdgeqError(f"the {backend.name} format does not support {ctx.ir.arch.value} models yet "
+                             f"({', '.join(blocks)}); formats that do: {', '.join(able)}")
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,10 @@ class CalibrateStep(Step):
         from edgeq.calibrate import alpaca_token_sequences, calibrate
 
         ir = ctx.need("ir", self)
+        blocks = ir.hparams.special_blocks()
+        if blocks:  # the calibration forward and the passes' torch forward are the Llama one
+            raise EdgeqError(f"calibration (planned builds, pruning, edgeq plan) does not support "
+                             f"{ir.arch.value} models yet ({', '.join(blocks)}); build with --bits or --qtype")
         seqs = alpaca_token_sequences(ir.tokenizer, path=None if self.data is None else Path(self.data),
                                       n_samples=self.samples, seq_len=self.seq_len)
         ctx.log(f"calibrating on {len(seqs)} x {self.seq_len} Alpaca tokens")

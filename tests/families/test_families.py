@@ -21,9 +21,11 @@ def test_every_arch_has_one_family():
     for f in FAMILIES:
         assert family(f.arch) is f and family(f.arch.value) is f
         assert by_hf_model_type(f.hf_model_type) is f and by_gguf_arch(f.gguf_arch) is f
-    with pytest.raises(EdgeqError, match="unknown model family 'gemma3'"):
-        family("gemma3")
-    assert by_hf_model_type("gemma3") is None and by_gguf_arch("gemma3") is None
+    with pytest.raises(EdgeqError, match="unknown model family 'phi3'"):
+        family("phi3")
+    assert by_hf_model_type("phi3") is None and by_gguf_arch("phi3") is None
+    # Gemma 3 checkpoints say "gemma3_text" (the multimodal "gemma3" wrapper is another model)
+    assert by_hf_model_type("gemma3") is None and by_gguf_arch("gemma3") is family(Arch.GEMMA3)
 
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
@@ -40,7 +42,7 @@ def test_hf_names_map_to_the_gguf_names_gguf_py_maps_them_to(fam):
         assert theirs == ours, (hf3, theirs, ours)
     for ir, name in fam.gguf_tensors.items():
         assert re.sub(r"\.(weight|bias)$", "", name) in known, name
-    assert fam.ir_name_of_hf("model.layers.3.self_attn.q_norm.weight") is None
+    assert (fam.ir_name_of_hf("model.layers.3.self_attn.q_norm.weight") is None) == (not fam.qk_norm)
     assert fam.hf_is_ignored("model.layers.3.self_attn.rotary_emb.inv_freq")
 
 
@@ -52,6 +54,17 @@ def test_defaults_and_checkpoint_layout_match_transformers(fam):
     assert cfg.tie_word_embeddings == fam.tie_word_embeddings
     assert cfg.rms_norm_eps == fam.rms_norm_eps
     rope = getattr(cfg, "rope_parameters", None) or {}
+    if fam.sliding_window:  # per layer type: the global layers' base is rope_theta
+        assert rope["sliding_attention"]["rope_theta"] == fam.gguf_rope_local_theta
+        assert cfg.layer_types.count("full_attention") == cfg.num_hidden_layers // fam.gguf_swa_pattern
+        assert all((t == "full_attention") == ((i + 1) % fam.gguf_swa_pattern == 0)
+                   for i, t in enumerate(cfg.layer_types))
+        rope = rope["full_attention"]
+    acts = {getattr(cfg, "hidden_activation", None) or cfg.hidden_act}
+    assert acts <= set(fam.hf_activations)
+    block = fam.gguf_block_hparams(16, 12, 8, 32)  # what a GGUF of the family means
+    assert (block["layer_types"] is not None) == fam.sliding_window
+    assert (block["embedding_scale"] == 4.0) == fam.scaled_embedding
     assert float(rope.get("rope_theta", getattr(cfg, "rope_theta", None))) == fam.rope_theta
     assert all(hasattr(transformers, c) for c in fam.hf_architectures)
     small = transformers.AutoConfig.for_model(fam.hf_model_type, hidden_size=16, intermediate_size=32,
@@ -67,11 +80,14 @@ def test_defaults_and_checkpoint_layout_match_transformers(fam):
     assert ("blk.0.attn_output.bias" in ir_names) is False
     for module, role in fam.peft_modules.items():  # PEFT target names are the linears' module names
         assert any(k.endswith(f".{module}.weight") and fam.ir_name_of_hf(k).endswith(role.value) for k in keys)
+    norms = {n.split(".", 2)[2] for n in ir_names if n.startswith("blk.0.") and n.endswith("norm")}
+    assert ("attn_q_norm" in norms) == fam.qk_norm and ("post_ffw_norm" in norms) == fam.sandwich_norm
 
 
 def test_rope_permutation_only_where_llamacpp_pairs_differ():
     assert family(Arch.LLAMA).gguf_permute_qk  # llama: rope type NORM (adjacent pairs)
     assert not family(Arch.QWEN2).gguf_permute_qk  # qwen2: NEOX (rotate-half), as HF
+    assert not family(Arch.GEMMA3).gguf_permute_qk  # gemma3: NEOX
     assert all(f.hf_rope == RopeStyle.ROTATE_HALF for f in FAMILIES)
     assert set(family(Arch.LLAMA).peft_modules.values()) == set(Role)
 

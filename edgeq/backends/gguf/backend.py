@@ -31,6 +31,7 @@ class GgufBackend(Backend):
     runtimes = ("llamacpp", "reference")
     session_name = "llama.cpp"
     plans = True
+    family_blocks = True  # llama.cpp's gemma3 graph (edgeq.backends.gguf.check: what it cannot run)
     int8_runtimes = ("llamacpp",)
     no_breakdown = ("llama-cpp-python exposes no per-op or per-layer timings (only whole-call totals: "
                     "prompt eval and eval time), so no breakdown is reported for GGUF artifacts")

@@ -7,7 +7,7 @@ from edgeq.backends.gguf.layout import GGUF_ARCH, tensor_shapes
 from edgeq.backends.gguf.tokenizer import KNOWN_PRE
 from edgeq.errors import EdgeqError
 from edgeq.families import family
-from edgeq.ir import ModelIR, Role
+from edgeq.ir import TOKENIZER_BPE, TOKENIZER_SPM, ModelIR, Role
 from edgeq.quant.formats import FORMATS, QType, as_qtype
 
 
@@ -31,6 +31,11 @@ def check(ir: ModelIR, types: Mapping[str, QType | str] | None = None, *,
     if hp.head_dim % 2:
         problems.append(f"head_dim {hp.head_dim} is odd; RoPE needs an even head dimension")
     fam = family(hp.arch)
+    graph = fam.gguf_block_hparams(hp.hidden_size, hp.num_layers, hp.head_dim, hp.sliding_window)
+    for key, want in graph.items():
+        if getattr(hp, key) != want:
+            problems.append(f"llama.cpp's {fam.gguf_arch} graph runs {key} = {want!r}, this model has "
+                            f"{getattr(hp, key)!r}")
     if fam.gguf_needs_full_heads and hp.num_heads * hp.head_dim != hp.hidden_size:
         problems.append(f"{fam.gguf_arch} in llama.cpp needs num_heads*head_dim == hidden_size, got "
                         f"{hp.num_heads}*{hp.head_dim} != {hp.hidden_size}")
@@ -42,8 +47,11 @@ def check(ir: ModelIR, types: Mapping[str, QType | str] | None = None, *,
     if tok is None:
         problems.append("no tokenizer: a GGUF model needs tokenizer.ggml.* metadata")
     else:
-        if tok.model != "gpt2":
-            problems.append(f"tokenizer model {tok.model!r} is not supported (supported: 'gpt2')")
+        if tok.model not in (TOKENIZER_BPE, TOKENIZER_SPM):
+            problems.append(f"tokenizer model {tok.model!r} is not supported "
+                            f"(supported: {TOKENIZER_BPE!r}, {TOKENIZER_SPM!r})")
+        if tok.model == TOKENIZER_SPM and (tok.scores is None or len(tok.scores) != len(tok.tokens)):
+            problems.append(f"a {TOKENIZER_SPM!r} tokenizer needs one score per token")
         if tok.pre not in KNOWN_PRE:
             problems.append(f"tokenizer pre {tok.pre!r} is unknown to llama.cpp "
                             f"(known here: {sorted(KNOWN_PRE)})")

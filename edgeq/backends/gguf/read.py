@@ -47,7 +47,8 @@ def read_gguf(path: str | Path) -> ModelIR:
     (F16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q6_K) are decoded with edgeq's reference dequantizer,
     other ggml types (BF16, other K- and I-quants) through ``gguf.quants.dequantize``.
     The TokenizerSpec is rebuilt from ``tokenizer.ggml.*``; its ``tokenizer_json`` is a
-    reconstructed HF tokenizer.json for byte-level BPE vocabularies with pre-tokenizer ``gpt-2``/``default``/``smollm``/``qwen2``, and the empty string ``""``
+    reconstructed HF tokenizer.json for byte-level BPE vocabularies with pre-tokenizer ``gpt-2``/``default``/``smollm``/``qwen2``
+    and for SentencePiece-style ones (``llama``, with scores: Gemma 3), the empty string ``""``
     for anything else (text tokenization then needs the llama.cpp runtime). Unknown
     architectures and truncated/corrupt files raise a one-line :class:`EdgeqError`.
     """
@@ -123,6 +124,7 @@ def _read_model(reader, path: Path, fam: Family, a: str) -> ModelIR:
         max_position_embeddings=int(field(reader, f"{a}.context_length", 2048)),
         tie_word_embeddings=gguf_tensor_name("output") not in raw,
         attention_bias="blk.0.attn_q.bias" in raw,
+        **fam.gguf_block_hparams(hidden, n_layers, head_dim, field(reader, f"{a}.attention.sliding_window")),
     )
 
     def get(name: str, n_head: int = 0):

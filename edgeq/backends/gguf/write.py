@@ -110,6 +110,8 @@ def write_model_header(w, ir: ModelIR, base: QType, extra_kv: Mapping[str, Any] 
     if hp.head_dim != hp.hidden_size // hp.num_heads:
         w.add_key_length(int(hp.head_dim))
         w.add_value_length(int(hp.head_dim))
+    if hp.sliding_window is not None:  # the layer pattern and local RoPE base are llama.cpp's own
+        w.add_sliding_window(int(hp.sliding_window))
     w.add_file_type(LLAMA_FTYPE[base])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_tokenizer(w, ir.tokenizer, hp.vocab_size)

@@ -17,6 +17,7 @@ class ReferenceBackend(Backend):
     runtimes = ("reference",)
     on_every_target = True
     switches_in_place = True
+    family_blocks = True
 
     def check_options(self, opts, target) -> None:
         if opts.qtype or (opts.bits is not None and opts.bits not in storage.bits_choices(self.name)):
