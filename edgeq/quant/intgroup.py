@@ -125,6 +125,16 @@ class IntGroupCodec(Codec):
             p = Params(d=np.where(ok, c.d, p.d), zp=None if p.zp is None else np.where(ok, c.zp, p.zp))
         return p
 
+    def encode(self, p, x, cols):
+        """Nearest codes (R, n) int16, the lower code on an exact tie: the same codes as the
+        generic candidate search :meth:`Codec.encode` (tested against it), computed directly."""
+        x = np.asarray(x, _F32)
+        cols = self._cols(cols)
+        if x.ndim != 2 or x.shape != (len(p), cols.size):
+            raise EdgeqError(f"expected x of shape ({len(p)}, {cols.size}), got {x.shape}")
+        return nearest_codes(x, p.d, self.fmt.default_zero_point if p.zp is None else p.zp,
+                             self.qmax, self.zero_code, np.int16)
+
     def _zp(self, p: Params):
         return np.int16(self.fmt.default_zero_point) if p.zp is None else p.zp.astype(np.int16)[:, None]
 
@@ -149,6 +159,29 @@ class IntGroupCodec(Codec):
         zp = None if self.fmt.symmetric else b[:, 2].copy()
         q = _unpack_codes(b[:, off:], self.fmt.bits, self.block)
         return Params(d=f16_from(b[:, :2]), zp=zp), q.astype(np.int16)
+
+
+def nearest_codes(x: np.ndarray, d: np.ndarray, zp, qmax: int, zero_code: int, dtype=np.uint8) -> np.ndarray:
+    """Codes in ``[0, qmax]`` nearest to ``x`` (R, n) float32 under ``value = d * (q - zp)``
+    (``d`` (R,) fp16 values, ``zp`` an int or (R,) codes), the lower code on an exact tie;
+    ``zero_code`` where ``d`` is 0 or ``x`` is not finite.
+
+    Why this is exact: ``d * (q - zp)`` is exact in float32 (an 11-bit fp16 significand times an
+    integer of at most 9 bits), so the nearest code is ``round(x / d + zp)`` with halves rounded
+    down, clipped. ``x / d + zp`` in float64 can only land on a half integer when it is one
+    exactly (``x`` has 24 significant bits, ``d`` 11: a non-tie is at least ~2**-25 away from
+    the half, far above float64's rounding), so ``ceil(t - 0.5)`` decides every tie and non-tie
+    as exact arithmetic would. One float64 temporary the size of ``x``; no per-block loop."""
+    t = np.empty(x.shape, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        np.divide(x, np.asarray(d, np.float64).reshape(-1, 1), out=t)
+    zp = np.asarray(zp)
+    t += (zp.astype(np.float64).reshape(-1, 1) if zp.ndim else float(zp)) - 0.5
+    flat = ~np.isfinite(t)
+    np.ceil(t, out=t)
+    np.clip(t, 0, qmax, out=t)
+    t[flat] = zero_code
+    return t.astype(dtype)
 
 
 def _pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
