@@ -161,27 +161,48 @@ class IntGroupCodec(Codec):
         return Params(d=f16_from(b[:, :2]), zp=zp), q.astype(np.int16)
 
 
+_TAU = np.float32(2.0 ** -10)  # float32 results this close to a rounding boundary are redone in float64
+
+
 def nearest_codes(x: np.ndarray, d: np.ndarray, zp, qmax: int, zero_code: int, dtype=np.uint8) -> np.ndarray:
     """Codes in ``[0, qmax]`` nearest to ``x`` (R, n) float32 under ``value = d * (q - zp)``
     (``d`` (R,) fp16 values, ``zp`` an int or (R,) codes), the lower code on an exact tie;
     ``zero_code`` where ``d`` is 0 or ``x`` is not finite.
 
     Why this is exact: ``d * (q - zp)`` is exact in float32 (an 11-bit fp16 significand times an
-    integer of at most 9 bits), so the nearest code is ``round(x / d + zp)`` with halves rounded
-    down, clipped. ``x / d + zp`` in float64 can only land on a half integer when it is one
-    exactly (``x`` has 24 significant bits, ``d`` 11: a non-tie is at least ~2**-25 away from
-    the half, far above float64's rounding), so ``ceil(t - 0.5)`` decides every tie and non-tie
-    as exact arithmetic would. One float64 temporary the size of ``x``; no per-block loop."""
-    t = np.empty(x.shape, np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        np.divide(x, np.asarray(d, np.float64).reshape(-1, 1), out=t)
+    integer of at most 9 bits), so the nearest code is ``ceil(x / d + zp - 1/2)`` (halves go
+    down), clipped. A value that is not a tie lies at least ~2**-25 (in steps) from the half: in
+    float64 (:func:`_nearest_codes64`) the quotient can only land on a half when it is one. The
+    bulk is computed in float32 (error < 2**-14 steps for in-range values), and every value within
+    2**-10 steps of a rounding boundary, or not finite, is redone in float64."""
+    t = np.empty(x.shape, np.float32)
+    d32 = np.asarray(d, np.float32).reshape(-1, 1)
     zp = np.asarray(zp)
-    t += (zp.astype(np.float64).reshape(-1, 1) if zp.ndim else float(zp)) - 0.5
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        np.divide(x, d32, out=t)
+        t += (zp.astype(np.float32).reshape(-1, 1) if zp.ndim else np.float32(zp)) - np.float32(0.5)
+        c = np.ceil(t)
+        np.subtract(c, t, out=t)  # in [0, 1): distance below the next integer
+        t -= np.float32(0.5)
+        np.abs(t, out=t)
+        redo = ~(t <= np.float32(0.5) - _TAU)  # near a boundary, or nan / inf
+    del t
+    rows, cols = np.nonzero(redo)
+    if rows.size:
+        zr = zp if not zp.ndim else zp.reshape(-1)[rows]
+        c[rows, cols] = _nearest_codes64(x[rows, cols], np.asarray(d).reshape(-1)[rows], zr, qmax, zero_code)
+    np.clip(c, 0, qmax, out=c)
+    return c.astype(dtype)
+
+
+def _nearest_codes64(x, d, zp, qmax: int, zero_code: int) -> np.ndarray:
+    """:func:`nearest_codes` elementwise in float64 (``x``, ``d``, ``zp`` broadcast together)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.asarray(x, np.float64) / np.asarray(d, np.float64) + (np.asarray(zp, np.float64) - 0.5)
     flat = ~np.isfinite(t)
-    np.ceil(t, out=t)
-    np.clip(t, 0, qmax, out=t)
+    t = np.clip(np.ceil(t), 0, qmax)
     t[flat] = zero_code
-    return t.astype(dtype)
+    return t
 
 
 def _pack_codes(q: np.ndarray, bits: int) -> np.ndarray:

@@ -255,8 +255,11 @@ def test_fast_encode_equals_the_candidate_search(name):
     rng = np.random.default_rng(21)
     x, p = _hard_blocks(c, rng)
     cols = np.arange(c.block)
+    big = x.copy()  # quotients beyond float32's range (tiny scales, huge values): the float64 redo
+    big[1:3] = np.float32(1e32)
+    big[10:12, :5] = np.float32(-3e38)
     for v, cc in ((x, cols), (x[:, [0, 5, c.block - 1]], np.array([0, 5, c.block - 1])), (x * 3, cols),
-                  (-x, cols)):
+                  (-x, cols), (big, cols)):
         with np.errstate(all="ignore"):
             want = Codec.encode(c, p, v, cc)
         got = c.encode(p, v, cc)
