@@ -8,6 +8,9 @@ region was filled exactly (gaps are the zero padding a pre-sized file already ho
 """
 from __future__ import annotations
 
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,25 @@ def row_ranges(rows: int, row_values: int, multiple: int = 1):
     step = max(multiple, step - step % multiple)
     for r0 in range(0, int(rows), step):
         yield r0, min(int(rows), r0 + step)
+
+
+def ordered_map(fn, items, workers: int | None = None):
+    """``fn(item)`` for each item, yielded in order, computed by up to ``workers`` threads (default:
+    the CPU count, at most 4) with at most ``workers`` results ahead of the consumer, so memory
+    stays bounded by a few chunks. For numpy-heavy chunk work (ufuncs release the GIL); the
+    results do not depend on the thread count."""
+    workers = max(1, min(4, os.cpu_count() or 1) if workers is None else int(workers))
+    if workers == 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers) as ex:
+        pending = deque()
+        for item in items:
+            pending.append(ex.submit(fn, item))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 class RegionFile:

@@ -31,7 +31,10 @@ class OnnxSession(RateSwitchMixin, SpecTextMixin, Session):
     name = "onnxruntime"
 
     def __init__(self, artifact_dir: str | Path, manifest: dict | None = None, n_ctx: int = 2048,
-                 threads: int | None = None, prune: float = 0.0):
+                 threads: int | None = None, prune: float = 0.0, prepack: bool = True):
+        """``prepack=False``: onnxruntime keeps no prepacked private copy of the MatMulNBits
+        weights (they stay in the memory-mapped data file and are unpacked per call: less memory,
+        slower, slightly different rounding (float32 instead of int8 products at accuracy level 4))."""
         ort = _ort()
         self.root = root = Path(artifact_dir)
         m = artifact_manifest(root, manifest, "onnx")
@@ -48,6 +51,8 @@ class OnnxSession(RateSwitchMixin, SpecTextMixin, Session):
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        if not prepack:
+            so.add_session_config_entry("session.disable_prepacking", "1")
         model_path = artifact_path(root, info["model_file"])
         if info.get("data_file"):
             artifact_path(root, info["data_file"])

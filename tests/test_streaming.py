@@ -40,3 +40,30 @@ def test_region_file_refuses_bad_writes(tmp_path):
     assert f.missing() == ["a", "b"]
     with pytest.raises(EdgeqError, match="not written"):
         f.close()
+
+
+def test_ordered_map_keeps_order_and_bounds_the_work_ahead():
+    """Results come back in input order whatever the thread count, and no more than ``workers``
+    items are computed ahead of the consumer (memory stays a few chunks)."""
+    import threading
+    import time
+
+    from edgeq.streaming import ordered_map
+
+    started, lock = [], threading.Lock()
+
+    def fn(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.002 * (7 - i % 7))  # later items finish first
+        return i * i
+
+    for workers in (1, 2, 3):
+        started.clear()
+        seen = []
+        for i, r in zip(range(40), ordered_map(fn, range(40), workers=workers)):
+            assert r == i * i
+            with lock:
+                assert max(started) <= i + workers  # at most `workers` beyond the one consumed
+            seen.append(r)
+        assert seen == [i * i for i in range(40)]

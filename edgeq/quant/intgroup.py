@@ -125,6 +125,16 @@ class IntGroupCodec(Codec):
             p = Params(d=np.where(ok, c.d, p.d), zp=None if p.zp is None else np.where(ok, c.zp, p.zp))
         return p
 
+    def encode(self, p, x, cols):
+        """Nearest codes (R, n) int16, the lower code on an exact tie: the same codes as the
+        generic candidate search :meth:`Codec.encode` (tested against it), computed directly."""
+        x = np.asarray(x, _F32)
+        cols = self._cols(cols)
+        if x.ndim != 2 or x.shape != (len(p), cols.size):
+            raise EdgeqError(f"expected x of shape ({len(p)}, {cols.size}), got {x.shape}")
+        return nearest_codes(x, p.d, self.fmt.default_zero_point if p.zp is None else p.zp,
+                             self.qmax, self.zero_code, np.int16)
+
     def _zp(self, p: Params):
         return np.int16(self.fmt.default_zero_point) if p.zp is None else p.zp.astype(np.int16)[:, None]
 
@@ -149,6 +159,50 @@ class IntGroupCodec(Codec):
         zp = None if self.fmt.symmetric else b[:, 2].copy()
         q = _unpack_codes(b[:, off:], self.fmt.bits, self.block)
         return Params(d=f16_from(b[:, :2]), zp=zp), q.astype(np.int16)
+
+
+_TAU = np.float32(2.0 ** -10)  # float32 results this close to a rounding boundary are redone in float64
+
+
+def nearest_codes(x: np.ndarray, d: np.ndarray, zp, qmax: int, zero_code: int, dtype=np.uint8) -> np.ndarray:
+    """Codes in ``[0, qmax]`` nearest to ``x`` (R, n) float32 under ``value = d * (q - zp)``
+    (``d`` (R,) fp16 values, ``zp`` an int or (R,) codes), the lower code on an exact tie;
+    ``zero_code`` where ``d`` is 0 or ``x`` is not finite.
+
+    Why this is exact: ``d * (q - zp)`` is exact in float32 (an 11-bit fp16 significand times an
+    integer of at most 9 bits), so the nearest code is ``ceil(x / d + zp - 1/2)`` (halves go
+    down), clipped. A value that is not a tie lies at least ~2**-25 (in steps) from the half: in
+    float64 (:func:`_nearest_codes64`) the quotient can only land on a half when it is one. The
+    bulk is computed in float32 (error < 2**-14 steps for in-range values), and every value within
+    2**-10 steps of a rounding boundary, or not finite, is redone in float64."""
+    t = np.empty(x.shape, np.float32)
+    d32 = np.asarray(d, np.float32).reshape(-1, 1)
+    zp = np.asarray(zp)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        np.divide(x, d32, out=t)
+        t += (zp.astype(np.float32).reshape(-1, 1) if zp.ndim else np.float32(zp)) - np.float32(0.5)
+        c = np.ceil(t)
+        np.subtract(c, t, out=t)  # in [0, 1): distance below the next integer
+        t -= np.float32(0.5)
+        np.abs(t, out=t)
+        redo = ~(t <= np.float32(0.5) - _TAU)  # near a boundary, or nan / inf
+    del t
+    rows, cols = np.nonzero(redo)
+    if rows.size:
+        zr = zp if not zp.ndim else zp.reshape(-1)[rows]
+        c[rows, cols] = _nearest_codes64(x[rows, cols], np.asarray(d).reshape(-1)[rows], zr, qmax, zero_code)
+    np.clip(c, 0, qmax, out=c)
+    return c.astype(dtype)
+
+
+def _nearest_codes64(x, d, zp, qmax: int, zero_code: int) -> np.ndarray:
+    """:func:`nearest_codes` elementwise in float64 (``x``, ``d``, ``zp`` broadcast together)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.asarray(x, np.float64) / np.asarray(d, np.float64) + (np.asarray(zp, np.float64) - 0.5)
+    flat = ~np.isfinite(t)
+    t = np.clip(np.ceil(t), 0, qmax)
+    t[flat] = zero_code
+    return t
 
 
 def _pack_codes(q: np.ndarray, bits: int) -> np.ndarray:

@@ -217,3 +217,75 @@ def test_onnxruntime_matmulnbits(name, scales_2d):
     y = sess.run(None, {"A": x})[0]
     ref = x @ t.dequantize().T
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+# --------------------------------------------------------------------------- fast encoder
+
+
+def _hard_blocks(c, rng, rows=257):
+    """Blocks that stress the encoder: exact ties (values on half steps of the block's scale),
+    zero blocks (scale 0), tiny values (fp16-subnormal scales), huge values (scale clipped to
+    the fp16 maximum), inf / nan, values beyond the fitted range (GPTQ-style), heavy tails."""
+    x = rng.standard_t(2, (rows, c.block)).astype(np.float32)
+    x[0] = 0.0
+    x[1] *= np.float32(1e-7)
+    x[2] *= np.float32(1e-30)
+    x[3] *= np.float32(1e6)
+    x[4, 3], x[5, 7], x[6, 0] = np.inf, -np.inf, np.nan
+    p = c.fit(x)
+    # exact ties: d * (k + 1/2) for in-range k, written into rows 7..
+    d = p.d[7:40].astype(np.float64)[:, None]
+    zp = c.fmt.default_zero_point if p.zp is None else p.zp[7:40].astype(np.float64)[:, None]
+    k = rng.integers(0, c.qmax, (33, c.block))
+    x[7:40] = (d * (k - zp + 0.5)).astype(np.float32)
+    # neighbours of ties, one float32 ulp either side
+    x[40:60] = np.nextafter(x[7:27], np.float32(np.inf))
+    x[60:80] = np.nextafter(x[7:27], np.float32(-np.inf))
+    return x, p
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_fast_encode_equals_the_candidate_search(name):
+    """IntGroupCodec.encode (one float64 division per value) gives the very codes of the generic
+    candidate search of Codec.encode (four candidates, errors compared on decoded values), on
+    hard inputs, for whole blocks, column subsets, and values beyond the fitted range."""
+    from edgeq.quant.codec_base import Codec
+
+    c = int_codec(name)
+    rng = np.random.default_rng(21)
+    x, p = _hard_blocks(c, rng)
+    cols = np.arange(c.block)
+    big = x.copy()  # quotients beyond float32's range (tiny scales, huge values): the float64 redo
+    big[1:3] = np.float32(1e32)
+    big[10:12, :5] = np.float32(-3e38)
+    for v, cc in ((x, cols), (x[:, [0, 5, c.block - 1]], np.array([0, 5, c.block - 1])), (x * 3, cols),
+                  (-x, cols), (big, cols)):
+        with np.errstate(all="ignore"):
+            want = Codec.encode(c, p, v, cc)
+        got = c.encode(p, v, cc)
+        assert got.dtype == want.dtype == np.int16
+        np.testing.assert_array_equal(got, want)
+    # the scales rows 7..39 were built to have ties: make sure ties were really exercised
+    pt = p.take(slice(7, 40))
+    err = np.abs(c.decode(pt, c.encode(pt, x[7:40], cols), cols).astype(np.float64) - x[7:40])
+    assert (err == np.abs(pt.d.astype(np.float64))[:, None] / 2).mean() > 0.9
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+@pytest.mark.parametrize("shape", [(1, 128), (3, 384), (37, 640), (130, 1152)])
+def test_rtn_int_bytes_equal_the_candidate_search(name, shape):
+    """The MatMulNBits bytes of rtn_int equal those built from the generic encoder's codes."""
+    from edgeq.quant.codec_base import Codec
+
+    fmt = parse_int_format(name)
+    c = int_codec(fmt)
+    w = np.random.default_rng(shape[0]).standard_normal(shape).astype(np.float32) * np.float32(0.02)
+    w[0, :fmt.group] = 0.0
+    blocks = w.reshape(-1, fmt.group)
+    p = c.fit(blocks)
+    want = IntGroupTensor.from_blocks(fmt, shape, p, Codec.encode(c, p, blocks, np.arange(fmt.group)))
+    got = rtn_int(w, fmt)
+    for key, arr in want.to_matmulnbits().items():
+        a = got.to_matmulnbits()[key]
+        assert a.dtype == arr.dtype and a.shape == arr.shape
+        assert a.tobytes() == arr.tobytes(), key

@@ -6,6 +6,13 @@ from edgeq.backends.base import Backend, switchable_prune_section
 from edgeq.errors import EdgeqError
 from edgeq.quant import storage
 
+# Goldens of an artifact whose weight file is larger than this run onnxruntime without its weight
+# prepacking (``session.disable_prepacking``): prepacking makes a private copy of every MatMulNBits
+# weight (~ the data file in anonymous memory: 6.3 GB at the 8B shape) on top of the memory-mapped
+# file; without it MatMulNBits dequantizes one weight at a time while the file stays mapped.
+# A fixed size, not the host's free memory, so the same inputs still give the same goldens.
+GOLDENS_PREPACK_MAX_BYTES = 2 * 1024 ** 3
+
 PRUNE_EXPRESSED = ("everything, in one graph with a rate input (switched at run time, nothing reloaded): "
                    "MLP channels as {mlp}; Q/K RoPE pairs and V/O components as per-rate masks (the "
                    "attention projections run at full width)")
@@ -75,9 +82,20 @@ class OnnxBackend(Backend):
                                                          weight_bytes_per_rate=info.get("weight_bytes_per_rate"))
         return manifest, ir
 
+    def golden_options(self, root, manifest) -> dict:
+        from edgeq.artifact import artifact_path
+
+        data = (manifest.get("onnx") or {}).get("data_file")
+        size = artifact_path(root, data).stat().st_size if data else 0
+        return {"prepack": False} if size > GOLDENS_PREPACK_MAX_BYTES else {}
+
     def open_session(self, root, manifest, runtime, n_ctx, threads, rate, options=None):
         from edgeq.artifact import check_rate
         from runtimes.onnxrt import OnnxSession
 
+        options = dict(options or {})
+        prepack = options.pop("prepack", True)
+        if options or not isinstance(prepack, bool):
+            raise EdgeqError(f"unknown onnxruntime session options {sorted(options) or {'prepack': prepack}}")
         check_rate(manifest, rate)
-        return OnnxSession(root, manifest=manifest, n_ctx=n_ctx, threads=threads, prune=rate)
+        return OnnxSession(root, manifest=manifest, n_ctx=n_ctx, threads=threads, prune=rate, prepack=prepack)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeq.quant.intgroup import rtn_int
-from edgeq.streaming import row_ranges
+from edgeq.streaming import ordered_map, row_ranges
 
 
 class Rows:
@@ -40,12 +40,18 @@ class Rows:
 def quantized_pieces(rows: Rows, fmt, names: dict[str, str]):
     """``(name, byte offset, array)`` pieces of a weight's MatMulNBits initializers (``names``:
     B / scales / zero_points -> initializer), quantized one row chunk at a time (group-wise
-    quantization is per row, so the pieces are exactly those of the whole weight)."""
+    quantization is per row, so the pieces are exactly those of the whole weight), a few chunks
+    in flight on worker threads."""
     n, k = rows.shape
-    for r0, r1 in row_ranges(n, k):
+
+    def chunk(r):
+        r0, r1 = r
         t = rtn_int(rows.read(r0, r1), fmt)
         mnb = t.to_matmulnbits()
         mnb["scales"] = mnb["scales"].reshape(r1 - r0, t.n_blocks)
+        return r0, r1, mnb
+
+    for r0, r1, mnb in ordered_map(chunk, row_ranges(n, k)):  # chunks quantized on every core
         for key, name in names.items():
             a = mnb[key]
             yield name, r0 * (a.nbytes // (r1 - r0)), a

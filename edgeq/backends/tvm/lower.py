@@ -39,7 +39,7 @@ from edgeq.kernels.compile import kernel_block
 from edgeq.kernels.spec import KernelSpec
 from edgeq.quant.intgroup import dequantized, fit_format, rtn_int
 from edgeq.safetensors_writer import SafetensorsWriter
-from edgeq.streaming import row_ranges
+from edgeq.streaming import ordered_map, row_ranges
 
 LIBRARY = "kernels.so"
 WEIGHTS = "weights.safetensors"
@@ -238,8 +238,11 @@ def _write_packed(st, prefix: str, rows, n: int, k: int, lr, bits: int, group: i
     time (row blocks lead the kernels' layout, and group quantization is per row, so the chunks
     are slices of the whole-tensor packing), and its low-rank branch (small) whole; returns the
     kernel name."""
-    for r0, r1 in row_ranges(n, k, multiple=2 * block):
-        packed, kname = _pack(rows(r0, r1), None, bits, group, block, lr_dtype)
+    def chunk(r):
+        return r[0], _pack(rows(*r), None, bits, group, block, lr_dtype)
+
+    kname = None
+    for r0, (packed, kname) in ordered_map(chunk, row_ranges(n, k, multiple=2 * block)):
         for key, v in packed.items():
             st.write(f"{prefix}.{key}", v, start=r0 // block)
     if lr is None:
