@@ -183,6 +183,10 @@ class Processes(Executor):
         try:
             self.pool = self._new_pool()
             yield self
+        except BaseException:  # Ctrl-C, SIGTERM, a bug: stop the workers rather than wait for their tasks
+            for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
+                proc.terminate()
+            raise
         finally:
             if self.pool is not None:
                 self.pool.shutdown(wait=True, cancel_futures=True)
