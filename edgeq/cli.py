@@ -95,7 +95,9 @@ def targets(as_json):
               help="PEFT LoRA adapter directory (repeatable).")
 @click.option("--adapter-mode", type=click.Choice(["merge", "separate"]), default="merge", show_default=True,
               help="Merge adapters into the weights, or keep each as a LoRA-adapter file applied at run time.")
-@click.option("--target", default="cpu-avx2", show_default=True, help="Hardware profile (see `edgeq targets`).")
+@click.option("--target", default="cpu-avx2", show_default=True,
+              help="Hardware profile (see `edgeq targets`); a comma list or 'all' builds a release matrix: one "
+                   "artifact per target under -o/<target>-<format>/ plus release.json, shared steps run once.")
 @click.option("--format", "fmt", type=click.Choice(backends.names()), default=None,
               help=f"Artifact format: {FORMAT_HELP}. Default: the target's first (cpu: gguf, gpu: onnx).")
 @click.option("--bits", type=int, default=None,
@@ -125,11 +127,16 @@ def targets(as_json):
               help="Planner: how a tensor's layer error becomes predicted KL: a model tail re-run per tensor "
                    "(kl-probe, exact, O(layers^2)) or second order from one forward + 16 backward passes for all "
                    "tensors (fisher, O(params); docs/benchmarks.md).")
+@click.option("--executor", type=click.Choice(["inprocess", "processes"]), default="inprocess", show_default=True,
+              help="Release matrix: run its tasks in this process, or independent targets' steps in parallel "
+                   "worker processes.")
+@click.option("--jobs", type=int, default=None, help="--executor processes: worker processes (default: CPU count).")
 @_fail_cleanly
 def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, no_goldens, prune_rates, sort,
           importance, calib_samples, calib_len, calib_data, recover, recover_steps, plan_file, budget_mb, bpw,
-          sensitivity):
-    """Compile MODEL (HF checkpoint dir or .gguf) into an artifact directory."""
+          sensitivity, executor, jobs):
+    """Compile MODEL (HF checkpoint dir or .gguf) into an artifact directory (or, for several
+    targets, a release directory)."""
     from edgeq.build import BuildOptions, build as run_build
 
     rates = None
@@ -143,6 +150,15 @@ def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, n
                         calib_samples=calib_samples, calib_len=calib_len, calib_data=calib_data,
                         recover=recover, recover_steps=recover_steps, plan=plan_file, budget_mb=budget_mb, bpw=bpw,
                         sensitivity=sensitivity)
+    from edgeq.release import is_matrix
+
+    if jobs is not None and jobs < 1:
+        raise EdgeqError(f"--jobs must be >= 1, got {jobs}")
+    if is_matrix(target):
+        _build_release(opts, target, fmt, executor, jobs)
+        return
+    if executor != "inprocess" or jobs is not None:
+        raise EdgeqError("--executor/--jobs apply to a release matrix (--target a,b,c or all)")
     res = run_build(opts)
     m = res.manifest
     size = sum(f["bytes"] for f in m["files"].values())
@@ -154,6 +170,24 @@ def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, n
         click.echo(f"plan: per-tensor choices in {res.out / m['plan_file']} (replay with --plan); size predicted "
                    f"{sz['predicted_total_bytes'] / 1e6:.2f} MB, realised {sz['realised_total_bytes'] / 1e6:.2f} MB "
                    f"({sz['bpw']:.3f} bpw)")
+
+
+def _build_release(opts, target, fmt, executor, jobs):
+    from edgeq.release import build_release
+
+    res = build_release(opts, target, fmt, executor=executor, jobs=jobs)
+    idx = res.index
+    for a in idx["artifacts"]:
+        where = "verified here" if a["verify"] == "here" else f"verify on device ({a['device']})"
+        click.echo(f"built {res.out / a['dir']} ({a['format']}, {a['expressed']['weight_type']}; {where})")
+    once = [s for s in res.step_seconds if len(s["for"]) > 1]
+    saved = sum(s["seconds"] * (len(s["for"]) - 1) for s in once)
+    click.echo(f"release {res.out}: {len(idx['artifacts'])} artifacts in {res.seconds:.1f}s; "
+               f"{len(once)} shared step runs saved ~{saved:.1f}s of repeated work; index {res.out / 'release.json'}")
+    for f in idx["failed"]:
+        click.echo(f"error: {f['dir']}: {f['error']} (step {f['step']})", err=True)
+    if idx["failed"]:
+        sys.exit(1)
 
 
 @main.command()
@@ -233,10 +267,53 @@ def run(artifact, prompt, max_tokens, chat, runtime, threads, prune, temperature
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Also write the report as JSON.")
 @_fail_cleanly
 def verify(artifact, runtime, json_file):
-    """Regression check: file hashes, rerun vs recorded goldens and vs the fp32 reference."""
+    """Regression check: file hashes, rerun vs recorded goldens and vs the fp32 reference. A release
+    directory (release.json): every artifact that runs here, the others listed as "verify on device"."""
+    from edgeq.release import read_release
     from edgeq.verify import verify as run_verify
 
+    index = read_release(artifact)
+    if index is not None:
+        _verify_release(artifact, index, runtime, json_file)
+        return
     rep = run_verify(artifact, runtime=runtime)
+    _print_verify(rep)
+    if json_file:
+        json_file.write_text(json.dumps(rep.to_json(), indent=1))
+    for p in rep.problems:
+        click.echo(f"FAIL {p}", err=True)
+    if not rep.ok:
+        sys.exit(1)
+    click.echo("OK")
+
+
+def _verify_release(root, index, runtime, json_file):
+    from edgeq.release import verify_release
+
+    chk = verify_release(root, index, runtime=runtime)
+    for d, rep in chk.verified.items():
+        click.echo(f"== {d}")
+        _print_verify(rep)
+        for p in rep.problems:
+            click.echo(f"FAIL {d}: {p}", err=True)
+        click.echo(f"{d}: {'OK' if rep.ok else 'FAIL'}")
+    for d, (device, problems) in chk.on_device.items():
+        for p in problems:
+            click.echo(f"FAIL {d}: {p}", err=True)
+        click.echo(f"{d}: {'files match the manifest; ' if not problems else ''}verify on device ({device})")
+    for p in chk.problems:
+        click.echo(f"FAIL {p}", err=True)
+    if json_file:
+        json_file.write_text(json.dumps({"verified": {d: r.to_json() for d, r in chk.verified.items()},
+                                         "on_device": {d: {"device": dv, "problems": pr}
+                                                       for d, (dv, pr) in chk.on_device.items()},
+                                         "problems": chk.problems, "ok": chk.ok}, indent=1))
+    if not chk.ok:
+        sys.exit(1)
+    click.echo(f"OK ({len(chk.verified)} verified here, {len(chk.on_device)} to verify on device)")
+
+
+def _print_verify(rep):
     for key in rep.regression or {}:
         r, f = rep.regression[key], rep.reference[key]
         at = f"rate {key}: " if len(rep.regression) > 1 else ""
@@ -246,15 +323,8 @@ def verify(artifact, runtime, json_file):
         click.echo(f"{at}vs fp32 reference: top-1 {f['top1_agreement']:.4f} ({clear} at {f['clear_positions']} "
                    f"clear positions), mean KL {f['mean_kl']:.4g}, relative KL {f['relative_kl']:.4g}, "
                    f"p99 KL {f['p99_kl']:.4g}")
-    if json_file:
-        json_file.write_text(json.dumps(rep.to_json(), indent=1))
     for n in rep.notes:
         click.echo(f"NOTE {n}")
-    for p in rep.problems:
-        click.echo(f"FAIL {p}", err=True)
-    if not rep.ok:
-        sys.exit(1)
-    click.echo("OK")
 
 
 @main.command()
@@ -272,17 +342,34 @@ def verify(artifact, runtime, json_file):
 @_fail_cleanly
 def profile(artifacts, runtime, runs, max_tokens, threads, json_file, prune, report_file, md_file, quick):
     """Latency / memory summary: TTFT, prefill and decode tok/s, peak RSS, size, roofline. With
-    several artifacts, --report or --markdown: the full report (edgeq.report)."""
+    several artifacts, --report or --markdown, or a release directory: the full report (edgeq.report)
+    over the artifacts that run here (the release's others are listed as "verify on device")."""
     from edgeq.profile import format_profile, format_sweep, profile as run_profile, profile_sweep
 
     if runs < 1 or max_tokens < 2:
         raise EdgeqError("--runs must be >= 1 and --max-tokens >= 2")
     if threads is not None and threads < 1:
         raise EdgeqError(f"--threads must be >= 1, got {threads}")
+    from edgeq.release import read_release, runnable_artifacts
+
+    expanded, release_given = [], False
+    for a in artifacts:  # a release directory: its artifacts that run here (the others: on their device)
+        index = read_release(a)
+        if index is None:
+            expanded.append(a)
+            continue
+        release_given = True
+        here, there = runnable_artifacts(a, index)
+        for d, device in there:
+            click.echo(f"{a / d}: verify on device ({device}); not profiled here")
+        if not here:
+            raise EdgeqError(f"{a}: no artifact of this release runs here")
+        expanded += here
+    artifacts = tuple(expanded)
     for a in artifacts:
         if not (a / "manifest.json").is_file():
             raise EdgeqError(f"{a}: not an artifact directory (no manifest.json)")
-    if len(artifacts) > 1 or report_file or md_file:
+    if len(artifacts) > 1 or report_file or md_file or release_given:
         from edgeq.report import build_report, to_markdown, write_reports
 
         if prune is not None:

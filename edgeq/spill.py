@@ -57,6 +57,12 @@ class SpillStore:
         return LazyArray64(path, arr.shape)  # read on use, not kept mapped
 
 
+def push_store(store: "SpillStore") -> None:
+    """Make ``store`` the active store for the rest of this process (a worker process of a release
+    matrix: its spilled files must outlive each task; the matrix removes the directory)."""
+    _active.append(store)
+
+
 def active() -> "SpillStore | None":
     return _active[-1] if _active else None
 

@@ -11,6 +11,13 @@ temporary artifact directory (``edgeq.artifact.atomic_directory``); after the la
 the manifest and renames the directory into place. Any exception leaves the output untouched.
 
 Bump a step's ``version`` when the same config would produce different output.
+
+A release matrix (:mod:`edgeq.pipeline.matrix`) runs the step lists of several targets at once and
+runs a step once for every target whose steps so far have the same keys: a step's key is its
+record plus :meth:`Step.target_inputs` (what it reads from the target profile or the options
+beyond its own fields); ``checks_only`` steps (they read the context and change nothing) run per
+target without splitting the shared work; :meth:`Step.adopt` rebinds a result made for one target
+to another that shares it (e.g. the plan's target label).
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ class Step:
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1
     writes_artifact: ClassVar[bool] = False  # runs inside the temporary artifact directory
+    checks_only: ClassVar[bool] = False  # reads the context and changes nothing (a refusal check)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -53,6 +61,16 @@ class Step:
 
     def run(self, ctx: "BuildContext") -> None:
         raise NotImplementedError
+
+    def target_inputs(self, target: "TargetProfile", opts: "BuildOptions") -> dict[str, Any]:
+        """What this step reads from ``ctx.target`` / ``ctx.opts`` beyond its own fields (JSON
+        values). Two targets whose steps have equal records and equal inputs here get the same
+        result, so a release matrix runs the step once for both. Default: nothing."""
+        return {}
+
+    def adopt(self, ctx: "BuildContext") -> None:
+        """Rebind what this step produced for another target to ``ctx.target`` (the matrix calls
+        it on a context that reuses a shared result). Default: nothing to rebind."""
 
     def config(self) -> dict[str, Any]:
         """The step's fields as JSON values (paths as strings, tuples as lists)."""

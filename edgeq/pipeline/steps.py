@@ -65,6 +65,7 @@ class CheckMemoryStep(Step):
     """Refuse before the first heavy step when a later step would not fit in memory."""
 
     name = "check_memory"
+    checks_only = True
     format: str
     prunes: bool
     planned: bool
@@ -184,6 +185,21 @@ class PlanStep(Step):
         else:
             ctx.plan = self._make(ctx)
 
+    def target_inputs(self, target, opts) -> dict:
+        if self.file is not None:  # a plan file is checked against the target's name
+            return {"target": target.name}
+        return {"types": list(target.plan_types(self.format)), "ranks": list(target.plan_ranks),
+                "bpw": target.plan_bpw if self.bpw is None and self.budget_mb is None else None}
+
+    def adopt(self, ctx: BuildContext) -> None:
+        """The planner's plan is the same for every target with these candidate types, ranks and
+        budget; only its label names the target."""
+        if self.file is None and ctx.plan is not None:
+            import dataclasses
+
+            ctx.plan = dataclasses.replace(ctx.plan, target=ctx.target.name, notes=dict(ctx.plan.notes),
+                                           summary=dict(ctx.plan.summary))
+
     def _load(self, ctx: BuildContext):
         from edgeq.plan import Plan
 
@@ -266,6 +282,9 @@ class LowerStep(Step):
     writes_artifact = True
     format: str
 
+    def target_inputs(self, target, opts) -> dict:
+        return {"target": target.to_json(), "options": opts.to_json()}
+
     def run(self, ctx: BuildContext) -> None:
         ir, opts, target = ctx.need("ir", self), ctx.opts, ctx.target
         manifest, ctx.ref_ir = backends.get(self.format).lower(ir, opts, target, ctx.tmp, ctx.log, plan=ctx.plan,
@@ -287,6 +306,9 @@ class GoldensStep(Step):
 
     name = "goldens"
     writes_artifact = True
+
+    def target_inputs(self, target, opts) -> dict:
+        return {"target": target.to_json()}
 
     def run(self, ctx: BuildContext) -> None:
         manifest = ctx.need("manifest", self)
