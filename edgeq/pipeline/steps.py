@@ -32,12 +32,6 @@ class LoadStep(Step):
 
         ctx.log(f"loading {self.model}")
         ctx.ir = load_model(Path(self.model))
-        blocks = ctx.ir.hparams.special_blocks()
-        backend = backends.find(ctx.opts.format) if ctx.opts.format else None
-        if blocks and backend is not None and not backend.family_blocks:
-            able = [b.name for b in backends.backends() if b.family_blocks]
-            raise EdgeqError(f"the {backend.name} format does not support {ctx.ir.arch.value} models yet "
-                             f"({', '.join(blocks)}); formats that do: {', '.join(able)}")
 
 
 @dataclass(frozen=True)
@@ -62,7 +56,8 @@ class AdaptersStep(Step):
 
 @dataclass(frozen=True)
 class CheckMemoryStep(Step):
-    """Refuse before the first heavy step when a later step would not fit in memory."""
+    """Refuse before the first heavy step: a format that cannot run the model's family blocks
+    (per target: a release matrix shares the load), or a later step that would not fit in memory."""
 
     name = "check_memory"
     checks_only = True
@@ -78,6 +73,13 @@ class CheckMemoryStep(Step):
     def run(self, ctx: BuildContext) -> None:
         from edgeq.memory import check_build
 
+        ir = ctx.need("ir", self)
+        blocks = ir.hparams.special_blocks()
+        backend = backends.find(self.format) if self.format else None
+        if blocks and backend is not None and not backend.family_blocks:
+            able = [b.name for b in backends.backends() if b.family_blocks]
+            raise EdgeqError(f"the {backend.name} format does not support {ir.arch.value} models yet "
+                             f"({', '.join(blocks)}); formats that do: {', '.join(able)}")
         check_build(ctx.need("ir", self).hparams, log=ctx.log, spill_dir=Path(ctx.opts.out).resolve().parent,
                     fmt=self.format, prunes=self.prunes,
                     planned=self.planned, recover=self.recover, goldens=self.goldens,
