@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench_prune.py [--rates 0,0.15,0.25,0.35] [--calib-samples 64]
         [--ppl-tokens 16384] [--lambada 500] [--recover] [--out out/bench-prune]
+        [--methods uniql,uniql+bias,uniql+mlp+bias,naive]
 
 SmolLM2-135M-Instruct in float32 (no quantization, so the pruning effect is isolated), run by
 the numpy reference runtime, which switches rates in place. Both methods use the same
@@ -13,6 +14,10 @@ Per method and rate: wikitext-2 perplexity (BENCHMARK_PROTOCOL: ctx 512, second 
 KL(unpruned ‖ pruned) and top-1 agreement on the same positions, LAMBADA accuracy on the first
 N items, decode tok/s (reference runtime, 2 threads, 128 tokens, median of 3 after a warm-up),
 resident weight bytes, and the switch time.
+
+``--methods``: comma-separated configurations, each a sort (``uniql`` / ``naive``) with optional
+``+bias`` (``--prune-bias``: per-rate bias compensation) and ``+mlp`` (``--prune-dims mlp``: the
+whole rate from the MLP channels) suffixes (issue 15).
 """
 from __future__ import annotations
 
@@ -67,8 +72,12 @@ def main(argv=None) -> int:
     models: dict[str, object] = {}
     build_s: dict[str, float] = {}
     for method in [m for m in args.methods.split(",") if m]:
-        opts = BuildOptions(model=args.model, out=args.out, prune_rates=rates, sort=method,
-                            calib_samples=args.calib_samples, calib_len=args.calib_len)
+        sort, *flags = method.split("+")
+        if sort not in ("uniql", "naive") or set(flags) - {"bias", "mlp"}:
+            ap.error(f"--methods: unknown configuration {method!r} (uniql|naive, then +bias / +mlp)")
+        opts = BuildOptions(model=args.model, out=args.out, prune_rates=rates, sort=sort,
+                            calib_samples=args.calib_samples, calib_len=args.calib_len, prune_bias="bias" in flags,
+                            prune_dims="mlp" if "mlp" in flags else "all")
         t = time.perf_counter()
         models[method], timings = _compress(base, opts, target)
         build_s[method] = time.perf_counter() - t
@@ -175,10 +184,21 @@ def main(argv=None) -> int:
     return 0
 
 
+_CALIB: dict = {}  # calibrate step config -> (statistics, sequences): configurations share one calibration
+
+
 def _compress(base, opts: BuildOptions, target):
     """``base`` through the build's pruning steps (``compress_steps``, run by the build's runner):
-    the pruned model and each step's seconds."""
-    ctx = pipeline.run(compress_steps(opts, target), pipeline.BuildContext(opts=opts, target=target, log=log, ir=base))
+    the pruned model and each step's seconds. The calibration (the same for every configuration
+    with the same calibration options) runs once and is reused."""
+    steps = compress_steps(opts, target)
+    ctx = pipeline.BuildContext(opts=opts, target=target, log=log, ir=base)
+    key = repr(steps[0])
+    if key in _CALIB:
+        ctx.stats, ctx.calib_seqs = _CALIB[key]
+        steps = steps[1:]
+    ctx = pipeline.run(steps, ctx)
+    _CALIB.setdefault(key, (ctx.stats, ctx.calib_seqs))
     return ctx.ir, ctx.timings
 
 

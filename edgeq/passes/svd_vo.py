@@ -36,6 +36,7 @@ import numpy as np
 from edgeq.errors import EdgeqError
 from edgeq.ir import ModelIR, Role, linear_name
 from edgeq.passes import effective_weight, map_in, map_out, record, register, require_stats
+from edgeq.passes.prune_bias import means_moved
 
 PASS_NAME = "svd_vo"
 
@@ -74,6 +75,7 @@ def svd_vo(ir: ModelIR, config: SVDVOConfig, stats) -> ModelIR:
     H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
     G = H // KV
     linears = dict(ir.linears)
+    means = dict(ir.prune_means)
     for i in range(hp.num_layers):
         v_name, o_name = linear_name(i, Role.V), linear_name(i, Role.O)
         v, o = linears[v_name], linears[o_name]
@@ -96,4 +98,7 @@ def svd_vo(ir: ModelIR, config: SVDVOConfig, stats) -> ModelIR:
             v = dataclasses.replace(v, bias=None)
         linears[v_name] = map_out(v, rot_rows)
         linears[o_name] = map_in(o, rot_cols)
-    return dataclasses.replace(ir, linears=linears, history=ir.history + (record(ir, PASS_NAME, config, stats),))
+        if means:  # o_proj's mean input, head h: R_g(h) @ its old block (what W_O R^T now reads)
+            means = means_moved(ir.replace(prune_means=means), i, o=lambda m, Rs=Rs: np.concatenate(
+                [Rs[h // G] @ m[h * D:(h + 1) * D] for h in range(H)]))
+    return dataclasses.replace(ir, linears=linears, prune_means=means, history=ir.history + (record(ir, PASS_NAME, config, stats),))

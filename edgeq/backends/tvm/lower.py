@@ -11,7 +11,9 @@ Files:
   block, so the first ``2 f`` outputs are gate[:f] and up[:f] — a pruned MLP width is a prefix),
   ``down`` (a pruned width is a prefix of its inputs); the low-rank branches of a matmul (LoRA,
   error compensation) as one ``A``/``B`` pair (stacked, block-diagonal for stacked matmuls) fused
-  into its kernel; norms; RoPE pair order; the int8 head / embedding table.
+  into its kernel; norms; RoPE pair order; the int8 head / embedding table; with bias
+  compensation (``--prune-bias``) per layer ``o.rate_bias`` / ``down.rate_bias``, (rates, hidden)
+  float32, whose row for the current rate the runtime adds after the o / down kernels.
 * ``tokenizer.spec.json``.
 
 The decoder around the kernels (RMSNorm, RoPE with per-KV-group gathered frequencies, attention
@@ -37,6 +39,7 @@ from edgeq.kernels import compile as kc
 from edgeq.kernels import layout
 from edgeq.kernels.compile import kernel_block
 from edgeq.kernels.spec import KernelSpec
+from edgeq.passes.prune_bias import rate_bias_tables
 from edgeq.quant.intgroup import dequantized, fit_format, rtn_int
 from edgeq.safetensors_writer import SafetensorsWriter
 from edgeq.streaming import row_ranges
@@ -280,6 +283,13 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
         small[f"blk.{i}.rope_index"] = (np.tile(np.arange(half), (hp.num_kv_heads, 1)) if idx is None
                                         else np.asarray(idx)).astype(np.int64)
     small["output_norm"] = ir.tensors["output_norm"].astype(np.float32)
+    tables = rate_bias_tables(ir)  # bias compensation (--prune-bias): (rates, hidden) per layer and projection
+    if tables is not None:
+        for i in range(hp.num_layers):
+            for which, name in enumerate(("o", "down")):
+                t = np.stack([tables[r][i, which] for r in ir.prune.rates]).astype(np.float32)
+                if t.any():
+                    small[f"blk.{i}.{name}.rate_bias"] = t
     for name in heads:
         n, k = ir.tensors[name].shape
         for key, spec in _packed_shapes(n, k, 0, 8, opts.group, block).items():
