@@ -51,28 +51,33 @@ def _cols(lin, lo_hi: Sequence[tuple[int, int]]) -> np.ndarray:
     return w
 
 
-def rate_bias(ir: ModelIR, layer: int, w: LayerWidths) -> tuple[np.ndarray, np.ndarray]:
+def rate_bias(ir: ModelIR, layer: int, w: LayerWidths, linear=None) -> tuple[np.ndarray, np.ndarray]:
     """(b_o, b_down), each (hidden,) float32: what layer ``layer`` adds to attn_output's and
-    ffn_down's outputs at widths ``w`` (zeros where nothing is pruned or ``ir`` has no means)."""
+    ffn_down's outputs at widths ``w`` (zeros where nothing is pruned or ``ir`` has no means).
+    ``linear(layer, role)``: the Linear as the artifact stores it (e.g. its dequantized weights,
+    so the vectors are the pruned inputs' contribution through the weights that run); default
+    ``ir.linear``."""
+    linear = linear or ir.linear
     hp = ir.hparams
     h, H, D, F = hp.hidden_size, hp.num_heads, hp.head_dim, hp.intermediate_size
     b_o, b_d = np.zeros(h), np.zeros(h)
     m = ir.prune_means.get(layer)
     if m is not None:
         if w.ffn < F:
-            b_d = _cols(ir.linear(layer, Role.DOWN), [(w.ffn, F)]) @ np.asarray(m.down[w.ffn:], dtype=np.float64)
+            b_d = _cols(linear(layer, Role.DOWN), [(w.ffn, F)]) @ np.asarray(m.down[w.ffn:], dtype=np.float64)
         if w.v_dims < D:
             ranges = [(hh * D + w.v_dims, (hh + 1) * D) for hh in range(H)]
             mo = np.concatenate([np.asarray(m.o[a:b], dtype=np.float64) for a, b in ranges])
-            b_o = _cols(ir.linear(layer, Role.O), ranges) @ mo
+            b_o = _cols(linear(layer, Role.O), ranges) @ mo
     return b_o.astype(np.float32), b_d.astype(np.float32)
 
 
 def rate_bias_tables(ir: ModelIR, rates: Sequence[float] | None = None,
-                     widths: Mapping[float, Sequence[LayerWidths]] | None = None) -> dict[float, np.ndarray] | None:
+                     widths: Mapping[float, Sequence[LayerWidths]] | None = None,
+                     linear=None) -> dict[float, np.ndarray] | None:
     """rate -> (num_layers, 2, hidden) float32 ([:, 0] attn_output, [:, 1] ffn_down) for every rate
     of ``ir.prune`` (or of ``widths``), or None when ``ir`` carries no means (no compensation).
-    Computed a layer at a time (each layer's O and down weights are read once for all rates)."""
+    Computed a layer at a time. ``linear``: see :func:`rate_bias`."""
     if not ir.prune_means:
         return None
     if widths is None:
@@ -85,7 +90,7 @@ def rate_bias_tables(ir: ModelIR, rates: Sequence[float] | None = None,
     out = {r: np.zeros((hp.num_layers, 2, hp.hidden_size), dtype=np.float32) for r in rates}
     for li in range(hp.num_layers):
         for r in rates:
-            out[r][li, 0], out[r][li, 1] = rate_bias(ir, li, widths[r][li])
+            out[r][li, 0], out[r][li, 1] = rate_bias(ir, li, widths[r][li], linear)
     return out
 
 

@@ -13,7 +13,6 @@ from edgeq.backends.onnx.options import RATE_INPUT, OnnxOptions, ffn_segments, g
 from edgeq.backends.onnx.weights import Rows, quantized_pieces, row_pieces, transposed_pieces
 from edgeq.errors import EdgeqError
 from edgeq.ir import Linear, ModelIR, Role
-from edgeq.passes.prune_bias import rate_bias_tables
 from edgeq.passes.sort_qk import qk_restore_rows
 from edgeq.quant.intgroup import fit_format
 from runtimes.reference import rope_inv_freq
@@ -30,7 +29,7 @@ class Lowered:
 
 
 class DecoderGraph:
-    def __init__(self, ir: ModelIR, w: OnnxOptions, switchable: frozenset[str], sorted_rope=None):
+    def __init__(self, ir: ModelIR, w: OnnxOptions, switchable: frozenset[str], sorted_rope=None, rate_bias=None):
         import onnx
 
         self.TP = onnx.TensorProto
@@ -44,7 +43,8 @@ class DecoderGraph:
         self._gathered: dict[bytes, str] = {}
         self.rate_index: str | None = None
         # bias compensation (--prune-bias): rate -> (layers, 2, hidden), [:, 0] o_proj, [:, 1] ffn_down
-        self.rate_bias = rate_bias_tables(ir, self.rates) if self.rates is not None else None
+        # (edgeq.passes.prune_bias.rate_bias_tables); None: none
+        self.rate_bias = rate_bias if self.rates is not None else None
 
     # ---- weights -----------------------------------------------------------------------------
     def _quantized(self, name: str, weight: Rows, fmt_name: str):

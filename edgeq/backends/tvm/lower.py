@@ -283,7 +283,8 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
         small[f"blk.{i}.rope_index"] = (np.tile(np.arange(half), (hp.num_kv_heads, 1)) if idx is None
                                         else np.asarray(idx)).astype(np.int64)
     small["output_norm"] = ir.tensors["output_norm"].astype(np.float32)
-    tables = rate_bias_tables(ir)  # bias compensation (--prune-bias): (rates, hidden) per layer and projection
+    # bias compensation (--prune-bias): (rates, hidden) per layer and projection, through the stored weights
+    tables = rate_bias_tables(ir, linear=lambda i, r: lowered_linear(ir.linear(i, r), opts))
     if tables is not None:
         for i in range(hp.num_layers):
             for which, name in enumerate(("o", "down")):
@@ -325,9 +326,9 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
             "tokenizer_file": TOKENIZER_FILE if ir.tokenizer is not None else None}
 
 
-def lowered_ir(ir: ModelIR, opts: TvmOptions) -> ModelIR:
-    """The float model a TVM artifact computes: every block linear as its int-group values (the
-    head / embedding at int8), low-rank factors rounded to their storage dtype (scale folded into B)."""
+def lowered_linear(lin: Linear, opts: TvmOptions) -> Linear:
+    """One block linear as the artifact stores it: its int-group values, low-rank factors rounded to
+    their storage dtype (scale folded into B)."""
     def factors(lr):  # as stored: A and s*B rounded to the factor dtype
         if opts.lr_dtype == "float32":
             return lr
@@ -335,10 +336,14 @@ def lowered_ir(ir: ModelIR, opts: TvmOptions) -> ModelIR:
         return dataclasses.replace(lr, a=lr.a.astype(dt).astype(np.float32), b=(lr.b * s).astype(dt).astype(np.float32),
                                    scale=1.0)
 
-    linears = {n: dataclasses.replace(lin, weight=dequantized(lin.weight, _format(opts.bits, opts.group,
-                                                                                  lin.in_features)), packed=None,
-                                      low_rank=tuple(factors(lr) for lr in lin.low_rank))
-               for n, lin in ir.linears.items()}
+    return dataclasses.replace(lin, weight=dequantized(lin.weight, _format(opts.bits, opts.group, lin.in_features)),
+                               packed=None, low_rank=tuple(factors(lr) for lr in lin.low_rank))
+
+
+def lowered_ir(ir: ModelIR, opts: TvmOptions) -> ModelIR:
+    """The float model a TVM artifact computes: every block linear as its int-group values (the
+    head / embedding at int8), low-rank factors rounded to their storage dtype (scale folded into B)."""
+    linears = {n: lowered_linear(lin, opts) for n, lin in ir.linears.items()}
     tensors = dict(ir.tensors)
     for name in ("token_embd",) + (() if ir.hparams.tie_word_embeddings else ("output",)):
         tensors[name] = dequantized(ir.tensors[name], _format(8, opts.group, ir.hparams.hidden_size))
