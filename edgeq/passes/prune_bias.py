@@ -102,9 +102,13 @@ def means_moved(ir: ModelIR, layer: int, down=None, o=None) -> dict:
         return {}
     out = dict(ir.prune_means)
     m = out[layer]
-    out[layer] = LayerMeans(down=m.down if down is None else np.asarray(down(np.asarray(m.down, dtype=np.float64))),
-                            o=m.o if o is None else np.asarray(o(np.asarray(m.o, dtype=np.float64))))
+    out[layer] = LayerMeans(down=m.down if down is None else _f32(down(np.asarray(m.down, dtype=np.float64))),
+                            o=m.o if o is None else _f32(o(np.asarray(m.o, dtype=np.float64))))
     return out
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def with_prune_means(ir: ModelIR, means: Sequence[LayerMeans], source: Mapping | None = None) -> ModelIR:
@@ -113,7 +117,7 @@ def with_prune_means(ir: ModelIR, means: Sequence[LayerMeans], source: Mapping |
     means along. Records the pass in the history."""
     if len(means) != ir.hparams.num_layers:
         raise EdgeqError(f"{PASS_NAME}: means for {len(means)} layers, model has {ir.hparams.num_layers}")
-    out = ir.replace(prune_means={i: m for i, m in enumerate(means)},
+    out = ir.replace(prune_means={i: LayerMeans(down=_f32(m.down), o=_f32(m.o)) for i, m in enumerate(means)},
                      history=ir.history + (PassRecord(PASS_NAME, dict(source or {})),))
     out.validate()
     return out

@@ -79,10 +79,10 @@ def write_ir(ir: ModelIR, out_dir: str | Path) -> list[str]:
         add(f"tensor.{name}", None, None, ir.tensors[name])
     for layer in sorted(ir.rope_index):
         add(f"rope_index.{layer}", None, None, np.asarray(ir.rope_index[layer], dtype=np.int64))
-    for layer in sorted(ir.prune_means):  # bias compensation: float64 mean inputs, IR column order
+    for layer in sorted(ir.prune_means):  # bias compensation: float32 mean inputs, IR column order
         m = ir.prune_means[layer]
-        add(f"prune_means.{layer}.down", None, None, np.asarray(m.down, dtype=np.float64))
-        add(f"prune_means.{layer}.o", None, None, np.asarray(m.o, dtype=np.float64))
+        add(f"prune_means.{layer}.down", None, None, np.asarray(m.down, dtype=np.float32))
+        add(f"prune_means.{layer}.o", None, None, np.asarray(m.o, dtype=np.float32))
     # streamed: the header from shapes first, then one array (one row chunk of a lazy one) at a time
     save_streaming(out / WEIGHTS, {n: (dt, shape) for n, (dt, shape, _) in arrays.items()},
                    lambda n: arrays[n][2]())
