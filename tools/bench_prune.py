@@ -184,21 +184,24 @@ def main(argv=None) -> int:
     return 0
 
 
-_CALIB: dict = {}  # calibrate step config -> (statistics, sequences): configurations share one calibration
+_DONE: dict = {}  # a prefix of the steps (repr) -> (ir, statistics, sequences) after it: configurations share them
 
 
 def _compress(base, opts: BuildOptions, target):
     """``base`` through the build's pruning steps (``compress_steps``, run by the build's runner):
-    the pruned model and each step's seconds. The calibration (the same for every configuration
-    with the same calibration options) runs once and is reused."""
+    the pruned model and each step's seconds. The longest prefix of the steps that an earlier
+    configuration already ran up to its sort (calibration, bias means, sort: the same for every
+    configuration with the same options there) is reused, not run again."""
     steps = compress_steps(opts, target)
     ctx = pipeline.BuildContext(opts=opts, target=target, log=log, ir=base)
-    key = repr(steps[0])
-    if key in _CALIB:
-        ctx.stats, ctx.calib_seqs = _CALIB[key]
-        steps = steps[1:]
-    ctx = pipeline.run(steps, ctx)
-    _CALIB.setdefault(key, (ctx.stats, ctx.calib_seqs))
+    k = max((n for n in range(1, len(steps) + 1) if repr(steps[:n]) in _DONE), default=0)
+    if k:
+        ctx.ir, ctx.stats, ctx.calib_seqs = _DONE[repr(steps[:k])]
+    for n in range(k, len(steps)):
+        ctx = pipeline.run(steps[n:n + 1], ctx)
+        if steps[n].name in ("calibrate", "prune_bias", "sort") and all(
+                s.name in ("calibrate", "prune_bias", "sort") for s in steps[:n + 1]):
+            _DONE[repr(steps[:n + 1])] = (ctx.ir, ctx.stats, ctx.calib_seqs)
     return ctx.ir, ctx.timings
 
 
