@@ -22,6 +22,7 @@ whole rate from the MLP channels) suffixes (issue 15).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -197,6 +198,13 @@ def _compress(base, opts: BuildOptions, target):
     k = max((n for n in range(1, len(steps) + 1) if repr(steps[:n]) in _DONE), default=0)
     if k:
         ctx.ir, ctx.stats, ctx.calib_seqs = _DONE[repr(steps[:k])]
+    if not opts.prune_bias and not opts.recover:  # the sorted model of a +bias configuration, without its means
+        with_bias = compress_steps(dataclasses.replace(opts, prune_bias=True), target)
+        j = next((n for n, s in enumerate(with_bias) if s.name == "sort"), None)
+        s = next((n for n, s in enumerate(steps) if s.name == "sort"), None)
+        if k <= s and j is not None and repr(with_bias[:j + 1]) in _DONE:
+            ir, ctx.stats, ctx.calib_seqs = _DONE[repr(with_bias[:j + 1])]
+            ctx.ir, k = ir.replace(prune_means={}), s + 1
     for n in range(k, len(steps)):
         ctx = pipeline.run(steps[n:n + 1], ctx)
         if steps[n].name in ("calibrate", "prune_bias", "sort") and all(
