@@ -25,6 +25,7 @@ from edgeq.pipeline import (
     LoadStep,
     LowerStep,
     PlanStep,
+    PruneBiasStep,
     QuantizeStep,
     RatePlanStep,
     RecoverStep,
@@ -59,6 +60,8 @@ class BuildOptions:
     calib_data: Path | None = None
     recover: bool = False
     recover_steps: int | None = None
+    prune_bias: bool = False  # per-rate bias compensation of the pruned inputs' mean (edgeq.passes.prune_bias)
+    prune_dims: str = "all"  # all | mlp: what a rate prunes (edgeq.passes.rate_plan)
     plan: Path | None = None  # replay this quantization plan (edgeq plan / plan.toml of an artifact)
     budget_mb: float | None = None  # planner budget: total artifact MB (1e6 bytes)
     bpw: float | None = None  # planner budget: bits per 2-D weight (default: the target's plan.default_bpw)
@@ -89,6 +92,10 @@ class BuildOptions:
             d.update(prune_rates=list(self.prune_rates), sort=self.sort, importance=self.importance,
                      calib_samples=self.calib_samples, calib_len=self.calib_len, recover=self.recover,
                      recover_steps=self.recover_steps)
+            if self.prune_bias:  # (the defaults' manifests stay as they were)
+                d["prune_bias"] = True
+            if self.prune_dims != "all":
+                d["prune_dims"] = self.prune_dims
         return d
 
 
@@ -125,8 +132,16 @@ def check_options(opts: BuildOptions, target: TargetProfile) -> None:
             raise EdgeqError(f"unknown importance {opts.importance!r} (angular or uniform)")
         if opts.calib_samples < 1 or opts.calib_len < 16:
             raise EdgeqError("--calib-samples must be >= 1 and --calib-len >= 16")
+        from edgeq.passes.rate_plan import DIMS
+
+        if opts.prune_dims not in DIMS:
+            raise EdgeqError(f"unknown --prune-dims {opts.prune_dims!r} ({' or '.join(DIMS)})")
     elif opts.recover:
         raise EdgeqError("--recover needs --prune-rates with a rate above 0")
+    elif opts.prune_bias:
+        raise EdgeqError("--prune-bias needs --prune-rates with a rate above 0")
+    elif opts.prune_dims != "all":
+        raise EdgeqError("--prune-dims needs --prune-rates with a rate above 0")
     if opts.plan is not None and (opts.bits is not None or opts.qtype is not None):
         raise EdgeqError("--plan fixes every tensor's type; drop --bits/--qtype")
     if opts.plan is not None and not backend.plans:
@@ -164,16 +179,23 @@ def _planning(opts: BuildOptions) -> list[Step]:
 
 
 def compress_steps(opts: BuildOptions, target: TargetProfile) -> list[Step]:
-    """Structured pruning (issue 3's method): calibrate, sort, plan the rates, optionally recover.
+    """Structured pruning (issue 3's method): calibrate, sort, plan the rates, optionally recover,
+    optionally bias compensation (issue 15).
     Part of :func:`steps`; the pruning benchmarks (tools/bench_prune.py, bench_onnx_rates.py) run
     these steps alone through the same runner (``edgeq.pipeline.run``)."""
     from edgeq.passes.rate_plan import check_rates
 
     rates = check_rates(opts.prune_rates)
-    out: list[Step] = [_calibrate(opts), SortStep(method=opts.sort),
-                       RatePlanStep(rates=rates, granularity=target.prune_granularity, importance=opts.importance)]
+    out: list[Step] = [_calibrate(opts)]
+    if opts.prune_bias:  # the calibration's means, carried through the sorts into their order
+        out.append(PruneBiasStep(source="calibration"))
+    out += [SortStep(method=opts.sort),
+            RatePlanStep(rates=rates, granularity=target.prune_granularity, importance=opts.importance,
+                         dims=opts.prune_dims)]
     if opts.recover:
         out.append(RecoverStep(steps=opts.recover_steps, data=None if opts.calib_data is None else str(opts.calib_data)))
+    if opts.prune_bias and opts.recover:  # recovery changed the model: its means, measured again
+        out.append(PruneBiasStep(source="measure"))
     return out
 
 

@@ -42,6 +42,13 @@ SmolLM2-135M):
   pre- and post-RoPE (a rotation of each pair), only its split between the two halves differs.
 * ``angular``: mean over sequences of ``1 - cos(x_in, x_out)`` of the layer's input and output
   residual stream at the last token (UniQL's layer importance).
+* ``z_mean`` / ``o_mean``: the mean over tokens of down_proj's input Z (d_ff,) and of o_proj's
+  input (heads * head_dim, IR column order): the mean inputs of the two input-pruned linears,
+  which bias compensation puts back for the inputs a rate drops (``edgeq.rate_bias``).
+
+:func:`collect_means` gathers only ``z_mean`` / ``o_mean`` (no Gram matrices: the cost of the
+forward alone) on a model as it is now, e.g. after the sorts changed the column order of the
+statistics :func:`calibrate` collected before them.
 """
 from __future__ import annotations
 
@@ -57,7 +64,7 @@ from tqdm import tqdm
 
 import edgeq
 from edgeq.errors import EdgeqError
-from edgeq.ir import ModelIR, Role, TokenizerSpec, full_widths
+from edgeq.ir import LayerMeans, ModelIR, Role, TokenizerSpec, full_widths
 from edgeq.spill import spill_array
 from runtimes.reference import LayerWeights, layer_forward, pruning_layout, rope_inv_freq
 from runtimes.text import SpecTokenizer, render_chat
@@ -132,8 +139,8 @@ def alpaca_token_sequences(tokenizer_spec: TokenizerSpec, path: str | Path | Non
 
 # ---- statistics ------------------------------------------------------------------------------
 
-_LAYER_FIELDS = ("mlp_zz", "attn_xx", "q_diag", "k_diag", "o_xx", "ffn_xx")
-_REQUIRED = _LAYER_FIELDS[:4]  # o_xx / ffn_xx are absent from files of older versions
+_LAYER_FIELDS = ("mlp_zz", "attn_xx", "q_diag", "k_diag", "o_xx", "ffn_xx", "z_mean", "o_mean")
+_REQUIRED = _LAYER_FIELDS[:4]  # o_xx / ffn_xx / z_mean / o_mean are absent from files of older versions
 
 
 @dataclass
@@ -146,6 +153,15 @@ class LayerStats:
     n_tokens: int
     o_xx: np.ndarray | None = None  # (heads*head_dim,)*2 float64, mean O^T O of the o_proj input
     ffn_xx: np.ndarray | None = None  # (hidden, hidden) float64, mean X^T X of the MLP input
+    z_mean: np.ndarray | None = None  # (d_ff,) float64, mean of the down_proj input Z
+    o_mean: np.ndarray | None = None  # (heads*head_dim,) float64, mean of the o_proj input (IR order)
+
+    def means(self) -> LayerMeans:
+        """The mean inputs bias compensation needs (``edgeq.ir.LayerMeans``)."""
+        if self.z_mean is None or self.o_mean is None:
+            raise EdgeqError("calibration statistics lack the mean inputs of down_proj / o_proj "
+                             "(collected by an older edgeq); recalibrate")
+        return LayerMeans(down=np.asarray(self.z_mean), o=np.asarray(self.o_mean))
 
     def input_cov(self, role: Role) -> np.ndarray:
         """The input covariance (mean X^T X, float64) of this layer's linear ``role``."""
@@ -234,6 +250,8 @@ class _Accumulator:
         self.ff = np.zeros((h, h), dtype=np.float64, order="F")
         self.q = np.zeros((H, D), dtype=np.float64)
         self.k = np.zeros((KV, D), dtype=np.float64)
+        self.z_sum = np.zeros(f, dtype=np.float64)
+        self.o_sum = np.zeros(H * D, dtype=np.float64)
         self.angular = 0.0
         self.n_tokens = 0
         self.n_seqs = 0
@@ -247,10 +265,12 @@ class _Accumulator:
             self.k += _head_major_energy(a, self.KV, self.half)
         elif name == "o_in":
             _add_gram(self.oo, a)  # runtime column order; IR order in result()
+            self.o_sum += a.sum(axis=0, dtype=np.float64)
         elif name == "ffn_in":
             _add_gram(self.ff, a)
         elif name == "down_in":
             _add_gram(self.zz, a)
+            self.z_sum += a.sum(axis=0, dtype=np.float64)
 
     def add_sequence(self, x_in: np.ndarray, x_out: np.ndarray) -> None:
         """After the layer ran on one sequence (``x_in`` -> ``x_out``, (T, hidden)): count its tokens
@@ -269,9 +289,38 @@ class _Accumulator:
         self.zz, self.xx, self.ff = (np.ascontiguousarray(a) for a in (self.zz, self.xx, self.ff))
         for a in (self.zz, self.xx, self.q, self.k, self.oo, self.ff):  # in place: no second copy
             a /= n
+        z_mean, o_mean = _means(self.z_sum, self.o_sum, self.o_order, n)
         return LayerStats(mlp_zz=self.zz, attn_xx=self.xx, q_diag=self.q, k_diag=self.k,
                           angular=self.angular / max(self.n_seqs, 1), n_tokens=self.n_tokens,
-                          o_xx=self.oo, ffn_xx=self.ff)
+                          o_xx=self.oo, ffn_xx=self.ff, z_mean=z_mean, o_mean=o_mean)
+
+
+def _means(z_sum: np.ndarray, o_sum: np.ndarray, o_order: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sums over ``n`` tokens -> (z_mean, o_mean); o from the runtime's column order to the IR's."""
+    return z_sum / n, o_sum[o_order] / n
+
+
+class _MeanAccumulator:
+    """Only the mean inputs of down_proj and o_proj (:func:`collect_means`)."""
+
+    def __init__(self, hp):
+        self.o_order = np.argsort(pruning_layout(hp)[3])
+        self.z_sum = np.zeros(hp.intermediate_size, dtype=np.float64)
+        self.o_sum = np.zeros(hp.num_heads * hp.head_dim, dtype=np.float64)
+        self.n_tokens = 0
+
+    def __call__(self, name: str, a: np.ndarray) -> None:
+        if name == "o_in":
+            self.o_sum += a.sum(axis=0, dtype=np.float64)
+        elif name == "down_in":
+            self.z_sum += a.sum(axis=0, dtype=np.float64)
+
+    def add_sequence(self, x_in: np.ndarray, x_out: np.ndarray) -> None:
+        self.n_tokens += x_in.shape[0]
+
+    def result(self) -> LayerMeans:
+        z, o = _means(self.z_sum, self.o_sum, self.o_order, max(self.n_tokens, 1))
+        return LayerMeans(down=z, o=o)
 
 
 def _head_major_energy(a: np.ndarray, n_heads: int, half: int) -> np.ndarray:
@@ -282,11 +331,7 @@ def _head_major_energy(a: np.ndarray, n_heads: int, half: int) -> np.ndarray:
     return e.transpose(2, 1, 0).reshape(n_heads, 2 * half)
 
 
-def calibrate(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = True,
-              source: Mapping | None = None) -> CalibStats:
-    """Stream ``sequences`` (equal lengths) through ``ir`` at rate 0 and return the statistics.
-
-    ``source``: extra provenance stored in ``CalibStats.source`` (e.g. the data set)."""
+def _check_sequences(ir: ModelIR, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
     if not sequences:
         raise EdgeqError("no calibration sequences")
     lengths = {len(s) for s in sequences}
@@ -301,11 +346,18 @@ def calibrate(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = 
         if ids.min() < 0 or ids.max() >= hp.vocab_size:
             raise EdgeqError(f"calibration token id out of range [0, {hp.vocab_size})")
         ids_all.append(ids)
+    return ids_all
+
+
+def _stream_layers(ir: ModelIR, ids_all: list[np.ndarray], make_acc, finish, progress: bool, desc: str) -> list:
+    """Run the sequences through ``ir`` at rate 0, a layer at a time; per layer a fresh accumulator
+    ``make_acc(hp)`` is the forward's taps, and ``finish(acc)`` makes what is kept of it."""
     # Layer by layer: the residual streams of all sequences (n x T x hidden float32) move from
     # layer to layer; one layer's weights and accumulators are in memory at a time, and each
     # layer's statistics are parked on disk inside ``edgeq.spill.spilling``. Every sequence sees
     # exactly the ops of a whole-model forward, and each accumulator sums the sequences in order,
     # so the statistics equal a sequence-by-sequence pass bit for bit.
+    hp = ir.hparams
     embd = ir.tensors["token_embd"]
     xs = [np.stack([np.asarray(embd[int(t):int(t) + 1], dtype=np.float32)[0] for t in ids]) for ids in ids_all]
     # the reference runtime's layer forward at rate 0, in float32, one sequence per call (positions
@@ -315,11 +367,11 @@ def calibrate(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = 
     vc = np.zeros((T, hp.num_kv_heads, hp.head_dim), dtype=np.float32)
     bar = None
     if progress:
-        bar = tqdm(total=hp.num_layers * len(xs), desc="calibrating", unit="seq", leave=False)
+        bar = tqdm(total=hp.num_layers * len(xs), desc=desc, unit="seq", leave=False)
     layers = []
     for li in range(hp.num_layers):
         L = LayerWeights(ir, li, np.float32)
-        acc = _Accumulator(hp)
+        acc = make_acc(hp)
         for si in range(len(xs)):
             y = layer_forward(hp, L, xs[si], 0, widths, kc, vc, inv_freq, np.float32, taps=acc)
             acc.add_sequence(xs[si], y)
@@ -327,15 +379,37 @@ def calibrate(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = 
             if bar is not None:
                 bar.update(1)
         del L
-        res = acc.result()
+        layers.append(finish(acc))
         del acc
-        for name in _LAYER_FIELDS:
-            setattr(res, name, spill_array(getattr(res, name)))
-        layers.append(res)
     if bar is not None:
         bar.close()
+    return layers
+
+
+def calibrate(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = True,
+              source: Mapping | None = None) -> CalibStats:
+    """Stream ``sequences`` (equal lengths) through ``ir`` at rate 0 and return the statistics.
+
+    ``source``: extra provenance stored in ``CalibStats.source`` (e.g. the data set)."""
+    ids_all = _check_sequences(ir, sequences)
+
+    def finish(acc):
+        res = acc.result()
+        for name in _LAYER_FIELDS:
+            setattr(res, name, spill_array(getattr(res, name)))
+        return res
+
+    layers = _stream_layers(ir, ids_all, _Accumulator, finish, progress, "calibrating")
     src = {"model": str(ir.source.get("path", "")), "history": [r.name for r in ir.history],
-           "n_tokens": len(sequences) * lengths.pop()}
+           "n_tokens": len(sequences) * len(sequences[0])}
     src.update(dict(source or {}))
     return CalibStats(layers=tuple(layers), n_samples=len(sequences),
                       seq_len=len(sequences[0]), source=src)
+
+
+def collect_means(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = True) -> list[LayerMeans]:
+    """Per layer, the mean inputs of down_proj and o_proj over ``sequences`` at rate 0 on ``ir`` as
+    it is now (its current column order): the means :func:`calibrate` also collects, without the
+    Gram matrices. Memory: one layer's weights and the sequences' residual streams."""
+    ids_all = _check_sequences(ir, sequences)
+    return _stream_layers(ir, ids_all, _MeanAccumulator, lambda acc: acc.result(), progress, "mean inputs")

@@ -118,6 +118,12 @@ def targets(as_json):
               help="Alpaca JSON for calibration (default: ../shared/data/alpaca/alpaca_small.json).")
 @click.option("--recover", is_flag=True, help="LoRA recovery fine-tune with a rate sampled per step, merged back.")
 @click.option("--recover-steps", type=int, default=None, help="Recovery fine-tune steps (default: see RecoverConfig).")
+@click.option("--prune-bias", is_flag=True,
+              help="Per-rate bias compensation: each rate adds the mean contribution of the inputs it prunes "
+                   "(o_proj / ffn_down; FLAP), switched with the rate.")
+@click.option("--prune-dims", type=click.Choice(["all", "mlp"]), default="all", show_default=True,
+              help="What a rate prunes: MLP channels, Q/K RoPE pairs and V/O components (all), or only MLP "
+                   "channels at the same parameter rate (mlp).")
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None,
               help="Replay a quantization plan (from `edgeq plan`, or an artifact's plan.toml).")
 @click.option("--budget-mb", type=float, default=None,
@@ -133,8 +139,8 @@ def targets(as_json):
 @click.option("--jobs", type=int, default=None, help="--executor processes: worker processes (default: CPU count).")
 @_fail_cleanly
 def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, no_goldens, prune_rates, sort,
-          importance, calib_samples, calib_len, calib_data, recover, recover_steps, plan_file, budget_mb, bpw,
-          sensitivity, executor, jobs):
+          importance, calib_samples, calib_len, calib_data, recover, recover_steps, prune_bias, prune_dims, plan_file,
+          budget_mb, bpw, sensitivity, executor, jobs):
     """Compile MODEL (HF checkpoint dir or .gguf) into an artifact directory (or, for several
     targets, a release directory)."""
     from edgeq.build import BuildOptions, build as run_build
@@ -148,7 +154,8 @@ def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, n
                         adapters=tuple(adapters), adapter_mode=adapter_mode, force=force,
                         record_goldens=not no_goldens, prune_rates=rates, sort=sort, importance=importance,
                         calib_samples=calib_samples, calib_len=calib_len, calib_data=calib_data,
-                        recover=recover, recover_steps=recover_steps, plan=plan_file, budget_mb=budget_mb, bpw=bpw,
+                        recover=recover, recover_steps=recover_steps, prune_bias=prune_bias, prune_dims=prune_dims,
+                        plan=plan_file, budget_mb=budget_mb, bpw=bpw,
                         sensitivity=sensitivity)
     from edgeq.release import is_matrix
 

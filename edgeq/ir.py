@@ -286,6 +286,7 @@ class PruneSpec:
     widths: Mapping[float, tuple[LayerWidths, ...]]
     granularity: int  # kept widths of input-dim-pruned tensors are multiples of this
     importance: str = "angular"  # "angular" | "uniform"
+    dims: str = "all"  # "all": MLP channels, Q/K pairs and V/O components | "mlp": MLP channels only
 
     def at(self, rate: float) -> tuple[LayerWidths, ...]:
         for r in self.rates:
@@ -295,8 +296,11 @@ class PruneSpec:
                          f"(available: {', '.join(f'{r:g}' for r in self.rates)})")
 
     def to_json(self) -> dict:
-        return {"rates": list(self.rates), "granularity": self.granularity, "importance": self.importance,
-                "widths": {f"{r:g}": [w.to_json() for w in self.widths[r]] for r in self.rates}}
+        d = {"rates": list(self.rates), "granularity": self.granularity, "importance": self.importance,
+             "widths": {f"{r:g}": [w.to_json() for w in self.widths[r]] for r in self.rates}}
+        if self.dims != "all":  # (specs of the default allocation serialise as before)
+            d["dims"] = self.dims
+        return d
 
     @staticmethod
     def from_json(d: Mapping) -> "PruneSpec":
@@ -304,7 +308,19 @@ class PruneSpec:
         widths = {float(k): tuple(LayerWidths(**w) for w in v) for k, v in d["widths"].items()}
         return PruneSpec(rates=rates, widths={r: widths[next(k for k in widths if abs(k - r) < 1e-9)]
                                               for r in rates},
-                         granularity=int(d["granularity"]), importance=d.get("importance", "angular"))
+                         granularity=int(d["granularity"]), importance=d.get("importance", "angular"),
+                         dims=d.get("dims", "all"))
+
+
+@dataclass(frozen=True)
+class LayerMeans:
+    """Mean inputs of one layer's input-pruned linears over calibration tokens at rate 0 (bias
+    compensation, ``edgeq.passes.prune_bias``): ``down`` (intermediate_size,) the mean of
+    ffn_down's input ``silu(gate(x)) * up(x)``, ``o`` (num_heads * head_dim,) the mean of
+    attn_output's input (the attention output), both float64 in the IR's column order."""
+
+    down: np.ndarray
+    o: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -327,6 +343,10 @@ class ModelIR:
     # head of that group). Absent layer = identity.
     rope_index: Mapping[int, np.ndarray] = field(default_factory=dict)
     prune: PruneSpec | None = None
+    # Bias compensation of pruning (``--prune-bias``): layer -> its linears' mean inputs. When set,
+    # a rate adds to o_proj's and ffn_down's outputs the mean contribution of the inputs it prunes
+    # (``edgeq.passes.prune_bias.rate_bias``); empty: no compensation.
+    prune_means: Mapping[int, LayerMeans] = field(default_factory=dict)
 
     @property
     def arch(self) -> Arch:
@@ -376,6 +396,13 @@ class ModelIR:
                     raise EdgeqError(f"rope_index[{layer}][{g}] is not a permutation of 0..{half - 1}")
         if self.prune is not None:
             self._validate_prune(self.prune)
+        if self.prune_means:
+            if set(self.prune_means) != set(range(hp.num_layers)):
+                raise EdgeqError(f"prune_means: expected every layer 0..{hp.num_layers - 1}, got {sorted(self.prune_means)[:5]}")
+            for layer, m in self.prune_means.items():
+                if np.shape(m.down) != (hp.intermediate_size,) or np.shape(m.o) != (hp.num_heads * hp.head_dim,):
+                    raise EdgeqError(f"prune_means[{layer}]: expected shapes ({hp.intermediate_size},) and "
+                                     f"({hp.num_heads * hp.head_dim},), got {np.shape(m.down)} and {np.shape(m.o)}")
         extra = set(self.linears) - set(self.expected_shapes())
         if extra:
             raise EdgeqError(f"unexpected linears: {sorted(extra)[:3]}")

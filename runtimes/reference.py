@@ -208,6 +208,29 @@ def apply_rope(x, cos, sin):
     return np.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=2)
 
 
+def layer_rate_bias(hp, L: LayerWeights, means, w: LayerWidths, dtype) -> tuple[np.ndarray, np.ndarray] | None:
+    """Bias compensation of one layer at widths ``w`` (``edgeq.passes.prune_bias``), computed from
+    the runtime's own layout: (b_o, b_down) in ``dtype``, the mean contribution of the o_proj /
+    ffn_down inputs ``w`` drops (float64 sums), or None when nothing is dropped or ``means``
+    (an ``edgeq.ir.LayerMeans``, IR column order) is None."""
+    H, D, F = hp.num_heads, hp.head_dim, hp.intermediate_size
+    if means is None or (w.ffn >= F and w.v_dims >= D):
+        return None
+    b_o, b_d = np.zeros(hp.hidden_size), np.zeros(hp.hidden_size)
+    if w.ffn < F:
+        m = np.asarray(means.down, dtype=np.float64)[w.ffn:]
+        b_d = m @ np.asarray(L.wd_t[w.ffn:], dtype=np.float64)
+        for a, b, s in L.lr[Role.DOWN].items:
+            b_d = b_d + float(s) * ((m @ np.asarray(a[:, w.ffn:], dtype=np.float64).T) @ np.asarray(b, dtype=np.float64).T)
+    if w.v_dims < D:
+        n_in = w.v_dims * H  # O's inputs in the runtime order (component, head): a prefix is kept
+        m = np.asarray(means.o, dtype=np.float64)[L.o_cols][n_in:]
+        b_o = m @ np.asarray(L.wo_t[n_in:], dtype=np.float64)
+        for a, b, s in L.lr[Role.O].items:
+            b_o = b_o + float(s) * ((m @ np.asarray(a[:, n_in:], dtype=np.float64).T) @ np.asarray(b, dtype=np.float64).T)
+    return b_o.astype(np.float32).astype(dtype), b_d.astype(np.float32).astype(dtype)
+
+
 def o_proj(L: LayerWeights, o, n_in):
     y = o @ L.wo_t[:n_in]
     if L.bo is not None:
@@ -232,7 +255,8 @@ TAPS = (
 def layer_forward(hp, L: LayerWeights, x: np.ndarray, start: int, w: LayerWidths, kcache: np.ndarray,
                   vcache: np.ndarray, inv_freq: np.ndarray, dtype, timers: dict | None = None,
                   pos: np.ndarray | None = None, mask: np.ndarray | None = None,
-                  taps: Callable[[str, np.ndarray], None] | None = None) -> np.ndarray:
+                  taps: Callable[[str, np.ndarray], None] | None = None,
+                  rate_bias: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """One decoder layer on ``x`` (T, hidden) at positions ``start..start+T``: writes this layer's
     K/V into ``kcache`` (n_ctx, KV, 2, half) / ``vcache`` (n_ctx, KV, head_dim) and returns the new
     residual stream. ``w``: the widths kept at the current pruning rate.
@@ -241,7 +265,8 @@ def layer_forward(hp, L: LayerWeights, x: np.ndarray, start: int, w: LayerWidths
     the causal defaults: several sequences packed into one call (:func:`streamed_logits`).
     ``taps``: called as ``taps(name, activation)`` with each activation of :data:`TAPS` (read it,
     do not keep or change it); calibration's statistics come from here. Timers (``timers``:
-    seconds added under "attention" / "mlp") are the other hook."""
+    seconds added under "attention" / "mlp") are the other hook. ``rate_bias``: (b_o, b_down)
+    added to o_proj's and ffn_down's outputs (bias compensation at this rate, :func:`layer_rate_bias`)."""
     T = x.shape[0]
     H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
     group = H // KV
@@ -295,6 +320,8 @@ def layer_forward(hp, L: LayerWeights, x: np.ndarray, start: int, w: LayerWidths
     if taps is not None:
         taps("o_in", o)
     y = o_proj(L, o, nv * H)
+    if rate_bias is not None:  # bias compensation, on the projection's output (before a post-norm)
+        y = y + rate_bias[0]
     if L.post_attn_norm is not None:
         y = rms_norm(y, L.post_attn_norm, hp.rms_norm_eps)
     x = x + y
@@ -313,6 +340,8 @@ def layer_forward(hp, L: LayerWeights, x: np.ndarray, start: int, w: LayerWidths
         y = y + L.bd
     if L.lr[Role.DOWN].items:
         y = L.lr[Role.DOWN].add(y, a, n_in=f)
+    if rate_bias is not None:
+        y = y + rate_bias[1]
     if L.post_ffw_norm is not None:
         y = rms_norm(y, L.post_ffw_norm, hp.rms_norm_eps)
     x = x + y
@@ -348,6 +377,12 @@ class ReferenceSession(SpecTextMixin, Session):
         self._pos = 0
         self._full_widths = (full_widths(hp),) * hp.num_layers
         self.prune_rate, self.widths = 0.0, self._full_widths
+        # bias compensation (ir.prune_means): per carried rate, per layer (b_o, b_down) or None
+        self._rate_bias = {}
+        if ir.prune is not None and ir.prune_means:
+            self._rate_bias = {r: tuple(layer_rate_bias(hp, L, ir.prune_means.get(li), ir.prune.widths[r][li], dtype)
+                                        for li, L in enumerate(self.layers)) for r in ir.prune.rates}
+        self.biases = (None,) * hp.num_layers
         self.timers = None  # {layer: {"attention": s, "mlp": s}} accumulated when a dict (edgeq.breakdown)
 
     # ---- text (SpecTextMixin) ---------------------------------------------------------------
@@ -372,6 +407,8 @@ class ReferenceSession(SpecTextMixin, Session):
             widths = self._full_widths
         else:
             widths = self.ir.prune.at(rate)
+        key = next((r for r in self._rate_bias if abs(r - rate) < 1e-9), None)
+        self.biases = self._rate_bias[key] if key is not None else (None,) * self.hp.num_layers
         self.prune_rate, self.widths = float(rate), widths
         if kv == "recompute" and self._pos > 0:
             ids = list(self._ids[: self._pos])
@@ -408,7 +445,7 @@ class ReferenceSession(SpecTextMixin, Session):
         timers = self.timers
         for li, L in enumerate(self.layers):
             x = layer_forward(hp, L, x, start, self.widths[li], self._k[li], self._v[li], self.inv_freq,
-                              self.dtype, None if timers is None else timers[li])
+                              self.dtype, None if timers is None else timers[li], rate_bias=self.biases[li])
         x = rms_norm(x, self.out_norm, hp.rms_norm_eps)
         return x
 
@@ -486,7 +523,8 @@ def streamed_logits(ir: ModelIR, sequences: Sequence[Sequence[int]], rate: float
         L = LayerWeights(ir, li, dtype, store=store, contiguous=False)
         kc = np.zeros((T, hp.num_kv_heads, 2, half), dtype=dtype)
         vc = np.zeros((T, hp.num_kv_heads, hp.head_dim), dtype=dtype)
-        x = layer_forward(hp, L, x, 0, widths[li], kc, vc, inv_freq, dtype, pos=pos, mask=mask)
+        bias = layer_rate_bias(hp, L, ir.prune_means.get(li), widths[li], dtype) if ir.prune_means else None
+        x = layer_forward(hp, L, x, 0, widths[li], kc, vc, inv_freq, dtype, pos=pos, mask=mask, rate_bias=bias)
         del L
         if progress is not None:
             progress(li + 1, hp.num_layers)

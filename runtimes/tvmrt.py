@@ -212,6 +212,7 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
     # ---- pruning rates (RateSwitchMixin) ----------------------------------------------------------
     def _apply_rate(self, index: int) -> None:
         self._ffn = self._ffn_widths(self._rates[index])  # the kernels' active MLP width per layer
+        self._rate_row = index  # the row of the per-rate bias compensation tables
 
     def _forward_cached(self, ids) -> None:
         self._forward(ids)
@@ -250,8 +251,9 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
         self._ids = []
 
     def _layer_consts(self):
-        """Per layer: (attn_norm, ffn_norm, qkv bias, o bias, gate_up bias, down bias, rope group),
-        and the distinct RoPE frequency tables (layers with the same pair order share one)."""
+        """Per layer: (attn_norm, ffn_norm, qkv bias, o bias, gate_up bias, down bias, o / down per-rate
+        bias compensation tables (rates, hidden), rope group), and the distinct RoPE frequency tables
+        (layers with the same pair order share one)."""
         hp, W = self.hp, self._np
         groups: dict[bytes, int] = {}
         freqs = []
@@ -263,7 +265,8 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
                 groups[key] = len(freqs)
                 freqs.append(f)
             layers.append(tuple(W.get(f"blk.{li}.{n}") for n in ("attn_norm", "ffn_norm", "qkv.bias", "o.bias",
-                                                                  "gate_up.bias", "down.bias")) + (groups[key],))
+                                                                  "gate_up.bias", "down.bias", "o.rate_bias",
+                                                                  "down.rate_bias")) + (groups[key],))
         return layers, freqs
 
     @staticmethod
@@ -291,7 +294,8 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
         causal = None if T == 1 else np.triu(np.full((T, end), -np.inf, np.float32), k=start + 1)
         scale = np.float32(1.0 / np.sqrt(D))
         kc, vc = self._k, self._v
-        for li, (n1, n2, b_qkv, b_o, b_gu, b_d, rg) in enumerate(layers):
+        row = self._rate_row
+        for li, (n1, n2, b_qkv, b_o, b_gu, b_d, rb_o, rb_d, rg) in enumerate(layers):
             h = self._norm(x, n1, eps)
             qkv = self._matmul(f"blk.{li}.qkv", h, (H + 2 * KV) * D)
             if b_qkv is not None:
@@ -327,6 +331,8 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
             y = self._matmul(f"blk.{li}.o", o, hp.hidden_size)
             if b_o is not None:
                 y += b_o
+            if rb_o is not None:  # bias compensation of the O inputs this rate prunes
+                y += rb_o[row]
             x = x + y
             h = self._norm(x, n2, eps)
             f = self._ffn[li]
@@ -339,6 +345,8 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
             y = self._matmul(f"blk.{li}.down", act, hp.hidden_size)
             if b_d is not None:
                 y += b_d
+            if rb_d is not None:  # bias compensation of the MLP channels this rate prunes
+                y += rb_d[row]
             x = x + y
         self._pos = end
         self._ids.extend(int(t) for t in ids)

@@ -5,7 +5,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from edgeq.calibrate import CalibStats, alpaca_token_sequences, calibrate, default_data_dir
+from edgeq.calibrate import CalibStats, alpaca_token_sequences, calibrate, collect_means, default_data_dir
 from edgeq.errors import EdgeqError
 from edgeq.frontend import load_model
 from runtimes.reference import ReferenceSession
@@ -66,7 +66,7 @@ def _hf_stats(model_dir, seqs):
 
     m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     layers = m.model.layers
-    acc = [dict(zz=0.0, xx=0.0, q=0.0, k=0.0, ang=0.0, oo=0.0, ff=0.0) for _ in layers]
+    acc = [dict(zz=0.0, xx=0.0, q=0.0, k=0.0, ang=0.0, oo=0.0, ff=0.0, z=0.0, o=0.0) for _ in layers]
     hooks = []
     for i, layer in enumerate(layers):
         a = acc[i]
@@ -85,6 +85,7 @@ def _hf_stats(model_dir, seqs):
         def on_o(mod, args, out, a=a):
             o = f64(args[0])
             a["oo"] = a["oo"] + o.T @ o
+            a["o"] = a["o"] + o.sum(0)
 
         def on_gate(mod, args, out, a=a):
             x = f64(args[0])
@@ -93,6 +94,7 @@ def _hf_stats(model_dir, seqs):
         def on_down(mod, args, out, a=a):
             z = f64(args[0])
             a["zz"] = a["zz"] + z.T @ z
+            a["z"] = a["z"] + z.sum(0)
 
         def on_layer(mod, args, kwargs, out, a=a):
             x_in = f64(args[0] if args else kwargs["hidden_states"])[-1]
@@ -112,7 +114,8 @@ def _hf_stats(model_dir, seqs):
         h.remove()
     n = len(seqs) * len(seqs[0])
     return [dict(mlp_zz=a["zz"] / n, attn_xx=a["xx"] / n, q_diag=a["q"] / n, k_diag=a["k"] / n,
-                 o_xx=a["oo"] / n, ffn_xx=a["ff"] / n, angular=a["ang"] / len(seqs)) for a in acc]
+                 o_xx=a["oo"] / n, ffn_xx=a["ff"] / n, z_mean=a["z"] / n, o_mean=a["o"] / n,
+                 angular=a["ang"] / len(seqs)) for a in acc]
 
 
 def test_stats_match_transformers_hooks(tiny, request):
@@ -125,12 +128,17 @@ def test_stats_match_transformers_hooks(tiny, request):
         # HF q_proj/k_proj outputs are (tokens, heads * head_dim), pre-RoPE, biases included
         for name, got, want in (("mlp_zz", L.mlp_zz, ref["mlp_zz"]), ("attn_xx", L.attn_xx, ref["attn_xx"]),
                                 ("o_xx", L.o_xx, ref["o_xx"]), ("ffn_xx", L.ffn_xx, ref["ffn_xx"]),
+                                ("z_mean", L.z_mean, ref["z_mean"]), ("o_mean", L.o_mean, ref["o_mean"]),
                                 ("q_diag", L.q_diag, ref["q_diag"].reshape(hp.num_heads, hp.head_dim)),
                                 ("k_diag", L.k_diag, ref["k_diag"].reshape(hp.num_kv_heads, hp.head_dim)),
                                 ("angular", np.float64(L.angular), np.float64(ref["angular"]))):
             assert got.shape == want.shape, name
             assert np.abs(got - want).max() <= STATS_MATCH_MAX_REL * np.abs(want).max(), name
         assert 0 < L.angular < 2
+    # collect_means: the same means alone (no Gram matrices), bit for bit
+    for L, m in zip(stats.layers, collect_means(ir, seqs, progress=False)):
+        np.testing.assert_array_equal(L.means().down, m.down)
+        np.testing.assert_array_equal(L.means().o, m.o)
 
 
 def test_memory_does_not_grow_with_samples(tiny_llama):
@@ -160,7 +168,7 @@ def test_save_load_roundtrip_without_pickle(tiny, tmp_path):
     assert (back.n_samples, back.seq_len, back.source) == (2, T, stats.source)
     assert back.source["data"] == "alpaca" and back.source["history"] == []
     for a, b in zip(stats.layers, back.layers):
-        for name in ("mlp_zz", "attn_xx", "q_diag", "k_diag", "o_xx", "ffn_xx"):
+        for name in ("mlp_zz", "attn_xx", "q_diag", "k_diag", "o_xx", "ffn_xx", "z_mean", "o_mean"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
         assert (a.angular, a.n_tokens) == (b.angular, b.n_tokens)
     np.savez(tmp_path / "other.npz", x=np.zeros(3))

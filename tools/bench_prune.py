@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench_prune.py [--rates 0,0.15,0.25,0.35] [--calib-samples 64]
         [--ppl-tokens 16384] [--lambada 500] [--recover] [--out out/bench-prune]
+        [--methods uniql,uniql+bias,uniql+mlp+bias,naive]
 
 SmolLM2-135M-Instruct in float32 (no quantization, so the pruning effect is isolated), run by
 the numpy reference runtime, which switches rates in place. Both methods use the same
@@ -13,10 +14,15 @@ Per method and rate: wikitext-2 perplexity (BENCHMARK_PROTOCOL: ctx 512, second 
 KL(unpruned ‖ pruned) and top-1 agreement on the same positions, LAMBADA accuracy on the first
 N items, decode tok/s (reference runtime, 2 threads, 128 tokens, median of 3 after a warm-up),
 resident weight bytes, and the switch time.
+
+``--methods``: comma-separated configurations, each a sort (``uniql`` / ``naive``) with optional
+``+bias`` (``--prune-bias``: per-rate bias compensation) and ``+mlp`` (``--prune-dims mlp``: the
+whole rate from the MLP channels) suffixes (issue 15).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -67,8 +73,12 @@ def main(argv=None) -> int:
     models: dict[str, object] = {}
     build_s: dict[str, float] = {}
     for method in [m for m in args.methods.split(",") if m]:
-        opts = BuildOptions(model=args.model, out=args.out, prune_rates=rates, sort=method,
-                            calib_samples=args.calib_samples, calib_len=args.calib_len)
+        sort, *flags = method.split("+")
+        if sort not in ("uniql", "naive") or set(flags) - {"bias", "mlp"}:
+            ap.error(f"--methods: unknown configuration {method!r} (uniql|naive, then +bias / +mlp)")
+        opts = BuildOptions(model=args.model, out=args.out, prune_rates=rates, sort=sort,
+                            calib_samples=args.calib_samples, calib_len=args.calib_len, prune_bias="bias" in flags,
+                            prune_dims="mlp" if "mlp" in flags else "all")
         t = time.perf_counter()
         models[method], timings = _compress(base, opts, target)
         build_s[method] = time.perf_counter() - t
@@ -175,10 +185,31 @@ def main(argv=None) -> int:
     return 0
 
 
+_DONE: dict = {}  # a prefix of the steps (repr) -> (ir, statistics, sequences) after it: configurations share them
+
+
 def _compress(base, opts: BuildOptions, target):
     """``base`` through the build's pruning steps (``compress_steps``, run by the build's runner):
-    the pruned model and each step's seconds."""
-    ctx = pipeline.run(compress_steps(opts, target), pipeline.BuildContext(opts=opts, target=target, log=log, ir=base))
+    the pruned model and each step's seconds. The longest prefix of the steps that an earlier
+    configuration already ran up to its sort (calibration, bias means, sort: the same for every
+    configuration with the same options there) is reused, not run again."""
+    steps = compress_steps(opts, target)
+    ctx = pipeline.BuildContext(opts=opts, target=target, log=log, ir=base)
+    k = max((n for n in range(1, len(steps) + 1) if repr(steps[:n]) in _DONE), default=0)
+    if k:
+        ctx.ir, ctx.stats, ctx.calib_seqs = _DONE[repr(steps[:k])]
+    if not opts.prune_bias and not opts.recover:  # the sorted model of a +bias configuration, without its means
+        with_bias = compress_steps(dataclasses.replace(opts, prune_bias=True), target)
+        j = next((n for n, s in enumerate(with_bias) if s.name == "sort"), None)
+        s = next((n for n, s in enumerate(steps) if s.name == "sort"), None)
+        if k <= s and j is not None and repr(with_bias[:j + 1]) in _DONE:
+            ir, ctx.stats, ctx.calib_seqs = _DONE[repr(with_bias[:j + 1])]
+            ctx.ir, k = ir.replace(prune_means={}), s + 1
+    for n in range(k, len(steps)):
+        ctx = pipeline.run(steps[n:n + 1], ctx)
+        if steps[n].name in ("calibrate", "prune_bias", "sort") and all(
+                s.name in ("calibrate", "prune_bias", "sort") for s in steps[:n + 1]):
+            _DONE[repr(steps[:n + 1])] = (ctx.ir, ctx.stats, ctx.calib_seqs)
     return ctx.ir, ctx.timings
 
 

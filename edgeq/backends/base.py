@@ -111,7 +111,16 @@ class Backend:
         return {"available": False, "runtime": getattr(session, "name", ""), "method": self.no_breakdown}
 
 
-def switchable_prune_section(ir: ModelIR, opts: BuildOptions, expressed: str, **extra) -> dict:
-    """The manifest's ``prune`` section of a format that carries every rate at full fidelity."""
-    return {"rates": list(ir.prune.rates), "method": opts.sort, "granularity": ir.prune.granularity,
-            "widths": ir.prune.to_json()["widths"], "expressed": expressed, "dropped": "nothing", **extra}
+def switchable_prune_section(ir: ModelIR, opts: BuildOptions, expressed: str, bias: str | None = None,
+                             **extra) -> dict:
+    """The manifest's ``prune`` section of a format that carries every rate at full fidelity.
+    ``bias``: how the format carries bias compensation (``--prune-bias``), added to ``expressed``
+    when the model has it."""
+    out = {"rates": list(ir.prune.rates), "method": opts.sort, "granularity": ir.prune.granularity,
+           "widths": ir.prune.to_json()["widths"], "expressed": expressed, "dropped": "nothing", **extra}
+    if ir.prune.dims != "all":
+        out["dims"] = ir.prune.dims
+    if ir.prune_means:
+        out["bias"] = bias or "per-rate bias compensation"
+        out["expressed"] = f"{expressed}; {out['bias']}"
+    return out

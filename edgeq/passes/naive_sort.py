@@ -27,6 +27,7 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.ir import Linear, ModelIR, PassRecord, Role
+from edgeq.passes.prune_bias import means_moved
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ def naive_sort(ir: ModelIR, config: NaiveSortConfig = NaiveSortConfig(), stats: 
     half, group = D // 2, H // KV
     linears = dict(ir.linears)
     rope_index = dict(ir.rope_index)
+    means = dict(ir.prune_means)
     for i in range(hp.num_layers):
         lin = {r: ir.linear(i, r) for r in Role}
 
@@ -113,7 +115,10 @@ def naive_sort(ir: ModelIR, config: NaiveSortConfig = NaiveSortConfig(), stats: 
         linears[lin[Role.V].name] = _permute_out(lin[Role.V], v_rows.reshape(-1))
         linears[lin[Role.O].name] = _permute_in(lin[Role.O], o_cols.reshape(-1))
         rope_index[i] = new_idx
-    out = ir.replace(linears=linears, rope_index=rope_index,
+        if means:  # bias compensation's mean inputs follow the MLP channels and O columns
+            means = means_moved(ir.replace(prune_means=means), i, down=lambda m, perm=perm: m[perm],
+                                o=lambda m, cols=o_cols.reshape(-1): m[cols])
+    out = ir.replace(linears=linears, rope_index=rope_index, prune_means=means,
                      history=ir.history + (PassRecord("naive_sort", dataclasses.asdict(config)),))
     out.validate()
     return out

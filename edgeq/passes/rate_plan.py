@@ -48,6 +48,18 @@ while some single one-step move (one dimension of one layer, within its bounds, 
 that reduces the error) strictly reduces ``|kept - (1 - rate) * total|``, apply the one whose
 width is furthest from its ideal (in its own steps; ties: lowest layer, then ffn, qk, v).
 
+Dimensions (``dims``)
+---------------------
+``dims="all"`` (default) prunes all three dimensions as above. ``dims="mlp"`` prunes only the MLP
+channels: Q/K pairs and V/O components keep their full width at every rate, and the MLP gives up
+the whole parameter budget, so the global rate (prunable parameters removed, counted over all
+three dimensions as above) is still the requested one. The per-layer allocation is then solved
+over the MLP parameters (``layer_keep_ratios`` with rate ``rate * total / mlp_total`` and the
+layers' MLP parameters as weights; the same ``max_prune`` cap now per layer's MLP), and the
+rounding moves only ``ffn``. Measured on SmolLM2-135M (docs/benchmarks.md, issue 15; fp32, 1024
+scored positions): at the same parameter rate the MLP-only plan has 0.63x the KL of the
+all-dimensions plan (perplexity ratio 2.25x -> 1.59x at 0.15, 4.62x -> 2.48x at 0.25).
+
 Tolerance (``rate_tolerance``): one granularity step of the coarsest dimension,
 
     tol = h * max(3 * granularity, 4 * (H + KV)) / P_total,   P_total = sum_l full_l,
@@ -75,6 +87,7 @@ DEFAULT_EPS = 0.1  # UniQL's softmax temperature
 HEAD_STEP = 2  # qk_pairs and v_dims are multiples of this
 RATE_EQ = 1e-9  # two rates closer than this are the same rate
 MODES = ("angular", "uniform")
+DIMS = ("all", "mlp")  # what a rate prunes: every dimension, or the MLP channels only
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,8 +273,9 @@ def _nearest(grid: np.ndarray, x: float) -> int:
 
 
 def _round_rate(hp: HParams, grids: list[np.ndarray], ideal: np.ndarray, upper: np.ndarray,
-                rate: float) -> np.ndarray:
-    """Grid indices (L, 3) near ``ideal`` widths, ``<= upper`` indices, hitting ``rate``."""
+                rate: float, movable: tuple[int, ...] = (0, 1, 2)) -> np.ndarray:
+    """Grid indices (L, 3) near ``ideal`` widths, ``<= upper`` indices, hitting ``rate``; the
+    repair moves only the dimensions in ``movable`` (0 ffn, 1 qk_pairs, 2 v_dims)."""
     L = hp.num_layers
     units = np.asarray(_unit_params(hp), dtype=np.int64)
     idx = np.empty((L, 3), dtype=np.int64)
@@ -282,7 +296,7 @@ def _round_rate(hp: HParams, grids: list[np.ndarray], ideal: np.ndarray, upper: 
         down = err > 0
         best = None
         for l in range(L):
-            for d in range(3):
+            for d in movable:
                 j = idx[l, d]
                 nj = j - 1 if down else j + 1
                 if nj < 0 or nj > upper[l, d]:
@@ -306,8 +320,11 @@ def _round_rate(hp: HParams, grids: list[np.ndarray], ideal: np.ndarray, upper: 
 
 def plan_rates(model: ModelIR | HParams, rates: Sequence[float] = DEFAULT_RATES, granularity: int = 32,
                importance: np.ndarray | None = None, mode: str = "angular", eps: float = DEFAULT_EPS,
-               max_prune: float = MAX_LAYER_PRUNE) -> PruneSpec:
+               max_prune: float = MAX_LAYER_PRUNE, dims: str = "all") -> PruneSpec:
     """Kept widths of every layer at every rate (see the module docstring for the rules).
+
+    ``dims``: "all" (MLP channels, Q/K pairs, V/O components) or "mlp" (MLP channels only, the
+    same parameter rate).
 
     ``granularity``: the target's prune granularity (``TargetProfile.prune_granularity``), the
     step of ``ffn``. ``importance``: per-layer angular distances (required for ``mode="angular"``).
@@ -318,6 +335,8 @@ def plan_rates(model: ModelIR | HParams, rates: Sequence[float] = DEFAULT_RATES,
         raise EdgeqError(f"prune granularity must be a positive integer, got {granularity!r}")
     granularity = int(granularity)
     rates = check_rates(rates)
+    if dims not in DIMS:
+        raise EdgeqError(f"pruned dimensions must be one of {', '.join(DIMS)}, got {dims!r}")
     if importance is not None:
         importance = np.asarray(importance, dtype=np.float64)
         if importance.shape != (hp.num_layers,):
@@ -326,6 +345,7 @@ def plan_rates(model: ModelIR | HParams, rates: Sequence[float] = DEFAULT_RATES,
     grids = [_grid(full.ffn, granularity), _grid(full.qk_pairs, HEAD_STEP), _grid(full.v_dims, HEAD_STEP)]
     fullv = np.array([full.ffn, full.qk_pairs, full.v_dims], dtype=np.float64)
     layer_w = np.full(hp.num_layers, float(prunable_params(hp, full)))
+    mlp_share = _unit_params(hp)[0] * full.ffn / prunable_params(hp, full)  # MLP part of a layer's parameters
     tol = rate_tolerance(hp, granularity)
     upper = np.tile([g.size - 1 for g in grids], (hp.num_layers, 1)).astype(np.int64)
     widths: dict[float, tuple[LayerWidths, ...]] = {}
@@ -333,9 +353,20 @@ def plan_rates(model: ModelIR | HParams, rates: Sequence[float] = DEFAULT_RATES,
         if rate == 0.0:
             widths[rate] = (full,) * hp.num_layers
             continue
-        keep = layer_keep_ratios(importance, rate, eps=eps, mode=mode, max_prune=max_prune, weights=layer_w)
-        ideal = keep[:, None] * fullv[None, :]
-        idx = _round_rate(hp, grids, ideal, upper, rate)
+        if dims == "mlp":
+            if rate / mlp_share > max_prune + RATE_EQ:
+                raise EdgeqError(f"pruning rate {rate:g} cannot come from the MLP alone: it would remove "
+                                 f"{rate / mlp_share:.0%} of the MLP parameters (cap {max_prune:.0%}); "
+                                 "use --prune-dims all or a smaller rate")
+            keep = layer_keep_ratios(importance, rate / mlp_share, eps=eps, mode=mode, max_prune=max_prune,
+                                     weights=layer_w * mlp_share)
+            ideal = np.tile(fullv, (hp.num_layers, 1))
+            ideal[:, 0] = keep * fullv[0]
+            idx = _round_rate(hp, grids, ideal, upper, rate, movable=(0,))
+        else:
+            keep = layer_keep_ratios(importance, rate, eps=eps, mode=mode, max_prune=max_prune, weights=layer_w)
+            ideal = keep[:, None] * fullv[None, :]
+            idx = _round_rate(hp, grids, ideal, upper, rate)
         ws = tuple(LayerWidths(ffn=int(grids[0][i[0]]), qk_pairs=int(grids[1][i[1]]), v_dims=int(grids[2][i[2]]))
                    for i in idx)
         got = realised_rate(hp, ws)
@@ -346,7 +377,7 @@ def plan_rates(model: ModelIR | HParams, rates: Sequence[float] = DEFAULT_RATES,
         widths[rate] = ws
         upper = idx
     return PruneSpec(rates=rates, widths=widths, granularity=granularity,
-                     importance=mode)
+                     importance=mode, dims=dims)
 
 
 def apply_prune_spec(ir: ModelIR, spec: PruneSpec) -> ModelIR:
@@ -355,11 +386,11 @@ def apply_prune_spec(ir: ModelIR, spec: PruneSpec) -> ModelIR:
         raise EdgeqError(f"expected a PruneSpec, got {type(spec).__name__}")
     out = ir.replace(prune=spec, history=ir.history + (PassRecord(
         "rate_plan", {"rates": list(spec.rates), "granularity": spec.granularity,
-                      "importance": spec.importance}),))
+                      "importance": spec.importance, **({"dims": spec.dims} if spec.dims != "all" else {})}),))
     out.validate()
     return out
 
 
-__all__ = ["MAX_RATE", "MAX_LAYER_PRUNE", "DEFAULT_RATES", "apply_prune_spec", "check_rates", "full_widths",
+__all__ = ["DIMS", "MAX_RATE", "MAX_LAYER_PRUNE", "DEFAULT_RATES", "apply_prune_spec", "check_rates", "full_widths",
            "layer_keep_ratios", "parse_rates", "plan_rates", "prunable_params", "rate_tolerance",
            "realised_rate", "total_prunable_params"]

@@ -28,6 +28,7 @@ import numpy as np
 from edgeq.errors import EdgeqError
 from edgeq.ir import ModelIR, Role, linear_name
 from edgeq.passes import map_in, map_out, record, register, require_stats
+from edgeq.passes.prune_bias import means_moved
 
 PASS_NAME = "sort_mlp"
 
@@ -88,6 +89,7 @@ def sort_order(scores: np.ndarray) -> np.ndarray:
 def sort_mlp(ir: ModelIR, config: SortMLPConfig, stats) -> ModelIR:
     stats = require_stats(ir, stats, PASS_NAME)
     linears = dict(ir.linears)
+    means = dict(ir.prune_means)
     moved = 0
     for i in range(ir.hparams.num_layers):
         perm = sort_order(mlp_scores(stats.layers[i].mlp_zz, config.lam, config.lam_relative))
@@ -97,5 +99,7 @@ def sort_mlp(ir: ModelIR, config: SortMLPConfig, stats) -> ModelIR:
             linears[n] = map_out(linears[n], lambda a: a[perm])
         n = linear_name(i, Role.DOWN)
         linears[n] = map_in(linears[n], lambda a: a[:, perm])
-    return dataclasses.replace(ir, linears=linears,
+        if means:  # bias compensation's mean inputs follow the channels
+            means = means_moved(ir.replace(prune_means=means), i, down=lambda m: m[perm])
+    return dataclasses.replace(ir, linears=linears, prune_means=means,
                                history=ir.history + (record(ir, PASS_NAME, config, stats, layers_permuted=moved),))

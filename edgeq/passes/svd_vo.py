@@ -36,6 +36,7 @@ import numpy as np
 from edgeq.errors import EdgeqError
 from edgeq.ir import ModelIR, Role, linear_name
 from edgeq.passes import effective_weight, map_in, map_out, record, register, require_stats
+from edgeq.passes.prune_bias import means_moved
 
 PASS_NAME = "svd_vo"
 
@@ -74,6 +75,7 @@ def svd_vo(ir: ModelIR, config: SVDVOConfig, stats) -> ModelIR:
     H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
     G = H // KV
     linears = dict(ir.linears)
+    means = dict(ir.prune_means)
     for i in range(hp.num_layers):
         v_name, o_name = linear_name(i, Role.V), linear_name(i, Role.O)
         v, o = linears[v_name], linears[o_name]
@@ -87,8 +89,9 @@ def svd_vo(ir: ModelIR, config: SVDVOConfig, stats) -> ModelIR:
         def rot_cols(a, Rs=Rs):  # O input columns, head h -> block h @ R_{g(h)}^T
             return np.concatenate([a[:, h * D:(h + 1) * D] @ Rs[h // G].T for h in range(H)], axis=1)
 
+        b_v_folded = None
         if config.fold_v_bias and v.bias is not None:
-            b_v = v.bias.astype(np.float64)
+            b_v = b_v_folded = v.bias.astype(np.float64)
             w_o = effective_weight(o)
             const = sum(w_o[:, h * D:(h + 1) * D] @ b_v[(h // G) * D:(h // G + 1) * D] for h in range(H))
             b_o = const if o.bias is None else o.bias.astype(np.float64) + const
@@ -96,4 +99,10 @@ def svd_vo(ir: ModelIR, config: SVDVOConfig, stats) -> ModelIR:
             v = dataclasses.replace(v, bias=None)
         linears[v_name] = map_out(v, rot_rows)
         linears[o_name] = map_in(o, rot_cols)
-    return dataclasses.replace(ir, linears=linears, history=ir.history + (record(ir, PASS_NAME, config, stats),))
+        if means:  # o_proj's mean input, head h: R_g(h) @ its old block (what W_O R^T now reads), less
+            # the V bias folded out of it (attention rows sum to 1: it was a constant of every head)
+            def o_mean(m, Rs=Rs, b=b_v_folded):
+                return np.concatenate([Rs[h // G] @ (m[h * D:(h + 1) * D] - (0 if b is None else b[(h // G) * D:(h // G + 1) * D]))
+                                       for h in range(H)])
+            means = means_moved(ir.replace(prune_means=means), i, o=o_mean)
+    return dataclasses.replace(ir, linears=linears, prune_means=means, history=ir.history + (record(ir, PASS_NAME, config, stats),))

@@ -11,6 +11,7 @@ from edgeq.pipeline.steps import (
     LoadStep,
     LowerStep,
     PlanStep,
+    PruneBiasStep,
     QuantizeStep,
     RatePlanStep,
     RecoverStep,
@@ -18,4 +19,4 @@ from edgeq.pipeline.steps import (
 )
 
 __all__ = ["AdaptersStep", "BuildContext", "CalibrateStep", "CheckMemoryStep", "GoldensStep", "LoadStep", "LowerStep",
-           "PlanStep", "QuantizeStep", "RatePlanStep", "RecoverStep", "SortStep", "Step", "registered", "run"]
+           "PlanStep", "PruneBiasStep", "QuantizeStep", "RatePlanStep", "RecoverStep", "SortStep", "Step", "registered", "run"]

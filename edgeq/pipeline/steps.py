@@ -135,6 +135,13 @@ class RatePlanStep(Step):
     rates: tuple[float, ...]  # validated, 0 first (edgeq.passes.rate_plan.check_rates)
     granularity: int
     importance: str  # angular (per-layer angular distance) | uniform
+    dims: str = "all"  # all (MLP, Q/K pairs, V/O components) | mlp (MLP channels only, same parameter rate)
+
+    def config(self) -> dict:
+        d = super().config()
+        if self.dims == "all":  # (the default's manifests stay as they were)
+            del d["dims"]
+        return d
 
     def run(self, ctx: BuildContext) -> None:
         from edgeq.passes.rate_plan import apply_prune_spec, plan_rates
@@ -143,8 +150,42 @@ class RatePlanStep(Step):
         angular = None
         if self.importance == "angular":
             angular = np.array([layer.angular for layer in ctx.need("stats", self).layers])
-        spec = plan_rates(ir, self.rates, granularity=self.granularity, importance=angular, mode=self.importance)
+        spec = plan_rates(ir, self.rates, granularity=self.granularity, importance=angular, mode=self.importance,
+                          dims=self.dims)
         ctx.ir = apply_prune_spec(ir, spec)
+
+
+@dataclass(frozen=True)
+class PruneBiasStep(Step):
+    """Bias compensation (edgeq.passes.prune_bias): attach the mean inputs of o_proj / ffn_down so
+    each rate adds back the mean contribution of the inputs it prunes. ``source="calibration"``:
+    the calibration's means (right after calibrating, before the sorts, which carry them into
+    their column order; no extra forward); ``"measure"``: measured again at rate 0 on the model as
+    it now is over the calibration sequences (after a recovery fine-tune changed it)."""
+
+    name = "prune_bias"
+    source: str = "calibration"  # calibration | measure
+
+    def run(self, ctx: BuildContext) -> None:
+        from edgeq.passes.prune_bias import with_prune_means
+
+        ir, seqs = ctx.need("ir", self), ctx.need("calib_seqs", self)
+        src = {"n_samples": len(seqs), "seq_len": len(seqs[0]), "source": self.source}
+        if self.source == "calibration":
+            stats = ctx.need("stats", self)
+            if stats.source.get("history") != [r.name for r in ir.history]:
+                raise EdgeqError("prune_bias: the calibration statistics were collected on another version of "
+                                 "the model (a pass ran since); use source='measure'")
+            ctx.log("bias compensation: the calibration's mean inputs of o_proj / ffn_down")
+            ctx.ir = with_prune_means(ir, [layer.means() for layer in stats.layers], src)
+        elif self.source == "measure":
+            from edgeq.calibrate import collect_means
+
+            ctx.log(f"bias compensation: measuring the mean inputs of o_proj / ffn_down over {len(seqs)} x "
+                    f"{len(seqs[0])} tokens")
+            ctx.ir = with_prune_means(ir, collect_means(ir, seqs), src)
+        else:
+            raise EdgeqError(f"prune_bias: unknown source {self.source!r} (calibration or measure)")
 
 
 @dataclass(frozen=True)

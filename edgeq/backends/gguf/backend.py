@@ -19,6 +19,8 @@ COMPENSATION_FILE = "compensation.gguf"
 GOLDENS_REPACK_MAX_BYTES = 2 * 1024 ** 3
 PRUNE_EXPRESSED = ("per-layer MLP widths (llama.cpp 'deci' architecture), one file per rate, "
                    "loaded by the runtime at the requested rate (a switch is a reload)")
+PRUNE_BIAS = ("per-rate bias compensation of ffn_down (the pruned MLP channels' mean contribution) written "
+              "as the ffn_down.bias of each rate's file (llama.cpp's llama / deci load it)")
 PRUNE_DROPPED = ("Q/K RoPE-pair pruning and V/O component truncation (llama.cpp has one head dim and "
                  "sequential RoPE frequencies); each rate removes the same number of parameters from "
                  "the MLP instead, and the sorted Q/K pair order is undone exactly")
@@ -87,7 +89,9 @@ class GgufBackend(Backend):
         manifest = self.manifest(files[0.0], types[linear_name(0, Role.Q)].value, d["bits"], prune={
             "rates": list(spec.rates), "files": {f"{r:g}": f for r, f in sorted(files.items())},
             "widths": spec.to_json()["widths"], "method": opts.sort, "granularity": spec.granularity,
-            "planned": ir.prune.to_json(), "expressed": PRUNE_EXPRESSED, "dropped": PRUNE_DROPPED,
+            "planned": ir.prune.to_json(), "dropped": PRUNE_DROPPED,
+            "expressed": PRUNE_EXPRESSED + (f"; {PRUNE_BIAS}" if ir.prune_means else ""),
+            **({"bias": PRUNE_BIAS} if ir.prune_means else {}),
             "bytes_per_rate": {f"{r:g}": (tmp / f).stat().st_size for r, f in sorted(files.items())},
             "storage_overhead_vs_rate0": sum((tmp / f).stat().st_size for f in files.values())
             / first.stat().st_size,

@@ -43,6 +43,10 @@ ggml-org/llama.cpp ``src/llama-model.cpp`` / ``src/models/deci.cpp`` /
   entries, so it needs ``num_heads * head_dim == hidden_size``, as llama.cpp's ``qwen2`` does)
   and optional FFN biases, and an optional ``output.weight`` (tied embeddings otherwise):
   Qwen2 at a rate is exact through ``deci``.
+* ``llama`` and ``deci`` both create optional ``attn_output.bias`` and ``ffn_down.bias``
+  (``{n_embd}``, ``TENSOR_NOT_REQUIRED``) and add them after the projection (``build_attn`` /
+  ``build_ffn``): bias compensation (``--prune-bias``) is written as these biases, one rate per
+  file (:func:`with_rate_bias`; checked against llama.cpp by tests/backends/gguf/test_rates.py).
 """
 from __future__ import annotations
 
@@ -55,12 +59,13 @@ import numpy as np
 
 from edgeq.artifact import atomic_write_file
 from edgeq.errors import EdgeqError, require
-from edgeq.ir import HParams, LayerWidths, Linear, ModelIR, PruneSpec, Role, full_widths
+from edgeq.ir import HParams, LayerWidths, Linear, ModelIR, PruneSpec, Role, full_widths, linear_name
 from edgeq.backends.gguf.check import check
 from edgeq.backends.gguf.layout import GGUF_ARCH, heads_for, rotate_half_to_interleaved, tensor_shapes
 from edgeq.backends.gguf.types import base_type_of_plan, tensor_types
 from edgeq.backends.gguf.write import write_model_header, write_tensors
 from edgeq.families import RopeStyle, family
+from edgeq.passes.prune_bias import rate_bias
 from edgeq.passes.rate_plan import prunable_params
 from edgeq.passes.sort_qk import restore_rope_order
 from edgeq.quant.formats import FORMATS, QType, as_qtype
@@ -75,6 +80,7 @@ __all__ = [
     "reference_ir_for_gguf",
     "reference_ir_for_gguf_rate",
     "write_gguf_at_rate",
+    "with_rate_bias",
     "write_gguf_rates",
 ]
 
@@ -215,6 +221,25 @@ def reference_ir_for_gguf_rate(ir: ModelIR, rate: float,
     return restore_rope_order(ir).replace(prune=one)
 
 
+def with_rate_bias(ir: ModelIR, widths: tuple[LayerWidths, ...]) -> ModelIR:
+    """``ir`` at one rate's ``widths`` with its bias compensation (``ir.prune_means``,
+    ``edgeq.passes.prune_bias``) folded into the biases of ffn_down / attn_output, which llama.cpp's
+    ``llama`` and ``deci`` architectures load as optional ``ffn_down.bias`` / ``attn_output.bias``
+    (``{n_embd}``, added after the projection): a one-rate file carries its rate's vectors as plain
+    biases. Biases are only added where the vector is non-zero (GGUF widths keep every V/O component,
+    so attn_output gets none); the result carries no means. Without means: ``ir`` unchanged."""
+    if not ir.prune_means:
+        return ir
+    linears = dict(ir.linears)
+    for li, w in enumerate(widths):
+        for role, b in zip((Role.O, Role.DOWN), rate_bias(ir, li, w)):
+            if b.any():
+                lin = linears[linear_name(li, role)]
+                old = np.zeros(lin.out_features, np.float32) if lin.bias is None else lin.bias
+                linears[lin.name] = dataclasses.replace(lin, bias=(old + b).astype(np.float32))
+    return ir.replace(linears=linears, prune_means={})
+
+
 # --------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------
@@ -275,7 +300,7 @@ def write_gguf_at_rate(ir: ModelIR, rate: float, path: str | Path, types: TypesF
     r_key = next(x for x in spec.rates if abs(x - rate) < 1e-9)
     tplan = _resolve_types(ir, types, r_key)
     name = Path(path).name
-    base_ir = restore_rope_order(ir)
+    base_ir = with_rate_bias(restore_rope_order(ir), widths)
     # a Qwen2 attn_output bias routes the file to 'deci' (_choose_arch), which loads it
     problems = check(base_ir, tplan, as_deci=True)
     if problems:

@@ -19,6 +19,8 @@ PRUNE_EXPRESSED = ("everything, in one graph with a rate input (switched at run 
 PRUNE_MLP = {"mask": "per-rate masks on the SwiGLU output (the MLP matmuls run at full width, as fast as a "
                      "1-rate graph at rate 0)",
              "segments": "per-rate segments skipped by If nodes"}
+PRUNE_BIAS = ("per-rate bias compensation of o_proj / ffn_down: a (rates, hidden) table per layer and "
+              "projection, its row selected by the rate_index input (Gather) and added")
 
 
 def onnx_weights(bits: int, target):
@@ -78,7 +80,7 @@ class OnnxBackend(Backend):
                                  sorted(adapter_files.values()), onnx=info)
         if ir.prune is not None:
             expressed = PRUNE_EXPRESSED.format(mlp=PRUNE_MLP[weights.ffn_rates])
-            manifest["prune"] = switchable_prune_section(ir, opts, expressed,
+            manifest["prune"] = switchable_prune_section(ir, opts, expressed, bias=PRUNE_BIAS,
                                                          weight_bytes_per_rate=info.get("weight_bytes_per_rate"))
         return manifest, ir
 

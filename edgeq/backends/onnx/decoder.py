@@ -29,7 +29,7 @@ class Lowered:
 
 
 class DecoderGraph:
-    def __init__(self, ir: ModelIR, w: OnnxOptions, switchable: frozenset[str], sorted_rope=None):
+    def __init__(self, ir: ModelIR, w: OnnxOptions, switchable: frozenset[str], sorted_rope=None, rate_bias=None):
         import onnx
 
         self.TP = onnx.TensorProto
@@ -42,6 +42,9 @@ class DecoderGraph:
         self.sorted_rope = {int(k): np.asarray(v) for k, v in (sorted_rope or {}).items()}
         self._gathered: dict[bytes, str] = {}
         self.rate_index: str | None = None
+        # bias compensation (--prune-bias): rate -> (layers, 2, hidden), [:, 0] o_proj, [:, 1] ffn_down
+        # (edgeq.passes.prune_bias.rate_bias_tables); None: none
+        self.rate_bias = rate_bias if self.rates is not None else None
 
     # ---- weights -----------------------------------------------------------------------------
     def _quantized(self, name: str, weight: Rows, fmt_name: str):
@@ -150,6 +153,18 @@ class DecoderGraph:
             t = self.g.init(self.g.name(f"rate.{tag}_table"), table)
             self._gathered[key] = self.g.op("Gather", [t, self.rate_index], name=f"rate.{tag}", axis=0)
         return self._gathered[key]
+
+    def biased(self, y: str, layer: int, which: int) -> str:
+        """``y`` (the output of o_proj, ``which`` 0, or of ffn_down, 1) plus the current rate's bias
+        compensation: ``table[rate_index]``, one row per carried rate (zeros at rates that prune
+        nothing there). Identity without compensation or where no rate prunes."""
+        if self.rate_bias is None:
+            return y
+        table = np.stack([self.rate_bias[r][layer, which] for r in self.rates]).astype(np.float32)
+        if not table.any():
+            return y
+        name = ("o", "down")[which]
+        return self.g.op("Add", [y, self._gather_by_rate(table, f"bias_{name}{layer}")], name=f"blk.{layer}.{name}_rate_bias")
 
     def masked(self, y: str, layer: int, kinds: str) -> str:
         """``y`` with the channels the current rate prunes zeroed. ``kinds``: the parts of ``y``
@@ -359,9 +374,9 @@ class DecoderGraph:
             else:
                 o = self.standard_attention(i, q, k, v, pasts[i], present, rope)
             o = self.masked(o, i, "o")
-            x = g.op("Add", [x, self.linear(o, ir.linear(i, Role.O))], name=f"blk.{i}.attn_residual")
+            x = g.op("Add", [x, self.biased(self.linear(o, ir.linear(i, Role.O)), i, 0)], name=f"blk.{i}.attn_residual")
             h = self.rms_norm(x, f"blk.{i}.ffn_norm")
-            x = g.op("Add", [x, self.ffn(i, h)], name=f"blk.{i}.ffn_residual")
+            x = g.op("Add", [x, self.biased(self.ffn(i, h), i, 1)], name=f"blk.{i}.ffn_residual")
         x = g.op("Slice", [x, g.op("Unsqueeze", [logits_from, g.const([0])]), g.const([np.iinfo(np.int64).max]),
                            g.const([1])], name="last_positions")
         x = self.rms_norm(x, "output_norm")

@@ -51,6 +51,7 @@ from edgeq.backends.onnx.options import ATTENTION, FFN_RATES, RATE_INPUT, OnnxOp
 from edgeq.errors import EdgeqError
 from edgeq.families import LINEAR_ROLES
 from edgeq.ir import ModelIR, Role, linear_name
+from edgeq.passes.prune_bias import rate_bias_tables
 from edgeq.passes.sort_qk import restore_rope_order
 from edgeq.quant.intgroup import dequantized
 from edgeq.streaming import RegionFile
@@ -96,8 +97,12 @@ def build_model(ir: ModelIR, weights: OnnxOptions, switchable=()) -> tuple[objec
     """(graph builder, bookkeeping, initializers) for ``graph_ir(ir)``."""
     _need_onnx()
     gir = graph_ir(ir, weights)
+    # bias compensation through the weights the graph stores (dequantized), as lowered_ir computes it
+    bias = rate_bias_tables(gir, graph_rates(gir), linear=lambda i, r: lowered_linear(gir, i, r, weights)) \
+        if graph_rates(gir) is not None else None
     # pruning widths count Q/K pairs in the sorted order; tell the graph when it was undone
-    d = DecoderGraph(gir, weights, frozenset(switchable), sorted_rope=None if gir.rope_index else ir.rope_index)
+    d = DecoderGraph(gir, weights, frozenset(switchable), sorted_rope=None if gir.rope_index else ir.rope_index,
+                     rate_bias=bias)
     g = d.build()
     return g, d.low, g.inits
 
@@ -176,6 +181,17 @@ def write_onnx(ir: ModelIR, out_dir: Path, weights: OnnxOptions, switchable=(), 
     return info
 
 
+def lowered_linear(ir: ModelIR, i: int, role: Role, weights: OnnxOptions):
+    """One linear of :func:`lowered_ir`: its weight as the graph stores it, dequantized."""
+    lin = ir.linear(i, role)
+    if role == Role.DOWN and weights.linear is not None:
+        w = np.concatenate([dequantized(np.ascontiguousarray(lin.weight[:, lo:hi]), weights.linear)
+                            for lo, hi in ffn_segments(ir, i, weights.ffn_rates)], axis=1)
+    else:
+        w = dequantized(lin.weight, weights.linear)
+    return dataclasses.replace(lin, weight=w, packed=None)
+
+
 def lowered_ir(ir: ModelIR, weights: OnnxOptions) -> ModelIR:
     """The float model the ONNX graph computes: ``ir`` with every weight replaced by the
     dequantized int-group values the graph stores (MLP down projections of a multi-rate graph
@@ -187,13 +203,8 @@ def lowered_ir(ir: ModelIR, weights: OnnxOptions) -> ModelIR:
     linears = dict(ir.linears)
     for i in range(ir.hparams.num_layers):
         for role in ROLES:
-            lin = ir.linear(i, role)
-            if role == Role.DOWN and weights.linear is not None:
-                w = np.concatenate([dequantized(np.ascontiguousarray(lin.weight[:, lo:hi]), weights.linear)
-                                    for lo, hi in ffn_segments(ir, i, weights.ffn_rates)], axis=1)
-            else:
-                w = dequantized(lin.weight, weights.linear)
-            linears[lin.name] = dataclasses.replace(lin, weight=w, packed=None)
+            lin = lowered_linear(ir, i, role, weights)
+            linears[lin.name] = lin
     tensors = dict(ir.tensors)
     tensors["token_embd"] = dequantized(ir.tensors["token_embd"], weights.head)
     if not ir.hparams.tie_word_embeddings:

@@ -10,6 +10,10 @@ PRUNE_EXPRESSED = ("everything: MLP channels, Q/K RoPE pairs, V/O components per
                    "the rate switches at run time without copying weights")
 
 
+PRUNE_BIAS = ("per-rate bias compensation of o_proj / ffn_down: the runtime computes each rate's vectors "
+              "from the stored mean inputs when it opens the model and selects them with the rate")
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     summary = "float32, numpy runtime, run-time rate switch"
@@ -34,7 +38,7 @@ class ReferenceBackend(Backend):
         bits = self.default_options(opts, target)["bits"]
         manifest = self.manifest(WEIGHTS, storage.for_bits(self.name, bits).name, bits)
         if ir.prune is not None:
-            manifest["prune"] = switchable_prune_section(ir, opts, PRUNE_EXPRESSED)
+            manifest["prune"] = switchable_prune_section(ir, opts, PRUNE_EXPRESSED, bias=PRUNE_BIAS)
         return manifest, ir
 
     def open_session(self, root, manifest, runtime, n_ctx, threads, rate, options=None):

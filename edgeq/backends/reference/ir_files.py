@@ -20,7 +20,7 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.frontend.safetensors_io import map_safetensors, read_safetensors
-from edgeq.ir import HParams, Linear, LowRank, ModelIR, PassRecord, PruneSpec, Role, TokenizerSpec
+from edgeq.ir import HParams, LayerMeans, Linear, LowRank, ModelIR, PassRecord, PruneSpec, Role, TokenizerSpec
 from edgeq.safetensors_writer import save_streaming
 from runtimes.reference import from_runtime_layout, layout_moves, to_runtime_layout
 
@@ -79,6 +79,10 @@ def write_ir(ir: ModelIR, out_dir: str | Path) -> list[str]:
         add(f"tensor.{name}", None, None, ir.tensors[name])
     for layer in sorted(ir.rope_index):
         add(f"rope_index.{layer}", None, None, np.asarray(ir.rope_index[layer], dtype=np.int64))
+    for layer in sorted(ir.prune_means):  # bias compensation: float32 mean inputs, IR column order
+        m = ir.prune_means[layer]
+        add(f"prune_means.{layer}.down", None, None, np.asarray(m.down, dtype=np.float32))
+        add(f"prune_means.{layer}.o", None, None, np.asarray(m.o, dtype=np.float32))
     # streamed: the header from shapes first, then one array (one row chunk of a lazy one) at a time
     save_streaming(out / WEIGHTS, {n: (dt, shape) for n, (dt, shape, _) in arrays.items()},
                    lambda n: arrays[n][2]())
@@ -160,6 +164,12 @@ def _assemble(meta: dict, arrays: dict, get) -> ModelIR:
         raise EdgeqError(f"{META}: the weights file has no array {exc.args[0]!r}") from None
     tensors = {k[len("tensor."):]: v for k, v in arrays.items() if k.startswith("tensor.")}
     rope_index = {int(k.split(".")[1]): v.astype(np.int64) for k, v in arrays.items() if k.startswith("rope_index.")}
+    means_layers = sorted({int(k.split(".")[1]) for k in arrays if k.startswith("prune_means.")})
+    try:
+        prune_means = {li: LayerMeans(down=arrays[f"prune_means.{li}.down"], o=arrays[f"prune_means.{li}.o"])
+                       for li in means_layers}
+    except KeyError as exc:
+        raise EdgeqError(f"{WEIGHTS}: incomplete bias compensation means (no {exc.args[0]!r})") from None
     tok = meta.get("tokenizer")
     tokenizer = TokenizerSpec.from_json(tok) if tok is not None else None
     ir = ModelIR(
@@ -172,6 +182,7 @@ def _assemble(meta: dict, arrays: dict, get) -> ModelIR:
         history=tuple(PassRecord(h["name"], h.get("options", {})) for h in meta.get("history", [])),
         rope_index=rope_index,
         prune=PruneSpec.from_json(meta["prune"]) if meta.get("prune") else None,
+        prune_means=prune_means,
     )
     ir.validate()
     return ir

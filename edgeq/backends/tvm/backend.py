@@ -11,6 +11,8 @@ from edgeq.quant import storage
 PRUNE_EXPRESSED = ("everything, switched at run time with nothing reloaded: MLP channels as the active "
                    "width of the kernels (one compiled function serves every width); Q/K RoPE pairs and V/O "
                    "components as per-rate masks (the attention matmuls run at full width)")
+PRUNE_BIAS = ("per-rate bias compensation of o_proj / ffn_down: (rates, hidden) vectors per layer in the "
+              "weights file, the rate's row added by the runtime's numpy decoder after the o / down kernels")
 
 
 class TvmBackend(Backend):
@@ -49,7 +51,7 @@ class TvmBackend(Backend):
         info = lower_tvm.write_tvm(ir, tmp, tvm_opts, progress=True)
         manifest = self.manifest(lower_tvm.LIBRARY, storage.for_bits(self.name, bits).name, bits, tvm=info)
         if ir.prune is not None:
-            manifest["prune"] = switchable_prune_section(ir, opts, PRUNE_EXPRESSED)
+            manifest["prune"] = switchable_prune_section(ir, opts, PRUNE_EXPRESSED, bias=PRUNE_BIAS)
         return manifest, ir
 
     def runs_here(self, manifest: dict) -> bool:

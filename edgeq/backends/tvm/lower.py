@@ -11,7 +11,9 @@ Files:
   block, so the first ``2 f`` outputs are gate[:f] and up[:f] — a pruned MLP width is a prefix),
   ``down`` (a pruned width is a prefix of its inputs); the low-rank branches of a matmul (LoRA,
   error compensation) as one ``A``/``B`` pair (stacked, block-diagonal for stacked matmuls) fused
-  into its kernel; norms; RoPE pair order; the int8 head / embedding table.
+  into its kernel; norms; RoPE pair order; the int8 head / embedding table; with bias
+  compensation (``--prune-bias``) per layer ``o.rate_bias`` / ``down.rate_bias``, (rates, hidden)
+  float32, whose row for the current rate the runtime adds after the o / down kernels.
 * ``tokenizer.spec.json``.
 
 The decoder around the kernels (RMSNorm, RoPE with per-KV-group gathered frequencies, attention
@@ -37,6 +39,7 @@ from edgeq.kernels import compile as kc
 from edgeq.kernels import layout
 from edgeq.kernels.compile import kernel_block
 from edgeq.kernels.spec import KernelSpec
+from edgeq.passes.prune_bias import rate_bias_tables
 from edgeq.quant.intgroup import dequantized, fit_format, rtn_int
 from edgeq.safetensors_writer import SafetensorsWriter
 from edgeq.streaming import ordered_map, row_ranges
@@ -283,6 +286,14 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
         small[f"blk.{i}.rope_index"] = (np.tile(np.arange(half), (hp.num_kv_heads, 1)) if idx is None
                                         else np.asarray(idx)).astype(np.int64)
     small["output_norm"] = ir.tensors["output_norm"].astype(np.float32)
+    # bias compensation (--prune-bias): (rates, hidden) per layer and projection, through the stored weights
+    tables = rate_bias_tables(ir, linear=lambda i, r: lowered_linear(ir.linear(i, r), opts))
+    if tables is not None:
+        for i in range(hp.num_layers):
+            for which, name in enumerate(("o", "down")):
+                t = np.stack([tables[r][i, which] for r in ir.prune.rates]).astype(np.float32)
+                if t.any():
+                    small[f"blk.{i}.{name}.rate_bias"] = t
     for name in heads:
         n, k = ir.tensors[name].shape
         for key, spec in _packed_shapes(n, k, 0, 8, opts.group, block).items():
@@ -318,9 +329,9 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
             "tokenizer_file": TOKENIZER_FILE if ir.tokenizer is not None else None}
 
 
-def lowered_ir(ir: ModelIR, opts: TvmOptions) -> ModelIR:
-    """The float model a TVM artifact computes: every block linear as its int-group values (the
-    head / embedding at int8), low-rank factors rounded to their storage dtype (scale folded into B)."""
+def lowered_linear(lin: Linear, opts: TvmOptions) -> Linear:
+    """One block linear as the artifact stores it: its int-group values, low-rank factors rounded to
+    their storage dtype (scale folded into B)."""
     def factors(lr):  # as stored: A and s*B rounded to the factor dtype
         if opts.lr_dtype == "float32":
             return lr
@@ -328,10 +339,14 @@ def lowered_ir(ir: ModelIR, opts: TvmOptions) -> ModelIR:
         return dataclasses.replace(lr, a=lr.a.astype(dt).astype(np.float32), b=(lr.b * s).astype(dt).astype(np.float32),
                                    scale=1.0)
 
-    linears = {n: dataclasses.replace(lin, weight=dequantized(lin.weight, _format(opts.bits, opts.group,
-                                                                                  lin.in_features)), packed=None,
-                                      low_rank=tuple(factors(lr) for lr in lin.low_rank))
-               for n, lin in ir.linears.items()}
+    return dataclasses.replace(lin, weight=dequantized(lin.weight, _format(opts.bits, opts.group, lin.in_features)),
+                               packed=None, low_rank=tuple(factors(lr) for lr in lin.low_rank))
+
+
+def lowered_ir(ir: ModelIR, opts: TvmOptions) -> ModelIR:
+    """The float model a TVM artifact computes: every block linear as its int-group values (the
+    head / embedding at int8), low-rank factors rounded to their storage dtype (scale folded into B)."""
+    linears = {n: lowered_linear(lin, opts) for n, lin in ir.linears.items()}
     tensors = dict(ir.tensors)
     for name in ("token_embd",) + (() if ir.hparams.tie_word_embeddings else ("output",)):
         tensors[name] = dequantized(ir.tensors[name], _format(8, opts.group, ir.hparams.hidden_size))
