@@ -7,9 +7,13 @@ byte-identical artifacts). :func:`make_plan` is the planner:
 1. **Measure.** For every linear and every candidate type of the target profile, quantize it
    (round-to-nearest with a diag(C)-weighted fit: GPTQ over every candidate would cost ~10x more;
    GPTQ then lowers the error of whatever is chosen) and record the layer's
-   output error ``err = tr(E C E^T)``; one SVD of ``E C^{1/2}`` then gives the error after
-   QERA compensation at every candidate rank (``err - sum of the top r squared singular
-   values``). The token embedding (and an untied output head) gets its KL measured directly per
+   output error ``err = tr(E C E^T)``, and the error left after QERA compensation at every
+   candidate rank (``err - sum of the top r squared singular values`` of the whitened error):
+   :mod:`edgeq.quant.errcurve` (one Cholesky factor per input covariance, shared by the linears
+   reading it; one GEMM per candidate type; the top singular values by randomized subspace
+   iteration), so a tensor costs O(out x in x in) — the order of its GPTQ — and a layer's
+   memory is its largest covariance, its factor and a few copies of its largest weight.
+   The token embedding (and an untied output head) gets its KL measured directly per
    type. Each linear's error is converted to predicted KL by a measured gain
    (:mod:`edgeq.quant.sensitivity`).
 2. **Choose.** Minimise the summed predicted KL subject to ``sum(bytes) <= budget``: a Lagrangian
@@ -37,9 +41,9 @@ from edgeq.artifact import atomic_write_text
 from edgeq.errors import EdgeqError
 from edgeq.ir import ModelIR, n_weight_params, weight_matrix_shapes
 from edgeq.quant.codecs import codec_for
-from edgeq.quant.compensate import sqrt_and_inv
+from edgeq.quant.errcurve import Whitener
 from edgeq.quant import storage
-from edgeq.quant.gptq import GPTQConfig, gptq, output_error, rtn
+from edgeq.quant.gptq import GPTQConfig, gptq, rtn
 from edgeq.quant.intgroup import storage_codec
 from edgeq.quant.reference import roundtrip
 from edgeq.quant.sensitivity import SENSITIVITIES, fisher_gains, measure_gains
@@ -51,6 +55,8 @@ COMPENSATIONS = ("qera", "svd")
 FLOAT_TYPES = ("F16", "F32")
 # Compensation ranks are only candidates for types below this many bits per weight.
 RANK_MAX_BPW = 6.0
+# QERA's damping of the covariance (edgeq.quant.compensate.compensation's default), for the rank curves.
+WHITEN_DAMP = 1e-4
 
 
 @dataclass(frozen=True)
@@ -318,10 +324,14 @@ def solve(table: Mapping[str, Sequence[Option]], budget: int) -> dict[str, Optio
 # ---- measuring -----------------------------------------------------------------------------------
 
 def _quantized(w: np.ndarray, cov: np.ndarray | None, qtype: str, quantizer: str, damp: float, act_order: bool):
+    """GPTQ under ``cov``, or round-to-nearest weighted by its diagonal (``cov`` may be given as
+    that diagonal, a 1-D array, for RTN)."""
     codec = storage_codec(qtype)
     if quantizer == "gptq" and cov is not None:
         return gptq(w, cov, codec, GPTQConfig(damp=damp, act_order=act_order))
-    return rtn(w, codec, None if cov is None else np.diag(cov))
+    if cov is None:
+        return rtn(w, codec, None)
+    return rtn(w, codec, cov if np.ndim(cov) == 1 else np.diag(cov))
 
 
 def _rtn_table(x: np.ndarray, qtype: str) -> np.ndarray:
@@ -358,35 +368,36 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
     it = names
     if progress:
         it = tqdm(names, desc=f"measuring {len(types)} types x {len(ranks)} ranks", unit="tensor", leave=False)
-    ref_weights: dict[str, np.ndarray] = {}
+    ref_weights: dict[str, np.ndarray] = {}  # only for the probe (which holds the whole model anyway)
+    whiteners: dict[tuple[int, int], Whitener] = {}  # one per input covariance of the current layer
     for name in it:
         lin = ir.linears[name]
         cov = stats.layers[lin.layer].input_cov(lin.role)
-        w = lin.weight
+        key = (lin.layer, id(cov))
+        if key not in whiteners:
+            if any(k[0] != lin.layer for k in whiteners):
+                whiteners.clear()  # a new layer: the previous layer's factors are not needed again
+            whiteners[key] = Whitener(cov, WHITEN_DAMP)
+        wh = whiteners[key]
+        w = np.asarray(lin.weight, dtype=np.float32)
         e: dict[Choice, float] = {}
-        S = None
         for t in types:
             info = storage.get(t)
             if info.block_size == 1:
-                e[Choice(t, 0)] = output_error(w - _rtn_table(w, t), cov)
+                e[Choice(t, 0)] = wh.curve(w - _rtn_table(w, t), ())[0]
                 continue
             if w.shape[1] % info.block_size:
                 continue
-            res = _quantized(w, cov, t, quantizer, damp, act_order)
-            E = np.asarray(w, dtype=np.float64) - res.dequant
-            base = output_error(E, cov)
-            e[Choice(t, 0)] = base
-            if t == ref_type:
-                ref_weights[name] = res.dequant  # the gain is KL / err of the same perturbation
+            res = _quantized(w, wh.cov_diag if quantizer == "rtn" else cov, t, quantizer, damp, act_order)
             # compensation only pays below ~6 bits per weight (an 8-bit error is already tiny)
             rr = [r for r in ranks if 0 < r <= min(w.shape)] if info.bits_per_weight() < RANK_MAX_BPW else []
-            if rr:
-                if S is None:
-                    S, _ = sqrt_and_inv(cov, 1e-4)
-                s = np.linalg.svd(E @ S, compute_uv=False)
-                cum = np.cumsum(s ** 2)
-                for r in rr:
-                    e[Choice(t, r)] = max(base - float(cum[r - 1]), 0.0)
+            base, curve = wh.curve(w - res.dequant, rr)
+            e[Choice(t, 0)] = base
+            for r in rr:
+                e[Choice(t, r)] = curve[r]
+            if t == ref_type and probe is not None:
+                ref_weights[name] = res.dequant  # the gain is KL / err of the same perturbation
+            del res
         errs[name] = e
     table: dict[str, list[Option]] = {}
     if probe is not None and ref_weights:
