@@ -32,14 +32,15 @@ import numpy as np
 OVERSAMPLE = 16
 POWER_ITERS = 4
 DENSE_MAX = 1536  # smaller side at or below this: exact eigenvalues of the (float64) Gram matrix
-_ROWS = 2048  # row chunk of the float64 sums of squares
+_CHUNK = 1 << 22  # values per chunk of the float64 sums of squares (32 MB)
 
 
 def _sum_sq(a: np.ndarray) -> float:
-    """sum(a**2) accumulated in float64, ``_ROWS`` rows at a time (no full float64 copy)."""
+    """sum(a**2) accumulated in float64, a few rows at a time (no full float64 copy)."""
     total = 0.0
-    for r0 in range(0, a.shape[0], _ROWS):
-        part = np.asarray(a[r0:r0 + _ROWS], dtype=np.float64)
+    rows = max(1, _CHUNK // max(1, a.shape[1]))
+    for r0 in range(0, a.shape[0], rows):
+        part = np.asarray(a[r0:r0 + rows], dtype=np.float64)
         total += float(np.einsum("ij,ij->", part, part))
     return total
 
@@ -50,15 +51,18 @@ class Whitener:
     def __init__(self, cov, damp: float = 1e-4):
         import scipy.linalg
 
-        C = np.array(cov, dtype=np.float64)  # a private copy, symmetrised and damped in place
-        C += C.T
-        C *= 0.5
+        # a private float64 copy (a spilled covariance is read whole here), damped in place and
+        # factored in place: ~1.5x the covariance's bytes at the peak (+ the float32 factor)
+        C = np.array(cov, dtype=np.float64)
         self.cov_diag = np.diag(C).copy()  # undamped: the RTN fit's importance weights
-        self.delta = damp * max(float(np.mean(np.diag(C))), 1e-30)
+        self.delta = damp * max(float(np.mean(self.cov_diag)), 1e-30)
         C[np.diag_indices_from(C)] += self.delta
-        try:
-            L = scipy.linalg.cholesky(C, lower=True, overwrite_a=True, check_finite=False)
+        try:  # the covariance is symmetric: its transpose is the Fortran-ordered buffer LAPACK factors in place
+            L = scipy.linalg.cholesky(C.T, lower=True, overwrite_a=True, check_finite=False)
         except np.linalg.LinAlgError:  # not numerically PSD: clip its negative eigenvalues (as QERA does)
+            L = None
+        del C
+        if L is None:
             C = np.array(cov, dtype=np.float64)
             ev, Q = np.linalg.eigh((C + C.T) / 2)
             del C
@@ -66,6 +70,7 @@ class Whitener:
             L = Q * np.sqrt(ev)  # not triangular, but L L^T = C_clipped + delta I all the same
             del Q
         self.L = np.ascontiguousarray(L, dtype=np.float32)
+        del L
         self.n = self.L.shape[0]
 
     def curve(self, err: np.ndarray, ranks: Sequence[int]) -> tuple[float, dict[int, float]]:
@@ -101,3 +106,26 @@ def top_sq_singular_values(M: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     B = np.asarray(Y.T @ M, dtype=np.float64)  # b x n: its singular values are M's Ritz values
     s = np.linalg.svd(B, compute_uv=False)
     return np.clip(s[:k] ** 2, 0.0, None)
+
+
+class ExactWhitener(Whitener):
+    """The reference the fast path is checked against (and what the planner computed before):
+    the symmetric square root ``S`` of ``C + delta I`` by an eigendecomposition, ``err(0)`` in
+    float64 from ``C`` itself, and a full float64 SVD of ``E S`` per error."""
+
+    def __init__(self, cov, damp: float = 1e-4):
+        from edgeq.quant.compensate import sqrt_and_inv
+
+        self.cov = np.asarray(cov, dtype=np.float64)
+        self.cov_diag = np.diag(self.cov).copy()
+        self.S, _ = sqrt_and_inv(self.cov, damp)
+        self.n = self.cov.shape[0]
+
+    def curve(self, err: np.ndarray, ranks: Sequence[int]) -> tuple[float, dict[int, float]]:
+        E = np.asarray(err, dtype=np.float64)
+        base = float(np.einsum("ij,ij->", E @ self.cov, E))
+        ranks = sorted({int(r) for r in ranks if 0 < int(r) <= min(E.shape)})
+        if not ranks:
+            return base, {}
+        cum = np.cumsum(np.linalg.svd(E @ self.S, compute_uv=False) ** 2)
+        return base, {r: max(base - float(cum[r - 1]), 0.0) for r in ranks}
