@@ -13,7 +13,8 @@ same input: q/k/v, gate/up):
   square root (an eigendecomposition, ~27x the flops): ``(E L)(E L)^T = E (C + delta I) E^T =
   (E S)(E S)^T``, so ``E L`` and ``E S`` have the same singular values, and
   ``err(0) = ||E L||_F^2 - delta ||E||_F^2`` exactly.
-* ``M = E L`` in float32 (one GEMM of out x in x in, the step's whole O(params x in) cost).
+* ``M = E L`` in float32 (a triangular product, ``out x in^2`` flops: with the candidate types'
+  round-to-nearest fits, the step's whole O(params x in) cost).
 * The top ``r_max`` singular values of ``M`` by **randomized subspace iteration** (a block of
   ``r_max + OVERSAMPLE`` vectors, ``POWER_ITERS`` passes of ``M^T`` and ``M``, Rayleigh-Ritz):
   O(out x in x r_max) instead of a dense SVD's O(out x in x min(out, in)) with its
@@ -57,10 +58,12 @@ class Whitener:
         self.cov_diag = np.diag(C).copy()  # undamped: the RTN fit's importance weights
         self.delta = damp * max(float(np.mean(self.cov_diag)), 1e-30)
         C[np.diag_indices_from(C)] += self.delta
+        self.triangular = True
         try:  # the covariance is symmetric: its transpose is the Fortran-ordered buffer LAPACK factors in place
             L = scipy.linalg.cholesky(C.T, lower=True, overwrite_a=True, check_finite=False)
         except np.linalg.LinAlgError:  # not numerically PSD: clip its negative eigenvalues (as QERA does)
             L = None
+            self.triangular = False
         del C
         if L is None:
             C = np.array(cov, dtype=np.float64)
@@ -69,20 +72,40 @@ class Whitener:
             ev = np.clip(ev, 0.0, None) + self.delta
             L = Q * np.sqrt(ev)  # not triangular, but L L^T = C_clipped + delta I all the same
             del Q
-        self.L = np.ascontiguousarray(L, dtype=np.float32)
+        self.L = np.asfortranarray(L, dtype=np.float32)  # the layout BLAS's trmm reads
         del L
         self.n = self.L.shape[0]
 
     def curve(self, err: np.ndarray, ranks: Sequence[int]) -> tuple[float, dict[int, float]]:
         """(err(0), {r: err(r)}) for the weight error ``err`` (out x in) and the positive ``ranks``."""
         E = np.asarray(err, dtype=np.float32)
-        M = E @ self.L
+        if self.triangular and E.flags.c_contiguous:  # E L = (L^T E^T)^T: a triangular product, half a GEMM
+            from scipy.linalg.blas import strmm
+
+            M = strmm(1.0, self.L, E.T, side=0, lower=1, trans_a=1).T
+        else:
+            M = E @ self.L
         base = max(_sum_sq(M) - self.delta * _sum_sq(E), 0.0)
         ranks = sorted({int(r) for r in ranks if 0 < int(r) <= min(E.shape)})
         if not ranks:
             return base, {}
         cum = np.cumsum(top_sq_singular_values(M, ranks[-1]))
         return base, {r: max(base - float(cum[r - 1]), 0.0) for r in ranks}
+
+
+def _orth(Y: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of the columns of a tall ``Y`` by Cholesky QR, twice (CholeskyQR2:
+    GEMMs on the tall matrix, a b x b factorisation; LAPACK's Householder QR of a tall-skinny
+    block is BLAS-2 bound and ~100x slower here). Falls back to Householder QR when the block is
+    numerically rank deficient."""
+    for _ in range(2):
+        G = np.asarray(Y.T @ Y, dtype=np.float64)
+        try:
+            R = np.linalg.cholesky(G).T
+        except np.linalg.LinAlgError:
+            return np.linalg.qr(Y)[0]
+        Y = Y @ np.linalg.inv(R).astype(Y.dtype)
+    return Y
 
 
 def top_sq_singular_values(M: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
@@ -99,10 +122,9 @@ def top_sq_singular_values(M: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     Q = rng.standard_normal((n, b)).astype(np.float32)
     Y = M @ Q
     for _ in range(POWER_ITERS):
-        Y, _ = np.linalg.qr(Y)
-        Z, _ = np.linalg.qr(M.T @ Y)
-        Y = M @ Z
-    Y, _ = np.linalg.qr(Y)
+        Y = _orth(Y)
+        Y = M @ _orth(M.T @ Y)
+    Y = _orth(Y)
     B = np.asarray(Y.T @ M, dtype=np.float64)  # b x n: its singular values are M's Ritz values
     s = np.linalg.svd(B, compute_uv=False)
     return np.clip(s[:k] ** 2, 0.0, None)
