@@ -93,8 +93,8 @@ def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: 
             steps.append(Step("recovery fine-tune", BASE_BYTES + 3 * 4 * n_params,
                               "drop --recover (the fine-tune holds the whole model in float32)"))
     if planned:  # the KL probe is used only where it fits (edgeq.pipeline PlanStep); else layer output errors
-        steps.append(Step("planning (per-tensor measurements)", BASE_BYTES + 8 * largest + 2 * 8 * f * f
-                          + 2 * 4 * 8192 * h, "give --bits or --qtype instead of a planned build"))
+        steps.append(Step("planning (per-tensor measurements)", BASE_BYTES + planner_measure_bytes(hp),
+                          "give --bits or --qtype instead of a planned build"))
         steps.append(Step("GPTQ quantization", BASE_BYTES + 6 * largest + 3 * 8 * f * f,
                           "give --bits or --qtype instead of a planned build"))
     # every writer streams (row chunks): GGUF 16M-value chunks through ggml's quantizer; ONNX / TVM /
@@ -108,6 +108,29 @@ def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: 
         steps.append(Step("recording goldens", BASE_BYTES + wide + 2 * 8 * 8192 * h,
                           "the reference runs layer by layer; nothing lowers this but a machine with more memory"))
     return steps
+
+
+def planner_measure_bytes(hp: HParams) -> int:
+    """Peak of the planner's per-tensor measurements (edgeq.plan.measure_options with
+    edgeq.quant.errcurve), BASE_BYTES not included: a layer's float32 Cholesky factors (attention,
+    o_proj, MLP and down_proj inputs, kept while the layer is measured), the float64 copy the
+    largest one is factored in, and for the largest linear (``P`` values) the weight, its codes
+    and dequantized values, the error and the whitened error (float32, ~18 bytes per value),
+    plus a float64 copy and Gram matrix where its smaller side takes the exact (dense) rank path,
+    and the float64 chunk of a sum of squares; 10 % on top for the allocator and the fits'
+    temporaries. The vocabulary tables are measured 1024 rows at a time (~13 bytes per value:
+    small). tests/test_memory.py checks it against a measured peak."""
+    from edgeq.quant.errcurve import DENSE_MAX
+
+    h, f, HD = hp.hidden_size, hp.intermediate_size, hp.num_heads * hp.head_dim
+    shapes = linear_shapes(hp).values()
+    n_max = max(h, f, HD)
+    factors = 4 * (2 * h * h + HD * HD + f * f)
+    P = max(a * b for a, b in shapes)
+    dense = max((8 * a * b + 8 * min(a, b) ** 2 for a, b in shapes if min(a, b) <= DENSE_MAX), default=0)
+    tables = 13 * 1024 * h
+    chunk = 8 * min(P, 1 << 22)  # edgeq.quant.errcurve._sum_sq
+    return int(1.1 * (factors + 8 * n_max * n_max + 18 * P + chunk + max(dense, tables)))
 
 
 # The planner's whole-model KL probe (a torch forward of every layer) is used only up to this size

@@ -7,9 +7,13 @@ byte-identical artifacts). :func:`make_plan` is the planner:
 1. **Measure.** For every linear and every candidate type of the target profile, quantize it
    (round-to-nearest with a diag(C)-weighted fit: GPTQ over every candidate would cost ~10x more;
    GPTQ then lowers the error of whatever is chosen) and record the layer's
-   output error ``err = tr(E C E^T)``; one SVD of ``E C^{1/2}`` then gives the error after
-   QERA compensation at every candidate rank (``err - sum of the top r squared singular
-   values``). The token embedding (and an untied output head) gets its KL measured directly per
+   output error ``err = tr(E C E^T)``, and the error left after QERA compensation at every
+   candidate rank (``err - sum of the top r squared singular values`` of the whitened error):
+   :mod:`edgeq.quant.errcurve` (one Cholesky factor per input covariance, shared by the linears
+   reading it; one GEMM per candidate type; the top singular values by randomized subspace
+   iteration), so a tensor costs O(out x in x in) — the order of its GPTQ — and a layer's
+   memory is its largest covariance, its factor and a few copies of its largest weight.
+   The token embedding (and an untied output head) gets its KL measured directly per
    type. Each linear's error is converted to predicted KL by a measured gain
    (:mod:`edgeq.quant.sensitivity`).
 2. **Choose.** Minimise the summed predicted KL subject to ``sum(bytes) <= budget``: a Lagrangian
@@ -37,9 +41,9 @@ from edgeq.artifact import atomic_write_text
 from edgeq.errors import EdgeqError
 from edgeq.ir import ModelIR, n_weight_params, weight_matrix_shapes
 from edgeq.quant.codecs import codec_for
-from edgeq.quant.compensate import sqrt_and_inv
+from edgeq.quant.errcurve import Whitener
 from edgeq.quant import storage
-from edgeq.quant.gptq import GPTQConfig, gptq, output_error, rtn
+from edgeq.quant.gptq import GPTQConfig, gptq, rtn
 from edgeq.quant.intgroup import storage_codec
 from edgeq.quant.reference import roundtrip
 from edgeq.quant.sensitivity import SENSITIVITIES, fisher_gains, measure_gains
@@ -51,6 +55,8 @@ COMPENSATIONS = ("qera", "svd")
 FLOAT_TYPES = ("F16", "F32")
 # Compensation ranks are only candidates for types below this many bits per weight.
 RANK_MAX_BPW = 6.0
+# QERA's damping of the covariance (edgeq.quant.compensate.compensation's default), for the rank curves.
+WHITEN_DAMP = 1e-4
 
 
 @dataclass(frozen=True)
@@ -318,33 +324,57 @@ def solve(table: Mapping[str, Sequence[Option]], budget: int) -> dict[str, Optio
 # ---- measuring -----------------------------------------------------------------------------------
 
 def _quantized(w: np.ndarray, cov: np.ndarray | None, qtype: str, quantizer: str, damp: float, act_order: bool):
+    """GPTQ under ``cov``, or round-to-nearest weighted by its diagonal (``cov`` may be given as
+    that diagonal, a 1-D array, for RTN)."""
     codec = storage_codec(qtype)
     if quantizer == "gptq" and cov is not None:
         return gptq(w, cov, codec, GPTQConfig(damp=damp, act_order=act_order))
-    return rtn(w, codec, None if cov is None else np.diag(cov))
+    if cov is None:
+        return rtn(w, codec, None)
+    return rtn(w, codec, cov if np.ndim(cov) == 1 else np.diag(cov))
 
 
 def _rtn_table(x: np.ndarray, qtype: str) -> np.ndarray:
     return roundtrip(x, qtype)
 
 
-def _table_mse(x, qtype: str, rows: int = 8192) -> float:
-    """Mean squared round-trip error of a (vocab, hidden) table, computed ``rows`` rows at a time."""
-    total = 0.0
-    for r0 in range(0, x.shape[0], rows):
+# A vocabulary-sized table's round-trip error (no probe) is measured on this many of its rows,
+# in evenly spaced runs of TABLE_RUN rows: the mean squared error of 128256 x 3072 values to
+# ~0.1 %, for an eighth of the time (every row is quantized on its own, so a row sample is exact
+# in expectation). Tables with fewer rows are measured whole.
+TABLE_SAMPLE_ROWS = 16384
+TABLE_RUN = 1024
+
+
+def _table_mse(x, qtype: str, rows: int = TABLE_RUN) -> float:
+    """Mean squared round-trip error of a (vocab, hidden) table, ``rows`` rows at a time, on
+    ``TABLE_SAMPLE_ROWS`` evenly spaced rows of a larger table (never the whole table in memory)."""
+    n = x.shape[0]
+    runs = -(-min(n, TABLE_SAMPLE_ROWS) // rows)
+    starts = range(0, n, rows) if n <= TABLE_SAMPLE_ROWS else \
+        sorted({int(round(i * (n - rows) / max(runs - 1, 1))) for i in range(runs)})
+    total, count = 0.0, 0
+    for r0 in starts:
         part = np.asarray(x[r0:r0 + rows], dtype=np.float32)
         total += float(np.square((_rtn_table(part, qtype) - part).astype(np.float64)).sum())
-    return total / (x.shape[0] * x.shape[1])
+        count += part.size
+    return total / count
 
 
 def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[int], quantizer: str = "rtn",
                     damp: float = 0.01, act_order: bool = False, probe=None, ref_type: str | None = None,
                     progress: bool = True, log: Callable[[str], None] | None = None,
-                    format: str = "gguf", sensitivity: str = "kl-probe") -> dict[str, list[Option]]:
+                    format: str = "gguf", sensitivity: str = "kl-probe",
+                    whitener: Callable[..., Whitener] = Whitener,
+                    linears: Sequence[str] | None = None, tables: bool = True) -> dict[str, list[Option]]:
     """Candidate options with predicted KL for every plan tensor (see the module doc); ``types``
     must be storage types the ``format`` backend stores (edgeq.quant.storage).
     ``sensitivity``: how ``probe`` converts layer errors into KL (:mod:`edgeq.quant.sensitivity`):
-    "kl-probe" (a tail re-run per tensor) or "fisher" (second order, all tensors at once)."""
+    "kl-probe" (a tail re-run per tensor) or "fisher" (second order, all tensors at once).
+    ``whitener``: how layer errors are computed (edgeq.quant.errcurve; ``ExactWhitener`` is the
+    dense reference the default is checked against, tools/bench_plan_cost.py).
+    ``linears`` / ``tables``: measure only these block linears / leave out the embedding and
+    output head (for benchmarks; a plan needs every tensor)."""
     if sensitivity not in SENSITIVITIES:
         raise EdgeqError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, got {sensitivity!r}")
     shapes = plan_tensor_shapes(ir)
@@ -354,39 +384,40 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
                             if quant_types else types[0])
     ranks = sorted({int(r) for r in ranks} | {0})
     errs: dict[str, dict[Choice, float]] = {}
-    names = [n for n in shapes if n.startswith("blk.")]
+    names = [n for n in shapes if n.startswith("blk.") and (linears is None or n in set(linears))]
     it = names
     if progress:
         it = tqdm(names, desc=f"measuring {len(types)} types x {len(ranks)} ranks", unit="tensor", leave=False)
-    ref_weights: dict[str, np.ndarray] = {}
+    ref_weights: dict[str, np.ndarray] = {}  # only for the probe (which holds the whole model anyway)
+    whiteners: dict[tuple[int, int], Whitener] = {}  # one per input covariance of the current layer
     for name in it:
         lin = ir.linears[name]
         cov = stats.layers[lin.layer].input_cov(lin.role)
-        w = lin.weight
+        key = (lin.layer, id(cov))
+        if key not in whiteners:
+            if any(k[0] != lin.layer for k in whiteners):
+                whiteners.clear()  # a new layer: the previous layer's factors are not needed again
+            whiteners[key] = whitener(cov, WHITEN_DAMP)
+        wh = whiteners[key]
+        w = np.asarray(lin.weight, dtype=np.float32)
         e: dict[Choice, float] = {}
-        S = None
         for t in types:
             info = storage.get(t)
             if info.block_size == 1:
-                e[Choice(t, 0)] = output_error(w - _rtn_table(w, t), cov)
+                e[Choice(t, 0)] = wh.curve(w - _rtn_table(w, t), ())[0]
                 continue
             if w.shape[1] % info.block_size:
                 continue
-            res = _quantized(w, cov, t, quantizer, damp, act_order)
-            E = np.asarray(w, dtype=np.float64) - res.dequant
-            base = output_error(E, cov)
-            e[Choice(t, 0)] = base
-            if t == ref_type:
-                ref_weights[name] = res.dequant  # the gain is KL / err of the same perturbation
+            res = _quantized(w, wh.cov_diag if quantizer == "rtn" else cov, t, quantizer, damp, act_order)
             # compensation only pays below ~6 bits per weight (an 8-bit error is already tiny)
             rr = [r for r in ranks if 0 < r <= min(w.shape)] if info.bits_per_weight() < RANK_MAX_BPW else []
-            if rr:
-                if S is None:
-                    S, _ = sqrt_and_inv(cov, 1e-4)
-                s = np.linalg.svd(E @ S, compute_uv=False)
-                cum = np.cumsum(s ** 2)
-                for r in rr:
-                    e[Choice(t, r)] = max(base - float(cum[r - 1]), 0.0)
+            base, curve = wh.curve(w - res.dequant, rr)
+            e[Choice(t, 0)] = base
+            for r in rr:
+                e[Choice(t, r)] = curve[r]
+            if t == ref_type and probe is not None:
+                ref_weights[name] = res.dequant  # the gain is KL / err of the same perturbation
+            del res
         errs[name] = e
     table: dict[str, list[Option]] = {}
     if probe is not None and ref_weights:
@@ -400,7 +431,7 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
     for name in names:
         table[name] = [Option(c, choice_bytes(shapes[name], c), gains.get(name, 1.0) * v)
                        for c, v in errs[name].items()]
-    for name in [n for n in shapes if not n.startswith("blk.")]:
+    for name in [n for n in shapes if not n.startswith("blk.") and tables]:
         src = ir.tensors[name] if name in ir.tensors else ir.output_weight()
         opts = []
         for t in types:

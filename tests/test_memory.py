@@ -67,17 +67,17 @@ for line in open("/proc/self/status"):
 '''
 
 
-def _checkpoint(root: Path, tiny_llama: Path, layers: int) -> Path:
-    """A random Llama with 512-wide layers (ffn 2048) and ``layers`` layers, float32, the tiny
+def _checkpoint(root: Path, tiny_llama: Path, layers: int, f: int = 2048) -> Path:
+    """A random Llama with 512-wide layers (ffn ``f``) and ``layers`` layers, float32, the tiny
     model's tokenizer."""
     from safetensors.numpy import save_file
 
-    out = root / f"wide-{layers}"
+    out = root / f"wide-{layers}-{f}"
     if out.exists():
         return out
     out.mkdir()
     cfg = json.loads((tiny_llama / "config.json").read_text())
-    h, f, H, KV, D = 512, 2048, 8, 4, 64
+    h, H, KV, D = 512, 8, 4, 64
     cfg.update(hidden_size=h, intermediate_size=f, num_hidden_layers=layers, num_attention_heads=H,
                num_key_value_heads=KV, head_dim=D, tie_word_embeddings=True)
     (out / "config.json").write_text(json.dumps(cfg))
@@ -143,3 +143,40 @@ def test_refused_when_the_spill_disk_is_too_small(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="on disk"):
         memory.check_build(hp, spill_dir=tmp_path, **kw)
     memory.check_build(hp, spill_dir=None, **kw)  # memory alone fits under the 100G cap
+
+
+_PLAN_PEAK = r'''
+import ctypes, sys
+from pathlib import Path
+from edgeq.calibrate import calibrate
+from edgeq.frontend import load_model
+from edgeq.plan import measure_options
+from edgeq.targets import load_target
+ir = load_model(Path(sys.argv[1]))
+stats = calibrate(ir, [list(range(1, 33))] * 2, progress=False)
+t = load_target("cpu-avx2")
+def field(k):
+    return int([l for l in open("/proc/self/status") if l.startswith(k)][0].split()[1]) * 1024
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # what calibration freed goes back: the step's peak is its own
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+base = field("VmRSS")
+measure_options(ir, stats, t.plan_types("gguf"), t.plan_ranks, "rtn", probe=None, progress=False)
+print(field("VmHWM") - base)
+'''
+
+
+def test_planner_measurement_peak_is_what_the_memory_check_predicts(tiny_llama, tmp_path):
+    """The memory check's model of the planner's measurement step (edgeq.memory.planner_measure_bytes)
+    against the step's measured peak (VmHWM reset before it) on a random model whose step needs
+    ~0.25 GB (ffn 4096: a 134 MB float64 covariance): an upper-side estimate, within a factor 2."""
+    ckpt = _checkpoint(tmp_path, tiny_llama, 2, f=4096)
+    r = subprocess.run([sys.executable, "-c", _PLAN_PEAK, str(ckpt)], capture_output=True, text=True, cwd=REPO,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    measured = int(r.stdout.split()[-1])
+    hp = hparams_from_config(json.loads((ckpt / "config.json").read_text()), ckpt)
+    predicted = memory.planner_measure_bytes(hp)
+    assert predicted / 2 <= measured <= predicted, (measured, predicted)
+    step = next(s for s in memory.build_steps(hp, fmt="gguf", prunes=False, planned=True, recover=False,
+                                              goldens=False, calib_samples=2, calib_len=32) if s.name.startswith("planning"))
+    assert step.bytes == memory.BASE_BYTES + predicted
