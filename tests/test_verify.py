@@ -54,6 +54,13 @@ def test_fresh_4bit_build_of_a_random_llama_verifies(models, variant, fmt, tmp_p
     assert ref["clear_positions"] < tolerances.TOP1_MIN_CLEAR_POSITIONS
 
 
+def _rehash(art):
+    """Re-record the manifest's file hashes (the file check passes; the goldens must judge)."""
+    m = read_manifest(art)
+    m.pop("files")
+    write_manifest(art, m)
+
+
 def _payload(fmt):
     return {"gguf": ["model.gguf"], "onnx": ["model.onnx", "model.onnx.data"]}[fmt]
 
@@ -64,9 +71,7 @@ def test_replaced_weights_with_rehashed_manifest_fail_verify(models, fmt, tmp_pa
     other = build(models["noisy-other"], fmt, tmp_path / "b")
     for name in _payload(fmt):
         shutil.copyfile(other / name, art / name)
-    m = read_manifest(art)
-    m.pop("files")
-    write_manifest(art, m)  # hashes re-recorded: the file check passes, the goldens must not
+    _rehash(art)
     code, text = run_cli("verify", art)
     assert code == 1, text
     assert "FAIL regression:" in text
@@ -85,9 +90,7 @@ def test_another_models_artifact_fails_the_reference_check(models, variant, tmp_
     assert g["token_ids"] == g_ok["token_ids"]  # same tokenizer
     g["rates"]["0"]["reference"] = g_ok["rates"]["0"]["reference"]
     (wrong / "goldens.json").write_text(json.dumps(g))
-    m = read_manifest(wrong)
-    m.pop("files")
-    write_manifest(wrong, m)
+    _rehash(wrong)
     code, text = run_cli("verify", wrong)
     assert code == 1, text
     assert "FAIL regression" not in text
@@ -129,9 +132,7 @@ def test_the_floor_still_fails_another_models_artifact(deep_builds, tmp_path):
     g["rates"]["0"]["reference"] = g_ok["rates"]["0"]["reference"]
     g["rates"]["0"]["reference_floor"] = g_ok["rates"]["0"]["reference_floor"]
     (wrong / "goldens.json").write_text(json.dumps(g))
-    m = read_manifest(wrong)
-    m.pop("files")
-    write_manifest(wrong, m)
+    _rehash(wrong)
     code, text = run_cli("verify", wrong)
     assert code == 1, text
     assert "FAIL regression" not in text
@@ -147,9 +148,7 @@ def test_a_floor_as_lossy_as_another_model_makes_the_check_inconclusive_not_pass
     g = json.loads((a / "goldens.json").read_text())
     g["rates"]["0"]["reference_floor"]["relative_kl"] = tolerances.UNRELATED_MIN_RELATIVE_KL
     (a / "goldens.json").write_text(json.dumps(g))
-    m = read_manifest(a)
-    m.pop("files")
-    write_manifest(a, m)
+    _rehash(a)
     code, text = run_cli("verify", a)
     assert code == 0, text
     assert "NOTE reference check inconclusive for this model" in text
@@ -167,9 +166,7 @@ def test_a_corrupt_floor_is_one_error_line(deep_builds, tmp_path):
     g = json.loads((a / "goldens.json").read_text())
     g["rates"]["0"]["reference_floor"]["relative_kl"] = -1
     (a / "goldens.json").write_text(json.dumps(g))
-    m = read_manifest(a)
-    m.pop("files")
-    write_manifest(a, m)
+    _rehash(a)
     code, text = run_cli("verify", a)
     assert code == 1
     assert "corrupt goldens (rate 0: reference_floor" in text
