@@ -386,6 +386,7 @@ def record_goldens(ref_ir, root: Path, manifest: dict, target) -> dict:
         data["rates"][rate_key(rate)] = {"reference": goldens.record_logprobs(lps)}
     options = backends.for_manifest(manifest).golden_options(root, manifest)
     tol = tolerances.REFERENCE_TOLERANCE.get(manifest.get("weight_type", ""))
+    rounding = reference_check.format_rounding(manifest.get("weight_type"), target)
     for rate in rates:
         entry = data["rates"][rate_key(rate)]
         with open_session(root, n_ctx=256, manifest=manifest, prune=rate, options=options) as art:
@@ -394,7 +395,6 @@ def record_goldens(ref_ir, root: Path, manifest: dict, target) -> dict:
         if tol is None:
             continue
         ref = goldens.compare(entry["reference"], lps, clear_margin=tolerances.TOP1_CLEAR_MARGIN)
-        rounding = reference_check.format_rounding(manifest.get("weight_type"), target)
         if rounding is not None and reference_check.problems(ref, tol, "", ""):  # is it the model? (reference_check)
             floor_ir = reference_check.rounded_ir(ref_ir, rounding)
             lps_f = [goldens.log_softmax(lg) for lg in streamed_logits(floor_ir, token_ids, rate)]
