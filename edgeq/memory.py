@@ -2,7 +2,8 @@
 
 Running out of memory is an error, not a kill: :func:`check_build` estimates the peak of every
 step a build will run (from the model's shapes and the options), compares it with what this
-process may use — the smaller of ``MemAvailable`` and the cgroup's remaining ``memory.max``, or
+process may use — the smaller of ``MemAvailable`` and the room its memory cgroups leave it
+(:mod:`edgeq.cgroups`: v1 and v2, every level), or
 ``$EDGEQ_MEMORY_LIMIT`` (e.g. ``4G``) when set — and refuses with one line naming the step, what it
 needs, what is available and which option lowers it.
 
@@ -17,8 +18,8 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
+from edgeq.cgroups import memory_room
 from edgeq.errors import EdgeqError
 from edgeq.ir import HParams, linear_shapes, n_weight_params
 
@@ -40,18 +41,6 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()])
 
 
-def _cgroup_room() -> int | None:
-    try:
-        cg = Path("/proc/self/cgroup").read_text().strip().splitlines()[-1].split(":", 2)[2]
-        base = Path("/sys/fs/cgroup") / cg.lstrip("/")
-        limit = (base / "memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        return int(limit) - int((base / "memory.current").read_text().strip())
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def available_bytes() -> int:
     env = os.environ.get("EDGEQ_MEMORY_LIMIT")
     if env:
@@ -59,7 +48,7 @@ def available_bytes() -> int:
     import psutil
 
     avail = int(psutil.virtual_memory().available)
-    room = _cgroup_room()
+    room = memory_room()
     return min(avail, room) if room is not None else avail
 
 

@@ -26,7 +26,9 @@ step after the first reads a warm checkpoint.
 
 ``--mem-limit GB`` runs the edgeq steps under a memory cap: ``systemd-run --scope -p
 MemoryMax`` when systemd is available, else a cgroup v2 directory under /sys/fs/cgroup when
-writable (memory.max, swap off), else an anonymous-memory watchdog (the sampler kills the tree
+writable (memory.max, swap off), else a cgroup v1 directory under the v1 memory hierarchy
+(/sys/fs/cgroup/memory: memory.limit_in_bytes; its peak is memory.max_usage_in_bytes, which
+counts page cache as the kernel charges it), else an anonymous-memory watchdog (the sampler kills the tree
 when its RssAnon exceeds the cap; not a kernel limit: file-backed pages are not counted, and
 0.2 s sampling can overshoot). ``--mem-limit-method`` forces one. (``prlimit --as`` is not
 used: address space counts every mapping, so it would refuse mmap-heavy processes far below
@@ -142,12 +144,15 @@ class MemCap:
     def __init__(self, limit: int, method: str = "auto"):
         self.limit, self.cgroup = limit, None
         if method == "auto":
-            method = ("systemd" if _systemd_ok() else "cgroup2" if _cgroup2_parent() else "watchdog")
+            method = ("systemd" if _systemd_ok() else "cgroup2" if _cgroup2_parent()
+                      else "cgroup1" if _cgroup1_parent() else "watchdog")
         if method == "systemd" and not _systemd_ok():
             raise SystemExit("error: --mem-limit-method systemd: systemd-run --scope does not work here")
         if method == "cgroup2" and not _cgroup2_parent():
             raise SystemExit("error: --mem-limit-method cgroup2: no writable cgroup v2 directory with the "
                              "memory controller")
+        if method == "cgroup1" and not _cgroup1_parent():
+            raise SystemExit("error: --mem-limit-method cgroup1: no writable cgroup v1 memory hierarchy")
         self.method = method
 
     def wrap(self, cmd: list[str]) -> list[str]:
@@ -158,14 +163,19 @@ class MemCap:
 
     def enter(self):
         """A preexec_fn for the child (cgroup2: join a fresh cgroup with memory.max)."""
-        if self.method != "cgroup2":
+        if self.method not in ("cgroup2", "cgroup1"):
             return None
-        parent = _cgroup2_parent()
+        parent = _cgroup2_parent() if self.method == "cgroup2" else _cgroup1_parent()
         self.cgroup = Path(parent) / f"edgeq-bench-{os.getpid()}-{time.monotonic_ns()}"
         self.cgroup.mkdir()
-        (self.cgroup / "memory.max").write_text(str(self.limit))
-        if (self.cgroup / "memory.swap.max").exists():
-            (self.cgroup / "memory.swap.max").write_text("0")
+        if self.method == "cgroup2":
+            (self.cgroup / "memory.max").write_text(str(self.limit))
+            if (self.cgroup / "memory.swap.max").exists():
+                (self.cgroup / "memory.swap.max").write_text("0")
+        else:
+            (self.cgroup / "memory.limit_in_bytes").write_text(str(self.limit))
+            if (self.cgroup / "memory.memsw.limit_in_bytes").exists():
+                (self.cgroup / "memory.memsw.limit_in_bytes").write_text(str(self.limit))
         procs = str(self.cgroup / "cgroup.procs")
         return lambda: Path(procs).write_text(str(os.getpid()))
 
@@ -175,6 +185,12 @@ class MemCap:
         if self.cgroup is None:
             return info
         try:
+            if self.method == "cgroup1":
+                ctl = dict(line.split() for line in (self.cgroup / "memory.oom_control").read_text().splitlines())
+                info["oom_kill"] = int(ctl.get("oom_kill", 0))
+                info["cgroup_peak_mb"] = int((self.cgroup / "memory.max_usage_in_bytes").read_text()) / MB
+                info["cgroup_failcnt"] = int((self.cgroup / "memory.failcnt").read_text())
+                return info
             events = dict(line.split() for line in (self.cgroup / "memory.events").read_text().splitlines())
             info["oom_kill"] = int(events.get("oom_kill", 0))
             if (self.cgroup / "memory.peak").exists():
@@ -214,6 +230,17 @@ def _cgroup2_parent() -> str | None:
         except OSError:
             continue
     return None
+
+
+def _cgroup1_parent() -> str | None:
+    """Our cgroup v1 memory directory, if it is writable (hybrid hosts: /sys/fs/cgroup/memory)."""
+    try:
+        rel = next(line.split(":", 2)[2].strip() for line in Path("/proc/self/cgroup").read_text().splitlines()
+                   if "memory" in line.split(":", 2)[1].split(","))
+    except (OSError, StopIteration, IndexError):
+        return None
+    d = Path("/sys/fs/cgroup/memory" + (rel if rel != "/" else ""))
+    return str(d) if (d / "memory.limit_in_bytes").exists() and os.access(d, os.W_OK) else None
 
 
 def measure(label: str, cmd: list[str], env: dict, log_path: Path, cap: MemCap | None = None) -> dict:
@@ -376,7 +403,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs, interleaved A B A B")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp quantize threads")
     ap.add_argument("--mem-limit", type=float, default=None, help="cap edgeq's memory at this many GB")
-    ap.add_argument("--mem-limit-method", default="auto", choices=["auto", "systemd", "cgroup2", "watchdog"])
+    ap.add_argument("--mem-limit-method", default="auto", choices=["auto", "systemd", "cgroup2", "cgroup1", "watchdog"])
     ap.add_argument("--json", type=Path, default=None, help="write the results here (default WORK/results.json)")
     args = ap.parse_args(argv)
 
