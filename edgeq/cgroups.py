@@ -6,9 +6,11 @@ kills. :func:`memory_room` finds this process's memory cgroup — cgroup v2 (``m
 cgroup v1 (``memory.limit_in_bytes``, still the hierarchy of many Docker hosts), each through
 ``/proc/self/cgroup`` and the mount point ``/proc/self/mountinfo`` gives, so hybrid layouts such
 as ``/sys/fs/cgroup/memory`` + ``/sys/fs/cgroup/unified`` are found — and returns the smallest
-room left under any limit on the way to the root: ``limit - (usage - inactive_file)``. Inactive
-file pages (page cache the kernel reclaims first) are not counted as used, as container
-runtimes count a working set. ``None`` when no limit applies or nothing can be read.
+room left under any limit on the way to the root: ``limit - (usage - file pages)``. Page cache
+(``active_file`` + ``inactive_file``: the checkpoint a build has read, the memory-mapped weights
+it runs) is charged to the cgroup but reclaimed under its limit rather than ending in an OOM
+kill, so it does not count as used — as the build's estimates leave memory-mapped files out.
+``None`` when no limit applies or nothing can be read.
 """
 from __future__ import annotations
 
@@ -36,15 +38,13 @@ def _mounts(mountinfo: str) -> list[tuple[str, str, str, set[str]]]:
     return out
 
 
-def _stat(path: Path, *keys: str) -> int:
+def _file_pages(path: Path, prefix: str) -> int:
+    """``{prefix}active_file + {prefix}inactive_file`` of a memory.stat file (0 when unreadable)."""
     try:
         fields = dict(line.split()[:2] for line in path.read_text().splitlines() if line.strip())
+        return sum(int(fields.get(f"{prefix}{k}", 0)) for k in ("active_file", "inactive_file"))
     except (OSError, ValueError):
         return 0
-    for k in keys:
-        if k in fields:
-            return int(fields[k])
-    return 0
 
 
 def _read_int(path: Path) -> int | None:
@@ -79,7 +79,7 @@ def _room_v1(d: Path) -> int | None:
     usage = _read_int(d / "memory.usage_in_bytes")
     if limit is None or usage is None or limit >= _V1_UNLIMITED:
         return None
-    return limit - (usage - _stat(d / "memory.stat", "total_inactive_file", "inactive_file"))
+    return limit - (usage - _file_pages(d / "memory.stat", "total_"))  # total_: the subtree, as usage
 
 
 def _room_v2(d: Path) -> int | None:
@@ -87,7 +87,7 @@ def _room_v2(d: Path) -> int | None:
     usage = _read_int(d / "memory.current")
     if limit is None or usage is None:
         return None
-    return limit - (usage - _stat(d / "memory.stat", "inactive_file"))
+    return limit - (usage - _file_pages(d / "memory.stat", ""))
 
 
 def memory_room(fs_root: Path | str = "/", proc_cgroup: str | None = None,

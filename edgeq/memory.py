@@ -93,10 +93,29 @@ def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: 
              "tvm": 60 * (1 << 22) + 3 * largest + (500 << 20)}.get(fmt, 60 * (1 << 22) + 3 * largest)
     steps.append(Step(f"{fmt} lowering", BASE_BYTES + lower, "nothing lowers this but a machine with more memory"))
     if goldens:
-        wide = 2 * layer + 2 * largest if 2 * layer <= (1 << 30) else layer + 2 * 2 * largest  # store dtype
-        steps.append(Step("recording goldens", BASE_BYTES + wide + 2 * 8 * 8192 * h,
-                          "the reference runs layer by layer; nothing lowers this but a machine with more memory"))
+        steps.append(Step("recording goldens", BASE_BYTES + goldens_bytes(hp, fmt),
+                          "the reference runs layer by layer; --no-goldens skips them (verify then has "
+                          "nothing to compare with)"))
     return steps
+
+
+def goldens_bytes(hp: HParams, fmt: str | None) -> int:
+    """Peak of recording goldens, BASE_BYTES not included: the larger of its two halves, which run
+    one after the other — the reference (runtimes.reference.streamed_logits: one layer's weights in
+    its store dtype, the largest linear's float32 temporaries (its rounding for the floor), a
+    chunk of the head in the arithmetic dtype, 256 positions' logits) and the artifact in its
+    runtime (the backend's ``goldens_run_bytes``: buffers, plus any copy of the weights it makes)."""
+    from edgeq.backends import registry
+    from edgeq.backends.base import run_buffers_bytes
+    from runtimes.reference import HEAD_CHUNK_ROWS, streamed_dtypes
+
+    layer = _layer_params(hp)
+    largest = max(a * b for a, b in linear_shapes(hp).values())
+    dtype, store = streamed_dtypes(layer)
+    ref = (layer * store.itemsize + 2 * 4 * largest + 2 * HEAD_CHUNK_ROWS * hp.hidden_size * dtype.itemsize
+           + 256 * hp.vocab_size * 12)
+    backend = registry.find(fmt)
+    return max(ref, backend.goldens_run_bytes(hp) if backend is not None else run_buffers_bytes(hp))
 
 
 def planner_measure_bytes(hp: HParams) -> int:

@@ -478,10 +478,18 @@ HEAD_CHUNK_ROWS = 8192
 STORE_WIDE_MAX_BYTES = 1 << 30
 
 
+def streamed_dtypes(layer_values: int, dtype=None) -> tuple[np.dtype, np.dtype]:
+    """(arithmetic, weight store) dtypes of :func:`streamed_logits` for layers of ``layer_values``
+    weight values (``dtype``: the arithmetic when given, else the default; see STORE_WIDE_MAX_BYTES)."""
+    dtype = np.dtype(dtype if dtype is not None else np.float64 if layer_values * 8 <= STORE_WIDE_MAX_BYTES
+                     else np.float32)
+    store = dtype if layer_values * dtype.itemsize <= STORE_WIDE_MAX_BYTES else np.dtype(np.float32)
+    return dtype, store
+
+
 def streamed_dtype(ir: ModelIR) -> np.dtype:
     """The arithmetic :func:`streamed_logits` uses by default for ``ir`` (see STORE_WIDE_MAX_BYTES)."""
-    layer = sum(ir.linear(0, r).weight.size for r in Role)
-    return np.dtype(np.float64 if layer * 8 <= STORE_WIDE_MAX_BYTES else np.float32)
+    return streamed_dtypes(sum(ir.linear(0, r).weight.size for r in Role))[0]
 
 
 def streamed_logits(ir: ModelIR, sequences: Sequence[Sequence[int]], rate: float = 0.0, dtype=None,
@@ -495,7 +503,8 @@ def streamed_logits(ir: ModelIR, sequences: Sequence[Sequence[int]], rate: float
 
     ``progress``: optional callable ``(layer_index, num_layers)`` called after each layer."""
     hp = ir.hparams
-    dtype = (streamed_dtype(ir) if dtype is None else np.dtype(dtype)).type
+    wide, narrow = streamed_dtypes(sum(ir.linear(0, r).weight.size for r in Role), dtype)
+    dtype = wide.type
     widths = ir.prune.at(rate) if ir.prune is not None else (full_widths(hp),) * hp.num_layers
     if ir.prune is None and rate != 0:
         raise EdgeqError(f"pruning rate {rate:g} is not carried by this model (it carries only 0)")
@@ -508,8 +517,7 @@ def streamed_logits(ir: ModelIR, sequences: Sequence[Sequence[int]], rate: float
     inv_freq = rope_inv_freq(hp.head_dim, hp.rope_theta)
     half = hp.head_dim // 2
     if store is None:  # float32 weights widen exactly: either store computes the same values
-        layer = sum(ir.linear(0, r).weight.size for r in Role)
-        store = dtype if layer * np.dtype(dtype).itemsize <= STORE_WIDE_MAX_BYTES else np.float32
+        store = narrow.type
     # the sequences are packed into one block of rows (each linear reads a layer's weights once for
     # all of them); attention stays within each sequence (block-diagonal causal mask, own positions)
     lens = [x.shape[0] for x in xs]

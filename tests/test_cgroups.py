@@ -24,23 +24,26 @@ def _write(d: Path, **files: str) -> None:
         (d / name.replace("__", ".")).write_text(text)
 
 
-def _v1(d: Path, limit: str, usage: int, inactive: int = 0) -> None:
+def _v1(d: Path, limit: str, usage: int, inactive: int = 0, active: int = 0) -> None:
+    # the cgroup's own counters (no total_ prefix) differ from the subtree's: only total_ counts
     _write(d, memory__limit_in_bytes=limit, memory__usage_in_bytes=str(usage),
-           memory__stat=f"cache 0\ninactive_file {inactive}\ntotal_inactive_file {inactive}\n")
+           memory__stat=f"cache 0\nactive_file 7\ninactive_file 5\ntotal_active_file {active}\n"
+                        f"total_inactive_file {inactive}\n")
 
 
-def _v2(d: Path, limit: str, usage: int, inactive: int = 0) -> None:
-    _write(d, memory__max=limit, memory__current=str(usage), memory__stat=f"anon 0\ninactive_file {inactive}\n")
+def _v2(d: Path, limit: str, usage: int, inactive: int = 0, active: int = 0) -> None:
+    _write(d, memory__max=limit, memory__current=str(usage),
+           memory__stat=f"anon 0\nactive_file {active}\ninactive_file {inactive}\n")
 
 
 def test_v1_limit_on_a_hybrid_host(tmp_path):
     mem = tmp_path / "sys/fs/cgroup/memory"
     _v1(mem, V1_UNLIMITED, 10 * GiB)
     _v1(mem / "jobs", V1_UNLIMITED, 2 * GiB)
-    _v1(mem / "jobs/build", str(3 * GiB), 1 * GiB, inactive=GiB // 2)
+    _v1(mem / "jobs/build", str(3 * GiB), 2 * GiB, inactive=GiB // 2, active=GiB // 4)
     cg = "5:memory:/jobs/build\n4:cpu:/\n0::/\n"
-    # limit - (usage - inactive page cache)
-    assert memory_room(tmp_path, cg, HYBRID_MOUNTINFO) == 3 * GiB - GiB // 2
+    # limit - (usage - page cache)
+    assert memory_room(tmp_path, cg, HYBRID_MOUNTINFO) == 3 * GiB - 2 * GiB + GiB // 2 + GiB // 4
 
 
 def test_v1_unlimited_is_none(tmp_path):
@@ -56,9 +59,9 @@ def test_v2_the_smallest_room_over_the_ancestors(tmp_path):
     assert memory_room(tmp_path, "0::/user.slice/build.scope\n", V2_MOUNTINFO) == GiB
 
 
-def test_v2_inactive_file_counts_as_free(tmp_path):
-    _v2(tmp_path / "sys/fs/cgroup/a", str(8 * GiB), 7 * GiB, inactive=3 * GiB)
-    assert memory_room(tmp_path, "0::/a\n", V2_MOUNTINFO) == 4 * GiB
+def test_v2_page_cache_counts_as_free(tmp_path):
+    _v2(tmp_path / "sys/fs/cgroup/a", str(8 * GiB), 7 * GiB, inactive=3 * GiB, active=GiB)
+    assert memory_room(tmp_path, "0::/a\n", V2_MOUNTINFO) == 5 * GiB
 
 
 def test_v2_over_the_limit_is_zero_room(tmp_path):

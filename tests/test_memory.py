@@ -121,10 +121,12 @@ def test_every_format_is_layer_bounded():
            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8}
     hp = hparams_from_config(cfg, Path("x"))
     deep = hparams_from_config({**cfg, "num_hidden_layers": 80}, Path("x"))
+    kv_growth = 2 * (80 - 32) * 256 * 8 * 128 * 4  # the runtime's float32 KV cache of 256 positions (goldens)
     for fmt in ("gguf", "onnx", "tvm", "reference"):
         kw = dict(fmt=fmt, prunes=False, planned=False, recover=False, goldens=True, calib_samples=64, calib_len=256)
         assert max(s.bytes for s in memory.build_steps(hp, **kw)) < 3e9, fmt
-        assert memory.build_steps(hp, **kw) == memory.build_steps(deep, **kw), fmt
+        for a, b in zip(memory.build_steps(hp, **kw), memory.build_steps(deep, **kw)):
+            assert 0 <= b.bytes - a.bytes <= (kv_growth if a.name == "recording goldens" else 0), (fmt, a, b)
 
 
 def test_refused_when_the_spill_disk_is_too_small(tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ from edgeq.errors import EdgeqError
 
 if TYPE_CHECKING:  # type hints only: build.py imports the backends
     from edgeq.build import BuildOptions
-    from edgeq.ir import ModelIR
+    from edgeq.ir import HParams, ModelIR
     from edgeq.targets import TargetProfile
 
 Log = Callable[[str], None]
@@ -98,6 +98,13 @@ class Backend:
         """Runtime settings for recording (and re-checking) this artifact's goldens; {} = defaults."""
         return {}
 
+    def goldens_run_bytes(self, hp: HParams) -> int:
+        """Private memory of running the golden prompts on this format's artifact of a model of
+        shape ``hp``, upper side (edgeq.memory's goldens estimate): the runtime's buffers
+        (:func:`run_buffers_bytes`); the weights stay memory-mapped and are not counted. Formats
+        whose runtime copies weights when it loads them (a repack, a prepack) add that."""
+        return run_buffers_bytes(hp)
+
     def runs_here(self, manifest: dict) -> bool:
         """Whether this host can run the artifact (a cross-compiled build cannot)."""
         return True
@@ -109,6 +116,18 @@ class Backend:
     def breakdown(self, session, steps: int) -> dict:
         """Where a decode step's time goes on ``session`` (see edgeq.breakdown)."""
         return {"available": False, "runtime": getattr(session, "name", ""), "method": self.no_breakdown}
+
+
+def run_buffers_bytes(hp: HParams, n_ctx: int = 256, tokens: int = 96, batch: int = 32) -> int:
+    """A runtime's working memory for the golden prompts (``tokens`` in calls of ``batch``, a
+    context of ``n_ctx``) on a model of shape ``hp``, upper side: a float32 KV cache, a call's
+    logits (twice) and every position's float64 log-softmax, a call's activations, and one block
+    linear dequantized to float32 twice over (a kernel's temporaries)."""
+    h, f = hp.hidden_size, hp.intermediate_size
+    HD, KVD = hp.num_heads * hp.head_dim, hp.num_kv_heads * hp.head_dim
+    largest = max(f * h, HD * h)
+    return (2 * hp.num_layers * n_ctx * KVD * 4 + batch * hp.vocab_size * 8 + tokens * hp.vocab_size * 8
+            + 8 * batch * (2 * f + 4 * h) * 4 + 2 * 4 * largest)
 
 
 def switchable_prune_section(ir: ModelIR, opts: BuildOptions, expressed: str, bias: str | None = None,

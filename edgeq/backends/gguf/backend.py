@@ -17,6 +17,9 @@ COMPENSATION_FILE = "compensation.gguf"
 # IQ4_NL weight in anonymous memory (4.4 GB for an 8B Q4_0 model), doubling the build's peak. A
 # device's own runs keep llama.cpp's default (repacked) layout.
 GOLDENS_REPACK_MAX_BYTES = 2 * 1024 ** 3
+# Fewest bits per weight of any type edgeq writes (Q2_K: 2.625), for the memory estimate: a model
+# whose smallest possible file is over GOLDENS_REPACK_MAX_BYTES is never repacked for its goldens.
+MIN_BITS_PER_WEIGHT = 2.5
 PRUNE_EXPRESSED = ("per-layer MLP widths (llama.cpp 'deci' architecture), one file per rate, "
                    "loaded by the runtime at the requested rate (a switch is a reload)")
 PRUNE_BIAS = ("per-rate bias compensation of ffn_down (the pruned MLP channels' mean contribution) written "
@@ -138,6 +141,15 @@ class GgufBackend(Backend):
         rates = (manifest.get("prune") or {}).get("rates") or [0.0]
         largest = max(artifact_path(root, gguf_file_for_rate(manifest, float(r))).stat().st_size for r in rates)
         return {"repack": False} if largest > GOLDENS_REPACK_MAX_BYTES else {}
+
+    def goldens_run_bytes(self, hp) -> int:
+        from edgeq.backends.base import run_buffers_bytes
+        from edgeq.ir import n_weight_params
+
+        n = n_weight_params(hp)  # llama.cpp's repack copies the file's weights (at most Q8_0's 8.5 bits)
+        repack = 0 if n * MIN_BITS_PER_WEIGHT / 8 > GOLDENS_REPACK_MAX_BYTES else min(GOLDENS_REPACK_MAX_BYTES,
+                                                                                        int(n * 8.5 / 8))
+        return run_buffers_bytes(hp) + repack
 
     def open_session(self, root, manifest, runtime, n_ctx, threads, rate, options=None):
         from edgeq.artifact import artifact_path, gguf_file_for_rate

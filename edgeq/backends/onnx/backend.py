@@ -12,6 +12,8 @@ from edgeq.quant import storage
 # file; without it MatMulNBits dequantizes one weight at a time while the file stays mapped.
 # A fixed size, not the host's free memory, so the same inputs still give the same goldens.
 GOLDENS_PREPACK_MAX_BYTES = 2 * 1024 ** 3
+# Fewest bits per weight of an ONNX weight layout (int4 groups, scales on top), for the memory estimate.
+MIN_BITS_PER_WEIGHT = 4.0
 
 PRUNE_EXPRESSED = ("everything, in one graph with a rate input (switched at run time, nothing reloaded): "
                    "MLP channels as {mlp}; Q/K RoPE pairs and V/O components as per-rate masks (the "
@@ -83,6 +85,23 @@ class OnnxBackend(Backend):
             manifest["prune"] = switchable_prune_section(ir, opts, expressed, bias=PRUNE_BIAS,
                                                          weight_bytes_per_rate=info.get("weight_bytes_per_rate"))
         return manifest, ir
+
+    def goldens_run_bytes(self, hp) -> int:
+        """Prepacked (a data file up to GOLDENS_PREPACK_MAX_BYTES): a private copy of the weights;
+        not prepacked: MatMulNBits dequantizes the weight of each call to float32, the largest being
+        the vocabulary head's (a tied head in one call; an untied one in blocks, Decoder.head)."""
+        from edgeq.backends.base import run_buffers_bytes
+        from edgeq.ir import n_weight_params
+
+        n = n_weight_params(hp)
+        prepack = 0 if n * MIN_BITS_PER_WEIGHT / 8 > GOLDENS_PREPACK_MAX_BYTES else min(GOLDENS_PREPACK_MAX_BYTES,
+                                                                                          int(n * 8.5 / 8))
+        from edgeq.backends.onnx.decoder import HEAD_CALL_MAX_BYTES
+
+        head = 4 * hp.vocab_size * hp.hidden_size  # an untied head is split into calls of at most HEAD_CALL_MAX_BYTES
+        head = head if hp.tie_word_embeddings else min(head, HEAD_CALL_MAX_BYTES)
+        unpacked = head if n * 8.5 / 8 > GOLDENS_PREPACK_MAX_BYTES else 0
+        return run_buffers_bytes(hp) + max(prepack, unpacked)
 
     def golden_options(self, root, manifest) -> dict:
         from edgeq.artifact import artifact_path

@@ -17,6 +17,9 @@ from edgeq.passes.sort_qk import qk_restore_rows
 from edgeq.quant.intgroup import fit_format
 from runtimes.reference import rope_inv_freq
 
+# Largest untied head (float32 bytes of its weight) one MatMulNBits call computes (Decoder.head).
+HEAD_CALL_MAX_BYTES = 256 * 1024 ** 2
+
 
 @dataclass
 class Lowered:
@@ -303,8 +306,24 @@ class DecoderGraph:
                                                        g.const([0])], name="output.logits3")
             return x, lambda h: g.op("MatMulNBits", [h, tied_b, tied_s], name="output.matmul", domain=MS_DOMAIN,
                                      **dict(tied_attrs, accuracy_level=self.w.accuracy_level))
-        out_w = Rows.of(self.ir.tensors["output"])
-        return x, lambda h: self._matmul(h, "output", out_w, fmt)
+        return x, lambda h: self.head(h, fmt)
+
+    def head(self, h: str, fmt: str | None) -> str:
+        """The untied output head: one MatMulNBits, or — when its weight in float32 exceeds
+        HEAD_CALL_MAX_BYTES (vocabularies of 128k at hidden 4096) — one per block of vocabulary rows,
+        concatenated: onnxruntime without prepacking dequantizes a call's whole weight to float32
+        (2.1 GB for the 8B shape's head in one call), and the rows' logits are the same either way."""
+        out = self.ir.tensors["output"]
+        n, k = out.shape
+        if fmt is None or 4 * n * k <= HEAD_CALL_MAX_BYTES:
+            return self._matmul(h, "output", Rows.of(out), fmt)
+        step = max(1, HEAD_CALL_MAX_BYTES // (4 * k))
+        parts = []
+        for lo in range(0, n, step):
+            name = f"output.r{lo}_{min(n, lo + step)}"
+            parts.append(self._matmul(h, name, Rows.of(out, (lo, min(n, lo + step))), fmt))
+            self.low.formats["output"] = self.low.formats.pop(name)
+        return self.g.op("Concat", parts, name="output.concat", axis=-1)
 
     # ---- RoPE ------------------------------------------------------------------------------------
     def _cos_sin(self, pos_f: str, freqs: np.ndarray, tag: str) -> tuple[str, str]:

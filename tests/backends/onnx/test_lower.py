@@ -368,3 +368,28 @@ def test_four_rates_cost_the_memory_of_one(tmp_path):
         cost[d] = min(runs)
     assert cost["one"] >= 0.8 * weights  # the measurement sees the weights at all
     assert cost["multi"] < 1.1 * cost["one"], (cost, weights)
+
+
+def test_big_untied_head_is_split_into_row_blocks_with_the_same_logits(tiny_llama, tmp_path, monkeypatch):
+    """An untied head over HEAD_CALL_MAX_BYTES (float32) becomes one MatMulNBits per block of
+    vocabulary rows + a Concat (onnxruntime without prepacking dequantizes one call's weight at a
+    time); the logits are those of the one-call graph (to float32 rounding: the kernels block the
+    rows differently), with and without prepacking."""
+    from edgeq.backends.onnx import decoder
+
+    ir = load_model(tiny_llama)
+    assert not ir.hparams.tie_word_embeddings
+    _write(ir, tmp_path / "one", **INT4)
+    v, h = ir.tensors["output"].shape
+    monkeypatch.setattr(decoder, "HEAD_CALL_MAX_BYTES", 4 * h * (v // 3 + 1))
+    _write(ir, tmp_path / "split", **INT4)
+    m = onnx.load(str(tmp_path / "split" / lo.MODEL_FILE), load_external_data=False)
+    heads = [n for n in m.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("output.")]
+    assert len(heads) == 3 and [n.op_type for n in m.graph.node if n.name == "output.concat"] == ["Concat"]
+    assert sum(dict((a.name, a.i) for a in n.attribute)["N"] for n in heads) == v
+    ids = _ids(ir)
+    for prepack in (True, False):
+        one = OnnxSession(tmp_path / "one", prepack=prepack).logits(ids)
+        split = OnnxSession(tmp_path / "split", prepack=prepack).logits(ids)
+        assert np.abs(one - split).max() <= 1e-5 * np.abs(one).max(), prepack
+        assert (one.argmax(-1) == split.argmax(-1)).all()
