@@ -73,6 +73,11 @@ def check(ref: goldens.Comparison, tol: tolerances.ReferenceTolerance, floor: di
     out = problems(ref, tol, f"{at}reference: ", fmt)
     if out and floor:
         out = floor_problems(ref, floor, f"{at}reference: ")
+        if not out:  # passed, but on the model's floor, not the format's bound: say so
+            return [], (f"{at}reference: judged against this model's rounding floor, not the {floor['weight_type']} "
+                        f"bound (relative KL <= {tol.max_relative_kl:g}): relative KL {ref.relative_kl:.4g} is within "
+                        f"{tolerances.FLOOR_HEADROOM} x what rounding to {floor['weight_type']} alone loses on this "
+                        f"model ({floor['relative_kl']:.4g})")
     return out, None
 
 

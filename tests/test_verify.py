@@ -117,6 +117,7 @@ def test_a_model_that_amplifies_rounding_verifies_against_its_format_floor(deep_
     assert floor["weight_type"] == "Q4_0"
     code, text = run_cli("verify", art, "--json", tmp_path / "v.json")
     assert code == 0, text
+    assert "NOTE reference: judged against this model's rounding floor, not the Q4_0 bound" in text
     rel = json.loads((tmp_path / "v.json").read_text())["reference"]["0"]["relative_kl"]
     # the format bound alone would have failed this correct build; plain rounding explains it
     assert rel > tolerances.REFERENCE_TOLERANCE["Q4_0"].max_relative_kl
