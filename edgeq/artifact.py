@@ -291,6 +291,8 @@ def write_tokenizer_spec(spec: TokenizerSpec, path: Path) -> None:
 _SPEC_FIELDS = {"tokenizer_json": (str,), "model": (str,), "pre": (str,), "tokens": (list,), "token_types": (list,),
                 "merges": (list,), "bos_id": (int, None), "eos_id": (int, None), "pad_id": (int, None),
                 "unk_id": (int, None), "add_bos": (bool,), "chat_template": (str, None)}
+# written only for SentencePiece-style vocabularies (TokenizerSpec.to_json drops them when None)
+_SPEC_OPTIONAL = {"scores": (list,), "add_space_prefix": (bool,)}
 
 
 def read_tokenizer_spec(path: Path) -> TokenizerSpec:
@@ -306,9 +308,9 @@ def read_tokenizer_spec(path: Path) -> TokenizerSpec:
 
     if not isinstance(d, dict):
         bad("not a JSON object")
-    if set(d) != set(_SPEC_FIELDS):
-        bad(f"fields {sorted(set(d) ^ set(_SPEC_FIELDS))[:3]} missing or unknown")
-    for key, kinds in _SPEC_FIELDS.items():
+    if set(_SPEC_FIELDS) - set(d) or set(d) - set(_SPEC_FIELDS) - set(_SPEC_OPTIONAL):
+        bad(f"fields {sorted((set(d) - set(_SPEC_OPTIONAL)) ^ set(_SPEC_FIELDS))[:3]} missing or unknown")
+    for key, kinds in {**_SPEC_FIELDS, **{k: v for k, v in _SPEC_OPTIONAL.items() if k in d}}.items():
         v = d[key]
         ok = (v is None and None in kinds) or any(
             k is not None and isinstance(v, k) and not (k is int and isinstance(v, bool)) for k in kinds)
@@ -319,6 +321,9 @@ def read_tokenizer_spec(path: Path) -> TokenizerSpec:
         bad("tokens and merges must be strings")
     if len(d["token_types"]) != n or not all(isinstance(t, int) and not isinstance(t, bool) for t in d["token_types"]):
         bad("token_types must be one integer per token")
+    if "scores" in d and (len(d["scores"]) != n or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in d["scores"])):
+        bad("scores must be one number per token")
     for key in ("bos_id", "eos_id", "pad_id", "unk_id"):
         if d[key] is not None and not 0 <= d[key] < n:
             bad(f"{key} {d[key]} is not a token id (vocabulary of {n})")

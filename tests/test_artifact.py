@@ -228,6 +228,20 @@ def test_tokenizer_spec_round_trip(tiny_llama, tmp_path):
         read_tokenizer_spec(tmp_path / "missing.json")
 
 
+def test_sentencepiece_tokenizer_spec_round_trip(tiny_gemma3, tmp_path):
+    """A SentencePiece-style spec (Gemma 3) also writes its scores and add_space_prefix; both are
+    read back and type-checked."""
+    ir = load_model(tiny_gemma3)
+    assert ir.tokenizer.scores is not None and ir.tokenizer.add_space_prefix is not None
+    write_tokenizer_spec(ir.tokenizer, tmp_path / "t.json")
+    assert read_tokenizer_spec(tmp_path / "t.json") == ir.tokenizer
+    d = json.loads((tmp_path / "t.json").read_text())
+    for key, bad in (("scores", d["scores"][:-1]), ("scores", ["x"] * len(d["scores"])), ("add_space_prefix", 1)):
+        (tmp_path / "bad.json").write_text(json.dumps({**d, key: bad}))
+        with pytest.raises(EdgeqError, match="corrupt tokenizer spec"):
+            read_tokenizer_spec(tmp_path / "bad.json")
+
+
 def test_a_signal_during_the_swap_waits_until_the_new_artifact_is_in_place(tmp_path):
     """The window a random signal rarely hits: SIGINT between the renames of a --force swap is
     delivered after the swap, so the directory is never missing."""

@@ -1,5 +1,5 @@
-"""Gemma 3 through `edgeq build` / `verify` / `run` on the tiny random checkpoint: GGUF and the
-reference format build and verify; formats and passes that implement only the Llama forward
+"""Gemma 3 through `edgeq build` / `verify` / `run` on the tiny random checkpoint: GGUF, ONNX and
+the reference format build and verify; formats and passes that implement only the Llama forward
 refuse with one `error:` line and leave nothing behind."""
 import json
 
@@ -16,7 +16,7 @@ def run_cli(*args):
     return r.exit_code, r.output
 
 
-@pytest.mark.parametrize("fmt, bits", [("gguf", 8), ("gguf", 4), ("reference", None)])
+@pytest.mark.parametrize("fmt, bits", [("gguf", 8), ("gguf", 4), ("reference", None), ("onnx", 4), ("onnx", 32)])
 def test_build_verify_run(tiny_gemma3, tmp_path, fmt, bits):
     out = tmp_path / f"{fmt}{bits}"
     code, text = run_cli("build", tiny_gemma3, "--format", fmt, *(["--bits", bits] if bits else []), "-o", out)
@@ -30,7 +30,6 @@ def test_build_verify_run(tiny_gemma3, tmp_path, fmt, bits):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--format", "onnx", "--bits", "8"], "the onnx format does not support gemma3 models yet"),
     (["--format", "tvm", "--bits", "8"], "the tvm format does not support gemma3 models yet"),
     (["--format", "gguf"], "calibration (planned builds, pruning, edgeq plan) does not support gemma3"),
     (["--format", "gguf", "--bits", "8", "--prune-rates", "0,0.25"], "does not support gemma3"),

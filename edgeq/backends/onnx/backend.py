@@ -47,6 +47,7 @@ class OnnxBackend(Backend):
     section = "onnx"
     switches_in_place = True
     int8_runtimes = ("onnxruntime",)
+    family_blocks = True  # Gemma 3's blocks (edgeq.backends.onnx.blocks)
 
     def check_options(self, opts, target) -> None:
         bits = storage.bits_choices(self.name)  # 4, 8, 32 (INT4, INT8, F32 in the storage registry)

@@ -1,6 +1,7 @@
 """The ONNX decoder graph of a ModelIR: embedding, RMSNorm, attention (GQA contrib op or plain
-opset-23 with per-KV-group RoPE), SwiGLU MLP (rate-switched segments), head; see lower.py for the
-graph's inputs and outputs."""
+opset-23 with per-KV-group RoPE), SwiGLU / GeGLU MLP (rate-switched segments), head; the family
+blocks beyond the Llama forward (Gemma 3's) in blocks.py; see lower.py for the graph's inputs and
+outputs."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeq.backends.onnx import blocks
 from edgeq.backends.onnx.graph import MS_DOMAIN, Deferred, GraphBuilder
 from edgeq.backends.onnx.options import RATE_INPUT, OnnxOptions, ffn_segments, graph_rates
 from edgeq.backends.onnx.weights import Rows, quantized_pieces, row_pieces, transposed_pieces
@@ -213,7 +215,7 @@ class DecoderGraph:
         return y
 
     def _gate_up(self, i: int, h: str, rows: tuple[int, int] | None = None) -> str:
-        """silu(gate h) * (up h), over channel ``rows`` (default all); gate and up share one
+        """act(gate h) * (up h), over channel ``rows`` (default all); gate and up share one
         matmul when neither carries a low-rank branch."""
         ir, g = self.ir, self.g
         gate, up = ir.linear(i, Role.GATE), ir.linear(i, Role.UP)
@@ -226,7 +228,7 @@ class DecoderGraph:
             gt, u = self._seg_linear(h, gate, rows=rows), self._seg_linear(h, up, rows=rows)
         else:
             gt, u = self.linear(h, gate), self.linear(h, up)
-        return g.op("Mul", [g.op("Mul", [gt, g.op("Sigmoid", [gt])], name=f"blk.{i}.silu"), u], name=f"blk.{i}.swiglu")
+        return blocks.gated(g, gt, u, ir.hparams.hidden_act, i)
 
     def _ffn_part(self, i: int, h: str, lo: int, hi: int) -> str:
         act = self._gate_up(i, h, rows=(lo, hi))
@@ -361,7 +363,7 @@ class DecoderGraph:
         n_new = g.op("Shape", [ids], name="n_new", start=1, end=2)  # (1,)
         n_past = g.op("Shape", [pasts[0][0]], name="n_past", start=2, end=3)
         total = g.op("Add", [n_past, n_new], name="n_total")
-        rope = {"inv_freq": rope_inv_freq(D, hp.rope_theta), "total": total}
+        rope = {"total": total}
         if self.w.attention == "standard":
             sq = lambda t: g.op("Squeeze", [t, g.const([0])])  # noqa: E731
             q_pos = g.op("Range", [sq(n_past), sq(total), g.const(1)], name="q_pos")  # (S,)
@@ -370,10 +372,13 @@ class DecoderGraph:
                                       g.op("Unsqueeze", [q_pos, g.const([1])])], name="future")  # (S, T)
             rope["mask"] = g.op("Where", [future, g.const(np.float32(-np.inf), np.float32),
                                           g.const(np.float32(0), np.float32)], name="causal_mask")
+            if hp.layer_types is not None and hp.sliding_window:
+                rope["window_mask"] = blocks.window_mask(g, q_pos, k_pos, rope["mask"], hp.sliding_window)
             rope["pos_f"] = g.op("Reshape", [g.op("Cast", [q_pos], name="pos_f32", to=TP.FLOAT),
                                              g.const([-1, 1, 1, 1])], name="pos_f")
-            rope["scale"] = g.const(np.float32(1.0 / np.sqrt(D)), np.float32)
+            rope["scale"] = g.const(np.float32(hp.attention_scale), np.float32)
         x, head = self.embedding_and_head(ids)
+        x = blocks.scaled_embedding(g, x, hp)
         for i in range(L):
             h = self.rms_norm(x, f"blk.{i}.attn_norm")
             qkv = [ir.linear(i, r) for r in (Role.Q, Role.K, Role.V)]
@@ -381,21 +386,25 @@ class DecoderGraph:
                        g.output(f"present.{i}.value", TP.FLOAT, [1, KV, "total", D])]
             if not any(lin.low_rank for lin in qkv):  # one matmul (and one rate mask) for Q, K and V
                 packed = self.masked(self.stacked(h, qkv, f"blk.{i}.attn_qkv"), i, "qkv")
-                if self.w.attention == "gqa":
+                if self.w.attention == "gqa" and not hp.qk_norm:
                     q, k, v = packed, "", ""  # GroupQueryAttention takes packed QKV
                 else:
                     q, k, v = g.op("Split", [packed, g.const([hp.num_heads * D, KV * D, KV * D])],
                                    name=f"blk.{i}.qkv_split", n_out=3, axis=-1)
             else:
                 q, k, v = (self.masked(self.linear(h, lin), i, kind) for lin, kind in zip(qkv, "qkv"))
+            q = blocks.head_norm(self, q, hp.num_heads, f"blk.{i}.attn_q_norm")
+            k = blocks.head_norm(self, k, KV, f"blk.{i}.attn_k_norm")
             if self.w.attention == "gqa":
                 o = self.gqa(i, q, k, v, pasts[i], present, rope)
             else:
                 o = self.standard_attention(i, q, k, v, pasts[i], present, rope)
             o = self.masked(o, i, "o")
-            x = g.op("Add", [x, self.biased(self.linear(o, ir.linear(i, Role.O)), i, 0)], name=f"blk.{i}.attn_residual")
+            y = blocks.post_norm(self, self.biased(self.linear(o, ir.linear(i, Role.O)), i, 0), f"blk.{i}.post_attention_norm")
+            x = g.op("Add", [x, y], name=f"blk.{i}.attn_residual")
             h = self.rms_norm(x, f"blk.{i}.ffn_norm")
-            x = g.op("Add", [x, self.biased(self.ffn(i, h), i, 1)], name=f"blk.{i}.ffn_residual")
+            y = blocks.post_norm(self, self.biased(self.ffn(i, h), i, 1), f"blk.{i}.post_ffw_norm")
+            x = g.op("Add", [x, y], name=f"blk.{i}.ffn_residual")
         x = g.op("Slice", [x, g.op("Unsqueeze", [logits_from, g.const([0])]), g.const([np.iinfo(np.int64).max]),
                            g.const([1])], name="last_positions")
         x = self.rms_norm(x, "output_norm")
@@ -403,14 +412,15 @@ class DecoderGraph:
         return g
 
     def standard_attention(self, i, q, k, v, past, present, ctx) -> str:
-        """Plain ops: RoPE with this layer's gathered frequencies, KV concat, GQA, softmax."""
+        """Plain ops: RoPE with this layer's gathered frequencies (its own base), KV concat, GQA,
+        softmax under the causal (or, on a sliding layer, the window) mask."""
         ir, g = self.ir, self.g
         hp = ir.hparams
         H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
         grp, half = H // KV, D // 2
         idx = ir.rope_index.get(i)
         idx = np.tile(np.arange(half), (KV, 1)) if idx is None else np.asarray(idx)
-        fk = ctx["inv_freq"][idx]  # (KV, half)
+        fk = rope_inv_freq(D, hp.layer_rope_theta(i))[idx]  # (KV, half)
         cos_k, sin_k = self._cos_sin(ctx["pos_f"], fk, "k")
         cos_q, sin_q = self._cos_sin(ctx["pos_f"], np.repeat(fk, grp, axis=0), "q")
         q = self.rope(q, H, cos_q, sin_q, f"blk.{i}.q_rope")
@@ -424,29 +434,33 @@ class DecoderGraph:
         q4 = g.op("Mul", [g.op("Reshape", [q5, g.const([1, KV, -1, D])]), ctx["scale"]], name=f"blk.{i}.q_scaled")
         kt = g.op("Transpose", [k_all], name=f"blk.{i}.k_t", perm=[0, 1, 3, 2])
         sc = g.op("Reshape", [g.op("MatMul", [q4, kt], name=f"blk.{i}.scores"), g.const([KV, grp, -1, 0])])
-        p = g.op("Softmax", [g.op("Add", [sc, ctx["mask"]], name=f"blk.{i}.masked")], name=f"blk.{i}.softmax", axis=-1)
+        mask = ctx["window_mask"] if hp.is_sliding(i) else ctx["mask"]
+        p = g.op("Softmax", [g.op("Add", [sc, mask], name=f"blk.{i}.masked")], name=f"blk.{i}.softmax", axis=-1)
         p4 = g.op("Reshape", [p, g.const([1, KV, -1, 0])])
         o = g.op("MatMul", [p4, v_all], name=f"blk.{i}.attn")  # (1, KV, grp*S, D)
         return g.op("Reshape", [g.op("Transpose", [g.op("Reshape", [o, g.const([KV, grp, -1, D])])], perm=[2, 0, 1, 3]),
                                 g.const([1, -1, H * D])], name=f"blk.{i}.attn_heads")
 
     def gqa(self, i, q, k, v, past, present, ctx) -> str:
-        """One com.microsoft.GroupQueryAttention node (rotary in rotate-half form, KV append)."""
+        """One com.microsoft.GroupQueryAttention node (rotary in rotate-half form from the cos/sin
+        cache of this layer's RoPE base, KV append, a sliding layer's local window)."""
         ir, g, TP = self.ir, self.g, self.TP
         hp = ir.hparams
         if "gqa" not in ctx:
-            n = min(self.w.max_positions, int(hp.max_position_embeddings))
-            ang = np.arange(n, dtype=np.float32)[:, None] * ctx["inv_freq"][None, :]
             total32 = g.op("Cast", [ctx["total"]], name="total_i32", to=TP.INT32)  # (1,)
             ctx["gqa"] = {
-                "cos": g.init("rope.cos_cache", np.cos(ang).astype(np.float32)),
-                "sin": g.init("rope.sin_cache", np.sin(ang).astype(np.float32)),
                 "seqlens_k": g.op("Sub", [total32, g.const([1], np.int32)], name="seqlens_k"),
                 "total": g.op("Squeeze", [total32, g.const([0])], name="total_seq_len"),
             }
-        c = ctx["gqa"]
-        o = g.op("GroupQueryAttention", [q, k, v, past[0], past[1], c["seqlens_k"], c["total"], c["cos"], c["sin"]],
+        c, theta = ctx["gqa"], hp.layer_rope_theta(i)
+        if theta not in c:  # one cos/sin cache per RoPE base
+            n = min(self.w.max_positions, int(hp.max_position_embeddings))
+            ang = np.arange(n, dtype=np.float32)[:, None] * rope_inv_freq(hp.head_dim, theta)[None, :]
+            c[theta] = (g.init(g.name("rope.cos_cache"), np.cos(ang).astype(np.float32)),
+                        g.init(g.name("rope.sin_cache"), np.sin(ang).astype(np.float32)))
+        window = {"local_window_size": blocks.gqa_window(hp, i)} if hp.is_sliding(i) else {}
+        o = g.op("GroupQueryAttention", [q, k, v, past[0], past[1], c["seqlens_k"], c["total"], *c[theta]],
                  name=f"blk.{i}.gqa", domain=MS_DOMAIN, outputs=[f"blk.{i}.attn_out", present[0], present[1]],
                  num_heads=hp.num_heads, kv_num_heads=hp.num_kv_heads, do_rotary=1, rotary_interleaved=0,
-                 scale=float(1.0 / np.sqrt(hp.head_dim)))
+                 scale=float(hp.attention_scale), **window)
         return o[0]  # (1, S, H*D)
