@@ -2,7 +2,9 @@
 
 The four matmuls of every layer (Q|K|V, O, gate|up, down) and the head run as generated kernels
 (dequantization, GEMV/GEMM and the fused low-rank branch in one pass); RMSNorm, RoPE with the
-layer's gathered pair frequencies, attention over the KV cache and SwiGLU are numpy. A pruning
+layer's gathered pair frequencies, attention over the KV cache and SwiGLU are numpy, and so are
+the family blocks the hparams name (Gemma 3: GeGLU, QK-norm, sandwich norms, scaled embedding,
+query scale, sliding-window layers — attending to the window's keys only — with their RoPE base). A pruning
 rate is the active width the kernels are called with (a prefix of the MLP channels) plus per-rate
 masks of the Q/K pairs and V/O components, so ``set_prune_rate`` switches without touching weights.
 
@@ -24,7 +26,7 @@ from edgeq.errors import EdgeqError
 from edgeq.hashing import sha256_file
 from edgeq.ir import HParams
 from runtimes.base import RateSwitchMixin, Session, artifact_manifest, check_tokens
-from runtimes.reference import rope_inv_freq
+from runtimes.reference import ACTIVATIONS, rope_inv_freq
 from runtimes.text import SpecTextMixin
 
 
@@ -252,27 +254,39 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
 
     def _layer_consts(self):
         """Per layer: (attn_norm, ffn_norm, qkv bias, o bias, gate_up bias, down bias, o / down per-rate
-        bias compensation tables (rates, hidden), rope group), and the distinct RoPE frequency tables
-        (layers with the same pair order share one)."""
+        bias compensation tables (rates, hidden), q / k norms, post-attention / post-MLP norms (None
+        where the family has none), rope group), and the distinct RoPE frequency tables (layers with
+        the same pair order and RoPE base share one)."""
         hp, W = self.hp, self._np
         groups: dict[bytes, int] = {}
         freqs = []
         layers = []
         for li in range(hp.num_layers):
-            f = self.inv_freq[W[f"blk.{li}.rope_index"]]  # (KV, half): each pair slot's frequency
+            theta = hp.layer_rope_theta(li)
+            inv = self.inv_freq if theta == hp.rope_theta else rope_inv_freq(hp.head_dim, theta)
+            f = inv[W[f"blk.{li}.rope_index"]]  # (KV, half): each pair slot's frequency
             key = f.tobytes()
             if key not in groups:
                 groups[key] = len(freqs)
                 freqs.append(f)
             layers.append(tuple(W.get(f"blk.{li}.{n}") for n in ("attn_norm", "ffn_norm", "qkv.bias", "o.bias",
                                                                   "gate_up.bias", "down.bias", "o.rate_bias",
-                                                                  "down.rate_bias")) + (groups[key],))
+                                                                  "down.rate_bias", "attn_q_norm", "attn_k_norm",
+                                                                  "post_attention_norm", "post_ffw_norm"))
+                          + (groups[key],))
         return layers, freqs
 
     @staticmethod
     def _norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         ms = np.einsum("ij,ij->i", x, x) / np.float32(x.shape[1])
         return x * (1.0 / np.sqrt(ms + np.float32(eps)))[:, None] * w
+
+    @staticmethod
+    def _head_norm(x: np.ndarray, w: np.ndarray, n: int, eps: float) -> np.ndarray:
+        """QK-norm: RMSNorm of each of the ``n`` heads of ``x`` (T, n * head_dim) over head_dim."""
+        h = x.reshape(x.shape[0], n, -1)
+        ms = np.einsum("tnd,tnd->tn", h, h) / np.float32(h.shape[2])
+        return (h * (1.0 / np.sqrt(ms + np.float32(eps)))[:, :, None] * w).reshape(x.shape)
 
     def _forward(self, ids: Sequence[int]) -> np.ndarray:
         hp = self.hp
@@ -286,16 +300,27 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
         grp, half, eps, V = H // KV, D // 2, hp.rms_norm_eps, self.block
         masks = self._masks[self.prune_rate] if self._masks is not None else None
         x = self._embed(ids)
+        if hp.embedding_scale != 1.0:
+            x = x * np.float32(hp.embedding_scale)
         pos = np.arange(start, end, dtype=np.float32)
         rot = []
         for f in freqs:  # cos/sin (T, KV, 1, half) per distinct pair order
             ang = pos[:, None, None, None] * f[None, :, None, :]
             rot.append((np.cos(ang), np.sin(ang)))
         causal = None if T == 1 else np.triu(np.full((T, end), -np.inf, np.float32), k=start + 1)
-        scale = np.float32(1.0 / np.sqrt(D))
+        # sliding layers attend to keys lo_w.. only (none older is within any query's window); the
+        # window's mask over them (a single new token sees them all: none)
+        win = hp.sliding_window or 0
+        lo_w = max(0, start - win + 1) if win else 0
+        local = None
+        if win and T > 1:
+            qp, kp = np.arange(start, end)[:, None], np.arange(lo_w, end)[None, :]
+            local = np.where((kp > qp) | (qp - kp >= win), -np.inf, 0).astype(np.float32)
+        scale = np.float32(hp.attention_scale)
+        act_fn = ACTIVATIONS[hp.hidden_act]
         kc, vc = self._k, self._v
         row = self._rate_row
-        for li, (n1, n2, b_qkv, b_o, b_gu, b_d, rb_o, rb_d, rg) in enumerate(layers):
+        for li, (n1, n2, b_qkv, b_o, b_gu, b_d, rb_o, rb_d, qn, kn, pn_a, pn_f, rg) in enumerate(layers):
             h = self._norm(x, n1, eps)
             qkv = self._matmul(f"blk.{li}.qkv", h, (H + 2 * KV) * D)
             if b_qkv is not None:
@@ -308,6 +333,9 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
                     qkv[:, H * D:(H + KV) * D] *= mk
                 if mv is not None:
                     qkv[:, (H + KV) * D:] *= mv
+            if qn is not None:  # QK-norm, before RoPE
+                qkv[:, :H * D] = self._head_norm(qkv[:, :H * D], qn, H, eps)
+                qkv[:, H * D:(H + KV) * D] = self._head_norm(qkv[:, H * D:(H + KV) * D], kn, KV, eps)
             cos, sin = rot[rg]
             k = qkv[:, H * D:(H + KV) * D].reshape(T, KV, 2, half)
             kr = np.concatenate([k[:, :, :1] * cos - k[:, :, 1:] * sin, k[:, :, 1:] * cos + k[:, :, :1] * sin], axis=2)
@@ -318,13 +346,14 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
             q = np.concatenate([q[:, :, :, :1] * c - q[:, :, :, 1:] * sn, q[:, :, :, 1:] * c + q[:, :, :, :1] * sn],
                                axis=3)
             q = q.reshape(T, KV, grp, D).transpose(1, 2, 0, 3).reshape(KV, grp * T, D)  # rows (head, position)
-            att = np.matmul(q, kc[li, :, :end].transpose(0, 2, 1)) * scale  # (KV, grp*T, S)
-            if causal is not None:
-                att = att.reshape(KV, grp, T, end) + causal
-                att = att.reshape(KV, grp * T, end)
+            lo, mask = (lo_w, local) if hp.is_sliding(li) else (0, causal)
+            att = np.matmul(q, kc[li, :, lo:end].transpose(0, 2, 1)) * scale  # (KV, grp*T, S)
+            if mask is not None:
+                att = att.reshape(KV, grp, T, end - lo) + mask
+                att = att.reshape(KV, grp * T, end - lo)
             att = np.exp(att - att.max(axis=-1, keepdims=True))
             att /= att.sum(axis=-1, keepdims=True)
-            o = np.matmul(att, vc[li, :, :end])  # (KV, grp*T, D)
+            o = np.matmul(att, vc[li, :, lo:end])  # (KV, grp*T, D)
             o = o.reshape(KV, grp, T, D).transpose(2, 0, 1, 3).reshape(T, H * D)
             if masks is not None and mo is not None:
                 o = o * mo
@@ -333,6 +362,8 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
                 y += b_o
             if rb_o is not None:  # bias compensation of the O inputs this rate prunes
                 y += rb_o[row]
+            if pn_a is not None:
+                y = self._norm(y, pn_a, eps)
             x = x + y
             h = self._norm(x, n2, eps)
             f = self._ffn[li]
@@ -341,12 +372,14 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
                 gu += b_gu[:2 * f]
             gu = gu.reshape(T, f // V, 2, V)
             g = gu[:, :, 0]
-            act = (g / (1.0 + np.exp(-g)) * gu[:, :, 1]).reshape(T, f)
+            act = (act_fn(g) * gu[:, :, 1]).reshape(T, f)
             y = self._matmul(f"blk.{li}.down", act, hp.hidden_size)
             if b_d is not None:
                 y += b_d
             if rb_d is not None:  # bias compensation of the MLP channels this rate prunes
                 y += rb_d[row]
+            if pn_f is not None:
+                y = self._norm(y, pn_f, eps)
             x = x + y
         self._pos = end
         self._ids.extend(int(t) for t in ids)

@@ -1,5 +1,5 @@
-"""Gemma 3 through `edgeq build` / `verify` / `run` on the tiny random checkpoint: GGUF, ONNX and
-the reference format build and verify; formats and passes that implement only the Llama forward
+"""Gemma 3 through `edgeq build` / `verify` / `run` on the tiny random checkpoint: GGUF, ONNX, TVM
+and the reference format build and verify; formats and passes that implement only the Llama forward
 refuse with one `error:` line and leave nothing behind."""
 import json
 
@@ -16,7 +16,8 @@ def run_cli(*args):
     return r.exit_code, r.output
 
 
-@pytest.mark.parametrize("fmt, bits", [("gguf", 8), ("gguf", 4), ("reference", None), ("onnx", 4), ("onnx", 32)])
+@pytest.mark.parametrize("fmt, bits", [("gguf", 8), ("gguf", 4), ("reference", None), ("onnx", 4), ("onnx", 32),
+                                       ("tvm", 4)])
 def test_build_verify_run(tiny_gemma3, tmp_path, fmt, bits):
     out = tmp_path / f"{fmt}{bits}"
     code, text = run_cli("build", tiny_gemma3, "--format", fmt, *(["--bits", bits] if bits else []), "-o", out)
@@ -30,9 +31,9 @@ def test_build_verify_run(tiny_gemma3, tmp_path, fmt, bits):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--format", "tvm", "--bits", "8"], "the tvm format does not support gemma3 models yet"),
     (["--format", "gguf"], "calibration (planned builds, pruning, edgeq plan) does not support gemma3"),
     (["--format", "gguf", "--bits", "8", "--prune-rates", "0,0.25"], "does not support gemma3"),
+    (["--format", "onnx", "--bits", "4", "--prune-rates", "0,0.25"], "does not support gemma3"),
 ])
 def test_unsupported_paths_refuse_with_one_line(tiny_gemma3, tmp_path, args, words):
     out = tmp_path / "o"

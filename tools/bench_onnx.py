@@ -3,7 +3,8 @@
     .venv/bin/python tools/bench_onnx.py [--bits 8,4] [--ppl-tokens 8192] [--kl-tokens 2048]
         [--runs 5] [--threads 2] [--out out/bench-onnx]
 
-SmolLM2-135M-Instruct (the source model, no adapter), built for cpu-avx2:
+SmolLM2-135M-Instruct (the source model, no adapter; ``--model DIR`` another checkpoint, e.g.
+models/cache/gemma3-270m), built for cpu-avx2:
   * ``onnx-int8`` / ``onnx-int4``: ``edgeq build --format onnx --bits B`` (MatMulNBits, block 32,
     symmetric, accuracy_level 4; embedding/head int8), run by onnxruntime;
   * ``gguf-Q8_0`` / ``gguf-Q4_0``: ``edgeq build --format gguf --bits B`` (byte-identical to
@@ -130,6 +131,7 @@ def speed(arts: dict[str, Path], runs: int, rounds: int, threads: int) -> dict:
 
 
 def main() -> None:
+    global MODEL
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", default="8,4")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
@@ -139,7 +141,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stage", choices=["all", "quality", "speed"], default="all")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench-onnx")
+    ap.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: SmolLM2)")
     a = ap.parse_args()
+    MODEL = (a.model or MODEL).resolve()
     bits = [int(b) for b in a.bits.split(",")]
     a.out.mkdir(parents=True, exist_ok=True)
     arts = build_all(bits, a.out)

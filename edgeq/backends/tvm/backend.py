@@ -22,6 +22,7 @@ class TvmBackend(Backend):
     runtimes = ("tvm",)
     section = "tvm"
     switches_in_place = True
+    family_blocks = True  # Gemma 3's blocks (the runtime's numpy decoder, runtimes/tvmrt.py)
 
     def check_options(self, opts, target) -> None:
         bits = storage.or_list(storage.bits_choices(self.name))  # 4 or 8 (INT4, INT8 in the storage registry)

@@ -11,14 +11,14 @@ Files:
   block, so the first ``2 f`` outputs are gate[:f] and up[:f] — a pruned MLP width is a prefix),
   ``down`` (a pruned width is a prefix of its inputs); the low-rank branches of a matmul (LoRA,
   error compensation) as one ``A``/``B`` pair (stacked, block-diagonal for stacked matmuls) fused
-  into its kernel; norms; RoPE pair order; the int8 head / embedding table; with bias
+  into its kernel; norms (Gemma's QK-norms and sandwich norms too); RoPE pair order; the int8 head / embedding table; with bias
   compensation (``--prune-bias``) per layer ``o.rate_bias`` / ``down.rate_bias``, (rates, hidden)
   float32, whose row for the current rate the runtime adds after the o / down kernels.
 * ``tokenizer.spec.json``.
 
 The decoder around the kernels (RMSNorm, RoPE with per-KV-group gathered frequencies, attention
-over the KV cache, SwiGLU, per-rate masks of Q/K pairs and V/O components) is numpy in the
-runtime: the kernels carry the weight bytes, which is where decode time goes; numpy's per-call
+over the KV cache, SwiGLU / GeGLU, per-rate masks of Q/K pairs and V/O components; Gemma 3's
+blocks from the manifest's hparams) is numpy in the runtime: the kernels carry the weight bytes, which is where decode time goes; numpy's per-call
 cost is paid a few dozen times per layer (docs/architecture.md).
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from tqdm import tqdm
 from edgeq.artifact import write_tokenizer_spec
 from edgeq.errors import EdgeqError
 from edgeq.hashing import sha256_file
-from edgeq.ir import Linear, ModelIR, Role
+from edgeq.ir import Linear, ModelIR, Role, block_norm_names
 from edgeq.kernels import compile as kc
 from edgeq.kernels import layout
 from edgeq.kernels.compile import kernel_block
@@ -280,8 +280,8 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
             if name == "gate_up":
                 b = b[interleave_rows(hp.intermediate_size, block)]
             small[f"blk.{i}.{name}.bias"] = b
-        small[f"blk.{i}.attn_norm"] = ir.tensors[f"blk.{i}.attn_norm"].astype(np.float32)
-        small[f"blk.{i}.ffn_norm"] = ir.tensors[f"blk.{i}.ffn_norm"].astype(np.float32)
+        for norm in block_norm_names(hp):  # attn_norm, ffn_norm (+ Gemma's QK and sandwich norms)
+            small[f"blk.{i}.{norm}"] = ir.tensors[f"blk.{i}.{norm}"].astype(np.float32)
         idx = ir.rope_index.get(i)
         small[f"blk.{i}.rope_index"] = (np.tile(np.arange(half), (hp.num_kv_heads, 1)) if idx is None
                                         else np.asarray(idx)).astype(np.int64)
