@@ -2,10 +2,12 @@
 at the same bits, SmolLM2-135M-Instruct on cpu-avx2.
 
     .venv/bin/python tools/bench_tvm.py [--stage quality|speed|all] [--runs 5] [--rounds 2] [--threads 2]
+        [--model DIR] [--out out/bench-tvm] [--onnx-out out/bench-onnx]
 
 Artifacts (built if missing): ``tvm-int4`` = ``edgeq build --format tvm --bits 4`` (int4 group 32
 symmetric, head int8) in out/bench-tvm, next to ``gguf-Q4_0`` / ``onnx-int4`` of
-tools/bench_onnx.py (out/bench-onnx). Quality: wikitext-2 perplexity (first 8192 tokens, ctx 512,
+tools/bench_onnx.py (``--onnx-out``, default out/bench-onnx; ``--model``: another checkpoint than
+SmolLM2, e.g. models/cache/gemma3-270m). Quality: wikitext-2 perplexity (first 8192 tokens, ctx 512,
 second half scored) and KL vs edgeq's numpy runtime (float64) on the artifact's own dequantized
 weights (first 2048 tokens). Speed: tools/bench_onnx.py's method (fresh process per artifact,
 A B A B rounds, 128 greedy tokens, 128-token prefill, peak RSS).
@@ -61,6 +63,7 @@ def quality(path: Path, ppl_tokens: int, kl_tokens: int, threads: int) -> dict:
 
 
 def main() -> None:
+    global MODEL
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--kl-tokens", type=int, default=2048)
@@ -69,10 +72,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stage", choices=["all", "quality", "speed"], default="all")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench-tvm")
+    ap.add_argument("--onnx-out", type=Path, default=REPO / "out" / "bench-onnx")
+    ap.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: SmolLM2)")
     a = ap.parse_args()
+    if a.model is not None:
+        MODEL = bench_onnx.MODEL = a.model.resolve()
     a.out.mkdir(parents=True, exist_ok=True)
     arts = {"tvm-int4": build(a.out)}
-    arts.update({k: v for k, v in bench_onnx.build_all([4], REPO / "out" / "bench-onnx").items()})
+    arts.update({k: v for k, v in bench_onnx.build_all([4], a.onnx_out).items()})
     res_path = a.out / "results.json"
     res = json.loads(res_path.read_text()) if res_path.exists() else {}
     res["sizes_mb"] = {n: sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".gguf", ".onnx", ".data", ".so",

@@ -446,18 +446,17 @@ class DecoderGraph:
         cache of this layer's RoPE base, KV append, a sliding layer's local window)."""
         ir, g, TP = self.ir, self.g, self.TP
         hp = ir.hparams
-        if "gqa" not in ctx:
-            total32 = g.op("Cast", [ctx["total"]], name="total_i32", to=TP.INT32)  # (1,)
-            ctx["gqa"] = {
-                "seqlens_k": g.op("Sub", [total32, g.const([1], np.int32)], name="seqlens_k"),
-                "total": g.op("Squeeze", [total32, g.const([0])], name="total_seq_len"),
-            }
-        c, theta = ctx["gqa"], hp.layer_rope_theta(i)
+        c, theta = ctx.setdefault("gqa", {}), hp.layer_rope_theta(i)
+        if not c:
+            c["total32"] = g.op("Cast", [ctx["total"]], name="total_i32", to=TP.INT32)  # (1,)
         if theta not in c:  # one cos/sin cache per RoPE base
             n = min(self.w.max_positions, int(hp.max_position_embeddings))
             ang = np.arange(n, dtype=np.float32)[:, None] * rope_inv_freq(hp.head_dim, theta)[None, :]
             c[theta] = (g.init(g.name("rope.cos_cache"), np.cos(ang).astype(np.float32)),
                         g.init(g.name("rope.sin_cache"), np.sin(ang).astype(np.float32)))
+        if "seqlens_k" not in c:  # (after the first cache: the initializer order of earlier graphs)
+            c["seqlens_k"] = g.op("Sub", [c["total32"], g.const([1], np.int32)], name="seqlens_k")
+            c["total"] = g.op("Squeeze", [c["total32"], g.const([0])], name="total_seq_len")
         window = {"local_window_size": blocks.gqa_window(hp, i)} if hp.is_sliding(i) else {}
         o = g.op("GroupQueryAttention", [q, k, v, past[0], past[1], c["seqlens_k"], c["total"], *c[theta]],
                  name=f"blk.{i}.gqa", domain=MS_DOMAIN, outputs=[f"blk.{i}.attn_out", present[0], present[1]],

@@ -11,7 +11,9 @@ cache and returns logits and the grown cache, so prefill and decode go through t
 Activations are 2-D (tokens, features) inside (batch 1). Blocks: embedding Gather, RMSNorm
 (``RMSNormalization``), Q/K/V with optional biases (Qwen2), RoPE in the rotate-half form with
 per-KV-group gathered frequencies (a UniQL-sorted model keeps its pair order), grouped-query
-attention with a causal mask over past + new positions, SwiGLU MLP, tied or untied head.
+attention with a causal mask over past + new positions, SwiGLU MLP, tied or untied head; the
+family blocks beyond the Llama forward (Gemma 3: GeGLU, QK-norm, sandwich norms, scaled
+embedding, query scale, sliding-window layers with their RoPE base) from blocks.py.
 
 Weights: linears as ``com.microsoft.MatMulNBits`` (int4 / int8 group codes from
 :mod:`edgeq.quant.intgroup`, block = group) or float32 ``Gemm``; a quantized tied embedding is
