@@ -13,8 +13,9 @@ the same size, the cpu-avx2 speed costs of edgeq/quant/speed_costs.json); GPTQ +
 chosen grids, compensation as a LoRA GGUF. ``eval``: KL(fp32 reference || artifact) and top-1 on
 the first ``--kl-tokens`` wikitext-2 tokens (ctx 512, second half of each window scored; the
 reference is edgeq's numpy runtime on the fp32 model), then decode tok/s in llama.cpp ("Once upon
-a time" + 128 greedy tokens, 1 warm-up, ``--decode-runs`` rounds with the three files of a size
-point interleaved A B C; medians). Writes OUT/results.json and prints a markdown table.
+a time" + ``--tokens`` greedy tokens, 1 warm-up, ``--decode-runs`` rounds with the three files of a
+size point interleaved A B C; medians of llama.cpp's decode wall time and of the process CPU seconds
+per generated token -- the one to compare on a shared machine, with ``--threads 1``). Writes OUT/results.json and prints a markdown table.
 """
 from __future__ import annotations
 
@@ -126,30 +127,36 @@ def evaluate(rows: list[dict], args) -> None:
         try:
             ids = [s.tokenize(DECODE_PROMPT) for s in sess]
             for s, x in zip(sess, ids):
-                list(s.generate_ids(x, 128, stop_at_eos=False))
-            runs = [[] for _ in sess]
+                list(s.generate_ids(x, args.tokens, stop_at_eos=False))
+            runs, cpu = [[] for _ in sess], [[] for _ in sess]
             for _ in range(args.decode_runs):
                 for k, (s, x) in enumerate(zip(sess, ids)):
-                    list(s.generate_ids(x, 128, stop_at_eos=False))
+                    c0 = time.process_time()
+                    list(s.generate_ids(x, args.tokens, stop_at_eos=False))
+                    cpu[k].append((time.process_time() - c0) / args.tokens)
                     runs[k].append(s.last_stats.decode_tok_s)
         finally:
             for s in sess:
                 s.close()
-        for r, v in zip(group, runs):
-            r["decode_runs"], r["decode_tok_s"] = v, statistics.median(v)
-        log(f"{ft} decode: " + ", ".join(f"{r['who']} {r['decode_tok_s']:.1f}" for r in group))
+        for r, v, c in zip(group, runs, cpu):
+            r.update(decode_runs=v, decode_tok_s=statistics.median(v), cpu_s_per_token_runs=c,
+                     cpu_tok_s=1 / statistics.median(c))
+        log(f"{ft} decode: " + ", ".join(f"{r['who']} {r['decode_tok_s']:.1f} tok/s wall, {r['cpu_tok_s']:.1f} per CPU s"
+                                         for r in group))
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| size point | build | MB | predicted ms/token | predicted vs uniform | KL | top-1 | decode tok/s | "
-             "decode vs llama.cpp | KL vs llama.cpp | mix |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| size point | build | MB | predicted ms/token | predicted vs uniform | KL | top-1 | decode tok/s (wall) | "
+             "tokens per CPU s | decode vs llama.cpp (CPU) | KL vs llama.cpp | mix |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = next(x for x in rows if x["type"] == r["type"] and x["who"] == "llama.cpp")
         pv = r.get("summary", {}).get("predicted_speed_vs_reference")
         lines.append(f"| {r['type']} | {r['who']} | {r['bytes'] / 1e6:.2f} | {r.get('predicted_ms', float('nan')):.3f} | "
                      f"{'' if pv is None else f'{pv:.3f}'} | {r.get('kl', float('nan')):.4f} | "
                      f"{r.get('top1', float('nan')):.3f} | {r.get('decode_tok_s', float('nan')):.1f} | "
-                     f"{r.get('decode_tok_s', float('nan')) / base.get('decode_tok_s', float('nan')):.3f} | "
+                     f"{r.get('cpu_tok_s', float('nan')):.1f} | "
+                     f"{r.get('cpu_tok_s', float('nan')) / base.get('cpu_tok_s', float('nan')):.3f} | "
                      f"{r.get('kl', float('nan')) / base.get('kl', float('nan')):.3f} | "
                      f"{', '.join(f'{k} x{v}' for k, v in r.get('mix', {}).items())} |")
     return "\n".join(lines)
@@ -163,7 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-samples", type=int, default=64, help="Alpaca calibration sequences of 256 tokens")
     ap.add_argument("--kl-tokens", type=int, default=2048)
     ap.add_argument("--decode-runs", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (1 on a shared machine: CPU time)")
+    ap.add_argument("--tokens", type=int, default=128, help="greedy tokens per decode run")
     ap.add_argument("--stage", choices=["all", "build", "eval"], default="all")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench-plan-speed")
     args = ap.parse_args(argv)

@@ -1,14 +1,17 @@
 """Measure the planner's decode-speed cost table for llama.cpp on this host (issue 16, item 4).
 
     .venv/bin/python tools/bench_speed_costs.py [--model models/cache/smollm2-135m-instruct]
-        [--target cpu-avx2] [--rounds 5] [--tokens 64] [--threads 2] [--out out/bench-speed-costs] [--write]
+        [--target cpu-avx2] [--rounds 5] [--tokens 64] [--threads 2] [--clock cpu|wall]
+        [--out out/bench-speed-costs] [--write]
 
 One GGUF per candidate storage type of the profile (every 2-D weight in that type where its row
 length allows, the rest Q8_0; written by edgeq's own GGUF writer, round-to-nearest), plus the
 Q4_0 file with a random fp16 low-rank branch of rank 16 and of rank 32 on every block linear
 (a LoRA GGUF, as a planned build ships its compensation). Decode: "Once upon a time" + N greedy
 tokens in llama.cpp, one warm-up, then ``--rounds`` rounds with every configuration interleaved
-(A B C ... per round); medians. The fit (edgeq.quant.speed): seconds per token = the sum over
+(A B C ... per round); medians of the process CPU seconds per generated token (``--clock cpu``,
+the default: on a shared machine wall time measures the other jobs; with ``--threads 1`` llama.cpp
+computes in this process's one thread) or of llama.cpp's decode wall time (``--clock wall``). The fit (edgeq.quant.speed): seconds per token = the sum over
 the weights a token multiplies of their type's cost, with the per-token overhead spread over the
 weights (exact for mixes on the measured model; see the module's docstring):
 
@@ -81,7 +84,7 @@ def build_files(ir, types, out: Path) -> dict:
     return {"files": files, "counts": counts, "branch": branch, "n": sum(a * b for a, b in counted.values())}
 
 
-def decode(files: dict, rounds: int, tokens: int, threads: int) -> dict[str, list[float]]:
+def decode(files: dict, rounds: int, tokens: int, threads: int, clock: str = "cpu") -> dict[str, list[float]]:
     from runtimes.llamacpp import LlamaCppSession
 
     sess = {k: LlamaCppSession(m, lora_paths=l, n_ctx=512, n_threads=threads) for k, (m, l) in files.items()}
@@ -92,9 +95,11 @@ def decode(files: dict, rounds: int, tokens: int, threads: int) -> dict[str, lis
             list(s.generate_ids(ids[k], tokens, stop_at_eos=False))
         for r in range(rounds):
             for k, s in sess.items():
+                c0 = time.process_time()
                 list(s.generate_ids(ids[k], tokens, stop_at_eos=False))
-                res[k].append(1.0 / s.last_stats.decode_tok_s)
-            log(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {1 / v[-1]:.0f}" for k, v in res.items()))
+                cpu = (time.process_time() - c0) / tokens
+                res[k].append(cpu if clock == "cpu" else 1.0 / s.last_stats.decode_tok_s)
+            log(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1] * 1e3:.1f}" for k, v in res.items()) + " ms/token")
     finally:
         for s in sess.values():
             s.close()
@@ -124,6 +129,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench-speed-costs")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                    help="cpu: process CPU seconds per generated token (prompt included; robust on a shared machine, "
+                         "use with --threads 1); wall: llama.cpp's decode seconds per token")
     ap.add_argument("--write", action="store_true", help="store the fit in edgeq/quant/speed_costs.json")
     args = ap.parse_args(argv)
     from edgeq.frontend import load_model
@@ -137,12 +145,12 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     ir = load_model(args.model)
     built = build_files(ir, types, args.out)
-    runs = decode(built["files"], args.rounds, args.tokens, args.threads)
+    runs = decode(built["files"], args.rounds, args.tokens, args.threads, args.clock)
     secs = {k: statistics.median(v) for k, v in runs.items()}
     table = fit(built, secs)
     import llama_cpp
 
-    entry = dict(table, profile=target.name, backend="gguf", source="measured",
+    entry = dict(table, profile=target.name, backend="gguf", source="measured", clock=args.clock,
                  runtime=f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", threads=args.threads,
                  host=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d"),
                  model=args.model.name, command="tools/bench_speed_costs.py " + " ".join(argv or sys.argv[1:]))
