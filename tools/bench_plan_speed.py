@@ -2,7 +2,8 @@
 file of the same size, side by side.
 
     .venv/bin/python tools/bench_plan_speed.py [--model models/cache/smollm2-135m-instruct]
-        [--types Q8_0,Q4_K_M,Q4_0] [--min-speed 0.97] [--calib-samples 64] [--kl-tokens 2048] [--decode-runs 5]
+        [--types Q8_0,Q4_K_M,Q4_0] [--min-speed 0.97] [--calib-samples 64]
+        [--sensitivity kl-probe|fisher] [--threads 2] [--tokens 128] [--kl-tokens 2048] [--decode-runs 5]
         [--stage all|build|eval] [--out out/bench-plan-speed]
 
 ``build``: an F32 GGUF of the model; ``llama_model_quantize`` makes each llama.cpp type from it;
@@ -40,7 +41,7 @@ def build(args) -> list[dict]:
     from edgeq.backends.reference.ir_files import write_ir
     from edgeq.calibrate import alpaca_token_sequences, calibrate
     from edgeq.frontend import load_model
-    from edgeq.plan import make_plan, measure_options, plan_bytes
+    from edgeq.plan import Choice, Option, make_plan, measure_options, plan_bytes
     from edgeq.quant.apply import COMP_SOURCE, has_compensation, quantize_ir
     from edgeq.quant.sensitivity import KLProbe
     from edgeq.quant.speed import speed_model
@@ -61,8 +62,15 @@ def build(args) -> list[dict]:
     stats = calibrate(ir, seqs)
     log(f"calibrated in {time.perf_counter() - t0:.0f}s; measuring the option table")
     t0 = time.perf_counter()
-    table = measure_options(ir, stats, target.plan_types("gguf"), target.plan_ranks,
-                            probe=KLProbe(ir, [s[:128] for s in seqs[-4:]]))
+    cached = out / f"options-{args.sensitivity}-{args.calib_samples}.json"
+    if cached.exists():  # the option table of an earlier run (same model, calibration, sensitivity)
+        table = {n: [Option(Choice(o["type"], o["rank"]), o["nbytes"], o["kl"]) for o in v]
+                 for n, v in json.loads(cached.read_text()).items()}
+    else:
+        table = measure_options(ir, stats, target.plan_types("gguf"), target.plan_ranks,
+                                probe=KLProbe(ir, [s[:128] for s in seqs[-4:]]), sensitivity=args.sensitivity)
+        cached.write_text(json.dumps({n: [{"type": o.choice.type, "rank": o.choice.rank, "nbytes": o.nbytes,
+                                          "kl": o.kl} for o in v] for n, v in table.items()}))
     t_measure = time.perf_counter() - t0
     log(f"option table in {t_measure:.0f}s")
     speed = speed_model(target.name, "gguf", target.bandwidth_gb_s)  # read now: tools/bench_speed_costs.py --write
@@ -168,6 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--types", default="Q8_0,Q4_K_M,Q4_0")
     ap.add_argument("--min-speed", type=float, default=0.97)
     ap.add_argument("--calib-samples", type=int, default=64, help="Alpaca calibration sequences of 256 tokens")
+    ap.add_argument("--sensitivity", choices=["fisher", "kl-probe"], default="kl-probe",
+                    help="the planner's sensitivity (edgeq build --sensitivity); fisher is ~20x faster")
     ap.add_argument("--kl-tokens", type=int, default=2048)
     ap.add_argument("--decode-runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (1 on a shared machine: CPU time)")
