@@ -144,8 +144,10 @@ def uniform_reference(hp: HParams, types, budget_bytes: int,
                       uniform: Callable[[str], Mapping[str, str]] | None = None) -> tuple[str, dict[str, str]]:
     """The uniform plan of the same size, what ``--min-speed`` is relative to: among the one-type
     builds of the candidate ``types`` valid for this model (``uniform(t)``: the backend's types per
-    tensor for base type ``t``, default every tensor in ``t``), the largest within
-    ``budget_bytes`` (plan bytes, no branches), else the smallest; (its base type, its types)."""
+    tensor for base type ``t``, default every tensor in ``t``), the one whose plan bytes are
+    nearest ``budget_bytes`` (ties: the smaller); (its base type, its types). Nearest, not "largest
+    within": a budget sized from a llama.cpp file minus a few KB of headers still compares with
+    that file's recipe."""
     shapes = weight_matrix_shapes(hp)
     found = []
     for t in types:
@@ -158,6 +160,5 @@ def uniform_reference(hp: HParams, types, budget_bytes: int,
         found.append((sum(storage.get(x).nbytes(shapes[n]) for n, x in plan.items()), t, plan))
     if not found:
         raise EdgeqError("--min-speed: no candidate type makes a valid one-type plan of this model to compare with")
-    fits = [f for f in found if f[0] <= budget_bytes]
-    best = max(fits, key=lambda f: (f[0], f[1])) if fits else min(found, key=lambda f: (f[0], f[1]))
+    best = min(found, key=lambda f: (abs(f[0] - budget_bytes), f[0], f[1]))
     return best[1], best[2]

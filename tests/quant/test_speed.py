@@ -85,14 +85,17 @@ def test_the_committed_cpu_table_covers_the_profiles_gguf_candidates():
     assert m.seconds_per_weight["Q8_0"] > m.seconds_per_weight["Q4_0"]
 
 
-def test_uniform_reference_is_the_largest_one_type_plan_within_the_budget():
+def test_uniform_reference_is_the_one_type_plan_nearest_the_budget():
     hp = _hp(True)
     shapes = weight_matrix_shapes(hp)
     size = {t: sum(storage.get(t).nbytes(s) for s in shapes.values()) for t in ("Q4_0", "Q5_0", "Q8_0")}
     types = ["Q8_0", "Q4_0", "Q5_0", "Q4_K"]  # Q4_K: rows of 64 are not a multiple of 256 -> no one-type plan
+    mid = (size["Q4_0"] + size["Q5_0"]) // 2
     assert sp.uniform_reference(hp, types, size["Q5_0"] + 1)[0] == "Q5_0"
-    assert sp.uniform_reference(hp, types, size["Q5_0"] - 1)[0] == "Q4_0"
-    assert sp.uniform_reference(hp, types, size["Q4_0"] - 1)[0] == "Q4_0"  # none fits: the smallest
+    assert sp.uniform_reference(hp, types, size["Q5_0"] - 1)[0] == "Q5_0"
+    assert sp.uniform_reference(hp, types, mid - 1)[0] == "Q4_0"
+    assert sp.uniform_reference(hp, types, mid + 1)[0] == "Q5_0"
+    assert sp.uniform_reference(hp, types, size["Q4_0"] - 1000)[0] == "Q4_0"
     assert sp.uniform_reference(hp, types, 10 ** 12)[0] == "Q8_0"
     with pytest.raises(EdgeqError, match="no candidate type"):
         sp.uniform_reference(hp, ["Q4_K"], 10 ** 12)
