@@ -16,7 +16,9 @@ the first ``--kl-tokens`` wikitext-2 tokens (ctx 512, second half of each window
 reference is edgeq's numpy runtime on the fp32 model), then decode tok/s in llama.cpp ("Once upon
 a time" + ``--tokens`` greedy tokens, 1 warm-up, ``--decode-runs`` rounds with the three files of a
 size point interleaved A B C; medians of llama.cpp's decode wall time and of the process CPU seconds
-per generated token -- the one to compare on a shared machine, with ``--threads 1``). Writes OUT/results.json and prints a markdown table.
+per generated token -- the one to compare on a shared machine, with ``--threads 1``). Writes
+OUT/results-TYPES-klN.json and prints a markdown table (``eval`` takes ``--types`` as a subset of the build's;
+``--decode-runs 0`` / ``--kl-tokens 0`` skip that part).
 """
 from __future__ import annotations
 
@@ -128,7 +130,7 @@ def evaluate(rows: list[dict], args) -> None:
                 w = evaluate_wikitext(s, ref, tokens=tokens, ctx=512, max_tokens=args.kl_tokens)
                 r.update(kl=w.kl.mean_kl, top1=w.kl.top1_agreement, ppl=w.perplexity.ppl)
             log(f"{r['type']} {r['who']}: KL {r['kl']:.4f} top-1 {r['top1']:.3f}")
-    for ft in args.types:
+    for ft in args.types if args.decode_runs > 0 else ():
         group = [r for r in rows if r["type"] == ft]
         sess = [LlamaCppSession(r["files"][0], lora_paths=r["files"][1:], n_ctx=512, n_threads=args.threads)
                 for r in group]
@@ -189,11 +191,12 @@ def main(argv=None) -> int:
     if args.stage in ("all", "build"):
         rows = build(args)
     else:
-        rows = json.loads((args.out / "build.json").read_text())["rows"]
+        rows = [r for r in json.loads((args.out / "build.json").read_text())["rows"] if r["type"] in args.types]
     if args.stage in ("all", "eval"):
         evaluate(rows, args)
-        (args.out / "results.json").write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(args).items()},
-                                                           "date": time.strftime("%Y-%m-%d")}, indent=1))
+        res = args.out / f"results-{'-'.join(args.types)}-kl{args.kl_tokens}.json"
+        res.write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(args).items()},
+                                   "date": time.strftime("%Y-%m-%d")}, indent=1))
         print(table(rows))
     return 0
 
