@@ -9,6 +9,7 @@ Everything format-specific lives in the format's backend (edgeq/backends/<format
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ from edgeq.quant import storage
 from edgeq.targets import TargetProfile, load_target
 
 SORTS = ("uniql", "naive")
+# --min-speed above this asks for a plan this many times faster than a uniform one: a typo
+MAX_MIN_SPEED = 4.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class BuildOptions:
     bpw: float | None = None  # planner budget: bits per 2-D weight (default: the target's plan.default_bpw)
     probe_samples: int = 4  # planner: calibration sequences for the KL sensitivity probe
     sensitivity: str = "kl-probe"  # planner: kl-probe (a tail re-run per tensor) | fisher (backward passes)
+    min_speed: float | None = None  # planner: predicted decode >= this x the uniform plan of the same size
 
     @property
     def planned(self) -> bool:
@@ -88,6 +92,8 @@ class BuildOptions:
                      calib_samples=self.calib_samples, calib_len=self.calib_len, probe_samples=self.probe_samples)
             if self.sensitivity != "kl-probe":  # (the default's manifests stay as they were)
                 d["sensitivity"] = self.sensitivity
+            if self.min_speed is not None:
+                d["min_speed"] = self.min_speed
         if self.prunes:
             d.update(prune_rates=list(self.prune_rates), sort=self.sort, importance=self.importance,
                      calib_samples=self.calib_samples, calib_len=self.calib_len, recover=self.recover,
@@ -156,6 +162,12 @@ def check_options(opts: BuildOptions, target: TargetProfile) -> None:
         raise EdgeqError("--budget-mb/--bpw size a planned build; drop --bits/--qtype/--plan")
     if (opts.budget_mb is not None and opts.budget_mb <= 0) or (opts.bpw is not None and opts.bpw <= 0):
         raise EdgeqError("--budget-mb and --bpw must be positive")
+    if opts.min_speed is not None:
+        if not opts.planned or opts.plan is not None:
+            raise EdgeqError("--min-speed constrains the planner: drop --bits/--qtype/--plan")
+        if not math.isfinite(opts.min_speed) or not 0 < opts.min_speed <= MAX_MIN_SPEED:
+            raise EdgeqError(f"--min-speed must be in (0, {MAX_MIN_SPEED:g}] (relative to the uniform plan of the "
+                             f"same size), got {opts.min_speed:g}")
 
 
 def front_steps(opts: BuildOptions) -> list[Step]:
@@ -174,7 +186,8 @@ def _calibrate(opts: BuildOptions) -> CalibrateStep:
 def _planning(opts: BuildOptions) -> list[Step]:
     """Plan and calibrate (a plan file is loaded and checked first; the planner needs the statistics)."""
     plan = PlanStep(format=opts.format, file=None if opts.plan is None else str(opts.plan), budget_mb=opts.budget_mb,
-                    bpw=opts.bpw, probe_samples=opts.probe_samples, sensitivity=opts.sensitivity)
+                    bpw=opts.bpw, probe_samples=opts.probe_samples, sensitivity=opts.sensitivity,
+                    min_speed=opts.min_speed)
     return [plan, _calibrate(opts)] if opts.plan is not None else [_calibrate(opts), plan]
 
 

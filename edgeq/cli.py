@@ -133,6 +133,9 @@ def targets(as_json):
               help="Planner: how a tensor's layer error becomes predicted KL: a model tail re-run per tensor "
                    "(kl-probe, exact, O(layers^2)) or second order from one forward + 16 backward passes for all "
                    "tensors (fisher, O(params); docs/benchmarks.md).")
+@click.option("--min-speed", type=float, default=None,
+              help="Planner: predicted decode speed at least this x the uniform plan of the same size (e.g. 0.97; "
+                   "the profile's speed costs, docs/targets.md).")
 @click.option("--executor", type=click.Choice(["inprocess", "processes"]), default="inprocess", show_default=True,
               help="Release matrix: run its tasks in this process, or independent targets' steps in parallel "
                    "worker processes.")
@@ -140,7 +143,7 @@ def targets(as_json):
 @_fail_cleanly
 def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, no_goldens, prune_rates, sort,
           importance, calib_samples, calib_len, calib_data, recover, recover_steps, prune_bias, prune_dims, plan_file,
-          budget_mb, bpw, sensitivity, executor, jobs):
+          budget_mb, bpw, sensitivity, min_speed, executor, jobs):
     """Compile MODEL (HF checkpoint dir or .gguf) into an artifact directory (or, for several
     targets, a release directory)."""
     from edgeq.build import BuildOptions, build as run_build
@@ -156,7 +159,7 @@ def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, n
                         calib_samples=calib_samples, calib_len=calib_len, calib_data=calib_data,
                         recover=recover, recover_steps=recover_steps, prune_bias=prune_bias, prune_dims=prune_dims,
                         plan=plan_file, budget_mb=budget_mb, bpw=bpw,
-                        sensitivity=sensitivity)
+                        sensitivity=sensitivity, min_speed=min_speed)
     from edgeq.release import is_matrix
 
     if jobs is not None and jobs < 1:
@@ -213,8 +216,10 @@ def _build_release(opts, target, fmt, executor, jobs):
               help="Planner: how a tensor's layer error becomes predicted KL: a model tail re-run per tensor "
                    "(kl-probe, exact, O(layers^2)) or second order from one forward + 16 backward passes for all "
                    "tensors (fisher, O(params); docs/benchmarks.md).")
+@click.option("--min-speed", type=float, default=None,
+              help="Predicted decode speed at least this x the uniform plan of the same size (e.g. 0.97).")
 @_fail_cleanly
-def plan(model, adapters, target, budget_mb, bpw, calib_samples, calib_len, calib_data, out, sensitivity):
+def plan(model, adapters, target, budget_mb, bpw, calib_samples, calib_len, calib_data, out, sensitivity, min_speed):
     """Choose a per-tensor quantization type and compensation rank for TARGET's budget."""
     from edgeq import pipeline
     from edgeq.build import BuildOptions, check_options, plan_steps
@@ -223,7 +228,7 @@ def plan(model, adapters, target, budget_mb, bpw, calib_samples, calib_len, cali
 
     opts = BuildOptions(model=model, out=out, target=target, adapters=tuple(adapters), budget_mb=budget_mb,
                         bpw=bpw, calib_samples=calib_samples, calib_len=calib_len, calib_data=calib_data,
-                        sensitivity=sensitivity)
+                        sensitivity=sensitivity, min_speed=min_speed)
     prof = load_target(target)
     check_options(opts, prof)
     ctx = pipeline.run(plan_steps(opts),
@@ -232,7 +237,9 @@ def plan(model, adapters, target, budget_mb, bpw, calib_samples, calib_len, cali
     p.save(out)
     nb = plan_bytes(ir, p)
     click.echo(f"wrote {out}: {nb / 1e6:.2f} MB of weights ({nb * 8 / n_weights(ir):.3f} bpw), "
-               f"predicted KL {p.summary.get('predicted_kl', float('nan')):.4g}")
+               f"predicted KL {p.summary.get('predicted_kl', float('nan')):.4g}"
+               + (f", predicted decode {p.summary['predicted_speed_vs_reference']:.3f}x the uniform "
+                  f"{p.summary['speed_reference'].split()[-1]} plan" if "predicted_speed_vs_reference" in p.summary else ""))
 
 
 @main.command()

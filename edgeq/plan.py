@@ -27,8 +27,8 @@ metadata and the tokenizer are added as a fixed overhead when a total artifact s
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +47,8 @@ from edgeq.quant.gptq import GPTQConfig, gptq, rtn
 from edgeq.quant.intgroup import storage_codec
 from edgeq.quant.reference import roundtrip
 from edgeq.quant.sensitivity import SENSITIVITIES, fisher_gains, measure_gains
+from edgeq.quant.solve import solve, tensor_sort_key
+from edgeq.quant.speed import SpeedModel, matmul_weights, plan_seconds, uniform_reference
 
 PLAN_VERSION = 1
 QUANTIZERS = ("gptq", "rtn")
@@ -215,9 +217,7 @@ def _toml_value(v) -> str:
     return '"' + str(v).replace('"', "'") + '"'
 
 
-def _tensor_sort_key(name: str):
-    m = re.match(r"blk\.(\d+)\.(.*)", name)
-    return (1, int(m.group(1)), m.group(2)) if m else (0 if name == "token_embd" else 2, 0, name)
+_tensor_sort_key = tensor_sort_key
 
 
 # ---- shapes, bytes, candidates -----------------------------------------------------------------
@@ -260,65 +260,7 @@ class Option:
     choice: Choice
     nbytes: int
     kl: float
-
-
-def solve(table: Mapping[str, Sequence[Option]], budget: int) -> dict[str, Option]:
-    """Minimise sum(kl) s.t. sum(nbytes) <= budget, one option per tensor (deterministic)."""
-    names = sorted(table, key=_tensor_sort_key)
-    cheapest = sum(min(o.nbytes for o in table[n]) for n in names)
-    if cheapest > budget:
-        raise EdgeqError(f"budget of {budget / 1e6:.2f} MB is below the smallest possible size "
-                         f"{cheapest / 1e6:.2f} MB for these candidate types")
-
-    def pick(lam: float) -> dict[str, Option]:
-        out = {}
-        for n in names:
-            best = None
-            for o in table[n]:
-                key = (o.kl + lam * o.nbytes, o.nbytes)
-                if best is None or key < best[0]:
-                    best = (key, o)
-            out[n] = best[1]
-        return out
-
-    def total(sel) -> int:
-        return sum(o.nbytes for o in sel.values())
-
-    lo, hi = 0.0, 1.0
-    if total(pick(lo)) <= budget:
-        sel = pick(lo)
-    else:
-        while total(pick(hi)) > budget:
-            hi *= 4.0
-            if hi > 1e30:
-                break
-        for _ in range(100):
-            mid = (lo + hi) / 2
-            if total(pick(mid)) > budget:
-                lo = mid
-            else:
-                hi = mid
-        sel = pick(hi)
-    # greedy: spend what is left on the best KL-per-byte upgrades
-    used = total(sel)
-    while True:
-        best = None
-        for n in names:
-            cur = sel[n]
-            for o in table[n]:
-                extra = o.nbytes - cur.nbytes
-                gain = cur.kl - o.kl
-                if gain <= 0 or extra <= 0 or used + extra > budget:
-                    continue
-                key = gain / extra
-                if best is None or key > best[0]:
-                    best = (key, n, o)
-        if best is None:
-            break
-        _, n, o = best
-        used += o.nbytes - sel[n].nbytes
-        sel[n] = o
-    return sel
+    seconds: float = 0.0  # predicted decode seconds per token (edgeq.quant.speed; 0 without a speed model)
 
 
 # ---- measuring -----------------------------------------------------------------------------------
@@ -451,20 +393,44 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
 def make_plan(ir: ModelIR, stats, target: str, types: Sequence[str], ranks: Sequence[int], budget_bytes: int,
               quantizer: str = "gptq", compensation: str = "qera", damp: float = 0.01, act_order: bool = False,
               probe=None, progress: bool = True, table: Mapping[str, Sequence[Option]] | None = None,
-              model: str = "", format: str = "gguf", sensitivity: str = "kl-probe") -> Plan:
+              model: str = "", format: str = "gguf", sensitivity: str = "kl-probe",
+              speed: SpeedModel | None = None, min_speed: float | None = None,
+              uniform: Callable[[str], Mapping[str, str]] | None = None) -> Plan:
     """The planner's plan for the ``format`` backend: ``types`` are the candidates (storage types
-    that backend stores; any other is an error, see edgeq.quant.storage.plannable)."""
+    that backend stores; any other is an error, see edgeq.quant.storage.plannable).
+
+    ``speed``: a decode-speed cost model (edgeq.quant.speed); with ``min_speed`` the plan must also
+    be predicted to decode at least ``min_speed`` times as fast as the uniform plan of the same
+    size (:func:`edgeq.quant.speed.uniform_reference`; ``uniform(base_type)`` gives the one-type build's types per
+    tensor, default every tensor in that type)."""
     types = list(storage.plannable(types, format, "planner: "))
     if table is None:  # measured with RTN (weighted fit): ~10x faster than GPTQ over every candidate type
         table = measure_options(ir, stats, types, ranks, "rtn", damp, act_order, probe, progress=progress,
                                 format=format, sensitivity=sensitivity)
-    sel = solve(table, budget_bytes)
+    max_seconds, ref = None, None
+    if speed is not None:
+        shapes, mm = plan_tensor_shapes(ir), matmul_weights(ir.hparams)
+        table = {n: [dataclasses.replace(o, seconds=speed.tensor_seconds(shapes[n], o.choice.type, o.choice.rank, n in mm))
+                     for o in opts] for n, opts in table.items()}
+        if min_speed is not None:
+            base, ref_types = uniform_reference(ir.hparams, types, budget_bytes, uniform)
+            ref = (base, {n: Choice(t) for n, t in ref_types.items()})
+            max_seconds = plan_seconds(ir.hparams, ref[1], speed) / min_speed
+    sel = solve(table, budget_bytes, max_seconds)
     plan = Plan(target=target, format=format, quantizer=quantizer, compensation=compensation, damp=damp, act_order=act_order,
                 tensors={n: o.choice for n, o in sel.items()}, budget_bytes=int(budget_bytes), model=model)
     plan.notes = {n: {"bytes": o.nbytes, "kl": o.kl} for n, o in sel.items()}
     plan.summary = {"predicted_weight_bytes": sum(o.nbytes for o in sel.values()),
                     "predicted_kl": sum(o.kl for o in sel.values()),
                     "types": ",".join(types), "ranks": ",".join(str(r) for r in sorted(set(ranks)))}
+    if speed is not None:
+        secs = sum(o.seconds for o in sel.values())
+        plan.summary.update(speed_model=f"{speed.profile}/{speed.backend} ({speed.source})",
+                            predicted_ms_per_token=secs * 1e3)
+        if ref is not None:
+            ref_s = plan_seconds(ir.hparams, ref[1], speed)
+            plan.summary.update(min_speed=float(min_speed), speed_reference=f"uniform {ref[0]}",
+                                reference_ms_per_token=ref_s * 1e3, predicted_speed_vs_reference=ref_s / secs)
     return plan
 
 

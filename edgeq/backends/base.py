@@ -71,6 +71,13 @@ class Backend:
         """Bytes a planned artifact spends outside the planned weights (``plans`` backends)."""
         raise EdgeqError(f"the {self.name} format does not take a quantization plan")
 
+    def uniform_plan(self, ir: ModelIR, base_type: str) -> dict[str, str]:
+        """The type of every plan tensor in the one-type build of ``base_type`` (the reference of
+        ``--min-speed``; ``plans`` backends): by default every 2-D weight in ``base_type``."""
+        from edgeq.ir import weight_matrix_shapes
+
+        return {n: base_type for n in weight_matrix_shapes(ir.hparams)}
+
     def manifest(self, model_file: str, weight_type: str, bits: int | None, adapter_files=(), **extra) -> dict:
         """The keys every format's manifest has (+ ``extra``); build adds target, options, source ..."""
         return {"format": self.name, "runtime": self.runtime, "model_file": model_file,

@@ -221,6 +221,7 @@ class PlanStep(Step):
     bpw: float | None = None
     probe_samples: int = 4
     sensitivity: str = "kl-probe"  # kl-probe (a tail re-run per tensor) | fisher (backward passes)
+    min_speed: float | None = None  # decode-speed floor vs the uniform plan of the same size (edgeq.quant.speed)
 
     def run(self, ctx: BuildContext) -> None:
         if self.file is not None:
@@ -231,8 +232,16 @@ class PlanStep(Step):
     def target_inputs(self, target, opts) -> dict:
         if self.file is not None:  # a plan file is checked against the target's name
             return {"target": target.name}
-        return {"types": list(target.plan_types(self.format)), "ranks": list(target.plan_ranks),
-                "bpw": target.plan_bpw if self.bpw is None and self.budget_mb is None else None}
+        d = {"types": list(target.plan_types(self.format)), "ranks": list(target.plan_ranks),
+             "bpw": target.plan_bpw if self.bpw is None and self.budget_mb is None else None}
+        if self.min_speed is not None:  # the speed model is the profile's (measured table or roofline)
+            d["speed_model"] = self._speed(target).to_json() | {"bandwidth_gb_s": target.bandwidth_gb_s}
+        return d
+
+    def _speed(self, target):
+        from edgeq.quant.speed import speed_model
+
+        return speed_model(target.name, self.format, target.bandwidth_gb_s, group=target.quant_block_size)
 
     def adopt(self, ctx: BuildContext) -> None:
         """The planner's plan is the same for every target with these candidate types, ranks and
@@ -277,9 +286,16 @@ class PlanStep(Step):
                 ctx.log(f"warning: no KL sensitivity probe ({exc}); the planner weighs raw layer output errors")
         ctx.log(f"planning: {len(types)} types x ranks {list(target.plan_ranks)} for a {budget / 1e6:.2f} MB "
                 "weight budget")
+        speed = None
+        if self.min_speed is not None:
+            speed = self._speed(target)
+            ctx.log(f"speed floor: {self.min_speed:g}x the uniform plan of the same size ({speed.source} costs of "
+                    f"{speed.profile}/{speed.backend})")
+        backend = backends.get(self.format)
         plan = make_plan(ir, stats, target.name, types, target.plan_ranks, budget, probe=probe, format=self.format,
                          model=str(ir.source.get("name") or Path(str(ir.source.get("path", ""))).name),
-                         sensitivity=self.sensitivity)
+                         sensitivity=self.sensitivity, speed=speed, min_speed=self.min_speed,
+                         uniform=lambda t: backend.uniform_plan(ir, t))
         plan.summary["bpw"] = round(budget * 8 / n_weights(ir), 4)
         plan.summary["sensitivity"] = self.sensitivity if probe is not None else "layer-output-error"
         return plan

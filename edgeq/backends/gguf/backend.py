@@ -55,6 +55,15 @@ class GgufBackend(Backend):
 
         return fixed_overhead_bytes(ir)
 
+    def uniform_plan(self, ir, base_type: str) -> dict[str, str]:
+        """llama.cpp's own file of that base type: its linears in ``base_type``, the head (tied
+        embedding) per llama.cpp's output rule (edgeq.backends.gguf.types.tensor_types)."""
+        from edgeq.backends.gguf.lower import tensor_types
+        from edgeq.ir import weight_matrix_shapes
+
+        types = tensor_types(ir, base_type)
+        return {n: types[n].value for n in weight_matrix_shapes(ir.hparams)}
+
     def lower(self, ir, opts, target, tmp, log, *, plan=None, float_ir=None):
         if plan is not None:
             return self._lower_planned(ir, float_ir, plan, opts, target, tmp, log)
