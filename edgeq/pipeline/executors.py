@@ -155,13 +155,16 @@ def _worker_init(spill_root: str) -> None:
     push_store(_worker_spill)
 
 
-def _segment_task(seg: Segment, path: str, alive: list[str], root: str):
+def segment_task(seg: Segment, path: str, alive: list[str], root: str):
+    """A segment run in a worker (processes, ray): its context read from ``path``, the result
+    stored under ``root``."""
     ctx, alive, failures, runs = run_segment(seg, load_context(path), alive)
     ref = save_context(ctx, Path(root)) if alive else None
     return ref, alive, failures, runs
 
 
-def _tail_task(member: Member, path: str) -> Outcome:
+def tail_task(member: Member, path: str) -> Outcome:
+    """A member's tail run in a worker (processes, ray), from the context file ``path``."""
     return finish(member, load_context(path))
 
 
@@ -217,10 +220,10 @@ class Processes(Executor):
         return save_context(ctx, self.root)
 
     def submit_segment(self, seg, ref, alive):
-        return self.pool.submit(_segment_task, seg, ref, alive, str(self.root))
+        return self.pool.submit(segment_task, seg, ref, alive, str(self.root))
 
     def submit_tail(self, member, ref):
-        return self.pool.submit(_tail_task, member, ref)
+        return self.pool.submit(tail_task, member, ref)
 
 
 def make_executor(name: str | None, work_dir: Path, jobs: int | None = None, address: str | None = None) -> Executor:

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from edgeq.errors import EdgeqError
-from edgeq.pipeline.executors import Executor, _segment_task, _tail_task, save_context
+from edgeq.pipeline.executors import Executor, save_context, segment_task, tail_task
 
 RAY_EXTRA = "pip install 'edgeq[ray]'"
 PROBE_TIMEOUT_S = 120.0
@@ -61,12 +61,12 @@ def _spill_into(root: str) -> None:
 
 def _ray_segment(seg, path: str, alive: list[str], root: str):
     _spill_into(root)
-    return _segment_task(seg, path, alive, root)
+    return segment_task(seg, path, alive, root)
 
 
 def _ray_tail(member, path: str, root: str):
     _spill_into(root)
-    return _tail_task(member, path)
+    return tail_task(member, path)
 
 
 def _probe(marker: str) -> tuple[bool, str]:
