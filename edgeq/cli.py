@@ -136,14 +136,21 @@ def targets(as_json):
 @click.option("--min-speed", type=float, default=None,
               help="Planner: predicted decode speed at least this x the uniform plan of the same size (e.g. 0.97; "
                    "the profile's speed costs, docs/targets.md).")
-@click.option("--executor", type=click.Choice(["inprocess", "processes"]), default="inprocess", show_default=True,
-              help="Release matrix: run its tasks in this process, or independent targets' steps in parallel "
-                   "worker processes.")
-@click.option("--jobs", type=int, default=None, help="--executor processes: worker processes (default: CPU count).")
+@click.option("--executor", default=None, show_default="inprocess; ray with --ray-address",
+              metavar="inprocess|processes|ray|ray://HOST:PORT",
+              help="Release matrix: run its tasks in this process, in parallel worker processes, or on Ray (ray: "
+                   "join the instance `ray start` began on this machine or start one; ray://HOST:PORT: a Ray Client "
+                   "address). Ray needs the extra edgeq[ray] and every node seeing the output dir, model and data "
+                   "at the same paths.")
+@click.option("--jobs", type=int, default=None,
+              help="--executor processes: worker processes (default: CPU count); --executor ray: CPUs of a Ray "
+                   "instance the build starts itself.")
+@click.option("--ray-address", default=None, metavar="HOST:PORT",
+              help="--executor ray: the cluster to join (its GCS address, from a node of the cluster; or ray://...).")
 @_fail_cleanly
 def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, no_goldens, prune_rates, sort,
           importance, calib_samples, calib_len, calib_data, recover, recover_steps, prune_bias, prune_dims, plan_file,
-          budget_mb, bpw, sensitivity, min_speed, executor, jobs):
+          budget_mb, bpw, sensitivity, min_speed, executor, jobs, ray_address):
     """Compile MODEL (HF checkpoint dir or .gguf) into an artifact directory (or, for several
     targets, a release directory)."""
     from edgeq.build import BuildOptions, build as run_build
@@ -165,10 +172,10 @@ def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, n
     if jobs is not None and jobs < 1:
         raise EdgeqError(f"--jobs must be >= 1, got {jobs}")
     if is_matrix(target):
-        _build_release(opts, target, fmt, executor, jobs)
+        _build_release(opts, target, fmt, executor, jobs, ray_address)
         return
-    if executor != "inprocess" or jobs is not None:
-        raise EdgeqError("--executor/--jobs apply to a release matrix (--target a,b,c or all)")
+    if executor not in (None, "inprocess") or jobs is not None or ray_address is not None:
+        raise EdgeqError("--executor/--jobs/--ray-address apply to a release matrix (--target a,b,c or all)")
     res = run_build(opts)
     m = res.manifest
     size = sum(f["bytes"] for f in m["files"].values())
@@ -182,10 +189,10 @@ def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, n
                    f"({sz['bpw']:.3f} bpw)")
 
 
-def _build_release(opts, target, fmt, executor, jobs):
+def _build_release(opts, target, fmt, executor, jobs, ray_address):
     from edgeq.release import build_release
 
-    res = build_release(opts, target, fmt, executor=executor, jobs=jobs)
+    res = build_release(opts, target, fmt, executor=executor, jobs=jobs, ray_address=ray_address)
     idx = res.index
     for a in idx["artifacts"]:
         where = "verified here" if a["verify"] == "here" else f"verify on device ({a['device']})"

@@ -98,8 +98,9 @@ def members_for(opts: BuildOptions, names: list[str], formats: list[str | None],
     return members, profiles
 
 
-def build_release(opts: BuildOptions, target_spec: str, format_spec: str | None = None, executor: str = "inprocess",
-                  jobs: int | None = None, log: Callable[[str], None] = _log) -> ReleaseResult:
+def build_release(opts: BuildOptions, target_spec: str, format_spec: str | None = None, executor: str | None = None,
+                  jobs: int | None = None, log: Callable[[str], None] = _log,
+                  ray_address: str | None = None) -> ReleaseResult:
     """Build every (target, format) of ``target_spec`` x ``format_spec`` into ``opts.out``."""
     from edgeq.pipeline.executors import make_executor
     from edgeq.spill import spilling
@@ -110,7 +111,7 @@ def build_release(opts: BuildOptions, target_spec: str, format_spec: str | None 
     sink = None if log is _log else log
     with atomic_directory(out, force=opts.force) as tmp:
         members, profiles = members_for(opts, names, formats, tmp, sink)
-        ex = make_executor(executor, tmp, jobs)  # (its context files: inside the release's temp dir)
+        ex = make_executor(executor, tmp, jobs, ray_address)  # (its context files: inside the release's temp dir)
         ctx = BuildContext(opts=members[0].ctx.opts, target=members[0].ctx.target, log=PrefixLog("", sink))
         with spilling(out.resolve().parent):
             from edgeq.pipeline.matrix import plan_tree
@@ -130,7 +131,7 @@ def _sha256(path: Path) -> str:
 
 
 def release_index(opts: BuildOptions, members: list[Member], profiles: dict[str, TargetProfile], res,
-                  executor: str) -> dict:
+                  executor: str | None) -> dict:
     """release.json (deterministic: no times, no absolute paths)."""
     from edgeq.pipeline.matrix import Node
 

@@ -63,6 +63,12 @@ def push_store(store: "SpillStore") -> None:
     _active.append(store)
 
 
+def drop_store(store: "SpillStore") -> None:
+    """Stop spilling into ``store`` (a long-lived worker moving on to another build's directory)."""
+    if store in _active:
+        _active.remove(store)
+
+
 def active() -> "SpillStore | None":
     return _active[-1] if _active else None
 

@@ -204,4 +204,4 @@ def test_executor_needs_a_target_list(tiny_llama, tmp_path):
     out = tmp_path / "one"
     code, text = run_cli("build", tiny_llama, "--target", "cpu-avx2", "--bits", "4", "--executor", "processes",
                          "-o", out)
-    assert code == 1 and "--executor/--jobs apply to a release matrix" in text and not out.exists()
+    assert code == 1 and "--executor/--jobs/--ray-address apply to a release matrix" in text and not out.exists()

@@ -10,6 +10,8 @@ from a stored context to an artifact directory and an :class:`~edgeq.pipeline.ma
   more is written as its own ``.npy`` file and read back memory-mapped, spilled weights
   (``edgeq.spill``) travel as their file names, so a model is never pickled into a task. Workers
   spill into the same temporary directory, kept until the whole matrix ends.
+- ``ray``, ``ray://HOST:PORT`` (or ``ray`` with an address): tasks on a Ray cluster, contexts as
+  files the same way (:mod:`edgeq.pipeline.ray_executor`; Ray is imported only then).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import numpy as np
 from edgeq.pipeline.matrix import Member, Outcome, Segment, finish, fork, run_segment
 from edgeq.pipeline.runner import BuildContext
 
-EXECUTORS = ("inprocess", "processes")
+EXECUTORS = ("inprocess", "processes", "ray", "ray://HOST:PORT")
 
 # Arrays at least this large travel as their own file (memory-mapped on the other side).
 FILE_ARRAY_BYTES = 1 << 16
@@ -153,13 +155,16 @@ def _worker_init(spill_root: str) -> None:
     push_store(_worker_spill)
 
 
-def _segment_task(seg: Segment, path: str, alive: list[str], root: str):
+def segment_task(seg: Segment, path: str, alive: list[str], root: str):
+    """A segment run in a worker (processes, ray): its context read from ``path``, the result
+    stored under ``root``."""
     ctx, alive, failures, runs = run_segment(seg, load_context(path), alive)
     ref = save_context(ctx, Path(root)) if alive else None
     return ref, alive, failures, runs
 
 
-def _tail_task(member: Member, path: str) -> Outcome:
+def tail_task(member: Member, path: str) -> Outcome:
+    """A member's tail run in a worker (processes, ray), from the context file ``path``."""
     return finish(member, load_context(path))
 
 
@@ -215,17 +220,33 @@ class Processes(Executor):
         return save_context(ctx, self.root)
 
     def submit_segment(self, seg, ref, alive):
-        return self.pool.submit(_segment_task, seg, ref, alive, str(self.root))
+        return self.pool.submit(segment_task, seg, ref, alive, str(self.root))
 
     def submit_tail(self, member, ref):
-        return self.pool.submit(_tail_task, member, ref)
+        return self.pool.submit(tail_task, member, ref)
 
 
-def make_executor(name: str, work_dir: Path, jobs: int | None = None) -> Executor:
+def make_executor(name: str | None, work_dir: Path, jobs: int | None = None, address: str | None = None) -> Executor:
+    """``name``: inprocess, processes, ray or ray://HOST:PORT (None: inprocess, or ray when an
+    ``address`` is given); ``address`` (``--ray-address``): the Ray cluster to join."""
     from edgeq.errors import EdgeqError
 
+    if name is None:
+        name = "ray" if address is not None else "inprocess"
+    if name.startswith("ray://"):
+        if address is not None and address != name:
+            raise EdgeqError(f"--executor {name} and --ray-address {address}: two different clusters")
+        name, address = "ray", name
+    if address is not None and name != "ray":
+        raise EdgeqError(f"--ray-address applies to --executor ray, not {name}")
+    if address is not None and not address.strip():
+        raise EdgeqError("--ray-address: empty address")
     if name == "inprocess":
         return InProcess()
     if name == "processes":
         return Processes(work_dir, jobs)
+    if name == "ray":
+        from edgeq.pipeline.ray_executor import RayExecutor
+
+        return RayExecutor(work_dir, address=address, jobs=jobs)
     raise EdgeqError(f"unknown executor {name!r} (available: {', '.join(EXECUTORS)})")

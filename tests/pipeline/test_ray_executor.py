@@ -1,0 +1,221 @@
+"""The Ray executor (edgeq.pipeline.ray_executor) on a two-node Ray cluster on this machine (a head
+and a worker node on the loopback address, one CPU each): release artifacts byte-identical to the
+in-process build, a worker killed mid-build retried, and one-line errors for bad executor input."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import edgeq
+from edgeq.cli import main
+
+REPO = Path(edgeq.__file__).resolve().parent.parent
+PRUNED = ["--bits", "4", "--prune-rates", "0,0.25", "--calib-samples", "4", "--calib-len", "32"]
+TARGETS = "cpu-avx2,mobile-arm64"
+
+
+def run_cli(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return r.exit_code, r.output
+
+
+def tree_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def same_tree(a: Path, b: Path) -> None:
+    fa, fb = tree_files(a), tree_files(b)
+    assert sorted(fa) == sorted(fb)
+    for name in fa:
+        assert fa[name] == fb[name], f"{name} differs between executors"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """A head and a worker node started with `ray start --block`, each in its own process group
+    (stopped by group id, whatever the test did)."""
+
+    def __init__(self):
+        self.port, self.client_port = free_port(), free_port()
+        # (a short path: Ray's unix sockets live under it)
+        self.tmp = Path(tempfile.mkdtemp(prefix="edgeq-ray.", dir="/tmp"))
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                    "RAY_USAGE_STATS_ENABLED": "0"}
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, *args: str) -> None:
+        ray = Path(sys.executable).parent / "ray"
+        log = open(self.tmp / f"node{len(self.procs)}.log", "wb")
+        self.procs.append(subprocess.Popen(
+            [str(ray), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+             "--object-store-memory=200000000", "--disable-usage-stats", *args],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def pgids(self) -> set[int]:  # (each `ray start` leads its own process group: its pid)
+        return {p.pid for p in self.procs}
+
+    def wait_nodes(self, n: int, timeout: float = 120.0) -> None:
+        import ray
+
+        deadline = time.monotonic() + timeout
+        while True:
+            for p in self.procs:  # (a node that could not start: its log, at once)
+                assert p.poll() is None, (self.tmp / f"node{self.procs.index(p)}.log").read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, f"the Ray cluster did not reach {n} nodes"
+            with socket.socket() as s:
+                up = s.connect_ex(("127.0.0.1", self.port)) == 0
+            if up:
+                ray.init(address=f"127.0.0.1:{self.port}", logging_level="ERROR", log_to_driver=False)
+                alive = [x for x in ray.nodes() if x["Alive"]]
+                ray.shutdown()
+                if len(alive) >= n:
+                    return
+            time.sleep(1.0)
+
+    def stop(self) -> None:
+        import shutil
+
+        for p in self.procs:  # `ray start --block` stops its node's processes on SIGTERM
+            with_group(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            with_group(p.pid, signal.SIGKILL)  # (whatever is left of the group)
+            p.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def with_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # a loopback-only test cluster: no token authentication (set for the nodes and for the drivers,
+    # this process and the build subprocess, whatever ~/.ray/auth_token holds)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "disabled")
+    c = Cluster()
+    try:
+        c.start("--head", f"--port={c.port}", f"--ray-client-server-port={c.client_port}",
+                "--include-dashboard=false", f"--temp-dir={c.tmp}")
+        c.wait_nodes(1)
+        c.start(f"--address=127.0.0.1:{c.port}")
+        c.wait_nodes(2)
+        yield c
+    finally:
+        c.stop()
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def inprocess_release(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rel") / "release"
+    code, text = run_cli("build", tiny_llama, "--target", TARGETS, *PRUNED, "-o", out)
+    assert code == 0, text
+    return out
+
+
+def test_two_node_cluster_gives_the_inprocess_bytes(cluster, inprocess_release, tiny_llama, tmp_path):
+    out = tmp_path / "release-ray"
+    code, text = run_cli("build", tiny_llama, "--target", TARGETS, *PRUNED, "--ray-address", f"127.0.0.1:{cluster.port}",
+                         "-o", out)
+    assert code == 0, text
+    assert "executor ray" in text
+    same_tree(out, inprocess_release)
+    assert [p.name for p in tmp_path.iterdir()] == ["release-ray"]  # no temp dirs, contexts or spills left
+
+
+def parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+def worker_tasks(roots: set[int]) -> list[tuple[int, str]]:
+    """(pid, title) of the cluster's worker processes (descendants of the ``ray start`` processes
+    ``roots``: workers have process groups of their own) running one of our tasks now."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            title = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            if not title.startswith(("ray::_ray_segment", "ray::_ray_tail")):
+                continue
+            pid = int(d.name)
+            while pid > 1 and pid not in roots:
+                pid = parent(pid)
+        except (OSError, ValueError):
+            continue
+        if pid in roots:
+            found.append((int(d.name), title))
+    return found
+
+
+def test_a_worker_killed_mid_build_is_retried(cluster, inprocess_release, tiny_llama, tmp_path):
+    """SIGKILL the worker process running the first member's lowering (a tail task): the matrix
+    sees the task lost, removes what it left, runs it again; the release is still byte-identical."""
+    out = tmp_path / "release-ray"
+    cmd = [sys.executable, "-m", "edgeq.cli", "build", str(tiny_llama), "--target", TARGETS, *PRUNED,
+           "--executor", f"ray://127.0.0.1:{cluster.client_port}", "-o", str(out)]
+    env = {**cluster.env, "RAY_DEDUP_LOGS": "0"}
+    build = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    killed = None
+    try:
+        while killed is None and build.poll() is None:
+            tails = [t for t in worker_tasks(cluster.pgids()) if t[1].startswith("ray::_ray_tail")]
+            if tails:
+                time.sleep(0.5)  # (into the lowering: its temporary artifact directory exists)
+                os.kill(tails[0][0], signal.SIGKILL)
+                killed = tails[0]
+            time.sleep(0.02)
+        text = build.communicate(timeout=600)[0].decode(errors="replace")
+    finally:
+        if build.poll() is None:
+            build.kill()
+    assert killed is not None, "no tail task was seen running"
+    assert build.returncode == 0, text
+    assert "lost (" in text and "retrying (attempt 2 of 3)" in text, text
+    same_tree(out, inprocess_release)
+    assert [p.name for p in tmp_path.iterdir()] == ["release-ray"]
+
+
+def test_without_ray_installed_the_ray_executor_is_one_error_line(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # (import ray -> ImportError)
+    out = tmp_path / "rel"
+    code, text = run_cli("build", tiny_llama, "--target", "cpu-avx2,mobile-arm64", "--bits", "4",
+                         "--executor", "ray", "-o", out)
+    assert code == 1 and len(text.strip().splitlines()) == 1, text
+    assert text.startswith("error: --executor ray needs Ray, which is not installed (pip install 'edgeq[ray]')")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--executor", "processes", "--ray-address", "127.0.0.1:1"], "--ray-address applies to --executor ray"),
+    (["--executor", "ray://127.0.0.1:1", "--ray-address", "127.0.0.1:2"], "two different clusters"),
+    (["--executor", "dask"], "unknown executor 'dask'"),
+])
+def test_bad_executor_options_are_one_line_errors(args, message, tiny_llama, tmp_path):
+    out = tmp_path / "rel"
+    code, text = run_cli("build", tiny_llama, "--target", "cpu-avx2,mobile-arm64", "--bits", "4", *args, "-o", out)
+    assert code == 1 and text.startswith("error:") and message in text and len(text.strip().splitlines()) == 1, text
+    assert not out.exists() and list(tmp_path.iterdir()) == []
