@@ -184,9 +184,12 @@ def test_a_worker_killed_mid_build_is_retried(cluster, inprocess_release, tiny_l
         while killed is None and build.poll() is None:
             tails = [t for t in worker_tasks(cluster.pgids()) if t[1].startswith("ray::_ray_tail")]
             if tails:
-                time.sleep(0.5)  # (into the lowering: its temporary artifact directory exists)
-                os.kill(tails[0][0], signal.SIGKILL)
-                killed = tails[0]
+                time.sleep(0.2)  # (into the lowering: its temporary artifact directory exists)
+                try:
+                    os.kill(tails[0][0], signal.SIGKILL)
+                    killed = tails[0]
+                except ProcessLookupError:  # that task ended meanwhile: wait for the next one
+                    pass
             time.sleep(0.02)
         text = build.communicate(timeout=600)[0].decode(errors="replace")
     finally:
