@@ -139,7 +139,7 @@ def test_kl_recovery_build_is_deterministic(tiny_qwen2, tmp_path):
     assert code == 0, text
     m = json.loads((out / "manifest.json").read_text())
     assert "recover_loss" not in m["options"]
-    assert [list(s["config"]) for s in m["steps"] if s["name"] == "recover"] == [["steps", "data"]]
+    assert [sorted(s["config"]) for s in m["steps"] if s["name"] == "recover"] == [["data", "steps"]]
 
 
 def test_bad_recover_options_are_one_line_errors(tiny_llama, tmp_path):
