@@ -63,6 +63,7 @@ class BuildOptions:
     calib_data: Path | None = None
     recover: bool = False
     recover_steps: int | None = None
+    recover_loss: str = "ce"  # ce | kl: the recovery's loss (edgeq.passes.recover)
     prune_bias: bool = False  # per-rate bias compensation of the pruned inputs' mean (edgeq.passes.prune_bias)
     prune_dims: str = "all"  # all | mlp: what a rate prunes (edgeq.passes.rate_plan)
     plan: Path | None = None  # replay this quantization plan (edgeq plan / plan.toml of an artifact)
@@ -102,6 +103,8 @@ class BuildOptions:
                 d["prune_bias"] = True
             if self.prune_dims != "all":
                 d["prune_dims"] = self.prune_dims
+            if self.recover and self.recover_loss != "ce":
+                d["recover_loss"] = self.recover_loss
         return d
 
 
@@ -142,10 +145,18 @@ def check_options(opts: BuildOptions, target: TargetProfile) -> None:
 
         if opts.prune_dims not in DIMS:
             raise EdgeqError(f"unknown --prune-dims {opts.prune_dims!r} ({' or '.join(DIMS)})")
+        if opts.recover_loss not in ("ce", "kl"):
+            raise EdgeqError(f"unknown --recover-loss {opts.recover_loss!r} (ce or kl)")
+        if opts.recover_loss != "ce" and not opts.recover:
+            raise EdgeqError("--recover-loss needs --recover")
+        if opts.recover_steps is not None and opts.recover_steps < 1:
+            raise EdgeqError(f"--recover-steps must be >= 1, got {opts.recover_steps}")
     elif opts.recover:
         raise EdgeqError("--recover needs --prune-rates with a rate above 0")
     elif opts.prune_bias:
         raise EdgeqError("--prune-bias needs --prune-rates with a rate above 0")
+    elif opts.recover_loss != "ce":
+        raise EdgeqError("--recover-loss needs --recover and --prune-rates with a rate above 0")
     elif opts.prune_dims != "all":
         raise EdgeqError("--prune-dims needs --prune-rates with a rate above 0")
     if opts.plan is not None and (opts.bits is not None or opts.qtype is not None):
@@ -206,7 +217,8 @@ def compress_steps(opts: BuildOptions, target: TargetProfile) -> list[Step]:
             RatePlanStep(rates=rates, granularity=target.prune_granularity, importance=opts.importance,
                          dims=opts.prune_dims)]
     if opts.recover:
-        out.append(RecoverStep(steps=opts.recover_steps, data=None if opts.calib_data is None else str(opts.calib_data)))
+        out.append(RecoverStep(steps=opts.recover_steps, data=None if opts.calib_data is None else str(opts.calib_data),
+                               loss=opts.recover_loss))
     if opts.prune_bias and opts.recover:  # recovery changed the model: its means, measured again
         out.append(PruneBiasStep(source="measure"))
     return out

@@ -118,6 +118,9 @@ def targets(as_json):
               help="Alpaca JSON for calibration (default: ../shared/data/alpaca/alpaca_small.json).")
 @click.option("--recover", is_flag=True, help="LoRA recovery fine-tune with a rate sampled per step, merged back.")
 @click.option("--recover-steps", type=int, default=None, help="Recovery fine-tune steps (default: see RecoverConfig).")
+@click.option("--recover-loss", type=click.Choice(["ce", "kl"]), default="ce", show_default=True,
+              help="Recovery loss: next-token cross-entropy on the text (ce), or KL distillation from the "
+                   "unpruned model's logits (kl).")
 @click.option("--prune-bias", is_flag=True,
               help="Per-rate bias compensation: each rate adds the mean contribution of the inputs it prunes "
                    "(o_proj / ffn_down; FLAP), switched with the rate.")
@@ -149,8 +152,8 @@ def targets(as_json):
               help="--executor ray: the cluster to join (its GCS address, from a node of the cluster; or ray://...).")
 @_fail_cleanly
 def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, no_goldens, prune_rates, sort,
-          importance, calib_samples, calib_len, calib_data, recover, recover_steps, prune_bias, prune_dims, plan_file,
-          budget_mb, bpw, sensitivity, min_speed, executor, jobs, ray_address):
+          importance, calib_samples, calib_len, calib_data, recover, recover_steps, recover_loss, prune_bias,
+          prune_dims, plan_file, budget_mb, bpw, sensitivity, min_speed, executor, jobs, ray_address):
     """Compile MODEL (HF checkpoint dir or .gguf) into an artifact directory (or, for several
     targets, a release directory)."""
     from edgeq.build import BuildOptions, build as run_build
@@ -164,7 +167,8 @@ def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, n
                         adapters=tuple(adapters), adapter_mode=adapter_mode, force=force,
                         record_goldens=not no_goldens, prune_rates=rates, sort=sort, importance=importance,
                         calib_samples=calib_samples, calib_len=calib_len, calib_data=calib_data,
-                        recover=recover, recover_steps=recover_steps, prune_bias=prune_bias, prune_dims=prune_dims,
+                        recover=recover, recover_steps=recover_steps, recover_loss=recover_loss,
+                        prune_bias=prune_bias, prune_dims=prune_dims,
                         plan=plan_file, budget_mb=budget_mb, bpw=bpw,
                         sensitivity=sensitivity, min_speed=min_speed)
     from edgeq.release import is_matrix

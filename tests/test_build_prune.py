@@ -116,3 +116,40 @@ def test_pruned_build_is_deterministic(tiny_qwen2, tmp_path):
         outs.append(out)
     for f in sorted(p.name for p in outs[0].iterdir()):
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+
+
+def test_kl_recovery_build_is_deterministic(tiny_qwen2, tmp_path):
+    """--recover --recover-loss kl: two builds, the same bytes; the manifest names the loss (and
+    an ordinary --recover build's manifest does not)."""
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"k{i}"
+        code, text = run_cli("build", tiny_qwen2, "--format", "reference", "--prune-rates", "0,0.25", *CALIB,
+                             "--prune-bias", "--recover", "--recover-steps", "2", "--recover-loss", "kl", "-o", out)
+        assert code == 0, text
+        outs.append(out)
+    for f in sorted(p.name for p in outs[0].iterdir()):
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+    m = json.loads((outs[0] / "manifest.json").read_text())
+    assert m["options"]["recover_loss"] == "kl"
+    assert [s["config"]["loss"] for s in m["steps"] if s["name"] == "recover"] == ["kl"]
+    out = tmp_path / "ce"
+    code, text = run_cli("build", tiny_qwen2, "--format", "reference", "--prune-rates", "0,0.25", *CALIB,
+                         "--recover", "--recover-steps", "1", "-o", out)
+    assert code == 0, text
+    m = json.loads((out / "manifest.json").read_text())
+    assert "recover_loss" not in m["options"]
+    assert [sorted(s["config"]) for s in m["steps"] if s["name"] == "recover"] == [["data", "steps"]]
+
+
+def test_bad_recover_options_are_one_line_errors(tiny_llama, tmp_path):
+    for args, msg in [(["--recover-loss", "kl"], "--recover-loss needs"),
+                      (["--prune-rates", "0,0.25", "--recover-loss", "kl"], "--recover-loss needs --recover"),
+                      (["--prune-rates", "0,0.25", "--recover", "--recover-steps", "0"], "--recover-steps"),
+                      (["--prune-rates", "0,0.25", "--recover", "--recover-loss", "mse"], "mse")]:
+        out = tmp_path / "o"
+        code, text = run_cli("build", tiny_llama, "--format", "reference", *args, *CALIB, "-o", out)
+        assert code != 0, (args, text)
+        assert msg in text and "Traceback" not in text, (args, text)
+        assert sum(line.lower().startswith("error") for line in text.splitlines()) == 1, text
+        assert not out.exists()

@@ -17,7 +17,9 @@ resident weight bytes, and the switch time.
 
 ``--methods``: comma-separated configurations, each a sort (``uniql`` / ``naive``) with optional
 ``+bias`` (``--prune-bias``: per-rate bias compensation) and ``+mlp`` (``--prune-dims mlp``: the
-whole rate from the MLP channels) suffixes (issue 15).
+whole rate from the MLP channels) suffixes (issue 15), and an optional recovery fine-tune suffix
+``+ce`` / ``+kl`` (``--recover --recover-loss ce|kl`` with ``--recover-steps``; e.g.
+``uniql+mlp+bias+kl``). Configurations share the calibration and the sort.
 """
 from __future__ import annotations
 
@@ -72,17 +74,20 @@ def main(argv=None) -> int:
     base = load_model(args.model)
     models: dict[str, object] = {}
     build_s: dict[str, float] = {}
+    build_cpu_s: dict[str, float] = {}  # this process's CPU seconds (the steps the configuration did not share)
     for method in [m for m in args.methods.split(",") if m]:
         sort, *flags = method.split("+")
-        if sort not in ("uniql", "naive") or set(flags) - {"bias", "mlp"}:
-            ap.error(f"--methods: unknown configuration {method!r} (uniql|naive, then +bias / +mlp)")
+        if sort not in ("uniql", "naive") or set(flags) - {"bias", "mlp", "ce", "kl"} or {"ce", "kl"} <= set(flags):
+            ap.error(f"--methods: unknown configuration {method!r} (uniql|naive, then +bias / +mlp / +ce|+kl)")
+        loss = next((f for f in flags if f in ("ce", "kl")), None)
         opts = BuildOptions(model=args.model, out=args.out, prune_rates=rates, sort=sort,
                             calib_samples=args.calib_samples, calib_len=args.calib_len, prune_bias="bias" in flags,
-                            prune_dims="mlp" if "mlp" in flags else "all")
-        t = time.perf_counter()
+                            prune_dims="mlp" if "mlp" in flags else "all", recover=loss is not None,
+                            recover_loss=loss or "ce", recover_steps=args.recover_steps)
+        t, c = time.perf_counter(), time.process_time()
         models[method], timings = _compress(base, opts, target)
-        build_s[method] = time.perf_counter() - t
-        log(f"{method}: {timings}")
+        build_s[method], build_cpu_s[method] = time.perf_counter() - t, time.process_time() - c
+        log(f"{method}: {timings}; {build_cpu_s[method]:.0f} CPU s")
     if args.recover:
         opts = BuildOptions(model=args.model, out=args.out, prune_rates=rates, sort="uniql",
                             calib_samples=args.calib_samples, calib_len=args.calib_len, recover=True,
@@ -154,6 +159,11 @@ def main(argv=None) -> int:
         switch[r] = statistics.median(ts)
 
     rows_out = []
+    recovery = {m: dict(next(h for h in reversed(ir.history) if h.name == "recover").options)
+                for m, ir in models.items() if any(h.name == "recover" for h in ir.history)}
+    for m, rec in recovery.items():
+        log(f"{m}: recovery {rec['steps_done']} steps ({build_cpu_s.get(m, 0):.0f} CPU s with its rate plan and means), "
+            f"loss {rec['initial_loss']:.4f} -> {rec['final_loss']:.4f}, by rate {rec['final_loss_by_rate']}")
     for m, r in configs:
         a = acc[(m, r)]
         k = np.concatenate(a["kl"])
@@ -166,7 +176,7 @@ def main(argv=None) -> int:
             "realised_rate": _realised(models[m], r)})
     result = {"model": str(args.model), "rates": list(rates), "calib": [args.calib_samples, args.calib_len],
               "unpruned": {"ppl": float(np.exp(ref_nll / n_ref)), "lambada": lam_ref / len(items) if items else None},
-              "build_s": build_s, "rows": rows_out, "seconds": time.perf_counter() - t0,
+              "build_s": build_s, "build_cpu_s": build_cpu_s, "recovery": recovery, "rows": rows_out, "seconds": time.perf_counter() - t0,
               "date": time.strftime("%Y-%m-%d")}
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     u = result["unpruned"]
@@ -198,7 +208,7 @@ def _compress(base, opts: BuildOptions, target):
     k = max((n for n in range(1, len(steps) + 1) if repr(steps[:n]) in _DONE), default=0)
     if k:
         ctx.ir, ctx.stats, ctx.calib_seqs = _DONE[repr(steps[:k])]
-    if not opts.prune_bias and not opts.recover:  # the sorted model of a +bias configuration, without its means
+    if not opts.prune_bias:  # the sorted model of a +bias configuration, without its means
         with_bias = compress_steps(dataclasses.replace(opts, prune_bias=True), target)
         j = next((n for n, s in enumerate(with_bias) if s.name == "sort"), None)
         s = next((n for n, s in enumerate(steps) if s.name == "sort"), None)

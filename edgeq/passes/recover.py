@@ -12,6 +12,21 @@ float32, reading the frozen base weights straight from the IR arrays (no copies)
 the adapters are merged (``W += scale * B @ A``) into a new ModelIR; ``rope_index`` and
 ``prune`` are unchanged, since every prefix stays a valid smaller model.
 
+Two losses (``RecoverConfig.loss``, issue 15):
+
+* ``"ce"``: next-token cross-entropy on the training text (the original recovery);
+* ``"kl"``: distillation from the model as it came in — KL(teacher ‖ student) over the whole
+  vocabulary at every position, the teacher being the same frozen weights at full width with no
+  adapter (the unpruned model; for a sorted IR rate 0 is exactly it). One teacher forward
+  (no gradient) per step. A sampled rate of 0 trains the adapter to stay the unpruned model, so
+  rate 0 keeps its quality while the pruned rates learn the full model's distribution rather
+  than the text's one-hot targets.
+
+When the IR carries bias-compensation means (``--prune-bias``), the student forward adds each
+rate's compensation exactly as deployment does: ``W_eff @ (mean * dropped)`` for ffn_down and
+attn_output, through the adapted weights, so the vectors move with the training (the build
+measures the means again after recovery).
+
 CPU cost on SmolLM2-135M: see the comment on ``RecoverConfig.steps``.
 """
 from __future__ import annotations
@@ -31,6 +46,7 @@ from edgeq.ir import LayerWidths, ModelIR, PassRecord, Role, full_widths, linear
 from runtimes.reference import rope_inv_freq
 
 ROLES = (Role.Q, Role.K, Role.V, Role.O, Role.GATE, Role.UP, Role.DOWN)
+LOSSES = ("ce", "kl")
 
 
 @dataclass(frozen=True)
@@ -53,10 +69,13 @@ class RecoverConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 10  # linear warm-up, then cosine decay to 10% of lr
     max_grad_norm: float = 1.0
+    loss: str = "ce"  # ce (next-token cross-entropy) | kl (distillation from the unpruned model's logits)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["rates"] = None if self.rates is None else [float(r) for r in self.rates]
+        if self.loss == "ce":  # (records of the original recovery stay as they were)
+            del d["loss"]
         return d
 
 
@@ -101,6 +120,7 @@ class LoraModel:
         self.base: list[dict] = []  # per layer: role -> (weight, bias, frozen low-rank branches)
         self.lora: list[dict] = []  # per layer: role -> (A, B) trainable
         self.norms: list[tuple] = []
+        self.means: list[tuple | None] = []  # per layer: (o mean, down mean) float32, or None (no --prune-bias)
         self.rope_index: list[np.ndarray] = []
         for i in range(hp.num_layers):
             base, lora = {}, {}
@@ -115,6 +135,8 @@ class LoraModel:
             self.base.append(base)
             self.lora.append(lora)
             self.norms.append((t(ir.tensors[f"blk.{i}.attn_norm"]), t(ir.tensors[f"blk.{i}.ffn_norm"])))
+            m = ir.prune_means.get(i)
+            self.means.append(None if m is None else (t(m.o), t(m.down)))
             idx = ir.rope_index.get(i)
             self.rope_index.append(np.tile(np.arange(self.half), (KV, 1)) if idx is None else np.asarray(idx))
         # float32 inverse frequencies exactly as the reference runtime (and transformers) compute them
@@ -216,10 +238,31 @@ class LoraModel:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D ** -0.5)  # (B, H, T, D)
         o = o.transpose(1, 2).reshape(B, T, H * D)
         x = x + self._linear(o, i, Role.O, use_lora)
+        means = self.means[i]
+        if means is not None and w.v_dims < D:  # bias compensation: the dropped V/O components' mean
+            x = x + self._compensation(means[0] * (1.0 - self._v_mask(w.v_dims).repeat(H)), i, Role.O, use_lora)
         h = self._rms(x, ffn_norm)
         f = None if w.ffn == hp.intermediate_size else w.ffn  # MLP channels [0:ffn]
         a = F.silu(self._linear(h, i, Role.GATE, use_lora, rows=f)) * self._linear(h, i, Role.UP, use_lora, rows=f)
-        return x + self._linear(a, i, Role.DOWN, use_lora, cols=f)
+        x = x + self._linear(a, i, Role.DOWN, use_lora, cols=f)
+        if means is not None and f is not None:  # ... and the dropped MLP channels' mean
+            dropped = torch.zeros_like(means[1])
+            dropped[f:] = means[1][f:]
+            x = x + self._compensation(dropped, i, Role.DOWN, use_lora)
+        return x
+
+    def _compensation(self, mean_dropped, layer: int, role: Role, use_lora: bool):
+        """W_eff @ mean_dropped (hidden,): what the deployed rate adds for the inputs it drops
+        (``edgeq.passes.prune_bias.rate_bias``), through the adapted weights, without the bias."""
+        F = self.torch.nn.functional
+        w, _, frozen = self.base[layer][role]
+        y = F.linear(mean_dropped, w)
+        for fa, fb, fs in frozen:
+            y = y + F.linear(F.linear(mean_dropped, fa) * fs, fb)
+        if use_lora:
+            a, bb = self.lora[layer][role]
+            y = y + F.linear(F.linear(mean_dropped, a) * self.scale, bb)
+        return y
 
     def logits(self, ids, widths: Sequence[LayerWidths] | None = None, use_lora: bool = True):
         return self.hidden(ids, widths, use_lora) @ self.out_w.T
@@ -229,6 +272,18 @@ class LoraModel:
         F = self.torch.nn.functional
         logits = self.logits(ids[:, :-1], widths, use_lora)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    def kl_loss(self, ids, widths: Sequence[LayerWidths] | None = None):
+        """Mean over positions of KL(teacher ‖ student): the teacher is this model at full width
+        without the adapter (no gradient), the student the adapted model at ``widths``."""
+        torch = self.torch
+        F = torch.nn.functional
+        x = ids[:, :-1]
+        with torch.no_grad():
+            teacher = F.log_softmax(self.logits(x, None, use_lora=False), dim=-1)
+        student = F.log_softmax(self.logits(x, widths, use_lora=True), dim=-1)
+        V = teacher.shape[-1]
+        return F.kl_div(student.reshape(-1, V), teacher.reshape(-1, V), reduction="batchmean", log_target=True)
 
     # ---- merge ----------------------------------------------------------------------------------
     def merged_ir(self, record: PassRecord | None = None) -> ModelIR:
@@ -289,6 +344,8 @@ def recover(ir: ModelIR, sequences: Sequence[Sequence[int]], config: RecoverConf
     torch = require("torch", "frontend")
     if cfg.steps < 0 or cfg.rank < 1 or cfg.batch_size < 1 or cfg.seq_len < 2:
         raise EdgeqError(f"recover: invalid config {cfg}")
+    if cfg.loss not in LOSSES:
+        raise EdgeqError(f"recover: unknown loss {cfg.loss!r} ({' or '.join(LOSSES)})")
     rates = tuple(cfg.rates) if cfg.rates is not None else ((0.0,) if ir.prune is None else tuple(ir.prune.rates))
     if not rates:
         raise EdgeqError("recover: no pruning rate to train at")
@@ -308,7 +365,7 @@ def recover(ir: ModelIR, sequences: Sequence[Sequence[int]], config: RecoverConf
         rate_losses: dict[float, list[float]] = {r: [] for r in rates}
         bar = None
         if progress:
-            bar = tqdm(total=cfg.steps, desc="recover (LoRA)", unit="step", leave=False)
+            bar = tqdm(total=cfg.steps, desc=f"recover (LoRA, {cfg.loss})", unit="step", leave=False)
         step_s = 0.0
         stopped_early = False
         for step in range(cfg.steps):
@@ -321,7 +378,7 @@ def recover(ir: ModelIR, sequences: Sequence[Sequence[int]], config: RecoverConf
             ids = torch.from_numpy(_make_batch(seqs, rng, cfg.batch_size, cfg.seq_len))
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
-            loss = model.loss(ids, widths[rate])
+            loss = model.kl_loss(ids, widths[rate]) if cfg.loss == "kl" else model.loss(ids, widths[rate])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm:
@@ -336,8 +393,8 @@ def recover(ir: ModelIR, sequences: Sequence[Sequence[int]], config: RecoverConf
                 bar.update(1)
         if bar is not None:
             bar.close()
-        seconds = time.perf_counter() - t0
         tail = losses[-max(1, len(losses) // 10):] if losses else []
+        # (no timing in the record: it goes into the manifest, and a build must be byte-identical run to run)
         record = PassRecord("recover", {
             **cfg.to_json(),
             "rates": [float(r) for r in rates],
@@ -347,8 +404,6 @@ def recover(ir: ModelIR, sequences: Sequence[Sequence[int]], config: RecoverConf
             "final_loss": float(np.mean(tail)) if tail else None,  # mean over the last 10% of steps
             "final_loss_by_rate": {f"{r:g}": (float(np.mean(v[-max(1, len(v) // 5):])) if v else None)
                                    for r, v in rate_losses.items()},
-            "seconds": round(seconds, 2),
-            "seconds_per_step": round(seconds / max(len(losses), 1), 3),
             "trainable_params": model.num_trainable(),
         })
         return model.merged_ir(record)

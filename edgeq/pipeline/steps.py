@@ -190,19 +190,27 @@ class PruneBiasStep(Step):
 
 @dataclass(frozen=True)
 class RecoverStep(Step):
-    """LoRA recovery fine-tune with the pruning rate sampled per step (edgeq.passes.recover)."""
+    """LoRA recovery fine-tune with the pruning rate sampled per step (edgeq.passes.recover), on
+    next-token cross-entropy (``loss="ce"``) or distilled from the unpruned model (``"kl"``)."""
 
     name = "recover"
     steps: int | None = None  # None: RecoverConfig's default
     data: str | None = None
+    loss: str = "ce"  # ce | kl (distillation from the unpruned model's logits)
+
+    def config(self) -> dict:
+        d = super().config()
+        if self.loss == "ce":  # (the default's manifests stay as they were)
+            del d["loss"]
+        return d
 
     def run(self, ctx: BuildContext) -> None:
         from edgeq.calibrate import alpaca_token_sequences
         from edgeq.passes.recover import RecoverConfig, recover
 
         ir = ctx.need("ir", self)
-        cfg = RecoverConfig() if self.steps is None else RecoverConfig(steps=self.steps)
-        ctx.log(f"recovery fine-tune ({cfg.steps} steps, LoRA r={cfg.rank}, rate sampled per step)")
+        cfg = RecoverConfig(loss=self.loss) if self.steps is None else RecoverConfig(steps=self.steps, loss=self.loss)
+        ctx.log(f"recovery fine-tune ({cfg.steps} steps, LoRA r={cfg.rank}, {cfg.loss} loss, rate sampled per step)")
         seqs = alpaca_token_sequences(ir.tokenizer, path=None if self.data is None else Path(self.data),
                                       n_samples=max(cfg.steps, 1) * cfg.batch_size, seq_len=cfg.seq_len, seed=1)
         ctx.ir = recover(ir, seqs, cfg)
