@@ -79,7 +79,11 @@ def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: 
         steps.append(Step("UniQL sorting", BASE_BYTES + (3 if f > EIGH_MAX else 5) * 8 * f * f + 3 * 2 * largest,
                           "the MLP sort's eigendecomposition is ffn x ffn float64 per layer"))
         if recover:
-            steps.append(Step("recovery fine-tune", BASE_BYTES + 3 * 4 * n_params,
+            from edgeq.passes.recover import RecoverConfig
+
+            rc = RecoverConfig()  # a step's logits: the student's, their gradient and log-softmax, the
+            logits = 5 * 4 * rc.batch_size * rc.seq_len * hp.vocab_size  # KL teacher's log-probs (float32)
+            steps.append(Step("recovery fine-tune", BASE_BYTES + 3 * 4 * n_params + logits,
                               "drop --recover (the fine-tune holds the whole model in float32)"))
     if planned:  # the KL probe is used only where it fits (edgeq.pipeline PlanStep); else layer output errors
         steps.append(Step("planning (per-tensor measurements)", BASE_BYTES + planner_measure_bytes(hp),
