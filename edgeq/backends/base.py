@@ -137,6 +137,16 @@ def run_buffers_bytes(hp: HParams, n_ctx: int = 256, tokens: int = 96, batch: in
             + 8 * batch * (2 * f + 4 * h) * 4 + 2 * 4 * largest)
 
 
+def weight_copy_bytes(hp: HParams, min_bits_per_weight: float, copy_max_bytes: int) -> int:
+    """Upper side of a runtime's private copy of the weights (llama.cpp's repack, onnxruntime's
+    prepack) made only for files of at most ``copy_max_bytes``: none when even the format's
+    smallest file (``min_bits_per_weight``) is larger, else up to 8-bit weights (8.5 bits)."""
+    from edgeq.ir import n_weight_params
+
+    n = n_weight_params(hp)
+    return 0 if n * min_bits_per_weight / 8 > copy_max_bytes else min(copy_max_bytes, int(n * 8.5 / 8))
+
+
 def switchable_prune_section(ir: ModelIR, opts: BuildOptions, expressed: str, bias: str | None = None,
                              **extra) -> dict:
     """The manifest's ``prune`` section of a format that carries every rate at full fidelity.

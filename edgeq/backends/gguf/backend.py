@@ -152,13 +152,10 @@ class GgufBackend(Backend):
         return {"repack": False} if largest > GOLDENS_REPACK_MAX_BYTES else {}
 
     def goldens_run_bytes(self, hp) -> int:
-        from edgeq.backends.base import run_buffers_bytes
-        from edgeq.ir import n_weight_params
+        from edgeq.backends.base import run_buffers_bytes, weight_copy_bytes
 
-        n = n_weight_params(hp)  # llama.cpp's repack copies the file's weights (at most Q8_0's 8.5 bits)
-        repack = 0 if n * MIN_BITS_PER_WEIGHT / 8 > GOLDENS_REPACK_MAX_BYTES else min(GOLDENS_REPACK_MAX_BYTES,
-                                                                                        int(n * 8.5 / 8))
-        return run_buffers_bytes(hp) + repack
+        # llama.cpp's repack copies the file's weights, for files up to GOLDENS_REPACK_MAX_BYTES
+        return run_buffers_bytes(hp) + weight_copy_bytes(hp, MIN_BITS_PER_WEIGHT, GOLDENS_REPACK_MAX_BYTES)
 
     def open_session(self, root, manifest, runtime, n_ctx, threads, rate, options=None):
         from edgeq.artifact import artifact_path, gguf_file_for_rate

@@ -91,17 +91,15 @@ class OnnxBackend(Backend):
         """Prepacked (a data file up to GOLDENS_PREPACK_MAX_BYTES): a private copy of the weights;
         not prepacked: MatMulNBits dequantizes the weight of each call to float32, the largest being
         the vocabulary head's (a tied head in one call; an untied one in blocks, Decoder.head)."""
-        from edgeq.backends.base import run_buffers_bytes
+        from edgeq.backends.base import run_buffers_bytes, weight_copy_bytes
+        from edgeq.backends.onnx.decoder import HEAD_CALL_MAX_BYTES
         from edgeq.ir import n_weight_params
 
-        n = n_weight_params(hp)
-        prepack = 0 if n * MIN_BITS_PER_WEIGHT / 8 > GOLDENS_PREPACK_MAX_BYTES else min(GOLDENS_PREPACK_MAX_BYTES,
-                                                                                          int(n * 8.5 / 8))
-        from edgeq.backends.onnx.decoder import HEAD_CALL_MAX_BYTES
-
+        prepack = weight_copy_bytes(hp, MIN_BITS_PER_WEIGHT, GOLDENS_PREPACK_MAX_BYTES)
         head = 4 * hp.vocab_size * hp.hidden_size  # an untied head is split into calls of at most HEAD_CALL_MAX_BYTES
         head = head if hp.tie_word_embeddings else min(head, HEAD_CALL_MAX_BYTES)
-        unpacked = head if n * 8.5 / 8 > GOLDENS_PREPACK_MAX_BYTES else 0
+        # not prepacked only where even the largest (8-bit) data file can pass GOLDENS_PREPACK_MAX_BYTES
+        unpacked = head if n_weight_params(hp) * 8.5 / 8 > GOLDENS_PREPACK_MAX_BYTES else 0
         return run_buffers_bytes(hp) + max(prepack, unpacked)
 
     def golden_options(self, root, manifest) -> dict:
