@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from edgeq.blas import one_blas_thread
 from edgeq.pipeline.runner import BuildContext, Step
 
 if TYPE_CHECKING:
@@ -244,7 +245,8 @@ def run_checks(member: Member, checks: list[Step], ctx: BuildContext) -> Outcome
 
 def run_step(step: Step, ctx: BuildContext) -> float:
     t = time.perf_counter()
-    step.run(ctx)
+    with one_blas_thread():  # (byte-identical across thread counts: edgeq.blas)
+        step.run(ctx)
     dt = time.perf_counter() - t
     ctx.timings[step.name] = ctx.timings.get(step.name, 0.0) + dt
     return dt

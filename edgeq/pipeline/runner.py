@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 from edgeq.artifact import atomic_directory, write_manifest
+from edgeq.blas import one_blas_thread
 from edgeq.errors import EdgeqError
 
 if TYPE_CHECKING:  # type hints only: build.py imports the pipeline
@@ -130,7 +131,8 @@ def run(steps: Sequence[Step], ctx: BuildContext, out: Path | None = None, force
                     raise EdgeqError(f"step {step.name} writes an artifact; no output directory given")
                 ctx.tmp = stack.enter_context(atomic_directory(out, force=force))
             t = time.perf_counter()
-            step.run(ctx)
+            with one_blas_thread():  # (byte-identical across thread counts: edgeq.blas)
+                step.run(ctx)
             dt = time.perf_counter() - t
             ctx.timings[step.name] = ctx.timings.get(step.name, 0.0) + dt
             ctx.records.append(step.record())
