@@ -28,7 +28,7 @@ def signature(spec: KernelSpec) -> str:
     args = ["x_h: T.handle", "qw_h: T.handle", "sc_h: T.handle"]
     bufs = [
         "x = T.match_buffer(x_h, (M, K), \"float32\")",
-        "qw = T.match_buffer(qw_h, (NB, KP, %d), \"uint8\")" % V,
+        "qw = T.match_buffer(qw_h, (NB, KP, %d), \"uint8\")" % (4 * V if spec.dot_layout else V),
         "sc = T.match_buffer(sc_h, (NB, NG, %d), \"float32\")" % V,
     ]
     if not spec.symmetric:
