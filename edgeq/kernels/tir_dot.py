@@ -91,19 +91,30 @@ def source(spec: KernelSpec, isa: str) -> str:
             e = f"T.bitwise_xor({e}, T.broadcast(T.uint8(128), {B}))"
         return f'T.reinterpret("int8x{B}", {e})'
 
-    def dot(w: str, k: str) -> str:
-        return (f'iacc[T.ramp(jj * {L}, 1, {L})] = T.call_llvm_pure_intrin("int32x{L}", "{intrin}", '
-                f'iacc[T.ramp(jj * {L}, 1, {L})], {weights(w)}, {x_word(k)})')
-
-    w = f"qw[nb, g * {W} + c, T.ramp(jj * {B}, 1, {B})]"
-    ind = " " * 24
-    if spec.bits == 8:
-        body = ind + dot(w, f"g * {G} + c * 4") + "\n"
-    else:
-        lo = f"T.bitwise_and({w}, T.broadcast(T.uint8(15), {B}))"
-        hi = f"T.shift_right({w}, T.broadcast(T.uint8(4), {B}))"
-        body = (ind + dot(lo, f"g * {G} + c * 8") + "\n" + ind + dot(hi, f"g * {G} + c * 8 + 4") + "\n")
-    z = f"T.float32({spec.zero_point - off})" if spec.symmetric else f"(zp[nb, g, j] - T.float32({off}))"
+    # One expression per lane chunk ``jj`` and group: two independent chains of dot instructions
+    # (4-bit: low / high nibbles; 8-bit: even / odd words) hide their latency. Neither a local
+    # buffer nor let-bound vectors: TVM 0.27 gives both memory that LLVM cannot tell from ``xq``'s
+    # (measured: a store and a reload around every instruction, 2x slower).
+    ind = " " * 16
+    lines = []
+    for jj in range(V // L):
+        chains = {0: f"T.broadcast(T.int32(0), {L})", 1: f"T.broadcast(T.int32(0), {L})"}
+        for c in range(W):
+            w = f"qw[nb, g * {W} + {c}, T.ramp({jj * B}, 1, {B})]"
+            if spec.bits == 8:
+                parts = [(c % 2, w, f"g * {G} + {c * 4}")]
+            else:
+                parts = [(0, f"T.bitwise_and({w}, T.broadcast(T.uint8(15), {B}))", f"g * {G} + {c * 8}"),
+                         (1, f"T.shift_right({w}, T.broadcast(T.uint8(4), {B}))", f"g * {G} + {c * 8 + 4}")]
+            for ch, we, k in parts:
+                chains[ch] = f'T.call_llvm_pure_intrin("int32x{L}", "{intrin}", {chains[ch]}, {weights(we)}, {x_word(k)})'
+        # the group's int32 sums of this chunk, then y += dx * s * (Σ xq·(q - off) + (off - z) Σ xq)
+        lanes = f"T.ramp({jj * L}, 1, {L})"
+        z = (f"T.broadcast(T.float32({spec.zero_point - off}) * xs[m, g], {L})" if spec.symmetric
+             else f"(zp[nb, g, {lanes}] - T.broadcast(T.float32({off}), {L})) * T.broadcast(xs[m, g], {L})")
+        lines.append(f"acc[{lanes}] = acc[{lanes}] + (T.Cast(\"float32x{L}\", {chains[0]} + {chains[1]}) - {z}) "
+                     f"* (sc[nb, g, {lanes}] * T.broadcast(xd[m, g], {L}))")
+    body = "".join(ind + ln + "\n" for ln in lines)
     lr = ""
     if spec.rank:
         lr = f"""            for r in range({spec.rank}):
@@ -112,17 +123,10 @@ def source(spec: KernelSpec, isa: str) -> str:
 """
     return signature(spec) + _low_rank_t(spec) + _quantize(spec) + f"""    for nb in T.parallel(N // {V}):
         acc = T.decl_buffer(({V},), "float32", scope="local")
-        iacc = T.decl_buffer(({V},), "int32", scope="local")
         for m in range(M):
             for j in T.vectorized({V}):
                 acc[j] = T.float32(0)
             for g in range(K // {G}):
-                for j in T.vectorized({V}):
-                    iacc[j] = 0
-                for c in T.unroll({W}):
-                    for jj in T.unroll({V // L}):
-{body}                for j in T.vectorized({V}):
-                    acc[j] = acc[j] + (T.Cast("float32", iacc[j]) - {z} * xs[m, g]) * (sc[nb, g, j] * xd[m, g])
-{lr}            for j in T.vectorized({V}):
+{body}{lr}            for j in T.vectorized({V}):
                 y[m, nb * {V} + j] = acc[j]
 """
