@@ -12,6 +12,19 @@ import numpy as np
 
 
 def compare(a, log, memory_bandwidth, cold_bytes: int, shapes) -> None:
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
+
+    def timed(call, number: int, repeat: int) -> float:
+        """Median over ``repeat`` of the per-call µs of ``number`` calls (CPU or wall clock)."""
+        call()
+        ts = []
+        for _ in range(repeat):
+            t1 = clock()
+            for _ in range(number):
+                call()
+            ts.append((clock() - t1) / number)
+        return statistics.median(ts) * 1e6
+
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
     import tvm
 
@@ -66,23 +79,16 @@ def compare(a, log, memory_bandwidth, cold_bytes: int, shapes) -> None:
                 f = ex[spec.name]
                 f(*ts)
                 outs[act] = ts[-1].numpy()
-                hot = ex.mod.time_evaluator(spec.name, dev, number=max(5, 200 * 576 * 576 // (n * k)),
-                                            repeat=a.repeat)
-                row[f"{act}_hot_us"] = statistics.median(hot(*ts).results) * 1e6
+                number = max(5, 200 * 576 * 576 // (n * k))
+                row[f"{act}_hot_us"] = timed(lambda: f(*ts), number, a.repeat)
                 n_copies = max(8, cold_bytes // nbytes)
                 copies = [tensors(x, {kk: v.copy() for kk, v in arrays.items()}) for _ in range(n_copies)]
-                ts_cold = []
-                for _ in range(a.repeat):
-                    t1 = time.perf_counter()
-                    for c in copies:
-                        f(*c)
-                    ts_cold.append((time.perf_counter() - t1) / n_copies)
-                row[f"{act}_cold_us"] = statistics.median(ts_cold) * 1e6
+                it = iter(range(1 << 62))
+                row[f"{act}_cold_us"] = timed(lambda: f(*copies[next(it) % n_copies]), n_copies, a.repeat)
                 del copies
                 pspec = specs[(bits, r, act, True)]
-                xp = rng.standard_normal((a.prefill_m, k)).astype(np.float32)
-                pre = ex.mod.time_evaluator(pspec.name, dev, number=3, repeat=a.repeat)
-                row[f"{act}_prefill_us"] = statistics.median(pre(*tensors(xp)).results) * 1e6
+                tp = tensors(rng.standard_normal((a.prefill_m, k)).astype(np.float32))
+                row[f"{act}_prefill_us"] = timed(lambda: ex[pspec.name](*tp), 3, a.repeat)
                 row["weight_bytes"] = nbytes
             ref = outs["float32"]
             row["int8_rel_err"] = float(np.abs(outs["int8"] - ref).max() / np.abs(ref).max())
@@ -94,7 +100,7 @@ def compare(a, log, memory_bandwidth, cold_bytes: int, shapes) -> None:
                 f"{row['float32_prefill_us']:.0f} -> {row['int8_prefill_us']:.0f}, rel err {row['int8_rel_err']:.2e}")
     out = a.out if a.out is not None else __import__("pathlib").Path("out/bench-kernels-int8")
     out.mkdir(parents=True, exist_ok=True)
-    res = {"command": " ".join(sys.argv), "threads": a.threads, "target": target, "isa": isa, "block": block,
+    res = {"command": " ".join(sys.argv), "threads": a.threads, "clock": a.clock, "target": target, "isa": isa, "block": block,
            "prefill_m": a.prefill_m, "memory_bandwidth_gb_s": bw, "rows": rows}
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     print(table(res))
@@ -103,7 +109,8 @@ def compare(a, log, memory_bandwidth, cold_bytes: int, shapes) -> None:
 def table(res: dict) -> str:
     m = res["prefill_m"]
     lines = [f"memory bandwidth (numpy copy, read + write): {res['memory_bandwidth_gb_s']:.1f} GB/s; "
-             f"{res['threads']} threads, target {res['target']['mcpu']} ({res['isa']}), block {res['block']}", "",
+             f"{res['threads']} threads, target {res['target']['mcpu']} ({res['isa']}), block {res['block']}; "
+             f"{res['clock']} time per call", "",
              f"| shape (N x K) | bits | rank | float cold µs | int8 cold µs | × | float hot µs | int8 hot µs | × | "
              f"float prefill M={m} µs | int8 prefill µs | × | int8 rel. err |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -22,7 +22,8 @@ bandwidth (a large numpy copy: read + write bytes / time). Medians; writes OUT/r
 per group, integer dot products, :mod:`edgeq.kernels.tir_dot`), both compiled for ``--target``
 (default there ``cascadelake``, the cpu-avx512 profile: AVX-512 VNNI), on the shapes above plus
 the 8-bit head 49152x576, decode (M = 1) hot and cold, and one prefill call of ``--prefill-m``
-rows hot; with each int8 kernel's error vs the float kernel's (max |Δ| / max |y|, random
+rows hot (``--clock cpu``: process CPU time instead of wall time — with ``--threads 1`` the
+measure that other load on a shared machine does not inflate); with each int8 kernel's error vs the float kernel's (max |Δ| / max |y|, random
 weights and x ~ N(0, 1)). Writes OUT/results.json (default out/bench-kernels-int8).
 """
 from __future__ import annotations
@@ -72,6 +73,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="default out/bench-kernels[-fp16]")
     ap.add_argument("--int8", action="store_true", help="float vs int8-activation kernels (see above)")
     ap.add_argument("--prefill-m", type=int, default=64, help="--int8: rows of the prefill call")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="--int8: time per call as wall or process CPU time (cpu with --threads 1 is robust to "
+                         "other load on the machine)")
     a = ap.parse_args()
     if a.int8:
         sys.path.insert(0, str(REPO / "tools"))

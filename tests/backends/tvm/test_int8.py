@@ -62,3 +62,23 @@ def test_int8_needs_a_dot_instruction(tiny_llama, tmp_path):
     haswell = lt.TvmOptions(bits=4, target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"},
                             act="int8")
     assert any("integer dot instruction" in p for p in lt.check(ir, haswell))
+
+
+def test_mobile_arm64_int8_library_is_cross_built_with_sdot(tiny_llama, tmp_path):
+    """The mobile-arm64 profile's target with int8 activations: an aarch64 library whose kernels
+    use ``sdot`` (the kernels themselves run under qemu in tests/kernels/test_tir_dot.py)."""
+    import subprocess
+
+    from edgeq.kernels.emulate import tools_missing
+    from edgeq.targets import load_target
+
+    assert not tools_missing(), f"aarch64 cross tools missing: {tools_missing()} (make cross-tools)"
+    ir = load_model(tiny_llama)
+    out = tmp_path / "arm"
+    out.mkdir()
+    target = load_target("mobile-arm64").compile_target.as_dict()
+    info = lt.write_tvm(ir, out, lt.TvmOptions(bits=4, group=32, target=target, act="int8"))
+    assert info["act"] == "int8" and info["block"] == 16
+    dis = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(out / lt.LIBRARY)], capture_output=True,
+                         text=True).stdout
+    assert "sdot" in dis
