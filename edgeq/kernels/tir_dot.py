@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from edgeq.errors import EdgeqError
 from edgeq.kernels.spec import KernelSpec
-from edgeq.kernels.tir_cpu import _low_rank_t, f32_expr, signature
+from edgeq.kernels.tir_cpu import f32_expr, low_rank_t, signature
 
 # isa -> (int32 lanes per instruction, LLVM intrinsic)
 DOT = {
@@ -121,7 +121,7 @@ def source(spec: KernelSpec, isa: str) -> str:
                 for j in T.vectorized({V}):
                     acc[j] = acc[j] + t[m, r] * {f32_expr(spec, 'b[nb, r, j]')}
 """
-    return signature(spec) + _low_rank_t(spec) + _quantize(spec) + f"""    for nb in T.parallel(N // {V}):
+    return signature(spec) + low_rank_t(spec) + _quantize(spec) + f"""    for nb in T.parallel(N // {V}):
         acc = T.decl_buffer(({V},), "float32", scope="local")
         for m in range(M):
             for j in T.vectorized({V}):
