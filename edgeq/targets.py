@@ -36,6 +36,7 @@ File layout (every section and key below is required unless marked optional)::
     quant_block_size = 128
     prune_granularity = 128              # multiple of quant_block_size and of each type's block
     threads = 8                          # cpu/mobile only
+    tvm_activations = "float32"          # optional: float32 | int8 (tvm kernels' integer dot products)
 
 Profiles are looked up by name in ``targets/`` next to the ``edgeq`` package, or in the
 directory named by ``$EDGEQ_TARGETS_DIR``; a path to a ``.toml`` file works too.
@@ -150,6 +151,9 @@ class TargetProfile:
     plan_ranks: tuple[int, ...] = (0,)  # candidate error-compensation ranks
     # onnxruntime MatMulNBits accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute)
     onnx_accuracy_level: int = 4
+    # the tvm kernels' activations: float32, or int8 per group with integer dot products (needs
+    # AVX-512 VNNI / AVX-VNNI / aarch64 dotprod in isa.features; edgeq.kernels.tir_dot)
+    tvm_activations: str = "float32"
 
     def plan_types(self, fmt: str = "gguf") -> tuple[str, ...]:
         """Candidate storage types for the planner in artifact format ``fmt``: the profile's types
@@ -330,6 +334,13 @@ def parse_target(data: Mapping[str, Any], where: str = "<target>", source: Path 
     if acc is not None and (isinstance(acc, bool) or acc not in (0, 1, 2, 3, 4)):
         raise dep.error(f"'deploy.onnx_accuracy_level' must be 0..4 (MatMulNBits accuracy_level), got {acc}")
 
+    tvm_act = dep.string("tvm_activations", required=False) or "float32"
+    if tvm_act not in ("float32", "int8"):
+        raise dep.error(f"'deploy.tvm_activations' must be float32 or int8, got {tvm_act!r}")
+    if tvm_act == "int8" and not set(features) & {"avx512vnni", "avxvnni", "dotprod"}:
+        raise dep.error("'deploy.tvm_activations' int8 needs an integer dot instruction in 'isa.features' "
+                        "(avx512vnni, avxvnni or dotprod)")
+
     plan_bpw, plan_ranks = None, (0,)
     if "plan" in data:
         pl = top.sub("plan")
@@ -365,6 +376,7 @@ def parse_target(data: Mapping[str, Any], where: str = "<target>", source: Path 
         plan_bpw=plan_bpw,
         plan_ranks=plan_ranks,
         onnx_accuracy_level=4 if acc is None else acc,
+        tvm_activations=tvm_act,
     )
 
 

@@ -19,7 +19,7 @@ SCHEMA: dict[str, set[str]] = {
     "compile": {"tvm_target"},
     "compile.tvm_target": {"kind", "mtriple", "mcpu", "mattr", "arch"},
     "deploy": {"formats", "quant_types", "default_bits", "quant_block_size", "prune_granularity", "threads",
-               "onnx_accuracy_level"},
+               "onnx_accuracy_level", "tvm_activations"},
 }
 
 _MISSING = object()

@@ -1,7 +1,8 @@
 """TVM runtime for edgeq TVM artifacts: the generated kernel library + numpy (no torch).
 
 The four matmuls of every layer (Q|K|V, O, gate|up, down) and the head run as generated kernels
-(dequantization, GEMV/GEMM and the fused low-rank branch in one pass); RMSNorm, RoPE with the
+(dequantization, GEMV/GEMM and the fused low-rank branch in one pass; with the manifest's
+``act = "int8"`` the kernels quantize activations per group and use integer dot products); RMSNorm, RoPE with the
 layer's gathered pair frequencies, attention over the KV cache and SwiGLU are numpy, and so are
 the family blocks the hparams name (Gemma 3: GeGLU, QK-norm, sandwich norms, scaled embedding,
 query scale, sliding-window layers — attending to the window's keys only — with their RoPE base). A pruning
@@ -113,6 +114,7 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
         self.hp = hp = HParams.from_json(m["hparams"])
         self.n_ctx = n_ctx
         self.block = int(info["block"])
+        self._dot_layout = info.get("act", "float32") == "int8"
         self._load_weights(artifact_path(root, info["weights_file"]), info)
         self._spec = None
         self._tok_file = info.get("tokenizer_file")
@@ -194,7 +196,11 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
         of block n // block)."""
         qw, sc = self._np["token_embd.qw"], self._np["token_embd.sc"]
         b, lane = ids // self.block, ids % self.block
-        q = qw[b, :, lane].astype(np.float32) - 128.0  # (T, K)
+        if self._dot_layout:  # int8-activation kernels: (NB, K / 4, 4 * block), lane j = bytes 4j..4j+3
+            q = qw[b[:, None, None], np.arange(qw.shape[1])[None, :, None], (4 * lane)[:, None, None] + np.arange(4)]
+            q = q.reshape(len(ids), -1).astype(np.float32) - 128.0
+        else:
+            q = qw[b, :, lane].astype(np.float32) - 128.0  # (T, K)
         s = sc[b, :, lane]  # (T, K / group)
         return (q.reshape(len(ids), s.shape[1], -1) * s[..., None]).reshape(len(ids), -1)
 

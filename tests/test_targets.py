@@ -256,6 +256,8 @@ def _variant(old: str, new: str, name: str = "v") -> str:
         ('name = "v"', 'name = "Other Name"', r"'name' must be lower-case"),
         ('name = "v"', 'name = "other"', r"name 'other' does not match the file name 'v'"),
         ("[isa]", "[isa", r"invalid TOML"),
+        ("threads = 4", 'threads = 4\ntvm_activations = "int4"', r"'deploy.tvm_activations' must be float32 or int8"),
+        ("threads = 4", 'threads = 4\ntvm_activations = "int8"', r"int8 needs an integer dot instruction"),
     ],
 )
 def test_invalid_fields_give_one_line_errors(tmp_path, old, new, pattern):
@@ -269,6 +271,13 @@ def test_invalid_fields_give_one_line_errors(tmp_path, old, new, pattern):
     assert "\n" not in msg
     assert msg.startswith(str(path))
     assert re.search(pattern, msg), msg
+
+
+def test_tvm_activations_field(tmp_path):
+    assert load_target(write_profile(tmp_path, name="v")).tvm_activations == "float32"
+    text = _variant('features = ["avx2", "fma"]', 'features = ["avx2", "fma", "avxvnni"]').replace(
+        "threads = 4", 'threads = 4\ntvm_activations = "int8"')
+    assert load_target(write_profile(tmp_path, name="v", text=text)).tvm_activations == "int8"
 
 
 def test_gpu_profile_rules(tmp_path):

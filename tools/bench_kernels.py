@@ -17,6 +17,14 @@ the caches), and ``cold`` — rotating over enough copies of the weights to exce
 cache, so every call streams its weights from DRAM (the decode situation). Effective GB/s = bytes
 the kernel must read (codes, scales, A, B, x) / time, next to this machine's measured memory
 bandwidth (a large numpy copy: read + write bytes / time). Medians; writes OUT/results.json.
+
+``--int8`` (issue 16): float-activation vs int8-activation kernels (``act="int8"``: x quantized
+per group, integer dot products, :mod:`edgeq.kernels.tir_dot`), both compiled for ``--target``
+(default there ``cascadelake``, the cpu-avx512 profile: AVX-512 VNNI), on the shapes above plus
+the 8-bit head 49152x576, decode (M = 1) hot and cold, and one prefill call of ``--prefill-m``
+rows hot (``--clock cpu``: process CPU time instead of wall time — with ``--threads 1`` the
+measure that other load on a shared machine does not inflate); with each int8 kernel's error vs the float kernel's (max |Δ| / max |y|, random
+weights and x ~ N(0, 1)). Writes OUT/results.json (default out/bench-kernels-int8).
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+HEAD = (49152, 576)  # SmolLM2's tied embedding / head, int8
 COLD_BYTES = 256 << 20  # weight copies per cold rotation: well above any LLC here
 
 
@@ -62,7 +71,19 @@ def main() -> None:
     ap.add_argument("--lr-dtype", default="float32", choices=["float32", "float16"],
                     help="storage of the low-rank factors")
     ap.add_argument("--out", type=Path, default=None, help="default out/bench-kernels[-fp16]")
+    ap.add_argument("--int8", action="store_true", help="float vs int8-activation kernels (see above)")
+    ap.add_argument("--prefill-m", type=int, default=64, help="--int8: rows of the prefill call")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="--int8: time per call as wall or process CPU time (cpu with --threads 1 is robust to "
+                         "other load on the machine)")
     a = ap.parse_args()
+    if a.int8:
+        sys.path.insert(0, str(REPO / "tools"))
+        from bench_int8 import compare  # noqa: E402
+
+        if a.target == "haswell":
+            a.target = "cascadelake"
+        return compare(a, log, memory_bandwidth, COLD_BYTES, SHAPES + [HEAD])
     if a.out is None:
         a.out = REPO / "out" / ("bench-kernels" + ("-fp16" if a.lr_dtype == "float16" else ""))
     os.environ["TVM_NUM_THREADS"] = str(a.threads)

@@ -1,7 +1,10 @@
 """Compile generated kernels with TVM 0.27 for a hardware profile's ``[compile] tvm_target``.
 
 * :func:`kernel_block` — the layout / vector block a target gets (x86 32, aarch64 16, CUDA 32).
-* :func:`prim_func` — a spec's TIR (CPU or CUDA form), parsed from :mod:`tir_cpu` / :mod:`tir_cuda`.
+* :func:`dot_isa` — the integer dot instruction a target has (``avx512vnni``, ``avxvnni``, ``sdot``
+  or None), asked of LLVM for the target's CPU and attributes.
+* :func:`prim_func` — a spec's TIR (CPU or CUDA form), parsed from :mod:`tir_cpu` / :mod:`tir_cuda`
+  (int8-activation specs from :mod:`tir_dot`, for the target's dot instruction).
 * :func:`build` — one TVM executable holding every spec's function, compiled for the *profile's*
   target (never the build host): x86 / aarch64 through LLVM, CUDA as source for the device.
 * :func:`export` — a shared library: host linker for x86, ``aarch64-linux-gnu-gcc`` for aarch64
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from edgeq.errors import EdgeqError
-from edgeq.kernels import tir_cpu, tir_cuda
+from edgeq.kernels import tir_cpu, tir_cuda, tir_dot
 from edgeq.kernels.spec import KernelSpec
 
 AARCH64_CC = "aarch64-linux-gnu-gcc"
@@ -48,11 +51,34 @@ def kernel_block(target: Mapping) -> int:
     return 16
 
 
-def prim_func(spec: KernelSpec, cuda: bool = False):
+def dot_isa(target: Mapping) -> str | None:
+    """The integer dot instruction of an LLVM CPU target (its ``mcpu`` / ``mattr`` as LLVM knows
+    them): AVX-512 VNNI first (zmm), then AVX-VNNI (ymm), then aarch64 dotprod; None without one."""
+    if is_cuda(target):
+        return None
+    tvm = _tvm()
+    from tvm.target.codegen import target_has_features
+
+    t = _target(target)
+    if is_aarch64(target):
+        return "sdot" if target_has_features("dotprod", t) else None
+    for feature in ("avx512vnni", "avxvnni"):
+        if target_has_features(feature, t):
+            return feature
+    return None
+
+
+def prim_func(spec: KernelSpec, cuda: bool = False, isa: str | None = None):
     tvm = _tvm()
     from tvm.script import tirx as T
 
-    src = tir_cuda.source(spec) if cuda else tir_cpu.source(spec)
+    if spec.act == "int8":
+        if cuda or isa is None:
+            raise EdgeqError(f"{spec.name}: int8 activations need an integer dot instruction (AVX-512 VNNI, "
+                             "AVX-VNNI or aarch64 dotprod); this target has none")
+        src = tir_dot.source(spec, isa)
+    else:
+        src = tir_cuda.source(spec) if cuda else tir_cpu.source(spec)
     return tvm.script.from_source(src, extra_vars={"T": T})
 
 
@@ -72,7 +98,8 @@ def build(specs: Iterable[KernelSpec], target: Mapping):
     if not specs:
         raise EdgeqError("no kernels to build")
     cuda = is_cuda(target)
-    mod = tvm.IRModule({s.name: prim_func(s, cuda) for s in specs})
+    isa = dot_isa(target) if any(s.act == "int8" for s in specs) else None
+    mod = tvm.IRModule({s.name: prim_func(s, cuda, isa) for s in specs})
     return tvm.compile(mod, target=_target(target))
 
 

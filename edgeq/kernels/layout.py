@@ -31,14 +31,50 @@ def pack_weight(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray |
     if (zero_points is None) != spec.symmetric:
         raise EdgeqError("zero points must be given exactly for an asymmetric kernel")
     q = codes.astype(np.uint8)
-    if spec.bits == 4:
-        if int(q.max(initial=0)) > 15:
-            raise EdgeqError("4-bit codes above 15")
-        q = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)  # position 2i low nibble, 2i+1 high
-    out = {"qw": _blocked(q, spec.block), "sc": _blocked(scales.astype(np.float32), spec.block)}
+    if spec.bits == 4 and int(q.max(initial=0)) > 15:
+        raise EdgeqError("4-bit codes above 15")
+    if spec.dot_layout:
+        qw = _dot_blocked(q, spec)
+    elif spec.bits == 4:
+        qw = _blocked((q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8), spec.block)  # 2i low nibble, 2i+1 high
+    else:
+        qw = _blocked(q, spec.block)
+    out = {"qw": qw, "sc": _blocked(scales.astype(np.float32), spec.block)}
     if zero_points is not None:
         out["zp"] = _blocked(zero_points.astype(np.float32), spec.block)
     return out
+
+
+def _dot_blocked(q: np.ndarray, spec: KernelSpec) -> np.ndarray:
+    """Codes (N, K) -> the integer-dot layout (N / block, K * bits / 32, 4 * block) (spec.py)."""
+    n, k = q.shape
+    if n % spec.block:
+        raise EdgeqError(f"{n} output channels are not a multiple of the kernel block {spec.block}")
+    if spec.bits == 4:  # word c: low nibbles positions 8c..8c+3, high nibbles 8c+4..8c+7
+        q8 = q.reshape(n, k // 8, 2, 4)
+        words = (q8[:, :, 0] | (q8[:, :, 1] << 4)).astype(np.uint8)
+    else:
+        words = q.reshape(n, k // 4, 4)
+    kw = words.shape[1]
+    return np.ascontiguousarray(words.reshape(n // spec.block, spec.block, kw, 4).transpose(0, 2, 1, 3)
+                                .reshape(n // spec.block, kw, 4 * spec.block))
+
+
+def unpack_codes(qw: np.ndarray, spec: KernelSpec) -> np.ndarray:
+    """The codes (N, K) uint8 of a packed ``qw`` (either layout)."""
+    if spec.dot_layout:
+        nb, kw, _ = qw.shape
+        words = qw.reshape(nb, kw, spec.block, 4).transpose(0, 2, 1, 3).reshape(nb * spec.block, kw, 4)
+        if spec.bits == 8:
+            return words.reshape(nb * spec.block, -1)
+        return np.stack([words & 15, words >> 4], axis=2).reshape(nb * spec.block, -1)
+    qw = np.moveaxis(qw, -1, 1)  # (NB, block, KP)
+    qw = qw.reshape(-1, qw.shape[-1])
+    if spec.bits == 8:
+        return qw
+    q = np.empty((qw.shape[0], qw.shape[1] * 2), np.uint8)
+    q[:, 0::2], q[:, 1::2] = qw & 15, qw >> 4
+    return q
 
 
 def pack_low_rank(a: np.ndarray, b: np.ndarray, spec: KernelSpec) -> dict[str, np.ndarray]:
@@ -51,13 +87,8 @@ def pack_low_rank(a: np.ndarray, b: np.ndarray, spec: KernelSpec) -> dict[str, n
 
 def unpack_weight(arrays: Mapping[str, np.ndarray], spec: KernelSpec) -> np.ndarray:
     """The dequantized (N, K) weight the kernel computes with, from its packed arrays."""
-    qw = np.moveaxis(arrays["qw"], -1, 1)  # (NB, block, KP)
-    qw = qw.reshape(-1, qw.shape[-1])
-    if spec.bits == 4:
-        q = np.empty((qw.shape[0], qw.shape[1] * 2), np.uint8)
-        q[:, 0::2], q[:, 1::2] = qw & 15, qw >> 4
-    else:
-        q = qw
+    q = unpack_codes(arrays["qw"], spec)
+
     def rows(x):  # (NB, G, block) -> (N, G)
         return np.moveaxis(x, -1, 1).reshape(-1, x.shape[1])
     s = rows(arrays["sc"])

@@ -19,6 +19,16 @@ once without a horizontal sum:
 * ``b``   float32 (N / block, rank, block) (``B`` blocked the same way); ``a`` float32 (K, rank)
   (``Aᵀ``: the kernel accumulates ``t = x · Aᵀ`` vectorized over the rank).
 
+**int8 activations** (``act="int8"``, :mod:`edgeq.kernels.tir_dot`): the kernel quantizes ``x`` to
+int8 per weight group (a float32 scale ``amax / 127`` per group and row) and accumulates the group
+in int32 with the target's integer dot instruction (x86 ``vpdpbusd``: AVX-512 VNNI / AVX-VNNI;
+aarch64 ``sdot``), then ``y += dx * s * (Σ xq·q − z·Σ xq)`` per group in float. The dot
+instructions sum 4 consecutive bytes per 32-bit lane, so ``qw`` has its own layout there:
+
+* ``qw``  uint8 (N / block, K * bits / 32, 4 * block): word ``c`` of lane ``j`` is bytes
+  ``4 j .. 4 j + 3``; 8-bit: the codes of positions ``4 c .. 4 c + 3``; 4-bit: the low nibbles hold
+  positions ``8 c .. 8 c + 3``, the high nibbles ``8 c + 4 .. 8 c + 7``.
+
 A prefix of output channels is a prefix of blocks and a prefix of input channels is a prefix of
 every block's rows, so the kernels take the *active* widths from the shapes of ``x`` (K) and ``y``
 (N) at call time: one compiled function serves every pruning rate (and every layer shape).
@@ -31,6 +41,7 @@ from edgeq.errors import EdgeqError
 
 BITS = (4, 8)
 GROUPS = (32, 64, 128)
+ACTS = ("float32", "int8")  # activations as given, or quantized to int8 per group (integer dot products)
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,7 @@ class KernelSpec:
     block: int = 8  # output channels per vector block (the layout's and the schedule's width)
     prefill: bool = False  # M > 1 variant: each weight tile dequantized once, reused over the rows
     lr_dtype: str = "float32"  # storage of the low-rank factors: float32 | float16 (computed in float32)
+    act: str = "float32"  # float32 | int8 (activations quantized per group, integer dot products)
 
     def __post_init__(self):
         if self.bits not in BITS:
@@ -50,6 +62,8 @@ class KernelSpec:
             raise EdgeqError(f"kernel group must be one of {GROUPS}, got {self.group}")
         if self.lr_dtype not in ("float32", "float16"):
             raise EdgeqError(f"kernel low-rank dtype must be float32 or float16, got {self.lr_dtype}")
+        if self.act not in ACTS:
+            raise EdgeqError(f"kernel activations must be one of {ACTS}, got {self.act}")
         if self.rank < 0 or self.block <= 0 or self.block & (self.block - 1):
             raise EdgeqError(f"kernel rank must be >= 0 and block a power of two, got {self.rank}, {self.block}")
 
@@ -60,8 +74,14 @@ class KernelSpec:
     @property
     def name(self) -> str:
         h = "h" if self.rank and self.lr_dtype == "float16" else ""
-        return (f"qgemm_i{self.bits}g{self.group}{'s' if self.symmetric else 'a'}_r{self.rank}{h}_b{self.block}_"
+        q = "_q8" if self.act == "int8" else ""
+        return (f"qgemm_i{self.bits}g{self.group}{'s' if self.symmetric else 'a'}_r{self.rank}{h}_b{self.block}{q}_"
                 f"{'prefill' if self.prefill else 'decode'}")
+
+    @property
+    def dot_layout(self) -> bool:
+        """``qw`` in the integer-dot layout (4 bytes of one lane contiguous) rather than the float one."""
+        return self.act == "int8"
 
     def args(self) -> list[str]:
         """The kernel's arguments, in order (all tensors; ``y`` is written)."""

@@ -28,7 +28,7 @@ def signature(spec: KernelSpec) -> str:
     args = ["x_h: T.handle", "qw_h: T.handle", "sc_h: T.handle"]
     bufs = [
         "x = T.match_buffer(x_h, (M, K), \"float32\")",
-        "qw = T.match_buffer(qw_h, (NB, KP, %d), \"uint8\")" % V,
+        "qw = T.match_buffer(qw_h, (NB, KP, %d), \"uint8\")" % (4 * V if spec.dot_layout else V),
         "sc = T.match_buffer(sc_h, (NB, NG, %d), \"float32\")" % V,
     ]
     if not spec.symmetric:
@@ -64,7 +64,7 @@ def f32_expr(spec: KernelSpec, load: str) -> str:
     return load if spec.lr_dtype == "float32" else f"T.Cast(\"float32\", {load})"
 
 
-def _low_rank_t(spec: KernelSpec) -> str:
+def low_rank_t(spec: KernelSpec) -> str:
     if not spec.rank:
         return ""
     return f"""    t = T.decl_buffer((M, {spec.rank}), "float32")
@@ -101,7 +101,7 @@ def decode_source(spec: KernelSpec) -> str:
                 for j in T.vectorized({V}):
                     acc[j] = acc[j] + t[m, r] * {f32_expr(spec, 'b[nb, r, j]')}
 """
-    return _HEADER + signature(spec) + _low_rank_t(spec) + f"""    xs = T.decl_buffer((M, K // {G}), "float32")
+    return _HEADER + signature(spec) + low_rank_t(spec) + f"""    xs = T.decl_buffer((M, K // {G}), "float32")
     for m in range(M):
         for g in range(K // {G}):
             xs[m, g] = T.float32(0)
@@ -140,7 +140,7 @@ def prefill_source(spec: KernelSpec) -> str:
                 for j in T.vectorized({V}):
                     y[m, nb * {V} + j] = y[m, nb * {V} + j] + t[m, r] * {f32_expr(spec, 'b[nb, r, j]')}
 """
-    return _HEADER + signature(spec) + _low_rank_t(spec) + f"""    for nb in T.parallel(N // {V}):
+    return _HEADER + signature(spec) + low_rank_t(spec) + f"""    for nb in T.parallel(N // {V}):
         w = T.decl_buffer(({G}, {V}), "float32", scope="local")
         acc = T.decl_buffer(({V},), "float32", scope="local")
         for m in range(M):

@@ -39,7 +39,8 @@ class TvmBackend(Backend):
         if bits not in storage.bits_choices(self.name):
             raise EdgeqError(f"the tvm format stores int4 or int8 weights; target {target.name} defaults to {bits} "
                              f"bits (give --bits {storage.or_list(storage.bits_choices(self.name))})")
-        d["tvm"] = TvmOptions(bits=bits, group=target.quant_block_size, target=target.compile_target.as_dict())
+        d["tvm"] = TvmOptions(bits=bits, group=target.quant_block_size, target=target.compile_target.as_dict(),
+                              act=target.tvm_activations)
         return d
 
     def lower(self, ir, opts, target, tmp, log, *, plan=None, float_ir=None):
@@ -48,7 +49,8 @@ class TvmBackend(Backend):
         d = self.default_options(opts, target)
         bits, tvm_opts = d["bits"], d["tvm"]
         log(f"generating and compiling kernels for {target.name} ({tvm_opts.target}), writing "
-            f"{lower_tvm.LIBRARY} + {lower_tvm.WEIGHTS} (int{bits}, group {tvm_opts.group}; head int8)")
+            f"{lower_tvm.LIBRARY} + {lower_tvm.WEIGHTS} (int{bits}, group {tvm_opts.group}; head int8; "
+            f"{tvm_opts.act} activations)")
         info = lower_tvm.write_tvm(ir, tmp, tvm_opts, progress=True)
         manifest = self.manifest(lower_tvm.LIBRARY, storage.for_bits(self.name, bits).name, bits, tvm=info)
         if ir.prune is not None:

@@ -62,9 +62,13 @@ class TvmOptions:
     # low-rank factors stored in float16 (half the bytes; the branch then costs <= 15 % of a
     # cached GEMV, docs/benchmarks.md) and computed in float32
     lr_dtype: str = "float16"
+    # float32, or int8: activations quantized per group, integer dot products (the profile's
+    # [deploy] tvm_activations; every kernel of the artifact, head included; edgeq.kernels.tir_dot)
+    act: str = "float32"
 
     def to_json(self) -> dict:
-        return {"bits": self.bits, "group": self.group, "target": dict(self.target), "lr_dtype": self.lr_dtype}
+        return {"bits": self.bits, "group": self.group, "target": dict(self.target), "lr_dtype": self.lr_dtype,
+                "act": self.act}
 
 
 def _format(bits: int, group: int, k: int) -> str:
@@ -179,6 +183,9 @@ def check(ir: ModelIR, opts: TvmOptions) -> list[str]:
     hp = ir.hparams
     if opts.bits not in (4, 8):
         problems.append(f"the tvm format stores int4 or int8 weights, got {opts.bits} bits")
+    if opts.act == "int8" and kc.dot_isa(opts.target) is None:
+        problems.append(f"int8 activations need an integer dot instruction (AVX-512 VNNI, AVX-VNNI, aarch64 "
+                        f"dotprod); target {dict(opts.target)} has none")
     for name, n in (("hidden", hp.hidden_size), ("ffn", hp.intermediate_size), ("vocab", hp.vocab_size),
                     ("q|k|v", (hp.num_heads + 2 * hp.num_kv_heads) * hp.head_dim)):
         if n % block:
@@ -203,31 +210,32 @@ def specs_for(ir: ModelIR, opts: TvmOptions) -> set:
             g = int(fmt.split("_g")[1].split("_")[0])
             for prefill in (False, True):
                 out.add(KernelSpec(bits=opts.bits, group=g, rank=rank, block=block,
-                                   lr_dtype=opts.lr_dtype,
+                                   lr_dtype=opts.lr_dtype, act=opts.act,
                                    prefill=prefill))
     g = int(_format(8, opts.group, hp.hidden_size).split("_g")[1].split("_")[0])
-    out |= {KernelSpec(bits=8, group=g, block=block, prefill=p) for p in (False, True)}
+    out |= {KernelSpec(bits=8, group=g, block=block, prefill=p, act=opts.act) for p in (False, True)}
     return out
 
 
-def _pack(w: np.ndarray, lr, bits: int, group: int, block: int, lr_dtype: str = "float32"
+def _pack(w: np.ndarray, lr, bits: int, group: int, block: int, lr_dtype: str = "float32", act: str = "float32"
           ) -> tuple[dict[str, np.ndarray], str]:
     fmt = _format(bits, group, w.shape[1])
     t = rtn_int(w, fmt)
     spec = KernelSpec(bits=bits, group=t.fmt.group, rank=0 if lr is None else lr[0].shape[0], block=block,
-                      lr_dtype=lr_dtype)
+                      lr_dtype=lr_dtype, act=act)
     arrays = layout.pack_weight(t.codes, t.scales, None, spec)
     if lr is not None:
         arrays.update(layout.pack_low_rank(lr[0], lr[1], spec))
     return arrays, spec.name.rsplit("_", 1)[0]  # the spec name without _decode / _prefill
 
 
-def _packed_shapes(n: int, k: int, rank: int, bits: int, group: int, block: int, lr_dtype: str = "float32"
-                   ) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+def _packed_shapes(n: int, k: int, rank: int, bits: int, group: int, block: int, lr_dtype: str = "float32",
+                   act: str = "float32") -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     """name -> (dtype, shape) of the arrays :func:`_pack` makes for an (n, k) weight with a
     rank-``rank`` low-rank branch (0: none), from the shapes alone."""
     g = int(_format(bits, group, k).split("_g")[1].split("_")[0])
-    out = {"qw": (np.dtype(np.uint8), (n // block, k * bits // 8, block)),
+    qw = (n // block, k * bits // 32, 4 * block) if act == "int8" else (n // block, k * bits // 8, block)
+    out = {"qw": (np.dtype(np.uint8), qw),
            "sc": (np.dtype(np.float32), (n // block, k // g, block))}
     if rank:
         out["a"] = (np.dtype(lr_dtype), (k, rank))
@@ -236,13 +244,13 @@ def _packed_shapes(n: int, k: int, rank: int, bits: int, group: int, block: int,
 
 
 def _write_packed(st, prefix: str, rows, n: int, k: int, lr, bits: int, group: int, block: int,
-                  lr_dtype: str = "float32") -> str:
+                  lr_dtype: str = "float32", act: str = "float32") -> str:
     """Quantize and pack an (n, k) weight (``rows(r0, r1)`` reads its rows) one row chunk at a
     time (row blocks lead the kernels' layout, and group quantization is per row, so the chunks
     are slices of the whole-tensor packing), and its low-rank branch (small) whole; returns the
     kernel name."""
     def chunk(r):
-        return r[0], _pack(rows(*r), None, bits, group, block, lr_dtype)
+        return r[0], _pack(rows(*r), None, bits, group, block, lr_dtype, act)
 
     kname = None
     for r0, (packed, kname) in ordered_map(chunk, row_ranges(n, k, multiple=2 * block)):
@@ -251,7 +259,7 @@ def _write_packed(st, prefix: str, rows, n: int, k: int, lr, bits: int, group: i
     if lr is None:
         return kname
     g = int(_format(bits, group, k).split("_g")[1].split("_")[0])
-    spec = KernelSpec(bits=bits, group=g, rank=lr[0].shape[0], block=block, lr_dtype=lr_dtype)
+    spec = KernelSpec(bits=bits, group=g, rank=lr[0].shape[0], block=block, lr_dtype=lr_dtype, act=act)
     for key, v in layout.pack_low_rank(lr[0], lr[1], spec).items():
         st.write(f"{prefix}.{key}", v)
     return spec.name.rsplit("_", 1)[0]  # as _pack names it
@@ -274,7 +282,7 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
     half = hp.head_dim // 2
     for i in range(hp.num_layers):
         for name, (n, k, rank) in group_dims(ir, i).items():
-            for key, spec in _packed_shapes(n, k, rank, opts.bits, opts.group, block, opts.lr_dtype).items():
+            for key, spec in _packed_shapes(n, k, rank, opts.bits, opts.group, block, opts.lr_dtype, opts.act).items():
                 shapes[f"blk.{i}.{name}.{key}"] = spec
         for name, b in biases(ir, i).items():
             if name == "gate_up":
@@ -296,7 +304,7 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
                     small[f"blk.{i}.{name}.rate_bias"] = t
     for name in heads:
         n, k = ir.tensors[name].shape
-        for key, spec in _packed_shapes(n, k, 0, 8, opts.group, block).items():
+        for key, spec in _packed_shapes(n, k, 0, 8, opts.group, block, act=opts.act).items():
             shapes[f"{name}.{key}"] = spec
     shapes.update({name: (a.dtype, a.shape) for name, a in small.items()})
     kernels: dict[str, str] = {}
@@ -313,18 +321,18 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
                 n, k, _ = group_dims(ir, i)[name]
                 rows, lr = group_rows(ir, i, name, block)
                 kernels[f"blk.{i}.{name}"] = _write_packed(st, f"blk.{i}.{name}", rows, n, k, lr, opts.bits,
-                                                           opts.group, block, opts.lr_dtype)
+                                                           opts.group, block, opts.lr_dtype, opts.act)
         for name in heads:
             t = ir.tensors[name]
             kernels[name] = _write_packed(st, name, lambda r0, r1: np.asarray(t[r0:r1], np.float32), *t.shape,
-                                          None, 8, opts.group, block)
+                                          None, 8, opts.group, block, act=opts.act)
     specs = sorted(specs_for(ir, opts), key=lambda s: s.name)
     ex = kc.build(specs, opts.target)
     kc.export(ex, out_dir / LIBRARY, opts.target)
     if ir.tokenizer is not None:
         write_tokenizer_spec(ir.tokenizer, out_dir / TOKENIZER_FILE)
     return {"library": LIBRARY, "library_sha256": sha256_file(out_dir / LIBRARY), "weights_file": WEIGHTS, "target": dict(opts.target), "block": block,
-            "bits": opts.bits, "group": opts.group, "lr_dtype": opts.lr_dtype, "kernels": dict(sorted(kernels.items())),
+            "bits": opts.bits, "group": opts.group, "lr_dtype": opts.lr_dtype, "act": opts.act, "kernels": dict(sorted(kernels.items())),
             "functions": [s.name for s in specs],
             "tokenizer_file": TOKENIZER_FILE if ir.tokenizer is not None else None}
 
