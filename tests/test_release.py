@@ -5,33 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
-from edgeq.cli import main
+from release_trees import leftovers, run_cli, same_tree
 
 # (calibration small: the statistics are shared, not their size, is what is tested)
 PRUNED = ["--bits", "4", "--prune-rates", "0,0.25", "--calib-samples", "4", "--calib-len", "32"]
 TARGETS = ["cpu-avx2", "gpu-t4", "mobile-arm64"]
-
-
-def run_cli(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return r.exit_code, r.output
-
-
-def tree_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def same_tree(a: Path, b: Path) -> None:
-    fa, fb = tree_files(a), tree_files(b)
-    assert sorted(fa) == sorted(fb)
-    for name in fa:
-        assert fa[name] == fb[name], f"{a.name}/{name} differs from the single build"
-
-
-def leftovers(parent: Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,10 @@ class Executor:
     def session(self, ctx: BuildContext) -> Iterator["Executor"]:
         yield self
 
+    def split(self):
+        """How a build's own work is split into tasks (:mod:`edgeq.pipeline.split`; None: not)."""
+        return None
+
     def store(self, ctx: BuildContext):
         raise NotImplementedError
 
@@ -215,6 +219,11 @@ class Processes(Executor):
         if self.pool is not None and getattr(self.pool, "_broken", False):
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = self._new_pool()
+
+    def split(self):
+        from edgeq.pipeline.split import ProcessSplit
+
+        return ProcessSplit(str(self.root), self.jobs)
 
     def store(self, ctx):
         return save_context(ctx, self.root)

@@ -174,6 +174,11 @@ class RayExecutor(Executor):
                                                "LocalRayletDiedError", "OutOfMemoryError") if hasattr(rx, n))
         return isinstance(exc, kinds)
 
+    def split(self):
+        from edgeq.pipeline.split import RaySplit
+
+        return RaySplit()
+
     def store(self, ctx):
         return save_context(ctx, self.root)
 

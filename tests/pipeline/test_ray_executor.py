@@ -14,31 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from release_trees import leftovers, run_cli, same_tree
 
 import edgeq
-from edgeq.cli import main
 
 REPO = Path(edgeq.__file__).resolve().parent.parent
 PRUNED = ["--bits", "4", "--prune-rates", "0,0.25", "--calib-samples", "4", "--calib-len", "32"]
 TARGETS = "cpu-avx2,mobile-arm64"
 MEMBERS = ("cpu-avx2-gguf", "mobile-arm64-gguf")  # (the release's member directories)
-
-
-def run_cli(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return r.exit_code, r.output
-
-
-def tree_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def same_tree(a: Path, b: Path) -> None:
-    fa, fb = tree_files(a), tree_files(b)
-    assert sorted(fa) == sorted(fb)
-    for name in fa:
-        assert fa[name] == fb[name], f"{name} differs between executors"
 
 
 def free_port() -> int:
