@@ -176,10 +176,3 @@ def test_target_all_lists_every_profile(tiny_llama, tmp_path):
     assert names == [t.name for t in list_targets()] and len(names) == 6
     members, _ = members_for(BuildOptions(model=tiny_llama, out=tmp_path, format=None), names, [None], tmp_path, None)
     assert len(members) == 6
-
-
-def test_executor_needs_a_target_list(tiny_llama, tmp_path):
-    out = tmp_path / "one"
-    code, text = run_cli("build", tiny_llama, "--target", "cpu-avx2", "--bits", "4", "--executor", "processes",
-                         "-o", out)
-    assert code == 1 and "--executor/--jobs/--ray-address apply to a release matrix" in text and not out.exists()

@@ -12,6 +12,9 @@ from a stored context to an artifact directory and an :class:`~edgeq.pipeline.ma
   spill into the same temporary directory, kept until the whole matrix ends.
 - ``ray``, ``ray://HOST:PORT`` (or ``ray`` with an address): tasks on a Ray cluster, contexts as
   files the same way (:mod:`edgeq.pipeline.ray_executor`; Ray is imported only then).
+
+The processes and Ray executors also split work inside a build (:meth:`Executor.split`, the
+spec left in the starting context: :mod:`edgeq.pipeline.split`); in-process, nothing is split.
 """
 from __future__ import annotations
 

@@ -59,16 +59,27 @@ def _arrays(tasks: list) -> dict[int, np.ndarray]:
     return seen
 
 
+def heaviest_first(tasks: list) -> list[int]:
+    """Task indices by decreasing GPTQ work (``R K^2 + 4 K^3`` for an R x K weight: the batched
+    updates and the inverse Hessian's factor), so a layer's largest linear (down_proj's K^3) starts
+    first and the others fill the other workers meanwhile (ties: in order)."""
+    def work(i):
+        R, K = (int(x) for x in tasks[i][1].shape)
+        return R * K * K + 4 * K ** 3
+
+    return sorted(range(len(tasks)), key=lambda i: (-work(i), i))
+
+
 # --- processes: files ---
 
-def file_task(job, w_path: str, cov_path: str | None, out: str) -> dict[str, str]:
+def file_task(job, w_path: str, cov_path: str | None, out: str) -> dict:
     """One linear in a worker process: inputs from ``.npy`` files, results to ``out.*.npy``."""
     from edgeq.quant.linear_task import run_linear
 
     w = np.load(w_path, mmap_mode="r")
     cov = None if cov_path is None else np.load(cov_path, mmap_mode="r")
     res = run_linear(job, w, cov)
-    paths = {"dequant": f"{out}.deq.npy", "packed": f"{out}.packed.npy"}
+    paths = {"dequant": f"{out}.deq.npy", "packed": f"{out}.packed.npy", "cpu_s": res.cpu_s}
     np.save(paths["dequant"], res.dequant)
     np.save(paths["packed"], res.packed)
     if res.low_rank is not None:
@@ -78,11 +89,11 @@ def file_task(job, w_path: str, cov_path: str | None, out: str) -> dict[str, str
     return paths
 
 
-def _read_result(paths: dict[str, str]):
+def _read_result(paths: dict):
     from edgeq.quant.linear_task import LinearResult
 
     low_rank = (np.load(paths["a"]), np.load(paths["b"])) if "a" in paths else None
-    return LinearResult(np.load(paths["dequant"]), np.load(paths["packed"]), low_rank)
+    return LinearResult(np.load(paths["dequant"]), np.load(paths["packed"]), low_rank, paths["cpu_s"])
 
 
 class ProcessSplit(Split):
@@ -127,7 +138,7 @@ class ProcessSplit(Split):
                     for i, (job, w, cov) in enumerate(tasks)]
             done: dict[int, dict] = {}
             for attempt in range(1, MAX_ATTEMPTS + 1):
-                futs = {i: pool[0].submit(file_task, *args[i]) for i in range(len(args)) if i not in done}
+                futs = {i: pool[0].submit(file_task, *args[i]) for i in heaviest_first(tasks) if i not in done}
                 broken = None
                 for i, f in futs.items():
                     try:
@@ -159,7 +170,7 @@ def _owned(res):
     from edgeq.quant.linear_task import LinearResult
 
     lr = None if res.low_rank is None else tuple(np.array(x) for x in res.low_rank)
-    return LinearResult(np.array(res.dequant), np.array(res.packed), lr)
+    return LinearResult(np.array(res.dequant), np.array(res.packed), lr, res.cpu_s)
 
 
 class RaySplit(Split):
@@ -178,7 +189,10 @@ class RaySplit(Split):
 
         def layer(tasks: list) -> list:
             put = {key: ray.put(a) for key, a in _arrays(tasks).items()}
-            outs = [remote.remote(job, put[id(w)], None if cov is None else put[id(cov)]) for job, w, cov in tasks]
+            outs: list = [None] * len(tasks)
+            for i in heaviest_first(tasks):
+                job, w, cov = tasks[i]
+                outs[i] = remote.remote(job, put[id(w)], None if cov is None else put[id(cov)])
             refs[:] = outs
             results = [_owned(r) for r in ray.get(outs)]
             refs.clear()
@@ -192,3 +206,28 @@ class RaySplit(Split):
                 with contextlib.suppress(Exception):
                     ray.cancel(r, force=True)
             raise
+
+
+# --- a single-target build ---
+
+@contextlib.contextmanager
+def open_split(executor: str | None, work_dir: Path, jobs: int | None = None,
+               address: str | None = None) -> Iterator[Split | None]:
+    """The split of a single-target build's own work for ``--executor`` / ``--ray-address``
+    (None or inprocess: none). Its temporary directory lives under ``work_dir`` until the end."""
+    from edgeq.pipeline.executors import Processes, make_executor
+
+    ex = make_executor(executor, work_dir, jobs, address)
+    if ex.name == "inprocess":
+        yield None
+        return
+    if isinstance(ex, Processes):  # (no pool of matrix workers: the split's own pool is enough)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        root = Path(tempfile.mkdtemp(prefix=".edgeq-split.", dir=work_dir))
+        try:
+            yield ProcessSplit(str(root), ex.jobs)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        return
+    with ex.session(None) as s:
+        yield s.split()

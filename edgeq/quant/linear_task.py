@@ -9,6 +9,7 @@ another in this process (:func:`edgeq.quant.apply.quantize_ir` runs the same fun
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,7 @@ class LinearResult:
     dequant: np.ndarray  # (out, in) float32: exactly what a runtime decodes
     packed: np.ndarray  # (out, row bytes) uint8: the GGML blocks
     low_rank: tuple[np.ndarray, np.ndarray] | None  # (A, B) float32 holding fp16 values, or None
+    cpu_s: float = 0.0  # CPU seconds the job took where it ran (its process's, all threads)
 
     @property
     def nbytes(self) -> int:
@@ -61,8 +63,9 @@ def compensate_linear(job: LinearJob, w: np.ndarray, deq: np.ndarray, cov: np.nd
 
 def run_linear(job: LinearJob, w: np.ndarray, cov: np.ndarray | None) -> LinearResult:
     """The whole job: quantization, then compensation where ``job.rank`` > 0."""
+    t = time.process_time()
     w = np.asarray(w, dtype=np.float32)
     cov = None if cov is None else np.asarray(cov, dtype=np.float64)
     deq, packed = quantize_linear(job, w, cov)
     low_rank = compensate_linear(job, w, deq, cov) if job.rank else None
-    return LinearResult(deq, packed, low_rank)
+    return LinearResult(deq, packed, low_rank, time.process_time() - t)

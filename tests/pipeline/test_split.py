@@ -3,15 +3,19 @@ as the sequential in-process quantization (edgeq.quant.apply.quantize_ir without
 task fed only its linear's weight and input covariance."""
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 import pytest
 from release_trees import leftovers, run_cli, same_tree
 
 from edgeq.calibrate import alpaca_token_sequences, calibrate
 from edgeq.frontend import load_model
-from edgeq.pipeline.split import ProcessSplit, _arrays
+from edgeq.pipeline.split import ProcessSplit, _arrays, heaviest_first
 from edgeq.plan import Choice, Plan, plan_tensor_shapes
 from edgeq.quant.apply import COMP_SOURCE, quantize_ir
+from edgeq.quant.linear_task import LinearJob, run_linear
 
 # a plan touching every path: several legacy types (the tiny model is too narrow for K-quants), F16 (no task),
 # compensation ranks (QERA) on some linears of both layers
@@ -70,6 +74,50 @@ def test_process_tasks_per_linear_give_the_sequential_bytes(calibrated, tmp_path
     assert list(tmp_path.iterdir()) == []  # the split's files: removed
 
 
+def _job_or_die(marker: str, job):
+    """Unpickled in the worker: the first time, SIGKILL it (its pool breaks), then the job."""
+    import os
+    import signal
+
+    if not Path(marker).exists():
+        Path(marker).write_text("killed")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return job
+
+
+@dataclasses.dataclass(frozen=True)
+class _DiesOnce(LinearJob):
+    marker: str = ""
+
+    def __reduce__(self):
+        plain = LinearJob(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LinearJob)})
+        return _job_or_die, (self.marker, plain)
+
+
+def test_a_process_task_whose_worker_died_is_run_again(calibrated, tmp_path):
+    ir, stats = calibrated
+    plan = tiny_plan(ir)
+    tasks = []
+    for name in ("blk.0.attn_q", "blk.0.attn_k", "blk.0.ffn_down"):
+        lin, c = ir.linears[name], plan.tensors[name]
+        job = LinearJob(name, c.type, "gptq", 0.01, False, c.rank)
+        tasks.append((job, lin.weight, stats.layers[0].input_cov(lin.role)))
+    marker = tmp_path / "marker"
+    work = tmp_path / "work"
+    work.mkdir()
+    dies = [(_DiesOnce(**dataclasses.asdict(tasks[1][0]), marker=str(marker)), *tasks[1][1:])]
+    with ProcessSplit(str(work), 2).open() as run:
+        got = run(tasks[:1] + dies + tasks[2:])
+    assert marker.read_text() == "killed"  # a worker did die
+    for (job, w, cov), r in zip(tasks, got):
+        want = run_linear(job, w, cov)
+        assert r.dequant.tobytes() == want.dequant.tobytes() and r.packed.tobytes() == want.packed.tobytes()
+        assert (r.low_rank is None) == (want.low_rank is None) == (job.rank == 0)
+        if want.low_rank:
+            assert all(x.tobytes() == y.tobytes() for x, y in zip(r.low_rank, want.low_rank))
+    assert list(work.iterdir()) == []
+
+
 def test_a_runner_that_loses_results_is_an_error(calibrated):
     from edgeq.errors import EdgeqError
 
@@ -92,3 +140,25 @@ def test_processes_release_splits_quantize_and_gives_the_inprocess_bytes(tiny_ll
     assert err.count("quantizing a layer's linears as one task each (2 worker processes)") == 2, err
     same_tree(tmp_path / "in", tmp_path / "pr")
     assert leftovers(tmp_path) == []
+
+
+def test_a_single_target_build_splits_quantize_over_processes(tiny_llama, tmp_path):
+    """`--executor processes` on one target: no matrix, the quantize step's linears as tasks."""
+    args = ["--target", "cpu-avx2", "--calib-samples", "4", "--calib-len", "32"]
+    code, text = run_cli("build", tiny_llama, *args, "-o", tmp_path / "in")
+    assert code == 0, text
+    code, text = run_cli("build", tiny_llama, *args, "--executor", "processes", "--jobs", "2", "-o", tmp_path / "pr")
+    assert code == 0, text
+    assert "quantizing a layer's linears as one task each (2 worker processes)" in text, text
+    same_tree(tmp_path / "in", tmp_path / "pr")
+    assert leftovers(tmp_path) == []
+
+
+def test_the_heaviest_linear_is_submitted_first():
+    """The 1B shape's layer: down_proj (2048 x 8192: its 8192^3 inverse Hessian) first, then the
+    8192 x 2048 gate/up, the 2048^2 q/o, the 512 x 2048 k/v (ties in task order)."""
+    shapes = {"q": (2048, 2048), "k": (512, 2048), "v": (512, 2048), "o": (2048, 2048),
+              "gate": (8192, 2048), "up": (8192, 2048), "down": (2048, 8192)}
+    tasks = [(name, np.lib.stride_tricks.as_strided(np.zeros(1), shape, (0, 0)), None)  # (shapes, no memory)
+             for name, shape in shapes.items()]
+    assert [tasks[i][0] for i in heaviest_first(tasks)] == ["down", "gate", "up", "q", "o", "k", "v"]
