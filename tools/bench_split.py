@@ -3,7 +3,7 @@ this process, or over Ray with its workers; the work and data of every task writ
 
     python -m models.scale --shape llama-3.2-1b --layers 1 --tokenizer tiny --out CKPT
     OMP_NUM_THREADS=1 python tools/bench_split.py --model CKPT --mode sequential
-    python tools/bench_split.py --model CKPT --mode ray --workers 1         # a local Ray, 1 CPU
+    python tools/bench_split.py --model CKPT --mode ray --workers 1         # a new local Ray, 1 CPU
     python tools/bench_split.py --model CKPT --mode ray --ray-address 127.0.0.1:PORT   # a cluster
 
 The tasks are exactly those :func:`edgeq.quant.apply.quantize_ir` hands an executor for one layer:
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         if a.ray_address:
             ray.init(address=a.ray_address, logging_level="ERROR")
         else:
-            ray.init(num_cpus=a.workers or 1, include_dashboard=False, logging_level="ERROR")
+            ray.init(address="local", num_cpus=a.workers or 1, include_dashboard=False, logging_level="ERROR")
         nodes = len([n for n in ray.nodes() if n.get("Alive")])
         cpus = int(ray.cluster_resources().get("CPU", 0))
         warm = ray.remote(num_cpus=1)(ray_task)  # (workers started and edgeq imported before timing)
@@ -123,6 +123,7 @@ def main(argv=None) -> int:
         with RaySplit().open() as run:
             results = run(tasks)
         wall = time.perf_counter() - t0
+        ray.shutdown()
     driver_cpu = cpu_self() - cpu0
 
     seen: set[int] = set()
