@@ -163,6 +163,39 @@ def test_a_single_target_build_splits_quantize_over_ray(cluster, tiny_llama, tmp
     assert leftovers(tmp_path) == []
 
 
+def test_a_linear_task_lost_with_its_ray_worker_is_retried(cluster, tmp_path):
+    """A quantize task whose Ray worker dies (SIGKILL while it unpacks its arguments) is run again
+    by Ray (RaySplit's max_retries); the results equal run_linear's in this process."""
+    import numpy as np
+    import ray
+    import split_faults
+    from ray import cloudpickle
+
+    from edgeq.pipeline.split import RaySplit
+    from edgeq.quant.linear_task import LinearJob, run_linear
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 128))
+    cov = x.T @ x / 256
+    w1, w2 = (rng.standard_normal((64, 128)).astype(np.float32) for _ in range(2))
+    jobs = [LinearJob("a", "Q4_0", "gptq", 0.01, False), LinearJob("b", "Q5_1", "gptq", 0.01, False, rank=8)]
+    marker = tmp_path / "marker"
+    tasks = [(jobs[0], w1, cov), (split_faults.DiesOnce.of(jobs[1], marker), w2, cov)]
+    cloudpickle.register_pickle_by_value(split_faults)  # (the workers cannot import the tests' helpers)
+    ray.init(address=f"127.0.0.1:{cluster.port}", logging_level="ERROR", log_to_driver=False)
+    try:
+        with RaySplit().open() as run:
+            got = run(tasks)
+    finally:
+        ray.shutdown()
+        cloudpickle.unregister_pickle_by_value(split_faults)
+    assert marker.read_text() == "killed"  # a worker did die
+    for job, w, r in zip(jobs, (w1, w2), got):
+        want = run_linear(job, w, cov)
+        assert r.dequant.tobytes() == want.dequant.tobytes() and r.packed.tobytes() == want.packed.tobytes()
+    assert got[0].low_rank is None and [x.tobytes() for x in got[1].low_rank] == [x.tobytes() for x in want.low_rank]
+
+
 def test_a_failing_target_on_ray_is_reported_and_the_others_complete(cluster, tiny_llama, tmp_path, monkeypatch):
     """mobile-arm64's TVM cross linker missing on the cluster (EDGEQ_AARCH64_CC, passed on to the
     workers): that target fails alone, in release.json and the exit code, nothing left of it;

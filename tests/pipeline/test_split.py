@@ -3,12 +3,10 @@ as the sequential in-process quantization (edgeq.quant.apply.quantize_ir without
 task fed only its linear's weight and input covariance."""
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
 import numpy as np
 import pytest
 from release_trees import leftovers, run_cli, same_tree
+from split_faults import DiesOnce
 
 from edgeq.calibrate import alpaca_token_sequences, calibrate
 from edgeq.frontend import load_model
@@ -74,26 +72,6 @@ def test_process_tasks_per_linear_give_the_sequential_bytes(calibrated, tmp_path
     assert list(tmp_path.iterdir()) == []  # the split's files: removed
 
 
-def _job_or_die(marker: str, job):
-    """Unpickled in the worker: the first time, SIGKILL it (its pool breaks), then the job."""
-    import os
-    import signal
-
-    if not Path(marker).exists():
-        Path(marker).write_text("killed")
-        os.kill(os.getpid(), signal.SIGKILL)
-    return job
-
-
-@dataclasses.dataclass(frozen=True)
-class _DiesOnce(LinearJob):
-    marker: str = ""
-
-    def __reduce__(self):
-        plain = LinearJob(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LinearJob)})
-        return _job_or_die, (self.marker, plain)
-
-
 def test_a_process_task_whose_worker_died_is_run_again(calibrated, tmp_path):
     ir, stats = calibrated
     plan = tiny_plan(ir)
@@ -105,7 +83,7 @@ def test_a_process_task_whose_worker_died_is_run_again(calibrated, tmp_path):
     marker = tmp_path / "marker"
     work = tmp_path / "work"
     work.mkdir()
-    dies = [(_DiesOnce(**dataclasses.asdict(tasks[1][0]), marker=str(marker)), *tasks[1][1:])]
+    dies = [(DiesOnce.of(tasks[1][0], marker), *tasks[1][1:])]
     with ProcessSplit(str(work), 2).open() as run:
         got = run(tasks[:1] + dies + tasks[2:])
     assert marker.read_text() == "killed"  # a worker did die
