@@ -16,8 +16,11 @@ input: q/k/v, gate/up), never the model:
   the object store (one copy per node that reads it, not one per task), results back through it.
   A task lost with its worker is retried by Ray (``max_retries``): the task has no side effects.
 
-The results are the same bytes as the in-process build's: the same function on the same float32 /
-float64 values, whatever process or node runs it.
+Tasks are submitted heaviest first (:func:`heaviest_first`). A release matrix gets its split from
+its executor (:meth:`edgeq.pipeline.executors.Executor.split`); a single-target build from
+:func:`open_split` (``edgeq build --target T --executor ...``). The results are the same bytes as
+the in-process build's: the same function on the same float32 / float64 values, whatever process
+or node runs it.
 """
 from __future__ import annotations
 
