@@ -2,7 +2,6 @@
 build, shared steps run once, release.json, failures, verify/profile of a release directory."""
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 from release_trees import leftovers, run_cli, same_tree

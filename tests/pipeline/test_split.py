@@ -140,3 +140,14 @@ def test_the_heaviest_linear_is_submitted_first():
     tasks = [(name, np.lib.stride_tricks.as_strided(np.zeros(1), shape, (0, 0)), None)  # (shapes, no memory)
              for name, shape in shapes.items()]
     assert [tasks[i][0] for i in heaviest_first(tasks)] == ["down", "gate", "up", "q", "o", "k", "v"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--executor", "dask"], "unknown executor 'dask'"),
+    (["--executor", "processes", "--ray-address", "127.0.0.1:1"], "--ray-address applies to --executor ray"),
+])
+def test_bad_executor_options_of_a_single_build_are_one_line_errors(args, message, tiny_llama, tmp_path):
+    out = tmp_path / "one"
+    code, text = run_cli("build", tiny_llama, "--target", "cpu-avx2", "--bits", "4", *args, "-o", out)
+    assert code == 1 and text.startswith("error:") and message in text and len(text.strip().splitlines()) == 1, text
+    assert list(tmp_path.iterdir()) == []
