@@ -252,17 +252,22 @@ def resolve_format(opts: BuildOptions, target: TargetProfile) -> BuildOptions:
     return dataclasses.replace(opts, format=next((f.value for f in target.formats if backends.find(f.value)), "gguf"))
 
 
-def build(opts: BuildOptions, log: Callable[[str], None] = _log) -> BuildResult:
+def build(opts: BuildOptions, log: Callable[[str], None] = _log, executor: str | None = None, jobs: int | None = None,
+          ray_address: str | None = None) -> BuildResult:
     """Run the build's steps with what passes produce parked on disk (``edgeq.spill``) next to the
-    output, so memory holds about a layer at a time; the spill directory is removed at the end."""
+    output, so memory holds about a layer at a time; the spill directory is removed at the end.
+    ``executor`` (processes, ray, ray://HOST:PORT; or ``ray_address``): the quantize step's linears
+    run as tasks there (:mod:`edgeq.pipeline.split`); default in this process, one after another."""
+    from edgeq.pipeline.split import open_split
     from edgeq.spill import spilling
 
     t_start = time.perf_counter()
     target = load_target(opts.target)
     opts = resolve_format(opts, target)
     check_options(opts, target)
-    with spilling(Path(opts.out).resolve().parent):
-        ctx = pipeline.run(steps(opts, target), BuildContext(opts=opts, target=target, log=log),
+    where = Path(opts.out).resolve().parent
+    with spilling(where), open_split(executor, where, jobs, ray_address) as split:
+        ctx = pipeline.run(steps(opts, target), BuildContext(opts=opts, target=target, log=log, split=split),
                            out=Path(opts.out), force=opts.force)
     return BuildResult(out=Path(opts.out), manifest=ctx.manifest, seconds=time.perf_counter() - t_start,
                        timings=ctx.timings)

@@ -141,9 +141,10 @@ def targets(as_json):
                    "the profile's speed costs, docs/targets.md).")
 @click.option("--executor", default=None, show_default="inprocess; ray with --ray-address",
               metavar="inprocess|processes|ray|ray://HOST:PORT",
-              help="Release matrix: run its tasks in this process, in parallel worker processes, or on Ray (ray: "
+              help="Run the build's tasks in this process, in parallel worker processes, or on Ray (ray: "
                    "join the instance `ray start` began on this machine or start one; ray://HOST:PORT: a Ray Client "
-                   "address). Ray needs the extra edgeq[ray] and every node seeing the output dir, model and data "
+                   "address): a release matrix's targets, and within a build the quantize step's linears (one task "
+                   "each). Ray needs the extra edgeq[ray] and every node seeing the output dir, model and data "
                    "at the same paths.")
 @click.option("--jobs", type=int, default=None,
               help="--executor processes: worker processes (default: CPU count); --executor ray: CPUs of a Ray "
@@ -178,9 +179,7 @@ def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, n
     if is_matrix(target):
         _build_release(opts, target, fmt, executor, jobs, ray_address)
         return
-    if executor not in (None, "inprocess") or jobs is not None or ray_address is not None:
-        raise EdgeqError("--executor/--jobs/--ray-address apply to a release matrix (--target a,b,c or all)")
-    res = run_build(opts)
+    res = run_build(opts, executor=executor, jobs=jobs, ray_address=ray_address)
     m = res.manifest
     size = sum(f["bytes"] for f in m["files"].values())
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items())

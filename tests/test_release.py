@@ -2,36 +2,13 @@
 build, shared steps run once, release.json, failures, verify/profile of a release directory."""
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
-from edgeq.cli import main
+from release_trees import leftovers, run_cli, same_tree
 
 # (calibration small: the statistics are shared, not their size, is what is tested)
 PRUNED = ["--bits", "4", "--prune-rates", "0,0.25", "--calib-samples", "4", "--calib-len", "32"]
 TARGETS = ["cpu-avx2", "gpu-t4", "mobile-arm64"]
-
-
-def run_cli(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return r.exit_code, r.output
-
-
-def tree_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def same_tree(a: Path, b: Path) -> None:
-    fa, fb = tree_files(a), tree_files(b)
-    assert sorted(fa) == sorted(fb)
-    for name in fa:
-        assert fa[name] == fb[name], f"{a.name}/{name} differs from the single build"
-
-
-def leftovers(parent: Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
 
 
 @pytest.fixture(scope="module")
@@ -198,10 +175,3 @@ def test_target_all_lists_every_profile(tiny_llama, tmp_path):
     assert names == [t.name for t in list_targets()] and len(names) == 6
     members, _ = members_for(BuildOptions(model=tiny_llama, out=tmp_path, format=None), names, [None], tmp_path, None)
     assert len(members) == 6
-
-
-def test_executor_needs_a_target_list(tiny_llama, tmp_path):
-    out = tmp_path / "one"
-    code, text = run_cli("build", tiny_llama, "--target", "cpu-avx2", "--bits", "4", "--executor", "processes",
-                         "-o", out)
-    assert code == 1 and "--executor/--jobs/--ray-address apply to a release matrix" in text and not out.exists()

@@ -8,12 +8,13 @@
 * :func:`build` — one TVM executable holding every spec's function, compiled for the *profile's*
   target (never the build host): x86 / aarch64 through LLVM, CUDA as source for the device.
 * :func:`export` — a shared library: host linker for x86, ``aarch64-linux-gnu-gcc`` for aarch64
-  (cross), the CUDA module with its kernel source embedded (compiled on the device at load).
+  (cross; another cross compiler's name in ``EDGEQ_AARCH64_CC``), the CUDA module with its kernel source embedded (compiled on the device at load).
 * :func:`cuda_source` / :func:`nvcc_cubin` — the CUDA C++ TVM generated, and a cubin of it
   compiled with ``nvcc`` for one ``sm_XY`` (a build-time check that the kernels compile).
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,7 +24,9 @@ from edgeq.errors import EdgeqError
 from edgeq.kernels import tir_cpu, tir_cuda, tir_dot
 from edgeq.kernels.spec import KernelSpec
 
-AARCH64_CC = "aarch64-linux-gnu-gcc"
+# the aarch64 cross compiler and linker (Debian's name; EDGEQ_AARCH64_CC: another toolchain's, e.g.
+# aarch64-none-linux-gnu-gcc; read at import, and passed on to Ray workers as every EDGEQ_* variable)
+AARCH64_CC = os.environ.get("EDGEQ_AARCH64_CC") or "aarch64-linux-gnu-gcc"
 
 
 def _tvm():

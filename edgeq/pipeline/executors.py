@@ -12,6 +12,9 @@ from a stored context to an artifact directory and an :class:`~edgeq.pipeline.ma
   spill into the same temporary directory, kept until the whole matrix ends.
 - ``ray``, ``ray://HOST:PORT`` (or ``ray`` with an address): tasks on a Ray cluster, contexts as
   files the same way (:mod:`edgeq.pipeline.ray_executor`; Ray is imported only then).
+
+The processes and Ray executors also split work inside a build (:meth:`Executor.split`, the
+spec left in the starting context: :mod:`edgeq.pipeline.split`); in-process, nothing is split.
 """
 from __future__ import annotations
 
@@ -40,6 +43,10 @@ class Executor:
     @contextlib.contextmanager
     def session(self, ctx: BuildContext) -> Iterator["Executor"]:
         yield self
+
+    def split(self):
+        """How a build's own work is split into tasks (:mod:`edgeq.pipeline.split`; None: not)."""
+        return None
 
     def store(self, ctx: BuildContext):
         raise NotImplementedError
@@ -215,6 +222,11 @@ class Processes(Executor):
         if self.pool is not None and getattr(self.pool, "_broken", False):
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = self._new_pool()
+
+    def split(self):
+        from edgeq.pipeline.split import ProcessSplit
+
+        return ProcessSplit(str(self.root), self.jobs)
 
     def store(self, ctx):
         return save_context(ctx, self.root)

@@ -313,7 +313,7 @@ def run_matrix(members: list[Member], ctx: BuildContext, executor: "Executor | N
     by_label = {m.label: m for m in members}
     units = {m.label: m.units() for m in members}
     with executor.session(ctx) as ex:
-        start = ex.store(ctx)
+        start = ex.store(dataclasses.replace(ctx, split=ex.split()))
         pending: dict = {}  # future -> _Task
 
         def submit(task: "_Task") -> None:

@@ -15,6 +15,10 @@ A task whose worker or node died comes back as *lost* (:meth:`RayExecutor.lost`)
 runs it again (Ray's own task retries are off, so that the matrix removes what a killed tail
 left beside its output and logs the retry). Ray is imported here only, when this executor is
 chosen; without it the build stops with one error line naming the extra to install.
+
+Inside a build, the quantize step's linears run as Ray tasks of their own (:class:`RaySplit
+<edgeq.pipeline.split.RaySplit>`, :meth:`RayExecutor.split`): their inputs go through the
+object store, not through files, and Ray retries them itself (they have no side effects).
 """
 from __future__ import annotations
 
@@ -173,6 +177,11 @@ class RayExecutor(Executor):
         kinds = tuple(getattr(rx, n) for n in ("WorkerCrashedError", "NodeDiedError", "ObjectLostError",
                                                "LocalRayletDiedError", "OutOfMemoryError") if hasattr(rx, n))
         return isinstance(exc, kinds)
+
+    def split(self):
+        from edgeq.pipeline.split import RaySplit
+
+        return RaySplit()
 
     def store(self, ctx):
         return save_context(ctx, self.root)

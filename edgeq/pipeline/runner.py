@@ -114,6 +114,7 @@ class BuildContext:
     ref_ir: "ModelIR | None" = None  # what the goldens compare the artifact against
     timings: dict[str, float] = field(default_factory=dict)  # step name -> seconds
     records: list[dict] = field(default_factory=list)  # the steps run so far (manifest "steps")
+    split: Any = None  # edgeq.pipeline.split.Split: a layer's linears as executor tasks (None: here, in turn)
 
     def need(self, attr: str, step: Step) -> Any:
         v = getattr(self, attr)

@@ -338,7 +338,12 @@ class QuantizeStep(Step):
         plan = ctx.need("plan", self)
         ctx.float_ir = ctx.need("ir", self)
         ctx.log(f"quantizing ({plan.quantizer}, compensation {plan.compensation} where rank > 0)")
-        ctx.ir = quantize_ir(ctx.float_ir, plan, ctx.need("stats", self))
+        if ctx.split is None:
+            ctx.ir = quantize_ir(ctx.float_ir, plan, ctx.need("stats", self))
+            return
+        ctx.log(f"quantizing a layer's linears as one task each ({ctx.split.describe()})")
+        with ctx.split.open() as runner:
+            ctx.ir = quantize_ir(ctx.float_ir, plan, ctx.need("stats", self), runner=runner)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
 """The Ray executor (edgeq.pipeline.ray_executor) on a two-node Ray cluster on this machine (a head
 and a worker node on the loopback address, one CPU each): release artifacts byte-identical to the
-in-process build, a worker killed mid-build retried, and one-line errors for bad executor input."""
+in-process build, the quantize step's linears as Ray tasks (edgeq.pipeline.split; matrix and
+single build) with the same bytes, a worker killed mid-build retried, a failing target reported
+while the other completes, and one-line errors for bad executor input."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,31 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from release_trees import leftovers, run_cli, same_tree
 
 import edgeq
-from edgeq.cli import main
 
 REPO = Path(edgeq.__file__).resolve().parent.parent
 PRUNED = ["--bits", "4", "--prune-rates", "0,0.25", "--calib-samples", "4", "--calib-len", "32"]
 TARGETS = "cpu-avx2,mobile-arm64"
 MEMBERS = ("cpu-avx2-gguf", "mobile-arm64-gguf")  # (the release's member directories)
-
-
-def run_cli(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return r.exit_code, r.output
-
-
-def tree_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def same_tree(a: Path, b: Path) -> None:
-    fa, fb = tree_files(a), tree_files(b)
-    assert sorted(fa) == sorted(fb)
-    for name in fa:
-        assert fa[name] == fb[name], f"{name} differs between executors"
 
 
 def free_port() -> int:
@@ -143,6 +129,95 @@ def test_two_node_cluster_gives_the_inprocess_bytes(cluster, inprocess_release, 
     assert "executor ray" in text
     same_tree(out, inprocess_release)
     assert [p.name for p in tmp_path.iterdir()] == ["release-ray"]  # no temp dirs, contexts or spills left
+
+
+PLANNED = ["--target", "cpu-avx2,mobile-arm64", "--calib-samples", "4", "--calib-len", "32"]  # planner + quantize
+
+
+def test_quantize_split_into_ray_tasks_gives_the_inprocess_bytes(cluster, tiny_llama, tmp_path):
+    """A planned matrix on the cluster: each quantize step (a segment task) runs its layer's
+    linears as Ray tasks of their own (inputs through the object store); byte-identical."""
+    code, text = run_cli("build", tiny_llama, *PLANNED, "-o", tmp_path / "in")
+    assert code == 0, text
+    out = tmp_path / "ray"
+    cmd = [sys.executable, "-m", "edgeq.cli", "build", str(tiny_llama), *PLANNED, "--ray-address",
+           f"127.0.0.1:{cluster.port}", "-o", str(out)]
+    run = subprocess.run(cmd, env={**cluster.env, "RAY_DEDUP_LOGS": "0"}, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, timeout=600)
+    text = run.stdout.decode(errors="replace")
+    assert run.returncode == 0, text
+    for label in ("cpu-avx2-gguf", "mobile-arm64-gguf"):  # (the workers' lines, forwarded: twice, by both nodes)
+        assert f"[{label}] quantizing a layer's linears as one task each (Ray tasks)" in text, text
+    same_tree(out, tmp_path / "in")
+    assert leftovers(tmp_path) == []
+
+
+def test_a_single_target_build_splits_quantize_over_ray(cluster, tiny_llama, tmp_path):
+    args = ["--target", "cpu-avx2", "--calib-samples", "4", "--calib-len", "32"]
+    code, text = run_cli("build", tiny_llama, *args, "-o", tmp_path / "in")
+    assert code == 0, text
+    code, text = run_cli("build", tiny_llama, *args, "--ray-address", f"127.0.0.1:{cluster.port}", "-o", tmp_path / "ray")
+    assert code == 0, text
+    assert "quantizing a layer's linears as one task each (Ray tasks)" in text, text  # (this process: the driver)
+    same_tree(tmp_path / "in", tmp_path / "ray")
+    assert leftovers(tmp_path) == []
+
+
+def test_a_linear_task_lost_with_its_ray_worker_is_retried(cluster, tmp_path):
+    """A quantize task whose Ray worker dies (SIGKILL while it unpacks its arguments) is run again
+    by Ray (RaySplit's max_retries); the results equal run_linear's in this process."""
+    import numpy as np
+    import ray
+    import split_faults
+    from ray import cloudpickle
+
+    from edgeq.pipeline.split import RaySplit
+    from edgeq.quant.linear_task import LinearJob, run_linear
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 128))
+    cov = x.T @ x / 256
+    w1, w2 = (rng.standard_normal((64, 128)).astype(np.float32) for _ in range(2))
+    jobs = [LinearJob("a", "Q4_0", "gptq", 0.01, False), LinearJob("b", "Q5_1", "gptq", 0.01, False, rank=8)]
+    marker = tmp_path / "marker"
+    tasks = [(jobs[0], w1, cov), (split_faults.DiesOnce.of(jobs[1], marker), w2, cov)]
+    cloudpickle.register_pickle_by_value(split_faults)  # (the workers cannot import the tests' helpers)
+    ray.init(address=f"127.0.0.1:{cluster.port}", logging_level="ERROR", log_to_driver=False)
+    try:
+        with RaySplit().open() as run:
+            got = run(tasks)
+    finally:
+        ray.shutdown()
+        cloudpickle.unregister_pickle_by_value(split_faults)
+    assert marker.read_text() == "killed"  # a worker did die
+    for job, w, r in zip(jobs, (w1, w2), got):
+        want = run_linear(job, w, cov)
+        assert r.dequant.tobytes() == want.dequant.tobytes() and r.packed.tobytes() == want.packed.tobytes()
+    assert got[0].low_rank is None and [x.tobytes() for x in got[1].low_rank] == [x.tobytes() for x in want.low_rank]
+
+
+def test_a_failing_target_on_ray_is_reported_and_the_others_complete(cluster, tiny_llama, tmp_path, monkeypatch):
+    """mobile-arm64's TVM cross linker missing on the cluster (EDGEQ_AARCH64_CC, passed on to the
+    workers): that target fails alone, in release.json and the exit code, nothing left of it;
+    cpu-avx2 completes; the release equals the in-process one with the same linker missing."""
+    import edgeq.kernels.compile
+
+    missing = "aarch64-missing-linux-gnu-gcc"
+    monkeypatch.setenv("EDGEQ_AARCH64_CC", missing)
+    monkeypatch.setattr(edgeq.kernels.compile, "AARCH64_CC", missing)  # (this process: imported already)
+    args = ["--target", "cpu-avx2,mobile-arm64", "--format", "tvm", "--bits", "4"]
+    code, text = run_cli("build", tiny_llama, *args, "-o", tmp_path / "in")
+    assert code == 1, text
+    out = tmp_path / "ray"
+    code, text = run_cli("build", tiny_llama, *args, "--ray-address", f"127.0.0.1:{cluster.port}", "-o", out)
+    assert code == 1, text
+    assert f"error: mobile-arm64-tvm: cross-linking for aarch64 needs {missing}" in text
+    assert sorted(p.name for p in out.iterdir()) == ["cpu-avx2-tvm", "release.json"]
+    idx = json.loads((out / "release.json").read_text())
+    assert [(f["dir"], f["step"]) for f in idx["failed"]] == [("mobile-arm64-tvm", "lower")]
+    assert [a["dir"] for a in idx["artifacts"]] == ["cpu-avx2-tvm"]
+    assert leftovers(tmp_path) == [] and leftovers(out) == []
+    same_tree(out, tmp_path / "in")
 
 
 def parent(pid: int) -> int:
