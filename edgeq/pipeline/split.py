@@ -32,6 +32,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from edgeq.blas import one_blas_thread
+
 MAX_ATTEMPTS = 3  # runs of a task whose worker died (processes; Ray: 1 + RAY_RETRIES)
 RAY_RETRIES = MAX_ATTEMPTS - 1
 
@@ -81,7 +83,8 @@ def file_task(job, w_path: str, cov_path: str | None, out: str) -> dict:
 
     w = np.load(w_path, mmap_mode="r")
     cov = None if cov_path is None else np.load(cov_path, mmap_mode="r")
-    res = run_linear(job, w, cov)
+    with one_blas_thread():  # (as in-process steps: edgeq.blas)
+        res = run_linear(job, w, cov)
     paths = {"dequant": f"{out}.deq.npy", "packed": f"{out}.packed.npy", "cpu_s": res.cpu_s}
     np.save(paths["dequant"], res.dequant)
     np.save(paths["packed"], res.packed)
@@ -165,7 +168,8 @@ def ray_task(job, w, cov):
     """One linear on a Ray worker (``w``, ``cov``: resolved from the object store)."""
     from edgeq.quant.linear_task import run_linear
 
-    return run_linear(job, w, cov)
+    with one_blas_thread():  # (as in-process steps: edgeq.blas)
+        return run_linear(job, w, cov)
 
 
 def _owned(res):
