@@ -69,6 +69,13 @@ class CheckMemoryStep(Step):
     calib_samples: int
     calib_len: int
     probe_samples: int
+    measured: bool = False  # the measured pruning allocation's KL probe (edgeq.passes.prune_sensitivity)
+
+    def config(self) -> dict:
+        d = super().config()
+        if not self.measured:  # (the other builds' manifests stay as they were)
+            del d["measured"]
+        return d
 
     def run(self, ctx: BuildContext) -> None:
         from edgeq.memory import check_build
@@ -83,7 +90,8 @@ class CheckMemoryStep(Step):
         check_build(ctx.need("ir", self).hparams, log=ctx.log, spill_dir=Path(ctx.opts.out).resolve().parent,
                     fmt=self.format, prunes=self.prunes,
                     planned=self.planned, recover=self.recover, goldens=self.goldens,
-                    calib_samples=self.calib_samples, calib_len=self.calib_len, probe_samples=self.probe_samples)
+                    calib_samples=self.calib_samples, calib_len=self.calib_len, probe_samples=self.probe_samples,
+                    measured=self.measured)
 
 
 @dataclass(frozen=True)
@@ -134,19 +142,34 @@ class RatePlanStep(Step):
     name = "rate_plan"
     rates: tuple[float, ...]  # validated, 0 first (edgeq.passes.rate_plan.check_rates)
     granularity: int
-    importance: str  # angular (per-layer angular distance) | uniform
+    importance: str  # angular (per-layer angular distance) | uniform | measured (per-layer loss curves)
     dims: str = "all"  # all (MLP, Q/K pairs, V/O components) | mlp (MLP channels only, same parameter rate)
+    probe_samples: int = 4  # measured: calibration sequences the loss curves are measured on
 
     def config(self) -> dict:
         d = super().config()
         if self.dims == "all":  # (the default's manifests stay as they were)
             del d["dims"]
+        if self.importance != "measured":
+            del d["probe_samples"]
         return d
 
     def run(self, ctx: BuildContext) -> None:
         from edgeq.passes.rate_plan import apply_prune_spec, plan_rates
 
         ir = ctx.need("ir", self)
+        if self.importance == "measured":  # edgeq.passes.prune_sensitivity + prune_alloc
+            from edgeq.passes.prune_alloc import plan_rates_measured
+            from edgeq.passes.prune_sensitivity import mlp_loss_curves
+
+            if self.dims != "mlp":
+                raise EdgeqError("--importance measured allocates MLP channels only; add --prune-dims mlp")
+            seqs = ctx.need("calib_seqs", self)[: self.probe_samples]
+            ctx.log(f"measuring each layer's MLP loss-vs-width curve on {len(seqs)} calibration sequences")
+            curves, rec = mlp_loss_curves(ir, seqs, self.granularity)
+            spec = plan_rates_measured(ir, self.rates, self.granularity, curves)
+            ctx.ir = apply_prune_spec(ir, spec, measured=rec)
+            return
         angular = None
         if self.importance == "angular":
             angular = np.array([layer.angular for layer in ctx.need("stats", self).layers])
