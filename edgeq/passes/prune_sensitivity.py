@@ -140,4 +140,20 @@ def mlp_loss_curves(ir: ModelIR, sequences: Sequence[Sequence[int]], granularity
     return curves, record
 
 
-__all__ = ["PROBE_KEEPS", "interpolate_gain", "mlp_loss_curves", "output_error_curve", "probe_indices"]
+def plan_measured(ir: ModelIR, sequences: Sequence[Sequence[int]], rates: Sequence[float], granularity: int,
+                  dims: str = "mlp", log: Callable[[str], None] | None = None) -> tuple:
+    """(PruneSpec, record): the curves of :func:`mlp_loss_curves` on ``sequences`` solved for every
+    rate by ``edgeq.passes.prune_alloc.plan_rates_measured`` (MLP channels only: ``dims`` "mlp")."""
+    from edgeq.errors import EdgeqError
+    from edgeq.passes.prune_alloc import plan_rates_measured
+
+    if dims != "mlp":
+        raise EdgeqError("--importance measured allocates MLP channels only; add --prune-dims mlp")
+    if log is not None:
+        log(f"measuring each layer's MLP loss-vs-width curve on {len(sequences)} calibration sequences")
+    curves, rec = mlp_loss_curves(ir, sequences, granularity)
+    return plan_rates_measured(ir, rates, granularity, curves), rec
+
+
+__all__ = ["PROBE_KEEPS", "interpolate_gain", "mlp_loss_curves", "output_error_curve", "plan_measured",
+           "probe_indices"]

@@ -71,11 +71,8 @@ class CheckMemoryStep(Step):
     probe_samples: int
     measured: bool = False  # the measured pruning allocation's KL probe (edgeq.passes.prune_sensitivity)
 
-    def config(self) -> dict:
-        d = super().config()
-        if not self.measured:  # (the other builds' manifests stay as they were)
-            del d["measured"]
-        return d
+    def config(self) -> dict:  # (without it the manifests stay as they were)
+        return {k: v for k, v in super().config().items() if k != "measured" or self.measured}
 
     def run(self, ctx: BuildContext) -> None:
         from edgeq.memory import check_build
@@ -158,16 +155,11 @@ class RatePlanStep(Step):
         from edgeq.passes.rate_plan import apply_prune_spec, plan_rates
 
         ir = ctx.need("ir", self)
-        if self.importance == "measured":  # edgeq.passes.prune_sensitivity + prune_alloc
-            from edgeq.passes.prune_alloc import plan_rates_measured
-            from edgeq.passes.prune_sensitivity import mlp_loss_curves
+        if self.importance == "measured":  # per-layer MLP loss curves, solved per rate
+            from edgeq.passes.prune_sensitivity import plan_measured
 
-            if self.dims != "mlp":
-                raise EdgeqError("--importance measured allocates MLP channels only; add --prune-dims mlp")
-            seqs = ctx.need("calib_seqs", self)[: self.probe_samples]
-            ctx.log(f"measuring each layer's MLP loss-vs-width curve on {len(seqs)} calibration sequences")
-            curves, rec = mlp_loss_curves(ir, seqs, self.granularity)
-            spec = plan_rates_measured(ir, self.rates, self.granularity, curves)
+            spec, rec = plan_measured(ir, ctx.need("calib_seqs", self)[: self.probe_samples], self.rates,
+                                      self.granularity, self.dims, log=ctx.log)
             ctx.ir = apply_prune_spec(ir, spec, measured=rec)
             return
         angular = None
