@@ -24,6 +24,8 @@ the scalar ``c`` found by exact water-filling so that the parameter-weighted mea
 exactly ``rate``. ``max_prune`` defaults to ``MAX_LAYER_PRUNE = 0.8`` (no layer loses more than
 80% of its prunable parameters in the continuous allocation); a rate above it is refused.
 ``phi_l`` is non-decreasing in the rate (``c`` grows with it), so kept widths nest.
+A third allocation, ``importance="measured"`` (MLP channels only), solves the widths from each
+layer's measured loss-vs-width curve instead: ``edgeq.passes.prune_alloc``.
 
 Rounding (``plan_rates``)
 -------------------------
