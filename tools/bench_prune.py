@@ -179,6 +179,10 @@ def main(argv=None) -> int:
     result = {"model": str(args.model), "rates": list(rates), "calib": [args.calib_samples, args.calib_len],
               "unpruned": {"ppl": float(np.exp(ref_nll / n_ref)), "lambada": lam_ref / len(items) if items else None},
               "build_s": build_s, "build_cpu_s": build_cpu_s, "recovery": recovery, "rows": rows_out, "seconds": time.perf_counter() - t0,
+              "ffn_widths": {m: {f"{r:g}": [w.ffn for w in ir.prune.at(r)] for r in rates} for m, ir in models.items()},
+              "measured": {m: next(h.options["measured"] for h in ir.history if h.name == "rate_plan")
+                           for m, ir in models.items()
+                           if any(h.name == "rate_plan" and "measured" in h.options for h in ir.history)},
               "date": time.strftime("%Y-%m-%d")}
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     u = result["unpruned"]
