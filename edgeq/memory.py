@@ -81,8 +81,10 @@ def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: 
         if measured:  # the measured allocation's probe: the planner's KL probe (+ one layer's float64 curve work)
             N = probe_samples * calib_len  # probe tokens: the model in float32, every layer's input, the
             # reference log-probs and probabilities, a tail's logits (float32) and log-probs / KL terms (float64),
-            # one layer's curve work (ffn_down's input and output sums in float64)
-            need = 4 * n_params + 4 * hp.num_layers * N * h + (4 + 4 * 8) * N * hp.vocab_size + 8 * N * (f + 2 * h)
+            # one layer's curve work (ffn_down's input and output sums in float64), one layer's torch forward
+            # temporaries (gate, up, their product, q/k/v/o and RoPE; attention scores and softmax)
+            need = (4 * n_params + 4 * hp.num_layers * N * h + (4 + 4 * 8) * N * hp.vocab_size
+                    + 8 * N * (f + 2 * h) + 4 * N * (6 * f + 12 * h) + 3 * 4 * N * H * calib_len)
             steps.append(Step("measured pruning allocation", BASE_BYTES + need,
                               "use --importance angular or uniform (the measured allocation's KL probe holds the "
                               "whole model in float32)"))
