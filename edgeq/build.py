@@ -37,6 +37,7 @@ from edgeq.quant import storage
 from edgeq.targets import TargetProfile, load_target
 
 SORTS = ("uniql", "naive")
+IMPORTANCES = ("angular", "uniform", "measured")  # per-layer pruning allocation (edgeq.passes.rate_plan / prune_alloc)
 # --min-speed above this asks for a plan this many times faster than a uniform one: a typo
 MAX_MIN_SPEED = 4.0
 
@@ -57,7 +58,7 @@ class BuildOptions:
     record_goldens: bool = True
     prune_rates: tuple[float, ...] | None = None  # None / (0,): no structured pruning
     sort: str = "uniql"  # uniql | naive (weight-norm baseline)
-    importance: str = "angular"  # angular | uniform per-layer allocation
+    importance: str = "angular"  # angular | uniform | measured per-layer allocation (measured: --prune-dims mlp)
     calib_samples: int = 64
     calib_len: int = 256
     calib_data: Path | None = None
@@ -137,8 +138,10 @@ def check_options(opts: BuildOptions, target: TargetProfile) -> None:
             raise EdgeqError("structured pruning needs merged adapters; use --adapter-mode merge")
         if opts.sort not in SORTS:
             raise EdgeqError(f"unknown sort {opts.sort!r} (available: {', '.join(SORTS)})")
-        if opts.importance not in ("angular", "uniform"):
-            raise EdgeqError(f"unknown importance {opts.importance!r} (angular or uniform)")
+        if opts.importance not in IMPORTANCES:
+            raise EdgeqError(f"unknown importance {opts.importance!r} ({', '.join(IMPORTANCES)})")
+        if opts.importance == "measured" and opts.prune_dims != "mlp":
+            raise EdgeqError("--importance measured allocates MLP channels only; add --prune-dims mlp")
         if opts.calib_samples < 1 or opts.calib_len < 16:
             raise EdgeqError("--calib-samples must be >= 1 and --calib-len >= 16")
         from edgeq.passes.rate_plan import DIMS
@@ -215,7 +218,7 @@ def compress_steps(opts: BuildOptions, target: TargetProfile) -> list[Step]:
         out.append(PruneBiasStep(source="calibration"))
     out += [SortStep(method=opts.sort),
             RatePlanStep(rates=rates, granularity=target.prune_granularity, importance=opts.importance,
-                         dims=opts.prune_dims)]
+                         dims=opts.prune_dims, probe_samples=opts.probe_samples)]
     if opts.recover:
         out.append(RecoverStep(steps=opts.recover_steps, data=None if opts.calib_data is None else str(opts.calib_data),
                                loss=opts.recover_loss))
@@ -229,7 +232,8 @@ def steps(opts: BuildOptions, target: TargetProfile) -> list[Step]:
     out = front_steps(opts)
     out.append(CheckMemoryStep(format=opts.format, prunes=opts.prunes, planned=opts.planned, recover=opts.recover,
                                goldens=opts.record_goldens, calib_samples=opts.calib_samples,
-                               calib_len=opts.calib_len, probe_samples=opts.probe_samples))
+                               calib_len=opts.calib_len, probe_samples=opts.probe_samples,
+                               measured=opts.prunes and opts.importance == "measured"))
     if opts.prunes:
         out += compress_steps(opts, target)
     if opts.planned:

@@ -60,7 +60,7 @@ model_params = n_weight_params  # parameters in the 2-D weights
 
 
 def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: bool, goldens: bool,
-                calib_samples: int, calib_len: int, probe_samples: int = 4) -> list[Step]:
+                calib_samples: int, calib_len: int, probe_samples: int = 4, measured: bool = False) -> list[Step]:
     """The steps a build runs, each with its estimated peak (bytes, BASE_BYTES included)."""
     h, f, H, KV, D = hp.hidden_size, hp.intermediate_size, hp.num_heads, hp.num_kv_heads, hp.head_dim
     layer = 4 * _layer_params(hp)  # one layer's weights in float32
@@ -78,6 +78,16 @@ def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: 
 
         steps.append(Step("UniQL sorting", BASE_BYTES + (3 if f > EIGH_MAX else 5) * 8 * f * f + 3 * 2 * largest,
                           "the MLP sort's eigendecomposition is ffn x ffn float64 per layer"))
+        if measured:  # the measured allocation's probe: the planner's KL probe (+ one layer's float64 curve work)
+            N = probe_samples * calib_len  # probe tokens: the model in float32, every layer's input, the
+            # reference log-probs and probabilities, a tail's logits (float32) and log-probs / KL terms (float64),
+            # one layer's curve work (ffn_down's input and output sums in float64), one layer's torch forward
+            # temporaries (gate, up, their product, q/k/v/o and RoPE; attention scores and softmax)
+            need = (4 * n_params + 4 * hp.num_layers * N * h + (4 + 4 * 8) * N * hp.vocab_size
+                    + 8 * N * (f + 2 * h) + 4 * N * (6 * f + 12 * h) + 3 * 4 * N * H * calib_len)
+            steps.append(Step("measured pruning allocation", BASE_BYTES + need,
+                              "use --importance angular or uniform (the measured allocation's KL probe holds the "
+                              "whole model in float32)"))
         if recover:
             from edgeq.passes.recover import RecoverConfig
 

@@ -17,7 +17,8 @@ resident weight bytes, and the switch time.
 
 ``--methods``: comma-separated configurations, each a sort (``uniql`` / ``naive``) with optional
 ``+bias`` (``--prune-bias``: per-rate bias compensation) and ``+mlp`` (``--prune-dims mlp``: the
-whole rate from the MLP channels) suffixes (issue 15), and an optional recovery fine-tune suffix
+whole rate from the MLP channels) suffixes (issue 15), ``+meas`` (``--importance measured``: the
+per-layer MLP widths from measured loss-vs-width curves; with ``+mlp``), and an optional recovery fine-tune suffix
 ``+ce`` / ``+kl`` (``--recover --recover-loss ce|kl`` with ``--recover-steps``; e.g.
 ``uniql+mlp+bias+kl``). Configurations share the calibration and the sort.
 """
@@ -77,12 +78,13 @@ def main(argv=None) -> int:
     build_cpu_s: dict[str, float] = {}  # this process's CPU seconds (the steps the configuration did not share)
     for method in [m for m in args.methods.split(",") if m]:
         sort, *flags = method.split("+")
-        if sort not in ("uniql", "naive") or set(flags) - {"bias", "mlp", "ce", "kl"} or {"ce", "kl"} <= set(flags):
-            ap.error(f"--methods: unknown configuration {method!r} (uniql|naive, then +bias / +mlp / +ce|+kl)")
+        if sort not in ("uniql", "naive") or set(flags) - {"bias", "mlp", "meas", "ce", "kl"} or {"ce", "kl"} <= set(flags):
+            ap.error(f"--methods: unknown configuration {method!r} (uniql|naive, then +bias / +mlp / +meas / +ce|+kl)")
         loss = next((f for f in flags if f in ("ce", "kl")), None)
         opts = BuildOptions(model=args.model, out=args.out, prune_rates=rates, sort=sort,
                             calib_samples=args.calib_samples, calib_len=args.calib_len, prune_bias="bias" in flags,
                             prune_dims="mlp" if "mlp" in flags else "all", recover=loss is not None,
+                            importance="measured" if "meas" in flags else "angular",
                             recover_loss=loss or "ce", recover_steps=args.recover_steps)
         t, c = time.perf_counter(), time.process_time()
         models[method], timings = _compress(base, opts, target)
@@ -177,6 +179,10 @@ def main(argv=None) -> int:
     result = {"model": str(args.model), "rates": list(rates), "calib": [args.calib_samples, args.calib_len],
               "unpruned": {"ppl": float(np.exp(ref_nll / n_ref)), "lambada": lam_ref / len(items) if items else None},
               "build_s": build_s, "build_cpu_s": build_cpu_s, "recovery": recovery, "rows": rows_out, "seconds": time.perf_counter() - t0,
+              "ffn_widths": {m: {f"{r:g}": [w.ffn for w in ir.prune.at(r)] for r in rates} for m, ir in models.items()},
+              "measured": {m: next(h.options["measured"] for h in ir.history if h.name == "rate_plan")
+                           for m, ir in models.items()
+                           if any(h.name == "rate_plan" and "measured" in h.options for h in ir.history)},
               "date": time.strftime("%Y-%m-%d")}
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     u = result["unpruned"]

@@ -24,6 +24,8 @@ the scalar ``c`` found by exact water-filling so that the parameter-weighted mea
 exactly ``rate``. ``max_prune`` defaults to ``MAX_LAYER_PRUNE = 0.8`` (no layer loses more than
 80% of its prunable parameters in the continuous allocation); a rate above it is refused.
 ``phi_l`` is non-decreasing in the rate (``c`` grows with it), so kept widths nest.
+A third allocation, ``importance="measured"`` (MLP channels only), solves the widths from each
+layer's measured loss-vs-width curve instead: ``edgeq.passes.prune_alloc``.
 
 Rounding (``plan_rates``)
 -------------------------
@@ -86,7 +88,7 @@ DEFAULT_RATES = (0.0, 0.15, 0.25, 0.35)
 DEFAULT_EPS = 0.1  # UniQL's softmax temperature
 HEAD_STEP = 2  # qk_pairs and v_dims are multiples of this
 RATE_EQ = 1e-9  # two rates closer than this are the same rate
-MODES = ("angular", "uniform")
+MODES = ("angular", "uniform")  # "measured" (per-layer loss curves) is edgeq.passes.prune_alloc
 DIMS = ("all", "mlp")  # what a rate prunes: every dimension, or the MLP channels only
 
 
@@ -380,13 +382,15 @@ def plan_rates(model: ModelIR | HParams, rates: Sequence[float] = DEFAULT_RATES,
                      importance=mode, dims=dims)
 
 
-def apply_prune_spec(ir: ModelIR, spec: PruneSpec) -> ModelIR:
-    """``ir`` carrying ``spec`` (validated against its shapes); records the pass in the history."""
+def apply_prune_spec(ir: ModelIR, spec: PruneSpec, measured: dict | None = None) -> ModelIR:
+    """``ir`` carrying ``spec`` (validated against its shapes); records the pass in the history
+    (with ``measured``: what the measured allocation measured, ``edgeq.passes.prune_sensitivity``)."""
     if not isinstance(spec, PruneSpec):
         raise EdgeqError(f"expected a PruneSpec, got {type(spec).__name__}")
     out = ir.replace(prune=spec, history=ir.history + (PassRecord(
         "rate_plan", {"rates": list(spec.rates), "granularity": spec.granularity,
-                      "importance": spec.importance, **({"dims": spec.dims} if spec.dims != "all" else {})}),))
+                      "importance": spec.importance, **({"dims": spec.dims} if spec.dims != "all" else {}),
+                      **({"measured": measured} if measured is not None else {})}),))
     out.validate()
     return out
 

@@ -69,6 +69,10 @@ class CheckMemoryStep(Step):
     calib_samples: int
     calib_len: int
     probe_samples: int
+    measured: bool = False  # the measured pruning allocation's KL probe (edgeq.passes.prune_sensitivity)
+
+    def config(self) -> dict:  # (without it the manifests stay as they were)
+        return {k: v for k, v in super().config().items() if k != "measured" or self.measured}
 
     def run(self, ctx: BuildContext) -> None:
         from edgeq.memory import check_build
@@ -83,7 +87,8 @@ class CheckMemoryStep(Step):
         check_build(ctx.need("ir", self).hparams, log=ctx.log, spill_dir=Path(ctx.opts.out).resolve().parent,
                     fmt=self.format, prunes=self.prunes,
                     planned=self.planned, recover=self.recover, goldens=self.goldens,
-                    calib_samples=self.calib_samples, calib_len=self.calib_len, probe_samples=self.probe_samples)
+                    calib_samples=self.calib_samples, calib_len=self.calib_len, probe_samples=self.probe_samples,
+                    measured=self.measured)
 
 
 @dataclass(frozen=True)
@@ -134,19 +139,29 @@ class RatePlanStep(Step):
     name = "rate_plan"
     rates: tuple[float, ...]  # validated, 0 first (edgeq.passes.rate_plan.check_rates)
     granularity: int
-    importance: str  # angular (per-layer angular distance) | uniform
+    importance: str  # angular (per-layer angular distance) | uniform | measured (per-layer loss curves)
     dims: str = "all"  # all (MLP, Q/K pairs, V/O components) | mlp (MLP channels only, same parameter rate)
+    probe_samples: int = 4  # measured: calibration sequences the loss curves are measured on
 
     def config(self) -> dict:
         d = super().config()
         if self.dims == "all":  # (the default's manifests stay as they were)
             del d["dims"]
+        if self.importance != "measured":
+            del d["probe_samples"]
         return d
 
     def run(self, ctx: BuildContext) -> None:
         from edgeq.passes.rate_plan import apply_prune_spec, plan_rates
 
         ir = ctx.need("ir", self)
+        if self.importance == "measured":  # per-layer MLP loss curves, solved per rate
+            from edgeq.passes.prune_sensitivity import plan_measured
+
+            spec, rec = plan_measured(ir, ctx.need("calib_seqs", self)[: self.probe_samples], self.rates,
+                                      self.granularity, self.dims, log=ctx.log)
+            ctx.ir = apply_prune_spec(ir, spec, measured=rec)
+            return
         angular = None
         if self.importance == "angular":
             angular = np.array([layer.angular for layer in ctx.need("stats", self).layers])
