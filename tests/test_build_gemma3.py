@@ -32,10 +32,12 @@ def test_build_verify_run(tiny_gemma3, tmp_path, fmt, bits):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--format", "gguf", "--bits", "8", "--prune-rates", "0,0.25"], "structured pruning (--prune-rates) does not "
-                                                                     "support gemma3"),
-    (["--format", "onnx", "--bits", "4", "--prune-rates", "0,0.25"], "structured pruning (--prune-rates) does not "
-                                                                     "support gemma3"),
+    (["--format", "gguf", "--bits", "8", "--prune-rates", "0,0.25", "--prune-dims", "mlp"],
+     "structured pruning (--prune-rates) in the gguf format does not support gemma3"),
+    (["--format", "onnx", "--bits", "4", "--prune-rates", "0,0.25", "--prune-dims", "mlp"],
+     "structured pruning (--prune-rates) in the onnx format does not support gemma3"),
+    (["--format", "reference", "--prune-rates", "0,0.25", "--calib-samples", "4", "--calib-len", "32"],
+     "Q/K pairs under QK-norm are exempt from pruning"),
 ])
 def test_unsupported_paths_refuse_with_one_line(tiny_gemma3, tmp_path, args, words):
     out = tmp_path / "o"
@@ -96,3 +98,37 @@ def test_compensation_branches_bring_llama_cpp_closer_to_fp32(tiny_gemma3, tmp_p
         assert rep.ok, rep.problems
         kl[rank] = rep.reference["0"]["mean_kl"]
     assert kl[16] < kl[0], kl
+
+
+@pytest.mark.parametrize("sort", ["uniql", "naive"])
+def test_mlp_pruning_in_the_reference_format(tiny_gemma3, tmp_path, sort):
+    """--prune-dims mlp: the sorts are exact (rate 0 = transformers' model), Q/K pairs stay whole
+    (exempt under QK-norm, said in the manifest), the rates cut the GeGLU channels and verify."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgeq.session import open_session
+
+    out = tmp_path / sort
+    code, text = run_cli("build", tiny_gemma3, "--format", "reference", "--prune-rates", "0,0.25", "--prune-dims",
+                         "mlp", "--prune-bias", "--sort", sort, *CAL, "-o", out)
+    assert code == 0, text
+    m = json.loads((out / "manifest.json").read_text())
+    pr = m["prune"]
+    assert pr["dims"] == "mlp" and "Q/K RoPE pairs are exempt" in pr["expressed"]
+    hp = m["hparams"]
+    w25 = pr["widths"]["0.25"]
+    assert all(w["qk_pairs"] == hp["head_dim"] // 2 and w["v_dims"] == hp["head_dim"] for w in w25)
+    assert sum(w["ffn"] for w in w25) < 0.9 * hp["intermediate_size"] * hp["num_layers"]
+    code, text = run_cli("verify", out)
+    assert code == 0 and "OK" in text, text
+    ids = np.random.RandomState(0).randint(0, hp["vocab_size"], 40).tolist()
+    hf = AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0].numpy()
+    rel = {}
+    for rate in (0.0, 0.25):
+        with open_session(out, n_ctx=64, prune=rate) as s:
+            rel[rate] = float(np.abs(s.logits(ids) - want).max() / np.abs(want).max())
+    assert rel[0.0] <= 1e-5 and rel[0.25] > 1e-3, rel
