@@ -21,13 +21,17 @@ Statistics
 ----------
 :func:`calibrate` runs each sequence through the model in fp32 (rate 0, low-rank branches
 applied), so every layer sees the outputs of the previous *uncompressed* layers. The forward is
-the reference runtime's own (``LayerWeights``, ``layer_forward``); the accumulators read its
-``taps`` (the input of every linear, Q/K before RoPE). One sequence is processed at a time and
+the reference runtime's own (``LayerWeights``, ``layer_forward``), family blocks included (Gemma 3:
+scaled embeddings, QK-norm, sandwich norms, GeGLU, sliding windows); the accumulators read its
+``taps`` (the input of every linear, Q/K before RoPE and before a QK-norm). With Gemma's sandwich
+norms the taps are still the linears' inputs: q/k/v after the input norm, o_proj's the attention
+output, gate/up after the pre-FFN norm (``ffn_norm``), down_proj's ``gelu(gate) * up``; the
+post-norms act on the projections' outputs, after them. One sequence is processed at a time and
 only these float64 accumulators are kept (memory is independent of the number of samples:
 ``num_layers * (d_ff**2 + 2 * hidden**2 + (heads * head_dim)**2) * 8`` bytes, 725 MB for
 SmolLM2-135M):
 
-* ``mlp_zz``: mean over tokens of ``Z^T Z``, ``Z = silu(gate(x)) * up(x)`` (d_ff x d_ff);
+* ``mlp_zz``: mean over tokens of ``Z^T Z``, ``Z = act(gate(x)) * up(x)`` (d_ff x d_ff; act: SiLU, Gemma's tanh-GELU);
 * ``attn_xx``: mean over tokens of ``X^T X``, X the attention input (after attn_norm): the
   input covariance of q/k/v_proj;
 * ``o_xx``: mean ``O^T O`` of the o_proj input (attention output, IR column order head-major);
@@ -128,7 +132,10 @@ def alpaca_token_sequences(tokenizer_spec: TokenizerSpec, path: str | Path | Non
     need = n_samples * seq_len
     stream: list[int] = []
     for i in np.random.default_rng(seed).permutation(len(records)):
-        stream.extend(tok.encode(format_record(records[int(i)], fmt, tokenizer_spec), add_special=True) + eos)
+        ids = tok.encode(format_record(records[int(i)], fmt, tokenizer_spec), add_special=True)
+        if len(ids) > 1 and ids[0] == ids[1] == tokenizer_spec.bos_id:  # a chat template that writes BOS (Gemma)
+            ids = ids[1:]
+        stream.extend(ids + eos)
         if len(stream) >= need:
             break
     if len(stream) < need:
@@ -360,6 +367,8 @@ def _stream_layers(ir: ModelIR, ids_all: list[np.ndarray], make_acc, finish, pro
     hp = ir.hparams
     embd = ir.tensors["token_embd"]
     xs = [np.stack([np.asarray(embd[int(t):int(t) + 1], dtype=np.float32)[0] for t in ids]) for ids in ids_all]
+    if hp.embedding_scale != 1.0:  # (Gemma) in float32, as the reference runtime's forward
+        xs = [x * np.float32(hp.embedding_scale) for x in xs]
     # the reference runtime's layer forward at rate 0, in float32, one sequence per call (positions
     # 0..T-1; a KV buffer of T positions, rewritten by each call); the accumulator is its taps
     widths, inv_freq, T = full_widths(hp), rope_inv_freq(hp.head_dim, hp.rope_theta), len(ids_all[0])

@@ -1,6 +1,7 @@
 """Gemma 3 through `edgeq build` / `verify` / `run` on the tiny random checkpoint: GGUF, ONNX, TVM
-and the reference format build and verify; formats and passes that implement only the Llama forward
-refuse with one `error:` line and leave nothing behind."""
+and the reference format build and verify; planned GGUF builds (calibration, KL probe, GPTQ,
+compensation branches in llama.cpp) verify and are deterministic; structured pruning, which
+implements only the Llama forward, refuses with one `error:` line and leaves nothing behind."""
 import json
 
 import pytest
@@ -31,9 +32,12 @@ def test_build_verify_run(tiny_gemma3, tmp_path, fmt, bits):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--format", "gguf"], "calibration (planned builds, pruning, edgeq plan) does not support gemma3"),
-    (["--format", "gguf", "--bits", "8", "--prune-rates", "0,0.25"], "does not support gemma3"),
-    (["--format", "onnx", "--bits", "4", "--prune-rates", "0,0.25"], "does not support gemma3"),
+    (["--format", "gguf", "--bits", "8", "--prune-rates", "0,0.25", "--prune-dims", "mlp"],
+     "structured pruning (--prune-rates) in the gguf format does not support gemma3"),
+    (["--format", "onnx", "--bits", "4", "--prune-rates", "0,0.25", "--prune-dims", "mlp"],
+     "structured pruning (--prune-rates) in the onnx format does not support gemma3"),
+    (["--format", "reference", "--prune-rates", "0,0.25", "--calib-samples", "4", "--calib-len", "32"],
+     "Q/K pairs under QK-norm are exempt from pruning"),
 ])
 def test_unsupported_paths_refuse_with_one_line(tiny_gemma3, tmp_path, args, words):
     out = tmp_path / "o"
@@ -43,3 +47,88 @@ def test_unsupported_paths_refuse_with_one_line(tiny_gemma3, tmp_path, args, wor
     assert len(errors) == 1 and words in errors[0], text
     assert "Traceback" not in text and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
+
+
+# ---- planned builds (calibration, the planner's KL probe, GPTQ, compensation) ----------------------
+
+CAL = ("--calib-samples", "6", "--calib-len", "64")  # 64 tokens: 8 x the tiny model's sliding window
+
+
+def test_planned_build_verifies_and_is_deterministic(tiny_gemma3, tmp_path):
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"p{i}"
+        code, text = run_cli("build", tiny_gemma3, "--bpw", "5.5", *CAL, "-o", out)
+        assert code == 0, text
+        outs.append(out)
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert {"model.gguf", "plan.toml", "manifest.json"} <= set(names)
+    for n in names:
+        assert (outs[0] / n).read_bytes() == (outs[1] / n).read_bytes(), n
+    m = json.loads((outs[0] / "manifest.json").read_text())
+    assert m["hparams"]["arch"] == "gemma3" and m["plan_file"] == "plan.toml"
+    assert len({t for n, t in m["tensor_types"].items() if n.startswith("blk.")}) > 1  # a real mix
+    code, text = run_cli("verify", outs[0])
+    assert code == 0 and "OK" in text, text
+    # the plan replays the same artifact
+    code, text = run_cli("build", tiny_gemma3, "--plan", outs[0] / "plan.toml", *CAL, "-o", tmp_path / "replay")
+    assert code == 0, text
+    assert (tmp_path / "replay" / "model.gguf").read_bytes() == (outs[0] / "model.gguf").read_bytes()
+
+
+def test_compensation_branches_bring_llama_cpp_closer_to_fp32(tiny_gemma3, tmp_path):
+    """Q4_0 everywhere with and without rank-16 QERA branches (shipped as a LoRA GGUF that
+    llama.cpp's gemma3 graph applies): KL vs the fp32 reference must drop with them."""
+    from edgeq.plan import Choice, Plan
+    from edgeq.verify import verify
+
+    code, text = run_cli("plan", tiny_gemma3, "--target", "cpu-avx2", "--bpw", "5.5", *CAL, "-o", tmp_path / "p.toml")
+    assert code == 0, text
+    base = Plan.load(tmp_path / "p.toml")
+    kl = {}
+    for rank in (0, 16):
+        p = Plan(target=base.target, tensors={n: Choice("Q4_0", rank if n.startswith("blk.") else 0)
+                                              if n != "token_embd" else Choice("Q8_0") for n in base.tensors})
+        out = tmp_path / f"comp{rank}"
+        code, text = run_cli("build", tiny_gemma3, "--plan", p.save(tmp_path / f"r{rank}.toml"), *CAL, "-o", out)
+        assert code == 0, text
+        m = json.loads((out / "manifest.json").read_text())
+        assert ("compensation.gguf" in m["adapter_files"]) == (rank > 0)
+        rep = verify(out)
+        assert rep.ok, rep.problems
+        kl[rank] = rep.reference["0"]["mean_kl"]
+    assert kl[16] < kl[0], kl
+
+
+@pytest.mark.parametrize("sort", ["uniql", "naive"])
+def test_mlp_pruning_in_the_reference_format(tiny_gemma3, tmp_path, sort):
+    """--prune-dims mlp: the sorts are exact (rate 0 = transformers' model), Q/K pairs stay whole
+    (exempt under QK-norm, said in the manifest), the rates cut the GeGLU channels and verify."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgeq.session import open_session
+
+    out = tmp_path / sort
+    code, text = run_cli("build", tiny_gemma3, "--format", "reference", "--prune-rates", "0,0.25", "--prune-dims",
+                         "mlp", "--prune-bias", "--sort", sort, *CAL, "-o", out)
+    assert code == 0, text
+    m = json.loads((out / "manifest.json").read_text())
+    pr = m["prune"]
+    assert pr["dims"] == "mlp" and "Q/K RoPE pairs are exempt" in pr["expressed"]
+    hp = m["hparams"]
+    w25 = pr["widths"]["0.25"]
+    assert all(w["qk_pairs"] == hp["head_dim"] // 2 and w["v_dims"] == hp["head_dim"] for w in w25)
+    assert sum(w["ffn"] for w in w25) < 0.9 * hp["intermediate_size"] * hp["num_layers"]
+    code, text = run_cli("verify", out)
+    assert code == 0 and "OK" in text, text
+    ids = np.random.RandomState(0).randint(0, hp["vocab_size"], 40).tolist()
+    hf = AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0].numpy()
+    rel = {}
+    for rate in (0.0, 0.25):
+        with open_session(out, n_ctx=64, prune=rate) as s:
+            rel[rate] = float(np.abs(s.logits(ids) - want).max() / np.abs(want).max())
+    assert rel[0.0] <= 1e-5 and rel[0.25] > 1e-3, rel

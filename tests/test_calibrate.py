@@ -17,7 +17,7 @@ MEMORY_GROWTH_MAX_BYTES = 64 * 1024  # tracemalloc peak, 8 sequences vs 2
 N, T = 4, 32
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
 def tiny(request):
     ir = load_model(request.getfixturevalue(f"tiny_{request.param}"))
     return ir, alpaca_token_sequences(ir.tokenizer, n_samples=N, seq_len=T)
@@ -41,7 +41,10 @@ def test_chat_format(tiny):
     ir, _ = tiny
     seqs = alpaca_token_sequences(ir.tokenizer, n_samples=2, seq_len=T, fmt="chat")
     assert all(len(s) == T for s in seqs)
-    assert 1 in sum(seqs, [])  # <|im_start|>
+    turn = {"gemma3": 4}.get(ir.arch.value, 1)  # <start_of_turn> / <|im_start|>
+    assert turn in sum(seqs, [])
+    bos = ir.tokenizer.bos_id
+    assert not any(a == b == bos for s in seqs for a, b in zip(s, s[1:]))  # one BOS where the template writes one
     with pytest.raises(EdgeqError, match="format"):
         alpaca_token_sequences(ir.tokenizer, n_samples=2, seq_len=T, fmt="nope")
 

@@ -1,8 +1,14 @@
 """Issue 4 benchmark: llama.cpp's own quantizer vs edgeq plans at matching sizes, side by side.
 
-    .venv/bin/python tools/bench_quant.py [--adapter models/cache/smollm2-alpaca-lora]
+    .venv/bin/python tools/bench_quant.py [--model models/cache/smollm2-135m-instruct]
+        [--adapter models/cache/smollm2-alpaca-lora | --adapter ""]
         [--variants merged,uniql] [--types Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_1,Q4_0,Q3_K_M]
         [--ppl-tokens 16384] [--lambada 500] [--decode-runs 5] [--out out/bench-quant]
+
+``--model`` another checkpoint (e.g. the materialised Gemma 3 270M, with ``--adapter ""``: no
+adapter; the ``merged`` variant is then the model itself). The fp32 reference's logits are
+cached per window as .npy files under OUT/VARIANT/ref-logits (memory-mapped: a 262k-token
+vocabulary makes each 512-token window 0.5 GB).
 
 For each model variant
   * ``merged``: SmolLM2-135M-Instruct with the LoRA adapter merged (off the source's Q4_1 grid);
@@ -61,20 +67,27 @@ def llamacpp_quantize(src: Path, dst: Path, ftype: str, threads: int) -> float:
 
 
 class CachedLogits:
-    """A session wrapper that remembers logits per token window (the fp32 reference, once)."""
+    """A session wrapper that remembers logits per token window (the fp32 reference, once), on
+    disk under ``cache_dir`` (memory-mapped when read back)."""
 
-    def __init__(self, session):
-        self.s, self.cache = session, {}
+    def __init__(self, session, cache_dir: Path):
+        self.s, self.dir = session, Path(cache_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.name = getattr(session, "name", "reference")
 
     def tokenize(self, *a, **k):
         return self.s.tokenize(*a, **k)
 
     def logits(self, ids):
-        key = tuple(int(i) for i in ids)
-        if key not in self.cache:
-            self.cache[key] = np.asarray(self.s.logits(list(key)), dtype=np.float32)
-        return self.cache[key]
+        import hashlib
+
+        key = np.asarray([int(i) for i in ids], dtype=np.int64)
+        path = self.dir / f"{hashlib.sha256(key.tobytes()).hexdigest()[:24]}.npy"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, np.asarray(self.s.logits(key.tolist()), dtype=np.float32))
+            tmp.replace(path)
+        return np.load(path, mmap_mode="r")
 
 
 def variant_ir(name: str, args, log=log):
@@ -134,7 +147,7 @@ def build_variant(vname: str, args, out: Path) -> list[dict]:
         budget = size - overhead - lora_overhead
         t0 = time.perf_counter()
         plan = make_plan(ir, stats, target.name, target.plan_types("gguf"), target.plan_ranks, budget,
-                         table=table, model=f"SmolLM2-135M-Instruct ({vname})")
+                         table=table, model=f"{args.model.name} ({vname})")
         t_plan = time.perf_counter() - t0
         t0 = time.perf_counter()
         qir = quantize_ir(ir, plan, stats, cache=cache)
@@ -173,7 +186,7 @@ def eval_variant(vname: str, rows: list[dict], args, out: Path) -> None:
     from edgeq.backends.reference.ir_files import read_ir
     from runtimes.reference import ReferenceSession
 
-    ref = CachedLogits(ReferenceSession(read_ir(out / "fp32-ir"), n_ctx=args.ctx))
+    ref = CachedLogits(ReferenceSession(read_ir(out / "fp32-ir"), n_ctx=args.ctx), out / "ref-logits")
     text = wikitext2_test_text()
     tokens = None
     for r in rows:
@@ -254,7 +267,8 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=REPO / "models" / "cache" / "smollm2-135m-instruct")
-    ap.add_argument("--adapter", type=Path, default=REPO / "models" / "cache" / "smollm2-alpaca-lora")
+    ap.add_argument("--adapter", type=lambda s: Path(s) if s else None,
+                    default=REPO / "models" / "cache" / "smollm2-alpaca-lora", help='"" for none')
     ap.add_argument("--variants", default="merged,uniql")
     ap.add_argument("--types", default="Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_1,Q4_0,Q3_K_M")
     ap.add_argument("--target", default="cpu-avx2")

@@ -47,6 +47,8 @@ class Backend:
     # lowers (and its runtime runs) the family blocks beyond the Llama forward (HParams.special_blocks:
     # Gemma 3's norms, GeGLU, sliding window ...); False: such models are refused at load
     family_blocks: bool = False
+    # lowers structured pruning (--prune-rates, MLP channels) of such models; False: refused at load
+    prunes_family_blocks: bool = False
     switches_in_place: bool = False  # set_prune_rate switches a carried rate without reloading
     int8_runtimes: tuple[str, ...] = ()  # runtimes that run its quantized weights through int8 dots
     no_breakdown: str = "no per-layer timings for this runtime"  # why breakdown() has nothing

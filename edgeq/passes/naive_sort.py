@@ -101,7 +101,9 @@ def naive_sort(ir: ModelIR, config: NaiveSortConfig = NaiveSortConfig(), stats: 
             heads = slice(g * group, (g + 1) * group)
             qs = _norm(wq[heads].transpose(2, 0, 1, 3).reshape(half, -1), 1)
             ks = _norm(wk[g].transpose(1, 0, 2).reshape(half, -1), 1)
-            p = _order(qs * ks)  # slot s <- current pair p[s]
+            # slot s <- current pair p[s]; QK-norm models keep their pair order (Q/K pairs are not
+            # pruned under QK-norm: edgeq.passes.sort_qk)
+            p = np.arange(half) if hp.qk_norm else _order(qs * ks)
             q_rows[heads] = q_rows[heads][:, :, p]
             k_rows[g] = k_rows[g][:, p]
             new_idx[g] = p if old_idx is None else np.asarray(old_idx[g])[p]
@@ -114,7 +116,8 @@ def naive_sort(ir: ModelIR, config: NaiveSortConfig = NaiveSortConfig(), stats: 
         linears[lin[Role.K].name] = _permute_out(lin[Role.K], k_rows.reshape(-1))
         linears[lin[Role.V].name] = _permute_out(lin[Role.V], v_rows.reshape(-1))
         linears[lin[Role.O].name] = _permute_in(lin[Role.O], o_cols.reshape(-1))
-        rope_index[i] = new_idx
+        if not hp.qk_norm:
+            rope_index[i] = new_idx
         if means:  # bias compensation's mean inputs follow the MLP channels and O columns
             means = means_moved(ir.replace(prune_means=means), i, down=lambda m, perm=perm: m[perm],
                                 o=lambda m, cols=o_cols.reshape(-1): m[cols])

@@ -339,6 +339,9 @@ def plan_rates(model: ModelIR | HParams, rates: Sequence[float] = DEFAULT_RATES,
     rates = check_rates(rates)
     if dims not in DIMS:
         raise EdgeqError(f"pruned dimensions must be one of {', '.join(DIMS)}, got {dims!r}")
+    if hp.qk_norm and dims != "mlp":
+        raise EdgeqError("Q/K pairs under QK-norm are exempt from pruning (the norm is over the whole head dim); "
+                         "use --prune-dims mlp")
     if importance is not None:
         importance = np.asarray(importance, dtype=np.float64)
         if importance.shape != (hp.num_layers,):

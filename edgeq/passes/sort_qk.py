@@ -11,6 +11,10 @@ rope_index already present). Keeping a prefix of p pairs keeps dims ``[0:p] + [d
 
 :func:`restore_rope_order` is the inverse (for lowerings whose RoPE uses the sequential pair
 frequencies: GGUF, the ONNX GQA operator).
+
+A model with QK-norm (Gemma 3) is left as it is (the record says ``exempt``): its Q/K pairs are
+not pruned — the norm is over the whole head dim, so a kept prefix of pairs would be normalised
+by a different mean square than in the full model — and a sort that is never cut buys nothing.
 """
 from __future__ import annotations
 
@@ -50,6 +54,9 @@ def head_perm(order: np.ndarray) -> np.ndarray:
 def sort_qk(ir: ModelIR, config: SortQKConfig, stats) -> ModelIR:
     stats = require_stats(ir, stats, PASS_NAME)
     hp = ir.hparams
+    if hp.qk_norm:  # Q/K pairs are exempt from pruning (module doc)
+        return dataclasses.replace(ir, history=ir.history + (record(ir, PASS_NAME, config, stats, layers_permuted=0,
+                                                                    exempt="qk_norm"),))
     H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
     half, G = D // 2, H // KV
     linears = dict(ir.linears)

@@ -84,6 +84,10 @@ class CheckMemoryStep(Step):
             able = [b.name for b in backends.backends() if b.family_blocks]
             raise EdgeqError(f"the {backend.name} format does not support {ir.arch.value} models yet "
                              f"({', '.join(blocks)}); formats that do: {', '.join(able)}")
+        if blocks and self.prunes and backend is not None and not backend.prunes_family_blocks:
+            able = [b.name for b in backends.backends() if b.prunes_family_blocks]
+            raise EdgeqError(f"structured pruning (--prune-rates) in the {backend.name} format does not support "
+                             f"{ir.arch.value} models yet ({', '.join(blocks)}); formats that do: {', '.join(able)}")
         check_build(ctx.need("ir", self).hparams, log=ctx.log, spill_dir=Path(ctx.opts.out).resolve().parent,
                     fmt=self.format, prunes=self.prunes,
                     planned=self.planned, recover=self.recover, goldens=self.goldens,
@@ -104,10 +108,6 @@ class CalibrateStep(Step):
         from edgeq.calibrate import alpaca_token_sequences, calibrate
 
         ir = ctx.need("ir", self)
-        blocks = ir.hparams.special_blocks()
-        if blocks:  # the calibration forward and the passes' torch forward are the Llama one
-            raise EdgeqError(f"calibration (planned builds, pruning, edgeq plan) does not support "
-                             f"{ir.arch.value} models yet ({', '.join(blocks)}); build with --bits or --qtype")
         seqs = alpaca_token_sequences(ir.tokenizer, path=None if self.data is None else Path(self.data),
                                       n_samples=self.samples, seq_len=self.seq_len)
         ctx.log(f"calibrating on {len(seqs)} x {self.seq_len} Alpaca tokens")

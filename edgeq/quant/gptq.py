@@ -112,7 +112,8 @@ def gptq(w: np.ndarray, cov: np.ndarray, codec, config: GPTQConfig | None = None
     diag = np.diag(H).copy()
     dead = diag <= 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    # dead inputs (always 0, e.g. a norm weight of exactly 0) keep their weights: H is 1 on their diagonal and 0
+    # off it, so their rounding error reaches no other column, and a block stays on the grid it came on
     importance = np.where(dead, 0.0, diag)
     H[np.diag_indices(K)] += cfg.damp * float(np.mean(np.diag(H)))
 

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from edgeq.errors import require
 from edgeq.ir import ModelIR, Role
-from edgeq.passes.recover import LoraModel
+from edgeq.passes.lora_model import LoraModel
 
 SENSITIVITIES = ("fisher", "kl-probe")
 # Label samples (backward passes) of the Fisher estimate: each tensor's KL comes from

@@ -86,15 +86,19 @@ def test_errors():
         gptq(np.full((4, 64), np.nan, np.float32), np.eye(64), codec)
 
 
-def test_dead_inputs_get_zero_weight():
-    """Columns whose input never fires (zero variance) are zeroed, not left to chance."""
+def test_dead_inputs_keep_a_grid_aligned_weight_exact():
+    """Columns whose input never fires (zero variance, e.g. behind a norm weight of exactly 0)
+    keep their weights: a weight already on the grid (a dequantized GGUF, as Gemma 3 270M's
+    checkpoint) comes back exactly, dead column included; nothing is non-finite."""
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((8, 64)).astype(np.float32)
-    x = rng.standard_normal((512, 64))
-    x[:, 5] = 0.0
-    res = gptq(w, x.T @ x / 512, codec_for("Q8_0"))
-    assert np.all(np.isfinite(res.dequant))
-    assert np.all(res.dequant[:, 5] == 0)
+    for qtype in ("Q8_0", "Q5_0"):
+        codec = codec_for(qtype)
+        w = rtn(rng.standard_normal((8, 64)).astype(np.float32), codec).dequant  # on the grid
+        x = rng.standard_normal((512, 64))
+        x[:, 5] = 0.0
+        res = gptq(w, x.T @ x / 512, codec)
+        assert np.all(np.isfinite(res.dequant))
+        np.testing.assert_array_equal(res.dequant, w)
 
 
 @pytest.mark.parametrize("fmt", ["int4_g32_sym", "int4_g32_asym", "int8_g64_sym"])

@@ -10,6 +10,9 @@ PRUNE_EXPRESSED = ("everything: MLP channels, Q/K RoPE pairs, V/O components per
                    "the rate switches at run time without copying weights")
 
 
+PRUNE_QK_NORM = ("Q/K RoPE pairs are exempt (QK-norm normalises over the whole head dim: a kept prefix of "
+                 "pairs would be normalised differently than in the full model); MLP channels only")
+
 PRUNE_BIAS = ("per-rate bias compensation of o_proj / ffn_down: the runtime computes each rate's vectors "
               "from the stored mean inputs when it opens the model and selects them with the rate")
 
@@ -22,6 +25,7 @@ class ReferenceBackend(Backend):
     on_every_target = True
     switches_in_place = True
     family_blocks = True
+    prunes_family_blocks = True  # the runtime's LayerWeights / layer_forward take any widths
 
     def check_options(self, opts, target) -> None:
         if opts.qtype or (opts.bits is not None and opts.bits not in storage.bits_choices(self.name)):
@@ -38,7 +42,9 @@ class ReferenceBackend(Backend):
         bits = self.default_options(opts, target)["bits"]
         manifest = self.manifest(WEIGHTS, storage.for_bits(self.name, bits).name, bits)
         if ir.prune is not None:
-            manifest["prune"] = switchable_prune_section(ir, opts, PRUNE_EXPRESSED, bias=PRUNE_BIAS)
+            expressed = PRUNE_EXPRESSED if not ir.hparams.qk_norm else \
+                f"MLP channels per layer ({PRUNE_QK_NORM}); the rate switches at run time without copying weights"
+            manifest["prune"] = switchable_prune_section(ir, opts, expressed, bias=PRUNE_BIAS)
         return manifest, ir
 
     def open_session(self, root, manifest, runtime, n_ctx, threads, rate, options=None):
