@@ -33,7 +33,7 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.ir import HParams, LayerWidths, ModelIR, PruneSpec, full_widths
-from edgeq.passes.rate_plan import (MAX_LAYER_PRUNE, RATE_EQ, _grid, _hp, _unit_params, check_rates, rate_tolerance,
+from edgeq.passes.rate_plan import (MAX_LAYER_PRUNE, RATE_EQ, width_grid, model_hparams, unit_params, check_rates, rate_tolerance,
                                     realised_rate, total_prunable_params)
 
 DIGITS = 6  # significant digits the curves are rounded to before the solve
@@ -41,7 +41,7 @@ DIGITS = 6  # significant digits the curves are rounded to before the solve
 
 def mlp_grid(hp: HParams, granularity: int) -> np.ndarray:
     """The MLP widths a rate may keep (``rate_plan``'s grid): multiples of ``granularity``, full last."""
-    return _grid(hp.intermediate_size, int(granularity))
+    return width_grid(hp.intermediate_size, int(granularity))
 
 
 def round_sig(a: np.ndarray, digits: int = DIGITS) -> np.ndarray:
@@ -62,7 +62,7 @@ def plan_rates_measured(model: ModelIR | HParams, rates: Sequence[float], granul
                         curves: np.ndarray, max_prune: float = MAX_LAYER_PRUNE) -> PruneSpec:
     """Kept widths of every layer at every rate from the measured ``curves`` (L, len(grid))
     (the module docstring); Q/K pairs and V/O components stay full. Deterministic."""
-    hp = _hp(model)
+    hp = model_hparams(model)
     if isinstance(granularity, bool) or not isinstance(granularity, (int, np.integer)) or granularity <= 0:
         raise EdgeqError(f"prune granularity must be a positive integer, got {granularity!r}")
     if not (0.0 < max_prune < 1.0):
@@ -79,7 +79,7 @@ def plan_rates_measured(model: ModelIR | HParams, rates: Sequence[float], granul
     curves = round_sig(curves)
     lo = int(np.searchsorted(grid, (1.0 - max_prune) * hp.intermediate_size - 1e-9))
     lo = min(lo, K - 1)
-    unit = _unit_params(hp)[0]
+    unit = unit_params(hp)[0]
     total = total_prunable_params(hp)
     tol = rate_tolerance(hp, granularity)
     full = full_widths(hp)

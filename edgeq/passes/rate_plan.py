@@ -96,7 +96,7 @@ DIMS = ("all", "mlp")  # what a rate prunes: every dimension, or the MLP channel
 # Counting
 
 
-def _hp(model: ModelIR | HParams) -> HParams:
+def model_hparams(model: ModelIR | HParams) -> HParams:
     if isinstance(model, ModelIR):
         return model.hparams
     if isinstance(model, HParams):
@@ -104,7 +104,7 @@ def _hp(model: ModelIR | HParams) -> HParams:
     raise EdgeqError(f"expected a ModelIR or HParams, got {type(model).__name__}")
 
 
-def _unit_params(hp: HParams) -> tuple[int, int, int]:
+def unit_params(hp: HParams) -> tuple[int, int, int]:
     """Prunable parameters per unit of (ffn, qk_pairs, v_dims)."""
     h, H, KV = hp.hidden_size, hp.num_heads, hp.num_kv_heads
     return 3 * h, 2 * (H + KV) * h, (KV + H) * h
@@ -112,7 +112,7 @@ def _unit_params(hp: HParams) -> tuple[int, int, int]:
 
 def prunable_params(hp: HParams, w: LayerWidths) -> int:
     """Prunable parameters one layer keeps at widths ``w``."""
-    uf, uq, uv = _unit_params(hp)
+    uf, uq, uv = unit_params(hp)
     return uf * w.ffn + uq * w.qk_pairs + uv * w.v_dims
 
 
@@ -122,7 +122,7 @@ def total_prunable_params(hp: HParams) -> int:
 
 def realised_rate(model: ModelIR | HParams, widths: Sequence[LayerWidths]) -> float:
     """The global rate ``1 - kept / total`` (prunable parameters) that ``widths`` realise."""
-    hp = _hp(model)
+    hp = model_hparams(model)
     if len(widths) != hp.num_layers:
         raise EdgeqError(f"expected widths for {hp.num_layers} layers, got {len(widths)}")
     kept = sum(prunable_params(hp, w) for w in widths)
@@ -132,7 +132,7 @@ def realised_rate(model: ModelIR | HParams, widths: Sequence[LayerWidths]) -> fl
 def rate_tolerance(model: ModelIR | HParams, granularity: int) -> float:
     """Largest allowed ``|realised - requested|``: one step of the coarsest dimension,
     ``h * max(3 * granularity, 4 * (H + KV)) / total_prunable_params``."""
-    hp = _hp(model)
+    hp = model_hparams(model)
     h, H, KV = hp.hidden_size, hp.num_heads, hp.num_kv_heads
     return h * max(3 * granularity, 2 * HEAD_STEP * (H + KV)) / total_prunable_params(hp)
 
@@ -256,7 +256,7 @@ def layer_keep_ratios(importance: np.ndarray | None, rate: float, eps: float = D
 # Rounding
 
 
-def _grid(full: int, step: int) -> np.ndarray:
+def width_grid(full: int, step: int) -> np.ndarray:
     """Allowed widths: one step, two steps, ... up to ``full``; ``full`` is always allowed."""
     g = list(range(step, full + 1, step))
     if not g or g[-1] != full:
@@ -279,7 +279,7 @@ def _round_rate(hp: HParams, grids: list[np.ndarray], ideal: np.ndarray, upper: 
     """Grid indices (L, 3) near ``ideal`` widths, ``<= upper`` indices, hitting ``rate``; the
     repair moves only the dimensions in ``movable`` (0 ffn, 1 qk_pairs, 2 v_dims)."""
     L = hp.num_layers
-    units = np.asarray(_unit_params(hp), dtype=np.int64)
+    units = np.asarray(unit_params(hp), dtype=np.int64)
     idx = np.empty((L, 3), dtype=np.int64)
     for l in range(L):
         for d in range(3):
@@ -332,7 +332,7 @@ def plan_rates(model: ModelIR | HParams, rates: Sequence[float] = DEFAULT_RATES,
     step of ``ffn``. ``importance``: per-layer angular distances (required for ``mode="angular"``).
     Rates are validated by ``check_rates`` (0 is added when missing). Deterministic.
     """
-    hp = _hp(model)
+    hp = model_hparams(model)
     if isinstance(granularity, bool) or not isinstance(granularity, (int, np.integer)) or granularity <= 0:
         raise EdgeqError(f"prune granularity must be a positive integer, got {granularity!r}")
     granularity = int(granularity)
@@ -347,10 +347,10 @@ def plan_rates(model: ModelIR | HParams, rates: Sequence[float] = DEFAULT_RATES,
         if importance.shape != (hp.num_layers,):
             raise EdgeqError(f"importance: expected {hp.num_layers} per-layer scores, got shape {importance.shape}")
     full = full_widths(hp)
-    grids = [_grid(full.ffn, granularity), _grid(full.qk_pairs, HEAD_STEP), _grid(full.v_dims, HEAD_STEP)]
+    grids = [width_grid(full.ffn, granularity), width_grid(full.qk_pairs, HEAD_STEP), width_grid(full.v_dims, HEAD_STEP)]
     fullv = np.array([full.ffn, full.qk_pairs, full.v_dims], dtype=np.float64)
     layer_w = np.full(hp.num_layers, float(prunable_params(hp, full)))
-    mlp_share = _unit_params(hp)[0] * full.ffn / prunable_params(hp, full)  # MLP part of a layer's parameters
+    mlp_share = unit_params(hp)[0] * full.ffn / prunable_params(hp, full)  # MLP part of a layer's parameters
     tol = rate_tolerance(hp, granularity)
     upper = np.tile([g.size - 1 for g in grids], (hp.num_layers, 1)).astype(np.int64)
     widths: dict[float, tuple[LayerWidths, ...]] = {}

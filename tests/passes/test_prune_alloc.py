@@ -9,7 +9,7 @@ import pytest
 from edgeq.errors import EdgeqError
 from edgeq.ir import Arch, HParams
 from edgeq.passes.prune_alloc import mlp_grid, plan_rates_measured
-from edgeq.passes.rate_plan import _unit_params, rate_tolerance, realised_rate, total_prunable_params
+from edgeq.passes.rate_plan import unit_params, rate_tolerance, realised_rate, total_prunable_params
 
 RATES = (0.0, 0.05, 0.15, 0.25, 0.35)
 
@@ -39,7 +39,7 @@ def _curves(hp, granularity, seed=0, convex=False):
 def test_budget_met_to_half_a_step_and_rates_nested(granularity, f):
     hp = _hp(f=f)
     spec = plan_rates_measured(hp, RATES, granularity, _curves(hp, granularity))
-    half = _unit_params(hp)[0] * granularity / total_prunable_params(hp) / 2
+    half = unit_params(hp)[0] * granularity / total_prunable_params(hp) / 2
     assert half <= rate_tolerance(hp, granularity)
     prev = None
     for r in spec.rates:
@@ -89,7 +89,7 @@ def test_convex_curves_solved_optimally(seed):
     lo = int(np.searchsorted(grid, 0.2 * hp.intermediate_size - 1e-9))
     for r in RATES[1:]:
         got = sum(c[l, list(grid).index(w.ffn)] for l, w in enumerate(spec.widths[r]))
-        best = _exhaustive(c, grid, _unit_params(hp)[0], total_prunable_params(hp), r, lo)
+        best = _exhaustive(c, grid, unit_params(hp)[0], total_prunable_params(hp), r, lo)
         assert got == pytest.approx(best, rel=1e-5), r
 
 
@@ -106,7 +106,7 @@ def test_a_more_sensitive_layer_keeps_more_width():
         # ... and the other layers pay for it: the budget is the same
         for r in RATES:
             assert abs(realised_rate(hp, spec.widths[r]) - realised_rate(hp, base.widths[r])) <= \
-                _unit_params(hp)[0] * 32 / total_prunable_params(hp)
+                unit_params(hp)[0] * 32 / total_prunable_params(hp)
 
 
 def test_flat_stretch_after_a_steep_step_is_seen_through():
@@ -118,7 +118,7 @@ def test_flat_stretch_after_a_steep_step_is_seen_through():
     steady = np.array([1.2, 0.8, 0.4, 0.0])  # 0.4 a step
     spec = plan_rates_measured(hp, (0, 0.2), g, np.stack([steady, steep_then_flat]), max_prune=0.75)
     ws = spec.widths[0.2]
-    assert realised_rate(hp, ws) == pytest.approx(0.2, abs=_unit_params(hp)[0] * g / total_prunable_params(hp) / 2)
+    assert realised_rate(hp, ws) == pytest.approx(0.2, abs=unit_params(hp)[0] * g / total_prunable_params(hp) / 2)
     assert ws[1].ffn < ws[0].ffn  # the steep-then-flat layer went down, the steady one kept more
 
 
