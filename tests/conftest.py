@@ -62,6 +62,14 @@ def tiny_gemma3(tiny_dir) -> Path:
     return make_tiny_gemma3(tiny_dir / "tiny-gemma3", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3_scaled(tiny_dir) -> Path:
+    """query_pre_attn_scalar 24 != head_dim 16: the query scaling is its own parameter."""
+    from models.tiny_gemma3 import make_tiny_gemma3
+
+    return make_tiny_gemma3(tiny_dir / "tiny-gemma3-q24", seed=3, query_pre_attn_scalar=24)
+
+
 @pytest.fixture(params=["llama", "qwen2"])
 def tiny_model(request, tiny_llama, tiny_qwen2) -> Path:
     return {"llama": tiny_llama, "qwen2": tiny_qwen2}[request.param]

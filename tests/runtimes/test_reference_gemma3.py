@@ -29,14 +29,6 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.fixture(scope="module")
-def tiny_gemma3_scaled(tiny_dir):
-    """query_pre_attn_scalar 24 != head_dim 16: the query scaling is its own parameter."""
-    from models.tiny_gemma3 import make_tiny_gemma3
-
-    return make_tiny_gemma3(tiny_dir / "tiny-gemma3-q24", seed=3, query_pre_attn_scalar=24)
-
-
 @pytest.mark.parametrize("which", ["tiny_gemma3", "tiny_gemma3_scaled"])
 def test_float64_logits_match_transformers(which, request):
     import torch

@@ -56,14 +56,6 @@ def _decode(s, ids, split=(5, 11)):
     return np.concatenate(parts)
 
 
-@pytest.fixture(scope="module")
-def tiny_gemma3_scaled(tiny_dir):
-    """query_pre_attn_scalar 24 != head_dim 16: the query scaling is its own parameter."""
-    from models.tiny_gemma3 import make_tiny_gemma3
-
-    return make_tiny_gemma3(tiny_dir / "tiny-gemma3-q24", seed=3, query_pre_attn_scalar=24)
-
-
 @pytest.mark.parametrize("attention", ["gqa", "standard"])
 @pytest.mark.parametrize("which", ["tiny_gemma3", "tiny_gemma3_scaled"])
 def test_float_graph_matches_transformers_prefill_and_decode(which, attention, tmp_path, request):

@@ -23,14 +23,6 @@ N_TOKENS = 24  # > 2 x the tiny model's sliding window (8)
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="artifacts built for an x86 profile")
 
 
-@pytest.fixture(scope="module")
-def tiny_gemma3_scaled(tiny_dir):
-    """query_pre_attn_scalar 24 != head_dim 16: the query scaling is its own parameter."""
-    from models.tiny_gemma3 import make_tiny_gemma3
-
-    return make_tiny_gemma3(tiny_dir / "tiny-gemma3-q24", seed=3, query_pre_attn_scalar=24)
-
-
 def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
