@@ -85,6 +85,9 @@ def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: 
             # temporaries (gate, up, their product, q/k/v/o and RoPE; attention scores and softmax)
             need = (4 * n_params + 4 * hp.num_layers * N * h + (4 + 4 * 8) * N * hp.vocab_size
                     + 8 * N * (f + 2 * h) + 4 * N * (6 * f + 12 * h) + 3 * 4 * N * H * calib_len)
+            # + 25 %: torch's allocator and short-lived copies the sum leaves out (a 4-layer test model's
+            # step peaked 0.7 % above the sum in one CI run, below it in others: the sum alone is no bound)
+            need = need * 5 // 4
             steps.append(Step("measured pruning allocation", BASE_BYTES + need,
                               "use --importance angular or uniform (the measured allocation's KL probe holds the "
                               "whole model in float32)"))
