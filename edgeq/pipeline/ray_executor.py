@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from edgeq.errors import EdgeqError
@@ -34,6 +35,7 @@ from edgeq.pipeline.executors import Executor, save_context, segment_task, tail_
 
 RAY_EXTRA = "pip install 'edgeq[ray]'"
 PROBE_TIMEOUT_S = 120.0
+CONNECT_ATTEMPTS = 3  # a ray:// client whose server failed to start (transient) tries again
 
 
 def import_ray():
@@ -131,8 +133,17 @@ class RayExecutor(Executor):
         where = self.address or "this machine"
         try:
             if self.address:
-                ray.init(address=self.address, **kw)
-                return
+                for attempt in range(CONNECT_ATTEMPTS):
+                    try:
+                        ray.init(address=self.address, **kw)
+                        return
+                    except Exception as exc:  # noqa: BLE001
+                        # the client server could not start this client's own server (seen when a
+                        # client connects right after another one left): transient, try again
+                        if "Initialization failure" not in str(exc) or attempt == CONNECT_ATTEMPTS - 1:
+                            raise
+                        ray.shutdown()
+                        time.sleep(2.0 * (attempt + 1))
             try:  # an instance `ray start` began on this machine (or RAY_ADDRESS)
                 ray.init(address="auto", **kw)
             except ConnectionError:

@@ -298,6 +298,7 @@ def test_a_worker_killed_mid_build_is_retried(cluster, inprocess_release, tiny_l
             break
         assert build.returncode == 0, text
         shutil.rmtree(out)  # (built with no kill: build it again)
+        time.sleep(3.0)  # (let the cluster's client server finish with the last client)
     assert killed is not None, "no tail task was caught mid-lowering in three builds"
     assert build.returncode == 0, text
     assert "lost (" in text and "retrying (attempt 2 of 3)" in text, text
