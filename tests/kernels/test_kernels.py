@@ -15,7 +15,7 @@ from edgeq.errors import EdgeqError  # noqa: E402
 from edgeq.kernels import compile as kc  # noqa: E402
 from edgeq.kernels import emulate, layout  # noqa: E402
 from edgeq.kernels.spec import KernelSpec  # noqa: E402
-from edgeq.quant.intgroup import rtn_int  # noqa: E402
+from kernel_weights import random_weights  # noqa: E402
 
 HASWELL = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}
 AVX512 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"}
@@ -31,13 +31,7 @@ SPECS += [KernelSpec(bits=4, group=128, rank=32, block=8), KernelSpec(bits=8, gr
 
 
 def _weights(spec, n, k, seed=0):
-    rng = np.random.default_rng(seed)
-    t = rtn_int(rng.standard_normal((n, k)).astype(np.float32),
-                f"int{spec.bits}_g{spec.group}_{'sym' if spec.symmetric else 'asym'}")
-    arrays = layout.pack_weight(t.codes, t.scales, t.zero_points, spec)
-    if spec.rank:
-        arrays.update(layout.pack_low_rank(rng.standard_normal((spec.rank, k)).astype(np.float32) * 0.1,
-                                           rng.standard_normal((n, spec.rank)).astype(np.float32) * 0.1, spec))
+    arrays, t, _ = random_weights(spec, n, k, seed)
     return arrays, t
 
 

@@ -14,7 +14,7 @@ from edgeq.errors import EdgeqError
 from edgeq.kernels import act_quant, emulate, layout
 from edgeq.kernels import compile as kc
 from edgeq.kernels.spec import KernelSpec
-from edgeq.quant.intgroup import rtn_int
+from kernel_weights import random_weights
 
 VNNI512 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake"}  # the cpu-avx512 profile
 AVXVNNI = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "alderlake"}
@@ -58,13 +58,7 @@ def _exact(spec, arrays, x, n):
 
 
 def _random_case(spec, n, k, seed=0):
-    rng = np.random.default_rng(seed)
-    t = rtn_int(rng.standard_normal((n, k)).astype(np.float32),
-                f"int{spec.bits}_g{spec.group}_{'sym' if spec.symmetric else 'asym'}")
-    arrays = layout.pack_weight(t.codes, t.scales, t.zero_points, spec)
-    if spec.rank:
-        arrays.update(layout.pack_low_rank(rng.standard_normal((spec.rank, k)).astype(np.float32) * 0.1,
-                                           rng.standard_normal((n, spec.rank)).astype(np.float32) * 0.1, spec))
+    arrays, _, rng = random_weights(spec, n, k, seed)
     return arrays, rng.standard_normal((5 if spec.prefill else 1, k)).astype(np.float32)
 
 
