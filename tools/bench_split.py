@@ -16,8 +16,8 @@ digests = byte-identical results across modes.
 
 Per task: bytes in (weight float32 + covariance float64, the covariance counted once per layer in
 "shipped"), bytes out (dequantized float32 + packed + factors), an estimate of the GPTQ FLOPs
-(``R K^2`` for the lazy-batch updates + ``R K b`` inside the batches + ``11/3 K^3`` for the
-inverse Hessian's Cholesky factor; the per-column encode is O(R K) but interpreted Python), and the
+(``R K^2`` for the lazy-batch updates + ``R K b`` inside the batches + ``2/3 K^3`` for the
+inverse Hessian's Cholesky factor (potrf + trtri); the per-column encode is O(R K) but interpreted Python), and the
 CPU seconds the task took where it ran (``time.process_time`` inside the task).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def gptq_flops(R: int, K: int, batch: int = 128) -> float:
-    return R * K * K + R * K * batch + 11 / 3 * K ** 3
+    return R * K * K + R * K * batch + 2 / 3 * K ** 3
 
 
 def layer_tasks(model: Path, layer: int, qtype: str, rank: int, tokens: int, seed: int = 0):

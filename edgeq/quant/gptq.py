@@ -86,16 +86,42 @@ def rtn(w: np.ndarray, codec, weight: np.ndarray | None = None) -> GridResult:
     return GridResult(params, codes, deq)
 
 
-def _inverse_cholesky(H: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), float64."""
-    K = H.shape[0]
-    try:
-        L = np.linalg.cholesky(H)
-    except np.linalg.LinAlgError:
-        raise EdgeqError("GPTQ: the damped Hessian is not positive definite; raise damp") from None
-    Linv = np.linalg.solve(L, np.eye(K))  # H^-1 = Linv^T Linv
-    Hinv = Linv.T @ Linv
-    return np.linalg.cholesky(Hinv).T
+def _reverse_in_place(a: np.ndarray, chunk: int = 1 << 20) -> None:
+    """Reverse the elements of the C-contiguous ``a`` in place (flat order), ``chunk`` at a time:
+    for a square matrix that is J a J (rows and columns reversed) without a second matrix."""
+    f = a.reshape(-1)
+    n = f.size
+    for s in range(0, n // 2, chunk):
+        e = min(s + chunk, n // 2)
+        lo = f[s:e].copy()
+        f[s:e] = f[n - e:n - s][::-1]
+        f[n - e:n - s] = lo[::-1]
+
+
+def _inverse_cholesky(H: np.ndarray, overwrite: bool = False) -> np.ndarray:
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), float64, without forming H^-1.
+
+    With J the order-reversing permutation, factor J H J = M M^T (M lower); then
+    H^-1 = J M^-T M^-1 J = U^T U for U = J M^-1 J, which is upper triangular with a positive
+    diagonal, so it is *the* Cholesky factor (unique). One potrf and one trtri (2/3 K^3
+    multiply-adds) in one K x K buffer, instead of a Cholesky, an LU solve against the identity,
+    a full product and a second Cholesky (~5 K^3 and six K x K matrices: 537 MB each for the
+    8192-wide down_proj at 1B). Same bits as that construction on the models measured (a 1B
+    layer's GPTQ: tools/bench_split.py's digest). ``overwrite``: ``H`` (C-contiguous float64)
+    is a scratch copy the factorisation may use as its buffer."""
+    from scipy.linalg import lapack
+
+    if overwrite and H.dtype == np.float64 and H.flags.c_contiguous:
+        A = H
+    else:
+        A = np.array(H, dtype=np.float64, order="C")
+    _reverse_in_place(A)  # J H J, symmetric: its Fortran view A.T is the same matrix
+    M, info = lapack.dpotrf(A.T, lower=1, clean=1, overwrite_a=1)
+    if info == 0:
+        M, info = lapack.dtrtri(M, lower=1, overwrite_c=1)
+    if info != 0:
+        raise EdgeqError("GPTQ: the damped Hessian is not positive definite; raise damp")
+    return np.ascontiguousarray(M[::-1, ::-1])
 
 
 def gptq(w: np.ndarray, cov: np.ndarray, codec, config: GPTQConfig | None = None) -> GridResult:
@@ -125,7 +151,10 @@ def gptq(w: np.ndarray, cov: np.ndarray, codec, config: GPTQConfig | None = None
         for b in range(n_blocks):
             params[b] = codec.fit(w32[:, b * B:(b + 1) * B], importance[b * B:(b + 1) * B])
     W = W[:, perm]
-    U = _inverse_cholesky(H[np.ix_(perm, perm)])
+    Hp = H[np.ix_(perm, perm)] if cfg.act_order else H
+    del H
+    U = _inverse_cholesky(Hp, overwrite=True)  # (one K x K buffer less: 537 MB for down_proj at 1B)
+    del Hp
 
     batch = max(B, -(-int(cfg.batch) // B) * B)
     codes = np.empty((R, K), np.int16)

@@ -117,3 +117,30 @@ def test_gptq_on_the_int_group_format(tiny_calibrated, fmt):
         e_gptq += output_error(w - res.dequant, cov)
         e_rtn += output_error(w - rtn(w, codec).dequant, cov)
     assert e_gptq < e_rtn
+
+
+@pytest.mark.parametrize("K", [32, 300, 1024])
+def test_inverse_hessian_factor_is_the_cholesky_factor_of_the_inverse(K):
+    # oracle: scipy's Cholesky of numpy's explicit inverse (the textbook construction)
+    import scipy.linalg
+
+    from edgeq.quant.gptq import _inverse_cholesky
+
+    rng = np.random.default_rng(K)
+    X = rng.standard_normal((3 * K, K)) * np.exp(rng.standard_normal(K))  # anisotropic columns
+    H = X.T @ X / len(X)
+    H += 0.01 * np.mean(np.diag(H)) * np.eye(K)
+    U = _inverse_cholesky(H)
+    assert np.array_equal(U, np.triu(U)) and np.all(np.diag(U) > 0)
+    oracle = scipy.linalg.cholesky(np.linalg.inv(H), lower=False)
+    assert np.abs(U - oracle).max() <= 1e-9 * np.abs(oracle).max()
+    assert np.abs(U.T @ U @ H - np.eye(K)).max() < 1e-9
+
+
+def test_a_hessian_that_is_not_positive_definite_is_one_clear_error():
+    from edgeq.quant.gptq import _inverse_cholesky
+
+    H = np.eye(64)
+    H[10, 10] = -1.0
+    with pytest.raises(EdgeqError, match="not positive definite"):
+        _inverse_cholesky(H)
