@@ -59,6 +59,27 @@ def _layer_params(hp: HParams) -> int:
 model_params = n_weight_params  # parameters in the 2-D weights
 
 
+def sort_layer_bytes(hp: HParams) -> int:
+    """One layer's UniQL sort work: the MLP score's ffn x ffn float64 copies (the factorisation of a
+    wide one in place, an eigendecomposition's vectors for a narrow one)."""
+    from edgeq.passes.sort_mlp import EIGH_MAX
+
+    f = hp.intermediate_size
+    return (3 if f > EIGH_MAX else 5) * 8 * f * f
+
+
+def sort_workers(hp: HParams, threads: int | None = None, avail: int | None = None) -> int:
+    """Layers the UniQL sorts work on at once (one thread each, edgeq.streaming.layer_workers):
+    the build's threads (``EDGEQ_THREADS`` or the CPU count, at most 4), fewer where that many
+    layers' sort work would pass half the memory available; the bytes do not depend on it."""
+    threads = threads if threads is not None else (int(os.environ.get("EDGEQ_THREADS", "0")) or os.cpu_count() or 1)
+    avail = available_bytes() if avail is None else avail
+    w = max(1, min(4, int(threads)))
+    while w > 1 and BASE_BYTES + w * sort_layer_bytes(hp) > avail // 2:
+        w -= 1
+    return w
+
+
 def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: bool, goldens: bool,
                 calib_samples: int, calib_len: int, probe_samples: int = 4, measured: bool = False) -> list[Step]:
     """The steps a build runs, each with its estimated peak (bytes, BASE_BYTES included)."""
@@ -76,7 +97,7 @@ def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: 
     if prunes:
         from edgeq.passes.sort_mlp import EIGH_MAX
 
-        steps.append(Step("UniQL sorting", BASE_BYTES + (3 if f > EIGH_MAX else 5) * 8 * f * f + 3 * 2 * largest,
+        steps.append(Step("UniQL sorting", BASE_BYTES + sort_workers(hp) * sort_layer_bytes(hp) + 3 * 2 * largest,
                           "the MLP sort's eigendecomposition is ffn x ffn float64 per layer"))
         if measured:  # the measured allocation's probe: the planner's KL probe (+ one layer's float64 curve work)
             N = probe_samples * calib_len  # probe tokens: the model in float32, every layer's input, the

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from contextlib import contextmanager
+from contextvars import ContextVar
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,6 +33,26 @@ def row_ranges(rows: int, row_values: int, multiple: int = 1):
     step = max(multiple, step - step % multiple)
     for r0 in range(0, int(rows), step):
         yield r0, min(int(rows), r0 + step)
+
+
+_LAYER_WORKERS: ContextVar[int] = ContextVar("edgeq_layer_workers", default=1)
+
+
+def layer_workers() -> int:
+    """Threads a pass may use for independent per-layer work (e.g. one layer's sort scores per
+    thread): 1 unless the caller, which knows the memory one layer's work needs, allowed more
+    (:func:`allow_layer_workers`). Results never depend on it (each layer's work is the same
+    computation, BLAS held to one thread: edgeq.blas)."""
+    return _LAYER_WORKERS.get()
+
+
+@contextmanager
+def allow_layer_workers(n: int):
+    token = _LAYER_WORKERS.set(max(1, int(n)))
+    try:
+        yield
+    finally:
+        _LAYER_WORKERS.reset(token)
 
 
 def ordered_map(fn, items, workers: int | None = None):

@@ -217,3 +217,21 @@ def test_measured_allocation_peak_is_what_the_memory_check_predicts(tiny_llama, 
     step = next(s for s in memory.build_steps(hp, **kw, measured=True) if s.name.startswith("measured"))
     predicted = step.bytes - memory.BASE_BYTES
     assert predicted / 2 <= measured <= predicted, (measured, predicted)
+
+
+def test_sort_layers_at_once_follow_the_memory_there_is(monkeypatch):
+    cfg = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8}
+    hp = hparams_from_config(cfg, Path("x"))
+    one = memory.sort_layer_bytes(hp)
+    assert one == 3 * 8 * 14336 ** 2  # the 8B MLP sort: three ffn x ffn float64 buffers
+    assert memory.sort_workers(hp, threads=2, avail=100 << 30) == 2
+    assert memory.sort_workers(hp, threads=16, avail=100 << 30) == 4  # at most 4
+    assert memory.sort_workers(hp, threads=2, avail=2 * (memory.BASE_BYTES + one) - 2) == 1  # two would pass half
+    assert memory.sort_workers(hp, threads=1, avail=100 << 30) == 1
+    kw = dict(fmt="gguf", prunes=True, planned=False, recover=False, goldens=False, calib_samples=8, calib_len=64)
+    monkeypatch.setenv("EDGEQ_THREADS", "2")
+    for avail, workers in ((100 << 30, 2), (6 << 30, 1)):
+        monkeypatch.setattr(memory, "available_bytes", lambda avail=avail: avail)
+        sort = next(s for s in memory.build_steps(hp, **kw) if s.name == "UniQL sorting")
+        assert sort.bytes == memory.BASE_BYTES + workers * one + 3 * 2 * 4 * 14336 * 4096

@@ -29,6 +29,7 @@ from edgeq.errors import EdgeqError
 from edgeq.ir import ModelIR, Role, linear_name
 from edgeq.passes import map_in, map_out, record, register, require_stats
 from edgeq.passes.prune_bias import means_moved
+from edgeq.streaming import layer_workers, ordered_map
 
 PASS_NAME = "sort_mlp"
 
@@ -91,8 +92,11 @@ def sort_mlp(ir: ModelIR, config: SortMLPConfig, stats) -> ModelIR:
     linears = dict(ir.linears)
     means = dict(ir.prune_means)
     moved = 0
-    for i in range(ir.hparams.num_layers):
-        perm = sort_order(mlp_scores(stats.layers[i].mlp_zz, config.lam, config.lam_relative))
+
+    def layer_order(i):  # the expensive part (an ffn x ffn factorisation), one layer per worker thread
+        return sort_order(mlp_scores(stats.layers[i].mlp_zz, config.lam, config.lam_relative))
+
+    for i, perm in enumerate(ordered_map(layer_order, range(ir.hparams.num_layers), workers=layer_workers())):
         moved += int(np.any(perm != np.arange(perm.size)))
         for role in (Role.GATE, Role.UP):
             n = linear_name(i, role)

@@ -37,6 +37,7 @@ from edgeq.errors import EdgeqError
 from edgeq.ir import ModelIR, Role, linear_name
 from edgeq.passes import effective_weight, map_in, map_out, record, register, require_stats
 from edgeq.passes.prune_bias import means_moved
+from edgeq.streaming import layer_workers, ordered_map
 
 PASS_NAME = "svd_vo"
 
@@ -76,12 +77,14 @@ def svd_vo(ir: ModelIR, config: SVDVOConfig, stats) -> ModelIR:
     G = H // KV
     linears = dict(ir.linears)
     means = dict(ir.prune_means)
-    for i in range(hp.num_layers):
+    def layer_rotations(i):  # a hidden x hidden eigendecomposition + KV SVDs, one layer per worker thread
+        C_half = sqrt_psd(stats.layers[i].attn_xx, config.damp)
+        w_eff = effective_weight(ir.linears[linear_name(i, Role.V)])
+        return [vo_rotation(C_half, w_eff[g * D:(g + 1) * D])[0] for g in range(KV)]
+
+    for i, Rs in enumerate(ordered_map(layer_rotations, range(hp.num_layers), workers=layer_workers())):
         v_name, o_name = linear_name(i, Role.V), linear_name(i, Role.O)
         v, o = linears[v_name], linears[o_name]
-        C_half = sqrt_psd(stats.layers[i].attn_xx, config.damp)
-        w_eff = effective_weight(v)
-        Rs = [vo_rotation(C_half, w_eff[g * D:(g + 1) * D])[0] for g in range(KV)]
 
         def rot_rows(a, Rs=Rs):  # V output rows, block g -> R_g @ block g
             return np.concatenate([Rs[g] @ a[g * D:(g + 1) * D] for g in range(KV)], axis=0)

@@ -127,9 +127,18 @@ class SortStep(Step):
         from edgeq.passes.naive_sort import naive_sort
         from edgeq.passes.uniql import UniQLSortConfig
 
-        ctx.log(f"sorting ({self.method})")
         ir = ctx.need("ir", self)
-        ctx.ir = run_pass(ir, UniQLSortConfig(), ctx.need("stats", self)) if self.method == "uniql" else naive_sort(ir)
+        if self.method != "uniql":
+            ctx.log(f"sorting ({self.method})")
+            ctx.ir = naive_sort(ir)
+            return
+        from edgeq.memory import sort_workers
+        from edgeq.streaming import allow_layer_workers
+
+        workers = sort_workers(ir.hparams)
+        ctx.log(f"sorting ({self.method}, {workers} layer{'s' if workers > 1 else ''} at a time)")
+        with allow_layer_workers(workers):
+            ctx.ir = run_pass(ir, UniQLSortConfig(), ctx.need("stats", self))
 
 
 @dataclass(frozen=True)

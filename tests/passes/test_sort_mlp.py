@@ -114,3 +114,22 @@ def test_cholesky_scores_equal_the_eigendecomposition(monkeypatch):
         monkeypatch.setattr(sm, "EIGH_MAX", 4096)
         np.testing.assert_allclose(got, want, atol=1e-12)
         np.testing.assert_array_equal(sm.sort_order(got), sm.sort_order(want))
+
+
+def test_layers_sorted_on_several_threads_give_the_same_model(model, monkeypatch):
+    # the sort's per-layer work on worker threads (edgeq.streaming.layer_workers): the same IR, bit for bit
+    import threading
+
+    import edgeq.passes.sort_mlp as sm
+    from edgeq.streaming import allow_layer_workers
+
+    ir, stats = model
+    seq = run_pass(ir, SortMLPConfig(), stats)
+    threads, real = set(), sm.mlp_scores
+    monkeypatch.setattr(sm, "mlp_scores", lambda *a: (threads.add(threading.get_ident()), real(*a))[1])
+    with allow_layer_workers(3):
+        par = run_pass(ir, SortMLPConfig(), stats)
+    assert threading.get_ident() not in threads and len(threads) >= 2  # really on worker threads
+    for name, lin in seq.linears.items():
+        assert np.array_equal(lin.weight, par.linears[name].weight), name
+    assert seq.history[-1] == par.history[-1]

@@ -85,3 +85,22 @@ def test_smollm2_uniql_exact(smollm2_dir, rel_err):
     out = run_pass(ir, UniQLSortConfig(), stats)
     assert len(out.rope_index) == ir.hparams.num_layers
     assert rel_err(ir, out, n=24) <= SORT_EXACT_MAX_REL
+
+
+def test_layers_rotated_on_several_threads_give_the_same_model(model, monkeypatch):
+    import threading
+
+    import edgeq.passes.svd_vo as sv
+    from edgeq.streaming import allow_layer_workers
+
+    ir, stats = model
+    seq = run_pass(ir, SVDVOConfig(), stats)
+    threads, real = set(), sv.sqrt_psd
+    monkeypatch.setattr(sv, "sqrt_psd", lambda *a: (threads.add(threading.get_ident()), real(*a))[1])
+    with allow_layer_workers(2):
+        par = run_pass(ir, SVDVOConfig(), stats)
+    assert threading.get_ident() not in threads and len(threads) == 2
+    for name, lin in seq.linears.items():
+        assert np.array_equal(lin.weight, par.linears[name].weight), name
+        assert (lin.bias is None) == (par.linears[name].bias is None)
+        assert lin.bias is None or np.array_equal(lin.bias, par.linears[name].bias), name
