@@ -1,7 +1,8 @@
 """Gemma 3 through `edgeq build` / `verify` / `run` on the tiny random checkpoint: GGUF, ONNX, TVM
 and the reference format build and verify; planned GGUF builds (calibration, KL probe, GPTQ,
-compensation branches in llama.cpp) verify and are deterministic; structured pruning, which
-implements only the Llama forward, refuses with one `error:` line and leaves nothing behind."""
+compensation branches in llama.cpp) verify and are deterministic; structured pruning of the MLP
+channels builds and verifies in the reference, ONNX and TVM formats, while GGUF (llama.cpp's gemma3
+has one MLP width for every layer) refuses with one `error:` line and leaves nothing behind."""
 import json
 
 import pytest
@@ -33,9 +34,8 @@ def test_build_verify_run(tiny_gemma3, tmp_path, fmt, bits):
 
 @pytest.mark.parametrize("args, words", [
     (["--format", "gguf", "--bits", "8", "--prune-rates", "0,0.25", "--prune-dims", "mlp"],
-     "structured pruning (--prune-rates) in the gguf format does not support gemma3"),
-    (["--format", "onnx", "--bits", "4", "--prune-rates", "0,0.25", "--prune-dims", "mlp"],
-     "structured pruning (--prune-rates) in the onnx format does not support gemma3"),
+     "structured pruning (--prune-rates) in the gguf format cannot express gemma3 models: llama.cpp's gemma3 "
+     "architecture creates every layer's MLP at layer 0's width (n_ff(0))"),
     (["--format", "reference", "--prune-rates", "0,0.25", "--calib-samples", "4", "--calib-len", "32"],
      "Q/K pairs under QK-norm are exempt from pruning"),
 ])
@@ -132,3 +132,23 @@ def test_mlp_pruning_in_the_reference_format(tiny_gemma3, tmp_path, sort):
         with open_session(out, n_ctx=64, prune=rate) as s:
             rel[rate] = float(np.abs(s.logits(ids) - want).max() / np.abs(want).max())
     assert rel[0.0] <= 1e-5 and rel[0.25] > 1e-3, rel
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tvm"])
+def test_mlp_pruning_in_onnx_and_tvm(tiny_gemma3, tmp_path, fmt):
+    """--prune-dims mlp --prune-bias: one artifact carries both rates (switched at run time); its
+    manifest says Q/K pairs are exempt and nothing is dropped; verify checks the goldens of every
+    rate (the artifact at each rate against the float reference at that rate)."""
+    out = tmp_path / fmt
+    code, text = run_cli("build", tiny_gemma3, "--format", fmt, "--bits", "4", "--prune-rates", "0,0.25",
+                         "--prune-dims", "mlp", "--prune-bias", *CAL, "-o", out)
+    assert code == 0, text
+    m = json.loads((out / "manifest.json").read_text())
+    pr = m["prune"]
+    assert pr["rates"] == [0.0, 0.25] and pr["dims"] == "mlp" and pr["dropped"] == "nothing"
+    assert "Q/K RoPE pairs are exempt" in pr["expressed"] and "bias compensation" in pr["expressed"]
+    assert sorted(json.loads((out / "goldens.json").read_text())["rates"]) == ["0", "0.25"]
+    code, text = run_cli("verify", out)
+    assert code == 0 and "OK" in text, text
+    code, text = run_cli("run", out, "--prompt", "Once upon a time", "--max-tokens", "4", "--prune", "0.25")
+    assert code == 0, text

@@ -48,6 +48,7 @@ class Backend:
     # Gemma 3's norms, GeGLU, sliding window ...); False: such models are refused at load
     family_blocks: bool = False
     # lowers structured pruning (--prune-rates, MLP channels) of such models; False: refused at load
+    # (prune_refusal says why)
     prunes_family_blocks: bool = False
     switches_in_place: bool = False  # set_prune_rate switches a carried rate without reloading
     int8_runtimes: tuple[str, ...] = ()  # runtimes that run its quantized weights through int8 dots
@@ -56,6 +57,15 @@ class Backend:
     # ---- build side -----------------------------------------------------------------------
     def check_options(self, opts: BuildOptions, target: TargetProfile) -> None:
         """Raise ``EdgeqError`` for options this format cannot honour (generic checks are build's)."""
+
+    def prune_refusal(self, hp: HParams) -> str | None:
+        """Why this format cannot lower structured pruning (``--prune-rates``) of a model of shape
+        ``hp`` (one line, for the build's ``error:``); None: it can."""
+        blocks = hp.special_blocks()
+        if blocks and not self.prunes_family_blocks:
+            return (f"structured pruning (--prune-rates) in the {self.name} format does not support "
+                    f"{hp.arch.value} models yet ({', '.join(blocks)})")
+        return None
 
     def default_options(self, opts: BuildOptions, target: TargetProfile) -> dict:
         """Options the user left open, from the target profile: at least ``bits``."""
@@ -147,6 +157,10 @@ def weight_copy_bytes(hp: HParams, min_bits_per_weight: float, copy_max_bytes: i
 
     n = n_weight_params(hp)
     return 0 if n * min_bits_per_weight / 8 > copy_max_bytes else min(copy_max_bytes, int(n * 8.5 / 8))
+
+
+PRUNE_QK_NORM = ("Q/K RoPE pairs are exempt (QK-norm normalises over the whole head dim: a kept prefix of "
+                 "pairs would be normalised differently than in the full model); MLP channels only")
 
 
 def switchable_prune_section(ir: ModelIR, opts: BuildOptions, expressed: str, bias: str | None = None,

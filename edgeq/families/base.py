@@ -74,6 +74,10 @@ class Family:
     # RoPE base of the sliding ones (both hard-wired there, not read from the GGUF)
     gguf_swa_pattern: int | None = None
     gguf_rope_local_theta: float | None = None
+    # why no llama.cpp architecture runs this family's blocks with per-layer MLP widths, so that the
+    # gguf format cannot lower its structured pruning (one GGUF per rate, edgeq.backends.gguf.rates);
+    # None: the Llama forward's families, written as llama.cpp's 'deci' at a rate
+    gguf_rates_refusal: str | None = None
     _hf_res: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -2,7 +2,21 @@
 effective ``1 + w``), per-head QK-norm, sandwich norms around attention and MLP, embeddings scaled
 by sqrt(hidden), queries scaled by ``query_pre_attn_scalar``, and sliding-window layers (local RoPE
 base) interleaved with global ones. llama.cpp's ``gemma3`` graph is rope type NEOX (rotate-half,
-no Q/K permutation); it hard-wires every 6th layer global and the local RoPE base 10000."""
+no Q/K permutation); it hard-wires every 6th layer global and the local RoPE base 10000.
+
+Structured pruning (per-layer MLP widths) has no GGUF form (``gguf_rates_refusal``; llama.cpp as
+vendored by llama-cpp-python 0.3.36): ``llama_model::load_hparams`` reads
+``gemma3.feed_forward_length`` as a scalar or a per-layer array (``get_key_or_arr`` into
+``hparams.n_ff_arr``, src/llama-model.cpp:1395), but ``llama_model_gemma3::load_arch_tensors``
+creates every layer's ``ffn_gate`` / ``ffn_up`` / ``ffn_down`` with the one ``n_ff`` of
+``LLAMA_LOAD_LOCALS`` (``hparams.n_ff()`` = layer 0's, src/llama-model.h:871;
+src/models/gemma3.cpp:66-68), so any other layer width fails the loader's shape check
+(src/llama-model-loader.cpp:917, "has wrong shape"). Its ``build_ffn`` takes no ``ffn_down`` bias
+(src/models/gemma3.cpp:177-182; an extra tensor fails "wrong number of tensors",
+src/llama-model-loader.cpp:1398), so bias compensation has no place either. The architectures that
+do create per-layer widths (``hparams.n_ff(il)``) compute other blocks: ``deci`` the Llama forward,
+``gemma4`` (src/models/gemma4.cpp:101-107) RMS-normalises V without a weight
+(src/models/gemma4.cpp:257), which no Gemma 3 weight can undo."""
 from __future__ import annotations
 
 from edgeq.families.base import LLAMA_PEFT_MODULES, LINEAR_ROLES, Family, RopeStyle, llama_like_hf_tensors
@@ -60,4 +74,7 @@ GEMMA3 = Family(
     sliding_window=True,
     gguf_swa_pattern=6,
     gguf_rope_local_theta=10_000.0,
+    gguf_rates_refusal=("llama.cpp's gemma3 architecture creates every layer's MLP at layer 0's width "
+                        "(n_ff(0)) and loads no ffn_down bias, so one GGUF cannot carry per-layer MLP widths, "
+                        "and 'deci' (which can) computes none of Gemma 3's blocks"),
 )

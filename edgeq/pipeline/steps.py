@@ -84,10 +84,10 @@ class CheckMemoryStep(Step):
             able = [b.name for b in backends.backends() if b.family_blocks]
             raise EdgeqError(f"the {backend.name} format does not support {ir.arch.value} models yet "
                              f"({', '.join(blocks)}); formats that do: {', '.join(able)}")
-        if blocks and self.prunes and backend is not None and not backend.prunes_family_blocks:
-            able = [b.name for b in backends.backends() if b.prunes_family_blocks]
-            raise EdgeqError(f"structured pruning (--prune-rates) in the {backend.name} format does not support "
-                             f"{ir.arch.value} models yet ({', '.join(blocks)}); formats that do: {', '.join(able)}")
+        why = backend.prune_refusal(ir.hparams) if self.prunes and backend is not None else None
+        if why:
+            able = [b.name for b in backends.backends() if b.prune_refusal(ir.hparams) is None]
+            raise EdgeqError(f"{why}; formats that do: {', '.join(able)}")
         check_build(ctx.need("ir", self).hparams, log=ctx.log, spill_dir=Path(ctx.opts.out).resolve().parent,
                     fmt=self.format, prunes=self.prunes,
                     planned=self.planned, recover=self.recover, goldens=self.goldens,

@@ -41,6 +41,16 @@ class GgufBackend(Backend):
     no_breakdown = ("llama-cpp-python exposes no per-op or per-layer timings (only whole-call totals: "
                     "prompt eval and eval time), so no breakdown is reported for GGUF artifacts")
 
+    def prune_refusal(self, hp):
+        """Per-layer MLP widths are written as llama.cpp's 'deci' (the Llama forward); a family whose
+        blocks no per-layer-width architecture computes says why in its table."""
+        from edgeq.families import family
+
+        why = family(hp.arch).gguf_rates_refusal
+        if why:
+            return f"structured pruning (--prune-rates) in the gguf format cannot express {hp.arch.value} models: {why}"
+        return super().prune_refusal(hp)
+
     def check_options(self, opts, target) -> None:
         if opts.qtype:  # a type the gguf backend stores (the storage registry); --bits is build's check
             storage.check_storable([opts.qtype], self.name, "--qtype: ")

@@ -43,6 +43,10 @@ ggml-org/llama.cpp ``src/llama-model.cpp`` / ``src/models/deci.cpp`` /
   entries, so it needs ``num_heads * head_dim == hidden_size``, as llama.cpp's ``qwen2`` does)
   and optional FFN biases, and an optional ``output.weight`` (tied embeddings otherwise):
   Qwen2 at a rate is exact through ``deci``.
+* Families with blocks beyond the Llama forward have no per-rate GGUF unless every layer keeps the
+  same width and no bias is added: ``deci`` computes only the Llama forward, and llama.cpp's
+  ``gemma3`` creates every layer's MLP at layer 0's width and loads no ``ffn_down`` bias (the
+  family table's ``gguf_rates_refusal``; file and line in ``edgeq/families/gemma3.py``).
 * ``llama`` and ``deci`` both create optional ``attn_output.bias`` and ``ffn_down.bias``
   (``{n_embd}``, ``TENSOR_NOT_REQUIRED``) and add them after the projection (``build_attn`` /
   ``build_ffn``): bias compensation (``--prune-bias``) is written as these biases, one rate per
@@ -310,6 +314,9 @@ def write_gguf_at_rate(ir: ModelIR, rate: float, path: str | Path, types: TypesF
     ffn = [int(w.ffn) for w in widths]
     arch_s = _choose_arch(base_ir, ffn, arch)
     deci = arch_s == DECI_ARCH
+    why = family(hp.arch).gguf_rates_refusal  # no per-layer-width architecture computes its blocks
+    if why and (deci or any(l.bias is not None for l in base_ir.linears.values() if l.role == Role.DOWN)):
+        raise EdgeqError(f"GGUF at rate {r_key:g}: cannot write {name}: {why}")
     if deci and hp.num_heads * hp.head_dim != hp.hidden_size and any(
             l.bias is not None for l in base_ir.linears.values() if l.role in (Role.Q, Role.O)):
         raise EdgeqError(f"GGUF at rate {r_key:g}: llama.cpp's deci architecture needs "

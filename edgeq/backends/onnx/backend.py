@@ -2,7 +2,7 @@
 with a KV cache, every pruning rate behind a rate input) run by onnxruntime (lower.py, graph.py)."""
 from __future__ import annotations
 
-from edgeq.backends.base import Backend, switchable_prune_section
+from edgeq.backends.base import PRUNE_QK_NORM, Backend, switchable_prune_section
 from edgeq.errors import EdgeqError
 from edgeq.quant import storage
 
@@ -18,7 +18,10 @@ MIN_BITS_PER_WEIGHT = 4.0
 PRUNE_EXPRESSED = ("everything, in one graph with a rate input (switched at run time, nothing reloaded): "
                    "MLP channels as {mlp}; Q/K RoPE pairs and V/O components as per-rate masks (the "
                    "attention projections run at full width)")
-PRUNE_MLP = {"mask": "per-rate masks on the SwiGLU output (the MLP matmuls run at full width, as fast as a "
+# a QK-norm model (Gemma 3) prunes its MLP channels only (--prune-dims mlp; the rate plan refuses more)
+PRUNE_EXPRESSED_QK_NORM = ("MLP channels per layer as {mlp}, in one graph with a rate input (switched at run "
+                           "time, nothing reloaded); " + PRUNE_QK_NORM)
+PRUNE_MLP = {"mask": "per-rate masks on the {glu} output (the MLP matmuls run at full width, as fast as a "
                      "1-rate graph at rate 0)",
              "segments": "per-rate segments skipped by If nodes"}
 PRUNE_BIAS = ("per-rate bias compensation of o_proj / ffn_down: a (rates, hidden) table per layer and "
@@ -48,6 +51,7 @@ class OnnxBackend(Backend):
     switches_in_place = True
     int8_runtimes = ("onnxruntime",)
     family_blocks = True  # Gemma 3's blocks (edgeq.backends.onnx.blocks)
+    prunes_family_blocks = True  # the multi-rate graph is the same decoder: its MLP masks / segments take any act
 
     def check_options(self, opts, target) -> None:
         bits = storage.bits_choices(self.name)  # 4, 8, 32 (INT4, INT8, F32 in the storage registry)
@@ -82,7 +86,9 @@ class OnnxBackend(Backend):
         manifest = self.manifest(lower_onnx.MODEL_FILE, storage.for_bits(self.name, bits).name, bits,
                                  sorted(adapter_files.values()), onnx=info)
         if ir.prune is not None:
-            expressed = PRUNE_EXPRESSED.format(mlp=PRUNE_MLP[weights.ffn_rates])
+            glu = "SwiGLU" if ir.hparams.hidden_act == "silu" else "GeGLU"
+            mlp = PRUNE_MLP[weights.ffn_rates].format(glu=glu)
+            expressed = (PRUNE_EXPRESSED_QK_NORM if ir.hparams.qk_norm else PRUNE_EXPRESSED).format(mlp=mlp)
             manifest["prune"] = switchable_prune_section(ir, opts, expressed, bias=PRUNE_BIAS,
                                                          weight_bytes_per_rate=info.get("weight_bytes_per_rate"))
         return manifest, ir

@@ -2,16 +2,13 @@
 numpy reference runtime, which switches every pruning rate at run time. Built for any target."""
 from __future__ import annotations
 
-from edgeq.backends.base import Backend, switchable_prune_section
+from edgeq.backends.base import PRUNE_QK_NORM, Backend, switchable_prune_section
 from edgeq.errors import EdgeqError
 from edgeq.quant import storage
 
 PRUNE_EXPRESSED = ("everything: MLP channels, Q/K RoPE pairs, V/O components per layer; "
                    "the rate switches at run time without copying weights")
 
-
-PRUNE_QK_NORM = ("Q/K RoPE pairs are exempt (QK-norm normalises over the whole head dim: a kept prefix of "
-                 "pairs would be normalised differently than in the full model); MLP channels only")
 
 PRUNE_BIAS = ("per-rate bias compensation of o_proj / ffn_down: the runtime computes each rate's vectors "
               "from the stored mean inputs when it opens the model and selects them with the rate")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import platform
 
-from edgeq.backends.base import Backend, switchable_prune_section
+from edgeq.backends.base import PRUNE_QK_NORM, Backend, switchable_prune_section
 from edgeq.errors import EdgeqError
 from edgeq.quant import storage
 
 PRUNE_EXPRESSED = ("everything, switched at run time with nothing reloaded: MLP channels as the active "
                    "width of the kernels (one compiled function serves every width); Q/K RoPE pairs and V/O "
                    "components as per-rate masks (the attention matmuls run at full width)")
+# a QK-norm model (Gemma 3) prunes its MLP channels only (--prune-dims mlp; the rate plan refuses more)
+PRUNE_EXPRESSED_QK_NORM = ("MLP channels per layer as the active width of the kernels (one compiled function "
+                           "serves every width), switched at run time with nothing reloaded; " + PRUNE_QK_NORM)
 PRUNE_BIAS = ("per-rate bias compensation of o_proj / ffn_down: (rates, hidden) vectors per layer in the "
               "weights file, the rate's row added by the runtime's numpy decoder after the o / down kernels")
 
@@ -23,6 +26,7 @@ class TvmBackend(Backend):
     section = "tvm"
     switches_in_place = True
     family_blocks = True  # Gemma 3's blocks (the runtime's numpy decoder, runtimes/tvmrt.py)
+    prunes_family_blocks = True  # the same decoder at the rate's active MLP width (GeGLU included)
 
     def check_options(self, opts, target) -> None:
         bits = storage.or_list(storage.bits_choices(self.name))  # 4 or 8 (INT4, INT8 in the storage registry)
@@ -54,7 +58,8 @@ class TvmBackend(Backend):
         info = lower_tvm.write_tvm(ir, tmp, tvm_opts, progress=True)
         manifest = self.manifest(lower_tvm.LIBRARY, storage.for_bits(self.name, bits).name, bits, tvm=info)
         if ir.prune is not None:
-            manifest["prune"] = switchable_prune_section(ir, opts, PRUNE_EXPRESSED, bias=PRUNE_BIAS)
+            expressed = PRUNE_EXPRESSED_QK_NORM if ir.hparams.qk_norm else PRUNE_EXPRESSED
+            manifest["prune"] = switchable_prune_section(ir, opts, expressed, bias=PRUNE_BIAS)
         return manifest, ir
 
     def runs_here(self, manifest: dict) -> bool:

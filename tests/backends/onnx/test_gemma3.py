@@ -1,7 +1,8 @@
 """Gemma 3 through the ONNX lowering (GeGLU, QK-norm, sandwich norms, scaled embedding, query
 scaling, sliding-window and global layers with their RoPE bases) on tiny random checkpoints whose
 prompts cross the sliding window: logits against transformers' Gemma3ForCausalLM (the oracle) and
-the reference runtime, prefill and decode with the KV cache, in both attention forms."""
+the reference runtime, prefill and decode with the KV cache, in both attention forms; an MLP-pruned
+Gemma 3 in one multi-rate graph against the reference runtime at every rate."""
 import dataclasses
 
 import numpy as np
@@ -118,3 +119,29 @@ def test_gemma3_lowering_is_deterministic(tiny_gemma3, tmp_path):
         _write(ir, tmp_path / d, **INT4)
     for f in (lo.MODEL_FILE, lo.DATA_FILE):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+@pytest.mark.parametrize("ffn_rates", lo.FFN_RATES)
+@pytest.mark.parametrize("attention", ["gqa", "standard"])
+def test_pruned_graph_matches_reference_at_every_rate(pruned_gemma3_ir, tmp_path, attention, ffn_rates):
+    """MLP-pruned Gemma 3 (UniQL sort, --prune-dims mlp, --prune-bias) in one graph with a rate
+    input: at rates 0 and 0.25, prefill and decode across the window, the reference runtime on the
+    graph's own weights; 0.25 really cuts GeGLU channels and adds its bias rows."""
+    ir = pruned_gemma3_ir
+    assert ir.prune.rates == (0.0, 0.25) and ir.prune_means
+    opts = _write(ir, tmp_path / "a", attention=attention, accuracy_level=1, ffn_rates=ffn_rates, **INT4)
+    low = lo.lowered_ir(ir, opts)
+    ref = ReferenceSession(low, n_ctx=64, dtype=np.float64)
+    plain = ReferenceSession(low.replace(prune_means={}), n_ctx=64, dtype=np.float64)
+    s = OnnxSession(tmp_path / "a")
+    ids = _ids(ir, seed=3)
+    want = {}
+    for r in ir.prune.rates:  # switched in place, one session
+        for x in (s, ref, plain):
+            x.set_prune_rate(r)
+        want[r] = ref.logits(ids)
+        assert _rel(s.logits(ids), want[r]) <= ONNX_VS_REFERENCE_MAX_REL, r
+        assert _rel(_decode(s, ids), want[r]) <= ONNX_VS_REFERENCE_MAX_REL, r
+        if r:  # the bias rows are in the graph
+            assert _rel(plain.logits(ids), want[r]) > 100 * ONNX_VS_REFERENCE_MAX_REL
+    assert _rel(want[0.25], want[0.0]) > 100 * ONNX_VS_REFERENCE_MAX_REL
