@@ -74,3 +74,40 @@ def test_errors():
         compensation(E, np.eye(16), 2, "magic")
     with pytest.raises(EdgeqError, match="covariance"):
         compensation(E, None, 2, "qera")
+
+
+@pytest.mark.parametrize("rank", [1, 8, 32])
+def test_wide_inputs_whitened_by_cholesky_reach_the_same_optimum(errors, monkeypatch, rank):
+    # the oracle: the eigendecomposition (symmetric square root) path, kept for narrow inputs
+    import edgeq.quant.compensate as cm
+
+    def under_c(E, cov, A, B):
+        D = E.astype(np.float64) - B.astype(np.float64) @ A.astype(np.float64)
+        return float(np.einsum("ij,jk,ik->", D, cov, D))
+
+    for name, E, cov in errors:
+        if rank > min(E.shape):
+            continue
+        monkeypatch.setattr(cm, "EIGH_MAX", 1 << 20)
+        a_eigh, b_eigh = compensation(E, cov, rank)
+        monkeypatch.setattr(cm, "EIGH_MAX", 8)  # every tiny linear takes the Cholesky path
+        a_chol, b_chol = compensation(E, cov, rank)
+        assert np.all(a_chol.astype(np.float16).astype(np.float32) == a_chol)
+        before = under_c(E, cov, np.zeros_like(a_eigh), np.zeros_like(b_eigh))
+        got, want = under_c(E, cov, a_chol, b_chol), under_c(E, cov, a_eigh, b_eigh)
+        assert got < before, name
+        assert abs(got - want) <= 1e-3 * want + 1e-12 * before, (name, got, want)
+
+
+def test_a_covariance_cholesky_cannot_factor_falls_back_to_the_clipped_square_root(monkeypatch):
+    import edgeq.quant.compensate as cm
+
+    monkeypatch.setattr(cm, "EIGH_MAX", 8)
+    rng = np.random.default_rng(0)
+    E = rng.standard_normal((16, 32))
+    cov = np.eye(32)
+    cov[3, 3] = -5.0  # indefinite even after the damping
+    a, b = compensation(E, cov, 4)
+    monkeypatch.setattr(cm, "EIGH_MAX", 1 << 20)
+    a2, b2 = compensation(E, cov, 4)
+    assert np.array_equal(a, a2) and np.array_equal(b, b2)
