@@ -15,11 +15,19 @@ already loaded when the limit is set, and scipy loads its BLAS on first import â
 so :func:`one_blas_thread` imports ``scipy.linalg`` first (before this, scipy's BLAS ran on every
 core during a build). edgeq's own worker threads (``EDGEQ_THREADS``: quantizers, writers,
 calibration shards) are not affected, and the runtimes (verify, run, profile) keep the threads
-they are given."""
+they are given.
+
+:func:`syrk_lower` is the Gram update (``acc += x^T x``) of calibration: scipy's ``dsyrk`` called
+through ctypes, which releases the GIL (scipy's f2py wrapper holds it), so calibration shards on
+worker threads update their sums at the same time; the same routine and arguments, the same bits."""
 from __future__ import annotations
 
+import ctypes
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Iterator
+
+import numpy as np
 
 
 @contextmanager
@@ -29,3 +37,35 @@ def one_blas_thread() -> Iterator[None]:
 
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
+@lru_cache(maxsize=1)
+def _dsyrk():
+    """scipy's BLAS ``dsyrk`` (the routine ``scipy.linalg.blas.dsyrk`` calls, from scipy's public
+    Cython BLAS table) as a ctypes function: ctypes releases the GIL for the call."""
+    from scipy.linalg import cython_blas
+
+    cap = cython_blas.__pyx_capi__["dsyrk"]
+    name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))(cap)
+    get = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(("PyCapsule_GetPointer", ctypes.pythonapi))
+    ip, dp, vp = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_double), ctypes.c_void_p
+    proto = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ip, ip, dp, vp, ip, dp, vp, ip)
+    return proto(get(cap, name))
+
+
+def syrk_lower(acc: np.ndarray, x: np.ndarray) -> None:
+    """``acc += x^T x`` into the lower triangle of the square, Fortran-ordered float64 ``acc``, in
+    place, products and sums in float64: BLAS ``dsyrk`` (uplo L, trans T) on a Fortran-ordered
+    float64 copy of ``x`` â€” the very call ``scipy.linalg.blas.dsyrk(1.0, x, beta=1.0, c=acc,
+    trans=1, lower=1, overwrite_c=1)`` makes (the same bits), without holding the GIL."""
+    a = np.asfortranarray(x, dtype=np.float64)
+    if a.ndim != 2 or acc.dtype != np.float64 or acc.shape != (a.shape[1],) * 2 or not acc.flags.f_contiguous \
+            or not acc.flags.writeable:
+        raise ValueError(f"syrk_lower: need a writable Fortran-ordered float64 ({a.shape[-1]},)*2 sum for x of "
+                         f"shape {a.shape}, got {acc.dtype} {acc.shape}")
+    k, n = a.shape
+    if n == 0 or k == 0:
+        return
+    i, one = ctypes.c_int, ctypes.c_double(1.0)
+    _dsyrk()(b"L", b"T", ctypes.byref(i(n)), ctypes.byref(i(k)), ctypes.byref(one), a.ctypes.data,
+             ctypes.byref(i(k)), ctypes.byref(one), acc.ctypes.data, ctypes.byref(i(n)))

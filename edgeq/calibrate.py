@@ -29,7 +29,7 @@ output, gate/up after the pre-FFN norm (``ffn_norm``), down_proj's ``gelu(gate) 
 post-norms act on the projections' outputs, after them. One sequence is processed at a time and
 only these float64 accumulators are kept (memory is independent of the number of samples:
 ``num_layers * (d_ff**2 + 2 * hidden**2 + (heads * head_dim)**2) * 8`` bytes, 725 MB for
-SmolLM2-135M):
+SmolLM2-135M, spilled a layer at a time inside ``edgeq.spill.spilling``):
 
 * ``mlp_zz``: mean over tokens of ``Z^T Z``, ``Z = act(gate(x)) * up(x)`` (d_ff x d_ff; act: SiLU, Gemma's tanh-GELU);
 * ``attn_xx``: mean over tokens of ``X^T X``, X the attention input (after attn_norm): the
@@ -53,6 +53,21 @@ SmolLM2-135M):
 :func:`collect_means` gathers only ``z_mean`` / ``o_mean`` (no Gram matrices: the cost of the
 forward alone) on a model as it is now, e.g. after the sorts changed the column order of the
 statistics :func:`calibrate` collected before them.
+
+Shards
+------
+The samples are cut into fixed *shards* of :data:`SHARD_SAMPLES` consecutive samples
+(:func:`shard_bounds`: the boundaries depend on the number of samples only). Per layer, each
+shard's sums start from zero and run over its samples in order (:func:`run_shard`); the layer's
+sums are the shards' sums added in shard order (the first shard's taken as they are). Every
+value is therefore the same bits however many shards run at a time and wherever they run: on
+worker threads of this process (:func:`thread_shards`, ``EDGEQ_THREADS``; numpy releases the GIL
+in BLAS and its loops, the Gram updates call BLAS through ``edgeq.blas.syrk_lower``, which does
+too, and each thread's BLAS runs on one thread, ``edgeq.blas``), or as tasks of
+the build's executor (``edgeq.pipeline.split``: worker processes, Ray). One worker is the same
+shards one after another. Memory: a layer's running sum plus one partial sum per shard in
+flight (``workers + 1`` sets of float64 accumulators; one set with a single shard), the partials
+added as they arrive, in order (``edgeq.memory.calibration_bytes``).
 """
 from __future__ import annotations
 
@@ -60,16 +75,17 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
-from scipy.linalg.blas import dsyrk as syrk
 from tqdm import tqdm
 
 import edgeq
+from edgeq.blas import one_blas_thread, syrk_lower
 from edgeq.errors import EdgeqError
 from edgeq.ir import LayerMeans, ModelIR, Role, TokenizerSpec, full_widths
 from edgeq.spill import spill_array
+from edgeq.streaming import ordered_map, worker_threads
 from runtimes.reference import LayerWeights, layer_forward, pruning_layout, rope_inv_freq
 from runtimes.text import SpecTokenizer, render_chat
 
@@ -225,7 +241,7 @@ def _add_gram(acc: np.ndarray, x: np.ndarray) -> None:
     """``acc += x^T x`` in float64 (products and sums) with BLAS syrk: half the multiplies of
     ``x.T @ x``, into the lower triangle of the Fortran-ordered ``acc``, in place (no (n, n)
     temporary; the upper triangle is filled by :func:`_symmetrize_lower` at the end)."""
-    syrk(1.0, np.asarray(x, dtype=np.float64), beta=1.0, c=acc, trans=1, lower=1, overwrite_c=1)
+    syrk_lower(acc, x)  # (scipy's dsyrk without holding the GIL: shards on worker threads, edgeq.blas)
 
 
 def _symmetrize_lower(a: np.ndarray, block: int = 1024) -> None:
@@ -240,16 +256,54 @@ def _symmetrize_lower(a: np.ndarray, block: int = 1024) -> None:
         d[iu] = d.T[iu]
 
 
-class _Accumulator:
+class _Sums:
+    """float64 sums of one layer over some sequences (a shard, or all of them: :meth:`merge`).
+
+    ``ARRAYS`` / ``SCALARS``: the sums, as :meth:`parts` hands them over (to the layer's running
+    sum, or back from an executor task) and :meth:`merge` adds them."""
+
+    ARRAYS: tuple[str, ...] = ()
+    SCALARS: tuple[str, ...] = ()
+
+    def parts(self) -> dict:
+        """The sums by name (the arrays themselves, not copies)."""
+        return {name: getattr(self, name) for name in self.ARRAYS + self.SCALARS}
+
+    def take(self, parts: Mapping) -> None:
+        """Become a shard's sums (the first of a layer): arrays this process owns are adopted,
+        others (memory maps, object-store views) copied, in their memory order."""
+        for name in self.ARRAYS:
+            a = parts[name]
+            owned = type(a) is np.ndarray and a.flags.writeable and a.flags.owndata
+            setattr(self, name, a if owned else np.array(a, order="K"))
+        for name in self.SCALARS:
+            setattr(self, name, parts[name])
+
+    def merge(self, parts: Mapping) -> None:
+        """Add another shard's sums (element by element: the same bits whatever the layouts)."""
+        for name in self.ARRAYS:
+            a = getattr(self, name)
+            np.add(a, parts[name], out=a)
+        for name in self.SCALARS:
+            setattr(self, name, getattr(self, name) + parts[name])
+
+
+class _Accumulator(_Sums):
     """float64 sums for one layer; fixed size whatever the number of sequences. Called as the
     ``taps`` of :func:`runtimes.reference.layer_forward` (one sequence per call), it adds each
     activation's contribution; :meth:`add_sequence` then adds the layer's input/output comparison."""
 
-    def __init__(self, hp):
+    ARRAYS = ("zz", "xx", "oo", "ff", "q", "k", "z_sum", "o_sum")
+    SCALARS = ("angular", "n_tokens", "n_seqs")
+
+    def __init__(self, hp, zeros: bool = True):
+        """``zeros=False``: no sums yet (:meth:`take` gives them)."""
         f, h, H, KV, D = hp.intermediate_size, hp.hidden_size, hp.num_heads, hp.num_kv_heads, hp.head_dim
         self.H, self.KV, self.half = H, KV, D // 2
         # the o_proj input arrives in the runtime's column order; IR order = these indices of it
         self.o_order = np.argsort(pruning_layout(hp)[3])
+        if not zeros:
+            return
         # Gram matrices: lower triangles accumulated in place by BLAS syrk (Fortran order)
         self.zz = np.zeros((f, f), dtype=np.float64, order="F")
         self.xx = np.zeros((h, h), dtype=np.float64, order="F")
@@ -307,11 +361,16 @@ def _means(z_sum: np.ndarray, o_sum: np.ndarray, o_order: np.ndarray, n: int) ->
     return z_sum / n, o_sum[o_order] / n
 
 
-class _MeanAccumulator:
+class _MeanAccumulator(_Sums):
     """Only the mean inputs of down_proj and o_proj (:func:`collect_means`)."""
 
-    def __init__(self, hp):
+    ARRAYS = ("z_sum", "o_sum")
+    SCALARS = ("n_tokens",)
+
+    def __init__(self, hp, zeros: bool = True):
         self.o_order = np.argsort(pruning_layout(hp)[3])
+        if not zeros:
+            return
         self.z_sum = np.zeros(hp.intermediate_size, dtype=np.float64)
         self.o_sum = np.zeros(hp.num_heads * hp.head_dim, dtype=np.float64)
         self.n_tokens = 0
@@ -328,6 +387,10 @@ class _MeanAccumulator:
     def result(self) -> LayerMeans:
         z, o = _means(self.z_sum, self.o_sum, self.o_order, max(self.n_tokens, 1))
         return LayerMeans(down=z, o=o)
+
+
+# what a shard sums: "stats" (calibrate), "means" (collect_means)
+KINDS = {"stats": _Accumulator, "means": _MeanAccumulator}
 
 
 def _head_major_energy(a: np.ndarray, n_heads: int, half: int) -> np.ndarray:
@@ -356,50 +419,117 @@ def _check_sequences(ir: ModelIR, sequences: Sequence[Sequence[int]]) -> list[np
     return ids_all
 
 
-def _stream_layers(ir: ModelIR, ids_all: list[np.ndarray], make_acc, finish, progress: bool, desc: str) -> list:
-    """Run the sequences through ``ir`` at rate 0, a layer at a time; per layer a fresh accumulator
-    ``make_acc(hp)`` is the forward's taps, and ``finish(acc)`` makes what is kept of it."""
+# ---- shards ------------------------------------------------------------------------------------
+
+# Samples per shard (a constant: shard boundaries never depend on the number of workers).
+SHARD_SAMPLES = 8
+
+# A shard runner: ``runner(hp, layer, kind, n_shards, inputs)`` -> ``(parts, outputs)`` of each
+# shard in shard order, ``inputs(k)`` the input residual streams of shard ``k`` (read when the
+# shard starts), ``parts`` its sums (``_Sums.parts``), ``outputs`` the layer's outputs.
+ShardRunner = Callable[..., Iterator[tuple[dict, list]]]
+
+
+def shard_bounds(n_samples: int, size: int = SHARD_SAMPLES) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each shard of ``size`` consecutive samples (the last may be shorter)."""
+    if size < 1:
+        raise EdgeqError(f"calibration shards need at least one sample each, got {size}")
+    return [(a, min(int(n_samples), a + size)) for a in range(0, int(n_samples), size)]
+
+
+def run_shard(hp, layer: LayerWeights, kind: str, xs: Sequence[np.ndarray]) -> tuple[dict, list[np.ndarray]]:
+    """One layer on one shard's sequences ``xs`` (each (T, hidden) float32), in order, at rate 0:
+    the shard's sums from zero (``KINDS[kind]``, as :meth:`_Sums.parts`) and the layer's outputs.
+    The same function wherever the shard runs (this thread, a worker thread, an executor task)."""
+    acc = KINDS[kind](hp)
+    # the reference runtime's layer forward at rate 0, in float32, one sequence per call (positions
+    # 0..T-1; a KV buffer of T positions of this shard's own, rewritten by each call)
+    widths, inv_freq = full_widths(hp), rope_inv_freq(hp.head_dim, hp.rope_theta)
+    T = xs[0].shape[0] if len(xs) else 0
+    kc = np.zeros((T, hp.num_kv_heads, 2, hp.head_dim // 2), dtype=np.float32)
+    vc = np.zeros((T, hp.num_kv_heads, hp.head_dim), dtype=np.float32)
+    ys = []
+    for x in xs:
+        y = layer_forward(hp, layer, x, 0, widths, kc, vc, inv_freq, np.float32, taps=acc)
+        acc.add_sequence(x, y)
+        ys.append(y)
+    return acc.parts(), ys
+
+
+def thread_shards(workers: int | None = None) -> ShardRunner:
+    """Shards on up to ``workers`` threads of this process (default ``EDGEQ_THREADS``, else the
+    CPU count, at most 4), at most ``workers`` of them in flight (``edgeq.streaming.ordered_map``)."""
+    def run(hp, layer, kind, n_shards, inputs):
+        w = min(int(workers or worker_threads()), n_shards)
+        return ordered_map(lambda k: run_shard(hp, layer, kind, inputs(k)), range(n_shards), w)
+
+    return run
+
+
+def _stream_layers(ir: ModelIR, ids_all: list[np.ndarray], kind: str, finish, progress: bool, desc: str,
+                   runner: ShardRunner, shard_samples: int) -> list:
+    """Run the sequences through ``ir`` at rate 0, a layer at a time, a shard at a time (``runner``);
+    per layer the shards' sums (``KINDS[kind]``) are added in shard order, and ``finish(sums)``
+    makes what is kept of them."""
     # Layer by layer: the residual streams of all sequences (n x T x hidden float32) move from
-    # layer to layer; one layer's weights and accumulators are in memory at a time, and each
-    # layer's statistics are parked on disk inside ``edgeq.spill.spilling``. Every sequence sees
-    # exactly the ops of a whole-model forward, and each accumulator sums the sequences in order,
-    # so the statistics equal a sequence-by-sequence pass bit for bit.
+    # layer to layer; one layer's weights and a few sets of accumulators are in memory at a time,
+    # and each layer's statistics are parked on disk inside ``edgeq.spill.spilling``. Every
+    # sequence sees exactly the ops of a whole-model forward; the sums are per shard, added in
+    # shard order (module doc: Shards).
     hp = ir.hparams
     embd = ir.tensors["token_embd"]
     xs = [np.stack([np.asarray(embd[int(t):int(t) + 1], dtype=np.float32)[0] for t in ids]) for ids in ids_all]
     if hp.embedding_scale != 1.0:  # (Gemma) in float32, as the reference runtime's forward
         xs = [x * np.float32(hp.embedding_scale) for x in xs]
-    # the reference runtime's layer forward at rate 0, in float32, one sequence per call (positions
-    # 0..T-1; a KV buffer of T positions, rewritten by each call); the accumulator is its taps
-    widths, inv_freq, T = full_widths(hp), rope_inv_freq(hp.head_dim, hp.rope_theta), len(ids_all[0])
-    kc = np.zeros((T, hp.num_kv_heads, 2, hp.head_dim // 2), dtype=np.float32)
-    vc = np.zeros((T, hp.num_kv_heads, hp.head_dim), dtype=np.float32)
+    bounds = shard_bounds(len(xs), shard_samples)
     bar = None
     if progress:
         bar = tqdm(total=hp.num_layers * len(xs), desc=desc, unit="seq", leave=False)
     layers = []
-    for li in range(hp.num_layers):
-        L = LayerWeights(ir, li, np.float32)
-        acc = make_acc(hp)
-        for si in range(len(xs)):
-            y = layer_forward(hp, L, xs[si], 0, widths, kc, vc, inv_freq, np.float32, taps=acc)
-            acc.add_sequence(xs[si], y)
-            xs[si] = y
-            if bar is not None:
-                bar.update(1)
-        del L
-        layers.append(finish(acc))
-        del acc
+    with one_blas_thread():  # (BLAS on one thread per worker, also outside a build step: edgeq.blas)
+        for li in range(hp.num_layers):
+            layers.append(_stream_layer(ir, li, xs, bounds, kind, finish, runner, bar))
     if bar is not None:
         bar.close()
     return layers
 
 
+def _stream_layer(ir: ModelIR, li: int, xs: list[np.ndarray], bounds: list[tuple[int, int]], kind: str, finish,
+                  runner: ShardRunner, bar):
+    """Layer ``li`` on every shard; ``xs`` (the residual streams) replaced by its outputs."""
+    hp = ir.hparams
+    L = LayerWeights(ir, li, np.float32)
+    total, done = None, 0
+    for parts, ys in runner(hp, L, kind, len(bounds), lambda k: xs[bounds[k][0]:bounds[k][1]]):
+        if done >= len(bounds):
+            raise EdgeqError(f"calibration layer {li}: more shard results than its {len(bounds)} shards")
+        a, b = bounds[done]
+        if len(ys) != b - a:
+            raise EdgeqError(f"calibration layer {li}, shard {done}: {len(ys)} outputs for {b - a} sequences")
+        xs[a:b] = ys
+        if total is None:
+            total = KINDS[kind](hp, zeros=False)
+            total.take(parts)
+        else:
+            total.merge(parts)
+        del parts, ys  # (before the next shard starts: at most workers + 1 sets of sums)
+        done += 1
+        if bar is not None:
+            bar.update(b - a)
+    if done != len(bounds):
+        raise EdgeqError(f"calibration layer {li}: {done} shard results for {len(bounds)} shards")
+    del L
+    return finish(total)
+
+
 def calibrate(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = True,
-              source: Mapping | None = None) -> CalibStats:
+              source: Mapping | None = None, workers: int | None = None, runner: ShardRunner | None = None,
+              shard_samples: int = SHARD_SAMPLES) -> CalibStats:
     """Stream ``sequences`` (equal lengths) through ``ir`` at rate 0 and return the statistics.
 
-    ``source``: extra provenance stored in ``CalibStats.source`` (e.g. the data set)."""
+    ``source``: extra provenance stored in ``CalibStats.source`` (e.g. the data set). The shards
+    (module doc) run on ``workers`` threads (:func:`thread_shards`) or through ``runner`` (an
+    executor's: ``edgeq.pipeline.split``); the statistics are the same bits either way."""
     ids_all = _check_sequences(ir, sequences)
 
     def finish(acc):
@@ -408,7 +538,8 @@ def calibrate(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = 
             setattr(res, name, spill_array(getattr(res, name)))
         return res
 
-    layers = _stream_layers(ir, ids_all, _Accumulator, finish, progress, "calibrating")
+    layers = _stream_layers(ir, ids_all, "stats", finish, progress, "calibrating", runner or thread_shards(workers),
+                            shard_samples)
     src = {"model": str(ir.source.get("path", "")), "history": [r.name for r in ir.history],
            "n_tokens": len(sequences) * len(sequences[0])}
     src.update(dict(source or {}))
@@ -416,9 +547,13 @@ def calibrate(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = 
                       seq_len=len(sequences[0]), source=src)
 
 
-def collect_means(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = True) -> list[LayerMeans]:
+def collect_means(ir: ModelIR, sequences: Sequence[Sequence[int]], progress: bool = True,
+                  workers: int | None = None, runner: ShardRunner | None = None,
+                  shard_samples: int = SHARD_SAMPLES) -> list[LayerMeans]:
     """Per layer, the mean inputs of down_proj and o_proj over ``sequences`` at rate 0 on ``ir`` as
     it is now (its current column order): the means :func:`calibrate` also collects, without the
-    Gram matrices. Memory: one layer's weights and the sequences' residual streams."""
+    Gram matrices, over the same shards (the same bits). Memory: one layer's weights and the
+    sequences' residual streams."""
     ids_all = _check_sequences(ir, sequences)
-    return _stream_layers(ir, ids_all, _MeanAccumulator, lambda acc: acc.result(), progress, "mean inputs")
+    return _stream_layers(ir, ids_all, "means", lambda acc: acc.result(), progress, "mean inputs",
+                          runner or thread_shards(workers), shard_samples)

@@ -143,9 +143,9 @@ def targets(as_json):
               metavar="inprocess|processes|ray|ray://HOST:PORT",
               help="Run the build's tasks in this process, in parallel worker processes, or on Ray (ray: "
                    "join the instance `ray start` began on this machine or start one; ray://HOST:PORT: a Ray Client "
-                   "address): a release matrix's targets, and within a build the quantize step's linears (one task "
-                   "each). Ray needs the extra edgeq[ray] and every node seeing the output dir, model and data "
-                   "at the same paths.")
+                   "address): a release matrix's targets, and within a build the quantize step's linears and the "
+                   "calibration's shards of samples (one task each). Ray needs the extra edgeq[ray] and every node "
+                   "seeing the output dir, model and data at the same paths.")
 @click.option("--jobs", type=int, default=None,
               help="--executor processes: worker processes (default: CPU count); --executor ray: CPUs of a Ray "
                    "instance the build starts itself.")

@@ -8,10 +8,12 @@ process may use — the smaller of ``MemAvailable`` and the room its memory cgro
 needs, what is available and which option lowers it.
 
 The estimates follow the code: streamed steps (GGUF writing, goldens, calibration, the UniQL
-sorts) hold one layer; the steps that still hold the whole model (the planner's KL probe and the
-recovery fine-tune run a torch forward of every layer) are counted at the model's size; the
-planner leaves its probe out where it does not fit. They are upper-side estimates (measured peaks are in
-docs/benchmarks.md); memory-mapped weight files are not counted (the kernel can drop those pages).
+sorts) hold one layer (calibration: plus a set of float64 sums per shard in flight, whose number
+:func:`calib_workers` lowers where memory is short); the steps that still hold the whole model
+(the planner's KL probe and the recovery fine-tune run a torch forward of every layer) are
+counted at the model's size; the planner leaves its probe out where it does not fit. They are
+upper-side estimates (measured peaks are in docs/benchmarks.md); memory-mapped weight files are
+not counted (the kernel can drop those pages).
 """
 from __future__ import annotations
 
@@ -80,19 +82,55 @@ def sort_workers(hp: HParams, threads: int | None = None, avail: int | None = No
     return w
 
 
+def calibration_bytes(hp: HParams, calib_samples: int, calib_len: int, workers: int = 1) -> int:
+    """Peak of calibration (edgeq.calibrate), BASE_BYTES not included, with ``workers`` shards in
+    flight: one layer's float32 weights; the float64 sums (``acc``: the four Gram matrices) — the
+    layer's running sum (the first shard's sums) plus a partial sum per shard in flight:
+    ``workers + 1`` sets once that many shards exist (and at least the running sum and the
+    C-order copy of the MLP one that the layer's result makes); the residual streams of every
+    sample, the outputs of the shards in flight (float32) and each worker's forward temporaries
+    (one sequence's activations and attention scores); 10 % on top for the allocator and the
+    result's temporaries (the triangle mirroring's blocks). tests/test_memory.py checks it against
+    a measured peak."""
+    from edgeq.calibrate import shard_bounds
+
+    h, f, H, D = hp.hidden_size, hp.intermediate_size, hp.num_heads, hp.head_dim
+    n, T = max(1, int(calib_samples)), int(calib_len)
+    shards = shard_bounds(n)
+    per_shard = shards[0][1] - shards[0][0]
+    w = max(1, min(int(workers), len(shards)))
+    layer = 4 * _layer_params(hp)
+    acc = 8 * (f * f + 2 * h * h + (H * D) ** 2)
+    sums = max(min(w + 1, len(shards)) * acc, acc + 8 * f * f)
+    acts = 4 * (n * T * h + (w + 1) * per_shard * T * h + w * (T * (3 * f + 6 * h + 2 * H * D) + 2 * H * T * T))
+    return int(1.1 * (layer + sums + acts))
+
+
+def calib_workers(hp: HParams, calib_samples: int, calib_len: int, want: int, avail: int | None = None) -> int:
+    """Calibration shards to run at a time: ``want`` (threads or executor workers), at most the
+    number of shards, and fewer where their sums would not fit in ``avail`` (default: what this
+    process may use); at least 1. The statistics do not depend on it (edgeq.calibrate)."""
+    from edgeq.calibrate import shard_bounds
+
+    w = max(1, min(int(want), len(shard_bounds(max(1, int(calib_samples))))))
+    avail = available_bytes() if avail is None else int(avail)
+    while w > 1 and BASE_BYTES + calibration_bytes(hp, calib_samples, calib_len, w) > avail:
+        w -= 1
+    return w
+
+
 def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: bool, goldens: bool,
-                calib_samples: int, calib_len: int, probe_samples: int = 4, measured: bool = False) -> list[Step]:
-    """The steps a build runs, each with its estimated peak (bytes, BASE_BYTES included)."""
+                calib_samples: int, calib_len: int, probe_samples: int = 4, measured: bool = False,
+                calib_workers: int = 1) -> list[Step]:
+    """The steps a build runs, each with its estimated peak (bytes, BASE_BYTES included);
+    ``calib_workers``: calibration shards in flight (:func:`calib_workers`)."""
     h, f, H, KV, D = hp.hidden_size, hp.intermediate_size, hp.num_heads, hp.num_kv_heads, hp.head_dim
     layer = 4 * _layer_params(hp)  # one layer's weights in float32
     largest = 4 * max(f * h, H * D * h)  # largest block linear in float32
     n_params = model_params(hp)
     steps: list[Step] = []
     if prunes or planned:
-        n, T = calib_samples, calib_len
-        acc = 8 * (f * f + 2 * h * h + (H * D) ** 2)
-        acts = 4 * (n * T * h + T * (3 * f + 6 * h + 2 * H * D) + 2 * H * T * T)
-        steps.append(Step("calibration", BASE_BYTES + layer + acc + acts,
+        steps.append(Step("calibration", BASE_BYTES + calibration_bytes(hp, calib_samples, calib_len, calib_workers),
                           "lower --calib-samples / --calib-len"))
     if prunes:
         from edgeq.passes.sort_mlp import EIGH_MAX

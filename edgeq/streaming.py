@@ -55,12 +55,27 @@ def allow_layer_workers(n: int):
         _LAYER_WORKERS.reset(token)
 
 
+def worker_threads() -> int:
+    """edgeq's own worker threads: ``$EDGEQ_THREADS`` when set (> 0), else the CPU count, at most 4."""
+    env = os.environ.get("EDGEQ_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise EdgeqError(f"EDGEQ_THREADS: expected a whole number of threads, got {env!r}") from None
+        if n > 0:
+            return n
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def ordered_map(fn, items, workers: int | None = None):
     """``fn(item)`` for each item, yielded in order, computed by up to ``workers`` threads (default:
-    the CPU count, at most 4) with at most ``workers`` results ahead of the consumer, so memory
-    stays bounded by a few chunks. For numpy-heavy chunk work (ufuncs release the GIL); the
-    results do not depend on the thread count."""
-    workers = max(1, min(4, os.cpu_count() or 1) if workers is None else int(workers))
+    :func:`worker_threads`) with at most ``workers`` results ahead of the consumer: while the
+    consumer holds one result, at most ``workers - 1`` others are computed or waiting, so memory
+    stays bounded by a few chunks (provided the consumer drops each result before it asks for
+    the next). For numpy-heavy chunk work (ufuncs and BLAS release the GIL); the results do not
+    depend on the thread count."""
+    workers = max(1, worker_threads() if workers is None else int(workers))
     if workers == 1:
         yield from map(fn, items)
         return

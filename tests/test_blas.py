@@ -1,7 +1,8 @@
 """edgeq.blas.one_blas_thread holds every BLAS library a build step uses to one thread, so the
 LAPACK / BLAS results the passes depend on are the same bits whatever the thread count asked by
 the environment (issue 18's determinism). The oracle: the same computation in a process that
-was given one thread from the start."""
+was given one thread from the start. edgeq.blas.syrk_lower (calibration's Gram update without the
+GIL held) is scipy's dsyrk, bit for bit."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.linalg.blas import dsyrk
+
+from edgeq.blas import syrk_lower
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,3 +68,33 @@ def test_lapack_and_blas_results_do_not_depend_on_the_thread_count_asked():
     one, two = _run(1), _run(2)
     for key in ("syrk", "potrf", "scores", "sgemm"):
         assert one[key] == two[key], key
+
+
+@pytest.mark.parametrize("k, n", [(1, 1), (7, 5), (32, 64), (300, 129), (16, 1030)])
+def test_syrk_lower_is_scipys_dsyrk_bit_for_bit(k, n):
+    """The same BLAS call as scipy's f2py wrapper (uplo L, trans T, a Fortran float64 copy of x):
+    the same bits, on float32 and float64, C- and Fortran-ordered inputs, accumulated twice."""
+    rng = np.random.default_rng(k * 1000 + n)
+    for dtype, order in ((np.float32, "C"), (np.float64, "C"), (np.float32, "F")):
+        xs = [np.asarray(rng.standard_normal((k, n)), dtype=dtype, order=order) for _ in range(2)]
+        acc = np.asfortranarray(rng.standard_normal((n, n)))
+        init, want = acc.copy(), acc.copy(order="F")
+        for x in xs:
+            syrk_lower(acc, x)
+            want = dsyrk(1.0, np.asarray(x, dtype=np.float64), beta=1.0, c=want, trans=1, lower=1, overwrite_c=1)
+        assert acc.tobytes(order="F") == want.tobytes(order="F"), (dtype, order)
+        # and what it means (numpy's float64 products): the lower triangle gained x^T x, the upper is untouched
+        gram = sum(np.asarray(x, np.float64).T @ np.asarray(x, np.float64) for x in xs)
+        np.testing.assert_allclose(np.tril(acc), np.tril(init + gram), rtol=1e-12, atol=1e-12)
+        assert np.array_equal(np.triu(acc, 1), np.triu(init, 1))
+
+
+def test_syrk_lower_refuses_a_sum_it_cannot_update():
+    x = np.ones((4, 3), np.float32)
+    for bad in (np.zeros((3, 3)), np.zeros((3, 3), np.float32, order="F"), np.zeros((4, 4), order="F")):
+        with pytest.raises(ValueError, match="syrk_lower"):
+            syrk_lower(bad, x)
+    ro = np.zeros((3, 3), order="F")
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="syrk_lower"):
+        syrk_lower(ro, x)

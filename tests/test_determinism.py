@@ -18,6 +18,8 @@ BUILDS = {
     "gguf-bits": ["--bits", "4"],
     "gguf-planned": ["--bpw", "5.5", *CALIB],
     "gguf-pruned": ["--bits", "8", "--prune-rates", "0,0.5", *CALIB],
+    # 12 samples: two calibration shards (edgeq.calibrate.SHARD_SAMPLES), on 1 vs 2 worker threads
+    "gguf-pruned-shards": ["--bits", "8", "--prune-rates", "0,0.5", "--calib-samples", "12", "--calib-len", "32"],
     # the measured allocation's torch probe at 1 vs 2 threads must give the same widths and manifest;
     # with the per-rate biases and goldens (the reference runtime at MLP-pruned widths: float32 GEMMs,
     # whose bits depend on OpenBLAS's thread count on some CPUs, edgeq.blas)

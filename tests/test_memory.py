@@ -235,3 +235,70 @@ def test_sort_layers_at_once_follow_the_memory_there_is(monkeypatch):
         monkeypatch.setattr(memory, "available_bytes", lambda avail=avail: avail)
         sort = next(s for s in memory.build_steps(hp, **kw) if s.name == "UniQL sorting")
         assert sort.bytes == memory.BASE_BYTES + workers * one + 3 * 2 * 4 * 14336 * 4096
+
+
+def test_calibration_estimate_counts_the_shard_sums_in_flight():
+    """Calibration holds a layer's running sum plus a set of float64 sums per shard in flight
+    (edgeq.calibrate: Shards): each worker adds one set (8B shape: the 14336^2 MLP Gram matrix,
+    1.6 GB) until there are no more shards than that; fewer workers where memory is short."""
+    from edgeq.calibrate import SHARD_SAMPLES
+
+    cfg = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8}
+    hp = hparams_from_config(cfg, Path("x"))
+    acc = 8 * (14336 ** 2 + 3 * 4096 ** 2)
+    n, T = 8 * SHARD_SAMPLES, 256
+    b = {w: memory.calibration_bytes(hp, n, T, w) for w in (1, 2, 3, 8, 9)}
+    # (each: a set of sums and a worker's forward temporaries, +10 % for the allocator)
+    assert 1.1 * acc <= b[2] - b[1] <= 1.2 * acc and 1.1 * acc <= b[3] - b[2] <= 1.2 * acc
+    assert b[9] == b[8]  # (8 shards: at most 8 in flight)
+    # one shard (the whole of a small calibration): no partial sums beside it, whatever the workers
+    assert memory.calibration_bytes(hp, SHARD_SAMPLES, T, 4) == memory.calibration_bytes(hp, SHARD_SAMPLES, T, 1)
+    kw = dict(fmt="gguf", prunes=True, planned=False, recover=False, goldens=True, calib_samples=n, calib_len=T)
+    step = next(s for s in memory.build_steps(hp, **kw, calib_workers=3) if s.name == "calibration")
+    assert step.bytes == memory.BASE_BYTES + b[3]
+    assert memory.calib_workers(hp, n, T, 4, avail=memory.BASE_BYTES + b[2]) == 2
+    assert memory.calib_workers(hp, n, T, 4, avail=0) == 1  # (then the memory check refuses, if even 1 does not fit)
+    assert memory.calib_workers(hp, n, T, 16, avail=10 ** 15) == 8
+    assert memory.calib_workers(hp, 3, T, 4, avail=10 ** 15) == 1
+
+
+_CALIB_PEAK = r'''
+import ctypes, sys
+from pathlib import Path
+from edgeq.blas import one_blas_thread
+from edgeq.calibrate import calibrate
+from edgeq.frontend import load_model
+from edgeq.spill import spilling
+ir = load_model(Path(sys.argv[1]))
+workers = int(sys.argv[2])
+seqs = [list(range(1 + i, 33 + i)) for i in range(24)]  # 3 shards of 8
+def field(k):
+    return int([l for l in open("/proc/self/status") if l.startswith(k)][0].split()[1]) * 1024
+with one_blas_thread(), spilling(sys.argv[3]):  # (as a build: each layer's statistics spilled)
+    calibrate(ir, seqs[:9], progress=False, workers=workers)  # warm-up: threads, their BLAS buffers
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+    base = field("VmRSS")
+    calibrate(ir, seqs, progress=False, workers=workers)
+    print(field("VmHWM") - base)
+'''
+
+
+def test_calibration_peak_is_what_the_memory_check_predicts(tiny_llama, tmp_path):
+    """The memory check's model of sharded calibration (edgeq.memory.calibration_bytes) against the
+    step's measured peak (VmHWM reset before it) on a random 2-layer model with a 4096-wide MLP
+    (a set of sums: 140 MB), 24 samples (3 shards), 1 and 2 worker threads: upper-side, within a
+    factor 2, and the second worker costs about one more set of sums."""
+    ckpt = _checkpoint(tmp_path, tiny_llama, 2, f=4096)
+    hp = hparams_from_config(json.loads((ckpt / "config.json").read_text()), ckpt)
+    acc = 8 * (4096 ** 2 + 3 * 512 ** 2)
+    measured = {}
+    for workers in (1, 2):
+        r = subprocess.run([sys.executable, "-c", _CALIB_PEAK, str(ckpt), str(workers), str(tmp_path)],
+                           capture_output=True, text=True, cwd=REPO, timeout=900)
+        assert r.returncode == 0, r.stderr[-2000:]
+        measured[workers] = int(r.stdout.split()[-1])
+        predicted = memory.calibration_bytes(hp, 24, 32, workers)
+        assert predicted / 2 <= measured[workers] <= predicted, (workers, measured[workers], predicted)
+    assert measured[2] - measured[1] >= 0.75 * acc, measured

@@ -67,3 +67,43 @@ def test_ordered_map_keeps_order_and_bounds_the_work_ahead():
                 assert max(started) <= i + workers  # at most `workers` beyond the one consumed
             seen.append(r)
         assert seen == [i * i for i in range(40)]
+
+
+def test_worker_threads_follow_edgeq_threads(monkeypatch):
+    import os
+
+    from edgeq.streaming import worker_threads
+
+    monkeypatch.setenv("EDGEQ_THREADS", "3")
+    assert worker_threads() == 3
+    monkeypatch.setenv("EDGEQ_THREADS", "0")  # (0 or unset: the CPU count, at most 4)
+    assert worker_threads() == max(1, min(4, os.cpu_count() or 1))
+    monkeypatch.delenv("EDGEQ_THREADS")
+    assert worker_threads() == max(1, min(4, os.cpu_count() or 1))
+    monkeypatch.setenv("EDGEQ_THREADS", "two")
+    with pytest.raises(EdgeqError, match="EDGEQ_THREADS"):
+        worker_threads()
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_ordered_map_keeps_order_and_at_most_workers_ahead(workers):
+    """Results in item order; while the consumer holds one, at most ``workers - 1`` others exist."""
+    import threading
+
+    from edgeq.streaming import ordered_map
+
+    lock, live, peak = threading.Lock(), [0], [0]
+
+    def fn(i):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        return i * i
+
+    got = []
+    for r in ordered_map(fn, range(20), workers):
+        got.append(r)
+        with lock:
+            live[0] -= 1  # (the consumer is done with it)
+    assert got == [i * i for i in range(20)]
+    assert peak[0] <= workers

@@ -134,17 +134,28 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"unknown persistent id {kind!r}")
 
 
+def save_object(obj, root: Path, prefix: str = "obj.") -> str:
+    """``obj`` as a file under ``root`` (a fresh directory of its own: its arrays of
+    FILE_ARRAY_BYTES or more as ``.npy`` files beside it, spilled tensors as their file names);
+    returns the file name. Read back by :func:`load_object` (arrays memory-mapped)."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    with open(d / "object.pkl", "wb") as f:
+        _Pickler(f, d).dump(obj)
+    return str(d / "object.pkl")
+
+
+def load_object(path: str):
+    with open(path, "rb") as f:
+        return _Unpickler(f).load()
+
+
 def save_context(ctx: BuildContext, root: Path) -> str:
-    """``ctx`` as a file under ``root`` (a fresh directory of its own); returns the file name."""
-    d = Path(tempfile.mkdtemp(prefix="ctx.", dir=root))
-    with open(d / "context.pkl", "wb") as f:
-        _Pickler(f, d).dump(ctx)
-    return str(d / "context.pkl")
+    """``ctx`` as a file under ``root`` (:func:`save_object`); returns the file name."""
+    return save_object(ctx, root, prefix="ctx.")
 
 
 def load_context(path: str) -> BuildContext:
-    with open(path, "rb") as f:
-        return _Unpickler(f).load()
+    return load_object(path)
 
 
 # --- worker side ---

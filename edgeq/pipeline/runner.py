@@ -131,13 +131,14 @@ def run(steps: Sequence[Step], ctx: BuildContext, out: Path | None = None, force
                 if out is None:
                     raise EdgeqError(f"step {step.name} writes an artifact; no output directory given")
                 ctx.tmp = stack.enter_context(atomic_directory(out, force=force))
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             with one_blas_thread():  # (byte-identical across thread counts: edgeq.blas)
                 step.run(ctx)
-            dt = time.perf_counter() - t
+            dt, cpu = time.perf_counter() - t, time.process_time() - cpu
             ctx.timings[step.name] = ctx.timings.get(step.name, 0.0) + dt
             ctx.records.append(step.record())
-            ctx.log(f"step {step.name} (v{step.version}) done in {dt:.1f}s")
+            # (CPU: this process's threads; not its worker processes')
+            ctx.log(f"step {step.name} (v{step.version}) done in {dt:.1f}s (CPU {cpu:.1f}s)")
         if ctx.tmp is not None:
             if ctx.manifest is None:
                 raise EdgeqError("the build wrote no manifest (no lowering step?)")

@@ -1,5 +1,6 @@
 """Work inside one build split into executor tasks: a layer's linears quantized (GPTQ or RTN, then
-the compensation branch) as one task per linear (:func:`edgeq.quant.linear_task.run_linear`).
+the compensation branch) as one task per linear (:func:`edgeq.quant.linear_task.run_linear`),
+and a layer's calibration shards as one task per shard (:func:`edgeq.calibrate.run_shard`).
 
 A *split* is a small picklable spec the executor leaves in the build context (``ctx.split``; the
 in-process executor leaves none: the quantize step then runs as it always did). The quantize step
@@ -21,12 +22,21 @@ its executor (:meth:`edgeq.pipeline.executors.Executor.split`); a single-target 
 :func:`open_split` (``edgeq build --target T --executor ...``). The results are the same bytes as
 the in-process build's: the same function on the same float32 / float64 values, whatever process
 or node runs it.
+
+Calibration (:meth:`Split.open_shards`, used by the calibrate step): per layer, the layer's
+weights in the reference runtime's layout (``LayerWeights``) are shipped once (processes: a file
+whose arrays are ``.npy`` files, read memory-mapped; Ray: ``ray.put``), each shard's task gets
+them and its samples' residual streams, and sends back its float64 sums and the layer's outputs.
+At most ``window`` shards are in flight; their sums are handed to the calibration in shard order,
+which adds them as they come (the shards' boundaries and the order of the additions are fixed:
+the same bits as in-process, for any number of workers).
 """
 from __future__ import annotations
 
 import contextlib
 import shutil
 import tempfile
+from collections import deque
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -48,6 +58,17 @@ class Split:
 
     @contextlib.contextmanager
     def open(self) -> Iterator[Runner]:
+        raise NotImplementedError
+        yield
+
+    def shard_workers(self) -> int:
+        """Calibration shards this split would run at a time."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def open_shards(self, window: int) -> Iterator[Callable]:
+        """A calibration shard runner (``edgeq.calibrate.ShardRunner``) running each shard as a
+        task, at most ``window`` in flight."""
         raise NotImplementedError
         yield
 
@@ -102,6 +123,34 @@ def _read_result(paths: dict):
     return LinearResult(np.load(paths["dequant"]), np.load(paths["packed"]), low_rank, paths["cpu_s"])
 
 
+def file_shard_task(layer: str, kind: str, xs_path: str, out: str) -> dict:
+    """One calibration shard in a worker process: the layer from ``layer`` (:func:`save_object`),
+    the shard's residual streams from ``xs_path`` ((samples, T, hidden) float32); its sums and the
+    layer's outputs to ``out.*.npy`` (scalars in the returned dict)."""
+    from edgeq.calibrate import run_shard
+    from edgeq.pipeline.executors import load_object
+
+    hp, L = load_object(layer)
+    xs = np.load(xs_path, mmap_mode="r")
+    with one_blas_thread():  # (as in-process steps: edgeq.blas)
+        parts, ys = run_shard(hp, L, kind, [np.array(x) for x in xs])
+    res: dict = {"ys": f"{out}.ys.npy", "arrays": {}, "scalars": {}}
+    np.save(res["ys"], np.stack(ys))
+    for name, v in parts.items():
+        if isinstance(v, np.ndarray):
+            res["arrays"][name] = f"{out}.{name}.npy"
+            np.save(res["arrays"][name], v)  # (a Fortran-ordered sum stays Fortran-ordered)
+        else:
+            res["scalars"][name] = v
+    return res
+
+
+def _read_shard(res: dict) -> tuple[dict, list]:
+    parts = {name: np.load(path, mmap_mode="r") for name, path in res["arrays"].items()}
+    parts.update(res["scalars"])
+    return parts, list(np.load(res["ys"]))
+
+
 class ProcessSplit(Split):
     name = "processes"
 
@@ -110,6 +159,73 @@ class ProcessSplit(Split):
 
     def describe(self) -> str:
         return f"{self.jobs} worker processes"
+
+    def shard_workers(self) -> int:
+        return self.jobs
+
+    @contextlib.contextmanager
+    def open_shards(self, window: int) -> Iterator[Callable]:
+        d = Path(tempfile.mkdtemp(prefix="shards.", dir=self.root))
+        pool = [self._pool()]
+        try:
+            yield lambda hp, L, kind, n, inputs: self._shards(pool, d, max(1, int(window)), hp, L, kind, n, inputs)
+        except BaseException:  # stop the workers rather than wait for their tasks
+            for proc in list((getattr(pool[0], "_processes", None) or {}).values()):
+                proc.terminate()
+            raise
+        finally:
+            pool[0].shutdown(wait=True, cancel_futures=True)
+            shutil.rmtree(d, ignore_errors=True)
+
+    def _shards(self, pool: list, root: Path, window: int, hp, L, kind: str, n: int, inputs) -> Iterator:
+        """A layer's ``n`` shards as tasks, ``window`` at a time, results in shard order; a worker
+        that dies breaks the pool: a fresh pool runs the unfinished shards again (a shard at most
+        MAX_ATTEMPTS times)."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        from edgeq.pipeline.executors import save_object
+
+        d = Path(tempfile.mkdtemp(prefix="layer.", dir=root))
+        try:
+            layer = save_object((hp, L), d, prefix="weights.")
+            args: dict[int, tuple] = {}
+            futs: dict = {}
+            runs = [0] * n
+
+            def submit(k: int) -> None:
+                if k not in args:  # (the inputs are read when the shard is first submitted)
+                    xs_path = str(d / f"in{k:05d}.npy")
+                    np.save(xs_path, np.stack(inputs(k)))
+                    args[k] = (layer, kind, xs_path, str(d / f"out{k:05d}"))
+                runs[k] += 1
+                futs[k] = pool[0].submit(file_shard_task, *args[k])
+
+            nxt = 0
+            for k in range(n):
+                while nxt < n and len(futs) < window:
+                    submit(nxt)
+                    nxt += 1
+                while True:
+                    try:
+                        res = futs.pop(k).result()
+                        break
+                    except BrokenProcessPool:  # a worker died: its task and the pool's others
+                        if runs[k] >= MAX_ATTEMPTS:
+                            raise
+                        pool[0].shutdown(wait=False, cancel_futures=True)
+                        pool[0] = self._pool()
+                        again = [j for j, f in futs.items() if not (f.done() and not f.cancelled()
+                                                                     and f.exception() is None)]
+                        submit(k)
+                        for j in again:
+                            submit(j)
+                parts, ys = _read_shard(res)
+                yield parts, ys
+                del parts, ys
+                for p in [d / f"in{k:05d}.npy", *d.glob(f"out{k:05d}.*.npy")]:  # (this shard's files)
+                    p.unlink(missing_ok=True)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
 
     def _pool(self):
         import multiprocessing
@@ -172,6 +288,17 @@ def ray_task(job, w, cov):
         return run_linear(job, w, cov)
 
 
+def ray_shard_task(layer, kind: str, xs: np.ndarray):
+    """One calibration shard on a Ray worker (``layer``: (hparams, LayerWeights) from the object
+    store; ``xs``: the shard's residual streams, (samples, T, hidden) float32)."""
+    from edgeq.calibrate import run_shard
+
+    hp, L = layer
+    with one_blas_thread():  # (as in-process steps: edgeq.blas)
+        parts, ys = run_shard(hp, L, kind, [np.array(x) for x in xs])
+    return parts, np.stack(ys)
+
+
 def _owned(res):
     """A result copied out of the object store (its buffers are then free to go)."""
     from edgeq.quant.linear_task import LinearResult
@@ -208,6 +335,47 @@ class RaySplit(Split):
 
         try:
             yield layer
+        except BaseException:
+            for r in refs:
+                with contextlib.suppress(Exception):
+                    ray.cancel(r, force=True)
+            raise
+
+    def shard_workers(self) -> int:
+        """The cluster's CPUs (a shard task takes one)."""
+        from edgeq.pipeline.ray_executor import import_ray
+
+        return max(1, int(import_ray().cluster_resources().get("CPU", 1)))
+
+    @contextlib.contextmanager
+    def open_shards(self, window: int) -> Iterator[Callable]:
+        from edgeq.pipeline.ray_executor import import_ray
+
+        ray = import_ray()
+        remote = ray.remote(num_cpus=1, max_retries=RAY_RETRIES)(ray_shard_task)
+        refs: list = []
+        window = max(1, int(window))
+
+        def shards(hp, L, kind, n, inputs):
+            layer = ray.put((hp, L))  # (once per layer: each node reads one copy)
+            pending: deque = deque()
+            nxt = 0
+            try:
+                for _ in range(n):
+                    while nxt < n and len(pending) < window:
+                        pending.append(remote.remote(layer, kind, np.stack(inputs(nxt))))
+                        nxt += 1
+                    refs[:] = list(pending)
+                    parts, ys = ray.get(pending.popleft())
+                    ys = list(np.array(ys))  # (copied out of the store; the sums are added from it)
+                    yield parts, ys
+                    del parts, ys
+            finally:
+                refs.clear()
+                del layer
+
+        try:
+            yield shards
         except BaseException:
             for r in refs:
                 with contextlib.suppress(Exception):

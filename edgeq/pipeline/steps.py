@@ -75,7 +75,7 @@ class CheckMemoryStep(Step):
         return {k: v for k, v in super().config().items() if k != "measured" or self.measured}
 
     def run(self, ctx: BuildContext) -> None:
-        from edgeq.memory import check_build
+        from edgeq.memory import calib_workers, check_build
 
         ir = ctx.need("ir", self)
         blocks = ir.hparams.special_blocks()
@@ -88,11 +88,22 @@ class CheckMemoryStep(Step):
         if why:
             able = [b.name for b in backends.backends() if b.prune_refusal(ir.hparams) is None]
             raise EdgeqError(f"{why}; formats that do: {', '.join(able)}")
-        check_build(ctx.need("ir", self).hparams, log=ctx.log, spill_dir=Path(ctx.opts.out).resolve().parent,
+        workers = 1
+        if self.prunes or self.planned:  # (the calibration step asks for the same number)
+            workers = calib_workers(ir.hparams, self.calib_samples, self.calib_len, calibration_want(ctx))
+        check_build(ir.hparams, log=ctx.log, spill_dir=Path(ctx.opts.out).resolve().parent,
                     fmt=self.format, prunes=self.prunes,
                     planned=self.planned, recover=self.recover, goldens=self.goldens,
                     calib_samples=self.calib_samples, calib_len=self.calib_len, probe_samples=self.probe_samples,
-                    measured=self.measured)
+                    measured=self.measured, calib_workers=workers)
+
+
+def calibration_want(ctx: BuildContext) -> int:
+    """Calibration shards the build could run at a time: ``EDGEQ_THREADS`` worker threads in this
+    process, or its executor's workers (``ctx.split``); the memory check may lower it."""
+    from edgeq.streaming import worker_threads
+
+    return worker_threads() if ctx.split is None else ctx.split.shard_workers()
 
 
 @dataclass(frozen=True)
@@ -100,19 +111,30 @@ class CalibrateStep(Step):
     """Per-layer activation statistics on Alpaca token sequences (edgeq.calibrate)."""
 
     name = "calibrate"
+    version = 2  # 2: sums per fixed shard of samples, added in shard order (edgeq.calibrate: Shards)
     samples: int
     seq_len: int
     data: str | None = None  # Alpaca JSON; None: the bundled data set
 
     def run(self, ctx: BuildContext) -> None:
-        from edgeq.calibrate import alpaca_token_sequences, calibrate
+        from edgeq.calibrate import SHARD_SAMPLES, alpaca_token_sequences, calibrate, shard_bounds
+        from edgeq.memory import calib_workers
 
         ir = ctx.need("ir", self)
         seqs = alpaca_token_sequences(ir.tokenizer, path=None if self.data is None else Path(self.data),
                                       n_samples=self.samples, seq_len=self.seq_len)
-        ctx.log(f"calibrating on {len(seqs)} x {self.seq_len} Alpaca tokens")
         ctx.calib_seqs = seqs
-        ctx.stats = calibrate(ir, seqs, source={"data": "alpaca", "samples": len(seqs), "seq_len": self.seq_len})
+        source = {"data": "alpaca", "samples": len(seqs), "seq_len": self.seq_len}
+        n_shards = len(shard_bounds(len(seqs)))
+        workers = calib_workers(ir.hparams, len(seqs), self.seq_len, calibration_want(ctx))
+        what = f"calibrating on {len(seqs)} x {self.seq_len} Alpaca tokens: {n_shards} shards of up to {SHARD_SAMPLES}"
+        if ctx.split is None or n_shards == 1:
+            ctx.log(f"{what}, {workers} at a time (threads)")
+            ctx.stats = calibrate(ir, seqs, source=source, workers=workers)
+            return
+        ctx.log(f"{what}, {workers} at a time as tasks ({ctx.split.describe()})")
+        with ctx.split.open_shards(workers) as runner:
+            ctx.stats = calibrate(ir, seqs, source=source, runner=runner)
 
 
 @dataclass(frozen=True)
@@ -188,6 +210,7 @@ class PruneBiasStep(Step):
     it now is over the calibration sequences (after a recovery fine-tune changed it)."""
 
     name = "prune_bias"
+    version = 2  # 2: "measure" sums per fixed shard of samples (edgeq.calibrate.collect_means)
     source: str = "calibration"  # calibration | measure
 
     def run(self, ctx: BuildContext) -> None:

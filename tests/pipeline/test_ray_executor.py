@@ -196,6 +196,30 @@ def test_a_linear_task_lost_with_its_ray_worker_is_retried(cluster, tmp_path):
     assert got[0].low_rank is None and [x.tobytes() for x in got[1].low_rank] == [x.tobytes() for x in want.low_rank]
 
 
+def test_calibration_shards_as_ray_tasks_give_the_in_process_bits(cluster, tiny_llama):
+    """Calibration's shards (10 samples, shards of 4) as Ray tasks on the two nodes (the layer's
+    weights put in the object store once per layer): the statistics of 1 thread, bit for bit."""
+    import ray
+    from calib_bits import stats_bits
+
+    from edgeq.calibrate import alpaca_token_sequences, calibrate
+    from edgeq.frontend import load_model
+    from edgeq.pipeline.split import RaySplit
+
+    ir = load_model(tiny_llama)
+    seqs = alpaca_token_sequences(ir.tokenizer, n_samples=10, seq_len=32)
+    want = stats_bits(calibrate(ir, seqs, progress=False, workers=1, shard_samples=4))
+    ray.init(address=f"127.0.0.1:{cluster.port}", logging_level="ERROR", log_to_driver=False)
+    try:
+        split = RaySplit()
+        assert split.shard_workers() == 2  # (the cluster's CPUs)
+        with split.open_shards(2) as runner:
+            got = calibrate(ir, seqs, progress=False, runner=runner, shard_samples=4)
+    finally:
+        ray.shutdown()
+    assert stats_bits(got) == want
+
+
 def test_a_failing_target_on_ray_is_reported_and_the_others_complete(cluster, tiny_llama, tmp_path, monkeypatch):
     """mobile-arm64's TVM cross linker missing on the cluster (EDGEQ_AARCH64_CC, passed on to the
     workers): that target fails alone, in release.json and the exit code, nothing left of it;

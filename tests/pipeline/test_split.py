@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from calib_bits import stats_bits
 from release_trees import leftovers, run_cli, same_tree
-from split_faults import DiesOnce
+from split_faults import DiesOnce, KindDiesOnce
 
-from edgeq.calibrate import alpaca_token_sequences, calibrate
+from edgeq.calibrate import alpaca_token_sequences, calibrate, run_shard
 from edgeq.frontend import load_model
 from edgeq.pipeline.split import ProcessSplit, _arrays, heaviest_first
 from edgeq.plan import Choice, Plan, plan_tensor_shapes
 from edgeq.quant.apply import COMP_SOURCE, quantize_ir
 from edgeq.quant.linear_task import LinearJob, run_linear
+from runtimes.reference import LayerWeights
 
 # a plan touching every path: several legacy types (the tiny model is too narrow for K-quants), F16 (no task),
 # compensation ranks (QERA) on some linears of both layers
@@ -151,3 +153,52 @@ def test_bad_executor_options_of_a_single_build_are_one_line_errors(args, messag
     code, text = run_cli("build", tiny_llama, "--target", "cpu-avx2", "--bits", "4", *args, "-o", out)
     assert code == 1 and text.startswith("error:") and message in text and len(text.strip().splitlines()) == 1, text
     assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_shards_as_process_tasks_give_the_in_process_bits(tiny_llama, tmp_path):
+    """Calibration's shards (10 samples, shards of 4) as tasks of 2 worker processes (the layer's
+    weights and the shards' residual streams as files): the statistics of 1 thread, bit for bit."""
+    ir = load_model(tiny_llama)
+    seqs = alpaca_token_sequences(ir.tokenizer, n_samples=10, seq_len=32)
+    want = stats_bits(calibrate(ir, seqs, progress=False, workers=1, shard_samples=4))
+    for window in (1, 2):
+        with ProcessSplit(str(tmp_path), 2).open_shards(window) as runner:
+            got = calibrate(ir, seqs, progress=False, runner=runner, shard_samples=4)
+        assert stats_bits(got) == want, window
+    assert list(tmp_path.iterdir()) == []  # the shards' files: removed
+
+
+def test_a_calibration_shard_whose_worker_died_is_run_again(tiny_llama, tmp_path):
+    ir = load_model(tiny_llama)
+    hp, L = ir.hparams, LayerWeights(ir, 0, np.float32)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((16, hp.hidden_size)).astype(np.float32) for _ in range(5)]
+    shards = [xs[0:2], xs[2:4], xs[4:5]]
+    marker, work = tmp_path / "marker", tmp_path / "work"
+    work.mkdir()
+    with ProcessSplit(str(work), 2).open_shards(2) as runner:
+        got = list(runner(hp, L, KindDiesOnce.of("stats", marker), len(shards), lambda k: shards[k]))
+    assert marker.read_text() == "killed"  # a worker did die
+    assert len(got) == 3
+    for k, (parts, ys) in enumerate(got):
+        want_parts, want_ys = run_shard(hp, L, "stats", shards[k])
+        assert [y.tobytes() for y in ys] == [y.tobytes() for y in want_ys]
+        assert parts.keys() == want_parts.keys()
+        for name, v in want_parts.items():
+            assert np.asarray(parts[name]).tobytes() == np.asarray(v).tobytes(), name
+    assert list(work.iterdir()) == []
+
+
+def test_a_pruned_build_over_processes_calibrates_in_shard_tasks(tiny_llama, tmp_path):
+    """`--executor processes` on one target with 10 calibration samples (2 shards): the calibrate
+    step runs its shards as tasks; the artifact is byte-identical to the in-process build's."""
+    args = ["--target", "cpu-avx2", "--bits", "8", "--prune-rates", "0,0.25", "--calib-samples", "10",
+            "--calib-len", "32"]
+    code, text = run_cli("build", tiny_llama, *args, "-o", tmp_path / "in")
+    assert code == 0, text
+    assert "2 shards of up to 8, " in text and "(threads)" in text, text
+    code, text = run_cli("build", tiny_llama, *args, "--executor", "processes", "--jobs", "2", "-o", tmp_path / "pr")
+    assert code == 0, text
+    assert "2 shards of up to 8, 2 at a time as tasks (2 worker processes)" in text, text
+    same_tree(tmp_path / "in", tmp_path / "pr")
+    assert leftovers(tmp_path) == []
