@@ -1,7 +1,7 @@
 """`edgeq build`: model (+ adapters) -> verified artifact directory, atomically.
 
 :class:`BuildOptions` is what the user typed; :func:`steps` turns it into the build's step list
-(front end -> adapters (merge or keep) -> memory check -> [calibrate -> sort (UniQL or naive) ->
+(front end -> adapters (merge or keep) -> memory check -> [calibrate -> sort (UniQL, FLAP or naive) ->
 rate plan -> recovery fine-tune] -> [quantization plan -> calibrate -> quantize] -> lower ->
 goldens), frozen, versioned configs that :mod:`edgeq.pipeline` runs and records in the manifest.
 Everything format-specific lives in the format's backend (edgeq/backends/<format>/backend.py).
@@ -36,8 +36,9 @@ from edgeq.pipeline import (
 from edgeq.quant import storage
 from edgeq.targets import TargetProfile, load_target
 
-SORTS = ("uniql", "naive")
-IMPORTANCES = ("angular", "uniform", "measured")  # per-layer pruning allocation (edgeq.passes.rate_plan / prune_alloc)
+SORTS = ("uniql", "naive", "flap")
+# per-layer pruning allocation (edgeq.passes.rate_plan / prune_alloc)
+IMPORTANCES = ("angular", "uniform", "measured", "fluctuation")
 # --min-speed above this asks for a plan this many times faster than a uniform one: a typo
 MAX_MIN_SPEED = 4.0
 
@@ -57,8 +58,10 @@ class BuildOptions:
     force: bool = False
     record_goldens: bool = True
     prune_rates: tuple[float, ...] | None = None  # None / (0,): no structured pruning
-    sort: str = "uniql"  # uniql | naive (weight-norm baseline)
-    importance: str = "angular"  # angular | uniform | measured per-layer allocation (measured: --prune-dims mlp)
+    sort: str = "uniql"  # uniql | naive (weight-norm baseline) | flap (FLAP's fluctuation metric)
+    # angular | uniform | measured | fluctuation per-layer allocation (measured, fluctuation: --prune-dims mlp;
+    # fluctuation: --sort flap)
+    importance: str = "angular"
     calib_samples: int = 64
     calib_len: int = 256
     calib_data: Path | None = None
@@ -140,8 +143,10 @@ def check_options(opts: BuildOptions, target: TargetProfile) -> None:
             raise EdgeqError(f"unknown sort {opts.sort!r} (available: {', '.join(SORTS)})")
         if opts.importance not in IMPORTANCES:
             raise EdgeqError(f"unknown importance {opts.importance!r} ({', '.join(IMPORTANCES)})")
-        if opts.importance == "measured" and opts.prune_dims != "mlp":
-            raise EdgeqError("--importance measured allocates MLP channels only; add --prune-dims mlp")
+        if opts.importance in ("measured", "fluctuation") and opts.prune_dims != "mlp":
+            raise EdgeqError(f"--importance {opts.importance} allocates MLP channels only; add --prune-dims mlp")
+        if opts.importance == "fluctuation" and opts.sort != "flap":
+            raise EdgeqError("--importance fluctuation compares FLAP's channel scores across layers; add --sort flap")
         if opts.calib_samples < 1 or opts.calib_len < 16:
             raise EdgeqError("--calib-samples must be >= 1 and --calib-len >= 16")
         from edgeq.passes.rate_plan import DIMS

@@ -108,10 +108,14 @@ def targets(as_json):
 @click.option("--no-goldens", is_flag=True, help="Skip recording goldens (the artifact cannot be verified).")
 @click.option("--prune-rates", default=None,
               help="Structured pruning rates the artifact carries, e.g. 0,0.15,0.25,0.35 (UniQL-style sort + plan).")
-@click.option("--sort", type=click.Choice(["uniql", "naive"]), default="uniql", show_default=True,
-              help="How prunable dimensions are ranked: UniQL (calibrated) or the weight-norm baseline.")
-@click.option("--importance", type=click.Choice(["angular", "uniform", "measured"]), default="angular", show_default=True,
-              help="Per-layer pruning allocation; measured: from each layer's MLP loss-vs-width curve (needs --prune-dims mlp).")
+@click.option("--sort", type=click.Choice(["uniql", "naive", "flap"]), default="uniql", show_default=True,
+              help="How prunable dimensions are ranked: UniQL (calibrated), the weight-norm baseline, or FLAP's "
+                   "fluctuation metric (calibrated; Q/K pairs by UniQL's score).")
+@click.option("--importance", type=click.Choice(["angular", "uniform", "measured", "fluctuation"]), default="angular",
+              show_default=True,
+              help="Per-layer pruning allocation; measured: from each layer's MLP loss-vs-width curve; fluctuation: "
+                   "FLAP's standardised channel scores under one threshold across layers (both need --prune-dims "
+                   "mlp; fluctuation needs --sort flap).")
 @click.option("--calib-samples", type=int, default=64, show_default=True, help="Alpaca calibration sequences.")
 @click.option("--calib-len", type=int, default=256, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None,

@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("EDGEQ_TVM_COMPILER", "1")
 if str(REPO) not in sys.path:  # models/ recipes are run from the repo root
     sys.path.insert(0, str(REPO))
-if str(REPO / "tests") not in sys.path:  # shared test helpers (release_trees, split_faults, kernel_weights, calib_bits)
+# shared test helpers (release_trees, split_faults, kernel_weights, calib_bits, activation_taps)
+if str(REPO / "tests") not in sys.path:
     sys.path.insert(1, str(REPO / "tests"))
 
 SHARED_DATA = Path(os.environ.get("EDGEQ_DATA", REPO.parent / "shared" / "data"))

@@ -100,7 +100,7 @@ def test_compensation_branches_bring_llama_cpp_closer_to_fp32(tiny_gemma3, tmp_p
     assert kl[16] < kl[0], kl
 
 
-@pytest.mark.parametrize("sort", ["uniql", "naive"])
+@pytest.mark.parametrize("sort", ["uniql", "naive", "flap"])
 def test_mlp_pruning_in_the_reference_format(tiny_gemma3, tmp_path, sort):
     """--prune-dims mlp: the sorts are exact (rate 0 = transformers' model), Q/K pairs stay whole
     (exempt under QK-norm, said in the manifest), the rates cut the GeGLU channels and verify."""

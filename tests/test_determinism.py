@@ -25,6 +25,10 @@ BUILDS = {
     # whose bits depend on OpenBLAS's thread count on some CPUs, edgeq.blas)
     "gguf-pruned-measured": ["--bits", "8", "--prune-rates", "0,0.25", "--prune-dims", "mlp",
                              "--importance", "measured", "--prune-bias", *CALIB],
+    # FLAP: the fluctuation sort and its allocation across layers (standardised scores, a greedy on
+    # their sums rounded to 6 digits) give the same widths whatever the thread count
+    "gguf-pruned-flap": ["--bits", "8", "--prune-rates", "0,0.25", "--prune-dims", "mlp", "--sort", "flap",
+                         "--importance", "fluctuation", "--prune-bias", *CALIB],
     "onnx": ["--format", "onnx", "--bits", "4"],
     "tvm": ["--format", "tvm", "--bits", "4"],
     "reference": ["--format", "reference"],

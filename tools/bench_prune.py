@@ -15,10 +15,11 @@ KL(unpruned ‖ pruned) and top-1 agreement on the same positions, LAMBADA accur
 N items, decode tok/s (reference runtime, 2 threads, 128 tokens, median of 3 after a warm-up),
 resident weight bytes, and the switch time.
 
-``--methods``: comma-separated configurations, each a sort (``uniql`` / ``naive``) with optional
+``--methods``: comma-separated configurations, each a sort (``uniql`` / ``naive`` / ``flap``) with optional
 ``+bias`` (``--prune-bias``: per-rate bias compensation) and ``+mlp`` (``--prune-dims mlp``: the
 whole rate from the MLP channels) suffixes (issue 15), ``+meas`` (``--importance measured``: the
-per-layer MLP widths from measured loss-vs-width curves; with ``+mlp``), and an optional recovery fine-tune suffix
+per-layer MLP widths from measured loss-vs-width curves; with ``+mlp``), ``+fluct`` (``--importance
+fluctuation``: FLAP's allocation across layers; with ``flap`` and ``+mlp``), and an optional recovery fine-tune suffix
 ``+ce`` / ``+kl`` (``--recover --recover-loss ce|kl`` with ``--recover-steps``; e.g.
 ``uniql+mlp+bias+kl``). Configurations share the calibration and the sort.
 """
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--ppl-tokens", type=int, default=16384)
     ap.add_argument("--lambada", type=int, default=500, help="first N LAMBADA items (0: skip)")
-    ap.add_argument("--decode-runs", type=int, default=3)
+    ap.add_argument("--decode-runs", type=int, default=3, help="0: no decode speed (a loaded machine)")
     ap.add_argument("--recover", action="store_true", help="also the UniQL model with --recover")
     ap.add_argument("--recover-steps", type=int, default=None)
     ap.add_argument("--methods", default="uniql,naive")
@@ -78,13 +79,16 @@ def main(argv=None) -> int:
     build_cpu_s: dict[str, float] = {}  # this process's CPU seconds (the steps the configuration did not share)
     for method in [m for m in args.methods.split(",") if m]:
         sort, *flags = method.split("+")
-        if sort not in ("uniql", "naive") or set(flags) - {"bias", "mlp", "meas", "ce", "kl"} or {"ce", "kl"} <= set(flags):
-            ap.error(f"--methods: unknown configuration {method!r} (uniql|naive, then +bias / +mlp / +meas / +ce|+kl)")
+        if (sort not in ("uniql", "naive", "flap") or set(flags) - {"bias", "mlp", "meas", "fluct", "ce", "kl"}
+                or {"ce", "kl"} <= set(flags) or {"meas", "fluct"} <= set(flags)):
+            ap.error(f"--methods: unknown configuration {method!r} (uniql|naive|flap, then +bias / +mlp / "
+                     "+meas|+fluct / +ce|+kl)")
         loss = next((f for f in flags if f in ("ce", "kl")), None)
         opts = BuildOptions(model=args.model, out=args.out, prune_rates=rates, sort=sort,
                             calib_samples=args.calib_samples, calib_len=args.calib_len, prune_bias="bias" in flags,
                             prune_dims="mlp" if "mlp" in flags else "all", recover=loss is not None,
-                            importance="measured" if "meas" in flags else "angular",
+                            importance="measured" if "meas" in flags else "fluctuation" if "fluct" in flags
+                            else "angular",
                             recover_loss=loss or "ce", recover_steps=args.recover_steps)
         t, c = time.perf_counter(), time.process_time()
         models[method], timings = _compress(base, opts, target)
@@ -142,7 +146,7 @@ def main(argv=None) -> int:
     s = sessions[next(iter(sessions))]
     prompt = s.tokenize("Once upon a time")
     speed, switch = {}, {}
-    for r in rates:
+    for r in rates if args.decode_runs else ():
         s.set_prune_rate(r)
         list(s.generate_ids(prompt, 128, stop_at_eos=False))
     runs: dict[float, list[float]] = {r: [] for r in rates}
@@ -152,7 +156,7 @@ def main(argv=None) -> int:
             list(s.generate_ids(prompt, 128, stop_at_eos=False))
             runs[r].append(s.last_stats.decode_tok_s)
     for r in rates:
-        speed[r] = statistics.median(runs[r])
+        speed[r] = statistics.median(runs[r]) if runs[r] else None
         ts = []
         for _ in range(1000):
             t = time.perf_counter()
@@ -186,6 +190,12 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d")}
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     u = result["unpruned"]
+
+    def tok_s(row):
+        if row["decode_tok_s"] is None:
+            return "– | –"
+        return f"{row['decode_tok_s']:.1f} | {row['decode_tok_s'] / speed[rates[0]]:.3f}"
+
     print(f"\nunpruned: ppl {u['ppl']:.3f}, LAMBADA {u['lambada']}; scored tokens {n_ref}; "
           f"LAMBADA items {len(items)}\n")
     print("| method | rate | realised | wikitext-2 ppl | ppl / unpruned | KL mean | top-1 | LAMBADA | "
@@ -196,12 +206,12 @@ def main(argv=None) -> int:
         lam_r = f"{row['lambada'] / u['lambada']:.3f}" if row["lambada"] is not None and u["lambada"] else "–"
         print(f"| {row['method']} | {row['rate']:g} | {row['realised_rate']:.4f} | {row['ppl']:.3f} | "
               f"{row['ppl'] / u['ppl']:.3f} | {row['kl_mean']:.4f} | {row['top1']:.3f} | {lam_s} | {lam_r} | "
-              f"{row['decode_tok_s']:.1f} | {row['decode_tok_s'] / speed[rates[0]]:.3f} | "
+              f"{tok_s(row)} | "
               f"{row['resident_weight_bytes'] / 1e6:.1f} | {row['switch_s'] * 1e6:.1f} us |")
     return 0
 
 
-_DONE: dict = {}  # a prefix of the steps (repr) -> (ir, statistics, sequences) after it: configurations share them
+_DONE: dict = {}  # a prefix of the steps (repr) -> (ir, statistics, sequences, sort scores) after it: shared
 
 
 def _compress(base, opts: BuildOptions, target):
@@ -213,19 +223,19 @@ def _compress(base, opts: BuildOptions, target):
     ctx = pipeline.BuildContext(opts=opts, target=target, log=log, ir=base)
     k = max((n for n in range(1, len(steps) + 1) if repr(steps[:n]) in _DONE), default=0)
     if k:
-        ctx.ir, ctx.stats, ctx.calib_seqs = _DONE[repr(steps[:k])]
+        ctx.ir, ctx.stats, ctx.calib_seqs, ctx.sort_scores = _DONE[repr(steps[:k])]
     if not opts.prune_bias:  # the sorted model of a +bias configuration, without its means
         with_bias = compress_steps(dataclasses.replace(opts, prune_bias=True), target)
         j = next((n for n, s in enumerate(with_bias) if s.name == "sort"), None)
         s = next((n for n, s in enumerate(steps) if s.name == "sort"), None)
         if k <= s and j is not None and repr(with_bias[:j + 1]) in _DONE:
-            ir, ctx.stats, ctx.calib_seqs = _DONE[repr(with_bias[:j + 1])]
+            ir, ctx.stats, ctx.calib_seqs, ctx.sort_scores = _DONE[repr(with_bias[:j + 1])]
             ctx.ir, k = ir.replace(prune_means={}), s + 1
     for n in range(k, len(steps)):
         ctx = pipeline.run(steps[n:n + 1], ctx)
         if steps[n].name in ("calibrate", "prune_bias", "sort") and all(
                 s.name in ("calibrate", "prune_bias", "sort") for s in steps[:n + 1]):
-            _DONE[repr(steps[:n + 1])] = (ctx.ir, ctx.stats, ctx.calib_seqs)
+            _DONE[repr(steps[:n + 1])] = (ctx.ir, ctx.stats, ctx.calib_seqs, ctx.sort_scores)
     return ctx.ir, ctx.timings
 
 

@@ -115,4 +115,4 @@ def effective_weight(lin: Linear) -> np.ndarray:
 __all__ = ["register", "registered", "run_pass"]
 
 # Explicit list of pass modules (each registers its config type on import).
-from edgeq.passes import sort_mlp, sort_qk, svd_vo, uniql  # noqa: E402,F401
+from edgeq.passes import sort_flap, sort_mlp, sort_qk, svd_vo, uniql  # noqa: E402,F401

@@ -1,4 +1,6 @@
-"""Per-layer MLP widths from measured loss-vs-width curves, solved under each rate's budget.
+"""Per-layer MLP widths from loss-vs-width curves, solved under each rate's budget: measured
+curves (``--importance measured``, ``edgeq.passes.prune_sensitivity``) or FLAP's standardised
+fluctuation scores (``--importance fluctuation``, :func:`fluctuation_curves`).
 
 ``plan_rates_measured`` is ``rate_plan.plan_rates`` for ``importance="measured"`` (only with
 ``dims="mlp"``: Q/K pairs and V/O components keep their full width, the MLP gives up the whole
@@ -59,9 +61,12 @@ def _best_cost(curve: np.ndarray, grid: np.ndarray, j: int, lo: int) -> float:
 
 
 def plan_rates_measured(model: ModelIR | HParams, rates: Sequence[float], granularity: int,
-                        curves: np.ndarray, max_prune: float = MAX_LAYER_PRUNE) -> PruneSpec:
-    """Kept widths of every layer at every rate from the measured ``curves`` (L, len(grid))
-    (the module docstring); Q/K pairs and V/O components stay full. Deterministic."""
+                        curves: np.ndarray, max_prune: float = MAX_LAYER_PRUNE,
+                        importance: str = "measured") -> PruneSpec:
+    """Kept widths of every layer at every rate from the loss ``curves`` (L, len(grid)) (the
+    module docstring); Q/K pairs and V/O components stay full. ``importance``: what the curves
+    are, recorded in the spec ("measured", or "fluctuation": :func:`fluctuation_curves`).
+    Deterministic."""
     hp = model_hparams(model)
     if isinstance(granularity, bool) or not isinstance(granularity, (int, np.integer)) or granularity <= 0:
         raise EdgeqError(f"prune granularity must be a positive integer, got {granularity!r}")
@@ -105,7 +110,38 @@ def plan_rates_measured(model: ModelIR | HParams, rates: Sequence[float], granul
             raise EdgeqError(f"pruning rate {rate:g} cannot come from the MLP alone with every layer keeping at "
                              f"least {1 - max_prune:.0%} of its channels (realised {got:.4f}); use a smaller rate")
         widths[rate] = ws
-    return PruneSpec(rates=rates, widths=widths, granularity=int(granularity), importance="measured", dims="mlp")
+    return PruneSpec(rates=rates, widths=widths, granularity=int(granularity), importance=importance, dims="mlp")
 
 
-__all__ = ["DIGITS", "mlp_grid", "plan_rates_measured", "round_sig"]
+def fluctuation_curves(scores: Sequence[np.ndarray], grid: np.ndarray) -> np.ndarray:
+    """FLAP's adaptive structure search as loss curves for :func:`plan_rates_measured`.
+
+    ``scores[l]``: layer ``l``'s MLP channel scores (FLAP's fluctuation metric,
+    ``edgeq.passes.sort_flap``) in the sorted order, descending. FLAP standardises each layer's
+    scores, ``(s - mean_l) / std_l`` (over the layer's channels, ``std`` with ``N - 1`` as torch's),
+    and prunes the channels under one threshold shared by all layers. As curves:
+    ``curve[l, j] = sum`` of the standardised scores of the channels ``grid[j]..`` that keeping
+    ``grid[j]`` drops (0 at full width). Every channel carries the same parameters, so the
+    greedy's cost of a grid step is the mean standardised score of the block it drops: the
+    greedy takes blocks in ascending order of that mean across layers (the scores descend
+    within a layer, so its blocks come in that order: the curves are convex and the look-ahead
+    changes nothing), i.e. FLAP's global threshold at the grid's resolution, stopped at each
+    rate's budget. A layer with constant scores (std 0) gets zeros."""
+    grid = np.asarray(grid, dtype=np.int64)
+    out = np.zeros((len(scores), grid.size))
+    for l, s in enumerate(scores):
+        s = np.asarray(s, dtype=np.float64)
+        if s.ndim != 1 or s.size != grid[-1] or not np.all(np.isfinite(s)):
+            raise EdgeqError(f"fluctuation allocation: layer {l}: expected {grid[-1]} finite channel scores, "
+                             f"got shape {s.shape}")
+        if np.any(np.diff(s) > 0):
+            raise EdgeqError(f"fluctuation allocation: layer {l}: the scores are not in descending order "
+                             "(the channels were not sorted by them)")
+        sd = float(np.std(s, ddof=1)) if s.size > 1 else 0.0
+        z = (s - s.mean()) / sd if sd > 0 else np.zeros_like(s)
+        tail = np.concatenate([np.cumsum(z[::-1])[::-1], [0.0]])  # tail[f] = sum of z[f:]
+        out[l] = tail[grid]
+    return out
+
+
+__all__ = ["DIGITS", "fluctuation_curves", "mlp_grid", "plan_rates_measured", "round_sig"]

@@ -25,7 +25,9 @@ exactly ``rate``. ``max_prune`` defaults to ``MAX_LAYER_PRUNE = 0.8`` (no layer 
 80% of its prunable parameters in the continuous allocation); a rate above it is refused.
 ``phi_l`` is non-decreasing in the rate (``c`` grows with it), so kept widths nest.
 A third allocation, ``importance="measured"`` (MLP channels only), solves the widths from each
-layer's measured loss-vs-width curve instead: ``edgeq.passes.prune_alloc``.
+layer's measured loss-vs-width curve instead: ``edgeq.passes.prune_alloc``; a fourth,
+``importance="fluctuation"`` (MLP channels only, after the FLAP sort), from FLAP's standardised
+fluctuation scores compared across layers (``prune_alloc.fluctuation_curves``).
 
 Rounding (``plan_rates``)
 -------------------------

@@ -108,6 +108,7 @@ class BuildContext:
     float_ir: "ModelIR | None" = None  # the model before quantization (planned builds)
     calib_seqs: list | None = None  # calibration token sequences
     stats: Any = None  # edgeq.calibrate.CalibStats
+    sort_scores: Any = None  # per layer, the sorted MLP channels' scores in their new order (the FLAP sort)
     plan: Any = None  # edgeq.plan.Plan
     tmp: Path | None = None  # the temporary artifact directory (from the first writing step on)
     manifest: dict | None = None

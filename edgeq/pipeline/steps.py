@@ -139,28 +139,39 @@ class CalibrateStep(Step):
 
 @dataclass(frozen=True)
 class SortStep(Step):
-    """Reorder channels by importance: UniQL's sorts (calibrated) or the weight-norm baseline."""
+    """Reorder channels by importance: UniQL's sorts (calibrated), FLAP's fluctuation metric
+    (calibrated; its MLP scores are kept for the fluctuation allocation) or the weight-norm baseline."""
 
     name = "sort"
-    method: str  # uniql | naive
+    method: str  # uniql | flap | naive
 
     def run(self, ctx: BuildContext) -> None:
         from edgeq.passes import run_pass
         from edgeq.passes.naive_sort import naive_sort
+        from edgeq.passes.sort_flap import FlapSortConfig, sorted_mlp_scores
         from edgeq.passes.uniql import UniQLSortConfig
 
         ir = ctx.need("ir", self)
-        if self.method != "uniql":
+        ctx.sort_scores = None
+        if self.method == "naive":
             ctx.log(f"sorting ({self.method})")
             ctx.ir = naive_sort(ir)
             return
+        if self.method not in ("uniql", "flap"):
+            raise EdgeqError(f"unknown sort {self.method!r} (uniql, flap or naive)")
         from edgeq.memory import sort_workers
         from edgeq.streaming import allow_layer_workers
 
+        stats = ctx.need("stats", self)
+        if self.method == "flap":  # (a diagonal per channel: no factorisation to spread over threads)
+            ctx.log(f"sorting ({self.method})")
+            ctx.sort_scores = sorted_mlp_scores(ir, stats)
+            ctx.ir = run_pass(ir, FlapSortConfig(), stats)
+            return
         workers = sort_workers(ir.hparams)
         ctx.log(f"sorting ({self.method}, {workers} layer{'s' if workers > 1 else ''} at a time)")
         with allow_layer_workers(workers):
-            ctx.ir = run_pass(ir, UniQLSortConfig(), ctx.need("stats", self))
+            ctx.ir = run_pass(ir, UniQLSortConfig(), stats)
 
 
 @dataclass(frozen=True)
@@ -170,7 +181,8 @@ class RatePlanStep(Step):
     name = "rate_plan"
     rates: tuple[float, ...]  # validated, 0 first (edgeq.passes.rate_plan.check_rates)
     granularity: int
-    importance: str  # angular (per-layer angular distance) | uniform | measured (per-layer loss curves)
+    # angular (per-layer angular distance) | uniform | measured (per-layer loss curves) | fluctuation (FLAP's scores)
+    importance: str
     dims: str = "all"  # all (MLP, Q/K pairs, V/O components) | mlp (MLP channels only, same parameter rate)
     probe_samples: int = 4  # measured: calibration sequences the loss curves are measured on
 
@@ -192,6 +204,17 @@ class RatePlanStep(Step):
             spec, rec = plan_measured(ir, ctx.need("calib_seqs", self)[: self.probe_samples], self.rates,
                                       self.granularity, self.dims, log=ctx.log)
             ctx.ir = apply_prune_spec(ir, spec, measured=rec)
+            return
+        if self.importance == "fluctuation":  # FLAP: standardised fluctuation scores, one threshold
+            from edgeq.passes.prune_alloc import fluctuation_curves, mlp_grid, plan_rates_measured
+
+            if self.dims != "mlp":
+                raise EdgeqError("the fluctuation allocation prunes MLP channels only (dims='mlp')")
+            if ctx.sort_scores is None:
+                raise EdgeqError("the fluctuation allocation needs the FLAP sort's channel scores (sort 'flap')")
+            curves = fluctuation_curves(ctx.sort_scores, mlp_grid(ir.hparams, self.granularity))
+            ctx.ir = apply_prune_spec(ir, plan_rates_measured(ir, self.rates, self.granularity, curves,
+                                                              importance="fluctuation"))
             return
         angular = None
         if self.importance == "angular":

@@ -6,16 +6,16 @@ parameter rate."""
 import numpy as np
 import pytest
 
+from activation_taps import tapped
 from edgeq import pipeline
 from edgeq.build import BuildOptions, compress_steps
 from edgeq.errors import EdgeqError
 from edgeq.frontend import load_model
-from edgeq.ir import Role, full_widths
+from edgeq.ir import Role
 from edgeq.passes.prune_bias import rate_bias, rate_bias_tables, with_prune_means
 from edgeq.passes.rate_plan import plan_rates, realised_rate, rate_tolerance
 from edgeq.targets import load_target
-from runtimes.reference import LayerWeights, ReferenceSession, layer_forward, pruning_layout, rope_inv_freq, \
-    streamed_logits
+from runtimes.reference import ReferenceSession, streamed_logits
 
 RATES = (0.0, 0.25, 0.5)
 CALIB = dict(calib_samples=4, calib_len=64)
@@ -42,33 +42,11 @@ def biased(request, tiny_llama, tiny_qwen2):
     return ir, seqs
 
 
-def _tapped(ir, seqs):
-    """Per layer, the down_proj and o_proj inputs of every calibration token on ``ir`` at rate 0
-    (IR column order), from the reference runtime's taps — independent of edgeq.calibrate."""
-    hp = ir.hparams
-    o_ir = np.argsort(pruning_layout(hp)[3])  # runtime column order -> IR order
-    widths, inv_freq = full_widths(hp), rope_inv_freq(hp.head_dim, hp.rope_theta)
-    out = {li: {"down_in": [], "o_in": []} for li in range(hp.num_layers)}
-    for seq in seqs:
-        x = np.asarray(ir.tensors["token_embd"], np.float32)[np.asarray(seq)]
-        T = len(seq)
-        kc = np.zeros((T, hp.num_kv_heads, 2, hp.head_dim // 2), np.float32)
-        vc = np.zeros((T, hp.num_kv_heads, hp.head_dim), np.float32)
-        for li in range(hp.num_layers):
-            def tap(name, a, li=li):
-                if name in ("down_in", "o_in"):
-                    out[li][name].append(np.array(a, dtype=np.float64)[:, o_ir] if name == "o_in"
-                                         else np.array(a, dtype=np.float64))
-            x = layer_forward(hp, LayerWeights(ir, li, np.float32), x, 0, widths, kc, vc, inv_freq, np.float32,
-                              taps=tap)
-    return {li: {k: np.concatenate(v) for k, v in d.items()} for li, d in out.items()}
-
-
 def test_bias_is_the_pruned_inputs_mean_contribution(biased):
     ir, seqs = biased
     hp = ir.hparams
     H, D, F = hp.num_heads, hp.head_dim, hp.intermediate_size
-    acts = _tapped(ir, seqs)
+    acts = tapped(ir, seqs)
     assert ir.history[-1].name != "prune_bias" and "prune_bias" in [r.name for r in ir.history]
     nonzero = 0
     for r in RATES:
@@ -95,7 +73,7 @@ def test_bias_lowers_each_layers_error_on_the_calibration_data(biased):
     """Replacing the dropped inputs by their mean minimises the mean squared output error over the
     data the mean came from: E|W(z - m)|^2 = E|Wz|^2 - |Wm|^2, strictly lower whenever Wm != 0."""
     ir, seqs = biased
-    acts = _tapped(ir, seqs)
+    acts = tapped(ir, seqs)
     for r in RATES[1:]:
         for li, w in enumerate(ir.prune.widths[r]):
             z = acts[li]["down_in"]
