@@ -39,18 +39,56 @@ def one_blas_thread() -> Iterator[None]:
         yield
 
 
+def _scipy_routine(table, name: str, *argtypes):
+    """A routine of scipy's public Cython BLAS / LAPACK table as a ctypes function (the very
+    routine scipy's own wrappers call): ctypes releases the GIL for the call, f2py's wrappers
+    hold it, so threads could not overlap them."""
+    cap = table.__pyx_capi__[name]
+    cap_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))(cap)
+    get = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(("PyCapsule_GetPointer", ctypes.pythonapi))
+    return ctypes.CFUNCTYPE(None, *argtypes)(get(cap, cap_name))
+
+
+_IP, _DP, _VP, _CP = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_double), ctypes.c_void_p, ctypes.c_char_p
+
+
 @lru_cache(maxsize=1)
 def _dsyrk():
-    """scipy's BLAS ``dsyrk`` (the routine ``scipy.linalg.blas.dsyrk`` calls, from scipy's public
-    Cython BLAS table) as a ctypes function: ctypes releases the GIL for the call."""
     from scipy.linalg import cython_blas
 
-    cap = cython_blas.__pyx_capi__["dsyrk"]
-    name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))(cap)
-    get = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(("PyCapsule_GetPointer", ctypes.pythonapi))
-    ip, dp, vp = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_double), ctypes.c_void_p
-    proto = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ip, ip, dp, vp, ip, dp, vp, ip)
-    return proto(get(cap, name))
+    return _scipy_routine(cython_blas, "dsyrk", _CP, _CP, _IP, _IP, _DP, _VP, _IP, _DP, _VP, _IP)
+
+
+@lru_cache(maxsize=1)
+def _dpotrf_dtrtri():
+    from scipy.linalg import cython_lapack
+
+    return (_scipy_routine(cython_lapack, "dpotrf", _CP, _IP, _VP, _IP, _IP),
+            _scipy_routine(cython_lapack, "dtrtri", _CP, _CP, _IP, _VP, _IP, _IP))
+
+
+def inverse_cholesky_lower(a: np.ndarray) -> int:
+    """In place: the square, Fortran-ordered float64 ``a`` (symmetric; its lower triangle is read)
+    becomes L^-1, the inverse of its lower Cholesky factor, upper triangle zeroed — what
+    ``scipy.linalg.lapack.dpotrf(a, lower=1, clean=1, overwrite_a=1)`` then ``dtrtri(L, lower=1,
+    overwrite_c=1)`` give (the same LAPACK routines: the same bits), without holding the GIL.
+    Returns LAPACK's ``info`` (0: done; > 0: not positive definite, ``a`` then undefined)."""
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.dtype != np.float64 or not a.flags.f_contiguous \
+            or not a.flags.writeable:
+        raise ValueError(f"inverse_cholesky_lower: need a writable Fortran-ordered float64 square matrix, got "
+                         f"{a.dtype} {a.shape}")
+    n = a.shape[0]
+    if n == 0:
+        return 0
+    potrf, trtri = _dpotrf_dtrtri()
+    i, info = ctypes.c_int, ctypes.c_int(0)
+    potrf(b"L", ctypes.byref(i(n)), a.ctypes.data, ctypes.byref(i(n)), ctypes.byref(info))
+    if info.value != 0:
+        return int(info.value)
+    for j in range(1, n):  # clean: zero the upper triangle (column j is contiguous in Fortran order)
+        a[:j, j] = 0.0
+    trtri(b"L", b"N", ctypes.byref(i(n)), a.ctypes.data, ctypes.byref(i(n)), ctypes.byref(info))
+    return int(info.value)
 
 
 def syrk_lower(acc: np.ndarray, x: np.ndarray) -> None:

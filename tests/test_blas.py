@@ -98,3 +98,42 @@ def test_syrk_lower_refuses_a_sum_it_cannot_update():
     ro.setflags(write=False)
     with pytest.raises(ValueError, match="syrk_lower"):
         syrk_lower(ro, x)
+
+
+def test_inverse_cholesky_lower_is_scipys_potrf_trtri_without_the_gil():
+    import threading
+    import time
+
+    import numpy as np
+    from scipy.linalg import lapack
+
+    from edgeq.blas import inverse_cholesky_lower
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((900, 600))
+    a = x.T @ x + 600 * np.eye(600)
+    L, info = lapack.dpotrf(a, lower=1, clean=1)
+    want, info2 = lapack.dtrtri(L, lower=1)
+    got = np.asfortranarray(a)
+    assert info == info2 == 0 and inverse_cholesky_lower(got) == 0
+    assert np.array_equal(got, want)  # the same routines: the same bits, upper triangle zeroed
+    bad = np.asfortranarray(-np.eye(5))
+    assert inverse_cholesky_lower(bad) > 0
+    with pytest.raises(ValueError):
+        inverse_cholesky_lower(np.ascontiguousarray(a[:, :599]))
+    # the GIL is released: a Python thread keeps counting while a large factorisation runs
+    big = np.asfortranarray(rng.standard_normal((2500, 2500)))
+    big = np.asfortranarray(big.T @ big + 2500 * np.eye(2500))
+    ticks, done = [0], threading.Event()
+
+    def count():
+        while not done.is_set():
+            ticks[0] += 1
+
+    t = threading.Thread(target=count)
+    t0 = time.process_time()
+    t.start()
+    inverse_cholesky_lower(big)
+    done.set()
+    t.join()
+    assert ticks[0] > 10_000, ticks[0]

@@ -65,13 +65,12 @@ def mlp_scores(C: np.ndarray, lam: float = 1.0, relative: bool = False) -> np.nd
     if r <= 0:  # C == 0: no information, keep the original order
         return np.zeros(C.shape[0])
     if C.shape[0] > EIGH_MAX:
-        from scipy.linalg import lapack
+        from edgeq.blas import inverse_cholesky_lower
 
-        A = (C + C.T) / 2
-        A[np.diag_indices_from(A)] += r
-        L, info = lapack.dpotrf(A, lower=1, clean=1, overwrite_a=1)
-        if info == 0:  # (C + rI)^-1 = L^-T L^-1, so its diagonal is the column norms of L^-1
-            Li, info = lapack.dtrtri(L, lower=1, overwrite_c=1)
+        Li = ((C + C.T) / 2).T  # exactly symmetric: its Fortran view is the same matrix, no copy
+        Li[np.diag_indices_from(Li)] += r
+        # (C + rI)^-1 = L^-T L^-1, so its diagonal is the column norms of L^-1 (GIL released: layers on threads)
+        info = inverse_cholesky_lower(Li)
         if info != 0:
             raise EdgeqError(f"{PASS_NAME}: the ridge-regularised MLP covariance is not positive definite "
                              f"(LAPACK info {info})")

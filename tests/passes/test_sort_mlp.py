@@ -119,6 +119,7 @@ def test_cholesky_scores_equal_the_eigendecomposition(monkeypatch):
 def test_layers_sorted_on_several_threads_give_the_same_model(model, monkeypatch):
     # the sort's per-layer work on worker threads (edgeq.streaming.layer_workers): the same IR, bit for bit
     import threading
+    import time
 
     import edgeq.passes.sort_mlp as sm
     from edgeq.streaming import allow_layer_workers
@@ -126,10 +127,10 @@ def test_layers_sorted_on_several_threads_give_the_same_model(model, monkeypatch
     ir, stats = model
     seq = run_pass(ir, SortMLPConfig(), stats)
     threads, real = set(), sm.mlp_scores
-    monkeypatch.setattr(sm, "mlp_scores", lambda *a: (threads.add(threading.get_ident()), real(*a))[1])
+    monkeypatch.setattr(sm, "mlp_scores", lambda *a: (threads.add(threading.get_ident()), time.sleep(0.05), real(*a))[2])
     with allow_layer_workers(3):
         par = run_pass(ir, SortMLPConfig(), stats)
-    assert threading.get_ident() not in threads and len(threads) >= 2  # really on worker threads
+    assert threading.get_ident() not in threads and len(threads) >= 2  # really on worker threads (each call kept busy 50 ms, so a pool does not reuse one idle thread)
     for name, lin in seq.linears.items():
         assert np.array_equal(lin.weight, par.linears[name].weight), name
     assert seq.history[-1] == par.history[-1]

@@ -89,6 +89,7 @@ def test_smollm2_uniql_exact(smollm2_dir, rel_err):
 
 def test_layers_rotated_on_several_threads_give_the_same_model(model, monkeypatch):
     import threading
+    import time
 
     import edgeq.passes.svd_vo as sv
     from edgeq.streaming import allow_layer_workers
@@ -96,7 +97,7 @@ def test_layers_rotated_on_several_threads_give_the_same_model(model, monkeypatc
     ir, stats = model
     seq = run_pass(ir, SVDVOConfig(), stats)
     threads, real = set(), sv.sqrt_psd
-    monkeypatch.setattr(sv, "sqrt_psd", lambda *a: (threads.add(threading.get_ident()), real(*a))[1])
+    monkeypatch.setattr(sv, "sqrt_psd", lambda *a: (threads.add(threading.get_ident()), time.sleep(0.05), real(*a))[2])
     with allow_layer_workers(2):
         par = run_pass(ir, SVDVOConfig(), stats)
     assert threading.get_ident() not in threads and len(threads) == 2
