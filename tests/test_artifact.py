@@ -247,6 +247,7 @@ def test_a_signal_during_the_swap_waits_until_the_new_artifact_is_in_place(tmp_p
     delivered after the swap, so the directory is never missing."""
     import os
     import signal
+    import threading
 
     import edgeq.artifact as art
 
@@ -260,7 +261,7 @@ def test_a_signal_during_the_swap_waits_until_the_new_artifact_is_in_place(tmp_p
         real_replace(src, dst)
         if not seen:  # right after the first rename: the old artifact moved away, the new not yet in
             seen.append(out.exists())
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # (not another thread of the process)
 
     art.os.replace = replace
     try:

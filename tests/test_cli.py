@@ -84,3 +84,28 @@ def test_the_real_process_exits_1_with_one_line_on_stderr(tmp_path):
     assert r.returncode == 1, r.stderr
     assert r.stdout == ""
     assert [line for line in r.stderr.splitlines() if line.strip()] == [one_error_line(r.stderr)]
+
+
+def test_a_signal_inside_the_import_system_is_sent_again_not_dropped(monkeypatch):
+    # an exception raised in importlib's weakref callback is printed and dropped by Python: the
+    # handler re-sends the signal instead of raising there (elsewhere it raises as usual)
+    import signal
+    import types
+
+    from edgeq import cli
+
+    sent = []
+    monkeypatch.setattr("os.kill", lambda pid, sig: sent.append(sig))
+    frozen = types.SimpleNamespace(f_code=types.SimpleNamespace(co_filename="<frozen importlib._bootstrap>"))
+    assert cli._raise_terminated(signal.SIGTERM, frozen) is None
+    import time
+
+    deadline = time.monotonic() + 5
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sent == [signal.SIGTERM]
+    normal = types.SimpleNamespace(f_code=types.SimpleNamespace(co_filename=__file__))
+    with pytest.raises(cli.Terminated):
+        cli._raise_terminated(signal.SIGTERM, normal)
+    with pytest.raises(KeyboardInterrupt):
+        cli._raise_terminated(signal.SIGINT, normal)
