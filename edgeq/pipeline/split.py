@@ -165,17 +165,8 @@ class ProcessSplit(Split):
 
     @contextlib.contextmanager
     def open_shards(self, window: int) -> Iterator[Callable]:
-        d = Path(tempfile.mkdtemp(prefix="shards.", dir=self.root))
-        pool = [self._pool()]
-        try:
+        with self._pool_in("shards.") as (pool, d):
             yield lambda hp, L, kind, n, inputs: self._shards(pool, d, max(1, int(window)), hp, L, kind, n, inputs)
-        except BaseException:  # stop the workers rather than wait for their tasks
-            for proc in list((getattr(pool[0], "_processes", None) or {}).values()):
-                proc.terminate()
-            raise
-        finally:
-            pool[0].shutdown(wait=True, cancel_futures=True)
-            shutil.rmtree(d, ignore_errors=True)
 
     def _shards(self, pool: list, root: Path, window: int, hp, L, kind: str, n: int, inputs) -> Iterator:
         """A layer's ``n`` shards as tasks, ``window`` at a time, results in shard order; a worker
@@ -234,11 +225,13 @@ class ProcessSplit(Split):
         return ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn"))
 
     @contextlib.contextmanager
-    def open(self) -> Iterator[Runner]:
-        d = Path(tempfile.mkdtemp(prefix="split.", dir=self.root))
+    def _pool_in(self, prefix: str):
+        """(pool holder, a scratch directory of the build's): the pool is replaced when a worker
+        dies; on an error the workers are stopped rather than waited for; both go at the end."""
+        d = Path(tempfile.mkdtemp(prefix=prefix, dir=self.root))
         pool = [self._pool()]
         try:
-            yield lambda tasks: self._layer(pool, d, tasks)
+            yield pool, d
         except BaseException:  # stop the workers rather than wait for their tasks
             for proc in list((getattr(pool[0], "_processes", None) or {}).values()):
                 proc.terminate()
@@ -246,6 +239,11 @@ class ProcessSplit(Split):
         finally:
             pool[0].shutdown(wait=True, cancel_futures=True)
             shutil.rmtree(d, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[Runner]:
+        with self._pool_in("split.") as (pool, d):
+            yield lambda tasks: self._layer(pool, d, tasks)
 
     def _layer(self, pool: list, root: Path, tasks: list) -> list:
         from concurrent.futures.process import BrokenProcessPool
