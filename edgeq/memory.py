@@ -158,7 +158,7 @@ def build_steps(hp: HParams, *, fmt: str, prunes: bool, planned: bool, recover: 
             steps.append(Step("recovery fine-tune", BASE_BYTES + 3 * 4 * n_params + logits,
                               "drop --recover (the fine-tune holds the whole model in float32)"))
     if planned:  # the KL probe is used only where it fits (edgeq.pipeline PlanStep); else layer output errors
-        steps.append(Step("planning (per-tensor measurements)", BASE_BYTES + planner_measure_bytes(hp),
+        steps.append(Step("planning (per-tensor measurements)", BASE_BYTES + planner_measure_bytes(hp, planner_workers(hp)),
                           "give --bits or --qtype instead of a planned build"))
         steps.append(Step("GPTQ quantization", BASE_BYTES + 6 * largest + 3 * 8 * f * f,
                           "give --bits or --qtype instead of a planned build"))
@@ -194,27 +194,48 @@ def goldens_bytes(hp: HParams, fmt: str | None) -> int:
     return max(ref, backend.goldens_run_bytes(hp) if backend is not None else run_buffers_bytes(hp))
 
 
-def planner_measure_bytes(hp: HParams) -> int:
-    """Peak of the planner's per-tensor measurements (edgeq.plan.measure_options with
-    edgeq.quant.errcurve), BASE_BYTES not included: a layer's float32 Cholesky factors (attention,
-    o_proj, MLP and down_proj inputs, kept while the layer is measured), the float64 copy the
-    largest one is factored in, and for the largest linear (``P`` values) the weight, its codes
-    and dequantized values, the error and the whitened error (float32, ~18 bytes per value),
-    plus a float64 copy and Gram matrix where its smaller side takes the exact (dense) rank path,
-    and the float64 chunk of a sum of squares; 10 % on top for the allocator and the fits'
-    temporaries. The vocabulary tables are measured 1024 rows at a time (~13 bytes per value:
-    small). tests/test_memory.py checks it against a measured peak."""
+def planner_tensor_bytes(hp: HParams) -> int:
+    """One thread's share of the planner's measurement (below), allocator margin included: the
+    largest linear's weight, codes, dequantized values, error and whitened error, the dense rank
+    path's float64 copies or a vocabulary table's rows, a float64 sum-of-squares chunk."""
     from edgeq.quant.errcurve import DENSE_MAX
 
-    h, f, HD = hp.hidden_size, hp.intermediate_size, hp.num_heads * hp.head_dim
+    h = hp.hidden_size
     shapes = linear_shapes(hp).values()
-    n_max = max(h, f, HD)
-    factors = 4 * (2 * h * h + HD * HD + f * f)
     P = max(a * b for a, b in shapes)
     dense = max((8 * a * b + 8 * min(a, b) ** 2 for a, b in shapes if min(a, b) <= DENSE_MAX), default=0)
     tables = 13 * 1024 * h
     chunk = 8 * min(P, 1 << 22)  # edgeq.quant.errcurve._sum_sq
-    return int(1.1 * (factors + 8 * n_max * n_max + 18 * P + chunk + max(dense, tables)))
+    return int(1.1 * (18 * P + chunk + max(dense, tables)))
+
+
+def planner_measure_bytes(hp: HParams, workers: int = 1) -> int:
+    """Peak of the planner's per-tensor measurements (edgeq.plan.measure_options with
+    edgeq.quant.errcurve), BASE_BYTES not included: a layer's float32 Cholesky factors (attention,
+    o_proj, MLP and down_proj inputs, kept while the layer is measured), the float64 copy the
+    largest one is factored in, and per thread (``workers`` linears measured at once) the largest
+    linear's work (:func:`planner_tensor_bytes`: ~18 bytes per value, a float64 copy and Gram
+    matrix where its smaller side takes the exact (dense) rank path, a float64 chunk of a sum of
+    squares); 10 % on top for the allocator and the fits' temporaries. The vocabulary tables are
+    measured 1024 rows at a time (~13 bytes per value: small). tests/test_memory.py checks it
+    against a measured peak."""
+    h, f, HD = hp.hidden_size, hp.intermediate_size, hp.num_heads * hp.head_dim
+    n_max = max(h, f, HD)
+    factors = 4 * (2 * h * h + HD * HD + f * f)
+    return int(1.1 * (factors + 8 * n_max * n_max)) + max(1, int(workers)) * planner_tensor_bytes(hp)
+
+
+def planner_workers(hp: HParams, threads: int | None = None, avail: int | None = None) -> int:
+    """Linears of a layer the planner measures at once (one thread each,
+    edgeq.streaming.layer_workers): the build's threads (``EDGEQ_THREADS`` or the CPU count, at
+    most 4), fewer where the step would pass half the memory available; the plan does not depend
+    on it."""
+    threads = threads if threads is not None else (int(os.environ.get("EDGEQ_THREADS", "0")) or os.cpu_count() or 1)
+    avail = available_bytes() if avail is None else avail
+    w = max(1, min(4, int(threads)))
+    while w > 1 and BASE_BYTES + planner_measure_bytes(hp, w) > avail // 2:
+        w -= 1
+    return w
 
 
 # The planner's whole-model KL probe (a torch forward of every layer) is used only up to this size

@@ -49,6 +49,7 @@ from edgeq.quant.reference import roundtrip
 from edgeq.quant.sensitivity import SENSITIVITIES, fisher_gains, measure_gains
 from edgeq.quant.solve import solve, tensor_sort_key
 from edgeq.quant.speed import SpeedModel, matmul_weights, plan_seconds, uniform_reference
+from edgeq.streaming import layer_workers, ordered_map
 
 PLAN_VERSION = 1
 QUANTIZERS = ("gptq", "rtn")
@@ -308,7 +309,8 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
                     progress: bool = True, log: Callable[[str], None] | None = None,
                     format: str = "gguf", sensitivity: str = "kl-probe",
                     whitener: Callable[..., Whitener] = Whitener,
-                    linears: Sequence[str] | None = None, tables: bool = True) -> dict[str, list[Option]]:
+                    linears: Sequence[str] | None = None, tables: bool = True,
+                    workers: int | None = None) -> dict[str, list[Option]]:
     """Candidate options with predicted KL for every plan tensor (see the module doc); ``types``
     must be storage types the ``format`` backend stores (edgeq.quant.storage).
     ``sensitivity``: how ``probe`` converts layer errors into KL (:mod:`edgeq.quant.sensitivity`):
@@ -316,7 +318,10 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
     ``whitener``: how layer errors are computed (edgeq.quant.errcurve; ``ExactWhitener`` is the
     dense reference the default is checked against, tools/bench_plan_cost.py).
     ``linears`` / ``tables``: measure only these block linears / leave out the embedding and
-    output head (for benchmarks; a plan needs every tensor)."""
+    output head (for benchmarks; a plan needs every tensor).
+    ``workers``: a layer's linears measured on this many threads at once (default
+    :func:`edgeq.streaming.layer_workers`, which the plan step sets from the memory available,
+    edgeq.memory.planner_workers); the table does not depend on it."""
     if sensitivity not in SENSITIVITIES:
         raise EdgeqError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, got {sensitivity!r}")
     shapes = plan_tensor_shapes(ir)
@@ -327,22 +332,17 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
     ranks = sorted({int(r) for r in ranks} | {0})
     errs: dict[str, dict[Choice, float]] = {}
     names = [n for n in shapes if n.startswith("blk.") and (linears is None or n in set(linears))]
-    it = names
-    if progress:
-        it = tqdm(names, desc=f"measuring {len(types)} types x {len(ranks)} ranks", unit="tensor", leave=False)
+    bar = tqdm(total=len(names), desc=f"measuring {len(types)} types x {len(ranks)} ranks", unit="tensor",
+               leave=False) if progress else None
     ref_weights: dict[str, np.ndarray] = {}  # only for the probe (which holds the whole model anyway)
-    whiteners: dict[tuple[int, int], Whitener] = {}  # one per input covariance of the current layer
-    for name in it:
-        lin = ir.linears[name]
-        cov = stats.layers[lin.layer].input_cov(lin.role)
-        key = (lin.layer, id(cov))
-        if key not in whiteners:
-            if any(k[0] != lin.layer for k in whiteners):
-                whiteners.clear()  # a new layer: the previous layer's factors are not needed again
-            whiteners[key] = whitener(cov, WHITEN_DAMP)
-        wh = whiteners[key]
-        w = np.asarray(lin.weight, dtype=np.float32)
+
+    def measure(item) -> tuple[dict[Choice, float], np.ndarray | None]:
+        """One linear's errors at every candidate (and the reference type's dequantized weights
+        when the probe needs them): the same computation on whichever thread runs it."""
+        name, wh, cov = item
+        w = np.asarray(ir.linears[name].weight, dtype=np.float32)
         e: dict[Choice, float] = {}
+        ref = None
         for t in types:
             info = storage.get(t)
             if info.block_size == 1:
@@ -358,9 +358,30 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
             for r in rr:
                 e[Choice(t, r)] = curve[r]
             if t == ref_type and probe is not None:
-                ref_weights[name] = res.dequant  # the gain is KL / err of the same perturbation
+                ref = res.dequant  # the gain is KL / err of the same perturbation
             del res
-        errs[name] = e
+        return e, ref
+
+    workers = layer_workers() if workers is None else max(1, int(workers))
+    for layer in sorted({ir.linears[n].layer for n in names}):
+        # the layer's factors first (one per input covariance, shared by q/k/v and by gate/up), then
+        # its linears on up to ``workers`` threads (BLAS held to one thread: the same bits for any count)
+        whiteners: dict[int, Whitener] = {}
+        items = []
+        for name in (n for n in names if ir.linears[n].layer == layer):
+            cov = stats.layers[layer].input_cov(ir.linears[name].role)
+            if id(cov) not in whiteners:
+                whiteners[id(cov)] = whitener(cov, WHITEN_DAMP)
+            items.append((name, whiteners[id(cov)], cov))
+        for (name, _, _), (e, ref) in zip(items, ordered_map(measure, items, workers=workers)):
+            errs[name] = e
+            if ref is not None:
+                ref_weights[name] = ref
+            if bar is not None:
+                bar.update(1)
+        del whiteners, items  # the previous layer's factors are not needed again
+    if bar is not None:
+        bar.close()
     table: dict[str, list[Option]] = {}
     if probe is not None and ref_weights:
         ref_errs = {n: errs[n][Choice(ref_type, 0)] for n in ref_weights}

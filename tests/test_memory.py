@@ -162,26 +162,29 @@ def field(k):
 ctypes.CDLL("libc.so.6").malloc_trim(0)  # what calibration freed goes back: the step's peak is its own
 open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
 base = field("VmRSS")
-measure_options(ir, stats, t.plan_types("gguf"), t.plan_ranks, "rtn", probe=None, progress=False)
+measure_options(ir, stats, t.plan_types("gguf"), t.plan_ranks, "rtn", probe=None, progress=False,
+                workers=int(sys.argv[2]))
 print(field("VmHWM") - base)
 '''
 
 
-def test_planner_measurement_peak_is_what_the_memory_check_predicts(tiny_llama, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_planner_measurement_peak_is_what_the_memory_check_predicts(tiny_llama, tmp_path, workers):
     """The memory check's model of the planner's measurement step (edgeq.memory.planner_measure_bytes)
     against the step's measured peak (VmHWM reset before it) on a random model whose step needs
-    ~0.25 GB (ffn 4096: a 134 MB float64 covariance): an upper-side estimate, within a factor 2."""
+    ~0.25 GB (ffn 4096: a 134 MB float64 covariance), with 1 and 2 linears measured at once: an
+    upper-side estimate, within a factor 2."""
     ckpt = _checkpoint(tmp_path, tiny_llama, 2, f=4096)
-    r = subprocess.run([sys.executable, "-c", _PLAN_PEAK, str(ckpt)], capture_output=True, text=True, cwd=REPO,
-                       timeout=900)
+    r = subprocess.run([sys.executable, "-c", _PLAN_PEAK, str(ckpt), str(workers)], capture_output=True, text=True,
+                       cwd=REPO, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     measured = int(r.stdout.split()[-1])
     hp = hparams_from_config(json.loads((ckpt / "config.json").read_text()), ckpt)
-    predicted = memory.planner_measure_bytes(hp)
+    predicted = memory.planner_measure_bytes(hp, workers)
     assert predicted / 2 <= measured <= predicted, (measured, predicted)
     step = next(s for s in memory.build_steps(hp, fmt="gguf", prunes=False, planned=True, recover=False,
                                               goldens=False, calib_samples=2, calib_len=32) if s.name.startswith("planning"))
-    assert step.bytes == memory.BASE_BYTES + predicted
+    assert step.bytes == memory.BASE_BYTES + memory.planner_measure_bytes(hp, memory.planner_workers(hp))
 
 
 _MEASURED_PEAK = r'''

@@ -83,6 +83,21 @@ def test_planner_respects_the_budget_and_is_deterministic(tiny_plan_inputs, bpw)
         assert shapes[name][1] % {"Q4_K": 256, "Q6_K": 256}.get(c.type, 32) == 0
 
 
+def test_measuring_linears_on_threads_gives_the_same_table(tiny_plan_inputs):
+    """A layer's linears measured on 3 threads (BLAS pinned to one) give the same table, to the
+    bit, as one at a time: the plan cannot depend on the machine's core count."""
+    ir, stats, probe = tiny_plan_inputs
+    from edgeq.blas import one_blas_thread
+    from edgeq.plan import measure_options
+
+    with one_blas_thread():
+        one = measure_options(ir, stats, TYPES, [0, 8], probe=probe, progress=False, workers=1)
+        three = measure_options(ir, stats, TYPES, [0, 8], probe=probe, progress=False, workers=3)
+    assert list(one) == list(three)
+    for name in one:
+        assert one[name] == three[name], name  # dataclasses: choice, bytes and KL to the bit
+
+
 def test_more_budget_never_predicts_more_kl(tiny_plan_inputs):
     ir, stats, probe = tiny_plan_inputs
     from edgeq.plan import measure_options, n_weights

@@ -343,8 +343,9 @@ class PlanStep(Step):
         return plan
 
     def _make(self, ctx: BuildContext):
-        from edgeq.memory import PROBE_MAX_BYTES, available_bytes, probe_bytes
+        from edgeq.memory import PROBE_MAX_BYTES, available_bytes, planner_workers, probe_bytes
         from edgeq.plan import make_plan, n_weights
+        from edgeq.streaming import allow_layer_workers
 
         ir, stats, seqs, target = ctx.need("ir", self), ctx.need("stats", self), ctx.calib_seqs, ctx.target
         budget = self.budget(ir, target)
@@ -370,10 +371,14 @@ class PlanStep(Step):
             ctx.log(f"speed floor: {self.min_speed:g}x the uniform plan of the same size ({speed.source} costs of "
                     f"{speed.profile}/{speed.backend})")
         backend = backends.get(self.format)
-        plan = make_plan(ir, stats, target.name, types, target.plan_ranks, budget, probe=probe, format=self.format,
-                         model=str(ir.source.get("name") or Path(str(ir.source.get("path", ""))).name),
-                         sensitivity=self.sensitivity, speed=speed, min_speed=self.min_speed,
-                         uniform=lambda t: backend.uniform_plan(ir, t))
+        workers = planner_workers(ir.hparams)
+        if workers > 1:
+            ctx.log(f"measuring {workers} linears at a time")
+        with allow_layer_workers(workers):
+            plan = make_plan(ir, stats, target.name, types, target.plan_ranks, budget, probe=probe,
+                             format=self.format, model=str(ir.source.get("name") or Path(str(ir.source.get("path", ""))).name),
+                             sensitivity=self.sensitivity, speed=speed, min_speed=self.min_speed,
+                             uniform=lambda t: backend.uniform_plan(ir, t))
         plan.summary["bpw"] = round(budget * 8 / n_weights(ir), 4)
         plan.summary["sensitivity"] = self.sensitivity if probe is not None else "layer-output-error"
         return plan
