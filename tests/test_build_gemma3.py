@@ -1,8 +1,10 @@
 """Gemma 3 through `edgeq build` / `verify` / `run` on the tiny random checkpoint: GGUF, ONNX, TVM
 and the reference format build and verify; planned GGUF builds (calibration, KL probe, GPTQ,
 compensation branches in llama.cpp) verify and are deterministic; structured pruning of the MLP
-channels builds and verifies in the reference, ONNX and TVM formats, while GGUF (llama.cpp's gemma3
-has one MLP width for every layer) refuses with one `error:` line and leaves nothing behind."""
+channels builds and verifies in the reference, ONNX and TVM formats, and in GGUF with one MLP width
+for every layer at each rate (llama.cpp's gemma3 has one n_ff), while a per-rate ffn_down bias
+(--prune-bias), which llama.cpp's gemma3 does not load, is refused with one `error:` line and
+leaves nothing behind."""
 import json
 
 import pytest
@@ -33,9 +35,9 @@ def test_build_verify_run(tiny_gemma3, tmp_path, fmt, bits):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--format", "gguf", "--bits", "8", "--prune-rates", "0,0.25", "--prune-dims", "mlp"],
-     "structured pruning (--prune-rates) in the gguf format cannot express gemma3 models: llama.cpp's gemma3 "
-     "architecture creates every layer's MLP at layer 0's width (n_ff(0))"),
+    (["--format", "gguf", "--bits", "8", "--prune-rates", "0,0.25", "--prune-dims", "mlp", "--prune-bias"],
+     "per-rate bias compensation (--prune-bias) in the gguf format cannot express gemma3 models: llama.cpp's "
+     "gemma3 architecture creates every layer's MLP at layer 0's width (n_ff(0))"),
     (["--format", "reference", "--prune-rates", "0,0.25", "--calib-samples", "4", "--calib-len", "32"],
      "Q/K pairs under QK-norm are exempt from pruning"),
 ])
@@ -152,3 +154,34 @@ def test_mlp_pruning_in_onnx_and_tvm(tiny_gemma3, tmp_path, fmt):
     assert code == 0 and "OK" in text, text
     code, text = run_cli("run", out, "--prompt", "Once upon a time", "--max-tokens", "4", "--prune", "0.25")
     assert code == 0, text
+
+
+def test_mlp_pruning_in_gguf_is_one_width_per_rate(tiny_gemma3, tmp_path):
+    """GGUF: one file per rate in llama.cpp's own gemma3 architecture (gguf-py reads it back), every
+    layer at one MLP width per rate (the mean of the planned per-layer widths, to the granularity),
+    which the manifest states; verify runs llama.cpp on each rate file against the float reference
+    at that rate's widths."""
+    import gguf
+
+    out = tmp_path / "g"
+    code, text = run_cli("build", tiny_gemma3, "--format", "gguf", "--bits", "8", "--prune-rates", "0,0.25",
+                         "--prune-dims", "mlp", *CAL, "-o", out)
+    assert code == 0, text
+    m = json.loads((out / "manifest.json").read_text())
+    pr, hp = m["prune"], m["hparams"]
+    planned = [w["ffn"] for w in pr["planned"]["widths"]["0.25"]]
+    g = pr["granularity"]
+    want = min(hp["intermediate_size"], max(g, g * int(sum(planned) / len(planned) / g + 0.5)))
+    assert "one MLP width for every layer" in pr["expressed"] and "per-layer MLP allocation" in pr["dropped"]
+    for rate, width in (("0", hp["intermediate_size"]), ("0.25", want)):
+        assert [w["ffn"] for w in pr["widths"][rate]] == [width] * hp["num_layers"]
+        r = gguf.GGUFReader(out / pr["files"][rate])
+        assert bytes(r.fields["general.architecture"].parts[-1]).decode() == "gemma3"
+        assert int(r.fields["gemma3.feed_forward_length"].parts[-1][0]) == width
+        shapes = {t.name: [int(x) for x in t.shape] for t in r.tensors}  # ggml order: (in, out)
+        for layer in range(hp["num_layers"]):
+            assert shapes[f"blk.{layer}.ffn_up.weight"] == [hp["hidden_size"], width]
+            assert shapes[f"blk.{layer}.ffn_down.weight"] == [width, hp["hidden_size"]]
+    assert want < hp["intermediate_size"]
+    code, text = run_cli("verify", out)
+    assert code == 0 and "OK" in text and "rate 0.25:" in text, text

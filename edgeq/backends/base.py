@@ -58,9 +58,9 @@ class Backend:
     def check_options(self, opts: BuildOptions, target: TargetProfile) -> None:
         """Raise ``EdgeqError`` for options this format cannot honour (generic checks are build's)."""
 
-    def prune_refusal(self, hp: HParams) -> str | None:
+    def prune_refusal(self, hp: HParams, opts: BuildOptions | None = None) -> str | None:
         """Why this format cannot lower structured pruning (``--prune-rates``) of a model of shape
-        ``hp`` (one line, for the build's ``error:``); None: it can."""
+        ``hp`` built with ``opts`` (None: any options) (one line, for the build's ``error:``); None: it can."""
         blocks = hp.special_blocks()
         if blocks and not self.prunes_family_blocks:
             return (f"structured pruning (--prune-rates) in the {self.name} format does not support "

@@ -4,8 +4,8 @@ by sqrt(hidden), queries scaled by ``query_pre_attn_scalar``, and sliding-window
 base) interleaved with global ones. llama.cpp's ``gemma3`` graph is rope type NEOX (rotate-half,
 no Q/K permutation); it hard-wires every 6th layer global and the local RoPE base 10000.
 
-Structured pruning (per-layer MLP widths) has no GGUF form (``gguf_rates_refusal``; llama.cpp as
-vendored by llama-cpp-python 0.3.36): ``llama_model::load_hparams`` reads
+Per-layer MLP widths have no GGUF form (``gguf_rates_refusal``; a GGUF rate keeps one MLP width in
+every layer, edgeq.backends.gguf.rates.gguf_prune_spec; llama.cpp as vendored by llama-cpp-python 0.3.36): ``llama_model::load_hparams`` reads
 ``gemma3.feed_forward_length`` as a scalar or a per-layer array (``get_key_or_arr`` into
 ``hparams.n_ff_arr``, src/llama-model.cpp:1395), but ``llama_model_gemma3::load_arch_tensors``
 creates every layer's ``ffn_gate`` / ``ffn_up`` / ``ffn_down`` with the one ``n_ff`` of

@@ -84,9 +84,9 @@ class CheckMemoryStep(Step):
             able = [b.name for b in backends.backends() if b.family_blocks]
             raise EdgeqError(f"the {backend.name} format does not support {ir.arch.value} models yet "
                              f"({', '.join(blocks)}); formats that do: {', '.join(able)}")
-        why = backend.prune_refusal(ir.hparams) if self.prunes and backend is not None else None
+        why = backend.prune_refusal(ir.hparams, ctx.opts) if self.prunes and backend is not None else None
         if why:
-            able = [b.name for b in backends.backends() if b.prune_refusal(ir.hparams) is None]
+            able = [b.name for b in backends.backends() if b.prune_refusal(ir.hparams, ctx.opts) is None]
             raise EdgeqError(f"{why}; formats that do: {', '.join(able)}")
         workers = 1
         if self.prunes or self.planned:  # (the calibration step asks for the same number)

@@ -24,6 +24,11 @@ PRUNE_EXPRESSED = ("per-layer MLP widths (llama.cpp 'deci' architecture), one fi
                    "loaded by the runtime at the requested rate (a switch is a reload)")
 PRUNE_BIAS = ("per-rate bias compensation of ffn_down (the pruned MLP channels' mean contribution) written "
               "as the ffn_down.bias of each rate's file (llama.cpp's llama / deci load it)")
+PRUNE_ONE_WIDTH = ("one MLP width for every layer at each rate (the family's own llama.cpp architecture, whose "
+                   "layers all take its one feed_forward_length), one file per rate, loaded by the runtime at "
+                   "the requested rate (a switch is a reload)")
+PRUNE_ONE_WIDTH_DROPPED = ("the per-layer MLP allocation: each rate keeps the mean of the planned widths "
+                           "(rounded to the granularity) in every layer")
 PRUNE_DROPPED = ("Q/K RoPE-pair pruning and V/O component truncation (llama.cpp has one head dim and "
                  "sequential RoPE frequencies); each rate removes the same number of parameters from "
                  "the MLP instead, and the sorted Q/K pair order is undone exactly")
@@ -37,19 +42,25 @@ class GgufBackend(Backend):
     session_name = "llama.cpp"
     plans = True
     family_blocks = True  # llama.cpp's gemma3 graph (edgeq.backends.gguf.check: what it cannot run)
+    # a rate file is the family's own architecture with a smaller feed_forward_length where every layer has
+    # one width (prune_refusal says when it cannot be)
+    prunes_family_blocks = True
     int8_runtimes = ("llamacpp",)
     no_breakdown = ("llama-cpp-python exposes no per-op or per-layer timings (only whole-call totals: "
                     "prompt eval and eval time), so no breakdown is reported for GGUF artifacts")
 
-    def prune_refusal(self, hp):
-        """Per-layer MLP widths are written as llama.cpp's 'deci' (the Llama forward); a family whose
-        blocks no per-layer-width architecture computes says why in its table."""
+    def prune_refusal(self, hp, opts=None):
+        """Per-layer MLP widths are written as llama.cpp's 'deci' (the Llama forward). A family whose
+        blocks no per-layer-width architecture computes (its table's ``gguf_rates_refusal``) gets
+        one width for every layer at each rate (rates.gguf_prune_spec), in its own architecture,
+        which loads no ``ffn_down`` bias: ``--prune-bias`` is refused for it."""
         from edgeq.families import family
 
         why = family(hp.arch).gguf_rates_refusal
-        if why:
-            return f"structured pruning (--prune-rates) in the gguf format cannot express {hp.arch.value} models: {why}"
-        return super().prune_refusal(hp)
+        if why and (opts is None or getattr(opts, "prune_bias", False)):
+            return (f"per-rate bias compensation (--prune-bias) in the gguf format cannot express {hp.arch.value} "
+                    f"models: {why}")
+        return super().prune_refusal(hp, opts)
 
     def check_options(self, opts, target) -> None:
         if opts.qtype:  # a type the gguf backend stores (the storage registry); --bits is build's check
@@ -100,19 +111,22 @@ class GgufBackend(Backend):
         """One GGUF per carried pruning rate (MLP widths only; see rates.py)."""
         from edgeq.backends.gguf.lower import tensor_types
         from edgeq.backends.gguf.rates import gguf_prune_spec, reference_ir_for_gguf, write_gguf_rates
+        from edgeq.families import family
         from edgeq.ir import Role, linear_name
 
         d = self.default_options(opts, target)
         log(f"writing one GGUF per pruning rate ({', '.join(f'{r:g}' for r in ir.prune.rates)})")
         files = write_gguf_rates(ir, tmp, lambda r: d["qtype"], progress=True)
         spec = gguf_prune_spec(ir)
+        one_width = family(ir.arch).gguf_rates_refusal is not None
         first = tmp / files[0.0]
         types = tensor_types(ir, d["qtype"])
         manifest = self.manifest(files[0.0], types[linear_name(0, Role.Q)].value, d["bits"], prune={
             "rates": list(spec.rates), "files": {f"{r:g}": f for r, f in sorted(files.items())},
             "widths": spec.to_json()["widths"], "method": opts.sort, "granularity": spec.granularity,
-            "planned": ir.prune.to_json(), "dropped": PRUNE_DROPPED,
-            "expressed": PRUNE_EXPRESSED + (f"; {PRUNE_BIAS}" if ir.prune_means else ""),
+            "planned": ir.prune.to_json(),
+            "dropped": PRUNE_DROPPED + (f"; {PRUNE_ONE_WIDTH_DROPPED}" if one_width else ""),
+            "expressed": (PRUNE_ONE_WIDTH if one_width else PRUNE_EXPRESSED) + (f"; {PRUNE_BIAS}" if ir.prune_means else ""),
             **({"bias": PRUNE_BIAS} if ir.prune_means else {}),
             "bytes_per_rate": {f"{r:g}": (tmp / f).stat().st_size for r, f in sorted(files.items())},
             "storage_overhead_vs_rate0": sum((tmp / f).stat().st_size for f in files.values())

@@ -146,6 +146,13 @@ def _mlp_only_widths(hp: HParams, ws: tuple[LayerWidths, ...], g: int) -> list[i
     return [int(x) for x in _round_to_granularity(kept, g, F)]
 
 
+def _one_width(ffn: list[int], g: int, F: int) -> int:
+    """One MLP width for every layer carrying the same total channels as ``ffn`` (per-layer
+    widths): the mean, rounded to the nearest multiple of ``g`` (half a step up), within [g, F]."""
+    steps = int(np.floor(sum(ffn) / len(ffn) / g + 0.5))
+    return int(min(F, max(min(g, F), steps * g)))
+
+
 def _mode(mode: GGUFRateMode | str) -> GGUFRateMode:
     try:
         return GGUFRateMode(mode)
@@ -174,12 +181,19 @@ def gguf_prune_spec(ir: ModelIR, mode: GGUFRateMode | str = GGUFRateMode.MLP_ONL
     * ``"drop-attention"``: keep the plan's MLP widths and ignore its attention pruning (the
       file is larger than the plan says, but its MLP is exactly the plan's).
 
+    A family whose llama.cpp architecture has one ``n_ff`` for every layer and no per-layer-width
+    counterpart (its ``gguf_rates_refusal``: Gemma 3) gets one width per rate: every layer keeps
+    the mean of the widths above, rounded to the nearest multiple of the granularity
+    (:func:`_one_width`), so each rate's file is the family's own architecture with a smaller
+    ``feed_forward_length``; the per-layer allocation is dropped (the manifest says so).
+
     Rate 0 keeps everything. An IR without a PruneSpec gives the one-rate spec ``(0,)``.
     """
     mode = _mode(mode)
     hp = ir.hparams
     full = full_widths(hp)
     spec = ir.prune
+    one_width = family(hp.arch).gguf_rates_refusal is not None  # its architecture has one n_ff
     if spec is None:
         return PruneSpec(rates=(0.0,), widths={0.0: tuple(full for _ in range(hp.num_layers))}, granularity=1)
     widths: dict[float, tuple[LayerWidths, ...]] = {}
@@ -192,6 +206,8 @@ def gguf_prune_spec(ir: ModelIR, mode: GGUFRateMode | str = GGUFRateMode.MLP_ONL
             ffn = [w.ffn for w in ws]
         else:
             ffn = _mlp_only_widths(hp, ws, max(1, int(spec.granularity)))
+        if one_width and r != 0.0:
+            ffn = [_one_width(ffn, max(1, int(spec.granularity)), hp.intermediate_size)] * hp.num_layers
         if prev is not None:
             ffn = [min(a, b) for a, b in zip(ffn, prev)]
         prev = ffn

@@ -125,36 +125,41 @@ def test_what_llamacpp_cannot_run_is_refused(gemma_ir, tmp_path, change, words):
     assert "\n" not in str(exc.value) and not (tmp_path / "bad.gguf").exists()
 
 
-def test_pruned_mlp_one_width_runs_per_layer_widths_are_refused(gemma_ir, tmp_path):
-    """llama.cpp's gemma3 creates every layer's MLP at layer 0's width (n_ff(0)): a rate whose layers
-    all keep the same GeGLU channels loads as ``gemma3`` and computes the reference runtime's pruned
-    model; per-layer widths (what the rate plan makes) or a bias on ffn_down have no gemma3 form and
-    are refused with one line, nothing written."""
-    from edgeq.backends.gguf.rates import reference_ir_for_gguf_rate, write_gguf_at_rate
+def test_pruned_mlp_runs_at_one_width_and_a_bias_is_refused(gemma_ir, tmp_path):
+    """llama.cpp's gemma3 creates every layer's MLP at layer 0's width (n_ff(0)): a rate is written
+    with every layer at one width — the plan's own where its layers agree, else the mean of its
+    per-layer widths rounded to the granularity (gguf_prune_spec) — loads as ``gemma3`` and
+    computes the reference runtime's model at those widths; a bias on ffn_down (what --prune-bias
+    folds) has no gemma3 form and is refused with one line, nothing written."""
+    from edgeq.backends.gguf.rates import gguf_prune_spec, reference_ir_for_gguf_rate, write_gguf_at_rate
     from edgeq.ir import PruneSpec, full_widths
     from runtimes.reference import ReferenceSession
 
     hp = gemma_ir.hparams
     full = full_widths(hp)
     one = tuple(dataclasses.replace(full, ffn=96) for _ in range(hp.num_layers))
-    mixed = (dataclasses.replace(full, ffn=64),) + one[1:]
+    mixed = (dataclasses.replace(full, ffn=32),) * 2 + one[2:]  # per-layer widths whose mean is between steps
     spec = lambda ws: PruneSpec(rates=(0.0, 0.25), granularity=32,  # noqa: E731
                                 widths={0.0: (full,) * hp.num_layers, 0.25: ws})
+    mean = sum(w.ffn for w in mixed) / hp.num_layers
+    for name, ws, width in (("one", one, 96), ("mixed", mixed, 32 * int(mean / 32 + 0.5))):
+        ir = gemma_ir.replace(prune=spec(ws))
+        assert [w.ffn for w in gguf_prune_spec(ir).at(0.25)] == [width] * hp.num_layers
+        path = write_gguf_at_rate(ir, 0.25, tmp_path / f"{name}.gguf", 32)
+        ref = ReferenceSession(reference_ir_for_gguf_rate(ir, 0.25), n_ctx=128)
+        ref.set_prune_rate(0.25)
+        ids = ref.tokenize(TEXT)
+        want = ref.logits(ids)
+        with _session(path) as s:
+            assert s.metadata()["general.architecture"] == "gemma3"
+            assert int(s.metadata()["gemma3.feed_forward_length"]) == width
+            got = s.logits(ids)
+        assert _rel(got, want) <= F32_MAX_REL, name
+        assert _rel(ReferenceSession(gemma_ir, n_ctx=128).logits(ids), want) > 20 * F32_MAX_REL  # pruned for real
     ir = gemma_ir.replace(prune=spec(one))
-    path = write_gguf_at_rate(ir, 0.25, tmp_path / "r.gguf", 32)
-    ref = ReferenceSession(reference_ir_for_gguf_rate(ir, 0.25), n_ctx=128)
-    ref.set_prune_rate(0.25)
-    ids = ref.tokenize(TEXT)
-    want = ref.logits(ids)
-    with _session(path) as s:
-        assert s.metadata()["general.architecture"] == "gemma3"
-        got = s.logits(ids)
-    assert _rel(got, want) <= F32_MAX_REL
-    assert _rel(ReferenceSession(gemma_ir, n_ctx=128).logits(ids), want) > 20 * F32_MAX_REL  # pruned for real
     down = ir.linears["blk.0.ffn_down"]
     biased = ir.replace(linears={**ir.linears, down.name: dataclasses.replace(
         down, bias=np.ones(down.out_features, np.float32))})  # as --prune-bias folds a rate's vector
-    for name, bad in (("mixed", gemma_ir.replace(prune=spec(mixed))), ("bias", biased)):
-        with pytest.raises(EdgeqError, match=r"n_ff\(0\)") as exc:
-            write_gguf_at_rate(bad, 0.25, tmp_path / f"{name}.gguf", 32)
-        assert "\n" not in str(exc.value) and not (tmp_path / f"{name}.gguf").exists()
+    with pytest.raises(EdgeqError, match=r"n_ff\(0\)") as exc:
+        write_gguf_at_rate(biased, 0.25, tmp_path / "bias.gguf", 32)
+    assert "\n" not in str(exc.value) and not (tmp_path / "bias.gguf").exists()
