@@ -85,6 +85,10 @@ def _arrays(tasks: list) -> dict[int, np.ndarray]:
     return seen
 
 
+def _succeeded(f) -> bool:
+    return f.done() and not f.cancelled() and f.exception() is None
+
+
 def heaviest_first(tasks: list) -> list[int]:
     """Task indices by decreasing GPTQ work (``R K^2 + 2/3 K^3`` for an R x K weight: the batched
     updates and the inverse Hessian's factor), so a layer's largest linear (down_proj's K^3) starts
@@ -188,28 +192,28 @@ class ProcessSplit(Split):
                     xs_path = str(d / f"in{k:05d}.npy")
                     np.save(xs_path, np.stack(inputs(k)))
                     args[k] = (layer, kind, xs_path, str(d / f"out{k:05d}"))
+                futs[k] = pool[0].submit(file_shard_task, *args[k])  # (raises on a pool already broken)
                 runs[k] += 1
-                futs[k] = pool[0].submit(file_shard_task, *args[k])
 
-            nxt = 0
+            nxt, again = 0, []
             for k in range(n):
-                while nxt < n and len(futs) < window:
-                    submit(nxt)
-                    nxt += 1
                 while True:
-                    try:
-                        res = futs.pop(k).result()
+                    try:  # a worker that died breaks the pool: seen by a result or by the next submit
+                        while again:
+                            submit(again[0])
+                            again.pop(0)
+                        while nxt < n and len(futs) < window:
+                            submit(nxt)
+                            nxt += 1
+                        res = futs[k].result()
                         break
-                    except BrokenProcessPool:  # a worker died: its task and the pool's others
+                    except BrokenProcessPool:  # a fresh pool runs this shard and the other unfinished ones
                         if runs[k] >= MAX_ATTEMPTS:
                             raise
                         pool[0].shutdown(wait=False, cancel_futures=True)
                         pool[0] = self._pool()
-                        again = [j for j, f in futs.items() if not (f.done() and not f.cancelled()
-                                                                     and f.exception() is None)]
-                        submit(k)
-                        for j in again:
-                            submit(j)
+                        again = sorted(j for j, f in futs.items() if not _succeeded(f))
+                del futs[k]
                 parts, ys = _read_shard(res)
                 yield parts, ys
                 del parts, ys
@@ -258,12 +262,17 @@ class ProcessSplit(Split):
                     for i, (job, w, cov) in enumerate(tasks)]
             done: dict[int, dict] = {}
             for attempt in range(1, MAX_ATTEMPTS + 1):
-                futs = {i: pool[0].submit(file_task, *args[i]) for i in heaviest_first(tasks) if i not in done}
-                broken = None
+                futs, broken = {}, None
+                try:  # a worker that died breaks the pool: seen by a result or by a later submit
+                    for i in heaviest_first(tasks):
+                        if i not in done:
+                            futs[i] = pool[0].submit(file_task, *args[i])
+                except BrokenProcessPool as exc:
+                    broken = exc
                 for i, f in futs.items():
                     try:
                         done[i] = f.result()
-                    except BrokenProcessPool as exc:  # a worker died: its tasks and the pool's others
+                    except BrokenProcessPool as exc:  # its tasks and the pool's others
                         broken = exc
                 if broken is None:
                     break
