@@ -23,6 +23,20 @@ def assert_goldens_verify_at_every_rate(artifact, n_rates: int = 3) -> None:
     assert text.count("regression vs recorded goldens") == n_rates
 
 
+def build_twice_identically(model, tmp_path, name: str, args) -> list:
+    """``edgeq build model *args`` twice (into ``tmp_path/<name>0`` and ``<name>1``): both succeed and
+    every file of the first is byte-identical in the second; the two artifact paths."""
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"{name}{i}"
+        code, text = run_cli("build", model, *args, "-o", out)
+        assert code == 0, text
+        outs.append(out)
+    for f in sorted(p.name for p in outs[0].iterdir()):
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+    return outs
+
+
 def assert_one_line_build_errors(model, tmp_path, cases) -> None:
     """Each ``(args, msg)`` of ``cases``: ``edgeq build model --format reference *args`` fails with ``msg`` in one
     ``error`` line, no traceback, and leaves no artifact behind."""

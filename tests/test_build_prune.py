@@ -3,7 +3,8 @@ import json
 
 import numpy as np
 import pytest
-from prune_cli import CALIB, assert_goldens_verify_at_every_rate, assert_one_line_build_errors, run_cli
+from prune_cli import (CALIB, assert_goldens_verify_at_every_rate, assert_one_line_build_errors,
+                       build_twice_identically, run_cli)
 
 import llama_cpp  # noqa: F401
 
@@ -98,28 +99,15 @@ def test_bad_prune_options_are_one_line_errors(tiny_llama, tiny_llama_lora, tmp_
 
 
 def test_pruned_build_is_deterministic(tiny_qwen2, tmp_path):
-    outs = []
-    for i in range(2):
-        out = tmp_path / f"b{i}"
-        code, text = run_cli("build", tiny_qwen2, "--bits", "8", "--prune-rates", "0,0.25", *CALIB, "-o", out)
-        assert code == 0, text
-        outs.append(out)
-    for f in sorted(p.name for p in outs[0].iterdir()):
-        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+    build_twice_identically(tiny_qwen2, tmp_path, "b", ["--bits", "8", "--prune-rates", "0,0.25", *CALIB])
 
 
 def test_kl_recovery_build_is_deterministic(tiny_qwen2, tmp_path):
     """--recover --recover-loss kl: two builds, the same bytes; the manifest names the loss (and
     an ordinary --recover build's manifest does not)."""
-    outs = []
-    for i in range(2):
-        out = tmp_path / f"k{i}"
-        code, text = run_cli("build", tiny_qwen2, "--format", "reference", "--prune-rates", "0,0.25", *CALIB,
-                             "--prune-bias", "--recover", "--recover-steps", "2", "--recover-loss", "kl", "-o", out)
-        assert code == 0, text
-        outs.append(out)
-    for f in sorted(p.name for p in outs[0].iterdir()):
-        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+    outs = build_twice_identically(tiny_qwen2, tmp_path, "k", [
+        "--format", "reference", "--prune-rates", "0,0.25", *CALIB,
+        "--prune-bias", "--recover", "--recover-steps", "2", "--recover-loss", "kl"])
     m = json.loads((outs[0] / "manifest.json").read_text())
     assert m["options"]["recover_loss"] == "kl"
     assert [s["config"]["loss"] for s in m["steps"] if s["name"] == "recover"] == ["kl"]
