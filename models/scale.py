@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.errors import EdgeqError
-from models import CACHE_DIR, MARKER, atomic_dir, write_json
+from models import CACHE_DIR, MARKER, atomic_dir, run_main, write_json
 
 RECIPE = "scale-llama/v1"
 GIB = 1 << 30
@@ -334,16 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama3-rope-scaling", action="store_true",
                     help="write the release's llama3 rope_scaling into config.json (edgeq refuses it today)")
     args = ap.parse_args(argv)
-    try:
+
+    def body() -> None:
         t0 = time.perf_counter()
         out = make_scale(args.out, args.shape, seed=args.seed, layers=args.layers, tokenizer=args.tokenizer,
                          max_shard_bytes=int(args.max_shard_gib * GIB), rope_scaling=args.llama3_rope_scaling,
                          log=lambda m: print(m, flush=True))
         print(f"scale: wrote {args.shape} to {out} in {time.perf_counter() - t0:.0f} s")
-    except EdgeqError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

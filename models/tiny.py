@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from edgeq.errors import EdgeqError, require
-from models import CACHE_DIR, atomic_dir, canonicalise_adapter_config, write_json, write_marker
+from models import CACHE_DIR, atomic_dir, canonicalise_adapter_config, run_main, write_json, write_marker
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 TINY_VOCAB_SIZE = 384  # 256 byte symbols + 3 specials + 125 merges; a multiple of 32
@@ -315,13 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=CACHE_DIR / "tiny", help="output directory")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    try:
+
+    def body() -> None:
         for name, path in make_all(args.out, seed=args.seed).items():
             print(f"tiny: wrote {name}: {path}")
-    except EdgeqError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

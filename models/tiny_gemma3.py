@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from edgeq.errors import EdgeqError, require
-from models import CACHE_DIR, atomic_dir, write_json, write_marker
+from models import CACHE_DIR, atomic_dir, run_main, write_json, write_marker
 from models.tiny import (EMBED_STD, HEAD_DIM, HIDDEN, INTERMEDIATE, LINEAR_STD, MAX_POSITIONS, NUM_HEADS,
                          NUM_KV_HEADS, TINY_CORPUS, TINY_VOCAB_SIZE, _randomise_)
 
@@ -123,12 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=CACHE_DIR / "tiny" / "tiny-gemma3", help="output directory")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    try:
-        print(f"tiny: wrote tiny-gemma3: {make_tiny_gemma3(args.out, seed=args.seed)}")
-    except EdgeqError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(lambda: print(f"tiny: wrote tiny-gemma3: {make_tiny_gemma3(args.out, seed=args.seed)}"))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from edgeq.errors import EdgeqError, require
-from models import CACHE_DIR, atomic_dir, canonicalise_adapter_config, read_marker, write_json, write_marker
+from models import CACHE_DIR, atomic_dir, canonicalise_adapter_config, read_marker, run_main, write_json, write_marker
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared/data/alpaca/alpaca_small.json"
 DEFAULT_MODEL = CACHE_DIR / "smollm2-135m-instruct"
@@ -265,17 +265,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="retrain even if the output holds this run")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    try:
+
+    def body() -> None:
         cfg = TrainConfig(steps=args.steps, r=args.r, alpha=args.alpha, dropout=args.dropout, lr=args.lr,
                           batch_size=args.batch_size, grad_accum=args.grad_accum, max_len=args.max_len,
                           seed=args.seed, threads=args.threads,
                           target_modules=tuple(m for m in args.target_modules.split(",") if m))
         train_lora(args.model, args.out, data=args.data, config=cfg, force=args.force,
                    progress=not args.no_progress)
-    except EdgeqError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

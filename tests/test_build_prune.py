@@ -3,17 +3,10 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
-from edgeq.cli import main
+from prune_cli import (CALIB, assert_goldens_verify_at_every_rate, assert_one_line_build_errors,
+                       build_twice_identically, run_cli)
 
 import llama_cpp  # noqa: F401
-CALIB = ["--calib-samples", "4", "--calib-len", "64"]
-
-
-def run_cli(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return r.exit_code, r.output
 
 
 @pytest.fixture(scope="module", params=["gguf", "reference", "onnx", "tvm"])
@@ -54,9 +47,7 @@ def test_manifest_records_rates_and_what_the_format_expresses(pruned):
 
 
 def test_verify_checks_every_rate(pruned):
-    code, text = run_cli("verify", pruned)
-    assert code == 0, text
-    assert text.count("regression vs recorded goldens") == 3
+    assert_goldens_verify_at_every_rate(pruned)
 
 
 def test_run_at_a_carried_rate_and_refuse_others(pruned):
@@ -108,28 +99,15 @@ def test_bad_prune_options_are_one_line_errors(tiny_llama, tiny_llama_lora, tmp_
 
 
 def test_pruned_build_is_deterministic(tiny_qwen2, tmp_path):
-    outs = []
-    for i in range(2):
-        out = tmp_path / f"b{i}"
-        code, text = run_cli("build", tiny_qwen2, "--bits", "8", "--prune-rates", "0,0.25", *CALIB, "-o", out)
-        assert code == 0, text
-        outs.append(out)
-    for f in sorted(p.name for p in outs[0].iterdir()):
-        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+    build_twice_identically(tiny_qwen2, tmp_path, "b", ["--bits", "8", "--prune-rates", "0,0.25", *CALIB])
 
 
 def test_kl_recovery_build_is_deterministic(tiny_qwen2, tmp_path):
     """--recover --recover-loss kl: two builds, the same bytes; the manifest names the loss (and
     an ordinary --recover build's manifest does not)."""
-    outs = []
-    for i in range(2):
-        out = tmp_path / f"k{i}"
-        code, text = run_cli("build", tiny_qwen2, "--format", "reference", "--prune-rates", "0,0.25", *CALIB,
-                             "--prune-bias", "--recover", "--recover-steps", "2", "--recover-loss", "kl", "-o", out)
-        assert code == 0, text
-        outs.append(out)
-    for f in sorted(p.name for p in outs[0].iterdir()):
-        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+    outs = build_twice_identically(tiny_qwen2, tmp_path, "k", [
+        "--format", "reference", "--prune-rates", "0,0.25", *CALIB,
+        "--prune-bias", "--recover", "--recover-steps", "2", "--recover-loss", "kl"])
     m = json.loads((outs[0] / "manifest.json").read_text())
     assert m["options"]["recover_loss"] == "kl"
     assert [s["config"]["loss"] for s in m["steps"] if s["name"] == "recover"] == ["kl"]
@@ -143,13 +121,8 @@ def test_kl_recovery_build_is_deterministic(tiny_qwen2, tmp_path):
 
 
 def test_bad_recover_options_are_one_line_errors(tiny_llama, tmp_path):
-    for args, msg in [(["--recover-loss", "kl"], "--recover-loss needs"),
-                      (["--prune-rates", "0,0.25", "--recover-loss", "kl"], "--recover-loss needs --recover"),
-                      (["--prune-rates", "0,0.25", "--recover", "--recover-steps", "0"], "--recover-steps"),
-                      (["--prune-rates", "0,0.25", "--recover", "--recover-loss", "mse"], "mse")]:
-        out = tmp_path / "o"
-        code, text = run_cli("build", tiny_llama, "--format", "reference", *args, *CALIB, "-o", out)
-        assert code != 0, (args, text)
-        assert msg in text and "Traceback" not in text, (args, text)
-        assert sum(line.lower().startswith("error") for line in text.splitlines()) == 1, text
-        assert not out.exists()
+    assert_one_line_build_errors(tiny_llama, tmp_path, [
+        (["--recover-loss", "kl"], "--recover-loss needs"),
+        (["--prune-rates", "0,0.25", "--recover-loss", "kl"], "--recover-loss needs --recover"),
+        (["--prune-rates", "0,0.25", "--recover", "--recover-steps", "0"], "--recover-steps"),
+        (["--prune-rates", "0,0.25", "--recover", "--recover-loss", "mse"], "mse")])

@@ -4,17 +4,10 @@ and bad option combinations are one-line errors."""
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from edgeq.cli import main
+from prune_cli import CALIB, assert_goldens_verify_at_every_rate, assert_one_line_build_errors, run_cli
 
 import llama_cpp  # noqa: F401
-CALIB = ["--calib-samples", "4", "--calib-len", "64"]
-
-
-def run_cli(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return r.exit_code, r.output
 
 
 @pytest.fixture(scope="module", params=["gguf", "reference", "onnx", "tvm"])
@@ -47,9 +40,7 @@ def test_manifest_says_how_the_format_carries_the_bias(biased):
 
 
 def test_goldens_verify_at_every_rate(biased):
-    code, text = run_cli("verify", biased)
-    assert code == 0, text
-    assert text.count("regression vs recorded goldens") == 3
+    assert_goldens_verify_at_every_rate(biased)
 
 
 def test_default_build_is_unchanged(tiny_llama, tmp_path):
@@ -64,14 +55,9 @@ def test_default_build_is_unchanged(tiny_llama, tmp_path):
 
 
 def test_bad_option_combinations_are_one_line_errors(tiny_llama, tmp_path):
-    for args, msg in [(["--prune-bias"], "--prune-bias needs --prune-rates"),
-                      (["--prune-dims", "mlp"], "--prune-dims needs --prune-rates"),
-                      (["--prune-rates", "0", "--prune-bias"], "--prune-bias needs --prune-rates"),
-                      (["--prune-rates", "0,0.25", "--prune-dims", "qk"], "qk"),
-                      (["--prune-rates", "0,0.7", "--prune-dims", "mlp"], "MLP alone")]:
-        out = tmp_path / "o"
-        code, text = run_cli("build", tiny_llama, "--format", "reference", *args, *CALIB, "-o", out)
-        assert code != 0, (args, text)
-        assert msg in text and "Traceback" not in text, (args, text)
-        assert sum(line.lower().startswith("error") for line in text.splitlines()) == 1, text
-        assert not out.exists()
+    assert_one_line_build_errors(tiny_llama, tmp_path, [
+        (["--prune-bias"], "--prune-bias needs --prune-rates"),
+        (["--prune-dims", "mlp"], "--prune-dims needs --prune-rates"),
+        (["--prune-rates", "0", "--prune-bias"], "--prune-bias needs --prune-rates"),
+        (["--prune-rates", "0,0.25", "--prune-dims", "qk"], "qk"),
+        (["--prune-rates", "0,0.7", "--prune-dims", "mlp"], "MLP alone")])

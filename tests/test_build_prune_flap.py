@@ -5,19 +5,11 @@ at every rate, and bad combinations are one-line errors with no artifact left be
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from edgeq.cli import main
 from edgeq.frontend import load_model
 from edgeq.ir import PruneSpec
-from edgeq.passes.rate_plan import rate_tolerance, realised_rate
-
-CALIB = ["--calib-samples", "4", "--calib-len", "64"]
-
-
-def run_cli(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return r.exit_code, r.output
+from prune_cli import (CALIB, assert_goldens_verify_at_every_rate, assert_mlp_only_nested_on_budget,
+                       assert_one_line_build_errors, run_cli)
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +33,11 @@ def test_manifest_records_flap(flap, tiny_llama):
     assert next(h for h in m["history"] if h["name"] == "rate_plan")["options"]["importance"] == "fluctuation"
     spec = PruneSpec.from_json(m["prune"])  # (the GGUF manifest's widths; the allocation is in the history)
     hp = load_model(tiny_llama).hparams
-    prev = None
-    for r in spec.rates:
-        ws = spec.widths[r]
-        assert all(w.qk_pairs == hp.head_dim // 2 and w.v_dims == hp.head_dim for w in ws)  # MLP only
-        assert abs(realised_rate(hp, ws) - r) <= rate_tolerance(hp, spec.granularity) / 2 + 1e-12
-        if prev is not None:
-            assert all(a.ffn <= b.ffn for a, b in zip(ws, prev))
-        prev = ws
+    assert_mlp_only_nested_on_budget(spec, hp, qk_pairs=hp.head_dim // 2, v_dims=hp.head_dim)
 
 
 def test_goldens_verify_at_every_rate(flap):
-    code, text = run_cli("verify", flap)
-    assert code == 0, text
-    assert text.count("regression vs recorded goldens") == 3
+    assert_goldens_verify_at_every_rate(flap)
 
 
 def test_flap_sort_alone_prunes_every_dimension(tiny_llama, tmp_path):
@@ -71,16 +54,9 @@ def test_flap_sort_alone_prunes_every_dimension(tiny_llama, tmp_path):
 
 
 def test_bad_option_combinations_are_one_line_errors(tiny_llama, tmp_path):
-    for args, msg in [(["--prune-rates", "0,0.25", "--importance", "fluctuation", "--sort", "flap"],
-                       "add --prune-dims mlp"),
-                      (["--prune-rates", "0,0.25", "--importance", "fluctuation", "--prune-dims", "mlp"],
-                       "add --sort flap"),
-                      (["--prune-rates", "0,0.25", "--importance", "fluctuation", "--prune-dims", "mlp",
-                        "--sort", "naive"], "add --sort flap"),
-                      (["--prune-rates", "0,0.25", "--sort", "flapp"], "flapp")]:
-        out = tmp_path / "o"
-        code, text = run_cli("build", tiny_llama, "--format", "reference", *args, *CALIB, "-o", out)
-        assert code != 0, (args, text)
-        assert msg in text and "Traceback" not in text, (args, text)
-        assert sum(line.lower().startswith("error") for line in text.splitlines()) == 1, text
-        assert not out.exists()
+    assert_one_line_build_errors(tiny_llama, tmp_path, [
+        (["--prune-rates", "0,0.25", "--importance", "fluctuation", "--sort", "flap"], "add --prune-dims mlp"),
+        (["--prune-rates", "0,0.25", "--importance", "fluctuation", "--prune-dims", "mlp"], "add --sort flap"),
+        (["--prune-rates", "0,0.25", "--importance", "fluctuation", "--prune-dims", "mlp", "--sort", "naive"],
+         "add --sort flap"),
+        (["--prune-rates", "0,0.25", "--sort", "flapp"], "flapp")])

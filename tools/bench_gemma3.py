@@ -25,47 +25,11 @@ sys.path.insert(0, str(REPO))
 
 from edgeq.backends.gguf.lower import tensor_types, write_gguf  # noqa: E402
 from edgeq.frontend import load_model  # noqa: E402
-
-LLAMA_FTYPE = {"Q8_0": 7, "Q4_0": 2}
+from llamacpp_quantize import compare_gguf, llamacpp_quantize  # noqa: E402
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def llamacpp_quantize(src: Path, dst: Path, qtype: str, threads: int) -> float:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = LLAMA_FTYPE[qtype]
-    params.nthread = threads
-    t = time.process_time()
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
-        raise RuntimeError(f"llama_model_quantize {qtype} failed")
-    return time.process_time() - t
-
-
-def compare(ours: Path, theirs: Path) -> dict:
-    """Tensor-by-tensor comparison: counts, and each difference (name, our type, their type)."""
-    from gguf import GGUFReader
-
-    ta = {t.name: t for t in GGUFReader(ours).tensors}
-    tb = {t.name: t for t in GGUFReader(theirs).tensors}
-    same, diff = 0, []
-    for name, t in ta.items():
-        u = tb.get(name)
-        if u is None:
-            diff.append({"tensor": name, "edgeq": t.tensor_type.name, "llama.cpp": None})
-        elif t.tensor_type != u.tensor_type or list(t.shape) != list(u.shape):
-            diff.append({"tensor": name, "edgeq": t.tensor_type.name, "llama.cpp": u.tensor_type.name})
-        elif t.data.tobytes() != u.data.tobytes():
-            diff.append({"tensor": name, "edgeq": t.tensor_type.name, "llama.cpp": u.tensor_type.name,
-                         "bytes": "differ"})
-        else:
-            same += 1
-    diff += [{"tensor": n, "edgeq": None, "llama.cpp": tb[n].tensor_type.name} for n in tb if n not in ta]
-    return {"identical_tensors": same, "tensors": max(len(ta), len(tb)), "differences": diff,
-            "file_bytes": [ours.stat().st_size, theirs.stat().st_size]}
 
 
 def perplexity_of(path: Path, text: str, max_tokens: int, threads: int) -> dict:
@@ -104,9 +68,10 @@ def main(argv=None) -> int:
     for q in ("Q8_0", "Q4_0"):
         log(f"llama_model_quantize {q}")
         dst = args.out / f"llamacpp-{q}.gguf"
-        res["cpu_s"][f"llama.cpp {q}"] = llamacpp_quantize(files["edgeq F32"], dst, q, args.threads)
+        res["cpu_s"][f"llama.cpp {q}"] = llamacpp_quantize(files["edgeq F32"], dst, q, args.threads,
+                                                         clock=time.process_time)
         files[f"llama.cpp {q}"] = dst
-        res["compare"][q] = compare(files[f"edgeq {q}"], dst)
+        res["compare"][q] = compare_gguf(files[f"edgeq {q}"], dst)
         log(f"  {q}: {res['compare'][q]['identical_tensors']}/{res['compare'][q]['tensors']} identical")
     if args.ppl_tokens > 0:
         from edgeq.evaluate import wikitext2_test_text

@@ -27,41 +27,13 @@ from edgeq.evaluate import perplexity, wikitext2_test_text  # noqa: E402
 from edgeq.frontend import load_model  # noqa: E402
 from edgeq.backends.gguf import lower as lower_gguf  # noqa: E402
 from runtimes.llamacpp import LlamaCppSession  # noqa: E402
+from llamacpp_quantize import compare_gguf, llamacpp_quantize  # noqa: E402
 
-LLAMA_FTYPE = {"Q8_0": 7, "Q4_0": 2}
 DECODE_PROMPT = "Once upon a time"
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def llamacpp_quantize(src: Path, dst: Path, qtype: str, threads: int) -> float:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = LLAMA_FTYPE[qtype]
-    params.nthread = threads
-    t = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize failed ({rc})")
-    return time.perf_counter() - t
-
-
-def tensor_identity(a: Path, b: Path) -> tuple[int, int]:
-    """(identical tensors, total tensors) comparing name, type, shape and bytes."""
-    from gguf import GGUFReader
-
-    ta = {t.name: t for t in GGUFReader(a).tensors}
-    tb = {t.name: t for t in GGUFReader(b).tensors}
-    same = 0
-    for name, t in ta.items():
-        u = tb.get(name)
-        if u is not None and t.tensor_type == u.tensor_type and list(t.shape) == list(u.shape) \
-                and bytes(t.data.tobytes()) == bytes(u.data.tobytes()):
-            same += 1
-    return same, max(len(ta), len(tb))
 
 
 def decode_runs(paths: dict[str, Path], runs: int, threads: int, n_tokens: int = 128) -> dict[str, list[float]]:
@@ -120,8 +92,8 @@ def main(argv=None) -> int:
         dst = out / f"llamacpp-{q}.gguf"
         secs = llamacpp_quantize(f32, dst, q, args.threads)
         rows[f"llama.cpp {q}"] = {"path": dst, "build_s": secs, "who": "llama_model_quantize (from F32 GGUF)"}
-        same, total = tensor_identity(rows[f"edgeq {q}"]["path"], dst)
-        rows[f"edgeq {q}"]["identical_tensors"] = f"{same}/{total}"
+        c = compare_gguf(rows[f"edgeq {q}"]["path"], dst)
+        rows[f"edgeq {q}"]["identical_tensors"] = f"{c['identical_tensors']}/{c['tensors']}"
 
     log("tokenizing wikitext-2 test")
     text = wikitext2_test_text()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from child_json import speed_rounds  # noqa: E402
 
 MODEL = REPO / "models" / "cache" / "smollm2-135m-instruct"
 GGUF_TYPE = {8: "Q8_0", 4: "Q4_0"}
@@ -111,16 +112,8 @@ print(json.dumps(r))
 
 
 def speed(arts: dict[str, Path], runs: int, rounds: int, threads: int) -> dict:
-    out: dict[str, list[dict]] = {n: [] for n in arts}
-    for r in range(rounds):
-        for name, path in arts.items():
-            log(f"speed round {r + 1}/{rounds}: {name}")
-            code = SPEED_CODE.format(repo=str(REPO), path=str(path), threads=threads, runs=runs)
-            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                               env={**os.environ, "TQDM_DISABLE": "1"})
-            if p.returncode:
-                raise RuntimeError(p.stderr[-2000:])
-            out[name].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    out = speed_rounds(arts, rounds, lambda path: SPEED_CODE.format(repo=str(REPO), path=str(path), threads=threads,
+                                                                    runs=runs), log)
     res = {}
     for name, rs in out.items():
         res[name] = {"decode_tok_s": statistics.median(x for r in rs for x in r["decode_tok_s_runs"]),

@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +37,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from child_json import run_json, speed_rounds  # noqa: E402
 
 MODEL = REPO / "models" / "cache" / "smollm2-135m-instruct"
 
@@ -177,12 +177,7 @@ print(json.dumps(got))
 def interleave(out: Path, rounds: int, threads: int) -> dict:
     arts = {n: str(out / n) for n in ("rate1", "rates4", "rates4seg") if (out / n / "manifest.json").exists()}
     log(f"interleaved decode, {rounds} rounds: {', '.join(arts)}")
-    code = INTERLEAVE_CODE.format(repo=str(REPO), arts=arts, threads=threads, rounds=rounds)
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                       env={**os.environ, "TQDM_DISABLE": "1"})
-    if p.returncode:
-        raise RuntimeError(p.stderr[-2000:])
-    got = json.loads(p.stdout.strip().splitlines()[-1])
+    got = run_json(INTERLEAVE_CODE.format(repo=str(REPO), arts=arts, threads=threads, rounds=rounds))
     base = statistics.median(got["rate1"]["0"])
     return {n: {r: {"decode_tok_s": statistics.median(v), "vs_rate1_at_0": statistics.median(v) / base,
                     "runs": v} for r, v in rates.items()} for n, rates in got.items()}
@@ -190,16 +185,8 @@ def interleave(out: Path, rounds: int, threads: int) -> dict:
 
 def speed(out: Path, runs: int, rounds: int, threads: int) -> dict:
     arts = {n: out / n for n in ("rate1", "rates4", "rates4seg") if (out / n / "manifest.json").exists()}
-    got: dict[str, list[dict]] = {n: [] for n in arts}
-    for k in range(rounds):
-        for name, path in arts.items():
-            log(f"speed round {k + 1}/{rounds}: {name}")
-            code = SPEED_CODE.format(repo=str(REPO), path=str(path), threads=threads, runs=runs)
-            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                               env={**os.environ, "TQDM_DISABLE": "1"})
-            if p.returncode:
-                raise RuntimeError(p.stderr[-2000:])
-            got[name].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    got = speed_rounds(arts, rounds, lambda path: SPEED_CODE.format(repo=str(REPO), path=str(path), threads=threads,
+                                                                    runs=runs), log)
     res = {}
     for name, rs in got.items():
         med = lambda f: statistics.median(f(r) for r in rs)  # noqa: E731

@@ -2,24 +2,13 @@
 fresh processes, and ``verify`` rerunning the artifact the way its goldens recorded it."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 
 from edgeq_tests_gguf_tiny import tiny_ir
+from golden_options import ANON_KB, anon_growth, build_and_verify
 
-_ANON_PROBE = r"""
-import sys
+_ANON_PROBE = ANON_KB + r"""
 from runtimes.llamacpp import LlamaCppSession
-
-def anon_kb():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1])
 
 before = anon_kb()
 s = LlamaCppSession(sys.argv[1], n_ctx=64, repack=sys.argv[2] == "1")
@@ -36,14 +25,7 @@ def test_repack_off_keeps_no_second_copy_of_the_weights(tmp_path):
 
     ir = tiny_ir(hidden=512, heads=8, kv=4, ffn=2048, layers=2, vocab=320)
     path = write_gguf(ir, tmp_path / "q4.gguf", tensor_types(ir, 4))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[3]),
-                                                       os.environ.get("PYTHONPATH", "")]))
-    grow = {}
-    for flag in ("1", "0"):
-        out = subprocess.run([sys.executable, "-c", _ANON_PROBE, str(path), flag], env=env, capture_output=True,
-                             text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        grow[flag] = int(out.stdout.split()[-1]) * 1024
+    grow = {flag: anon_growth(_ANON_PROBE, path, flag, timeout=120) for flag in ("1", "0")}
     weights = path.stat().st_size
     assert grow["1"] - grow["0"] > 0.5 * weights, (grow, weights)
     ids = [1, 5, 9, 30, 7, 2]
@@ -60,28 +42,11 @@ def test_repack_off_keeps_no_second_copy_of_the_weights(tmp_path):
 
 
 def _build_and_verify(tmp_path, monkeypatch, threshold):
-    from click.testing import CliRunner
-
     import runtimes.llamacpp as rt
     from edgeq.backends.gguf import backend
-    from edgeq.cli import main
-    from models.tiny import make_tiny_llama
 
-    monkeypatch.setattr(backend, "GOLDENS_REPACK_MAX_BYTES", threshold)
-    seen = []
-    init = rt.LlamaCppSession.__init__
-
-    def spy(self, *a, **kw):
-        seen.append(kw.get("repack", True))
-        init(self, *a, **kw)
-
-    monkeypatch.setattr(rt.LlamaCppSession, "__init__", spy)
-    model = make_tiny_llama(tmp_path / "m", seed=0)
-    art = tmp_path / "a"
-    for args in (["build", model, "--bits", "4", "-o", art], ["verify", art]):
-        r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-        assert r.exit_code == 0, r.output
-    return json.loads((art / "manifest.json").read_text())["goldens"], seen
+    return build_and_verify(tmp_path, monkeypatch, threshold, backend=backend, limit="GOLDENS_REPACK_MAX_BYTES",
+                            session_class=rt.LlamaCppSession, option="repack", build_args=["--bits", "4"])
 
 
 def test_goldens_of_a_big_gguf_run_without_repack_and_verify_does_the_same(tmp_path, monkeypatch):

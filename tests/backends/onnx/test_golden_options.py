@@ -3,25 +3,13 @@
 its goldens recorded it."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[3]
+from golden_options import ANON_KB, anon_growth, build_and_verify
 
-_ANON_PROBE = r"""
-import sys
+_ANON_PROBE = ANON_KB + r"""
 import numpy as np
 from runtimes.onnxrt import OnnxSession
-
-def anon_kb():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1])
 
 before = anon_kb()
 s = OnnxSession(sys.argv[1], n_ctx=64, threads=1, prepack=sys.argv[2] == "1")
@@ -46,13 +34,9 @@ def test_prepack_off_keeps_no_private_copy_of_the_weights(tmp_path):
     art.mkdir()
     info = lo.write_onnx(ir, art, lo.OnnxOptions())
     write_manifest(art, {"format": "onnx", "onnx": info, "hparams": ir.hparams.to_json()})
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     grow, logits = {}, {}
     for flag in ("1", "0"):
-        out = subprocess.run([sys.executable, "-c", _ANON_PROBE, str(art), flag, str(tmp_path / f"l{flag}.npy")],
-                             env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        grow[flag] = int(out.stdout.split()[-1]) * 1024
+        grow[flag] = anon_growth(_ANON_PROBE, art, flag, tmp_path / f"l{flag}.npy", timeout=300)
         logits[flag] = np.load(tmp_path / f"l{flag}.npy")
     weights = (art / lo.DATA_FILE).stat().st_size
     assert grow["1"] - grow["0"] > 0.5 * weights, (grow, weights)
@@ -62,28 +46,12 @@ def test_prepack_off_keeps_no_private_copy_of_the_weights(tmp_path):
 
 
 def _build_and_verify(tmp_path, monkeypatch, threshold):
-    from click.testing import CliRunner
-
     import runtimes.onnxrt as rt
     from edgeq.backends.onnx import backend
-    from edgeq.cli import main
-    from models.tiny import make_tiny_llama
 
-    monkeypatch.setattr(backend, "GOLDENS_PREPACK_MAX_BYTES", threshold)
-    seen = []
-    init = rt.OnnxSession.__init__
-
-    def spy(self, *a, **kw):
-        seen.append(kw.get("prepack", True))
-        init(self, *a, **kw)
-
-    monkeypatch.setattr(rt.OnnxSession, "__init__", spy)
-    model = make_tiny_llama(tmp_path / "m", seed=0)
-    art = tmp_path / "a"
-    for args in (["build", model, "--bits", "4", "--format", "onnx", "-o", art], ["verify", art]):
-        r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-        assert r.exit_code == 0, r.output
-    return json.loads((art / "manifest.json").read_text())["goldens"], seen
+    return build_and_verify(tmp_path, monkeypatch, threshold, backend=backend, limit="GOLDENS_PREPACK_MAX_BYTES",
+                            session_class=rt.OnnxSession, option="prepack",
+                            build_args=["--bits", "4", "--format", "onnx"])
 
 
 def test_goldens_of_a_big_onnx_run_without_prepacking_and_verify_does_the_same(tmp_path, monkeypatch):
