@@ -83,13 +83,18 @@ def read_marker(directory: Path) -> dict | None:
 
 
 def run_main(body: Callable[[], object]) -> int:
-    """A recipe CLI's body: an ``EdgeqError`` becomes one ``error:`` line on stderr and exit 1."""
+    """A recipe CLI's body: an ``EdgeqError`` or a file system error (e.g. ``--out`` naming an
+    existing file) becomes one ``error:`` line on stderr and exit 1."""
     from edgeq.errors import EdgeqError
 
     try:
         body()
     except EdgeqError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     return 0
 

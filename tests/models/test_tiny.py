@@ -163,3 +163,17 @@ def test_lora_changes_outputs(tiny):
         assert torch.isfinite(out).all()
         rel = float((out - base).norm() / base.norm())
         assert 0.01 < rel < 2.0, f"{arch}: LoRA should change the logits noticeably, got {rel:.4f}"
+
+
+def test_an_out_path_that_is_a_file_is_one_error_line(tmp_path):
+    """`python -m models.tiny --out FILE`: one `error:` line naming the path, exit 1, no traceback."""
+    import subprocess
+    import sys
+
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    r = subprocess.run([sys.executable, "-m", "models.tiny", "--out", str(f)], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("error: ") and str(f) in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr and f.read_text() == "x"
