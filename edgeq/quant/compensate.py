@@ -37,9 +37,27 @@ def sqrt_and_inv(C: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
 # F F^T = C gives the same objective ||(E - B A) F||_F^2 = tr((E - B A) C (E - B A)^T), so
 # [E L]_r L^-1 is the same optimum as [E S]_r S^-1, for K^3/3 multiply-adds instead of an
 # eigendecomposition's ~9 K^3 (8192 wide: ~2 min -> ~4 s on one core here). At or below this width
-# (every SmolLM2 / Gemma 3 270M linear, and all but down_proj up to 8B) the eigh path is kept, so
-# those artifacts keep their bytes.
-EIGH_MAX = 4096
+# (every SmolLM2 / Gemma 3 270M / Llama-3.2-1B-shape linear but down_proj) the eigh path is kept,
+# so those artifacts keep their bytes.
+EIGH_MAX = 2048
+# Where both sides of the whitened error are wider than this, its top singular triplets come from
+# randomized subspace iteration (edgeq.quant.errcurve.top_subspace: a block of rank + 16, 4 power
+# passes, then the exact SVD of the b x in projection) instead of a full SVD (~6 m n^2 flops: a
+# 3B-shape gate_proj, 8192 x 3072, ~0.5 TFLOP, ~1 min on one core here, for 32 of its 3072
+# triplets). B is refitted against the rounded A in any case (below). SmolLM2 / Gemma 3 270M /
+# 1B-shape linears have a side <= 2048 and keep the dense SVD (and their bytes).
+DENSE_SVD_MAX = 2048
+
+
+def _top_svd(M: np.ndarray, rank: int):
+    """(U, s, Vt) holding (at least) the top ``rank`` singular triplets of ``M``, descending."""
+    if min(M.shape) <= DENSE_SVD_MAX:
+        return np.linalg.svd(M, full_matrices=False)
+    from edgeq.quant.errcurve import top_subspace
+
+    Y = top_subspace(M, rank)
+    Ub, s, Vt = np.linalg.svd(Y.T @ M, full_matrices=False)
+    return Y @ Ub, s, Vt
 
 
 def _whitened(E: np.ndarray, cov: np.ndarray, damp: float):
@@ -76,7 +94,7 @@ def compensation(err: np.ndarray, cov: np.ndarray | None, rank: int, method: str
         M, unwhiten = _whitened(E, cov, damp)
     else:
         M, unwhiten = E, None
-    U, s, Vt = np.linalg.svd(M, full_matrices=False)
+    U, s, Vt = _top_svd(M, rank)
     del M
     r = np.sqrt(s[:rank])
     A = r[:, None] * Vt[:rank]

@@ -108,6 +108,21 @@ def _orth(Y: np.ndarray) -> np.ndarray:
     return Y
 
 
+def top_subspace(M: np.ndarray, k: int, seed: int = 0, dtype=None) -> np.ndarray:
+    """An orthonormal basis (m x b, b = min(k + OVERSAMPLE, min(m, n))) of ``M``'s dominant column
+    space by randomized subspace iteration from a seeded Gaussian block (``dtype``: the block's,
+    default ``M``'s), ``POWER_ITERS`` passes, CholeskyQR2 orthonormalisation."""
+    m, n = M.shape
+    b = min(k + OVERSAMPLE, min(m, n))
+    rng = np.random.default_rng(seed)
+    Q = rng.standard_normal((n, b)).astype(dtype or M.dtype)
+    Y = M @ Q
+    for _ in range(POWER_ITERS):
+        Y = _orth(Y)
+        Y = M @ _orth(M.T @ Y)
+    return _orth(Y)
+
+
 def top_sq_singular_values(M: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     """The ``k`` largest squared singular values of ``M`` (float64, descending): exact for a
     small side <= ``DENSE_MAX``, else randomized subspace iteration (the module doc)."""
@@ -117,14 +132,7 @@ def top_sq_singular_values(M: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
         G = A.T @ A if n <= m else A @ A.T
         ev = np.linalg.eigvalsh(G)[::-1]
         return np.clip(ev[:k], 0.0, None)
-    b = min(k + OVERSAMPLE, min(m, n))
-    rng = np.random.default_rng(seed)
-    Q = rng.standard_normal((n, b)).astype(np.float32)
-    Y = M @ Q
-    for _ in range(POWER_ITERS):
-        Y = _orth(Y)
-        Y = M @ _orth(M.T @ Y)
-    Y = _orth(Y)
+    Y = top_subspace(M, k, seed, np.float32)
     B = np.asarray(Y.T @ M, dtype=np.float64)  # b x n: its singular values are M's Ritz values
     s = np.linalg.svd(B, compute_uv=False)
     return np.clip(s[:k] ** 2, 0.0, None)
