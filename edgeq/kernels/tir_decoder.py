@@ -9,11 +9,12 @@ The per-token path of a Llama / Qwen2 layer between the generated matmul kernels
 * ``add_norm`` — ``x += y + b`` (the residual add with the O / down bias and the pruning rate's
   bias compensation folded into ``b``), then ``h = rmsnorm(x) * w`` (the next norm: the MLP's,
   the next layer's attention norm or the output norm);
-* ``attention`` — Q|K|V bias and the rate's masks of Q/K pairs and V components, RoPE (the layer's
-  tables of cos / sin of ``pos * f`` for its gathered pair frequencies ``f``, (context, KV, half)
-  each, made once per session), K and V stored into the KV cache at ``pos``, then per query head (parallel) softmax attention over positions
-  ``0 .. pos`` of its KV head, times the rate's O-component mask (``att``: a scratch row per head
-  of at least the context rounded up to ``LANES``, as the softmax runs ``LANES`` positions a step);
+* ``attention`` — Q|K|V bias and the rate's masks of Q/K pairs and V components, RoPE (the
+  layer's tables of cos / sin of ``pos * f`` for its gathered pair frequencies ``f``, (context,
+  KV, half) each, made once per session), K and V stored into the KV cache at ``pos``, then per
+  query head softmax attention over positions ``0 .. pos`` of its KV head, times the rate's
+  O-component mask (``att``: a scratch row per head of at least the context rounded up to
+  ``LANES``, as the softmax runs ``LANES`` positions a step);
 * ``swiglu``   — ``silu(gate + b) * (up + b)`` over the interleaved gate|up blocks of the
   gate|up kernel's output.
 
@@ -194,7 +195,9 @@ def _attention(name: str, spec: DecoderSpec) -> str:
             kc[layer, g, pos, {half} + i] = {qk(f"{KO} + g * {D} + {half}", "i")} * cs[pos, g, i] + {qk(f"{KO} + g * {D}", "i")} * sn[pos, g, i]
         for i in range({D}):
             vc[layer, g, pos, i] = {qk(f"{VO} + g * {D}", "i")}
-    for hd in T.parallel({H}):
+    # one thread: a parallel launch over the heads saves ~1.5 us of ~13 (SmolLM2 at position
+    # 160) on an idle machine but waits for a descheduled worker on a loaded one (docs/benchmarks.md)
+    for hd in range({H}):
         q = T.decl_buffer(({D},), "float32")  # (not "local": a {D}-lane local vector spills, measured slower)
         acc = T.decl_buffer(({L},), "float32", scope="local")
         oacc = T.decl_buffer(({D},), "float32")
