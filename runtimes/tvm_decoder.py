@@ -92,7 +92,8 @@ class CompiledDecoder:
         masks = s._masks[rate] if s._masks is not None else None
         layers, freqs = s._consts if s._consts is not None else s._layer_consts()
         s._consts = (layers, freqs)
-        eps, scale = float(hp.rms_norm_eps), float(hp.attention_scale)
+        eps, scale, escale = float(hp.rms_norm_eps), float(hp.attention_scale), float(hp.embedding_scale)
+        win = int(hp.sliding_window or 0)
         zeros = {n: self._const(("zeros", n), lambda n=n: np.zeros(n, np.float32)) for n in (hid, QKV)}
         ones = {n: self._const(("ones", n), lambda n=n: np.ones(n, np.float32)) for n in (QKV, H * D)}
 
@@ -104,7 +105,8 @@ class CompiledDecoder:
             return self._const(key, lambda: np.concatenate(parts))
 
         x, h, y = dev["x"], dev["h"], dev["y"]
-        calls = [("embed", -1, fn["embed"], (s._dev["token_embd.qw"], s._dev["token_embd.sc"], dev["state"], x)),
+        calls = [("embed", -1, fn["embed"], (s._dev["token_embd.qw"], s._dev["token_embd.sc"], dev["state"], x,
+                                            escale)),
                  ("norm", -1, fn["norm"], (x, self._const(("n1", 0), lambda: layers[0][0]), h, eps))]
         for li, (n1, n2, b_qkv, b_o, b_gu, b_d, rb_o, rb_d, qn, kn, pn_a, pn_f, rg) in enumerate(layers):
             row = index
@@ -128,19 +130,24 @@ class CompiledDecoder:
             nxt = (self._const(("n1", li + 1), lambda li=li: layers[li + 1][0]) if li + 1 < len(layers)
                    else self._const(("output_norm",), lambda: s._np["output_norm"]))
             n2d = self._const(("n2", li), lambda v=n2: v)
+            # Gemma 3: QK-norm weights (+ eps) after the attention's scalars, the layer's window,
+            # the sandwich norms through post_add_norm
+            qkn = ((self._const(("qn", li), lambda v=qn: v), self._const(("kn", li), lambda v=kn: v))
+                   if qn is not None else ())
+            att_tail = (li, scale, win if hp.is_sliding(li) else 0) + ((eps,) if qn is not None else ())
             qf, qa = kern(f"blk.{li}.qkv")
             of, oa = kern(f"blk.{li}.o")
             gf, ga = kern(f"blk.{li}.gate_up")
             df, da = kern(f"blk.{li}.down")
             calls += [("kernel qkv", li, qf, (h, *qa, dev["qkv"])),
                       ("attention", li, fn["attention"], (dev["qkv"], bq, mq, cs, sn, dev["kc"], dev["vc"], dev["att"],
-                                                          dev["state"], mo, dev["o"], li, scale)),
+                                                          dev["state"], mo, dev["o"], *qkn, *att_tail)),
                       ("kernel o", li, of, (dev["o"], *oa, y)),
-                      ("add+norm", li, fn["add_norm"], (x, y, bo, n2d, h, eps)),
+                      self._residual(li, x, y, bo, pn_a, n2d, h, eps),
                       ("kernel gate_up", li, gf, (h, *ga, gu)),
-                      ("swiglu", li, fn["swiglu"], (gu, bgu, act)),
+                      ("glu", li, fn["glu"], (gu, bgu, act)),
                       ("kernel down", li, df, (act, *da, y)),
-                      ("add+norm", li, fn["add_norm"], (x, y, bd, nxt, h, eps))]
+                      self._residual(li, x, y, bd, pn_f, nxt, h, eps, after_mlp=True)]
         hf, ha = kern("token_embd" if hp.tie_word_embeddings else "output")
         calls.append(("kernel head", -1, hf, (h, *ha, dev["logits"])))
         return calls
@@ -160,6 +167,13 @@ class CompiledDecoder:
         a = aligned(v.shape, v.dtype)
         a[...] = v
         return a
+
+    def _residual(self, li, x, y, b, post_norm, w, h, eps, after_mlp=False):
+        """``x += y + b`` (Gemma 3: ``x += rmsnorm(y + b) * post_norm``), then ``h = rmsnorm(x) * w``."""
+        if post_norm is None:
+            return ("add+norm", li, self.fn["add_norm"], (x, y, b, w, h, eps))
+        pw = self._const(("post", li, after_mlp), lambda: post_norm)
+        return ("add+norm", li, self.fn["post_add_norm"], (x, y, b, pw, w, h, eps))
 
     def _bias(self, key, n, b, rate_bias, row, zeros):
         if b is None and rate_bias is None:

@@ -17,12 +17,12 @@ Files:
 * ``tokenizer.spec.json``.
 
 The decoder around the kernels (RMSNorm, RoPE with per-KV-group gathered frequencies, attention
-over the KV cache, SwiGLU, the residual adds, per-rate masks of Q/K pairs and V/O components) of
-a decode token is compiled too, into the same library (:mod:`edgeq.kernels.tir_decoder`, listed
-in the manifest's ``tvm.decoder``) for Llama / Qwen2-style blocks on CPU targets: a token is then
-one embedding call and seven calls per layer, no numpy. Prefill, CUDA builds and the blocks the
-compiled decoder does not cover (Gemma 3: GeGLU, QK-norm, sandwich norms, scaled embedding,
-sliding-window layers) keep the numpy decoder of the runtime (``tvm.decoder`` absent).
+over the KV cache, SwiGLU / GeGLU, the residual adds, per-rate masks of Q/K pairs and V/O
+components; Gemma 3's QK-norm, sandwich norms, embedding scale and sliding windows) of a decode
+token is compiled too, into the same library (:mod:`edgeq.kernels.tir_decoder`, listed in the
+manifest's ``tvm.decoder``) on CPU targets: a token is then an embedding call, a norm, eight calls
+per layer and the head, no numpy. Prefill and CUDA builds keep the numpy decoder of the runtime
+(``tvm.decoder`` absent for CUDA).
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from edgeq.kernels import compile as kc
 from edgeq.kernels import layout
 from edgeq.kernels.compile import kernel_block
 from edgeq.kernels.spec import KernelSpec
+from edgeq.kernels.tir_decoder import ACTS as DECODER_ACTS
 from edgeq.kernels.tir_decoder import LANES, DecoderSpec
 from edgeq.passes.prune_bias import rate_bias_tables
 from edgeq.quant.intgroup import dequantized, fit_format, rtn_int
@@ -205,17 +206,15 @@ def check(ir: ModelIR, opts: TvmOptions) -> list[str]:
 
 def decoder_spec(ir: ModelIR, opts: TvmOptions) -> DecoderSpec | None:
     """The compiled decoder of a decode token, or None where the runtime's numpy decoder runs it
-    (CUDA targets; Gemma 3's blocks; widths the compiled functions do not take)."""
+    (CUDA targets; activations or widths the compiled functions do not take)."""
     hp = ir.hparams
-    if kc.is_cuda(opts.target):
-        return None
-    if (hp.qk_norm or hp.sandwich_norm or any(hp.is_sliding(i) for i in range(hp.num_layers))
-            or hp.hidden_act != "silu" or hp.embedding_scale != 1.0):
+    if kc.is_cuda(opts.target) or hp.hidden_act not in DECODER_ACTS:
         return None
     if hp.hidden_size % LANES or hp.head_dim % LANES or hp.num_heads % hp.num_kv_heads:
         return None
     return DecoderSpec(hidden=hp.hidden_size, heads=hp.num_heads, kv_heads=hp.num_kv_heads, head_dim=hp.head_dim,
-                       block=kc.kernel_block(opts.target), dot_layout=opts.act == "int8")
+                       block=kc.kernel_block(opts.target), dot_layout=opts.act == "int8", act=hp.hidden_act,
+                       qk_norm=hp.qk_norm, sandwich=hp.sandwich_norm)
 
 
 def specs_for(ir: ModelIR, opts: TvmOptions) -> set:

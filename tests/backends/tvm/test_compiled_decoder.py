@@ -1,7 +1,7 @@
 """The compiled decode token of a TVM artifact (runtimes/tvm_decoder.py): decode steps run entirely
 in the kernel library and equal the reference runtime and the numpy decoder, at every pruning rate
-(masks, active MLP widths, bias compensation switched per call list); Gemma 3 keeps the numpy
-decoder."""
+(masks, active MLP widths, bias compensation switched per call list), for Llama, Qwen2 (Q|K|V bias)
+and Gemma 3 (GeGLU, QK-norm, sandwich norms, embedding scale, sliding windows crossed)."""
 import platform
 
 import numpy as np
@@ -59,7 +59,7 @@ def biased(tiny_llama, tiny_qwen2, tmp_path_factory):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_decode_steps_equal_reference_and_numpy_decoder_at_every_rate(biased, family, monkeypatch):
     ir, opts, info, root = biased[family]
-    assert set(info["decoder"]) == {"embed", "norm", "add_norm", "attention", "swiglu"}
+    assert set(info["decoder"]) == {"embed", "norm", "add_norm", "attention", "glu"}
     assert not set(info["decoder"].values()) & set(info["functions"])  # "functions": the matmul kernels
     ref = ReferenceSession(lt.lowered_ir(ir, opts), dtype=np.float64)
     s = TvmSession(root)
@@ -111,16 +111,52 @@ def test_breakdown_times_every_library_call(biased):
     s = TvmSession(biased["qwen2"][3])
     res = tvm_breakdown(s, 4)
     cats = res["by_category"]
-    assert {"attention", "add+norm", "swiglu", "kernel qkv", "kernel down", "kernel head", "embed"} <= set(cats)
+    assert {"attention", "add+norm", "glu", "kernel qkv", "kernel down", "kernel head", "embed"} <= set(cats)
     assert "numpy decoder" not in cats and res["unattributed_ms"] == 0.0
     assert len(res["by_layer"]) == s.hp.num_layers
     assert sum(cats.values()) == pytest.approx(res["per_token_ms"], rel=1e-6)
 
 
-def test_gemma3_keeps_the_numpy_decoder(tiny_gemma3):
-    ir = load_model(tiny_gemma3)
-    assert lt.decoder_spec(ir, lt.TvmOptions(target=HOST)) is None
+@pytest.mark.parametrize("which", ["tiny_gemma3", "tiny_gemma3_scaled", "pruned_gemma3_ir"])
+def test_gemma3_decode_steps_are_compiled_too(which, request, tmp_path, monkeypatch):
+    """Steps across the sliding window (24 tokens, window 8), at every rate of the MLP-pruned,
+    bias-compensated one: equal to the reference runtime and to the numpy decoder."""
+    got = request.getfixturevalue(which)
+    ir = got if which == "pruned_gemma3_ir" else load_model(got)
+    hp = ir.hparams
+    assert hp.qk_norm and hp.sandwich_norm and hp.hidden_act == "gelu_tanh" and hp.sliding_window < 12
+    opts, info = _write(ir, tmp_path / "a")
+    assert set(info["decoder"]) == {"embed", "norm", "add_norm", "post_add_norm", "attention", "glu"}
+    assert info["decoder"]["glu"].startswith("dec_geglu") and info["decoder"]["attention"].endswith("_qkn")
+    ref = ReferenceSession(lt.lowered_ir(ir, opts), n_ctx=64, dtype=np.float64)
+    s = TvmSession(tmp_path / "a", n_ctx=64)
+    monkeypatch.setenv("EDGEQ_TVM_DECODER", "numpy")
+    numpy_s = TvmSession(tmp_path / "a", n_ctx=64)
+    assert s.compiled_decoder and not numpy_s.compiled_decoder
+    ids = [int(t) for t in np.random.default_rng(3).integers(0, hp.vocab_size, 24)]
+    for r in (ir.prune.rates if ir.prune is not None else (0.0,)):
+        for x in (s, numpy_s, ref):
+            x.set_prune_rate(r)
+        want = ref.logits(ids)[PROMPT - 1:]
+        s._start(ids[:PROMPT])
+        s._forward = _no_numpy_decoder
+        try:
+            got = np.stack([s._step(t) for t in ids[PROMPT:]])
+        finally:
+            del s._forward
+        tol = REL * np.abs(want).max()
+        assert np.abs(got - want[1:]).max() <= tol, r
+        assert np.abs(got - _decode(numpy_s, ids)[1:]).max() <= tol, r
+
+
+def test_no_compiled_decoder_for_cuda_or_other_activations(tiny_llama):
+    import dataclasses
+
+    ir = load_model(tiny_llama)
+    assert lt.decoder_spec(ir, lt.TvmOptions(target=HOST)) is not None
     assert lt.decoder_spec(ir, lt.TvmOptions(target={"kind": "cuda", "arch": "sm_86"})) is None
+    other = ir.replace(hparams=dataclasses.replace(ir.hparams, hidden_act="relu"))
+    assert lt.decoder_spec(other, lt.TvmOptions(target=HOST)) is None
 
 
 def test_artifact_without_decoder_functions_runs_the_numpy_decoder(biased, tmp_path):
