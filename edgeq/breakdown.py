@@ -4,7 +4,7 @@
   cache; its JSON trace gives every node's kernel time (subgraph nodes of the pruning-rate ``If``
   branches included); node names carry the layer (``blk.{i}.``) and op types the category.
 * TVM: the runtime's kernel calls are timed (Q|K|V, O, gate|up, down per layer, the head); with
-  the compiled decoder every library call of the token is timed (attention, add + norm, SwiGLU,
+  the compiled decoder every library call of the token is timed (attention, add + norm, GLU,
   embedding too) and the rest is Python's loop over the calls; otherwise the rest of the step is
   the numpy decoder (norms, RoPE, attention, SwiGLU), reported as one figure.
 * reference runtime: its own per-layer timers (attention block, MLP block).

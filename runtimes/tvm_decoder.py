@@ -1,11 +1,12 @@
 """The compiled decode token of a TVM artifact: the whole decoder in the kernel library.
 
-Artifacts whose manifest lists ``tvm.decoder`` (Llama / Qwen2-style blocks on a CPU target,
-edgeq/kernels/tir_decoder.py) carry, next to the matmul kernels, compiled functions for the
-embedding row, RMSNorm, the residual add + next norm, attention over the KV cache (bias, rate
-masks, RoPE, cache store, softmax) and SwiGLU. A decode token is then a fixed list of calls into
-the library — embed, norm, and per layer Q|K|V kernel, attention, O kernel, add + norm,
-gate|up kernel, SwiGLU, down kernel, add + norm, then the head kernel — on buffers allocated once
+Artifacts whose manifest lists ``tvm.decoder`` (CPU targets, edgeq/kernels/tir_decoder.py) carry,
+next to the matmul kernels, compiled functions for the embedding row, RMSNorm, the residual add +
+next norm, attention over the KV cache (bias, rate masks, RoPE, cache store, softmax) and the
+gated MLP activation (SwiGLU; Gemma 3: GeGLU, QK-norm, sandwich post-norms, embedding scale,
+sliding windows). A decode token is then a fixed list of calls into the library — embed, norm,
+and per layer Q|K|V kernel, attention, O kernel, add + norm, gate|up kernel, GLU, down kernel,
+add + norm, then the head kernel — on buffers allocated once
 (64-byte aligned, as TVM's DLPack import requires), with the position and the token id in a
 2-element int32 ``state`` buffer, so the only numpy work per token is writing ``state`` and
 copying the logits out.

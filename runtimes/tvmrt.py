@@ -4,8 +4,9 @@ The four matmuls of every layer (Q|K|V, O, gate|up, down) and the head run as ge
 (dequantization, GEMV/GEMM and the fused low-rank branch in one pass; with the manifest's
 ``act = "int8"`` the kernels quantize activations per group and use integer dot products). A
 decode token of an artifact whose manifest lists ``tvm.decoder`` runs entirely in the library
-(runtimes/tvm_decoder.py: embedding, norms, attention, SwiGLU and residual adds compiled too; no
-numpy; ``EDGEQ_TVM_DECODER=numpy`` runs the numpy decoder instead). Otherwise, and for prefill:
+(runtimes/tvm_decoder.py: embedding, norms, attention, SwiGLU / GeGLU and residual adds compiled
+too, Gemma 3's blocks included; no numpy; ``EDGEQ_TVM_DECODER=numpy`` runs the numpy decoder
+instead). Otherwise (artifacts without ``tvm.decoder``), and for prefill:
 RMSNorm, RoPE with the layer's gathered pair frequencies, attention over the KV cache and SwiGLU
 are numpy, and so are the family blocks the hparams name (Gemma 3: GeGLU, QK-norm, sandwich norms, scaled embedding,
 query scale, sliding-window layers — attending to the window's keys only — with their RoPE base). A pruning
