@@ -49,7 +49,8 @@ class CompiledDecoder:
         try:
             self.fn = {role: s.lib[name] for role, name in names.items()}
         except Exception:
-            raise EdgeqError(f"{s.root}: the kernel library has no decoder function among {sorted(names.values())}") from None
+            raise EdgeqError(f"{s.root}: the kernel library has no decoder function among "
+                             f"{sorted(names.values())}") from None
         self._to = lambda a: tvm.runtime.from_dlpack(a)
         H, KV, D = hp.num_heads, hp.num_kv_heads, hp.head_dim
         self.np = {"x": aligned((1, hp.hidden_size)), "h": aligned((1, hp.hidden_size)),

@@ -283,7 +283,8 @@ def _attention(name: str, spec: DecoderSpec) -> str:
             acc[j] = T.float32(0)
         for s in range(lo // {L}, (pos + {L}) // {L}):
             for j in T.vectorized({L}):
-                att[hd, s * {L} + j] = T.Select(s * {L} + j >= lo and s * {L} + j <= pos, {fast_exp(f"(att[hd, s * {L} + j] - mx[0])")}, T.float32(0))
+                att[hd, s * {L} + j] = T.Select(s * {L} + j >= lo and s * {L} + j <= pos,
+                                                {fast_exp(f"(att[hd, s * {L} + j] - mx[0])")}, T.float32(0))
                 acc[j] = acc[j] + att[hd, s * {L} + j]
         sm[0] = {_hsum("acc")}
         for i in T.vectorized({D}):
@@ -306,7 +307,8 @@ def _glu(name: str, spec: DecoderSpec) -> str:
     else:  # z = 2 c (g + 0.044715 g³), g kept in gl
         c = "T.float32(0.7978845608028654)"
         pre = f"T.float32(2) * {c} * (gl[j] + T.float32(0.044715) * gl[j] * gl[j] * gl[j])"
-        act = f"T.float32(0.5) * gl[j] * (T.float32(1) + (T.float32(1) - T.float32(2) / ({fast_exp('z[j]')} + T.float32(1))))"
+        tanh = f"(T.float32(1) - T.float32(2) / ({fast_exp('z[j]')} + T.float32(1)))"
+        act = f"T.float32(0.5) * gl[j] * (T.float32(1) + {tanh})"
     keep = "" if spec.act == "silu" else f"""        for j in T.vectorized({V}):
             gl[j] = gu[0, nb * {2 * V} + j] + b[nb * {2 * V} + j]
 """

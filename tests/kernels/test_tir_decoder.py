@@ -27,7 +27,8 @@ pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="compiled
 
 @pytest.fixture(scope="module")
 def lib():
-    return kc.build([KernelSpec(bits=8, block=32)], HASWELL, extra={**SPEC.sources(), **DOT.sources(), **GEMMA.sources()})
+    return kc.build([KernelSpec(bits=8, block=32)], HASWELL,
+                    extra={**SPEC.sources(), **DOT.sources(), **GEMMA.sources()})
 
 
 def _t(a):

@@ -174,3 +174,17 @@ def test_artifact_without_decoder_functions_runs_the_numpy_decoder(biased, tmp_p
     ids = ids_for(ir)
     want = ReferenceSession(lt.lowered_ir(ir, opts), dtype=np.float64).logits(ids)[PROMPT - 1:]
     assert np.abs(_decode(s, ids) - want).max() <= REL * np.abs(want).max()
+
+
+def test_manifest_naming_a_missing_decoder_function_is_refused(biased, tmp_path):
+    import shutil
+
+    from edgeq.errors import EdgeqError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(biased["llama"][3], bad)
+    m = read_manifest(bad)
+    m["tvm"]["decoder"]["attention"] = "dec_attention_nope"
+    write_manifest(bad, m)
+    with pytest.raises(EdgeqError, match="no decoder function"):
+        TvmSession(bad)
