@@ -3,8 +3,10 @@
 * onnxruntime: a second session with ``enable_profiling`` replays decode steps on the same KV
   cache; its JSON trace gives every node's kernel time (subgraph nodes of the pruning-rate ``If``
   branches included); node names carry the layer (``blk.{i}.``) and op types the category.
-* TVM: the runtime's kernel calls are timed (Q|K|V, O, gate|up, down per layer, the head); the
-  rest of the step is the numpy decoder (norms, RoPE, attention, SwiGLU), reported as one figure.
+* TVM: the runtime's kernel calls are timed (Q|K|V, O, gate|up, down per layer, the head); with
+  the compiled decoder every library call of the token is timed (attention, add + norm, GLU,
+  embedding too) and the rest is Python's loop over the calls; otherwise the rest of the step is
+  the numpy decoder (norms, RoPE, attention, SwiGLU), reported as one figure.
 * reference runtime: its own per-layer timers (attention block, MLP block).
 * llama.cpp: not available — llama-cpp-python exposes no per-op or per-layer timings (only
   whole-call totals), so the report says so instead of inventing a split.
@@ -98,7 +100,35 @@ def onnx_breakdown(session, steps: int) -> dict:
                    session.hp.num_layers)
 
 
+def _tvm_compiled_breakdown(session, steps: int) -> dict:
+    """Every call of the compiled token timed (runtimes/tvm_decoder.py); the remainder is the
+    Python loop around the calls (and the timers)."""
+    _start(session)
+    dec = session._decoder
+    dec.timers = {}
+    try:
+        wall = _time_steps(session, steps)
+        timed = dict(dec.timers)
+    finally:
+        dec.timers = None
+    per_layer: dict = defaultdict(lambda: defaultdict(float))
+    extra: dict = defaultdict(float)
+    for (li, label), dt in timed.items():
+        if li >= 0:
+            per_layer[li][label] += dt
+        else:
+            extra[label] += dt
+    res = _result("tvm", steps, wall, per_layer, extra,
+                  "timers around each call into the kernel library (kernels and the compiled decoder); the "
+                  "remainder is the Python loop over the calls", session.hp.num_layers)
+    res["by_category"]["python loop"] = res.pop("unattributed_ms")
+    res["unattributed_ms"] = 0.0
+    return res
+
+
 def tvm_breakdown(session, steps: int) -> dict:
+    if getattr(session, "compiled_decoder", False):
+        return _tvm_compiled_breakdown(session, steps)
     per_layer: dict = defaultdict(lambda: defaultdict(float))
     extra: dict = defaultdict(float)
     orig = session._matmul

@@ -2,9 +2,13 @@
 
 The four matmuls of every layer (Q|K|V, O, gate|up, down) and the head run as generated kernels
 (dequantization, GEMV/GEMM and the fused low-rank branch in one pass; with the manifest's
-``act = "int8"`` the kernels quantize activations per group and use integer dot products); RMSNorm, RoPE with the
-layer's gathered pair frequencies, attention over the KV cache and SwiGLU are numpy, and so are
-the family blocks the hparams name (Gemma 3: GeGLU, QK-norm, sandwich norms, scaled embedding,
+``act = "int8"`` the kernels quantize activations per group and use integer dot products). A
+decode token of an artifact whose manifest lists ``tvm.decoder`` runs entirely in the library
+(runtimes/tvm_decoder.py: embedding, norms, attention, SwiGLU / GeGLU and residual adds compiled
+too, Gemma 3's blocks included; no numpy; ``EDGEQ_TVM_DECODER=numpy`` runs the numpy decoder
+instead). Otherwise (artifacts without ``tvm.decoder``), and for prefill:
+RMSNorm, RoPE with the layer's gathered pair frequencies, attention over the KV cache and SwiGLU
+are numpy, and so are the family blocks the hparams name (Gemma 3: GeGLU, QK-norm, sandwich norms, scaled embedding,
 query scale, sliding-window layers — attending to the window's keys only — with their RoPE base). A pruning
 rate is the active width the kernels are called with (a prefix of the MLP channels) plus per-rate
 masks of the Q/K pairs and V/O components, so ``set_prune_rate`` switches without touching weights.
@@ -29,6 +33,7 @@ from edgeq.ir import HParams
 from runtimes.base import RateSwitchMixin, Session, artifact_manifest, check_tokens
 from runtimes.reference import ACTIVATIONS, rope_inv_freq
 from runtimes.text import SpecTextMixin
+from runtimes.tvm_decoder import CompiledDecoder, aligned
 
 
 # Alignment TVM's DLPack import requires (tvm.runtime.from_dlpack: require_alignment=64, as the
@@ -125,9 +130,13 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
         self.inv_freq = rope_inv_freq(hp.head_dim, hp.rope_theta)
         # KV cache per layer and KV head, positions contiguous: (layers, KV, n_ctx, head_dim); K after
         # RoPE in the [half 0 | half 1] order of the (sorted) pair slots
-        self._k = np.zeros((hp.num_layers, hp.num_kv_heads, n_ctx, hp.head_dim), np.float32)
-        self._v = np.zeros((hp.num_layers, hp.num_kv_heads, n_ctx, hp.head_dim), np.float32)
+        # (64-byte aligned: the compiled decoder hands them to the library in place)
+        self._k = aligned((hp.num_layers, hp.num_kv_heads, n_ctx, hp.head_dim))
+        self._v = aligned((hp.num_layers, hp.num_kv_heads, n_ctx, hp.head_dim))
         self._consts = None
+        names = info.get("decoder")
+        self._decoder = (CompiledDecoder(self, names) if names and os.environ.get("EDGEQ_TVM_DECODER") != "numpy"
+                         else None)
         self._ids: list[int] = []
         self._pos = 0
         self.set_prune_rate(prune)  # sets prune_rate and the kernels' active MLP widths (_ffn)
@@ -403,5 +412,20 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
         self.reset()
         return self._head(self._forward(prompt_ids)[-1:])[0]
 
+    @property
+    def compiled_decoder(self) -> bool:
+        """Whether a decode token runs in the library (the manifest's ``tvm.decoder``)."""
+        return self._decoder is not None
+
     def _step(self, token_id: int) -> np.ndarray:
-        return self._head(self._forward([token_id]))[0]
+        if self._decoder is None:
+            return self._head(self._forward([token_id]))[0]
+        t = int(token_id)
+        if not 0 <= t < self.hp.vocab_size:
+            raise EdgeqError(f"token id out of range [0, {self.hp.vocab_size})")
+        if self._pos + 1 > self.n_ctx:
+            raise EdgeqError(f"context of {self._pos + 1} tokens exceeds n_ctx={self.n_ctx}")
+        logits = self._decoder.step(t, self._pos, self._rate_row)
+        self._pos += 1
+        self._ids.append(t)
+        return logits

@@ -119,6 +119,7 @@ def speed(arts: dict[str, Path], runs: int, rounds: int, threads: int) -> dict:
         res[name] = {"decode_tok_s": statistics.median(x for r in rs for x in r["decode_tok_s_runs"]),
                      "prefill_128_tok_s": statistics.median(r["prefill"]["128"]["tok_s"] for r in rs),
                      "peak_rss_mb": statistics.median(r["peak_rss_bytes"] for r in rs) / 1e6,
+                     "decode_tok_s_by_round": [statistics.median(r["decode_tok_s_runs"]) for r in rs],
                      "rounds": len(rs), "runs_per_round": runs}
     return res
 

@@ -5,7 +5,8 @@
   or None), asked of LLVM for the target's CPU and attributes.
 * :func:`prim_func` — a spec's TIR (CPU or CUDA form), parsed from :mod:`tir_cpu` / :mod:`tir_cuda`
   (int8-activation specs from :mod:`tir_dot`, for the target's dot instruction).
-* :func:`build` — one TVM executable holding every spec's function, compiled for the *profile's*
+* :func:`build` — one TVM executable holding every spec's function (and the decoder functions of
+  :mod:`tir_decoder` when given), compiled for the *profile's*
   target (never the build host): x86 / aarch64 through LLVM, CUDA as source for the device.
 * :func:`export` — a shared library: host linker for x86, ``aarch64-linux-gnu-gcc`` for aarch64
   (cross; another cross compiler's name in ``EDGEQ_AARCH64_CC``), the CUDA module with its kernel source embedded (compiled on the device at load).
@@ -94,15 +95,28 @@ def _target(target: Mapping):
     return tvm.target.Target(t)
 
 
-def build(specs: Iterable[KernelSpec], target: Mapping):
-    """One executable with a function per spec (named ``spec.name``)."""
+def decoder_funcs(sources: Mapping[str, str]) -> dict:
+    """name -> prim_func of TVMScript sources (the decoder functions of :mod:`tir_decoder`)."""
+    tvm = _tvm()
+    from tvm.script import tirx as T
+
+    return {name: tvm.script.from_source(src, extra_vars={"T": T}) for name, src in sources.items()}
+
+
+def build(specs: Iterable[KernelSpec], target: Mapping, extra: Mapping[str, str] | None = None):
+    """One executable with a function per spec (named ``spec.name``), plus the functions of
+    ``extra`` (name -> TVMScript source: the decoder around the kernels, CPU targets only)."""
     tvm = _tvm()
     specs = list(specs)
     if not specs:
         raise EdgeqError("no kernels to build")
     cuda = is_cuda(target)
+    if extra and cuda:
+        raise EdgeqError("the compiled decoder functions are CPU TIR; a CUDA build takes the kernels only")
     isa = dot_isa(target) if any(s.act == "int8" for s in specs) else None
-    mod = tvm.IRModule({s.name: prim_func(s, cuda, isa) for s in specs})
+    funcs = {s.name: prim_func(s, cuda, isa) for s in specs}
+    funcs.update(decoder_funcs(extra or {}))
+    mod = tvm.IRModule(funcs)
     return tvm.compile(mod, target=_target(target))
 
 

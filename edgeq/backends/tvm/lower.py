@@ -17,9 +17,12 @@ Files:
 * ``tokenizer.spec.json``.
 
 The decoder around the kernels (RMSNorm, RoPE with per-KV-group gathered frequencies, attention
-over the KV cache, SwiGLU / GeGLU, per-rate masks of Q/K pairs and V/O components; Gemma 3's
-blocks from the manifest's hparams) is numpy in the runtime: the kernels carry the weight bytes, which is where decode time goes; numpy's per-call
-cost is paid a few dozen times per layer (docs/architecture.md).
+over the KV cache, SwiGLU / GeGLU, the residual adds, per-rate masks of Q/K pairs and V/O
+components; Gemma 3's QK-norm, sandwich norms, embedding scale and sliding windows) of a decode
+token is compiled too, into the same library (:mod:`edgeq.kernels.tir_decoder`, listed in the
+manifest's ``tvm.decoder``) on CPU targets: a token is then an embedding call, a norm, eight calls
+per layer and the head, no numpy. Prefill and CUDA builds keep the numpy decoder of the runtime
+(``tvm.decoder`` absent for CUDA).
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ from edgeq.kernels import compile as kc
 from edgeq.kernels import layout
 from edgeq.kernels.compile import kernel_block
 from edgeq.kernels.spec import KernelSpec
+from edgeq.kernels.tir_decoder import ACTS as DECODER_ACTS
+from edgeq.kernels.tir_decoder import LANES, DecoderSpec
 from edgeq.passes.prune_bias import rate_bias_tables
 from edgeq.quant.intgroup import dequantized, fit_format, rtn_int
 from edgeq.safetensors_writer import SafetensorsWriter
@@ -199,6 +204,19 @@ def check(ir: ModelIR, opts: TvmOptions) -> list[str]:
     return problems
 
 
+def decoder_spec(ir: ModelIR, opts: TvmOptions) -> DecoderSpec | None:
+    """The compiled decoder of a decode token, or None where the runtime's numpy decoder runs it
+    (CUDA targets; activations or widths the compiled functions do not take)."""
+    hp = ir.hparams
+    if kc.is_cuda(opts.target) or hp.hidden_act not in DECODER_ACTS:
+        return None
+    if hp.hidden_size % LANES or hp.head_dim % LANES or hp.num_heads % hp.num_kv_heads:
+        return None
+    return DecoderSpec(hidden=hp.hidden_size, heads=hp.num_heads, kv_heads=hp.num_kv_heads, head_dim=hp.head_dim,
+                       block=kc.kernel_block(opts.target), dot_layout=opts.act == "int8", act=hp.hidden_act,
+                       qk_norm=hp.qk_norm, sandwich=hp.sandwich_norm)
+
+
 def specs_for(ir: ModelIR, opts: TvmOptions) -> set:
     """Every kernel the model needs (decode and prefill forms)."""
     block = kernel_block(opts.target)
@@ -327,13 +345,15 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
             kernels[name] = _write_packed(st, name, lambda r0, r1: np.asarray(t[r0:r1], np.float32), *t.shape,
                                           None, 8, opts.group, block, act=opts.act)
     specs = sorted(specs_for(ir, opts), key=lambda s: s.name)
-    ex = kc.build(specs, opts.target)
+    dec = decoder_spec(ir, opts)
+    ex = kc.build(specs, opts.target, extra=dec.sources() if dec is not None else None)
     kc.export(ex, out_dir / LIBRARY, opts.target)
     if ir.tokenizer is not None:
         write_tokenizer_spec(ir.tokenizer, out_dir / TOKENIZER_FILE)
     return {"library": LIBRARY, "library_sha256": sha256_file(out_dir / LIBRARY), "weights_file": WEIGHTS, "target": dict(opts.target), "block": block,
             "bits": opts.bits, "group": opts.group, "lr_dtype": opts.lr_dtype, "act": opts.act, "kernels": dict(sorted(kernels.items())),
-            "functions": [s.name for s in specs],
+            "functions": [s.name for s in specs],  # the matmul kernels; the decoder's functions in "decoder"
+            **({"decoder": dec.names()} if dec is not None else {}),
             "tokenizer_file": TOKENIZER_FILE if ir.tokenizer is not None else None}
 
 

@@ -41,6 +41,7 @@ def test_int8_artifact_against_the_float_one(tiny_llama, tmp_path):
     assert q8["act"] == "int8" and fl["act"] == "float32"
     assert all(k.endswith("_q8") for k in q8["kernels"].values())
     assert all(f.endswith(("_q8_decode", "_q8_prefill")) for f in q8["functions"])
+    assert q8["decoder"]["embed"].endswith("_q8") and not fl["decoder"]["embed"].endswith("_q8")  # its table layout
     if "avx512_vnni" not in CPU_FLAGS:
         pytest.skip("host has no AVX-512 VNNI / AVX-VNNI: compiled, not run")
     sf, sq = TvmSession(tmp_path / "f"), TvmSession(tmp_path / "q")

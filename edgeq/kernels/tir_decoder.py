@@ -1,0 +1,326 @@
+"""TIR (TVMScript) of the decoder around the matmul kernels, for one decode token (CPU targets).
+
+The per-token path of a Llama / Qwen2 layer between the generated matmul kernels
+(:mod:`tir_cpu`, :mod:`tir_dot`), as a few functions compiled into the same library:
+
+* ``embed``    — the token's row of the int8 embedding table, read from the head kernel's blocked
+  layout (float or integer-dot ``qw``), dequantized into ``x`` (times the embedding scale);
+* ``norm``     — ``h = rmsnorm(x) * w``;
+* ``add_norm`` — ``x += y + b`` (the residual add with the O / down bias and the pruning rate's
+  bias compensation folded into ``b``), then ``h = rmsnorm(x) * w`` (the next norm: the MLP's,
+  the next layer's attention norm or the output norm);
+* ``attention`` — Q|K|V bias and the rate's masks of Q/K pairs and V components, RoPE (the
+  layer's tables of cos / sin of ``pos * f`` for its gathered pair frequencies ``f``, (context,
+  KV, half) each, made once per session), K and V stored into the KV cache at ``pos``, then per
+  query head softmax attention over positions ``0 .. pos`` of its KV head, times the rate's
+  O-component mask (``att``: a scratch row per head of at least the context rounded up to
+  ``LANES``, as the softmax runs ``LANES`` positions a step);
+* ``glu``      — ``silu(gate + b) * (up + b)`` (SwiGLU; GeGLU with the tanh GELU for Gemma) over
+  the interleaved gate|up blocks of the gate|up kernel's output;
+* ``post_add_norm`` (Gemma 3's sandwich norms) — ``x += rmsnorm(y + b) * pw``, then
+  ``h = rmsnorm(x) * w``.
+
+Gemma 3's other blocks are arguments: the embedding scale (``embed``), QK-norm (``attention`` of a
+``qk_norm`` spec: RMSNorm of each Q / K head after the masks, before RoPE) and the sliding window
+(``attention``'s ``win``: keys ``pos - win + 1 .. pos``; 0 for a global layer).
+
+Shapes: the model's widths (hidden, heads, head_dim) are constants of the function (its name
+carries them); the MLP width ``F`` (the pruning rate's active width), the number of layers, the
+context length and the position are symbolic or read at call time, so one compiled function
+serves every rate. The position and the token id are read from a small int32 ``state`` buffer
+(``[pos, token]``), so every call of a token takes the same arguments and only ``state`` changes.
+
+Numerics: float32 throughout, the same formulas as the numpy decoder (``runtimes/tvmrt.py``),
+with sums in another order (vectorized partial sums) and ``exp`` as a vectorizable polynomial
+(:func:`fast_exp`, within 2 ulp of libm's): equal to it within float32 rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgeq.errors import EdgeqError
+
+ACTS = ("silu", "gelu_tanh")
+LANES = 8  # partial sums of the norms' and the attention scores' reductions
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    block: int  # the kernels' output block (gate|up interleaved by blocks of this many channels)
+    dot_layout: bool = False  # the embedding table in the integer-dot layout (int8-activation kernels)
+    act: str = "silu"  # the MLP's gate activation: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+    qk_norm: bool = False  # RMSNorm over each Q / K head before RoPE (Gemma 3)
+    sandwich: bool = False  # RMSNorm of the attention / MLP output before the residual add (Gemma 3)
+
+    def __post_init__(self):
+        if self.hidden % LANES or self.head_dim % LANES:
+            raise EdgeqError(f"decoder widths must be multiples of {LANES}: hidden {self.hidden}, "
+                             f"head_dim {self.head_dim}")
+        if self.heads % self.kv_heads:
+            raise EdgeqError(f"{self.heads} heads are not a multiple of {self.kv_heads} KV heads")
+        if self.act not in ACTS:
+            raise EdgeqError(f"decoder activation must be one of {ACTS}, got {self.act!r}")
+
+    @property
+    def qkv(self) -> int:
+        return (self.heads + 2 * self.kv_heads) * self.head_dim
+
+    def names(self) -> dict[str, str]:
+        """role -> function name (the spec's constants in the name: one library may hold several)."""
+        h, d = self.hidden, self.head_dim
+        out = {"embed": f"dec_embed_h{h}_b{self.block}{'_q8' if self.dot_layout else ''}",
+               "norm": f"dec_norm_h{h}",
+               "add_norm": f"dec_add_norm_h{h}",
+               "attention": f"dec_attention_h{self.heads}_kv{self.kv_heads}_d{d}{'_qkn' if self.qk_norm else ''}",
+               "glu": f"dec_{'swiglu' if self.act == 'silu' else 'geglu'}_b{self.block}"}
+        if self.sandwich:
+            out["post_add_norm"] = f"dec_post_add_norm_h{h}"
+        return out
+
+    def sources(self) -> dict[str, str]:
+        """function name -> TVMScript source."""
+        make = {"embed": _embed, "norm": _norm, "add_norm": _add_norm, "attention": _attention, "glu": _glu,
+                "post_add_norm": _post_add_norm}
+        return {name: make[role](name, self) for role, name in self.names().items()}
+
+
+def _head(name: str, args: list[str], sym: tuple[str, ...] = ()) -> str:
+    lines = [f"@T.prim_func\ndef {name}({', '.join(args)}):",
+             f"    T.func_attr({{\"global_symbol\": \"{name}\", \"tir.noalias\": True}})"]
+    lines += [f"    {v} = T.int64()" for v in sym]
+    return "\n".join(lines) + "\n"
+
+
+def fast_exp(x: str) -> str:
+    """``exp(x)`` as a TIR expression LLVM vectorizes (libm's ``expf`` is a scalar call per lane):
+    Cephes' single-precision exp — ``x = n ln2 + r`` (``|r| <= ln2 / 2``, ln2 split in two), a
+    degree-6 polynomial in ``r``, times ``2**n`` built in the exponent bits; within 2 ulp of
+    ``expf`` on the clamped range [-87.3, 88.4] (below: ~1e-38 instead of 0). ``x`` is repeated:
+    pass a load or a local, not an expensive expression."""
+    c = f"T.max(T.min({x}, T.float32(88.3762626647949)), T.float32(-87.3365447504019))"
+    n = f"T.floor({c} * T.float32(1.44269504088896341) + T.float32(0.5))"
+    r = f"({c} - {n} * T.float32(0.693359375) + {n} * T.float32(2.12194440e-4))"
+    p = "T.float32(1.9875691500e-4)"
+    for k in ("1.3981999507e-3", "8.3334519073e-3", "4.1665795894e-2", "1.6666665459e-1", "5.0000001201e-1"):
+        p = f"({p} * {r} + T.float32({k}))"
+    two_n = f'T.reinterpret("float32", T.shift_left(T.Cast("int32", {n}) + T.int32(127), T.int32(23)))'
+    return f"(({p} * {r} * {r} + {r} + T.float32(1)) * {two_n})"
+
+
+def _tree(terms: list[str]) -> str:
+    """A balanced sum (independent adds instead of one chain of dependent ones)."""
+    while len(terms) > 1:
+        terms = [f"({terms[i]} + {terms[i + 1]})" if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def _hsum(buf: str) -> str:
+    return _tree([f"{buf}[{i}]" for i in range(LANES)])
+
+
+def _rms(spec: DecoderSpec, src: str) -> str:
+    """``h = src * rsqrt(mean(src²) + eps) * w`` over the hidden width (``src`` a (1, H) buffer)."""
+    H, L = spec.hidden, LANES
+    return f"""    acc = T.decl_buffer(({L},), "float32", scope="local")
+    for j in T.vectorized({L}):
+        acc[j] = T.float32(0)
+    for i in range({H // L}):
+        for j in T.vectorized({L}):
+            acc[j] = acc[j] + {src}[0, i * {L} + j] * {src}[0, i * {L} + j]
+    r = T.float32(1) / T.sqrt(({_hsum("acc")}) / T.float32({H}) + eps)
+    for i in T.vectorized({H}):
+        h[0, i] = {src}[0, i] * r * w[i]
+"""
+
+
+def _norm(name: str, spec: DecoderSpec) -> str:
+    H = spec.hidden
+    return _head(name, ["x_h: T.handle", "w_h: T.handle", "h_h: T.handle", "eps: T.float32"]) + f"""\
+    x = T.match_buffer(x_h, (1, {H}), "float32")
+    w = T.match_buffer(w_h, ({H},), "float32")
+    h = T.match_buffer(h_h, (1, {H}), "float32")
+""" + _rms(spec, "x")
+
+
+def _add_norm(name: str, spec: DecoderSpec) -> str:
+    H = spec.hidden
+    return _head(name, ["x_h: T.handle", "y_h: T.handle", "b_h: T.handle", "w_h: T.handle", "h_h: T.handle",
+                        "eps: T.float32"]) + f"""\
+    x = T.match_buffer(x_h, (1, {H}), "float32")
+    y = T.match_buffer(y_h, (1, {H}), "float32")
+    b = T.match_buffer(b_h, ({H},), "float32")
+    w = T.match_buffer(w_h, ({H},), "float32")
+    h = T.match_buffer(h_h, (1, {H}), "float32")
+    for i in T.vectorized({H}):
+        x[0, i] = x[0, i] + (y[0, i] + b[i])
+""" + _rms(spec, "x")
+
+
+def _post_add_norm(name: str, spec: DecoderSpec) -> str:
+    H, L = spec.hidden, LANES
+    return _head(name, ["x_h: T.handle", "y_h: T.handle", "b_h: T.handle", "pw_h: T.handle", "w_h: T.handle",
+                        "h_h: T.handle", "eps: T.float32"]) + f"""\
+    x = T.match_buffer(x_h, (1, {H}), "float32")
+    y = T.match_buffer(y_h, (1, {H}), "float32")
+    b = T.match_buffer(b_h, ({H},), "float32")
+    pw = T.match_buffer(pw_h, ({H},), "float32")
+    w = T.match_buffer(w_h, ({H},), "float32")
+    h = T.match_buffer(h_h, (1, {H}), "float32")
+    pacc = T.decl_buffer(({L},), "float32", scope="local")
+    for i in T.vectorized({H}):
+        y[0, i] = y[0, i] + b[i]
+    for j in T.vectorized({L}):
+        pacc[j] = T.float32(0)
+    for i in range({H // L}):
+        for j in T.vectorized({L}):
+            pacc[j] = pacc[j] + y[0, i * {L} + j] * y[0, i * {L} + j]
+    pr = T.float32(1) / T.sqrt(({_hsum("pacc")}) / T.float32({H}) + eps)
+    for i in T.vectorized({H}):
+        x[0, i] = x[0, i] + y[0, i] * pr * pw[i]
+""" + _rms(spec, "x")
+
+
+def _embed(name: str, spec: DecoderSpec) -> str:
+    """Row ``n`` of the blocked int8 table is lane ``n % block`` of block ``n // block``; float layout
+    ``qw`` (NB, K, block), integer-dot layout (NB, K / 4, 4 * block) with lane j = bytes 4j .. 4j+3."""
+    H, V = spec.hidden, spec.block
+    qw_shape, code = ((f"(NB, {H // 4}, {4 * V})", "qw[nb, k // 4, lane * 4 + k % 4]") if spec.dot_layout
+                      else (f"(NB, {H}, {V})", "qw[nb, k, lane]"))
+    return _head(name, ["qw_h: T.handle", "sc_h: T.handle", "st_h: T.handle", "x_h: T.handle",
+                        "escale: T.float32"], ("NB", "NG")) + f"""\
+    qw = T.match_buffer(qw_h, {qw_shape}, "uint8")
+    sc = T.match_buffer(sc_h, (NB, NG, {V}), "float32")
+    st = T.match_buffer(st_h, (2,), "int32")
+    x = T.match_buffer(x_h, (1, {H}), "float32")
+    tok = T.Cast("int64", st[1])
+    nb = tok // {V}
+    lane = tok % {V}
+    for k in range({H}):
+        x[0, k] = (T.Cast("float32", {code}) - T.float32(128)) * sc[nb, k // ({H} // NG), lane] * escale
+"""
+
+
+def _head_rms(buf: str, wbuf: str, D: int) -> str:
+    """QK-norm of one head held in ``buf`` (D,): ``buf *= rsqrt(mean(buf²) + eps) * w``."""
+    L = LANES
+    return f"""for j in T.vectorized({L}):
+    hacc[j] = {_tree([f"{buf}[{d * L} + j] * {buf}[{d * L} + j]" for d in range(D // L)])}
+hr = T.float32(1) / T.sqrt(({_hsum("hacc")}) / T.float32({D}) + eps)
+for i in T.vectorized({D}):
+    {buf}[i] = {buf}[i] * hr * {wbuf}[i]
+"""
+
+
+def _indent(src: str, n: int) -> str:
+    return "".join(" " * n + ln + "\n" for ln in src.splitlines())
+
+
+def _attention(name: str, spec: DecoderSpec) -> str:
+    H, KV, D, L = spec.heads, spec.kv_heads, spec.head_dim, LANES
+    half, grp, QKV = D // 2, H // KV, spec.qkv
+    KO, VO = H * D, (H + KV) * D  # offsets of K and V in the Q|K|V row
+    qkn = spec.qk_norm
+    handles = ["qkv_h", "b_h", "m_h", "cs_h", "sn_h", "kc_h", "vc_h", "att_h", "st_h", "om_h", "o_h"]
+    handles += ["qn_h", "kn_h"] if qkn else []
+    scalars = ["layer: T.int64", "scale: T.float32", "win: T.int64"] + (["eps: T.float32"] if qkn else [])
+    norm_bufs = f"""    qn = T.match_buffer(qn_h, ({D},), "float32")
+    kn = T.match_buffer(kn_h, ({D},), "float32")
+""" if qkn else ""
+
+    def load(off: str) -> str:  # one head's D values with bias and the rate's mask
+        return f"(qkv[0, {off} + i] + b[{off} + i]) * m[{off} + i]"
+
+    def rope(src: str, dst: str, g: str) -> str:
+        return f"""for i in range({half}):
+    {dst.format(i="i")} = {src}[i] * cs[pos, {g}, i] - {src}[{half} + i] * sn[pos, {g}, i]
+    {dst.format(i=f"{half} + i")} = {src}[{half} + i] * cs[pos, {g}, i] + {src}[i] * sn[pos, {g}, i]
+"""
+
+    k_norm = _indent(_head_rms("t", "kn", D), 8) if qkn else ""
+    q_norm = _indent(_head_rms("t", "qn", D), 8) if qkn else ""
+    return _head(name, [f"{h}: T.handle" for h in handles] + scalars, ("NL", "C", "CA")) + f"""\
+    qkv = T.match_buffer(qkv_h, (1, {QKV}), "float32")
+    b = T.match_buffer(b_h, ({QKV},), "float32")
+    m = T.match_buffer(m_h, ({QKV},), "float32")
+    cs = T.match_buffer(cs_h, (C, {KV}, {half}), "float32")
+    sn = T.match_buffer(sn_h, (C, {KV}, {half}), "float32")
+    kc = T.match_buffer(kc_h, (NL, {KV}, C, {D}), "float32")
+    vc = T.match_buffer(vc_h, (NL, {KV}, C, {D}), "float32")
+    att = T.match_buffer(att_h, ({H}, CA), "float32")
+    st = T.match_buffer(st_h, (2,), "int32")
+    om = T.match_buffer(om_h, ({H * D},), "float32")
+    o = T.match_buffer(o_h, (1, {H * D}), "float32")
+{norm_bufs}    pos = T.Cast("int64", st[0])
+    lo = T.Select(win > T.int64(0), T.max(pos - win + T.int64(1), T.int64(0)), T.int64(0))
+    t = T.decl_buffer(({D},), "float32")
+    q = T.decl_buffer(({D},), "float32")  # (not "local": a {D}-lane local vector spills, measured slower)
+    oacc = T.decl_buffer(({D},), "float32")
+    acc = T.decl_buffer(({L},), "float32", scope="local")
+    hacc = T.decl_buffer(({L},), "float32", scope="local")
+    mx = T.decl_buffer((1,), "float32", scope="local")
+    sm = T.decl_buffer((1,), "float32", scope="local")
+    for g in range({KV}):
+        for i in range({D}):
+            t[i] = {load(f"{KO} + g * {D}")}
+{k_norm}{_indent(rope("t", "kc[layer, g, pos, {i}]", "g"), 8)}        for i in range({D}):
+            vc[layer, g, pos, i] = {load(f"{VO} + g * {D}")}
+    # one thread: a parallel launch over the heads saves ~1.5 us of ~13 (SmolLM2 at position
+    # 160) on an idle machine but waits for a descheduled worker on a loaded one (docs/benchmarks.md)
+    for hd in range({H}):
+        for i in range({D}):
+            t[i] = {load(f"hd * {D}")}
+{q_norm}{_indent(rope("t", "q[{i}]", f"hd // {grp}"), 8)}        mx[0] = T.float32(-3.4028234663852886e38)
+        for s in range(lo, pos + 1):
+            for j in T.vectorized({L}):
+                acc[j] = {_tree([f"q[{d * L} + j] * kc[layer, hd // {grp}, s, {d * L} + j]" for d in range(D // L)])}
+            att[hd, s] = ({_hsum("acc")}) * scale
+            mx[0] = T.max(mx[0], att[hd, s])
+        for j in T.vectorized({L}):
+            acc[j] = T.float32(0)
+        for s in range(lo // {L}, (pos + {L}) // {L}):
+            for j in T.vectorized({L}):
+                att[hd, s * {L} + j] = T.Select(s * {L} + j >= lo and s * {L} + j <= pos,
+                                                {fast_exp(f"(att[hd, s * {L} + j] - mx[0])")}, T.float32(0))
+                acc[j] = acc[j] + att[hd, s * {L} + j]
+        sm[0] = {_hsum("acc")}
+        for i in T.vectorized({D}):
+            oacc[i] = T.float32(0)
+        for s in range(lo, pos + 1):
+            for i in T.vectorized({D}):
+                oacc[i] = oacc[i] + att[hd, s] * vc[layer, hd // {grp}, s, i]
+        for i in T.vectorized({D}):
+            o[0, hd * {D} + i] = oacc[i] / sm[0] * om[hd * {D} + i]
+"""
+
+
+def _glu(name: str, spec: DecoderSpec) -> str:
+    """SwiGLU ``g / (1 + exp(-g)) * u`` or GeGLU ``0.5 g (1 + tanh(c (g + 0.044715 g³))) * u`` (the
+    tanh as ``1 - 2 / (exp(2 z) + 1)``), ``g`` / ``u`` the gate / up halves of each block plus bias."""
+    V = spec.block
+    if spec.act == "silu":
+        pre = f"T.float32(0) - (gu[0, nb * {2 * V} + j] + b[nb * {2 * V} + j])"  # -g
+        act = f"(T.float32(0) - z[j]) / (T.float32(1) + {fast_exp('z[j]')})"
+    else:  # z = 2 c (g + 0.044715 g³), g kept in gl
+        c = "T.float32(0.7978845608028654)"
+        pre = f"T.float32(2) * {c} * (gl[j] + T.float32(0.044715) * gl[j] * gl[j] * gl[j])"
+        tanh = f"(T.float32(1) - T.float32(2) / ({fast_exp('z[j]')} + T.float32(1)))"
+        act = f"T.float32(0.5) * gl[j] * (T.float32(1) + {tanh})"
+    keep = "" if spec.act == "silu" else f"""        for j in T.vectorized({V}):
+            gl[j] = gu[0, nb * {2 * V} + j] + b[nb * {2 * V} + j]
+"""
+    return _head(name, ["gu_h: T.handle", "b_h: T.handle", "a_h: T.handle"], ("F", "F2", "NBIAS")) + f"""\
+    gu = T.match_buffer(gu_h, (1, F2), "float32")
+    b = T.match_buffer(b_h, (NBIAS,), "float32")
+    a = T.match_buffer(a_h, (1, F), "float32")
+    z = T.decl_buffer(({V},), "float32", scope="local")
+    gl = T.decl_buffer(({V},), "float32", scope="local")
+    for nb in range(F // {V}):
+{keep}        for j in T.vectorized({V}):
+            z[j] = {pre}
+        for j in T.vectorized({V}):
+            a[0, nb * {V} + j] = {act} * (gu[0, nb * {2 * V} + {V} + j] + b[nb * {2 * V} + {V} + j])
+"""
