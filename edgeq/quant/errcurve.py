@@ -108,16 +108,17 @@ def _orth(Y: np.ndarray) -> np.ndarray:
     return Y
 
 
-def top_subspace(M: np.ndarray, k: int, seed: int = 0, dtype=None) -> np.ndarray:
-    """An orthonormal basis (m x b, b = min(k + OVERSAMPLE, min(m, n))) of ``M``'s dominant column
+def top_subspace(M: np.ndarray, k: int, seed: int = 0, dtype=None, oversample: int = OVERSAMPLE,
+                 passes: int = POWER_ITERS) -> np.ndarray:
+    """An orthonormal basis (m x b, b = min(k + oversample, min(m, n))) of ``M``'s dominant column
     space by randomized subspace iteration from a seeded Gaussian block (``dtype``: the block's,
-    default ``M``'s), ``POWER_ITERS`` passes, CholeskyQR2 orthonormalisation."""
+    default ``M``'s), ``passes`` power passes, CholeskyQR2 orthonormalisation."""
     m, n = M.shape
-    b = min(k + OVERSAMPLE, min(m, n))
+    b = min(k + oversample, min(m, n))
     rng = np.random.default_rng(seed)
     Q = rng.standard_normal((n, b)).astype(dtype or M.dtype)
     Y = M @ Q
-    for _ in range(POWER_ITERS):
+    for _ in range(passes):
         Y = _orth(Y)
         Y = M @ _orth(M.T @ Y)
     return _orth(Y)
