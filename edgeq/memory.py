@@ -70,16 +70,22 @@ def sort_layer_bytes(hp: HParams) -> int:
     return (3 if f > EIGH_MAX else 5) * 8 * f * f
 
 
+def _threads_within_half(need, threads: int | None, avail: int | None) -> int:
+    """The build's threads (``threads``, else ``EDGEQ_THREADS`` or the CPU count, at most 4), fewer
+    while ``need(w)`` bytes for ``w`` threads would pass half of ``avail`` (default: available)."""
+    threads = threads if threads is not None else (int(os.environ.get("EDGEQ_THREADS", "0")) or os.cpu_count() or 1)
+    avail = available_bytes() if avail is None else avail
+    w = max(1, min(4, int(threads)))
+    while w > 1 and need(w) > avail // 2:
+        w -= 1
+    return w
+
+
 def sort_workers(hp: HParams, threads: int | None = None, avail: int | None = None) -> int:
     """Layers the UniQL sorts work on at once (one thread each, edgeq.streaming.layer_workers):
     the build's threads (``EDGEQ_THREADS`` or the CPU count, at most 4), fewer where that many
     layers' sort work would pass half the memory available; the bytes do not depend on it."""
-    threads = threads if threads is not None else (int(os.environ.get("EDGEQ_THREADS", "0")) or os.cpu_count() or 1)
-    avail = available_bytes() if avail is None else avail
-    w = max(1, min(4, int(threads)))
-    while w > 1 and BASE_BYTES + w * sort_layer_bytes(hp) > avail // 2:
-        w -= 1
-    return w
+    return _threads_within_half(lambda w: BASE_BYTES + w * sort_layer_bytes(hp), threads, avail)
 
 
 def calibration_bytes(hp: HParams, calib_samples: int, calib_len: int, workers: int = 1) -> int:
@@ -230,12 +236,7 @@ def planner_workers(hp: HParams, threads: int | None = None, avail: int | None =
     edgeq.streaming.layer_workers): the build's threads (``EDGEQ_THREADS`` or the CPU count, at
     most 4), fewer where the step would pass half the memory available; the plan does not depend
     on it."""
-    threads = threads if threads is not None else (int(os.environ.get("EDGEQ_THREADS", "0")) or os.cpu_count() or 1)
-    avail = available_bytes() if avail is None else avail
-    w = max(1, min(4, int(threads)))
-    while w > 1 and BASE_BYTES + planner_measure_bytes(hp, w) > avail // 2:
-        w -= 1
-    return w
+    return _threads_within_half(lambda w: BASE_BYTES + planner_measure_bytes(hp, w), threads, avail)
 
 
 # The planner's whole-model KL probe (a torch forward of every layer) is used only up to this size

@@ -110,15 +110,15 @@ class GgufBackend(Backend):
     def _lower_rates(self, ir, opts, target, tmp, log):
         """One GGUF per carried pruning rate (MLP widths only; see rates.py)."""
         from edgeq.backends.gguf.lower import tensor_types
-        from edgeq.backends.gguf.rates import gguf_prune_spec, reference_ir_for_gguf, write_gguf_rates
-        from edgeq.families import family
+        from edgeq.backends.gguf.rates import (gguf_prune_spec, one_width_per_rate, reference_ir_for_gguf,
+                                               write_gguf_rates)
         from edgeq.ir import Role, linear_name
 
         d = self.default_options(opts, target)
         log(f"writing one GGUF per pruning rate ({', '.join(f'{r:g}' for r in ir.prune.rates)})")
         files = write_gguf_rates(ir, tmp, lambda r: d["qtype"], progress=True)
         spec = gguf_prune_spec(ir)
-        one_width = family(ir.arch).gguf_rates_refusal is not None
+        one_width = one_width_per_rate(ir.arch)
         first = tmp / files[0.0]
         types = tensor_types(ir, d["qtype"])
         manifest = self.manifest(files[0.0], types[linear_name(0, Role.Q)].value, d["bits"], prune={

@@ -146,6 +146,12 @@ def _mlp_only_widths(hp: HParams, ws: tuple[LayerWidths, ...], g: int) -> list[i
     return [int(x) for x in _round_to_granularity(kept, g, F)]
 
 
+def one_width_per_rate(arch) -> bool:
+    """The family's llama.cpp architecture has one ``n_ff`` for every layer and no per-layer-width
+    counterpart (its ``gguf_rates_refusal``): its rate files keep one MLP width in every layer."""
+    return family(arch).gguf_rates_refusal is not None
+
+
 def _one_width(ffn: list[int], g: int, F: int) -> int:
     """One MLP width for every layer carrying the same total channels as ``ffn`` (per-layer
     widths): the mean, rounded to the nearest multiple of ``g`` (half a step up), within [g, F]."""
@@ -193,7 +199,7 @@ def gguf_prune_spec(ir: ModelIR, mode: GGUFRateMode | str = GGUFRateMode.MLP_ONL
     hp = ir.hparams
     full = full_widths(hp)
     spec = ir.prune
-    one_width = family(hp.arch).gguf_rates_refusal is not None  # its architecture has one n_ff
+    one_width = one_width_per_rate(hp.arch)
     if spec is None:
         return PruneSpec(rates=(0.0,), widths={0.0: tuple(full for _ in range(hp.num_layers))}, granularity=1)
     widths: dict[float, tuple[LayerWidths, ...]] = {}
