@@ -10,6 +10,7 @@ import click
 
 from edgeq import __version__, backends
 from edgeq.errors import EdgeqError
+from edgeq.interrupts import must_not_raise_in
 
 FORMAT_HELP = ", ".join(f"{b.name} ({b.summary})" for b in backends.backends())
 
@@ -38,11 +39,12 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum, frame):
-    """SIGTERM -> Terminated, SIGINT -> KeyboardInterrupt; but where the signal interrupted the
-    import system (``<frozen importlib...>``), an exception raised here can land in one of its
-    weakref callbacks, which prints it as "Exception ignored" and drops it (the build then ran on:
-    seen in CI): the signal is sent again 50 ms later instead, once the import is done."""
-    if frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
+    """SIGTERM -> Terminated, SIGINT -> KeyboardInterrupt; but where the signal interrupted code
+    that drops exceptions raised in it (a ctypes callback such as llama.cpp's log callback, or the
+    import system's weakref callbacks: Python prints "Exception ignored" and the build runs on,
+    seen in CI), the signal is sent again 50 ms later instead, once that code has returned
+    (``edgeq.interrupts``)."""
+    if must_not_raise_in(frame):
         import os
         import threading
 

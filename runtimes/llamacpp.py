@@ -18,6 +18,7 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from edgeq.errors import EdgeqError, require
+from edgeq.interrupts import no_raise_here
 from runtimes.base import Session
 
 
@@ -33,6 +34,7 @@ def _silence_llama_log(llama_cpp) -> None:
         return
 
     @llama_cpp.llama_log_callback
+    @no_raise_here  # a Ctrl-C raised in here would be dropped by ctypes (edgeq.interrupts)
     def _cb(level, text, user_data):  # noqa: ARG001
         if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR (ggml.h numbering)
             _LOG_TAIL.append((int(level), text.decode("utf-8", errors="replace").strip()))

@@ -109,3 +109,60 @@ def test_a_signal_inside_the_import_system_is_sent_again_not_dropped(monkeypatch
         cli._raise_terminated(signal.SIGTERM, normal)
     with pytest.raises(KeyboardInterrupt):
         cli._raise_terminated(signal.SIGINT, normal)
+
+
+def test_a_signal_inside_a_c_callback_is_sent_again_not_dropped(monkeypatch):
+    # ctypes prints and drops an exception raised in a callback (llama.cpp's log callback: a
+    # SIGTERM there let a build run on, seen in CI): the handler re-sends the signal instead
+    import signal
+    import sys
+    import time
+
+    from edgeq import cli
+    from edgeq.interrupts import no_raise_here
+
+    sent = []
+    monkeypatch.setattr("os.kill", lambda pid, sig: sent.append(sig))
+
+    @no_raise_here
+    def callback():
+        return sys._getframe()
+
+    def ordinary():
+        return sys._getframe()
+
+    assert cli._raise_terminated(signal.SIGTERM, callback()) is None
+    deadline = time.monotonic() + 5
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sent == [signal.SIGTERM]
+    with pytest.raises(cli.Terminated):
+        cli._raise_terminated(signal.SIGTERM, ordinary())
+
+
+def test_llama_cpp_log_callback_is_marked_as_a_place_not_to_raise(tmp_path):
+    # the frames llama.cpp's log callback runs in (caught as llama.cpp rejects a bad file) are
+    # ones the signal handler will not raise in
+    import sys
+
+    from edgeq.errors import EdgeqError
+    from edgeq.interrupts import must_not_raise_in
+    from runtimes.llamacpp import LlamaCppSession
+
+    pytest.importorskip("llama_cpp")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 64)
+    frames = []
+
+    def profile(frame, event, arg):  # noqa: ARG001
+        if event == "call" and frame.f_code.co_filename.endswith("llamacpp.py") and frame.f_code.co_name == "_cb":
+            frames.append(frame)
+
+    sys.setprofile(profile)
+    try:
+        with pytest.raises(EdgeqError):
+            LlamaCppSession(bad)
+    finally:
+        sys.setprofile(None)
+    assert frames, "llama.cpp logged nothing for a bad file"
+    assert all(must_not_raise_in(f) for f in frames)
