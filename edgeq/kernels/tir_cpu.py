@@ -11,7 +11,13 @@ compiled for (:mod:`edgeq.kernels.compile`).
   (codes converted and centred in registers), add the low-rank term ``t · B`` where
   ``t = x · Aᵀ`` (M, rank) is computed first, store.
 * prefill (M > 1): per output block and group, dequantize the (group, block) weight tile once into
-  a local buffer, then stream every row of ``x`` through it (weights read once per call, not per row).
+  a local buffer, then stream the rows of ``x`` through it ``prefill_rows(block)`` at a time, one
+  register accumulator per row (weights read once per call, not per row; independent FMA chains).
+
+Small fixed-size scratch (accumulators) is declared without ``scope="local"``: on a CPU target TVM
+places "local" buffers in heap workspace (an allocation per call or task, and stores LLVM cannot
+drop since it cannot prove they do not alias the arguments), while a small "global" one becomes a
+stack array that LLVM keeps in registers.
 
 All shapes are symbolic: ``K`` is taken from ``x`` and ``N`` from ``y`` (the active widths of a
 pruned layer), the weight buffers may be larger (the full widths).
@@ -108,8 +114,8 @@ def decode_source(spec: KernelSpec) -> str:
             for kk in range({G}):
                 xs[m, g] = xs[m, g] + x[m, g * {G} + kk]
     for nb in T.parallel(N // {V}):
-        acc = T.decl_buffer(({V},), "float32", scope="local")
-        gacc = T.decl_buffer(({V},), "float32", scope="local")
+        acc = T.decl_buffer(({V},), "float32")
+        gacc = T.decl_buffer(({V},), "float32")
         for m in range(M):
             for j in T.vectorized({V}):
                 acc[j] = T.float32(0)
@@ -126,14 +132,28 @@ def decode_source(spec: KernelSpec) -> str:
 """
 
 
+ACC_FLOATS = 64  # floats of accumulators a kernel keeps in registers (8 AVX2 registers)
+
+
+def prefill_rows(block: int) -> int:
+    """Rows of ``x`` per register block in the prefill kernel: ``ACC_FLOATS`` accumulators in all
+    (8 rows at block 8, 2 at block 32). Their 256 bytes stay under TVM's stack limit for scratch
+    (1024 bytes; larger scratch goes to heap workspace, and LLVM keeps it in memory)."""
+    return max(1, ACC_FLOATS // block)
+
+
 def prefill_source(spec: KernelSpec) -> str:
-    V, G = spec.block, spec.group
+    """Per output block and group: dequantize the (group, block) weight tile once into a local
+    buffer, then stream the rows of ``x`` through it ``prefill_rows(block)`` at a time — one vector
+    load of the tile feeds as many independent FMA chains (register blocking over rows:
+    one chain per row would wait on the FMA latency and reload the tile per row); the rows past
+    the last whole block go one at a time."""
+    V, G, RB = spec.block, spec.group, prefill_rows(spec.block)
     per = 2 if spec.bits == 4 else 1
     rows = G // per
     c = centred(spec, f"g * {rows} + kk", "j")
     fill = "\n".join(f"""                    for j in T.vectorized({V}):
                         w[kk * {per} + {p}, j] = {c[p]} * sc[nb, g, j]""" for p in range(per))
-    init = "T.float32(0)"
     lr = ""
     if spec.rank:
         lr = f"""            for r in range({spec.rank}):
@@ -142,21 +162,32 @@ def prefill_source(spec: KernelSpec) -> str:
 """
     return _HEADER + signature(spec) + low_rank_t(spec) + f"""    for nb in T.parallel(N // {V}):
         w = T.decl_buffer(({G}, {V}), "float32", scope="local")
-        acc = T.decl_buffer(({V},), "float32", scope="local")
+        acc = T.decl_buffer(({RB}, {V}), "float32")
         for m in range(M):
             for j in T.vectorized({V}):
-                y[m, nb * {V} + j] = {init}
+                y[m, nb * {V} + j] = T.float32(0)
 {lr}        for g in range(K // {G}):
             for kk in range({rows}):
 {fill}
-            for m in range(M):
+            for mb in range(M // {RB}):
+                for i in T.unroll({RB}):
+                    for j in T.vectorized({V}):
+                        acc[i, j] = T.float32(0)
+                for kk in range({G}):
+                    for i in T.unroll({RB}):
+                        for j in T.vectorized({V}):
+                            acc[i, j] = acc[i, j] + x[mb * {RB} + i, g * {G} + kk] * w[kk, j]
+                for i in T.unroll({RB}):
+                    for j in T.vectorized({V}):
+                        y[mb * {RB} + i, nb * {V} + j] = y[mb * {RB} + i, nb * {V} + j] + acc[i, j]
+            for mr in range(M % {RB}):
                 for j in T.vectorized({V}):
-                    acc[j] = T.float32(0)
+                    acc[0, j] = T.float32(0)
                 for kk in range({G}):
                     for j in T.vectorized({V}):
-                        acc[j] = acc[j] + x[m, g * {G} + kk] * w[kk, j]
+                        acc[0, j] = acc[0, j] + x[M // {RB} * {RB} + mr, g * {G} + kk] * w[kk, j]
                 for j in T.vectorized({V}):
-                    y[m, nb * {V} + j] = y[m, nb * {V} + j] + acc[j]
+                    y[M // {RB} * {RB} + mr, nb * {V} + j] = y[M // {RB} * {RB} + mr, nb * {V} + j] + acc[0, j]
 """
 
 

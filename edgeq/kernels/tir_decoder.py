@@ -125,7 +125,7 @@ def _hsum(buf: str) -> str:
 def _rms(spec: DecoderSpec, src: str) -> str:
     """``h = src * rsqrt(mean(src²) + eps) * w`` over the hidden width (``src`` a (1, H) buffer)."""
     H, L = spec.hidden, LANES
-    return f"""    acc = T.decl_buffer(({L},), "float32", scope="local")
+    return f"""    acc = T.decl_buffer(({L},), "float32")
     for j in T.vectorized({L}):
         acc[j] = T.float32(0)
     for i in range({H // L}):
@@ -170,7 +170,7 @@ def _post_add_norm(name: str, spec: DecoderSpec) -> str:
     pw = T.match_buffer(pw_h, ({H},), "float32")
     w = T.match_buffer(w_h, ({H},), "float32")
     h = T.match_buffer(h_h, (1, {H}), "float32")
-    pacc = T.decl_buffer(({L},), "float32", scope="local")
+    pacc = T.decl_buffer(({L},), "float32")
     for i in T.vectorized({H}):
         y[0, i] = y[0, i] + b[i]
     for j in T.vectorized({L}):
@@ -259,10 +259,10 @@ def _attention(name: str, spec: DecoderSpec) -> str:
     t = T.decl_buffer(({D},), "float32")
     q = T.decl_buffer(({D},), "float32")  # (not "local": a {D}-lane local vector spills, measured slower)
     oacc = T.decl_buffer(({D},), "float32")
-    acc = T.decl_buffer(({L},), "float32", scope="local")
-    hacc = T.decl_buffer(({L},), "float32", scope="local")
-    mx = T.decl_buffer((1,), "float32", scope="local")
-    sm = T.decl_buffer((1,), "float32", scope="local")
+    acc = T.decl_buffer(({L},), "float32")
+    hacc = T.decl_buffer(({L},), "float32")
+    mx = T.decl_buffer((1,), "float32")
+    sm = T.decl_buffer((1,), "float32")
     for g in range({KV}):
         for i in range({D}):
             t[i] = {load(f"{KO} + g * {D}")}
@@ -316,8 +316,8 @@ def _glu(name: str, spec: DecoderSpec) -> str:
     gu = T.match_buffer(gu_h, (1, F2), "float32")
     b = T.match_buffer(b_h, (NBIAS,), "float32")
     a = T.match_buffer(a_h, (1, F), "float32")
-    z = T.decl_buffer(({V},), "float32", scope="local")
-    gl = T.decl_buffer(({V},), "float32", scope="local")
+    z = T.decl_buffer(({V},), "float32")
+    gl = T.decl_buffer(({V},), "float32")
     for nb in range(F // {V}):
 {keep}        for j in T.vectorized({V}):
             z[j] = {pre}

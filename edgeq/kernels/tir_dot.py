@@ -44,8 +44,8 @@ def _quantize(spec: KernelSpec) -> str:
     return f"""    xq = T.decl_buffer((M, K), "int8")
     xd = T.decl_buffer((M, K // {G}), "float32")
     xs = T.decl_buffer((M, K // {G}), "float32")
-    mx = T.decl_buffer(({L},), "float32", scope="local")
-    sm = T.decl_buffer(({L},), "int32", scope="local")
+    mx = T.decl_buffer(({L},), "float32")
+    sm = T.decl_buffer(({L},), "int32")
     for m in range(M):
         for g in range(K // {G}):
             for l in T.vectorized({L}):
@@ -122,7 +122,7 @@ def source(spec: KernelSpec, isa: str) -> str:
                     acc[j] = acc[j] + t[m, r] * {f32_expr(spec, 'b[nb, r, j]')}
 """
     return signature(spec) + low_rank_t(spec) + _quantize(spec) + f"""    for nb in T.parallel(N // {V}):
-        acc = T.decl_buffer(({V},), "float32", scope="local")
+        acc = T.decl_buffer(({V},), "float32")
         for m in range(M):
             for j in T.vectorized({V}):
                 acc[j] = T.float32(0)

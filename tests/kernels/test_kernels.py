@@ -50,12 +50,14 @@ def _cases(spec, shapes=((4, 256), (3, 384))):
     """(arrays, x, n) over shapes (output blocks, K) at full and pruned widths (a prefix of
     output blocks / of input groups)."""
     rng = np.random.default_rng(1)
-    m = 5 if spec.prefill else 1
+    # prefill: rows in register blocks (tir_cpu.prefill_rows: 8 at block 8, 2 at block 32) and a remainder
+    rows = (5, 19) if spec.prefill else (1,)
     for blocks, K in shapes:
         N = blocks * spec.block
         arrays, _ = _weights(spec, N, K)
         for n, k in ((N, K), (N - spec.block, K - spec.group), (spec.block, spec.group)):
-            yield arrays, rng.standard_normal((m, k)).astype(np.float32), n
+            for m in rows:
+                yield arrays, rng.standard_normal((m, k)).astype(np.float32), n
 
 
 @pytest.fixture(scope="module")
