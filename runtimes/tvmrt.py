@@ -63,6 +63,19 @@ class _NoTorch(importlib.abc.MetaPathFinder):
         return None
 
 
+_BLAS = None  # threadpoolctl's controller of the BLAS libraries loaded (found once, ~ms)
+
+
+def _one_blas_thread():
+    """A context holding numpy's BLAS to one thread (~10 µs to enter)."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
+
+
 def _tvm(threads: int | None):
     if threads:
         os.environ["TVM_NUM_THREADS"] = str(threads)  # read when the thread pool starts
@@ -304,6 +317,15 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
         return (h * (1.0 / np.sqrt(ms + np.float32(eps)))[:, :, None] * w).reshape(x.shape)
 
     def _forward(self, ids: Sequence[int]) -> np.ndarray:
+        """The numpy path (prefill, and decode without a compiled decoder) with numpy's BLAS held
+        to one thread: the kernels' parallelism is TVM's thread pool, and OpenBLAS threads spinning
+        beside it between kernel calls halved the prefill at 2 threads (212 vs 452 tok/s on
+        SmolLM2, docs/benchmarks.md); one BLAS thread also gives the bits the build's goldens were
+        recorded with (edgeq.blas)."""
+        with _one_blas_thread():
+            return self._forward_numpy(ids)
+
+    def _forward_numpy(self, ids: Sequence[int]) -> np.ndarray:
         hp = self.hp
         ids = check_tokens(ids, hp.vocab_size, self._pos, self.n_ctx)
         start, T = self._pos, ids.size

@@ -188,3 +188,26 @@ def test_manifest_naming_a_missing_decoder_function_is_refused(biased, tmp_path)
     write_manifest(bad, m)
     with pytest.raises(EdgeqError, match="no decoder function"):
         TvmSession(bad)
+
+
+def test_the_numpy_path_runs_with_one_blas_thread(biased, monkeypatch):
+    # OpenBLAS threads spinning beside TVM's pool between kernel calls halved the prefill at 2
+    # threads: the numpy path (prefill) holds numpy's BLAS to one thread, and gives it back after
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    ir, _, _, root = biased["llama"]
+    s = TvmSession(root, threads=2)
+    real, seen = s._forward_numpy, []
+
+    def spy(ids):
+        seen.append(blas_threads())
+        return real(ids)
+
+    monkeypatch.setattr(s, "_forward_numpy", spy)
+    before = blas_threads()
+    s._start(ids_for(ir)[:PROMPT])
+    assert seen and set(seen[0].values()) == {1}
+    assert blas_threads() == before
