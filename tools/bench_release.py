@@ -5,7 +5,7 @@ matrix artifact compared byte for byte with its single build.
     python tools/bench_release.py --model models/cache/smollm2-135m-instruct --work /tmp/rel \\
         --json /tmp/rel/result.json -- --prune-rates 0,0.15,0.25,0.35 --calib-samples 8 --calib-len 64
 
-Arguments after ``--`` go to every build unchanged. ``--targets`` (default: the six profiles)
+Arguments after ``--`` go to every build unchanged. ``--targets`` (default ``all``: the six profiles)
 picks the matrix; each single build is ``edgeq build MODEL --target T ARGS -o WORK/single-T`` and
 the matrix ``edgeq build MODEL --target T1,T2,... ARGS -o WORK/matrix``. Runs are sequential (no
 two builds compete for the cores): the wall-time ratio is matrix / sum of singles.
@@ -22,7 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-SIX = ["cpu-avx2", "cpu-avx512", "mobile-arm64", "gpu-t4", "gpu-rtx3060", "gpu-rtx4090-laptop"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgeq.errors import EdgeqError  # noqa: E402
+from edgeq.hashing import sha256_file  # noqa: E402
+from edgeq.release import parse_targets  # noqa: E402
 
 
 def timed_build(cmd: list[str], log: Path) -> dict:
@@ -45,7 +49,7 @@ def tree_digest(root: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
         if p.is_file():
-            h.update(str(p.relative_to(root)).encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+            h.update(f"{p.relative_to(root)}\0{sha256_file(p)}\n".encode())  # streamed: GGUFs of GBs
     return h.hexdigest()
 
 
@@ -53,11 +57,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--work", required=True, type=Path)
-    ap.add_argument("--targets", default=",".join(SIX))
+    ap.add_argument("--targets", default="all", help="as edgeq build --target (default: every profile)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("build_args", nargs="*", help="after --: passed to every build")
     a = ap.parse_args(argv)
-    targets = a.targets.split(",")
+    try:
+        targets = parse_targets(a.targets)
+    except EdgeqError as exc:
+        raise SystemExit(f"error: {exc}") from None
     edgeq = [sys.executable, "-m", "edgeq.cli"]
     if a.work.exists():
         shutil.rmtree(a.work)

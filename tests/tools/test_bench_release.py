@@ -37,3 +37,9 @@ def test_a_failing_build_is_one_error_line(tmp_path):
     r = run("--model", str(tmp_path / "missing"), "--work", str(tmp_path / "w"), "--targets", "cpu-avx2")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_bad_target_list_is_one_error_line(tmp_path):
+    r = run("--model", str(tmp_path), "--work", str(tmp_path / "w"), "--targets", "cpu-avx2,cpu-avx2")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error:") and "listed twice" in r.stderr
