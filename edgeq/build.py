@@ -76,6 +76,7 @@ class BuildOptions:
     probe_samples: int = 4  # planner: calibration sequences for the KL sensitivity probe
     sensitivity: str = "kl-probe"  # planner: kl-probe (a tail re-run per tensor) | fisher (backward passes)
     min_speed: float | None = None  # planner: predicted decode >= this x the uniform plan of the same size
+    tvm_activations: str | None = None  # tvm kernels: float32 | int8; None: the profile's [deploy] tvm_activations
 
     @property
     def planned(self) -> bool:
@@ -109,6 +110,8 @@ class BuildOptions:
                 d["prune_dims"] = self.prune_dims
             if self.recover and self.recover_loss != "ce":
                 d["recover_loss"] = self.recover_loss
+        if self.tvm_activations is not None:  # (the default's manifests stay as they were)
+            d["tvm_activations"] = self.tvm_activations
         return d
 
 
@@ -133,6 +136,11 @@ def check_options(opts: BuildOptions, target: TargetProfile) -> None:
                          f"(it runs: {', '.join(target.formats)})")
     if opts.adapter_mode not in ("merge", "separate"):
         raise EdgeqError(f"unknown adapter mode {opts.adapter_mode!r} (merge or separate)")
+    if opts.tvm_activations is not None:
+        if opts.format != "tvm":
+            raise EdgeqError(f"--tvm-activations chooses the tvm format's kernels; this build writes {opts.format}")
+        if opts.tvm_activations not in ("float32", "int8"):
+            raise EdgeqError(f"--tvm-activations must be float32 or int8, got {opts.tvm_activations!r}")
     if opts.bits is not None and opts.bits not in storage.bits_choices():
         raise EdgeqError(f"unsupported --bits {opts.bits} ({storage.or_list(storage.bits_choices())})")
     backend.check_options(opts, target)

@@ -161,6 +161,9 @@ def targets(as_json):
 @click.option("--min-speed", type=float, default=None,
               help="Planner: predicted decode speed at least this x the uniform plan of the same size (e.g. 0.97; "
                    "the profile's speed costs, docs/targets.md).")
+@click.option("--tvm-activations", type=click.Choice(["float32", "int8"]), default=None,
+              help="--format tvm: the kernels' activations, float32 or int8 per group with integer dot products "
+                   "(AVX-512 VNNI, AVX-VNNI, AVX2, aarch64 dotprod). Default: the target's [deploy] tvm_activations.")
 @click.option("--executor", default=None, show_default="inprocess; ray with --ray-address",
               metavar="inprocess|processes|ray|ray://HOST:PORT",
               help="Run the build's tasks in this process, in parallel worker processes, or on Ray (ray: "
@@ -176,7 +179,8 @@ def targets(as_json):
 @_fail_cleanly
 def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, no_goldens, prune_rates, sort,
           importance, calib_samples, calib_len, calib_data, recover, recover_steps, recover_loss, prune_bias,
-          prune_dims, plan_file, budget_mb, bpw, sensitivity, min_speed, executor, jobs, ray_address):
+          prune_dims, plan_file, budget_mb, bpw, sensitivity, min_speed, tvm_activations, executor, jobs,
+          ray_address):
     """Compile MODEL (HF checkpoint dir or .gguf) into an artifact directory (or, for several
     targets, a release directory)."""
     from edgeq.build import BuildOptions, build as run_build
@@ -193,7 +197,7 @@ def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, n
                         recover=recover, recover_steps=recover_steps, recover_loss=recover_loss,
                         prune_bias=prune_bias, prune_dims=prune_dims,
                         plan=plan_file, budget_mb=budget_mb, bpw=bpw,
-                        sensitivity=sensitivity, min_speed=min_speed)
+                        sensitivity=sensitivity, min_speed=min_speed, tvm_activations=tvm_activations)
     from edgeq.release import is_matrix
 
     if jobs is not None and jobs < 1:

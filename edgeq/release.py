@@ -88,6 +88,8 @@ def members_for(opts: BuildOptions, names: list[str], formats: list[str | None],
             o = resolve_format(dataclasses.replace(opts, target=name, format=fmt), prof)
             label = f"{name}-{o.format}"
             o = dataclasses.replace(o, out=root / label, force=False)
+            if o.format != "tvm":  # --tvm-activations chooses the tvm members' kernels only
+                o = dataclasses.replace(o, tvm_activations=None)
             try:
                 check_options(o, prof)
             except EdgeqError as exc:

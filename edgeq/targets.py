@@ -152,7 +152,7 @@ class TargetProfile:
     # onnxruntime MatMulNBits accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute)
     onnx_accuracy_level: int = 4
     # the tvm kernels' activations: float32, or int8 per group with integer dot products (needs
-    # AVX-512 VNNI / AVX-VNNI / aarch64 dotprod in isa.features; edgeq.kernels.tir_dot)
+    # AVX-512 VNNI / AVX-VNNI / AVX2 / aarch64 dotprod in isa.features; edgeq.kernels.tir_dot)
     tvm_activations: str = "float32"
 
     def plan_types(self, fmt: str = "gguf") -> tuple[str, ...]:
@@ -337,9 +337,9 @@ def parse_target(data: Mapping[str, Any], where: str = "<target>", source: Path 
     tvm_act = dep.string("tvm_activations", required=False) or "float32"
     if tvm_act not in ("float32", "int8"):
         raise dep.error(f"'deploy.tvm_activations' must be float32 or int8, got {tvm_act!r}")
-    if tvm_act == "int8" and not set(features) & {"avx512vnni", "avxvnni", "dotprod"}:
+    if tvm_act == "int8" and not set(features) & {"avx512vnni", "avxvnni", "avx2", "dotprod"}:
         raise dep.error("'deploy.tvm_activations' int8 needs an integer dot instruction in 'isa.features' "
-                        "(avx512vnni, avxvnni or dotprod)")
+                        "(avx512vnni, avxvnni, avx2 or dotprod)")
 
     plan_bpw, plan_ranks = None, (0,)
     if "plan" in data:

@@ -132,7 +132,8 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
         self.hp = hp = HParams.from_json(m["hparams"])
         self.n_ctx = n_ctx
         self.block = int(info["block"])
-        self._dot_layout = info.get("act", "float32") == "int8"
+        # the embedding table is the head kernel's: its layout follows the head's activations
+        self._dot_layout = info.get("head_act", info.get("act", "float32")) == "int8"
         self._load_weights(artifact_path(root, info["weights_file"]), info)
         self._spec = None
         self._tok_file = info.get("tokenizer_file")

@@ -20,7 +20,8 @@ bandwidth (a large numpy copy: read + write bytes / time). Medians; writes OUT/r
 
 ``--int8`` (issue 16): float-activation vs int8-activation kernels (``act="int8"``: x quantized
 per group, integer dot products, :mod:`edgeq.kernels.tir_dot`), both compiled for ``--target``
-(default there ``cascadelake``, the cpu-avx512 profile: AVX-512 VNNI), on the shapes above plus
+(default there ``cascadelake``, the cpu-avx512 profile: AVX-512 VNNI; ``haswell``: AVX2's
+``vpmaddubsw``), on the shapes above plus
 the 8-bit head 49152x576, decode (M = 1) hot and cold, and one prefill call of ``--prefill-m``
 rows hot (``--clock cpu``: process CPU time instead of wall time — with ``--threads 1`` the
 measure that other load on a shared machine does not inflate); with each int8 kernel's error vs the float kernel's (max |Δ| / max |y|, random
@@ -67,7 +68,8 @@ def main() -> None:
     ap.add_argument("--ranks", default="0,16,32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--target", default="haswell", help="LLVM mcpu (haswell = the cpu-avx2 profile)")
+    ap.add_argument("--target", default=None,
+                    help="LLVM mcpu (default haswell = the cpu-avx2 profile; with --int8 cascadelake = cpu-avx512)")
     ap.add_argument("--lr-dtype", default="float32", choices=["float32", "float16"],
                     help="storage of the low-rank factors")
     ap.add_argument("--out", type=Path, default=None, help="default out/bench-kernels[-fp16]")
@@ -81,9 +83,9 @@ def main() -> None:
         sys.path.insert(0, str(REPO / "tools"))
         from bench_int8 import compare  # noqa: E402
 
-        if a.target == "haswell":
-            a.target = "cascadelake"
+        a.target = a.target or "cascadelake"
         return compare(a, log, memory_bandwidth, COLD_BYTES, SHAPES + [HEAD])
+    a.target = a.target or "haswell"
     if a.out is None:
         a.out = REPO / "out" / ("bench-kernels" + ("-fp16" if a.lr_dtype == "float16" else ""))
     os.environ["TVM_NUM_THREADS"] = str(a.threads)

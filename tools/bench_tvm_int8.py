@@ -1,10 +1,12 @@
-"""Issue 16 item 2, end to end: SmolLM2-135M-Instruct ``--format tvm --bits 4`` for the cpu-avx512
-profile with float32-activation kernels vs int8-activation kernels (``[deploy] tvm_activations``).
+"""Issue 16 item 2, end to end: SmolLM2-135M-Instruct ``--format tvm --bits 4`` for a CPU profile
+(``--profile``: cpu-avx512, VNNI; cpu-avx2, AVX2's vpmaddubsw) with float32-activation kernels vs
+int8-activation kernels (``[deploy] tvm_activations``).
 
-    .venv/bin/python tools/bench_tvm_int8.py [--stage quality|speed|all] [--runs 5] [--rounds 2]
-        [--threads 2] [--ppl-tokens 8192] [--kl-tokens 2048] [--out out/bench-tvm-int8]
+    .venv/bin/python tools/bench_tvm_int8.py [--profile cpu-avx512] [--stage quality|speed|all]
+        [--runs 5] [--rounds 2] [--threads 2] [--ppl-tokens 8192] [--kl-tokens 2048]
+        [--out out/bench-tvm-int8 (cpu-avx2: out/bench-tvm-int8-avx2)]
 
-Both artifacts are built from copies of targets/cpu-avx512.toml with the field set explicitly
+Both artifacts are built from copies of targets/<profile>.toml with the field set explicitly
 (so the comparison does not depend on what the shipped profile chooses). Quality: wikitext-2
 perplexity of each, KL(float-act artifact ‖ int8-act artifact) — what the int8 activations cost —
 and each one's ``edgeq verify`` verdict (the reference check against the fp32 model, with the
@@ -33,25 +35,25 @@ import bench_onnx  # noqa: E402
 ACTS = {"tvm-f32act": "float32", "tvm-int8act": "int8"}
 
 
-def profile_copy(out: Path, act: str) -> Path:
-    name = f"cpu-avx512-{act}"
-    src = (REPO / "targets" / "cpu-avx512.toml").read_text()
+def profile_copy(out: Path, act: str, profile: str = "cpu-avx512") -> Path:
+    name = f"{profile}-{act}"
+    src = (REPO / "targets" / f"{profile}.toml").read_text()
     lines = [ln for ln in src.splitlines() if not ln.startswith("tvm_activations")]
-    text = "\n".join(lines).replace('name = "cpu-avx512"', f'name = "{name}"')
+    text = "\n".join(lines).replace(f'name = "{profile}"', f'name = "{name}"')
     text = text.replace("\n[deploy]\n", f'\n[deploy]\ntvm_activations = "{act}"\n')
     path = out / f"{name}.toml"
     path.write_text(text + "\n")
     return path
 
 
-def build(out: Path) -> dict[str, Path]:
+def build(out: Path, profile: str = "cpu-avx512") -> dict[str, Path]:
     arts = {}
     for name, act in ACTS.items():
         path = out / name
         if not (path / "manifest.json").exists():
             bench_onnx.log(f"building {name}")
             subprocess.run([sys.executable, "-m", "edgeq.cli", "build", str(bench_onnx.MODEL), "--target",
-                            str(profile_copy(out, act)), "--format", "tvm", "--bits", "4", "-o", str(path),
+                            str(profile_copy(out, act, profile)), "--format", "tvm", "--bits", "4", "-o", str(path),
                             "--force"], check=True, cwd=REPO)
         arts[name] = path
     return arts
@@ -153,10 +155,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stage", choices=["all", "quality", "speed"], default="all")
-    ap.add_argument("--out", type=Path, default=REPO / "out" / "bench-tvm-int8")
+    ap.add_argument("--profile", default="cpu-avx512", choices=["cpu-avx512", "cpu-avx2"])
+    ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
+    if a.out is None:
+        a.out = REPO / "out" / ("bench-tvm-int8" + ("-avx2" if a.profile == "cpu-avx2" else ""))
     a.out.mkdir(parents=True, exist_ok=True)
-    arts = build(a.out)
+    arts = build(a.out, a.profile)
     res_path = a.out / "results.json"
     res = json.loads(res_path.read_text()) if res_path.exists() else {}
     if a.stage in ("all", "quality"):

@@ -57,7 +57,8 @@ def kernel_block(target: Mapping) -> int:
 
 def dot_isa(target: Mapping) -> str | None:
     """The integer dot instruction of an LLVM CPU target (its ``mcpu`` / ``mattr`` as LLVM knows
-    them): AVX-512 VNNI first (zmm), then AVX-VNNI (ymm), then aarch64 dotprod; None without one."""
+    them): AVX-512 VNNI first (zmm), then AVX-VNNI (ymm), then AVX2's ``vpmaddubsw`` pair (no dot
+    instruction, the same products in two), aarch64 dotprod; None without one."""
     if is_cuda(target):
         return None
     tvm = _tvm()
@@ -66,7 +67,7 @@ def dot_isa(target: Mapping) -> str | None:
     t = _target(target)
     if is_aarch64(target):
         return "sdot" if target_has_features("dotprod", t) else None
-    for feature in ("avx512vnni", "avxvnni"):
+    for feature in ("avx512vnni", "avxvnni", "avx2"):
         if target_has_features(feature, t):
             return feature
     return None
@@ -78,8 +79,8 @@ def prim_func(spec: KernelSpec, cuda: bool = False, isa: str | None = None):
 
     if spec.act == "int8":
         if cuda or isa is None:
-            raise EdgeqError(f"{spec.name}: int8 activations need an integer dot instruction (AVX-512 VNNI, "
-                             "AVX-VNNI or aarch64 dotprod); this target has none")
+            raise EdgeqError(f"{spec.name}: int8 activations need integer dot products (AVX-512 VNNI, "
+                             "AVX-VNNI, AVX2 or aarch64 dotprod); this target has none")
         src = tir_dot.source(spec, isa)
     else:
         src = tir_cuda.source(spec) if cuda else tir_cpu.source(spec)

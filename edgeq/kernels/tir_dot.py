@@ -9,7 +9,14 @@ target's dot instruction — each 32-bit lane sums 4 byte products per instructi
   codes × signed activations, so the raw codes (0..15 / 0..255) go in as they are;
 * ``avxvnni`` — the same on ymm (8 lanes, ``.256``; VEX-encoded ``{vex} vpdpbusd`` without AVX-512);
 * ``sdot`` — aarch64 dotprod ``sdot`` (4 lanes; ``llvm.aarch64.neon.sdot``): signed × signed, so
-  8-bit codes enter as ``q − 128`` (one ``eor``), 4-bit nibbles (0..15) as they are.
+  8-bit codes enter as ``q − 128`` (one ``eor``), 4-bit nibbles (0..15) as they are;
+* ``avx2`` — no dot instruction: ``vpmaddubsw`` (unsigned × signed bytes, adjacent pairs summed to
+  int16, saturating) then ``vpmaddwd`` with ones (adjacent int16 pairs to int32): the same 4 byte
+  products per 32-bit lane on ymm (8 lanes), as llama.cpp's AVX2 Q4_0 × Q8_0 dot does. 4-bit
+  nibbles × int8 stay below the int16 bound even summed over 8 instructions (8 · 2 · 15 · 127 =
+  30,480 < 32,767), so up to 8 ``vpmaddubsw`` results are added as int16 before one ``vpmaddwd``.
+  8-bit codes enter as ``w = q − 128`` with the sign moved onto the activations
+  (``|w|`` × ``sign(x, w)``, ``vpsignb``): 2 · 128 · 127 = 32,512 does not saturate.
 
 After each group: ``acc += (Σ xq·(q − off) + (off − z)·Σ xq) · s · dx`` in float32 (``off`` the
 offset the instruction needed: 128 for 8-bit codes under ``sdot``, else 0). The low-rank branch
@@ -27,7 +34,10 @@ DOT = {
     "avx512vnni": (16, "llvm.x86.avx512.vpdpbusd.512"),
     "avxvnni": (8, "llvm.x86.avx512.vpdpbusd.256"),
     "sdot": (4, "llvm.aarch64.neon.sdot.v4i32.v16i8"),
+    "avx2": (8, None),  # vpmaddubsw + vpmaddwd (below)
 }
+PMADDUBSW, PMADDWD, PSIGNB = "llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd", "llvm.x86.avx2.psign.b"
+INT16_TERMS = 8  # 4-bit x int8 vpmaddubsw results summed in int16 before widening (bound above)
 QMAX = 127
 LANES = 8  # vector width of the quantization prologue's max / sum
 
@@ -67,6 +77,28 @@ def _quantize(spec: KernelSpec) -> str:
 """
 
 
+def _avx2_chain(pairs: list[tuple[str, str]], bits: int, lanes: int) -> str:
+    """int32x8 sum of the byte products of ``pairs`` ((uint8x32 weights, int8x32 activations)
+    expressions) with AVX2's ``vpmaddubsw`` + ``vpmaddwd``: 4-bit codes summed in int16 over up to
+    :data:`INT16_TERMS` instructions first; 8-bit codes as ``|q − 128|`` × ``sign(x, q − 128)``."""
+    b, h = 4 * lanes, 2 * lanes  # bytes per operand, int16 lanes (2 per int32 lane)
+    ones = f"T.broadcast(T.int16(1), {h})"
+
+    def madd(w: str, x: str) -> str:
+        if bits == 8:
+            ws = f'T.reinterpret("int8x{b}", T.bitwise_xor({w}, T.broadcast(T.uint8(128), {b})))'
+            w = f'T.reinterpret("uint8x{b}", T.call_llvm_pure_intrin("int8x{b}", "{PSIGNB}", {ws}, {ws}))'
+            x = f'T.call_llvm_pure_intrin("int8x{b}", "{PSIGNB}", {x}, {ws})'
+        return f'T.call_llvm_pure_intrin("int16x{h}", "{PMADDUBSW}", {w}, {x})'
+
+    per = INT16_TERMS if bits == 4 else 1
+    out = []
+    for i in range(0, len(pairs), per):
+        s16 = " + ".join(madd(w, x) for w, x in pairs[i:i + per])
+        out.append(f'T.call_llvm_pure_intrin("int32x{lanes}", "{PMADDWD}", {s16}, {ones})')
+    return " + ".join(out) if out else f"T.broadcast(T.int32(0), {lanes})"
+
+
 def source(spec: KernelSpec, isa: str) -> str:
     if isa not in DOT:
         raise EdgeqError(f"no integer dot instruction {isa!r} (one of {', '.join(DOT)})")
@@ -79,7 +111,7 @@ def source(spec: KernelSpec, isa: str) -> str:
     W = G * spec.bits // 32  # 32-bit words per lane and group
     B = 4 * L  # bytes per instruction operand
     signed = isa == "sdot"
-    off = 128 if signed and spec.bits == 8 else 0
+    off = 128 if isa in ("sdot", "avx2") and spec.bits == 8 else 0
 
     def x_word(k: str) -> str:
         return f'T.reinterpret("int8x{B}", T.broadcast(T.reinterpret("int32", xq[m, T.ramp({k}, 1, 4)]), {L}))'
@@ -99,6 +131,7 @@ def source(spec: KernelSpec, isa: str) -> str:
     lines = []
     for jj in range(V // L):
         chains = {0: f"T.broadcast(T.int32(0), {L})", 1: f"T.broadcast(T.int32(0), {L})"}
+        pairs = {0: [], 1: []}
         for c in range(W):
             w = f"qw[nb, g * {W} + {c}, T.ramp({jj * B}, 1, {B})]"
             if spec.bits == 8:
@@ -107,7 +140,13 @@ def source(spec: KernelSpec, isa: str) -> str:
                 parts = [(0, f"T.bitwise_and({w}, T.broadcast(T.uint8(15), {B}))", f"g * {G} + {c * 8}"),
                          (1, f"T.shift_right({w}, T.broadcast(T.uint8(4), {B}))", f"g * {G} + {c * 8 + 4}")]
             for ch, we, k in parts:
-                chains[ch] = f'T.call_llvm_pure_intrin("int32x{L}", "{intrin}", {chains[ch]}, {weights(we)}, {x_word(k)})'
+                if isa == "avx2":  # one int16 sum over both nibbles (bound above)
+                    pairs[ch if spec.bits == 8 else 0].append((we, x_word(k)))
+                else:
+                    chains[ch] = f'T.call_llvm_pure_intrin("int32x{L}", "{intrin}", {chains[ch]}, {weights(we)}, {x_word(k)})'
+        if isa == "avx2":
+            for ch in chains:
+                chains[ch] = _avx2_chain(pairs[ch], spec.bits, L)
         # the group's int32 sums of this chunk, then y += dx * s * (Σ xq·(q - off) + (off - z) Σ xq)
         lanes = f"T.ramp({jj * L}, 1, {L})"
         z = (f"T.broadcast(T.float32({spec.zero_point - off}) * xs[m, g], {L})" if spec.symmetric

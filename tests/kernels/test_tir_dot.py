@@ -1,6 +1,7 @@
 """int8-activation kernels (per-group int8 x, integer dot products; edgeq/kernels/tir_dot.py) vs
 the numpy oracle of the same arithmetic (edgeq/kernels/act_quant.py): AVX-512 VNNI and AVX-VNNI
-run on this host, aarch64 ``sdot`` under qemu; the dot instruction checked in the generated code."""
+run where the host has them, AVX2 (``vpmaddubsw`` + ``vpmaddwd``) on any x86-64 host with AVX2,
+aarch64 ``sdot`` under qemu; the instructions checked in the generated code."""
 import os
 import subprocess
 from pathlib import Path
@@ -19,7 +20,8 @@ from kernel_weights import random_weights
 VNNI512 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake"}  # the cpu-avx512 profile
 AVXVNNI = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "alderlake"}
 AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
-HASWELL = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}
+HASWELL = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}  # the cpu-avx2 profile
+SANDY = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sandybridge"}  # AVX, no AVX2
 REL = 1e-5  # the float epilogue (scales, low-rank branch) vs the float64 oracle
 CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
 NO_VNNI = "host has no AVX-512 VNNI / AVX-VNNI: compiled, not run"
@@ -79,14 +81,14 @@ def _widths(spec, n, k):
 
 def test_dot_isa_of_the_profiles():
     assert kc.dot_isa(VNNI512) == "avx512vnni" and kc.dot_isa(AVXVNNI) == "avxvnni"
-    assert kc.dot_isa(AARCH64) == "sdot" and kc.dot_isa(HASWELL) is None
+    assert kc.dot_isa(AARCH64) == "sdot" and kc.dot_isa(HASWELL) == "avx2" and kc.dot_isa(SANDY) is None
     assert kc.dot_isa({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}) is None
 
 
 def test_a_target_without_dot_instructions_is_refused():
-    with pytest.raises(EdgeqError, match="integer dot instruction"):
-        kc.build([KernelSpec(bits=4, block=32, act="int8")], HASWELL)
-    with pytest.raises(EdgeqError, match="integer dot instruction"):
+    with pytest.raises(EdgeqError, match="integer dot products"):
+        kc.build([KernelSpec(bits=4, block=32, act="int8")], SANDY)
+    with pytest.raises(EdgeqError, match="integer dot products"):
         kc.build([KernelSpec(bits=4, block=32, act="int8")], {"kind": "cuda", "arch": "sm_86"})
     with pytest.raises(EdgeqError, match="activations"):
         KernelSpec(act="int4")
@@ -101,9 +103,18 @@ def test_x86_kernels_use_vpdpbusd(target, isa, reg):
         assert all("{vex}" in ln for ln in dots)  # VEX-encoded AVX-VNNI, no AVX-512 needed
 
 
-@pytest.fixture(scope="module", params=[VNNI512, AVXVNNI], ids=["avx512vnni", "avxvnni"])
+def test_avx2_kernels_use_vpmaddubsw():
+    """AVX2 has no dot instruction: byte products by vpmaddubsw, widened by vpmaddwd, 8-bit codes'
+    signs moved onto the activations by vpsignb; no vpdpbusd (not on a Haswell)."""
+    asm = kc.build(SPECS[:4] + SPECS[8:12], HASWELL).mod.inspect_source("asm")
+    ops = {op: [ln for ln in asm.splitlines() if op in ln] for op in ("vpmaddubsw", "vpmaddwd", "vpsignb")}
+    assert all(ops.values()) and all("ymm" in ln for lns in ops.values() for ln in lns)
+    assert "vpdpbusd" not in asm and "zmm" not in asm
+
+
+@pytest.fixture(scope="module", params=[VNNI512, AVXVNNI, HASWELL], ids=["avx512vnni", "avxvnni", "avx2"])
 def x86(request):
-    flag = {"avx512vnni": "avx512_vnni", "avxvnni": "avx_vnni"}[kc.dot_isa(request.param)]
+    flag = {"avx512vnni": "avx512_vnni", "avxvnni": "avx_vnni", "avx2": "avx2"}[kc.dot_isa(request.param)]
     if flag not in CPU_FLAGS:
         pytest.skip(NO_VNNI)
     return kc.build(SPECS, request.param)

@@ -68,8 +68,19 @@ class TvmOptions:
     # cached GEMV, docs/benchmarks.md) and computed in float32
     lr_dtype: str = "float16"
     # float32, or int8: activations quantized per group, integer dot products (the profile's
-    # [deploy] tvm_activations; every kernel of the artifact, head included; edgeq.kernels.tir_dot)
+    # [deploy] tvm_activations; the block linears' kernels, and the head's but on AVX2 (head_act);
+    # edgeq.kernels.tir_dot)
     act: str = "float32"
+
+    @property
+    def head_act(self) -> str:
+        """The 8-bit head / embedding kernels' activations: ``act``, except float32 where the int8
+        products are AVX2's ``vpmaddubsw`` pair — 8-bit codes need its sign trick there (three more
+        instructions per 32 codes) and that kernel measured 0.66-0.79x the float one on the
+        49152x576 head (docs/benchmarks.md, "int8 on AVX2"), while 4-bit ones gain 1.4-2.6x."""
+        if self.act == "int8" and kc.dot_isa(self.target) == "avx2":
+            return "float32"
+        return self.act
 
     def to_json(self) -> dict:
         return {"bits": self.bits, "group": self.group, "target": dict(self.target), "lr_dtype": self.lr_dtype,
@@ -189,7 +200,7 @@ def check(ir: ModelIR, opts: TvmOptions) -> list[str]:
     if opts.bits not in (4, 8):
         problems.append(f"the tvm format stores int4 or int8 weights, got {opts.bits} bits")
     if opts.act == "int8" and kc.dot_isa(opts.target) is None:
-        problems.append(f"int8 activations need an integer dot instruction (AVX-512 VNNI, AVX-VNNI, aarch64 "
+        problems.append(f"int8 activations need integer dot products (AVX-512 VNNI, AVX-VNNI, AVX2, aarch64 "
                         f"dotprod); target {dict(opts.target)} has none")
     for name, n in (("hidden", hp.hidden_size), ("ffn", hp.intermediate_size), ("vocab", hp.vocab_size),
                     ("q|k|v", (hp.num_heads + 2 * hp.num_kv_heads) * hp.head_dim)):
@@ -213,7 +224,7 @@ def decoder_spec(ir: ModelIR, opts: TvmOptions) -> DecoderSpec | None:
     if hp.hidden_size % LANES or hp.head_dim % LANES or hp.num_heads % hp.num_kv_heads:
         return None
     return DecoderSpec(hidden=hp.hidden_size, heads=hp.num_heads, kv_heads=hp.num_kv_heads, head_dim=hp.head_dim,
-                       block=kc.kernel_block(opts.target), dot_layout=opts.act == "int8", act=hp.hidden_act,
+                       block=kc.kernel_block(opts.target), dot_layout=opts.head_act == "int8", act=hp.hidden_act,
                        qk_norm=hp.qk_norm, sandwich=hp.sandwich_norm)
 
 
@@ -231,7 +242,7 @@ def specs_for(ir: ModelIR, opts: TvmOptions) -> set:
                                    lr_dtype=opts.lr_dtype, act=opts.act,
                                    prefill=prefill))
     g = int(_format(8, opts.group, hp.hidden_size).split("_g")[1].split("_")[0])
-    out |= {KernelSpec(bits=8, group=g, block=block, prefill=p, act=opts.act) for p in (False, True)}
+    out |= {KernelSpec(bits=8, group=g, block=block, prefill=p, act=opts.head_act) for p in (False, True)}
     return out
 
 
@@ -322,7 +333,7 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
                     small[f"blk.{i}.{name}.rate_bias"] = t
     for name in heads:
         n, k = ir.tensors[name].shape
-        for key, spec in _packed_shapes(n, k, 0, 8, opts.group, block, act=opts.act).items():
+        for key, spec in _packed_shapes(n, k, 0, 8, opts.group, block, act=opts.head_act).items():
             shapes[f"{name}.{key}"] = spec
     shapes.update({name: (a.dtype, a.shape) for name, a in small.items()})
     kernels: dict[str, str] = {}
@@ -343,7 +354,7 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
         for name in heads:
             t = ir.tensors[name]
             kernels[name] = _write_packed(st, name, lambda r0, r1: np.asarray(t[r0:r1], np.float32), *t.shape,
-                                          None, 8, opts.group, block, act=opts.act)
+                                          None, 8, opts.group, block, act=opts.head_act)
     specs = sorted(specs_for(ir, opts), key=lambda s: s.name)
     dec = decoder_spec(ir, opts)
     ex = kc.build(specs, opts.target, extra=dec.sources() if dec is not None else None)
@@ -351,7 +362,8 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
     if ir.tokenizer is not None:
         write_tokenizer_spec(ir.tokenizer, out_dir / TOKENIZER_FILE)
     return {"library": LIBRARY, "library_sha256": sha256_file(out_dir / LIBRARY), "weights_file": WEIGHTS, "target": dict(opts.target), "block": block,
-            "bits": opts.bits, "group": opts.group, "lr_dtype": opts.lr_dtype, "act": opts.act, "kernels": dict(sorted(kernels.items())),
+            "bits": opts.bits, "group": opts.group, "lr_dtype": opts.lr_dtype, "act": opts.act,
+            "head_act": opts.head_act, "kernels": dict(sorted(kernels.items())),
             "functions": [s.name for s in specs],  # the matmul kernels; the decoder's functions in "decoder"
             **({"decoder": dec.names()} if dec is not None else {}),
             "tokenizer_file": TOKENIZER_FILE if ir.tokenizer is not None else None}
