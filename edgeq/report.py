@@ -73,6 +73,17 @@ def _quality(artifact: Path) -> dict | None:
     return None
 
 
+def profile_isolated(path: Path, **kw) -> dict:
+    """:func:`edgeq.profile.profile` of one artifact in a fresh (spawned) process, so that its peak
+    RSS is that artifact's alone: in one process every later artifact's peak included the earlier
+    ones' (the process's high-water mark; llama.cpp's and onnxruntime's buffers and libraries)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return ex.submit(profile, path, **kw).result()
+
+
 def build_report(artifacts: list[Path], runtime: str = "auto", threads: int | None = None, quick: bool = False,
                  log: Callable[[str], None] = lambda m: None) -> dict:
     runs = 2 if quick else 5
@@ -88,7 +99,8 @@ def build_report(artifacts: list[Path], runtime: str = "auto", threads: int | No
         path = Path(path)
         m = read_manifest(path)
         log(f"profiling {path} ({m['format']})")
-        prof = profile(path, runtime=runtime, runs=runs, max_tokens=max(gens), prefill_lengths=prompts, threads=threads)
+        prof = profile_isolated(path, runtime=runtime, runs=runs, max_tokens=max(gens), prefill_lengths=prompts,
+                                threads=threads)
         bar.update()
         gen = {str(max(gens)): {"decode_tok_s": prof["decode_tok_s"], "runs": prof["decode_tok_s_runs"],
                                 "spread": spread(prof["decode_tok_s_runs"])}}

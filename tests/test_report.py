@@ -67,3 +67,19 @@ def test_report_refuses_bad_input(arts, tmp_path):
     assert not (tmp_path / "r.html").exists()
     code, text = run_cli("profile", arts["tvm"], arts["onnx"], "--prune", "0.25")
     assert code == 1 and "--prune does not apply" in text
+
+
+def test_each_artifact_is_profiled_in_its_own_process(arts):
+    """An artifact's peak RSS in the report is its own: profiled in a fresh process, not in one
+    whose high-water mark already holds what this process (or an earlier artifact) used."""
+    import numpy as np
+
+    from edgeq.profile import peak_rss_bytes
+    from edgeq.report import profile_isolated
+
+    big = np.ones(400 * 2**20 // 8)  # 400 MiB touched here: this process's peak is at least that
+    assert peak_rss_bytes() > 400 * 2**20
+    prof = profile_isolated(arts["tvm"], runs=1, max_tokens=4, prefill_lengths=(16,), threads=1)
+    assert prof["format"] == "tvm" and prof["decode_tok_s"] > 0
+    assert prof["peak_rss_bytes"] < peak_rss_bytes() - 300 * 2**20, (prof["peak_rss_bytes"], peak_rss_bytes())
+    del big

@@ -28,8 +28,13 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.mark.parametrize("query_block", [None, 5], ids=["one-block", "query-blocks-5"])
 @pytest.mark.parametrize("which", ["tiny_gemma3", "tiny_gemma3_scaled"])
-def test_logits_match_reference_runtime_prefill_and_decode(which, tmp_path, request):
+def test_logits_match_reference_runtime_prefill_and_decode(which, query_block, tmp_path, request, monkeypatch):
+    """``query_block``: the prefill attention in blocks of 5 queries (runtimes.tvmrt.QUERY_BLOCK, 64
+    by default), smaller than the window of 8: each block's keys start at its first query's window."""
+    if query_block is not None:
+        monkeypatch.setattr("runtimes.tvmrt.QUERY_BLOCK", query_block)
     ir = load_model(request.getfixturevalue(which))
     hp = ir.hparams
     assert hp.sliding_window < N_TOKENS // 2 and hp.qk_norm and hp.sandwich_norm

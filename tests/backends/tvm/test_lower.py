@@ -56,6 +56,24 @@ def test_logits_match_reference_runtime(tiny_model, tmp_path, bits):
     assert np.abs(got - want).max() <= REL * np.abs(want).max()
 
 
+def test_prefill_attention_in_query_blocks(tiny_llama, tmp_path, monkeypatch):
+    """The prefill's attention in blocks of 7 queries (runtimes.tvmrt.QUERY_BLOCK, 64 by default;
+    each block scores the keys up to its last query): a 24-token prompt and a 9-token continuation
+    after it match the reference runtime, as in one block."""
+    ir = load_model(tiny_llama)
+    opts = _write(ir, tmp_path / "a")
+    ids = _ids(ir, 33)
+    want = ReferenceSession(lt.lowered_ir(ir, opts), dtype=np.float64).logits(ids)
+    s = TvmSession(tmp_path / "a")
+    one = s.logits(ids)
+    monkeypatch.setattr("runtimes.tvmrt.QUERY_BLOCK", 7)
+    s.reset()
+    got = np.concatenate([s._head(s._forward(ids[:24])), s._head(s._forward(ids[24:]))])
+    for g in (one, got):
+        assert np.abs(g - want).max() <= REL * np.abs(want).max()
+    assert np.abs(got - one).max() <= 1e-5 * np.abs(one).max()
+
+
 def test_pruned_sorted_model_with_fused_low_rank_branches_at_every_rate(tiny_llama, tiny_llama_lora, tmp_path):
     """A sorted model carrying four rates with a LoRA kept as low-rank branches (fused into the
     kernels' A/B): every rate equals the reference, decode with the cache equals recompute, and
