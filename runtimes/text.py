@@ -1,6 +1,7 @@
 """Tokenization and chat templates from a TokenizerSpec (``tokenizers`` + jinja2; no torch)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment  # chat templates are untrusted input
@@ -16,8 +17,15 @@ class SpecTokenizer:
     def __init__(self, spec: TokenizerSpec):
         if not spec.tokenizer_json:
             raise EdgeqError("this model carries no tokenizer.json; cannot tokenize text")
-        self.spec = spec
         self._tok = Tokenizer.from_str(spec.tokenizer_json)
+        self._eos = _eos_ids(spec)
+        # what encode / chat need, not the vocabulary's Python objects: the tokens (but BOS / EOS,
+        # which the chat template names), merges, scores and the tokenizer.json text are ~155 MB of
+        # a session's memory for Gemma 3's 262,144-token vocabulary (docs/benchmarks.md, issue 17)
+        keep = {i for i in (spec.bos_id, spec.eos_id) if i is not None}
+        self.spec = dataclasses.replace(spec, tokenizer_json="", merges=(), token_types=(),
+                                        scores=None if spec.scores is None else (),
+                                        tokens=tuple(t if i in keep else "" for i, t in enumerate(spec.tokens)))
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         ids = list(self._tok.encode(text, add_special_tokens=add_special).ids)
@@ -30,14 +38,18 @@ class SpecTokenizer:
 
     @property
     def eos_ids(self) -> frozenset[int]:
-        ids = {self.spec.eos_id} if self.spec.eos_id is not None else set()
-        for i, (t, ty) in enumerate(zip(self.spec.tokens, self.spec.token_types)):
-            if ty == 3 and t in _EOS_NAMES:
-                ids.add(i)
-        return frozenset(ids)
+        return self._eos
 
     def chat(self, prompt: str) -> str:
         return render_chat(self.spec, prompt)
+
+
+def _eos_ids(spec: TokenizerSpec) -> frozenset[int]:
+    ids = {spec.eos_id} if spec.eos_id is not None else set()
+    for i, (t, ty) in enumerate(zip(spec.tokens, spec.token_types)):
+        if ty == 3 and t in _EOS_NAMES:
+            ids.add(i)
+    return frozenset(ids)
 
 
 def render_chat(spec: TokenizerSpec, prompt: str) -> str:
@@ -72,6 +84,8 @@ class SpecTextMixin:
             if spec is None:
                 raise EdgeqError("this model carries no tokenizer")
             self._tok = SpecTokenizer(spec)
+            if getattr(self, "_spec", None) is spec:  # a session's copy read from the artifact: keep the slim one
+                self._spec = self._tok.spec
         return self._tok
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:

@@ -121,7 +121,7 @@ def evaluate(rows: list[dict], args) -> None:
     from runtimes.reference import ReferenceSession
 
     if args.kl_tokens:
-        ref = CachedLogits(ReferenceSession(read_ir(args.out / "fp32-ir"), n_ctx=512))
+        ref = CachedLogits(ReferenceSession(read_ir(args.out / "fp32-ir"), n_ctx=512), args.out / "ref-logits")
         text, tokens = wikitext2_test_text(), None
         for r in rows:
             with LlamaCppSession(r["files"][0], lora_paths=r["files"][1:], n_ctx=1024, n_threads=args.threads) as s:

@@ -4,7 +4,8 @@ tokens, and report the process's peak RSS and its anonymous (private) / file-bac
     .venv/bin/python tools/bench_run_rss.py ARTIFACT [--tokens 32] [--ctx 256] [--threads 2]
 
 Prints one JSON line: weight bytes (the artifact's weights file), KV cache bytes, VmHWM (peak
-RSS), RssAnon / RssFile at the end (Linux /proc/self/status), load / prefill / decode seconds.
+RSS), RssAnon / RssFile after opening, after the first ``tokenize`` and at the end (Linux
+/proc/self/status), load / prefill / decode seconds.
 A runtime that memory-maps its weights has RssAnon ~ KV cache + activations + the interpreter,
 and its weights in RssFile (page cache, shared, dropped under memory pressure); one that copies
 them at load has them in RssAnon.
@@ -48,13 +49,15 @@ def main() -> None:
     t_load = time.perf_counter() - t0
     after_load = status()
     prompt = s.tokenize("The capital of France is")
+    after_tokenize = status()  # the tokenizer is built on first use (Gemma 3's 262k vocabulary: hundreds of MB)
     toks = list(s.generate_ids(prompt, a.tokens, stop_at_eos=False))
     st = s.last_stats
     end = status()
     kv = sum(getattr(s, n).nbytes for n in ("_k", "_v") if hasattr(s, n))
     print(json.dumps({"artifact": str(a.artifact), "format": m["format"], "weight_bytes": weights, "kv_bytes": kv,
                       "tokens": len(toks), "load_s": round(t_load, 2), "prefill_s": round(st.prefill_seconds, 2),
-                      "decode_s": round(st.decode_seconds, 2), "start": base, "after_load": after_load, "end": end,
+                      "decode_s": round(st.decode_seconds, 2), "start": base, "after_load": after_load,
+                      "after_tokenize": after_tokenize, "end": end,
                       **{k: getattr(s, k) for k in ("mapped_weights", "copied_weights") if hasattr(s, k)}}))
 
 
