@@ -17,6 +17,7 @@ from typing import Callable
 
 from edgeq import backends, pipeline
 from edgeq.errors import EdgeqError
+from edgeq.kernels.spec import ACTS
 from edgeq.pipeline import (
     AdaptersStep,
     BuildContext,
@@ -139,8 +140,8 @@ def check_options(opts: BuildOptions, target: TargetProfile) -> None:
     if opts.tvm_activations is not None:
         if opts.format != "tvm":
             raise EdgeqError(f"--tvm-activations chooses the tvm format's kernels; this build writes {opts.format}")
-        if opts.tvm_activations not in ("float32", "int8"):
-            raise EdgeqError(f"--tvm-activations must be float32 or int8, got {opts.tvm_activations!r}")
+        if opts.tvm_activations not in ACTS:
+            raise EdgeqError(f"--tvm-activations must be {' or '.join(ACTS)}, got {opts.tvm_activations!r}")
     if opts.bits is not None and opts.bits not in storage.bits_choices():
         raise EdgeqError(f"unsupported --bits {opts.bits} ({storage.or_list(storage.bits_choices())})")
     backend.check_options(opts, target)

@@ -11,6 +11,7 @@ import click
 from edgeq import __version__, backends
 from edgeq.errors import EdgeqError
 from edgeq.interrupts import must_not_raise_in
+from edgeq.kernels.spec import ACTS
 
 FORMAT_HELP = ", ".join(f"{b.name} ({b.summary})" for b in backends.backends())
 
@@ -161,7 +162,7 @@ def targets(as_json):
 @click.option("--min-speed", type=float, default=None,
               help="Planner: predicted decode speed at least this x the uniform plan of the same size (e.g. 0.97; "
                    "the profile's speed costs, docs/targets.md).")
-@click.option("--tvm-activations", type=click.Choice(["float32", "int8"]), default=None,
+@click.option("--tvm-activations", type=click.Choice(list(ACTS)), default=None,
               help="--format tvm: the kernels' activations, float32 or int8 per group with integer dot products "
                    "(AVX-512 VNNI, AVX-VNNI, AVX2, aarch64 dotprod). Default: the target's [deploy] tvm_activations.")
 @click.option("--executor", default=None, show_default="inprocess; ray with --ray-address",

@@ -54,6 +54,7 @@ from typing import Any, Mapping
 
 from edgeq.backends import target_formats
 from edgeq.errors import EdgeqError
+from edgeq.kernels.spec import ACTS
 from edgeq.quant import storage
 from edgeq.quant.formats import QType
 # (private aliases: parse_target below reads as before the schema moved out)
@@ -335,7 +336,7 @@ def parse_target(data: Mapping[str, Any], where: str = "<target>", source: Path 
         raise dep.error(f"'deploy.onnx_accuracy_level' must be 0..4 (MatMulNBits accuracy_level), got {acc}")
 
     tvm_act = dep.string("tvm_activations", required=False) or "float32"
-    if tvm_act not in ("float32", "int8"):
+    if tvm_act not in ACTS:
         raise dep.error(f"'deploy.tvm_activations' must be float32 or int8, got {tvm_act!r}")
     if tvm_act == "int8" and not set(features) & {"avx512vnni", "avxvnni", "avx2", "dotprod"}:
         raise dep.error("'deploy.tvm_activations' int8 needs an integer dot instruction in 'isa.features' "

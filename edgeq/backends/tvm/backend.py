@@ -44,7 +44,7 @@ class TvmBackend(Backend):
             raise EdgeqError(f"the tvm format stores int4 or int8 weights; target {target.name} defaults to {bits} "
                              f"bits (give --bits {storage.or_list(storage.bits_choices(self.name))})")
         d["tvm"] = TvmOptions(bits=bits, group=target.quant_block_size, target=target.compile_target.as_dict(),
-                              act=getattr(opts, "tvm_activations", None) or target.tvm_activations)
+                              act=opts.tvm_activations or target.tvm_activations)
         return d
 
     def lower(self, ir, opts, target, tmp, log, *, plan=None, float_ir=None):
