@@ -12,6 +12,14 @@ reaches the block's first column, on the weights *as updated so far* (and weight
 ``diag(H)``), then every column of the block is encoded with them. The result is the codes and
 the block parameters themselves, so lowering packs them without re-quantizing: lossless.
 
+Weights already on the grid (a checkpoint dequantized from a GGUF of this type, e.g. the Q4_K /
+Q5_0 tensors of a Q4_K_M release): GPTQ would fit each block's parameters on error-updated
+weights and round them off the grid they came on, so :func:`gptq` first tries round-to-nearest
+and keeps its codes and block parameters for every row it reproduces (relative error <=
+``GRID_EXACT``: lossless where GPTQ is not); GPTQ runs on the other rows (rows are independent
+under GPTQ, so a row's result does not depend on which others run with it). A weight with no such
+row (any trained or fine-tuned one) takes exactly the path it took before.
+
 Options: ``damp`` (relative to ``mean(diag H)``, added to the diagonal), ``act_order``
 (process columns by decreasing ``diag(H)``; block parameters are then fitted up front on the
 original weights, "static groups", since a block's columns are no longer contiguous in time),
@@ -27,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from edgeq.errors import EdgeqError
+from edgeq.quant.codec_base import Params
 from edgeq.quant.intgroup import IntGroupTensor
 
 
@@ -86,6 +95,38 @@ def rtn(w: np.ndarray, codec, weight: np.ndarray | None = None) -> GridResult:
     return GridResult(params, codes, deq)
 
 
+# round-to-nearest "reproduces" a weight when its relative Frobenius error is at most this (float32
+# decoding of a block's scale x code rounds at ~6e-8 relative; an off-grid weight at 8 bits is ~1e-2)
+GRID_EXACT = 1e-6
+
+
+def grid_rows(w: np.ndarray, codec, weight: np.ndarray | None = None) -> tuple[GridResult, np.ndarray]:
+    """RTN's result and the (R,) mask of the rows it reproduces (rows already on ``codec``'s grid)."""
+    res = rtn(w, codec, weight)
+    exact = np.empty(len(res.dequant), bool)
+    for s in range(0, len(exact), 1024):  # float64 rows a chunk at a time (no (R, K) float64 temporary)
+        w64 = np.asarray(w[s:s + 1024], dtype=np.float64)
+        e = w64 - res.dequant[s:s + 1024]
+        exact[s:s + 1024] = np.einsum("ij,ij->i", e, e) <= GRID_EXACT ** 2 * np.einsum("ij,ij->i", w64, w64)
+    return res, exact
+
+
+def _merge_rows(a: GridResult, b: GridResult, rows_b: np.ndarray) -> GridResult:
+    """``a`` with the rows ``rows_b`` (int indices) replaced by ``b``'s rows (``b`` holds only those)."""
+    def put(x, y):
+        if x is None:
+            return None
+        x = np.array(x)
+        x[rows_b] = y
+        return x
+    params = [Params(*(put(getattr(pa, f), getattr(pb, f)) for f in ("d", "m", "sc", "mn", "zp")))
+              for pa, pb in zip(a.params, b.params)]
+    codes, deq = a.codes.copy(), a.dequant.copy()
+    codes[rows_b] = b.codes
+    deq[rows_b] = b.dequant
+    return GridResult(params, codes, deq)
+
+
 def _reverse_in_place(a: np.ndarray, chunk: int = 1 << 20) -> None:
     """Reverse the elements of the C-contiguous ``a`` in place (flat order), ``chunk`` at a time:
     for a square matrix that is J a J (rows and columns reversed) without a second matrix."""
@@ -134,13 +175,29 @@ def gptq(w: np.ndarray, cov: np.ndarray, codec, config: GPTQConfig | None = None
         raise EdgeqError(f"GPTQ: covariance of shape {H.shape} for a weight with {K} input columns")
     if not np.all(np.isfinite(H)) or not np.all(np.isfinite(W)):
         raise EdgeqError("GPTQ: non-finite weight or covariance")
-    B = codec.block
     diag = np.diag(H).copy()
     dead = diag <= 0
     H[dead, dead] = 1.0
     # dead inputs (always 0, e.g. a norm weight of exactly 0) keep their weights: H is 1 on their diagonal and 0
     # off it, so their rounding error reaches no other column, and a block stays on the grid it came on
     importance = np.where(dead, 0.0, diag)
+    exact_res, exact = grid_rows(w, codec, importance)
+    if exact.all():
+        return exact_res
+    if exact.any():
+        rows = np.flatnonzero(~exact)
+        return _merge_rows(exact_res, _gptq_rows(W[rows], H, diag, importance, codec, cfg), rows)
+    del exact_res
+    return _gptq_rows(W, H, diag, importance, codec, cfg)
+
+
+def _gptq_rows(W: np.ndarray, H: np.ndarray, diag: np.ndarray, importance: np.ndarray, codec,
+               cfg: GPTQConfig) -> GridResult:
+    """GPTQ of the rows ``W`` (float64, a private copy) under the covariance ``H`` (float64, dead
+    inputs set to 1 on its diagonal; a private copy, used as scratch); ``diag``: the covariance's
+    own diagonal (the act-order key), ``importance``: the block fits' weights."""
+    R, K = W.shape
+    B = codec.block
     H[np.diag_indices(K)] += cfg.damp * float(np.mean(np.diag(H)))
 
     perm = np.argsort(-diag, kind="stable") if cfg.act_order else np.arange(K)

@@ -89,7 +89,8 @@ def test_errors():
 def test_dead_inputs_keep_a_grid_aligned_weight_exact():
     """Columns whose input never fires (zero variance, e.g. behind a norm weight of exactly 0)
     keep their weights: a weight already on the grid (a dequantized GGUF, as Gemma 3 270M's
-    checkpoint) comes back exactly, dead column included; nothing is non-finite."""
+    checkpoint) comes back exactly, dead column included; nothing is non-finite. Off the grid, GPTQ
+    spreads no other column's error into a dead column: it is its own nearest code."""
     rng = np.random.default_rng(0)
     for qtype in ("Q8_0", "Q5_0"):
         codec = codec_for(qtype)
@@ -99,6 +100,39 @@ def test_dead_inputs_keep_a_grid_aligned_weight_exact():
         res = gptq(w, x.T @ x / 512, codec)
         assert np.all(np.isfinite(res.dequant))
         np.testing.assert_array_equal(res.dequant, w)
+        off = rng.standard_normal((8, 64)).astype(np.float32)  # off the grid: the GPTQ path
+        res = gptq(off, x.T @ x / 512, codec)
+        assert np.all(np.isfinite(res.dequant))
+        near = codec.decode(res.params[0], codec.encode(res.params[0], off[:, 5:6], np.array([5])), np.array([5]))
+        np.testing.assert_array_equal(res.dequant[:, 5:6], near)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_0", "Q6_K"])
+def test_rows_already_on_the_grid_keep_their_codes(qtype):
+    """A dequantized GGUF's rows come back exactly (RTN's codes and block parameters: GPTQ would fit
+    its block parameters on error-updated weights and leave the grid); the other rows get GPTQ,
+    as if they were quantized alone; the packed bytes are RTN's on the grid rows."""
+    rng = np.random.default_rng(3)
+    codec = codec_for(qtype)
+    K = 256
+    x = rng.standard_normal((1024, K)) * (1 + rng.random(K))
+    cov = x.T @ x / len(x)
+    w = rtn((rng.standard_normal((12, K)) * 0.05).astype(np.float32), codec).dequant
+    assert np.array_equal(rtn(w, codec, np.diag(cov)).dequant, w), "the fixture must lie on the weighted grid"
+    off = [2, 7]
+    w[off] += (rng.standard_normal((2, K)) * 0.01).astype(np.float32)
+    res = gptq(w, cov, codec)
+    grid = [r for r in range(12) if r not in off]
+    np.testing.assert_array_equal(res.dequant[grid], w[grid])
+    alone = gptq(w[off], cov, codec)
+    np.testing.assert_array_equal(res.dequant[off], alone.dequant)
+    packed = pack_gguf(res, codec)
+    np.testing.assert_array_equal(packed[grid], pack_gguf(rtn(w, codec, np.diag(cov)), codec)[grid])
+    np.testing.assert_array_equal(packed[off], pack_gguf(alone, codec))
+    # the GPTQ rows still beat round-to-nearest on the output error they minimise
+    e_gptq = output_error(w[off] - alone.dequant, cov)
+    e_rtn = output_error(w[off] - rtn(w[off], codec, np.diag(cov)).dequant, cov)
+    assert e_gptq < e_rtn
 
 
 @pytest.mark.parametrize("fmt", ["int4_g32_sym", "int4_g32_asym", "int8_g64_sym"])
