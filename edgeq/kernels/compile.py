@@ -5,8 +5,9 @@
   or None), asked of LLVM for the target's CPU and attributes.
 * :func:`prim_func` — a spec's TIR (CPU or CUDA form), parsed from :mod:`tir_cpu` / :mod:`tir_cuda`
   (int8-activation specs from :mod:`tir_dot`, for the target's dot instruction).
-* :func:`build` — one TVM executable holding every spec's function (and the decoder functions of
-  :mod:`tir_decoder` when given), compiled for the *profile's*
+* :func:`build` — one TVM executable holding every spec's function (and the decoder functions of a
+  :class:`~edgeq.kernels.tir_decoder.DecoderSpec` when given: :mod:`tir_decoder`'s CPU form or
+  :mod:`tir_decoder_cuda`'s CUDA form, by target), compiled for the *profile's*
   target (never the build host): x86 / aarch64 through LLVM, CUDA as source for the device.
 * :func:`export` — a shared library: host linker for x86, ``aarch64-linux-gnu-gcc`` for aarch64
   (cross; another cross compiler's name in ``EDGEQ_AARCH64_CC``), the CUDA module with its kernel source embedded (compiled on the device at load).
@@ -22,8 +23,9 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from edgeq.errors import EdgeqError
-from edgeq.kernels import tir_cpu, tir_cuda, tir_dot
+from edgeq.kernels import tir_cpu, tir_cuda, tir_decoder_cuda, tir_dot
 from edgeq.kernels.spec import KernelSpec
+from edgeq.kernels.tir_decoder import DecoderSpec
 
 # the aarch64 cross compiler and linker (Debian's name; EDGEQ_AARCH64_CC: another toolchain's, e.g.
 # aarch64-none-linux-gnu-gcc; read at import, and passed on to Ray workers as every EDGEQ_* variable)
@@ -97,26 +99,31 @@ def _target(target: Mapping):
 
 
 def decoder_funcs(sources: Mapping[str, str]) -> dict:
-    """name -> prim_func of TVMScript sources (the decoder functions of :mod:`tir_decoder`)."""
+    """name -> prim_func of TVMScript sources (the decoder functions of :mod:`tir_decoder` /
+    :mod:`tir_decoder_cuda`)."""
     tvm = _tvm()
     from tvm.script import tirx as T
 
     return {name: tvm.script.from_source(src, extra_vars={"T": T}) for name, src in sources.items()}
 
 
-def build(specs: Iterable[KernelSpec], target: Mapping, extra: Mapping[str, str] | None = None):
-    """One executable with a function per spec (named ``spec.name``), plus the functions of
-    ``extra`` (name -> TVMScript source: the decoder around the kernels, CPU targets only)."""
+def decoder_sources(decoder: DecoderSpec, target: Mapping) -> dict[str, str]:
+    """The decoder's functions in the target's form: CUDA kernels or CPU (LLVM) functions."""
+    return tir_decoder_cuda.sources(decoder) if is_cuda(target) else decoder.sources()
+
+
+def build(specs: Iterable[KernelSpec], target: Mapping, decoders: Iterable[DecoderSpec] = ()):
+    """One executable with a function per spec (named ``spec.name``), plus the decoder functions
+    around the kernels of each of ``decoders`` in the target's form."""
     tvm = _tvm()
     specs = list(specs)
     if not specs:
         raise EdgeqError("no kernels to build")
     cuda = is_cuda(target)
-    if extra and cuda:
-        raise EdgeqError("the compiled decoder functions are CPU TIR; a CUDA build takes the kernels only")
     isa = dot_isa(target) if any(s.act == "int8" for s in specs) else None
     funcs = {s.name: prim_func(s, cuda, isa) for s in specs}
-    funcs.update(decoder_funcs(extra or {}))
+    for dec in decoders:
+        funcs.update(decoder_funcs(decoder_sources(dec, target)))
     mod = tvm.IRModule(funcs)
     return tvm.compile(mod, target=_target(target))
 

@@ -15,6 +15,7 @@ from edgeq.errors import EdgeqError  # noqa: E402
 from edgeq.kernels import compile as kc  # noqa: E402
 from edgeq.kernels import emulate, layout  # noqa: E402
 from edgeq.kernels.spec import KernelSpec  # noqa: E402
+from cuda_tools import cuobjdump  # noqa: E402
 from kernel_weights import random_weights  # noqa: E402
 
 HASWELL = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}
@@ -120,17 +121,6 @@ def test_aarch64_neon_kernels_under_qemu(tmp_path):
     assert "fmla" in dis and ".4s" in dis  # NEON vector code
 
 
-def _cuobjdump():
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:
-        import nvidia
-    except ImportError:
-        return None
-    return next((str(p) for base in nvidia.__path__ for p in Path(base).glob("*/bin/cuobjdump")), None)
-
-
 @pytest.mark.parametrize("arch", ["sm_75", "sm_86", "sm_89"])
 def test_cuda_kernels_compile_with_nvcc(tmp_path, arch):
     specs = [KernelSpec(bits=4, rank=32, block=32), KernelSpec(bits=8, symmetric=False, block=32, prefill=True),
@@ -139,7 +129,7 @@ def test_cuda_kernels_compile_with_nvcc(tmp_path, arch):
     src = kc.cuda_source(ex)
     assert all(s.name in src for s in specs)
     cubin = kc.nvcc_cubin(src, arch, tmp_path / f"k_{arch}.cubin")
-    tool = _cuobjdump()
+    tool = cuobjdump()
     assert tool, "cuobjdump not found (pip package nvidia-cuda-cuobjdump, installed by make install)"
     listing = subprocess.run([tool, "-elf", str(cubin)], capture_output=True, text=True, check=True).stdout
     assert arch.replace("_", "") in listing.lower() or arch in listing

@@ -1,8 +1,14 @@
-"""Compiled decoder functions (edgeq.kernels.tir_decoder) vs numpy oracles written here: embedding
-row (float and integer-dot layouts, scaled), RMSNorm, residual add + norm (and Gemma 3's post-norm
-form), attention over the KV cache with RoPE, rate masks and grouped heads (and Gemma 3's QK-norm
-and sliding window), SwiGLU / GeGLU at a pruned (prefix) MLP width."""
+"""Compiled decoder functions vs numpy oracles written here: embedding row (float and integer-dot
+layouts, scaled), RMSNorm, residual add + norm (and Gemma 3's post-norm form), attention over the
+KV cache with RoPE, rate masks and grouped heads (and Gemma 3's QK-norm and sliding window),
+SwiGLU / GeGLU at a pruned (prefix) MLP width.
+
+Every test runs on two forms: the CPU functions (edgeq.kernels.tir_decoder) and the CUDA kernels
+(edgeq.kernels.tir_decoder_cuda) emulated on this CPU — the same TVMScript with the thread loops
+serial and the barriers dropped, which is the kernels' semantics phase by phase. The CUDA form
+itself is compiled by TVM and nvcc for the GPU profiles' architectures at the end."""
 import platform
+import subprocess
 
 import numpy as np
 import pytest
@@ -13,7 +19,9 @@ from edgeq.errors import EdgeqError  # noqa: E402
 from edgeq.kernels import compile as kc  # noqa: E402
 from edgeq.kernels import layout  # noqa: E402
 from edgeq.kernels.spec import KernelSpec  # noqa: E402
+from edgeq.kernels import tir_decoder_cuda as tdc  # noqa: E402
 from edgeq.kernels.tir_decoder import LANES, DecoderSpec, fast_exp  # noqa: E402
+from cuda_tools import cuobjdump  # noqa: E402
 
 HASWELL = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}
 SPEC = DecoderSpec(hidden=96, heads=6, kv_heads=2, head_dim=16, block=32)
@@ -25,10 +33,20 @@ TOL = 2e-6  # float32 with sums in another order: relative to the largest output
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="compiled for an x86 profile")
 
 
-@pytest.fixture(scope="module")
-def lib():
-    return kc.build([KernelSpec(bits=8, block=32)], HASWELL,
-                    extra={**SPEC.sources(), **DOT.sources(), **GEMMA.sources()})
+# widths at the CUDA form's thread counts (hidden a multiple of its 256 threads, head_dim / 2 of its 128):
+# the kernels' unguarded paths; the small specs above take the guarded ones
+WIDE = DecoderSpec(hidden=512, heads=4, kv_heads=2, head_dim=256, block=32, act="gelu_tanh", qk_norm=True,
+                   sandwich=True)
+
+
+@pytest.fixture(scope="module", params=["cpu", "cuda-emulated"])
+def lib(request):
+    if request.param == "cpu":
+        return kc.build([KernelSpec(bits=8, block=32)], HASWELL, (SPEC, DOT, GEMMA, WIDE))
+    funcs = {}
+    for spec in (SPEC, DOT, GEMMA, WIDE):
+        funcs.update(kc.decoder_funcs(tdc.sources(spec, emulate=True)))
+    return tvm.compile(tvm.IRModule(funcs), target=kc._target(HASWELL))
 
 
 def _t(a):
@@ -44,7 +62,9 @@ def _rms(x, w, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def test_norm_and_residual_add_norm(lib):
+@pytest.mark.parametrize("SPEC", [SPEC, WIDE], ids=["h96", "h512"])
+def test_norm_and_residual_add_norm(lib, SPEC):
+    GEMMA = SPEC if SPEC.sandwich else globals()["GEMMA"]
     rng = np.random.default_rng(0)
     H, eps = SPEC.hidden, 1e-5
     x, y, b, w = (rng.standard_normal((1, H)).astype(np.float32) for _ in range(4))
@@ -72,7 +92,7 @@ def _rope(v, c, s):
 
 
 @pytest.mark.parametrize("pos,win,spec", [(0, 0, SPEC), (7, 0, SPEC), (10, 0, SPEC), (10, 4, GEMMA),
-                                          (10, 0, GEMMA), (2, 4, GEMMA)])
+                                          (10, 0, GEMMA), (2, 4, GEMMA), (10, 4, WIDE), (0, 0, WIDE)])
 def test_attention_over_the_cache_with_rope_masks_and_grouped_heads(lib, pos, win, spec):
     """Plain (Llama / Qwen2) and Gemma 3 (QK-norm; a sliding window of ``win`` keys when > 0)."""
     rng = np.random.default_rng(pos + win)
@@ -187,6 +207,25 @@ def test_spec_refuses_widths_it_cannot_vectorize():
         DecoderSpec(hidden=96, heads=6, kv_heads=2, head_dim=16, block=32, act="relu")
 
 
-def test_cuda_builds_take_no_decoder_functions():
-    with pytest.raises(EdgeqError, match="CPU TIR"):
-        kc.build([KernelSpec(bits=4, block=32)], {"kind": "cuda", "arch": "sm_86"}, extra=SPEC.sources())
+CUDA_SPECS = (DecoderSpec(hidden=576, heads=9, kv_heads=3, head_dim=64, block=32),  # SmolLM2-135M's shape
+              DecoderSpec(hidden=640, heads=4, kv_heads=1, head_dim=256, block=32, act="gelu_tanh", qk_norm=True,
+                          sandwich=True))  # Gemma 3 270M's
+
+
+@pytest.mark.parametrize("arch", ["sm_75", "sm_86", "sm_89"])
+def test_cuda_form_compiles_with_nvcc(tmp_path, arch):
+    """A CUDA build carries the decoder as GPU kernels (same names as the CPU functions), next to the
+    matmul kernels; nvcc compiles TVM's source for each GPU profile's architecture."""
+    ex = kc.build([KernelSpec(bits=4, block=32)], {"kind": "cuda", "arch": arch}, CUDA_SPECS)
+    src = kc.cuda_source(ex)
+    names = sorted({n for spec in CUDA_SPECS for n in spec.names().values()})
+    for n in names:
+        assert f"{n}_kernel" in src, n
+    assert "__syncthreads()" in src  # the phases of the reductions are separated by barriers
+    cubin = kc.nvcc_cubin(src, arch, tmp_path / f"dec_{arch}.cubin")
+    tool = cuobjdump()
+    assert tool, "cuobjdump not found (pip package nvidia-cuda-cuobjdump, installed by make install)"
+    listing = subprocess.run([tool, "-elf", str(cubin)], capture_output=True, text=True, check=True).stdout
+    assert arch.replace("_", "") in listing.lower() or arch in listing
+    for n in names:
+        assert f"{n}_kernel" in listing, n

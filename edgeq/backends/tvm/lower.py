@@ -19,10 +19,11 @@ Files:
 The decoder around the kernels (RMSNorm, RoPE with per-KV-group gathered frequencies, attention
 over the KV cache, SwiGLU / GeGLU, the residual adds, per-rate masks of Q/K pairs and V/O
 components; Gemma 3's QK-norm, sandwich norms, embedding scale and sliding windows) of a decode
-token is compiled too, into the same library (:mod:`edgeq.kernels.tir_decoder`, listed in the
-manifest's ``tvm.decoder``) on CPU targets: a token is then an embedding call, a norm, eight calls
-per layer and the head, no numpy. Prefill and CUDA builds keep the numpy decoder of the runtime
-(``tvm.decoder`` absent for CUDA).
+token is compiled too, into the same library, listed in the manifest's ``tvm.decoder``: on CPU
+targets as LLVM functions (:mod:`edgeq.kernels.tir_decoder`), on CUDA targets as GPU kernels of the
+same names and arguments (:mod:`edgeq.kernels.tir_decoder_cuda`). A token is then an embedding
+call, a norm, eight calls per layer and the head, no numpy. Prefill keeps the numpy decoder of the
+runtime; a CUDA artifact needs a GPU runtime, which runtimes/tvmrt.py is not (it refuses them).
 """
 from __future__ import annotations
 
@@ -216,10 +217,10 @@ def check(ir: ModelIR, opts: TvmOptions) -> list[str]:
 
 
 def decoder_spec(ir: ModelIR, opts: TvmOptions) -> DecoderSpec | None:
-    """The compiled decoder of a decode token, or None where the runtime's numpy decoder runs it
-    (CUDA targets; activations or widths the compiled functions do not take)."""
+    """The compiled decoder of a decode token (CPU or CUDA form, by target), or None where the
+    runtime's numpy decoder runs it (activations or widths the compiled functions do not take)."""
     hp = ir.hparams
-    if kc.is_cuda(opts.target) or hp.hidden_act not in DECODER_ACTS:
+    if hp.hidden_act not in DECODER_ACTS:
         return None
     if hp.hidden_size % LANES or hp.head_dim % LANES or hp.num_heads % hp.num_kv_heads:
         return None
@@ -357,7 +358,7 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
                                           None, 8, opts.group, block, act=opts.head_act)
     specs = sorted(specs_for(ir, opts), key=lambda s: s.name)
     dec = decoder_spec(ir, opts)
-    ex = kc.build(specs, opts.target, extra=dec.sources() if dec is not None else None)
+    ex = kc.build(specs, opts.target, () if dec is None else (dec,))
     kc.export(ex, out_dir / LIBRARY, opts.target)
     if ir.tokenizer is not None:
         write_tokenizer_spec(ir.tokenizer, out_dir / TOKENIZER_FILE)

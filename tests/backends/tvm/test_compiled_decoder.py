@@ -149,14 +149,32 @@ def test_gemma3_decode_steps_are_compiled_too(which, request, tmp_path, monkeypa
         assert np.abs(got - _decode(numpy_s, ids)[1:]).max() <= tol, r
 
 
-def test_no_compiled_decoder_for_cuda_or_other_activations(tiny_llama):
+def test_no_compiled_decoder_for_other_activations(tiny_llama):
     import dataclasses
 
     ir = load_model(tiny_llama)
     assert lt.decoder_spec(ir, lt.TvmOptions(target=HOST)) is not None
-    assert lt.decoder_spec(ir, lt.TvmOptions(target={"kind": "cuda", "arch": "sm_86"})) is None
     other = ir.replace(hparams=dataclasses.replace(ir.hparams, hidden_act="relu"))
     assert lt.decoder_spec(other, lt.TvmOptions(target=HOST)) is None
+
+
+def test_cuda_artifacts_carry_the_decoder_as_gpu_kernels(tiny_llama, tmp_path):
+    """A CUDA build lists the decoder in ``tvm.decoder`` and its library embeds the CUDA kernels of
+    those names (edgeq.kernels.tir_decoder_cuda; checked against the CPU decoder and with nvcc in
+    tests/kernels/test_tir_decoder.py). No GPU here: the artifact is not run."""
+    ir = load_model(tiny_llama)
+    cuda = {"kind": "cuda", "arch": "sm_86"}
+    opts = lt.TvmOptions(bits=4, group=32, target=cuda)
+    spec = lt.decoder_spec(ir, opts)
+    assert spec is not None and not spec.dot_layout
+    out = tmp_path / "a"
+    out.mkdir()
+    info = lt.write_tvm(ir, out, opts)
+    assert info["decoder"] == spec.names()
+    blob = (out / info["library"]).read_bytes()
+    for name in spec.names().values():
+        assert f"{name}_kernel".encode() in blob, name
+    assert b"__syncthreads" in blob  # the CUDA source, not CPU code
 
 
 def test_artifact_without_decoder_functions_runs_the_numpy_decoder(biased, tmp_path):
