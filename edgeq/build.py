@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Callable
 
 from edgeq import backends, pipeline
+from edgeq.chat_template import BUILTIN, check as check_template, resolve as resolve_template
 from edgeq.errors import EdgeqError
 from edgeq.kernels.spec import ACTS
 from edgeq.pipeline import (
     AdaptersStep,
     BuildContext,
     CalibrateStep,
+    ChatTemplateStep,
     CheckMemoryStep,
     GoldensStep,
     LoadStep,
@@ -78,6 +80,7 @@ class BuildOptions:
     sensitivity: str = "kl-probe"  # planner: kl-probe (a tail re-run per tensor) | fisher (backward passes)
     min_speed: float | None = None  # planner: predicted decode >= this x the uniform plan of the same size
     tvm_activations: str | None = None  # tvm kernels: float32 | int8; None: the profile's [deploy] tvm_activations
+    chat_template: str | None = None  # a built-in template name or a jinja file, replacing the checkpoint's
 
     @property
     def planned(self) -> bool:
@@ -113,6 +116,8 @@ class BuildOptions:
                 d["recover_loss"] = self.recover_loss
         if self.tvm_activations is not None:  # (the default's manifests stay as they were)
             d["tvm_activations"] = self.tvm_activations
+        if self.chat_template is not None:
+            d["chat_template"] = self.chat_template if self.chat_template in BUILTIN else Path(self.chat_template).name
         return d
 
 
@@ -142,6 +147,8 @@ def check_options(opts: BuildOptions, target: TargetProfile) -> None:
             raise EdgeqError(f"--tvm-activations chooses the tvm format's kernels; this build writes {opts.format}")
         if opts.tvm_activations not in ACTS:
             raise EdgeqError(f"--tvm-activations must be {' or '.join(ACTS)}, got {opts.tvm_activations!r}")
+    if opts.chat_template is not None:  # read and rendered before any step (the vocabulary check: at its step)
+        check_template(opts.chat_template, resolve_template(opts.chat_template))
     if opts.bits is not None and opts.bits not in storage.bits_choices():
         raise EdgeqError(f"unsupported --bits {opts.bits} ({storage.or_list(storage.bits_choices())})")
     backend.check_options(opts, target)
@@ -203,6 +210,10 @@ def front_steps(opts: BuildOptions) -> list[Step]:
     out: list[Step] = [LoadStep(model=str(opts.model))]
     if opts.adapters:
         out.append(AdaptersStep(paths=tuple(str(p) for p in opts.adapters), merge=opts.adapter_mode == "merge"))
+    if opts.chat_template is not None:
+        text = resolve_template(opts.chat_template)
+        out.append(ChatTemplateStep(value=opts.chat_template if opts.chat_template in BUILTIN
+                                    else Path(opts.chat_template).name, template=text))
     return out
 
 

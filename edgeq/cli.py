@@ -165,6 +165,10 @@ def targets(as_json):
 @click.option("--tvm-activations", type=click.Choice(list(ACTS)), default=None,
               help="--format tvm: the kernels' activations, float32 or int8 per group with integer dot products "
                    "(AVX-512 VNNI, AVX-VNNI, AVX2, aarch64 dotprod). Default: the target's [deploy] tvm_activations.")
+@click.option("--chat-template", default=None, metavar="chatml|gemma|FILE",
+              help="Attach a chat template (replacing the checkpoint's): a built-in (chatml: <|im_start|> turns; "
+                   "gemma: <start_of_turn> turns) or a jinja file in the Hugging Face chat_template form. For a base "
+                   "model fine-tuned into a chat model (Gemma 3 270M ships none).")
 @click.option("--executor", default=None, show_default="inprocess; ray with --ray-address",
               metavar="inprocess|processes|ray|ray://HOST:PORT",
               help="Run the build's tasks in this process, in parallel worker processes, or on Ray (ray: "
@@ -180,8 +184,8 @@ def targets(as_json):
 @_fail_cleanly
 def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, no_goldens, prune_rates, sort,
           importance, calib_samples, calib_len, calib_data, recover, recover_steps, recover_loss, prune_bias,
-          prune_dims, plan_file, budget_mb, bpw, sensitivity, min_speed, tvm_activations, executor, jobs,
-          ray_address):
+          prune_dims, plan_file, budget_mb, bpw, sensitivity, min_speed, tvm_activations, chat_template, executor,
+          jobs, ray_address):
     """Compile MODEL (HF checkpoint dir or .gguf) into an artifact directory (or, for several
     targets, a release directory)."""
     from edgeq.build import BuildOptions, build as run_build
@@ -198,7 +202,8 @@ def build(model, adapters, adapter_mode, target, fmt, bits, qtype, out, force, n
                         recover=recover, recover_steps=recover_steps, recover_loss=recover_loss,
                         prune_bias=prune_bias, prune_dims=prune_dims,
                         plan=plan_file, budget_mb=budget_mb, bpw=bpw,
-                        sensitivity=sensitivity, min_speed=min_speed, tvm_activations=tvm_activations)
+                        sensitivity=sensitivity, min_speed=min_speed, tvm_activations=tvm_activations,
+                        chat_template=chat_template)
     from edgeq.release import is_matrix
 
     if jobs is not None and jobs < 1:
@@ -303,6 +308,9 @@ def run(artifact, prompt, max_tokens, chat, runtime, threads, prune, temperature
         raise EdgeqError(f"--threads must be >= 1, got {threads}")
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     with open_session(artifact, runtime=runtime, threads=threads, prune=prune) as s:
+        if chat and not s.has_chat_template:
+            click.echo("note: the artifact has no chat template, so the prompt goes in as written "
+                       "(`edgeq build --chat-template` attaches one; --raw silences this note)", err=True)
         for piece in s.generate(prompt, max_tokens=max_tokens, chat=chat, sampling=sampling):
             click.echo(piece, nl=False)
             sys.stdout.flush()

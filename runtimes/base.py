@@ -174,6 +174,11 @@ class Session:
     def apply_chat_template(self, prompt: str) -> str:
         return prompt
 
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the artifact carries a chat template (``apply_chat_template`` wraps the prompt)."""
+        return False
+
     def generate_ids(self, prompt_ids: Sequence[int], max_tokens: int,
                      stop_at_eos: bool = True, sampling: Sampling = GREEDY) -> Iterator[int]:
         """Decoding (greedy unless ``sampling`` says otherwise); yields token ids as they are

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from edgeq.chat_template import render
 from edgeq.errors import EdgeqError, require
 from edgeq.interrupts import no_raise_here
 from runtimes.base import Session
@@ -171,15 +171,16 @@ class LlamaCppSession(Session):
     def metadata(self) -> dict[str, str]:
         return dict(self._llm.metadata)
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self._llm.metadata.get("tokenizer.chat_template"))
+
     def apply_chat_template(self, prompt: str) -> str:
         """Render a single user turn with the GGUF's ``tokenizer.chat_template`` (jinja2,
         sandboxed, generation prompt on); the prompt unchanged when the file has none."""
         template = self._llm.metadata.get("tokenizer.chat_template")
         if not template:
             return prompt
-
-        def raise_exception(msg):
-            raise EdgeqError(f"chat template: {msg}")
 
         def piece(key: str) -> str:
             # the file's own ids: llama.cpp substitutes defaults (e.g. BOS 11 for BPE) when absent
@@ -188,11 +189,8 @@ class LlamaCppSession(Session):
                 return ""
             return self._llm._model.token_get_text(int(tok_id))
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(template).render(
-            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
-            bos_token=piece("tokenizer.ggml.bos_token_id"), eos_token=piece("tokenizer.ggml.eos_token_id"))
+        return render(template, prompt, bos_token=piece("tokenizer.ggml.bos_token_id"),
+                      eos_token=piece("tokenizer.ggml.eos_token_id"))
 
     # ---- compute -----------------------------------------------------------------------------
     def _clear(self) -> None:

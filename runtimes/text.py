@@ -4,9 +4,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment  # chat templates are untrusted input
 from tokenizers import Tokenizer
 
+from edgeq.chat_template import render  # sandboxed: chat templates are untrusted input
 from edgeq.errors import EdgeqError
 from edgeq.ir import TokenizerSpec
 
@@ -56,15 +56,8 @@ def render_chat(spec: TokenizerSpec, prompt: str) -> str:
     """Render a single-turn user prompt with the model's chat template (generation prompt on)."""
     if not spec.chat_template:
         return prompt
-    def raise_exception(msg):
-        raise EdgeqError(f"chat template: {msg}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    tpl = env.from_string(spec.chat_template)
     tok = lambda i: spec.tokens[i] if i is not None else ""  # noqa: E731
-    return tpl.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
-                      bos_token=tok(spec.bos_id), eos_token=tok(spec.eos_id))
+    return render(spec.chat_template, prompt, bos_token=tok(spec.bos_id), eos_token=tok(spec.eos_id))
 
 
 class SpecTextMixin:
@@ -100,3 +93,8 @@ class SpecTextMixin:
 
     def apply_chat_template(self, prompt: str) -> str:
         return self.tokenizer.chat(prompt)
+
+    @property
+    def has_chat_template(self) -> bool:
+        spec = self._tokenizer_spec()
+        return spec is not None and bool(spec.chat_template)

@@ -6,6 +6,7 @@ from edgeq.pipeline.runner import BuildContext, Step, registered, run
 from edgeq.pipeline.steps import (
     AdaptersStep,
     CalibrateStep,
+    ChatTemplateStep,
     CheckMemoryStep,
     GoldensStep,
     LoadStep,
@@ -18,5 +19,5 @@ from edgeq.pipeline.steps import (
     SortStep,
 )
 
-__all__ = ["AdaptersStep", "BuildContext", "CalibrateStep", "CheckMemoryStep", "GoldensStep", "LoadStep", "LowerStep",
+__all__ = ["AdaptersStep", "BuildContext", "CalibrateStep", "ChatTemplateStep", "CheckMemoryStep", "GoldensStep", "LoadStep", "LowerStep",
            "PlanStep", "PruneBiasStep", "QuantizeStep", "RatePlanStep", "RecoverStep", "SortStep", "Step", "registered", "run"]

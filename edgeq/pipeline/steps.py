@@ -55,6 +55,28 @@ class AdaptersStep(Step):
 
 
 @dataclass(frozen=True)
+class ChatTemplateStep(Step):
+    """Attach the chat template of ``--chat-template`` (a built-in name or a file's name; the text
+    itself in ``template``) to the model's tokenizer, replacing the checkpoint's own."""
+
+    name = "chat_template"
+    value: str
+    template: str
+
+    def run(self, ctx: BuildContext) -> None:
+        import dataclasses
+
+        from edgeq.chat_template import check
+
+        ir = ctx.need("ir", self)
+        if ir.tokenizer is None:
+            raise EdgeqError(f"--chat-template {self.value}: the model carries no tokenizer to attach it to")
+        check(self.value, self.template, ir.tokenizer.tokens)
+        ctx.log(f"chat template: {self.value}")
+        ctx.ir = ir.replace(tokenizer=dataclasses.replace(ir.tokenizer, chat_template=self.template))
+
+
+@dataclass(frozen=True)
 class CheckMemoryStep(Step):
     """Refuse before the first heavy step: a format that cannot run the model's family blocks
     (per target: a release matrix shares the load), or a later step that would not fit in memory."""
