@@ -84,10 +84,16 @@ import edgeq
 from edgeq.blas import one_blas_thread, syrk_lower
 from edgeq.errors import EdgeqError
 from edgeq.ir import LayerMeans, ModelIR, Role, TokenizerSpec, full_widths
+from edgeq.quant import act_noise
 from edgeq.spill import spill_array
 from edgeq.streaming import ordered_map, worker_threads
 from runtimes.reference import LayerWeights, layer_forward, pruning_layout, rope_inv_freq
 from runtimes.text import SpecTokenizer, render_chat
+
+# the reference forward's taps -> the linear inputs of edgeq.quant.act_noise; a linear's role -> its input
+TAP_INPUT = {"attn_in": "attn", "o_in": "o", "ffn_in": "ffn", "down_in": "down"}
+ROLE_INPUT = {Role.Q: "attn", Role.K: "attn", Role.V: "attn", Role.O: "o", Role.GATE: "ffn", Role.UP: "ffn",
+              Role.DOWN: "down"}
 
 ALPACA_FILE = Path("alpaca") / "alpaca_small.json"
 FORMATS = ("alpaca", "chat")
@@ -178,6 +184,16 @@ class LayerStats:
     ffn_xx: np.ndarray | None = None  # (hidden, hidden) float64, mean X^T X of the MLP input
     z_mean: np.ndarray | None = None  # (d_ff,) float64, mean of the down_proj input Z
     o_mean: np.ndarray | None = None  # (heads*head_dim,) float64, mean of the o_proj input (IR order)
+    # "{input}.{codec}" -> (width,) float64, per channel the mean squared rounding error of that linear input
+    # under a runtime's activation rounding (edgeq.quant.act_noise; codecs whose block divides the width)
+    act_noise: dict[str, np.ndarray] | None = None
+
+    def input_noise(self, role: Role, codec: str | None) -> np.ndarray | None:
+        """Mean squared activation rounding error per input channel of linear ``role`` under
+        ``codec`` (None: no rounding, or statistics collected before it was measured)."""
+        if codec is None or self.act_noise is None:
+            return None
+        return self.act_noise.get(f"{ROLE_INPUT[Role(role)]}.{codec}")
 
     def means(self) -> LayerMeans:
         """The mean inputs bias compensation needs (``edgeq.ir.LayerMeans``)."""
@@ -214,6 +230,8 @@ class CalibStats:
             for name in _LAYER_FIELDS:
                 if getattr(L, name) is not None:
                     arrays[f"layer{i}.{name}"] = np.asarray(getattr(L, name), dtype=np.float64)
+            for key, a in (L.act_noise or {}).items():
+                arrays[f"layer{i}.noise.{key}"] = np.asarray(a, dtype=np.float64)
             arrays[f"layer{i}.angular"] = np.asarray(L.angular, dtype=np.float64)
             arrays[f"layer{i}.n_tokens"] = np.asarray(L.n_tokens, dtype=np.int64)
         with open(path, "wb") as f:  # np.savez(path) would append ".npz" to a path without it
@@ -229,12 +247,19 @@ class CalibStats:
                 n = int(z["num_layers"])
                 layers = tuple(LayerStats(**{name: z[f"layer{i}.{name}"] for name in _LAYER_FIELDS
                                              if f"layer{i}.{name}" in z.files or name in _REQUIRED},
+                                          act_noise=_noise_fields(z, i),
                                           angular=float(z[f"layer{i}.angular"]),
                                           n_tokens=int(z[f"layer{i}.n_tokens"])) for i in range(n))
                 return CalibStats(layers=layers, n_samples=int(z["n_samples"]), seq_len=int(z["seq_len"]),
                                   source=json.loads(str(z["source"])))
         except (KeyError, ValueError, OSError) as exc:
             raise EdgeqError(f"{path}: not an edgeq calibration statistics file ({exc})") from None
+
+
+def _noise_fields(z, i: int) -> dict[str, np.ndarray] | None:
+    pre = f"layer{i}.noise."
+    out = {k[len(pre):]: z[k] for k in z.files if k.startswith(pre)}
+    return out or None
 
 
 def _add_gram(acc: np.ndarray, x: np.ndarray) -> None:
@@ -293,7 +318,8 @@ class _Accumulator(_Sums):
     ``taps`` of :func:`runtimes.reference.layer_forward` (one sequence per call), it adds each
     activation's contribution; :meth:`add_sequence` then adds the layer's input/output comparison."""
 
-    ARRAYS = ("zz", "xx", "oo", "ff", "q", "k", "z_sum", "o_sum")
+    NOISE = tuple(f"noise_{inp}_{c}" for inp in act_noise.INPUTS for c in act_noise.CODECS)
+    ARRAYS = ("zz", "xx", "oo", "ff", "q", "k", "z_sum", "o_sum") + NOISE
     SCALARS = ("angular", "n_tokens", "n_seqs")
 
     def __init__(self, hp, zeros: bool = True):
@@ -313,11 +339,22 @@ class _Accumulator(_Sums):
         self.k = np.zeros((KV, D), dtype=np.float64)
         self.z_sum = np.zeros(f, dtype=np.float64)
         self.o_sum = np.zeros(H * D, dtype=np.float64)
+        widths = {"attn": h, "o": H * D, "ffn": h, "down": f}
+        for inp in act_noise.INPUTS:
+            for c in act_noise.CODECS:
+                setattr(self, f"noise_{inp}_{c}", np.zeros(widths[inp], dtype=np.float64))
         self.angular = 0.0
         self.n_tokens = 0
         self.n_seqs = 0
 
+    def _noise(self, inp: str, a: np.ndarray) -> None:
+        for c, v in act_noise.noise_sums(a).items():
+            acc = getattr(self, f"noise_{inp}_{c}")
+            acc += v
+
     def __call__(self, name: str, a: np.ndarray) -> None:
+        if name in TAP_INPUT:
+            self._noise(TAP_INPUT[name], a)
         if name == "attn_in":
             _add_gram(self.xx, a)
         elif name == "q":
@@ -351,9 +388,17 @@ class _Accumulator(_Sums):
         for a in (self.zz, self.xx, self.q, self.k, self.oo, self.ff):  # in place: no second copy
             a /= n
         z_mean, o_mean = _means(self.z_sum, self.o_sum, self.o_order, n)
+        noise = {}
+        for inp in act_noise.INPUTS:
+            for c in act_noise.CODECS:
+                width = getattr(self, f"noise_{inp}_{c}").shape[0]
+                if width % act_noise.BLOCK[c]:
+                    continue  # a codec that cannot serve this input (its weights cannot be of that type)
+                v = getattr(self, f"noise_{inp}_{c}") / n
+                noise[f"{inp}.{c}"] = v[self.o_order] if inp == "o" else v  # o_proj input: IR order
         return LayerStats(mlp_zz=self.zz, attn_xx=self.xx, q_diag=self.q, k_diag=self.k,
                           angular=self.angular / max(self.n_seqs, 1), n_tokens=self.n_tokens,
-                          o_xx=self.oo, ffn_xx=self.ff, z_mean=z_mean, o_mean=o_mean)
+                          o_xx=self.oo, ffn_xx=self.ff, z_mean=z_mean, o_mean=o_mean, act_noise=noise)
 
 
 def _means(z_sum: np.ndarray, o_sum: np.ndarray, o_order: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

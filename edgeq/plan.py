@@ -42,7 +42,7 @@ from edgeq.errors import EdgeqError
 from edgeq.ir import ModelIR, n_weight_params, weight_matrix_shapes
 from edgeq.quant.codecs import codec_for
 from edgeq.quant.errcurve import Whitener
-from edgeq.quant import storage
+from edgeq.quant import act_noise, storage
 from edgeq.quant.gptq import GPTQConfig, gptq, rtn
 from edgeq.quant.intgroup import storage_codec
 from edgeq.quant.reference import roundtrip
@@ -310,7 +310,7 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
                     format: str = "gguf", sensitivity: str = "kl-probe",
                     whitener: Callable[..., Whitener] = Whitener,
                     linears: Sequence[str] | None = None, tables: bool = True,
-                    workers: int | None = None) -> dict[str, list[Option]]:
+                    workers: int | None = None, activations: str = "llama-cpu") -> dict[str, list[Option]]:
     """Candidate options with predicted KL for every plan tensor (see the module doc); ``types``
     must be storage types the ``format`` backend stores (edgeq.quant.storage).
     ``sensitivity``: how ``probe`` converts layer errors into KL (:mod:`edgeq.quant.sensitivity`):
@@ -321,7 +321,12 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
     output head (for benchmarks; a plan needs every tensor).
     ``workers``: a layer's linears measured on this many threads at once (default
     :func:`edgeq.streaming.layer_workers`, which the plan step sets from the memory available,
-    edgeq.memory.planner_workers); the table does not depend on it."""
+    edgeq.memory.planner_workers); the table does not depend on it.
+    ``activations``: the runtime's activation rounding before each matmul (edgeq.quant.act_noise:
+    ``llama-cpu``, ``llama-cuda``, ``none``), whose output error each option adds to its weight
+    error (measured per input channel at calibration; statistics without it add nothing)."""
+    if activations not in act_noise.MODELS:
+        raise EdgeqError(f"activations must be one of {', '.join(act_noise.MODELS)}, got {activations!r}")
     if sensitivity not in SENSITIVITIES:
         raise EdgeqError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, got {sensitivity!r}")
     shapes = plan_tensor_shapes(ir)
@@ -335,18 +340,26 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
     bar = tqdm(total=len(names), desc=f"measuring {len(types)} types x {len(ranks)} ranks", unit="tensor",
                leave=False) if progress else None
     ref_weights: dict[str, np.ndarray] = {}  # only for the probe (which holds the whole model anyway)
+    ref_base: dict[str, float] = {}
 
     def measure(item) -> tuple[dict[Choice, float], np.ndarray | None]:
         """One linear's errors at every candidate (and the reference type's dequantized weights
         when the probe needs them): the same computation on whichever thread runs it."""
         name, wh, cov = item
-        w = np.asarray(ir.linears[name].weight, dtype=np.float32)
+        lin = ir.linears[name]
+        w = np.asarray(lin.weight, dtype=np.float32)
         e: dict[Choice, float] = {}
         ref = None
+        layer_stats = stats.layers[lin.layer]
+
+        def act_err(t: str) -> float:  # the output error of the runtime's rounding of this linear's input
+            return act_noise.activation_error(w, layer_stats.input_noise(lin.role,
+                                                                          act_noise.dot_codec(t, activations)))
+
         for t in types:
             info = storage.get(t)
             if info.block_size == 1:
-                e[Choice(t, 0)] = wh.curve(w - _rtn_table(w, t), ())[0]
+                e[Choice(t, 0)] = wh.curve(w - _rtn_table(w, t), ())[0] + act_err(t)
                 continue
             if w.shape[1] % info.block_size:
                 continue
@@ -354,11 +367,14 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
             # compensation only pays below ~6 bits per weight (an 8-bit error is already tiny)
             rr = [r for r in ranks if 0 < r <= min(w.shape)] if info.bits_per_weight() < RANK_MAX_BPW else []
             base, curve = wh.curve(w - res.dequant, rr)
-            e[Choice(t, 0)] = base
+            a = act_err(t)
+            e[Choice(t, 0)] = base + a
             for r in rr:
-                e[Choice(t, r)] = curve[r]
+                e[Choice(t, r)] = curve[r] + a
             if t == ref_type and probe is not None:
-                ref = res.dequant  # the gain is KL / err of the same perturbation
+                # the gain is KL / err of the same perturbation: the weight error alone (the probe
+                # perturbs only the weights)
+                ref = (res.dequant, base)
             del res
         return e, ref
 
@@ -376,7 +392,7 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
         for (name, _, _), (e, ref) in zip(items, ordered_map(measure, items, workers=workers)):
             errs[name] = e
             if ref is not None:
-                ref_weights[name] = ref
+                ref_weights[name], ref_base[name] = ref
             if bar is not None:
                 bar.update(1)
         del whiteners, items  # the previous layer's factors are not needed again
@@ -384,7 +400,7 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
         bar.close()
     table: dict[str, list[Option]] = {}
     if probe is not None and ref_weights:
-        ref_errs = {n: errs[n][Choice(ref_type, 0)] for n in ref_weights}
+        ref_errs = {n: ref_base[n] for n in ref_weights}
         if sensitivity == "fisher":
             gains = fisher_gains(ir, ref_errs, lambda n: ref_weights[n], probe)
         else:
@@ -411,14 +427,22 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
     return table
 
 
+def plan_activations(kind: str) -> str:
+    """The activation rounding a GGUF runtime of a profile's device kind applies before its
+    matmuls (edgeq.quant.act_noise): llama.cpp's CUDA kernels on a GPU, its CPU kernels otherwise."""
+    return "llama-cuda" if kind == "gpu" else "llama-cpu"
+
+
 def make_plan(ir: ModelIR, stats, target: str, types: Sequence[str], ranks: Sequence[int], budget_bytes: int,
               quantizer: str = "gptq", compensation: str = "qera", damp: float = 0.01, act_order: bool = False,
               probe=None, progress: bool = True, table: Mapping[str, Sequence[Option]] | None = None,
               model: str = "", format: str = "gguf", sensitivity: str = "kl-probe",
               speed: SpeedModel | None = None, min_speed: float | None = None,
-              uniform: Callable[[str], Mapping[str, str]] | None = None) -> Plan:
+              uniform: Callable[[str], Mapping[str, str]] | None = None,
+              activations: str = "llama-cpu") -> Plan:
     """The planner's plan for the ``format`` backend: ``types`` are the candidates (storage types
     that backend stores; any other is an error, see edgeq.quant.storage.plannable).
+    ``activations``: the runtime's activation rounding (:func:`measure_options`).
 
     ``speed``: a decode-speed cost model (edgeq.quant.speed); with ``min_speed`` the plan must also
     be predicted to decode at least ``min_speed`` times as fast as the uniform plan of the same
@@ -427,7 +451,7 @@ def make_plan(ir: ModelIR, stats, target: str, types: Sequence[str], ranks: Sequ
     types = list(storage.plannable(types, format, "planner: "))
     if table is None:  # measured with RTN (weighted fit): ~10x faster than GPTQ over every candidate type
         table = measure_options(ir, stats, types, ranks, "rtn", damp, act_order, probe, progress=progress,
-                                format=format, sensitivity=sensitivity)
+                                format=format, sensitivity=sensitivity, activations=activations)
     max_seconds, ref = None, None
     if speed is not None:
         shapes, mm = plan_tensor_shapes(ir), matmul_weights(ir.hparams)

@@ -315,6 +315,7 @@ class PlanStep(Step):
     target's plan.default_bpw). The planner runs after calibration; a plan file is checked before."""
 
     name = "plan"
+    version = 2  # 2: options carry the runtime's activation rounding (edgeq.quant.act_noise)
     format: str
     file: str | None = None
     budget_mb: float | None = None
@@ -393,6 +394,9 @@ class PlanStep(Step):
             ctx.log(f"speed floor: {self.min_speed:g}x the uniform plan of the same size ({speed.source} costs of "
                     f"{speed.profile}/{speed.backend})")
         backend = backends.get(self.format)
+        from edgeq.plan import plan_activations
+
+        activations = plan_activations(target.kind.value)
         workers = planner_workers(ir.hparams)
         if workers > 1:
             ctx.log(f"measuring {workers} linears at a time")
@@ -400,8 +404,9 @@ class PlanStep(Step):
             plan = make_plan(ir, stats, target.name, types, target.plan_ranks, budget, probe=probe,
                              format=self.format, model=str(ir.source.get("name") or Path(str(ir.source.get("path", ""))).name),
                              sensitivity=self.sensitivity, speed=speed, min_speed=self.min_speed,
-                             uniform=lambda t: backend.uniform_plan(ir, t))
+                             uniform=lambda t: backend.uniform_plan(ir, t), activations=activations)
         plan.summary["bpw"] = round(budget * 8 / n_weights(ir), 4)
+        plan.summary["activations"] = activations
         plan.summary["sensitivity"] = self.sensitivity if probe is not None else "layer-output-error"
         return plan
 
