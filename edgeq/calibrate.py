@@ -49,6 +49,12 @@ SmolLM2-135M, spilled a layer at a time inside ``edgeq.spill.spilling``):
 * ``z_mean`` / ``o_mean``: the mean over tokens of down_proj's input Z (d_ff,) and of o_proj's
   input (heads * head_dim, IR column order): the mean inputs of the two input-pruned linears,
   which bias compensation puts back for the inputs a rate drops (``edgeq.rate_bias``).
+* ``act_noise``: per linear input (``attn``, ``o``, ``ffn``, ``down``) and activation codec of
+  :mod:`edgeq.quant.act_noise` (``q8_0``, ``q8_k``, ``f16``: how llama.cpp rounds a matmul's input
+  for the weight type), the mean squared rounding error per input channel — what the planner adds
+  to each option's error. (o_proj's input is rounded in the runtime's column order, then put in
+  the IR's: llama.cpp's 32-blocks of that input may group the channels differently when V/O were
+  sorted; a noise model, not an exact one.)
 
 :func:`collect_means` gathers only ``z_mean`` / ``o_mean`` (no Gram matrices: the cost of the
 forward alone) on a model as it is now, e.g. after the sorts changed the column order of the

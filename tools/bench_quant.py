@@ -132,7 +132,8 @@ def build_variant(vname: str, args, out: Path) -> list[dict]:
     t_cal = time.perf_counter() - t0
     t0 = time.perf_counter()
     probe = KLProbe(ir, [s[:128] for s in seqs[-args.probe_samples:]])
-    table = measure_options(ir, stats, target.plan_types("gguf"), target.plan_ranks, probe=probe)
+    table = measure_options(ir, stats, target.plan_types("gguf"), target.plan_ranks, probe=probe,
+                            activations=args.activations)
     t_measure = time.perf_counter() - t0
     overhead = lower_gguf.fixed_overhead_bytes(ir)
     cache: dict = {}
@@ -272,6 +273,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="merged,uniql")
     ap.add_argument("--types", default="Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_1,Q4_0,Q3_K_M")
     ap.add_argument("--target", default="cpu-avx2")
+    ap.add_argument("--activations", default="llama-cpu", choices=["llama-cpu", "llama-cuda", "none"],
+                    help="the planner's model of the runtime's activation rounding (none: weight error only, "
+                         "the planner before 2026-12-07)")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--probe-samples", type=int, default=4)
