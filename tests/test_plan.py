@@ -1,4 +1,5 @@
 """Mixed-precision planner: solver, plan files, budget, determinism, replay through the CLI."""
+import dataclasses
 import itertools
 import json
 
@@ -45,6 +46,28 @@ def test_solver_respects_budget_and_is_near_optimal(seed):
         got = sum(o.kl for o in sel.values())
         assert got <= best * 1.25 + 1e-12, (budget, got, best)
         assert sel == solve(table, int(budget))  # deterministic
+
+
+def test_solver_tries_every_option_of_a_giant_tensor():
+    """A vocabulary table that is most of the budget: small upgrades of a better KL-per-byte ratio
+    than the table's own step win the multiplier, and the greedy pass cannot afford the table's
+    step; trying each of its options finds the plan of least KL (checked against brute force)."""
+    table = {"token_embd": [Option(Choice("Q5_0"), 100, 1.0), Option(Choice("Q8_0"), 160, 0.0)]}
+    for i in range(10):
+        table[f"blk.{i}.ffn_up"] = [Option(Choice("Q4_0"), 5, 0.09), Option(Choice("F16"), 10, 0.0)]
+    budget = 215
+    sel = solve(table, budget)
+    got = sum(o.kl for o in sel.values())
+    names = sorted(table)
+    best = min(sum(o.kl for o in combo) for combo in itertools.product(*(table[n] for n in names))
+               if sum(o.nbytes for o in combo) <= budget)
+    assert sel["token_embd"].nbytes == 160
+    assert sum(o.nbytes for o in sel.values()) <= budget
+    assert got == pytest.approx(best)  # 9 small tensors at Q4_0, one at F16: 0.81 (the relaxation alone: 1.0)
+    # with a time ceiling the giant's options are tried too, and the ceiling holds
+    timed = {n: [dataclasses.replace(o, seconds=o.nbytes * 1e-3) for o in opts] for n, opts in table.items()}
+    sel = solve(timed, budget, max_seconds=0.215)
+    assert sum(o.seconds for o in sel.values()) <= 0.215 + 1e-12 and sum(o.nbytes for o in sel.values()) <= budget
 
 
 def test_solver_refuses_an_impossible_budget():

@@ -10,10 +10,20 @@ Options are any objects with ``nbytes``, ``kl`` and ``seconds`` (:class:`edgeq.p
   the smallest ``mu`` whose byte-feasible pick also meets the time ceiling; the greedy pass then
   takes only upgrades that keep both. Without a ceiling the result is exactly the bytes-only one.
 
+* Giant tensors: the relaxation assumes many small items. A tensor whose options differ by more
+  than :data:`BIG_SHARE` of the budget (the vocabulary table of a small model: Gemma 3 270M's
+  embedding is 70 % of the file) is an all-or-nothing step no multiplier prices right: with many
+  small upgrades of a better KL-per-byte ratio the bisection settles just above the giant's own
+  ratio, the small ones take the bytes, and the greedy pass cannot afford the giant's step (seen:
+  the embedding left at Q5_0, predicted KL 0.13, with 65 linears at F16; the same budget with the
+  embedding at Q8_0 predicted ~0.01). So each option of the (at most :data:`BIG_MAX`) giant
+  tensors is tried, the others solved as above in the bytes left, and the least summed KL wins.
+
 Deterministic (fixed tensor order, ties broken by bytes then candidate order).
 """
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Mapping, Sequence
 
@@ -23,6 +33,8 @@ from edgeq.errors import EdgeqError
 
 LAMBDA_STEPS = 100
 MU_STEPS = 40
+BIG_SHARE = 0.1  # a tensor whose options' sizes span more than this share of the budget is enumerated
+BIG_MAX = 2  # at most this many such tensors (the embedding and the output head)
 
 
 def tensor_sort_key(name: str):
@@ -36,6 +48,33 @@ def _secs(o) -> float:
 
 def solve(table: Mapping[str, Sequence], budget: int, max_seconds: float | None = None) -> dict:
     """Minimise sum(kl) s.t. sum(nbytes) <= budget (and sum(seconds) <= max_seconds when given)."""
+    names = sorted(table, key=tensor_sort_key)
+    big = [n for n in names
+           if max(o.nbytes for o in table[n]) - min(o.nbytes for o in table[n]) > BIG_SHARE * budget][:BIG_MAX]
+    if not big:
+        return _solve(table, budget, max_seconds)
+    best, best_kl = None, None
+    rest = {n: table[n] for n in names if n not in big}
+    for combo in itertools.product(*(table[n] for n in big)):
+        left = budget - sum(o.nbytes for o in combo)
+        left_s = None if max_seconds is None else max_seconds - sum(_secs(o) for o in combo)
+        try:
+            sel = _solve(rest, left, left_s) if rest else {}
+        except EdgeqError:  # this giant option leaves too few bytes (or too little time) for the rest
+            continue
+        if left < 0 or (left_s is not None and sum(_secs(o) for o in sel.values()) > left_s):
+            continue
+        sel.update(zip(big, combo))
+        kl = sum(o.kl for o in sel.values())
+        if best is None or kl < best_kl:
+            best, best_kl = sel, kl
+    if best is None:
+        return _solve(table, budget, max_seconds)  # (raises the reason no plan fits)
+    return {n: best[n] for n in names}
+
+
+def _solve(table: Mapping[str, Sequence], budget: int, max_seconds: float | None = None) -> dict:
+    """The relaxation and the greedy pass (see the module doc)."""
     names = sorted(table, key=tensor_sort_key)
     cheapest = sum(min(o.nbytes for o in table[n]) for n in names)
     if cheapest > budget:
