@@ -64,7 +64,8 @@ def build(args) -> list[dict]:
     stats = calibrate(ir, seqs)
     log(f"calibrated in {time.perf_counter() - t0:.0f}s; measuring the option table")
     t0 = time.perf_counter()
-    cached = out / f"options-{args.sensitivity}-{args.calib_samples}.json"
+    # (the table's model: v2 = with the runtime's activation rounding, edgeq.quant.act_noise, 2026-12-07)
+    cached = out / f"options-{args.sensitivity}-{args.calib_samples}-v2.json"
     if cached.exists():  # the option table of an earlier run (same model, calibration, sensitivity)
         table = {n: [Option(Choice(o["type"], o["rank"]), o["nbytes"], o["kl"]) for o in v]
                  for n, v in json.loads(cached.read_text()).items()}
