@@ -16,7 +16,7 @@ pytest.importorskip("importlinter")
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "pyproject.toml"
 # what runtimes/ (the device side) may import from edgeq: the neutral core
-CORE = {"edgeq", "edgeq.errors", "edgeq.interrupts", "edgeq.ir", "edgeq.artifact", "edgeq.hashing",
+CORE = {"edgeq", "edgeq.errors", "edgeq.interrupts", "edgeq.ir", "edgeq.artifact", "edgeq.hashing", "edgeq.chat_template",
         "edgeq.frontend.safetensors_io"}  # the safetensors reader: core, still under frontend/
 COMPILER_ONLY_DEPS = {"torch", "transformers", "peft", "onnx", "gguf", "matplotlib"}
 

@@ -88,7 +88,7 @@ class DecoderSpec:
         return {name: make[role](name, self) for role, name in self.names().items()}
 
 
-def _head(name: str, args: list[str], sym: tuple[str, ...] = ()) -> str:
+def func_head(name: str, args: list[str], sym: tuple[str, ...] = ()) -> str:
     lines = [f"@T.prim_func\ndef {name}({', '.join(args)}):",
              f"    T.func_attr({{\"global_symbol\": \"{name}\", \"tir.noalias\": True}})"]
     lines += [f"    {v} = T.int64()" for v in sym]
@@ -139,7 +139,7 @@ def _rms(spec: DecoderSpec, src: str) -> str:
 
 def _norm(name: str, spec: DecoderSpec) -> str:
     H = spec.hidden
-    return _head(name, ["x_h: T.handle", "w_h: T.handle", "h_h: T.handle", "eps: T.float32"]) + f"""\
+    return func_head(name, ["x_h: T.handle", "w_h: T.handle", "h_h: T.handle", "eps: T.float32"]) + f"""\
     x = T.match_buffer(x_h, (1, {H}), "float32")
     w = T.match_buffer(w_h, ({H},), "float32")
     h = T.match_buffer(h_h, (1, {H}), "float32")
@@ -148,7 +148,7 @@ def _norm(name: str, spec: DecoderSpec) -> str:
 
 def _add_norm(name: str, spec: DecoderSpec) -> str:
     H = spec.hidden
-    return _head(name, ["x_h: T.handle", "y_h: T.handle", "b_h: T.handle", "w_h: T.handle", "h_h: T.handle",
+    return func_head(name, ["x_h: T.handle", "y_h: T.handle", "b_h: T.handle", "w_h: T.handle", "h_h: T.handle",
                         "eps: T.float32"]) + f"""\
     x = T.match_buffer(x_h, (1, {H}), "float32")
     y = T.match_buffer(y_h, (1, {H}), "float32")
@@ -162,7 +162,7 @@ def _add_norm(name: str, spec: DecoderSpec) -> str:
 
 def _post_add_norm(name: str, spec: DecoderSpec) -> str:
     H, L = spec.hidden, LANES
-    return _head(name, ["x_h: T.handle", "y_h: T.handle", "b_h: T.handle", "pw_h: T.handle", "w_h: T.handle",
+    return func_head(name, ["x_h: T.handle", "y_h: T.handle", "b_h: T.handle", "pw_h: T.handle", "w_h: T.handle",
                         "h_h: T.handle", "eps: T.float32"]) + f"""\
     x = T.match_buffer(x_h, (1, {H}), "float32")
     y = T.match_buffer(y_h, (1, {H}), "float32")
@@ -190,7 +190,7 @@ def _embed(name: str, spec: DecoderSpec) -> str:
     H, V = spec.hidden, spec.block
     qw_shape, code = ((f"(NB, {H // 4}, {4 * V})", "qw[nb, k // 4, lane * 4 + k % 4]") if spec.dot_layout
                       else (f"(NB, {H}, {V})", "qw[nb, k, lane]"))
-    return _head(name, ["qw_h: T.handle", "sc_h: T.handle", "st_h: T.handle", "x_h: T.handle",
+    return func_head(name, ["qw_h: T.handle", "sc_h: T.handle", "st_h: T.handle", "x_h: T.handle",
                         "escale: T.float32"], ("NB", "NG")) + f"""\
     qw = T.match_buffer(qw_h, {qw_shape}, "uint8")
     sc = T.match_buffer(sc_h, (NB, NG, {V}), "float32")
@@ -242,7 +242,7 @@ def _attention(name: str, spec: DecoderSpec) -> str:
 
     k_norm = _indent(_head_rms("t", "kn", D), 8) if qkn else ""
     q_norm = _indent(_head_rms("t", "qn", D), 8) if qkn else ""
-    return _head(name, [f"{h}: T.handle" for h in handles] + scalars, ("NL", "C", "CA")) + f"""\
+    return func_head(name, [f"{h}: T.handle" for h in handles] + scalars, ("NL", "C", "CA")) + f"""\
     qkv = T.match_buffer(qkv_h, (1, {QKV}), "float32")
     b = T.match_buffer(b_h, ({QKV},), "float32")
     m = T.match_buffer(m_h, ({QKV},), "float32")
@@ -312,7 +312,7 @@ def _glu(name: str, spec: DecoderSpec) -> str:
     keep = "" if spec.act == "silu" else f"""        for j in T.vectorized({V}):
             gl[j] = gu[0, nb * {2 * V} + j] + b[nb * {2 * V} + j]
 """
-    return _head(name, ["gu_h: T.handle", "b_h: T.handle", "a_h: T.handle"], ("F", "F2", "NBIAS")) + f"""\
+    return func_head(name, ["gu_h: T.handle", "b_h: T.handle", "a_h: T.handle"], ("F", "F2", "NBIAS")) + f"""\
     gu = T.match_buffer(gu_h, (1, F2), "float32")
     b = T.match_buffer(b_h, (NBIAS,), "float32")
     a = T.match_buffer(a_h, (1, F), "float32")

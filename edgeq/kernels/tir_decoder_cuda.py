@@ -28,7 +28,7 @@ with TVM and checked with ``nvcc`` for each profile's architecture.
 """
 from __future__ import annotations
 
-from edgeq.kernels.tir_decoder import DecoderSpec, _head
+from edgeq.kernels.tir_decoder import DecoderSpec, func_head
 
 NT = 256  # threads of the norm kernels' one block
 NT2 = 32  # second level of their sum (NT / NT2 partials each)
@@ -120,7 +120,7 @@ def _one_block(f: _Form) -> str:
 
 def _norm(name: str, spec: DecoderSpec, f: _Form) -> str:
     H = spec.hidden
-    return _head(name, ["x_h: T.handle", "w_h: T.handle", "h_h: T.handle", "eps: T.float32"]) + f"""\
+    return func_head(name, ["x_h: T.handle", "w_h: T.handle", "h_h: T.handle", "eps: T.float32"]) + f"""\
     x = T.match_buffer(x_h, (1, {H}), "float32")
     w = T.match_buffer(w_h, ({H},), "float32")
     h = T.match_buffer(h_h, (1, {H}), "float32")
@@ -130,7 +130,7 @@ def _norm(name: str, spec: DecoderSpec, f: _Form) -> str:
 
 def _add_norm(name: str, spec: DecoderSpec, f: _Form) -> str:
     H = spec.hidden
-    return _head(name, ["x_h: T.handle", "y_h: T.handle", "b_h: T.handle", "w_h: T.handle", "h_h: T.handle",
+    return func_head(name, ["x_h: T.handle", "y_h: T.handle", "b_h: T.handle", "w_h: T.handle", "h_h: T.handle",
                         "eps: T.float32"]) + f"""\
     x = T.match_buffer(x_h, (1, {H}), "float32")
     y = T.match_buffer(y_h, (1, {H}), "float32")
@@ -147,7 +147,7 @@ def _post_add_norm(name: str, spec: DecoderSpec, f: _Form) -> str:
     add = f"""        for tx in {f.loop(NT, "threadIdx.x")}:
             pr = T.float32(1) / T.sqrt(({_total("rp")}) / T.float32({H}) + eps)
 """
-    return _head(name, ["x_h: T.handle", "y_h: T.handle", "b_h: T.handle", "pw_h: T.handle", "w_h: T.handle",
+    return func_head(name, ["x_h: T.handle", "y_h: T.handle", "b_h: T.handle", "pw_h: T.handle", "w_h: T.handle",
                         "h_h: T.handle", "eps: T.float32"]) + f"""\
     x = T.match_buffer(x_h, (1, {H}), "float32")
     y = T.match_buffer(y_h, (1, {H}), "float32")
@@ -180,7 +180,7 @@ def _embed(name: str, spec: DecoderSpec, f: _Form) -> str:
     guard = H % EMBED_T != 0
     store = f"x[0, k] = (T.Cast(\"float32\", {code}) - T.float32(128)) * sc[nb, k // ({H} // NG), lane] * escale"
     body = (f"            if k < {H}:\n                {store}\n" if guard else f"            {store}\n")
-    return _head(name, ["qw_h: T.handle", "sc_h: T.handle", "st_h: T.handle", "x_h: T.handle",
+    return func_head(name, ["qw_h: T.handle", "sc_h: T.handle", "st_h: T.handle", "x_h: T.handle",
                         "escale: T.float32"], ("NB", "NG")) + f"""\
     qw = T.match_buffer(qw_h, {qw_shape}, "uint8")
     sc = T.match_buffer(sc_h, (NB, NG, {V}), "float32")
@@ -204,7 +204,7 @@ def _glu(name: str, spec: DecoderSpec, f: _Form) -> str:
     else:
         act = ("T.float32(0.5) * g * (T.float32(1) + T.tanh(T.float32(0.7978845608028654) * "
                "(g + T.float32(0.044715) * g * g * g)))")
-    return _head(name, ["gu_h: T.handle", "b_h: T.handle", "a_h: T.handle"], ("F", "F2", "NBIAS")) + f"""\
+    return func_head(name, ["gu_h: T.handle", "b_h: T.handle", "a_h: T.handle"], ("F", "F2", "NBIAS")) + f"""\
     gu = T.match_buffer(gu_h, (1, F2), "float32")
     b = T.match_buffer(b_h, (NBIAS,), "float32")
     a = T.match_buffer(a_h, (1, F), "float32")
@@ -337,7 +337,7 @@ o[0, hd * {D} + d] = oa[0] / sm * om[hd * {D} + d]"""
         rs = T.decl_buffer(({HT},), "float32", scope={f.shared})
 """ + phase_q + phase_rope + phase_scores + phase_exp + phase_out
 
-    return _head(name, [f"{h}: T.handle" for h in handles] + scalars, ("NL", "C", "CA")) + f"""\
+    return func_head(name, [f"{h}: T.handle" for h in handles] + scalars, ("NL", "C", "CA")) + f"""\
     qkv = T.match_buffer(qkv_h, (1, {QKV}), "float32")
     b = T.match_buffer(b_h, ({QKV},), "float32")
     m = T.match_buffer(m_h, ({QKV},), "float32")
