@@ -95,6 +95,43 @@ def func_head(name: str, args: list[str], sym: tuple[str, ...] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
+def signature(role: str, name: str, spec: DecoderSpec) -> str:
+    """The function header and argument buffers of a decoder function (``role`` of
+    :meth:`DecoderSpec.names`): the same for the CPU form here and the CUDA form
+    (:mod:`edgeq.kernels.tir_decoder_cuda`), so the runtime's call lists serve both."""
+    H, V, D = spec.hidden, spec.block, spec.head_dim
+    f32, hv, h1 = "float32", f"({H},)", f"(1, {H})"
+    sym: tuple[str, ...] = ()
+    if role == "norm":
+        bufs, scalars = [("x", h1, f32), ("w", hv, f32), ("h", h1, f32)], ["eps: T.float32"]
+    elif role == "add_norm":
+        bufs = [("x", h1, f32), ("y", h1, f32), ("b", hv, f32), ("w", hv, f32), ("h", h1, f32)]
+        scalars = ["eps: T.float32"]
+    elif role == "post_add_norm":
+        bufs = [("x", h1, f32), ("y", h1, f32), ("b", hv, f32), ("pw", hv, f32), ("w", hv, f32), ("h", h1, f32)]
+        scalars = ["eps: T.float32"]
+    elif role == "embed":
+        qw_shape = f"(NB, {H // 4}, {4 * V})" if spec.dot_layout else f"(NB, {H}, {V})"
+        bufs = [("qw", qw_shape, "uint8"), ("sc", f"(NB, NG, {V})", f32), ("st", "(2,)", "int32"), ("x", h1, f32)]
+        scalars, sym = ["escale: T.float32"], ("NB", "NG")
+    elif role == "attention":
+        KV, half, qkv = spec.kv_heads, D // 2, f"({spec.qkv},)"
+        bufs = [("qkv", f"(1, {spec.qkv})", f32), ("b", qkv, f32), ("m", qkv, f32),
+                ("cs", f"(C, {KV}, {half})", f32), ("sn", f"(C, {KV}, {half})", f32),
+                ("kc", f"(NL, {KV}, C, {D})", f32), ("vc", f"(NL, {KV}, C, {D})", f32),
+                ("att", f"({spec.heads}, CA)", f32), ("st", "(2,)", "int32"), ("om", f"({spec.heads * D},)", f32),
+                ("o", f"(1, {spec.heads * D})", f32)]
+        bufs += [("qn", f"({D},)", f32), ("kn", f"({D},)", f32)] if spec.qk_norm else []
+        scalars = ["layer: T.int64", "scale: T.float32", "win: T.int64"] + (["eps: T.float32"] if spec.qk_norm else [])
+        sym = ("NL", "C", "CA")
+    elif role == "glu":
+        bufs, scalars, sym = [("gu", "(1, F2)", f32), ("b", "(NBIAS,)", f32), ("a", "(1, F)", f32)], [], ("F", "F2", "NBIAS")
+    else:
+        raise EdgeqError(f"no decoder function {role!r}")
+    head = func_head(name, [f"{b}_h: T.handle" for b, _, _ in bufs] + scalars, sym)
+    return head + "".join(f'    {b} = T.match_buffer({b}_h, {shape}, "{dt}")\n' for b, shape, dt in bufs)
+
+
 def fast_exp(x: str) -> str:
     """``exp(x)`` as a TIR expression LLVM vectorizes (libm's ``expf`` is a scalar call per lane):
     Cephes' single-precision exp — ``x = n ln2 + r`` (``|r| <= ln2 / 2``, ln2 split in two), a
@@ -139,22 +176,13 @@ def _rms(spec: DecoderSpec, src: str) -> str:
 
 def _norm(name: str, spec: DecoderSpec) -> str:
     H = spec.hidden
-    return func_head(name, ["x_h: T.handle", "w_h: T.handle", "h_h: T.handle", "eps: T.float32"]) + f"""\
-    x = T.match_buffer(x_h, (1, {H}), "float32")
-    w = T.match_buffer(w_h, ({H},), "float32")
-    h = T.match_buffer(h_h, (1, {H}), "float32")
+    return signature("norm", name, spec) + f"""\
 """ + _rms(spec, "x")
 
 
 def _add_norm(name: str, spec: DecoderSpec) -> str:
     H = spec.hidden
-    return func_head(name, ["x_h: T.handle", "y_h: T.handle", "b_h: T.handle", "w_h: T.handle", "h_h: T.handle",
-                        "eps: T.float32"]) + f"""\
-    x = T.match_buffer(x_h, (1, {H}), "float32")
-    y = T.match_buffer(y_h, (1, {H}), "float32")
-    b = T.match_buffer(b_h, ({H},), "float32")
-    w = T.match_buffer(w_h, ({H},), "float32")
-    h = T.match_buffer(h_h, (1, {H}), "float32")
+    return signature("add_norm", name, spec) + f"""\
     for i in T.vectorized({H}):
         x[0, i] = x[0, i] + (y[0, i] + b[i])
 """ + _rms(spec, "x")
@@ -162,14 +190,7 @@ def _add_norm(name: str, spec: DecoderSpec) -> str:
 
 def _post_add_norm(name: str, spec: DecoderSpec) -> str:
     H, L = spec.hidden, LANES
-    return func_head(name, ["x_h: T.handle", "y_h: T.handle", "b_h: T.handle", "pw_h: T.handle", "w_h: T.handle",
-                        "h_h: T.handle", "eps: T.float32"]) + f"""\
-    x = T.match_buffer(x_h, (1, {H}), "float32")
-    y = T.match_buffer(y_h, (1, {H}), "float32")
-    b = T.match_buffer(b_h, ({H},), "float32")
-    pw = T.match_buffer(pw_h, ({H},), "float32")
-    w = T.match_buffer(w_h, ({H},), "float32")
-    h = T.match_buffer(h_h, (1, {H}), "float32")
+    return signature("post_add_norm", name, spec) + f"""\
     pacc = T.decl_buffer(({L},), "float32")
     for i in T.vectorized({H}):
         y[0, i] = y[0, i] + b[i]
@@ -188,14 +209,8 @@ def _embed(name: str, spec: DecoderSpec) -> str:
     """Row ``n`` of the blocked int8 table is lane ``n % block`` of block ``n // block``; float layout
     ``qw`` (NB, K, block), integer-dot layout (NB, K / 4, 4 * block) with lane j = bytes 4j .. 4j+3."""
     H, V = spec.hidden, spec.block
-    qw_shape, code = ((f"(NB, {H // 4}, {4 * V})", "qw[nb, k // 4, lane * 4 + k % 4]") if spec.dot_layout
-                      else (f"(NB, {H}, {V})", "qw[nb, k, lane]"))
-    return func_head(name, ["qw_h: T.handle", "sc_h: T.handle", "st_h: T.handle", "x_h: T.handle",
-                        "escale: T.float32"], ("NB", "NG")) + f"""\
-    qw = T.match_buffer(qw_h, {qw_shape}, "uint8")
-    sc = T.match_buffer(sc_h, (NB, NG, {V}), "float32")
-    st = T.match_buffer(st_h, (2,), "int32")
-    x = T.match_buffer(x_h, (1, {H}), "float32")
+    code = "qw[nb, k // 4, lane * 4 + k % 4]" if spec.dot_layout else "qw[nb, k, lane]"
+    return signature("embed", name, spec) + f"""\
     tok = T.Cast("int64", st[1])
     nb = tok // {V}
     lane = tok % {V}
@@ -221,15 +236,9 @@ def _indent(src: str, n: int) -> str:
 
 def _attention(name: str, spec: DecoderSpec) -> str:
     H, KV, D, L = spec.heads, spec.kv_heads, spec.head_dim, LANES
-    half, grp, QKV = D // 2, H // KV, spec.qkv
+    half, grp = D // 2, H // KV
     KO, VO = H * D, (H + KV) * D  # offsets of K and V in the Q|K|V row
     qkn = spec.qk_norm
-    handles = ["qkv_h", "b_h", "m_h", "cs_h", "sn_h", "kc_h", "vc_h", "att_h", "st_h", "om_h", "o_h"]
-    handles += ["qn_h", "kn_h"] if qkn else []
-    scalars = ["layer: T.int64", "scale: T.float32", "win: T.int64"] + (["eps: T.float32"] if qkn else [])
-    norm_bufs = f"""    qn = T.match_buffer(qn_h, ({D},), "float32")
-    kn = T.match_buffer(kn_h, ({D},), "float32")
-""" if qkn else ""
 
     def load(off: str) -> str:  # one head's D values with bias and the rate's mask
         return f"(qkv[0, {off} + i] + b[{off} + i]) * m[{off} + i]"
@@ -242,19 +251,8 @@ def _attention(name: str, spec: DecoderSpec) -> str:
 
     k_norm = _indent(_head_rms("t", "kn", D), 8) if qkn else ""
     q_norm = _indent(_head_rms("t", "qn", D), 8) if qkn else ""
-    return func_head(name, [f"{h}: T.handle" for h in handles] + scalars, ("NL", "C", "CA")) + f"""\
-    qkv = T.match_buffer(qkv_h, (1, {QKV}), "float32")
-    b = T.match_buffer(b_h, ({QKV},), "float32")
-    m = T.match_buffer(m_h, ({QKV},), "float32")
-    cs = T.match_buffer(cs_h, (C, {KV}, {half}), "float32")
-    sn = T.match_buffer(sn_h, (C, {KV}, {half}), "float32")
-    kc = T.match_buffer(kc_h, (NL, {KV}, C, {D}), "float32")
-    vc = T.match_buffer(vc_h, (NL, {KV}, C, {D}), "float32")
-    att = T.match_buffer(att_h, ({H}, CA), "float32")
-    st = T.match_buffer(st_h, (2,), "int32")
-    om = T.match_buffer(om_h, ({H * D},), "float32")
-    o = T.match_buffer(o_h, (1, {H * D}), "float32")
-{norm_bufs}    pos = T.Cast("int64", st[0])
+    return signature("attention", name, spec) + f"""\
+    pos = T.Cast("int64", st[0])
     lo = T.Select(win > T.int64(0), T.max(pos - win + T.int64(1), T.int64(0)), T.int64(0))
     t = T.decl_buffer(({D},), "float32")
     q = T.decl_buffer(({D},), "float32")  # (not "local": a {D}-lane local vector spills, measured slower)
@@ -312,10 +310,7 @@ def _glu(name: str, spec: DecoderSpec) -> str:
     keep = "" if spec.act == "silu" else f"""        for j in T.vectorized({V}):
             gl[j] = gu[0, nb * {2 * V} + j] + b[nb * {2 * V} + j]
 """
-    return func_head(name, ["gu_h: T.handle", "b_h: T.handle", "a_h: T.handle"], ("F", "F2", "NBIAS")) + f"""\
-    gu = T.match_buffer(gu_h, (1, F2), "float32")
-    b = T.match_buffer(b_h, (NBIAS,), "float32")
-    a = T.match_buffer(a_h, (1, F), "float32")
+    return signature("glu", name, spec) + f"""\
     z = T.decl_buffer(({V},), "float32")
     gl = T.decl_buffer(({V},), "float32")
     for nb in range(F // {V}):

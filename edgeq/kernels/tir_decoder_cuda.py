@@ -28,7 +28,7 @@ with TVM and checked with ``nvcc`` for each profile's architecture.
 """
 from __future__ import annotations
 
-from edgeq.kernels.tir_decoder import DecoderSpec, func_head
+from edgeq.kernels.tir_decoder import DecoderSpec, signature
 
 NT = 256  # threads of the norm kernels' one block
 NT2 = 32  # second level of their sum (NT / NT2 partials each)
@@ -120,23 +120,14 @@ def _one_block(f: _Form) -> str:
 
 def _norm(name: str, spec: DecoderSpec, f: _Form) -> str:
     H = spec.hidden
-    return func_head(name, ["x_h: T.handle", "w_h: T.handle", "h_h: T.handle", "eps: T.float32"]) + f"""\
-    x = T.match_buffer(x_h, (1, {H}), "float32")
-    w = T.match_buffer(w_h, ({H},), "float32")
-    h = T.match_buffer(h_h, (1, {H}), "float32")
+    return signature("norm", name, spec) + f"""\
 """ + _one_block(f) + _shared(f, "ra") + _sum_phases(f, H, "", "x[0, idx] * x[0, idx]", "ra") \
         + _norm_tail(f, H, "ra")
 
 
 def _add_norm(name: str, spec: DecoderSpec, f: _Form) -> str:
     H = spec.hidden
-    return func_head(name, ["x_h: T.handle", "y_h: T.handle", "b_h: T.handle", "w_h: T.handle", "h_h: T.handle",
-                        "eps: T.float32"]) + f"""\
-    x = T.match_buffer(x_h, (1, {H}), "float32")
-    y = T.match_buffer(y_h, (1, {H}), "float32")
-    b = T.match_buffer(b_h, ({H},), "float32")
-    w = T.match_buffer(w_h, ({H},), "float32")
-    h = T.match_buffer(h_h, (1, {H}), "float32")
+    return signature("add_norm", name, spec) + f"""\
 """ + _one_block(f) + _shared(f, "ra") \
         + _sum_phases(f, H, "x[0, idx] = x[0, idx] + (y[0, idx] + b[idx])", "x[0, idx] * x[0, idx]", "ra") \
         + _norm_tail(f, H, "ra")
@@ -147,14 +138,7 @@ def _post_add_norm(name: str, spec: DecoderSpec, f: _Form) -> str:
     add = f"""        for tx in {f.loop(NT, "threadIdx.x")}:
             pr = T.float32(1) / T.sqrt(({_total("rp")}) / T.float32({H}) + eps)
 """
-    return func_head(name, ["x_h: T.handle", "y_h: T.handle", "b_h: T.handle", "pw_h: T.handle", "w_h: T.handle",
-                        "h_h: T.handle", "eps: T.float32"]) + f"""\
-    x = T.match_buffer(x_h, (1, {H}), "float32")
-    y = T.match_buffer(y_h, (1, {H}), "float32")
-    b = T.match_buffer(b_h, ({H},), "float32")
-    pw = T.match_buffer(pw_h, ({H},), "float32")
-    w = T.match_buffer(w_h, ({H},), "float32")
-    h = T.match_buffer(h_h, (1, {H}), "float32")
+    return signature("post_add_norm", name, spec) + f"""\
 """ + _one_block(f) + _shared(f, "rp") + _shared(f, "ra") \
         + _sum_phases(f, H, "y[0, idx] = y[0, idx] + b[idx]", "y[0, idx] * y[0, idx]", "rp") \
         + add + _post_phase(f, H) + _norm_tail(f, H, "ra")
@@ -175,17 +159,11 @@ def _post_phase(f: _Form, H: int) -> str:
 
 def _embed(name: str, spec: DecoderSpec, f: _Form) -> str:
     H, V = spec.hidden, spec.block
-    qw_shape, code = ((f"(NB, {H // 4}, {4 * V})", "qw[nb, k // 4, lane * 4 + k % 4]") if spec.dot_layout
-                      else (f"(NB, {H}, {V})", "qw[nb, k, lane]"))
+    code = "qw[nb, k // 4, lane * 4 + k % 4]" if spec.dot_layout else "qw[nb, k, lane]"
     guard = H % EMBED_T != 0
     store = f"x[0, k] = (T.Cast(\"float32\", {code}) - T.float32(128)) * sc[nb, k // ({H} // NG), lane] * escale"
     body = (f"            if k < {H}:\n                {store}\n" if guard else f"            {store}\n")
-    return func_head(name, ["qw_h: T.handle", "sc_h: T.handle", "st_h: T.handle", "x_h: T.handle",
-                        "escale: T.float32"], ("NB", "NG")) + f"""\
-    qw = T.match_buffer(qw_h, {qw_shape}, "uint8")
-    sc = T.match_buffer(sc_h, (NB, NG, {V}), "float32")
-    st = T.match_buffer(st_h, (2,), "int32")
-    x = T.match_buffer(x_h, (1, {H}), "float32")
+    return signature("embed", name, spec) + f"""\
     for bx in {f.loop(_ceil(H, EMBED_T), "blockIdx.x")}:
         for tx in {f.loop(EMBED_T, "threadIdx.x")}:
             tok = T.Cast("int64", st[1])
@@ -204,10 +182,7 @@ def _glu(name: str, spec: DecoderSpec, f: _Form) -> str:
     else:
         act = ("T.float32(0.5) * g * (T.float32(1) + T.tanh(T.float32(0.7978845608028654) * "
                "(g + T.float32(0.044715) * g * g * g)))")
-    return func_head(name, ["gu_h: T.handle", "b_h: T.handle", "a_h: T.handle"], ("F", "F2", "NBIAS")) + f"""\
-    gu = T.match_buffer(gu_h, (1, F2), "float32")
-    b = T.match_buffer(b_h, (NBIAS,), "float32")
-    a = T.match_buffer(a_h, (1, F), "float32")
+    return signature("glu", name, spec) + f"""\
     for nb in {f.loop(f"F // {V}", "blockIdx.x")}:
         for j in {f.loop(V, "threadIdx.x")}:
             g = {g}
@@ -217,15 +192,9 @@ def _glu(name: str, spec: DecoderSpec, f: _Form) -> str:
 
 def _attention(name: str, spec: DecoderSpec, f: _Form) -> str:
     H, KV, D = spec.heads, spec.kv_heads, spec.head_dim
-    half, grp, QKV = D // 2, H // KV, spec.qkv
+    half, grp = D // 2, H // KV
     KO, VO = H * D, (H + KV) * D
     qkn = spec.qk_norm
-    handles = ["qkv_h", "b_h", "m_h", "cs_h", "sn_h", "kc_h", "vc_h", "att_h", "st_h", "om_h", "o_h"]
-    handles += ["qn_h", "kn_h"] if qkn else []
-    scalars = ["layer: T.int64", "scale: T.float32", "win: T.int64"] + (["eps: T.float32"] if qkn else [])
-    norm_bufs = f"""    qn = T.match_buffer(qn_h, ({D},), "float32")
-    kn = T.match_buffer(kn_h, ({D},), "float32")
-""" if qkn else ""
 
     def load(off: str) -> str:
         return f"((qkv[0, {off}] + b[{off}]) * m[{off}])"
@@ -337,19 +306,8 @@ o[0, hd * {D} + d] = oa[0] / sm * om[hd * {D} + d]"""
         rs = T.decl_buffer(({HT},), "float32", scope={f.shared})
 """ + phase_q + phase_rope + phase_scores + phase_exp + phase_out
 
-    return func_head(name, [f"{h}: T.handle" for h in handles] + scalars, ("NL", "C", "CA")) + f"""\
-    qkv = T.match_buffer(qkv_h, (1, {QKV}), "float32")
-    b = T.match_buffer(b_h, ({QKV},), "float32")
-    m = T.match_buffer(m_h, ({QKV},), "float32")
-    cs = T.match_buffer(cs_h, (C, {KV}, {half}), "float32")
-    sn = T.match_buffer(sn_h, (C, {KV}, {half}), "float32")
-    kc = T.match_buffer(kc_h, (NL, {KV}, C, {D}), "float32")
-    vc = T.match_buffer(vc_h, (NL, {KV}, C, {D}), "float32")
-    att = T.match_buffer(att_h, ({H}, CA), "float32")
-    st = T.match_buffer(st_h, (2,), "int32")
-    om = T.match_buffer(om_h, ({H * D},), "float32")
-    o = T.match_buffer(o_h, (1, {H * D}), "float32")
-{norm_bufs}""" + kv + heads
+    return signature("attention", name, spec) + f"""\
+""" + kv + heads
 
 
 _MAKE = {"embed": _embed, "norm": _norm, "add_norm": _add_norm, "attention": _attention, "glu": _glu,
