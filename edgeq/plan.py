@@ -351,10 +351,11 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
         e: dict[Choice, float] = {}
         ref = None
         layer_stats = stats.layers[lin.layer]
+        col = act_noise.column_energy(w) if activations != "none" else None  # once per linear, not per type
 
         def act_err(t: str) -> float:  # the output error of the runtime's rounding of this linear's input
-            return act_noise.activation_error(w, layer_stats.input_noise(lin.role,
-                                                                          act_noise.dot_codec(t, activations)))
+            noise = layer_stats.input_noise(lin.role, act_noise.dot_codec(t, activations))
+            return 0.0 if noise is None else float(col @ noise)
 
         for t in types:
             info = storage.get(t)

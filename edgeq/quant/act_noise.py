@@ -96,6 +96,11 @@ def activation_error(w: np.ndarray, noise: np.ndarray | None) -> float:
     noise of per-channel mean square ``noise`` (in,); 0 without one."""
     if noise is None:
         return 0.0
+    return float(column_energy(w) @ np.asarray(noise, dtype=np.float64))
+
+
+def column_energy(w: np.ndarray) -> np.ndarray:
+    """(in,) float64 ``‖w_j‖²`` of each input column of ``w`` (out x in): what
+    :func:`activation_error` weighs the noise by (compute once per linear, reuse per codec)."""
     w = np.asarray(w, dtype=np.float32)
-    col = np.einsum("ij,ij->j", w, w, dtype=np.float64)
-    return float(col @ np.asarray(noise, dtype=np.float64))
+    return np.einsum("ij,ij->j", w, w, dtype=np.float64)
