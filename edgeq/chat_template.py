@@ -43,9 +43,10 @@ def render(template: str, prompt: str, bos_token: str = "", eos_token: str = "")
     return render_messages(template, [{"role": "user", "content": prompt}], bos_token, eos_token)
 
 
-def render_messages(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "") -> str:
-    """``messages`` ({"role", "content"} dicts) rendered with ``template`` (sandboxed; generation
-    prompt on)."""
+def render_messages(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "",
+                    add_generation_prompt: bool = True) -> str:
+    """``messages`` ({"role", "content"} dicts) rendered with ``template`` (sandboxed; with the
+    generation prompt unless ``add_generation_prompt`` is false: a finished conversation)."""
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -55,7 +56,7 @@ def render_messages(template: str, messages: list[dict], bos_token: str = "", eo
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                 bos_token=bos_token, eos_token=eos_token)
     except TemplateError as exc:
         raise EdgeqError(f"chat template: {exc}") from None

@@ -84,17 +84,27 @@ def alpaca_messages(rec: dict[str, str]) -> list[dict[str, str]]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"].strip()}]
 
 
-def _template_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
+def _template_ids(tokenizer, messages, add_generation_prompt: bool, template: str | None = None) -> list[int]:
+    """Token ids of ``messages`` rendered by the tokenizer's own chat template, or by ``template``
+    (edgeq.chat_template's text: rendered there, then tokenized with the tokenizer's own BOS rule,
+    as edgeq's runtimes feed a templated prompt)."""
+    if template is not None:
+        from edgeq.chat_template import render_messages
+
+        text = render_messages(template, messages, add_generation_prompt=add_generation_prompt)
+        return list(tokenizer(text)["input_ids"])
     out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
                                         return_dict=True)
     return list(out["input_ids"])
 
 
-def encode_example(tokenizer, rec: dict[str, str], max_len: int) -> tuple[list[int], list[int]] | None:
-    """(input_ids, labels) with labels = IGNORE_INDEX on the prompt; None if no answer token fits."""
+def encode_example(tokenizer, rec: dict[str, str], max_len: int,
+                   template: str | None = None) -> tuple[list[int], list[int]] | None:
+    """(input_ids, labels) with labels = IGNORE_INDEX on the prompt; None if no answer token fits.
+    ``template``: a chat template's text instead of the tokenizer's own (:func:`_template_ids`)."""
     messages = alpaca_messages(rec)
-    prompt = _template_ids(tokenizer, messages[:1], add_generation_prompt=True)
-    full = _template_ids(tokenizer, messages, add_generation_prompt=False)
+    prompt = _template_ids(tokenizer, messages[:1], True, template)
+    full = _template_ids(tokenizer, messages, False, template)
     if full[:len(prompt)] != prompt:
         raise EdgeqError("chat template: the rendered conversation does not start with the rendered "
                          "generation prompt; cannot mask the prompt tokens")
@@ -118,9 +128,12 @@ def _collate(examples, pad_id: int):
     return ids, mask, labels
 
 
-def _config_digest(cfg: TrainConfig, model_dir: Path, data: Path) -> str:
-    """Identifies a training run: config + sha256 of the base weights' marker/config + data."""
+def _config_digest(cfg: TrainConfig, model_dir: Path, data: Path, template: str | None = None) -> str:
+    """Identifies a training run: config + sha256 of the base weights' marker/config + data (+ the
+    chat template's text when one replaces the tokenizer's own)."""
     h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
+    if template is not None:
+        h.update(b"chat-template\0" + template.encode())
     for p in (model_dir / "config.json", model_dir / ".edgeq-recipe.json", data):
         if p.is_file():
             h.update(p.read_bytes())
@@ -128,8 +141,12 @@ def _config_digest(cfg: TrainConfig, model_dir: Path, data: Path) -> str:
 
 
 def train_lora(model_dir: Path = DEFAULT_MODEL, out_dir: Path = DEFAULT_OUT, *, data: Path = DEFAULT_DATA,
-               config: TrainConfig = TrainConfig(), force: bool = False, progress: bool = True) -> Path:
+               config: TrainConfig = TrainConfig(), force: bool = False, progress: bool = True,
+               chat_template: str | None = None) -> Path:
     """Fine-tune a LoRA adapter for the checkpoint at ``model_dir``; write it to ``out_dir``.
+
+    ``chat_template``: a built-in name or a file (edgeq.chat_template, as ``edgeq build
+    --chat-template``) for a checkpoint whose tokenizer has none (a base model, e.g. Gemma 3 270M).
 
     Skips (returns at once) when ``out_dir`` holds a complete run of the same config, base
     model and data, unless ``force``.
@@ -145,8 +162,13 @@ def train_lora(model_dir: Path = DEFAULT_MODEL, out_dir: Path = DEFAULT_OUT, *, 
     if not (model_dir / "config.json").is_file():
         raise EdgeqError(f"{model_dir}: expected a Hugging Face checkpoint directory (config.json), "
                          f"e.g. from: python -m models.smollm2")
+    template = None
+    if chat_template is not None:
+        from edgeq.chat_template import resolve
+
+        template = resolve(chat_template)
     records = load_alpaca(data)
-    digest = _config_digest(config, model_dir, data)
+    digest = _config_digest(config, model_dir, data, template)
     if not force and (info := read_marker(out_dir)) is not None and info.get("digest") == digest:
         print(f"train_lora: {out_dir} already holds this run; skipping")
         return out_dir
@@ -157,7 +179,11 @@ def train_lora(model_dir: Path = DEFAULT_MODEL, out_dir: Path = DEFAULT_OUT, *, 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise EdgeqError(f"{model_dir}: tokenizer has neither a pad nor an eos token")
-    examples = [ex for rec in records if (ex := encode_example(tokenizer, rec, config.max_len)) is not None]
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise EdgeqError(f"{model_dir}: the tokenizer has no chat template; give one with --chat-template "
+                         "(chatml, gemma or a file)")
+    examples = [ex for rec in records
+                if (ex := encode_example(tokenizer, rec, config.max_len, template)) is not None]
     if not examples:
         raise EdgeqError(f"{data}: no record leaves an answer token within max_len {config.max_len}")
     print(f"train_lora: {len(examples)}/{len(records)} records from {data}; "
@@ -226,6 +252,7 @@ def train_lora(model_dir: Path = DEFAULT_MODEL, out_dir: Path = DEFAULT_OUT, *, 
             "config": asdict(config),
             "base_model": str(model_dir),
             "data": str(data),
+            "chat_template": chat_template,
             "records_used": len(examples),
             "steps": config.steps,
             "sequences_per_step": config.batch_size * config.grad_accum,
@@ -262,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=d.threads)
     ap.add_argument("--target-modules", default=",".join(d.target_modules),
                     help="comma-separated module names")
+    ap.add_argument("--chat-template", default=None,
+                    help="chatml, gemma or a jinja file, for a tokenizer without its own template (a base model)")
     ap.add_argument("--force", action="store_true", help="retrain even if the output holds this run")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -272,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           seed=args.seed, threads=args.threads,
                           target_modules=tuple(m for m in args.target_modules.split(",") if m))
         train_lora(args.model, args.out, data=args.data, config=cfg, force=args.force,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, chat_template=args.chat_template)
 
     return run_main(body)
 
