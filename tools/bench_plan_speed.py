@@ -16,7 +16,8 @@ the first ``--kl-tokens`` wikitext-2 tokens (ctx 512, second half of each window
 reference is edgeq's numpy runtime on the fp32 model), then decode tok/s in llama.cpp ("Once upon
 a time" + ``--tokens`` greedy tokens, 1 warm-up, ``--decode-runs`` rounds with the three files of a
 size point interleaved A B C; medians of llama.cpp's decode wall time and of the process CPU seconds
-per generated token -- the one to compare on a shared machine, with ``--threads 1``). Writes
+per generated token -- the one to compare on a shared machine, with ``--threads 1`` -- and the
+median over rounds of each file's ratio to llama.cpp's in the same round). Writes
 OUT/results-TYPES-klN.json and prints a markdown table (``eval`` takes ``--types`` as a subset of the build's;
 ``--decode-runs 0`` / ``--kl-tokens 0`` skip that part).
 """
@@ -149,17 +150,23 @@ def evaluate(rows: list[dict], args) -> None:
         finally:
             for s in sess:
                 s.close()
+        base = next(k for k, r in enumerate(group) if r["who"] == "llama.cpp")
         for r, v, c in zip(group, runs, cpu):
+            # the ratio to llama.cpp's file within each round (the files of a round run back to back,
+            # so a load change between rounds cancels), then the median over the rounds
             r.update(decode_runs=v, decode_tok_s=statistics.median(v), cpu_s_per_token_runs=c,
-                     cpu_tok_s=1 / statistics.median(c))
+                     cpu_tok_s=1 / statistics.median(c),
+                     round_ratio=statistics.median(a / b for a, b in zip(v, runs[base])),
+                     round_ratio_cpu=statistics.median(b / a for a, b in zip(c, cpu[base])))
         log(f"{ft} decode: " + ", ".join(f"{r['who']} {r['decode_tok_s']:.1f} tok/s wall, {r['cpu_tok_s']:.1f} per CPU s"
                                          for r in group))
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| size point | build | MB | predicted ms/token | predicted vs uniform | KL | top-1 | decode tok/s (wall) | "
-             "tokens per CPU s | decode vs llama.cpp (CPU) | KL vs llama.cpp | mix |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "tokens per CPU s | decode vs llama.cpp (CPU) | median of per-round ratios (wall / CPU) | "
+             "KL vs llama.cpp | mix |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = next(x for x in rows if x["type"] == r["type"] and x["who"] == "llama.cpp")
         pv = r.get("summary", {}).get("predicted_speed_vs_reference")
@@ -168,6 +175,7 @@ def table(rows: list[dict]) -> str:
                      f"{r.get('top1', float('nan')):.3f} | {r.get('decode_tok_s', float('nan')):.1f} | "
                      f"{r.get('cpu_tok_s', float('nan')):.1f} | "
                      f"{r.get('cpu_tok_s', float('nan')) / base.get('cpu_tok_s', float('nan')):.3f} | "
+                     f"{r.get('round_ratio', float('nan')):.3f} / {r.get('round_ratio_cpu', float('nan')):.3f} | "
                      f"{r.get('kl', float('nan')) / base.get('kl', float('nan')):.3f} | "
                      f"{', '.join(f'{k} x{v}' for k, v in r.get('mix', {}).items())} |")
     return "\n".join(lines)
