@@ -161,7 +161,8 @@ def targets(as_json):
                    "tensors (fisher, O(params); docs/benchmarks.md).")
 @click.option("--min-speed", type=float, default=None,
               help="Planner: predicted decode speed at least this x the uniform plan of the same size (e.g. 0.97; "
-                   "the profile's speed costs, docs/targets.md).")
+                   "the profile's speed costs, docs/targets.md). A prediction: measured mixed plans ran 0-4 % "
+                   "slower than predicted (docs/benchmarks.md), so ask ~3 % more for a hard floor.")
 @click.option("--tvm-activations", type=click.Choice(list(ACTS)), default=None,
               help="--format tvm: the kernels' activations, float32 or int8 per group with integer dot products "
                    "(AVX-512 VNNI, AVX-VNNI, AVX2, aarch64 dotprod). Default: the target's [deploy] tvm_activations.")
@@ -259,7 +260,8 @@ def _build_release(opts, target, fmt, executor, jobs, ray_address):
                    "(kl-probe, exact, O(layers^2)) or second order from one forward + 16 backward passes for all "
                    "tensors (fisher, O(params); docs/benchmarks.md).")
 @click.option("--min-speed", type=float, default=None,
-              help="Predicted decode speed at least this x the uniform plan of the same size (e.g. 0.97).")
+              help="Predicted decode speed at least this x the uniform plan of the same size (e.g. 0.97; a "
+                   "prediction: measured mixed plans ran 0-4 % slower, so ask ~3 % more for a hard floor).")
 @_fail_cleanly
 def plan(model, adapters, target, budget_mb, bpw, calib_samples, calib_len, calib_data, out, sensitivity, min_speed):
     """Choose a per-tensor quantization type and compensation rank for TARGET's budget."""
