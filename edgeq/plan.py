@@ -354,8 +354,7 @@ def measure_options(ir: ModelIR, stats, types: Sequence[str], ranks: Sequence[in
         col = act_noise.column_energy(w) if activations != "none" else None  # once per linear, not per type
 
         def act_err(t: str) -> float:  # the output error of the runtime's rounding of this linear's input
-            noise = layer_stats.input_noise(lin.role, act_noise.dot_codec(t, activations))
-            return 0.0 if noise is None else float(col @ noise)
+            return act_noise.weighted_noise(col, layer_stats.input_noise(lin.role, act_noise.dot_codec(t, activations)))
 
         for t in types:
             info = storage.get(t)

@@ -175,9 +175,7 @@ def _rms(spec: DecoderSpec, src: str) -> str:
 
 
 def _norm(name: str, spec: DecoderSpec) -> str:
-    H = spec.hidden
-    return signature("norm", name, spec) + f"""\
-""" + _rms(spec, "x")
+    return signature("norm", name, spec) + _rms(spec, "x")
 
 
 def _add_norm(name: str, spec: DecoderSpec) -> str:

@@ -120,15 +120,13 @@ def _one_block(f: _Form) -> str:
 
 def _norm(name: str, spec: DecoderSpec, f: _Form) -> str:
     H = spec.hidden
-    return signature("norm", name, spec) + f"""\
-""" + _one_block(f) + _shared(f, "ra") + _sum_phases(f, H, "", "x[0, idx] * x[0, idx]", "ra") \
-        + _norm_tail(f, H, "ra")
+    return signature("norm", name, spec) + _one_block(f) + _shared(f, "ra") \
+        + _sum_phases(f, H, "", "x[0, idx] * x[0, idx]", "ra") + _norm_tail(f, H, "ra")
 
 
 def _add_norm(name: str, spec: DecoderSpec, f: _Form) -> str:
     H = spec.hidden
-    return signature("add_norm", name, spec) + f"""\
-""" + _one_block(f) + _shared(f, "ra") \
+    return signature("add_norm", name, spec) + _one_block(f) + _shared(f, "ra") \
         + _sum_phases(f, H, "x[0, idx] = x[0, idx] + (y[0, idx] + b[idx])", "x[0, idx] * x[0, idx]", "ra") \
         + _norm_tail(f, H, "ra")
 
@@ -138,8 +136,7 @@ def _post_add_norm(name: str, spec: DecoderSpec, f: _Form) -> str:
     add = f"""        for tx in {f.loop(NT, "threadIdx.x")}:
             pr = T.float32(1) / T.sqrt(({_total("rp")}) / T.float32({H}) + eps)
 """
-    return signature("post_add_norm", name, spec) + f"""\
-""" + _one_block(f) + _shared(f, "rp") + _shared(f, "ra") \
+    return signature("post_add_norm", name, spec) + _one_block(f) + _shared(f, "rp") + _shared(f, "ra") \
         + _sum_phases(f, H, "y[0, idx] = y[0, idx] + b[idx]", "y[0, idx] * y[0, idx]", "rp") \
         + add + _post_phase(f, H) + _norm_tail(f, H, "ra")
 
@@ -306,8 +303,7 @@ o[0, hd * {D} + d] = oa[0] / sm * om[hd * {D} + d]"""
         rs = T.decl_buffer(({HT},), "float32", scope={f.shared})
 """ + phase_q + phase_rope + phase_scores + phase_exp + phase_out
 
-    return signature("attention", name, spec) + f"""\
-""" + kv + heads
+    return signature("attention", name, spec) + kv + heads
 
 
 _MAKE = {"embed": _embed, "norm": _norm, "add_norm": _add_norm, "attention": _attention, "glu": _glu,

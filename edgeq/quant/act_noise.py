@@ -94,13 +94,17 @@ def noise_sums(x: np.ndarray) -> dict[str, np.ndarray]:
 def activation_error(w: np.ndarray, noise: np.ndarray | None) -> float:
     """Output error ``Σ_j ‖w_j‖² E[δ_j²]`` of a linear ``w`` (out x in) whose inputs carry rounding
     noise of per-channel mean square ``noise`` (in,); 0 without one."""
-    if noise is None:
-        return 0.0
-    return float(column_energy(w) @ np.asarray(noise, dtype=np.float64))
+    return 0.0 if noise is None else weighted_noise(column_energy(w), noise)
+
+
+def weighted_noise(col: np.ndarray, noise: np.ndarray | None) -> float:
+    """:func:`activation_error` from the linear's :func:`column_energy` ``col`` (computed once per
+    linear, reused for each codec's ``noise``); 0 without noise."""
+    return 0.0 if noise is None else float(col @ np.asarray(noise, dtype=np.float64))
 
 
 def column_energy(w: np.ndarray) -> np.ndarray:
     """(in,) float64 ``‖w_j‖²`` of each input column of ``w`` (out x in): what
-    :func:`activation_error` weighs the noise by (compute once per linear, reuse per codec)."""
+    :func:`activation_error` weighs the noise by."""
     w = np.asarray(w, dtype=np.float32)
     return np.einsum("ij,ij->j", w, w, dtype=np.float64)
