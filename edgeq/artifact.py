@@ -246,9 +246,9 @@ def manifest_file_names(m: dict) -> list[str]:
         add(m.get(key))
     add(section("goldens").get("file"))
     add(section("prune").get("files"))
-    for key in ("model_file", "data_file", "tokenizer_file", "adapter_files"):
+    for key in ("model_file", "data_file", "tokenizer_file", "tokenizer_vocab_file", "adapter_files"):
         add(section("onnx").get(key))
-    for key in ("library", "weights_file", "tokenizer_file"):
+    for key in ("library", "weights_file", "tokenizer_file", "tokenizer_vocab_file"):
         add(section("tvm").get(key))
     return names
 

@@ -39,8 +39,9 @@ GEMMA_CHAT_TEMPLATE = (
 
 
 def build_spm_tokenizer(vocab_size: int = TINY_VOCAB_SIZE, text: str = TINY_CORPUS):
-    """A SentencePiece-style BPE: the specials, the 256 byte-fallback tokens, then BPE pieces
-    trained on ``text`` with spaces as "▁" attached to the following word."""
+    """A SentencePiece-style BPE shaped as Gemma 3's ``tokenizer.json``: the specials, the 256
+    byte-fallback tokens, then BPE pieces trained on ``text`` with spaces as "▁" attached to the
+    following word."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     n_fixed = len(GEMMA_SPECIALS) + 256
@@ -65,7 +66,9 @@ def build_spm_tokenizer(vocab_size: int = TINY_VOCAB_SIZE, text: str = TINY_CORP
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True,
                                fuse_unk=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("▁*[^▁]+|▁+"), behavior="isolated")
+    # Gemma 3's own pre-tokenizer (a Split on " " after every space became "▁": BPE runs over the
+    # whole text); the regex above only keeps the trained merges inside words
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.add_special_tokens(list(GEMMA_SPECIALS))
     return tok

@@ -63,6 +63,7 @@ class OnnxSession(RateSwitchMixin, SpecTextMixin, Session):
             raise EdgeqError(f"{root / info['model_file']}: onnxruntime cannot load it ({msg[:200]})") from None
         self._spec = None
         self._tok_file = info.get("tokenizer_file")
+        self._vocab_file = info.get("tokenizer_vocab_file")
         self._adapters = {}
         for name, fname in sorted(info.get("adapter_files", {}).items()):
             a = ort.LoraAdapter()
@@ -129,6 +130,9 @@ class OnnxSession(RateSwitchMixin, SpecTextMixin, Session):
         if self._spec is None and self._tok_file:
             self._spec = read_tokenizer_spec(artifact_path(self.root, self._tok_file))
         return self._spec
+
+    def _packed_tokenizer(self):
+        return artifact_path(self.root, self._vocab_file) if self._vocab_file else None
 
     # ---- pruning rates (RateSwitchMixin) ----------------------------------------------------------
     def _apply_rate(self, index: int) -> None:

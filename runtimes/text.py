@@ -1,22 +1,23 @@
-"""Tokenization and chat templates from a TokenizerSpec (``tokenizers`` + jinja2; no torch)."""
+"""Tokenization and chat templates from a TokenizerSpec (``tokenizers`` + jinja2; no torch), or from
+a packed SentencePiece-style vocabulary (:mod:`runtimes.spm_bpe`; no ``tokenizers``)."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Sequence
 
-from tokenizers import Tokenizer
-
 from edgeq.chat_template import render  # sandboxed: chat templates are untrusted input
 from edgeq.errors import EdgeqError
 from edgeq.ir import TokenizerSpec
+from edgeq.tokenizer_pack import EOS_NAMES, read_packed
 
-_EOS_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>", "<end_of_turn>")  # llama.cpp's end-of-generation names
 
 
 class SpecTokenizer:
     def __init__(self, spec: TokenizerSpec):
         if not spec.tokenizer_json:
             raise EdgeqError("this model carries no tokenizer.json; cannot tokenize text")
+        from tokenizers import Tokenizer  # here: a session with a packed vocabulary never loads it
+
         self._tok = Tokenizer.from_str(spec.tokenizer_json)
         self._eos = _eos_ids(spec)
         # what encode / chat need, not the vocabulary's Python objects: the tokens (but BOS / EOS,
@@ -44,10 +45,47 @@ class SpecTokenizer:
         return render_chat(self.spec, prompt)
 
 
+class PackedTokenizer:
+    """:class:`SpecTokenizer`'s methods over a packed vocabulary file (an artifact's
+    ``tokenizer_vocab_file``): the same ids and text, the vocabulary memory-mapped."""
+
+    def __init__(self, path):
+        from runtimes.spm_bpe import SpmBpe
+
+        packed = read_packed(path)
+        self._bpe = SpmBpe(packed)
+        self.meta = meta = packed.meta
+        self._eos = frozenset(meta["eos_ids"])
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        ids = self._bpe.encode(text, add_special)
+        bos = self.meta["bos_id"]
+        if add_special and self.meta["add_bos"] and bos is not None and ids[:1] != [bos]:
+            ids.insert(0, bos)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._bpe.decode(ids, skip_special=True)
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return self._eos
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.meta.get("chat_template")
+
+    def chat(self, prompt: str) -> str:
+        if not self.chat_template:
+            return prompt
+        return render(self.chat_template, prompt, bos_token=self.meta.get("bos_token") or "",
+                      eos_token=self.meta.get("eos_token") or "")
+
+
 def _eos_ids(spec: TokenizerSpec) -> frozenset[int]:
     ids = {spec.eos_id} if spec.eos_id is not None else set()
     for i, (t, ty) in enumerate(zip(spec.tokens, spec.token_types)):
-        if ty == 3 and t in _EOS_NAMES:
+        if ty == 3 and t in EOS_NAMES:
             ids.add(i)
     return frozenset(ids)
 
@@ -65,14 +103,22 @@ class SpecTextMixin:
     :class:`SpecTokenizer` built on first use. A session defines ``_tokenizer_spec()`` (the
     TokenizerSpec, or None when the model carries none)."""
 
-    _tok: SpecTokenizer | None = None
+    _tok: SpecTokenizer | PackedTokenizer | None = None
 
     def _tokenizer_spec(self) -> TokenizerSpec | None:
         raise NotImplementedError
 
+    def _packed_tokenizer(self):
+        """The path of a packed vocabulary to tokenize with instead of the spec (None: the spec)."""
+        return None
+
     @property
-    def tokenizer(self) -> SpecTokenizer:
+    def tokenizer(self) -> SpecTokenizer | PackedTokenizer:
         if self._tok is None:
+            packed = self._packed_tokenizer()
+            if packed is not None:
+                self._tok = PackedTokenizer(packed)
+                return self._tok
             spec = self._tokenizer_spec()
             if spec is None:
                 raise EdgeqError("this model carries no tokenizer")
@@ -89,12 +135,16 @@ class SpecTextMixin:
 
     @property
     def eos_ids(self) -> frozenset[int]:
-        return self.tokenizer.eos_ids if self._tokenizer_spec() is not None else frozenset()
+        if self._tok is None and self._packed_tokenizer() is None and self._tokenizer_spec() is None:
+            return frozenset()
+        return self.tokenizer.eos_ids
 
     def apply_chat_template(self, prompt: str) -> str:
         return self.tokenizer.chat(prompt)
 
     @property
     def has_chat_template(self) -> bool:
+        if self._packed_tokenizer() is not None:
+            return bool(self.tokenizer.chat_template)
         spec = self._tokenizer_spec()
         return spec is not None and bool(spec.chat_template)

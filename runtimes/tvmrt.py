@@ -145,6 +145,7 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
         self._load_weights(artifact_path(root, info["weights_file"]), info)
         self._spec = None
         self._tok_file = info.get("tokenizer_file")
+        self._vocab_file = info.get("tokenizer_vocab_file")
         p = m.get("prune")
         self._rates = tuple(float(r) for r in p["rates"]) if p else (0.0,)
         self._widths = {float(r): v for r, v in (p["widths"].items() if p else ())}
@@ -283,6 +284,9 @@ class TvmSession(RateSwitchMixin, SpecTextMixin, Session):
         if self._spec is None and self._tok_file:
             self._spec = read_tokenizer_spec(artifact_path(self.root, self._tok_file))
         return self._spec
+
+    def _packed_tokenizer(self):
+        return artifact_path(self.root, self._vocab_file) if self._vocab_file else None
 
     # ---- compute -----------------------------------------------------------------------------------
     def reset(self) -> None:

@@ -26,7 +26,7 @@ fz = importlib.util.module_from_spec(spec)
 sys.modules["fuzz_loaders"] = fz  # dataclasses look their module up
 spec.loader.exec_module(fz)
 
-LOADERS = ["safetensors", "gguf", "manifest", "plan", "adapter", "tokenizer", "goldens"]
+LOADERS = ["safetensors", "gguf", "manifest", "plan", "adapter", "tokenizer", "packed-tokenizer", "goldens"]
 EXAMPLES = 60  # per loader: ~1-3 s each here (the suite's budget: ~30 s in all)
 PER_INPUT_S = 5.0
 # No input may drive the Python heap (numpy included) past this: the seeds are < 600 kB.

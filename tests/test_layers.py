@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "pyproject.toml"
 # what runtimes/ (the device side) may import from edgeq: the neutral core
 CORE = {"edgeq", "edgeq.errors", "edgeq.interrupts", "edgeq.ir", "edgeq.artifact", "edgeq.hashing", "edgeq.chat_template",
+        "edgeq.tokenizer_pack",  # the packed-vocabulary file format (written by lowerings, read by sessions)
         "edgeq.frontend.safetensors_io"}  # the safetensors reader: core, still under frontend/
 COMPILER_ONLY_DEPS = {"torch", "transformers", "peft", "onnx", "gguf", "matplotlib"}
 

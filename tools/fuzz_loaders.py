@@ -16,7 +16,8 @@ when one input runs past the timeout, keeping that input (see "the driver" below
 
 Loaders: safetensors (header + data), gguf (edgeq's GGUF reader), manifest (read_manifest +
 check_files), plan (Plan.from_toml), adapter (adapter_config.json + adapter_model.safetensors on
-a tiny model), tokenizer (read_tokenizer_spec), goldens (goldens.load + compare).
+a tiny model), tokenizer (read_tokenizer_spec), packed-tokenizer (read_packed, then a session's
+encode / decode over it), goldens (goldens.load + compare).
 The test suite (tests/test_fuzz_loaders.py) runs the same strategies for a few hundred inputs.
 """
 from __future__ import annotations
@@ -129,6 +130,30 @@ def _tokenizer_spec() -> dict:
                          eos_id=2, pad_id=None, unk_id=None, add_bos=True, chat_template=None).to_json()
 
 
+def _spm_tokenizer_json() -> dict:
+    """A small Gemma-shaped SentencePiece BPE tokenizer.json: specials, the 256 byte tokens, a few
+    pieces and their merges, an added special token."""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    pieces = ["\u2581", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "\u2581he", "llo", "\u2581hello", "<turn>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + pieces)}
+    merges = [["h", "e"], ["l", "l"], ["\u2581", "he"], ["ll", "o"], ["\u2581he", "llo"]]
+    added = [{"id": vocab[t], "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for t in specials + ["<turn>"]]
+    return {"version": "1.0", "added_tokens": added,
+            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+            "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
+                              "invert": False},
+            "post_processor": {"type": "TemplateProcessing", "single": [
+                {"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [], "special_tokens": {"<bos>": {"id": "<bos>", "ids": [2], "tokens": ["<bos>"]}}},
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}]},
+            "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                      "vocab": vocab, "merges": merges}}
+
+
 def _goldens(vocab: int) -> dict:
     rng = np.random.default_rng(1)
     token_ids = [[1, 2, 3], [4, 0]]
@@ -220,6 +245,26 @@ def make_loaders(work: Path, tiny: Path | None = None) -> dict[str, Loader]:
         return read_tokenizer_spec(tok_file)
 
     out["tokenizer"] = Loader("tokenizer", "json", json.dumps(_tokenizer_spec()).encode(), load_tok)
+
+    # the packed SentencePiece vocabulary a session memory-maps, then encodes and decodes with
+    from edgeq.frontend.tokenizer import load_tokenizer_spec
+    from edgeq.tokenizer_pack import read_packed, write_packed
+    from runtimes.spm_bpe import SpmBpe
+
+    src = work / "spm-src"
+    src.mkdir(exist_ok=True)
+    (src / "tokenizer.json").write_text(json.dumps(_spm_tokenizer_json()), encoding="utf-8")
+    packed_file = work / "tokenizer.vocab.safetensors"
+    write_packed(load_tokenizer_spec(src, "gemma3"), packed_file)
+    packed_seed = packed_file.read_bytes()
+
+    def load_packed(data: bytes):
+        packed_file.write_bytes(data)
+        sp = SpmBpe(read_packed(packed_file))
+        ids = sp.encode("hello world <turn> \u00e9\U0001F642")
+        return ids, sp.decode(ids + list(range(sp.meta["n_vocab"])), skip_special=False)
+
+    out["packed-tokenizer"] = Loader("packed-tokenizer", "safetensors", packed_seed, load_packed)
 
     vocab = 10
     g_file = work / "goldens.json"

@@ -47,6 +47,7 @@ import numpy as np
 from tqdm import tqdm
 
 from edgeq.artifact import write_tokenizer_spec
+from edgeq.tokenizer_pack import VOCAB_FILE, write_packed
 from edgeq.backends.onnx.decoder import DecoderGraph, Lowered
 from edgeq.backends.onnx.graph import Deferred
 from edgeq.backends.onnx.options import ATTENTION, FFN_RATES, RATE_INPUT, OnnxOptions, ffn_segments, graph_rates
@@ -110,7 +111,8 @@ def build_model(ir: ModelIR, weights: OnnxOptions, switchable=()) -> tuple[objec
 
 
 def write_onnx(ir: ModelIR, out_dir: Path, weights: OnnxOptions, switchable=(), progress: bool = False) -> dict:
-    """Write ``model.onnx`` + ``model.onnx.data`` + ``tokenizer.spec.json`` into ``out_dir``.
+    """Write ``model.onnx`` + ``model.onnx.data`` + ``tokenizer.spec.json`` (+ ``tokenizer.vocab.safetensors``
+    for a SentencePiece-style vocabulary: ``edgeq.tokenizer_pack``) into ``out_dir``.
 
     Returns the manifest's ``onnx`` section. ``switchable``: names of LoRA adapters kept separate
     whose branches become overridable inputs (see :func:`write_adapter`).
@@ -167,9 +169,12 @@ def write_onnx(ir: ModelIR, out_dir: Path, weights: OnnxOptions, switchable=(), 
     onnx.checker.check_model(str(model_path))
     if ir.tokenizer is not None:
         write_tokenizer_spec(ir.tokenizer, out_dir / TOKENIZER_FILE)
+    # SentencePiece-style vocabularies also as arrays a session memory-maps (runtimes.spm_bpe)
+    vocab_file = VOCAB_FILE if ir.tokenizer is not None and write_packed(ir.tokenizer, out_dir / VOCAB_FILE) else None
     info = {"model_file": MODEL_FILE, "data_file": DATA_FILE, "opset": OPSET, "ir_version": IR_VERSION,
             "weights": weights.to_json(), "tensor_formats": dict(sorted(low.formats.items())),
             "tokenizer_file": TOKENIZER_FILE if ir.tokenizer is not None else None,
+            **({"tokenizer_vocab_file": vocab_file} if vocab_file else {}),
             "adapter_inputs": {a: sorted(v) for a, v in sorted(low.adapter_inputs.items())}}
     rates = graph_rates(ir)
     if rates is not None:

@@ -14,7 +14,8 @@ Files:
   into its kernel; norms (Gemma's QK-norms and sandwich norms too); RoPE pair order; the int8 head / embedding table; with bias
   compensation (``--prune-bias``) per layer ``o.rate_bias`` / ``down.rate_bias``, (rates, hidden)
   float32, whose row for the current rate the runtime adds after the o / down kernels.
-* ``tokenizer.spec.json``.
+* ``tokenizer.spec.json``, and for SentencePiece-style vocabularies ``tokenizer.vocab.safetensors``
+  (the vocabulary as arrays the session memory-maps: ``edgeq.tokenizer_pack``).
 
 The decoder around the kernels (RMSNorm, RoPE with per-KV-group gathered frequencies, attention
 over the KV cache, SwiGLU / GeGLU, the residual adds, per-rate masks of Q/K pairs and V/O
@@ -36,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from edgeq.artifact import write_tokenizer_spec
+from edgeq.tokenizer_pack import VOCAB_FILE, write_packed
 from edgeq.errors import EdgeqError
 from edgeq.hashing import sha256_file
 from edgeq.ir import Linear, ModelIR, Role, block_norm_names
@@ -296,8 +298,8 @@ def _write_packed(st, prefix: str, rows, n: int, k: int, lr, bits: int, group: i
 
 
 def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = False) -> dict:
-    """Write ``kernels.so``, ``weights.safetensors`` and ``tokenizer.spec.json``; returns the
-    manifest's ``tvm`` section."""
+    """Write ``kernels.so``, ``weights.safetensors``, ``tokenizer.spec.json`` (and
+    ``tokenizer.vocab.safetensors`` where the vocabulary packs); returns the manifest's ``tvm`` section."""
     problems = check(ir, opts)
     if problems:
         raise EdgeqError(f"cannot lower to tvm: {problems[0]}")
@@ -362,12 +364,15 @@ def write_tvm(ir: ModelIR, out_dir: Path, opts: TvmOptions, progress: bool = Fal
     kc.export(ex, out_dir / LIBRARY, opts.target)
     if ir.tokenizer is not None:
         write_tokenizer_spec(ir.tokenizer, out_dir / TOKENIZER_FILE)
+    # SentencePiece-style vocabularies also as arrays a session memory-maps (runtimes.spm_bpe)
+    vocab_file = VOCAB_FILE if ir.tokenizer is not None and write_packed(ir.tokenizer, out_dir / VOCAB_FILE) else None
     return {"library": LIBRARY, "library_sha256": sha256_file(out_dir / LIBRARY), "weights_file": WEIGHTS, "target": dict(opts.target), "block": block,
             "bits": opts.bits, "group": opts.group, "lr_dtype": opts.lr_dtype, "act": opts.act,
             "head_act": opts.head_act, "kernels": dict(sorted(kernels.items())),
             "functions": [s.name for s in specs],  # the matmul kernels; the decoder's functions in "decoder"
             **({"decoder": dec.names()} if dec is not None else {}),
-            "tokenizer_file": TOKENIZER_FILE if ir.tokenizer is not None else None}
+            "tokenizer_file": TOKENIZER_FILE if ir.tokenizer is not None else None,
+            **({"tokenizer_vocab_file": vocab_file} if vocab_file else {})}
 
 
 def lowered_linear(lin: Linear, opts: TvmOptions) -> Linear:
