@@ -154,7 +154,8 @@ def _split_is_noop(pre: dict, steps) -> bool:
     return bool(p) and gone
 
 
-def _normalize(steps, text: str) -> str:
+def normalize(steps, text: str) -> str:
+    """``text`` through the packed normaliser steps (Replace everywhere; Prepend to a non-empty text)."""
     for s in steps:
         if s[0] == "replace":
             text = text.replace(s[1], s[2])
@@ -177,7 +178,7 @@ def write_packed(spec: TokenizerSpec, path: Path) -> bool:
         texts[int(i)] = t
     steps = _normalizer_steps(tj.get("normalizer"))
     for a in tj.get("added_tokens", []):  # tokenizers keeps a normalised added token in its normalised form
-        texts[int(a["id"])] = _normalize(steps, a["content"]) if a.get("normalized") else a["content"]
+        texts[int(a["id"])] = normalize(steps, a["content"]) if a.get("normalized") else a["content"]
     encoded = [t.encode("utf-8") for t in texts]
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum([len(b) for b in encoded], out=offsets[1:])

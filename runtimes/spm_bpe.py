@@ -20,16 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeq.tokenizer_pack import Packed
-
-
-def _normalize(steps, text: str) -> str:
-    for s in steps:
-        if s[0] == "replace":
-            text = text.replace(s[1], s[2])
-        elif text:  # prepend: only to a non-empty piece
-            text = s[1] + text
-    return text
+from edgeq.tokenizer_pack import Packed, normalize
 
 
 class _Matcher:
@@ -176,7 +167,7 @@ class SpmBpe:
             if tid is not None:
                 ids.append(tid)
                 continue
-            for part, tid2 in self._normed.split(_normalize(self._norm, piece)):
+            for part, tid2 in self._normed.split(normalize(self._norm, piece)):
                 if tid2 is not None:
                     ids.append(tid2)
                     continue
