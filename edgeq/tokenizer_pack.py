@@ -5,7 +5,8 @@ A session used to rebuild the tokenizer from the artifact's JSON spec (the Huggi
 ``tokenizer.json`` text inside it) with the ``tokenizers`` library: for Gemma 3's 262,144-token
 vocabulary that is a ~410 MB parse transient and ~320 MB kept by the Rust tokenizer
 (docs/benchmarks.md, issue 17), more than the model's weights. This file holds what encoding and
-decoding need as arrays a runtime memory-maps (``runtimes.spm_bpe`` reads them, ~10 MB resident):
+decoding need as arrays a runtime memory-maps (``runtimes.spm_bpe`` reads them: ~20 MB more RSS
+after a session's first ``tokenize``, measured):
 
 - ``vocab.bytes`` / ``vocab.offsets``: every token's UTF-8 text, concatenated, and where each starts;
 - ``merges.key`` (``left * n + right``, sorted), ``merges.rank``, ``merges.new_id``: the merge table;
@@ -36,54 +37,59 @@ from edgeq.safetensors_writer import SafetensorsWriter
 FORMAT = "edgeq-spm-bpe/1"
 VOCAB_FILE = "tokenizer.vocab.safetensors"  # its name in an artifact (manifest: <format>.tokenizer_vocab_file)
 EOS_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>", "<end_of_turn>")  # llama.cpp's end-of-generation names
-_SPACE = "\u2581"
 _ARRAYS = {"vocab.bytes": np.uint8, "vocab.offsets": np.int64, "merges.key": np.int64, "merges.rank": np.int32,
            "merges.new_id": np.int32, "chars.codepoint": np.int32, "chars.id": np.int32, "bytes.id": np.int32,
            "added.id": np.int32, "added.flags": np.uint8}
 
 
-def _normalizer_steps(norm) -> list[list[str]] | str:
-    """The normaliser as [["replace", a, b] | ["prepend", s]] steps, or why it is not supported."""
-    if norm is None:
+def _steps(node, children: str, leaf) -> list[list] | str:
+    """A tokenizer.json normaliser / decoder (``Sequence``s flattened through ``children``) as the
+    list of ``leaf(node)`` steps, or the first reason ``leaf`` gives for one it does not support."""
+    if node is None:
         return []
-    kind = norm.get("type")
-    if kind == "Sequence":
-        steps: list = []
-        for n in norm.get("normalizers", []):
-            s = _normalizer_steps(n)
-            if isinstance(s, str):
-                return s
-            steps += s
-        return steps
-    if kind == "Replace" and set(norm.get("pattern", {})) == {"String"}:
-        return [["replace", norm["pattern"]["String"], norm.get("content", "")]]
-    if kind == "Prepend":
+    if node.get("type") != "Sequence":
+        return leaf(node)
+    steps: list = []
+    for child in node.get(children, []):
+        s = _steps(child, children, leaf)
+        if isinstance(s, str):
+            return s
+        steps += s
+    return steps
+
+
+def _replace(node) -> list[list[str]] | None:
+    if node.get("type") == "Replace" and set(node.get("pattern", {})) == {"String"}:
+        return [["replace", node["pattern"]["String"], node.get("content", "")]]
+    return None
+
+
+def _normalizer_step(norm) -> list[list[str]] | str:
+    if norm.get("type") == "Prepend":
         return [["prepend", norm.get("prepend", "")]]
-    return f"normalizer {kind}"
+    return _replace(norm) or f"normalizer {norm.get('type')}"
 
 
-def _decoder_steps(dec) -> list[list] | str:
-    if dec is None:
-        return []
+def _decoder_step(dec) -> list[list] | str:
     kind = dec.get("type")
-    if kind == "Sequence":
-        steps: list = []
-        for d in dec.get("decoders", []):
-            s = _decoder_steps(d)
-            if isinstance(s, str):
-                return s
-            steps += s
-        return steps
-    if kind == "Replace" and set(dec.get("pattern", {})) == {"String"}:
-        return [["replace", dec["pattern"]["String"], dec.get("content", "")]]
     if kind in ("ByteFallback", "Fuse"):
         return [[kind.lower()]]
     if kind == "Strip":
         return [["strip", dec.get("content", " "), int(dec.get("start", 0)), int(dec.get("stop", 0))]]
-    return f"decoder {kind}"
+    return _replace(dec) or f"decoder {kind}"
 
 
-def _prefix_ids(post, vocab_ids: dict[str, int]) -> list[int] | str:
+def _normalizer_steps(norm) -> list[list[str]] | str:
+    """The normaliser as [["replace", a, b] | ["prepend", s]] steps, or why it is not supported."""
+    return _steps(norm, "normalizers", _normalizer_step)
+
+
+def _decoder_steps(dec) -> list[list] | str:
+    """The decoder as replace / bytefallback / fuse / strip steps, or why it is not supported."""
+    return _steps(dec, "decoders", _decoder_step)
+
+
+def _prefix_ids(post) -> list[int] | str:
     """The ids a TemplateProcessing post-processor puts before a single sequence (and none after)."""
     if post is None:
         return []
@@ -116,20 +122,19 @@ def packable(spec: TokenizerSpec) -> tuple[dict, str | None]:
         return {}, "not a byte-fallback BPE"
     if m.get("dropout") not in (None, 0, 0.0) or m.get("continuing_subword_prefix") or m.get("end_of_word_suffix"):
         return {}, "BPE dropout or subword affixes"
-    for what, s in (("normalizer", _normalizer_steps(tj.get("normalizer"))),
-                    ("decoder", _decoder_steps(tj.get("decoder"))),
-                    ("post-processor", _prefix_ids(tj.get("post_processor"), m.get("vocab", {})))):
+    if m.get("ignore_merges"):  # whole-word vocabulary lookups would need the full string table in memory
+        return {}, "BPE ignore_merges"
+    for s in (_normalizer_steps(tj.get("normalizer")), _decoder_steps(tj.get("decoder")),
+              _prefix_ids(tj.get("post_processor")), _pre_refusal(tj)):
         if isinstance(s, str):
             return {}, s
-    if _pre_ok(tj) is not None:
-        return {}, _pre_ok(tj)
     for a in tj.get("added_tokens", []):
         if a.get("single_word") or a.get("lstrip") or a.get("rstrip") or not a.get("content"):
             return {}, f"added token {a.get('content')!r} with single_word / lstrip / rstrip"
     return tj, None
 
 
-def _pre_ok(tj: dict) -> str | None:
+def _pre_refusal(tj: dict) -> str | None:
     """None where the pre-tokenizer leaves the text whole (none, or a Split that cannot fire), else
     why it is not supported (no regular expressions: a packed file carries no pattern to run)."""
     pre = tj.get("pre_tokenizer")
@@ -152,6 +157,13 @@ def _split_is_noop(pre: dict, steps) -> bool:
         elif p in s[-1] or (s[0] == "replace" and p in s[1] + s[2]):
             gone = False
     return bool(p) and gone
+
+
+def eos_ids(spec: TokenizerSpec) -> frozenset[int]:
+    """The ids that end generation: the EOS id and the control tokens llama.cpp treats as such."""
+    ids = {spec.eos_id} if spec.eos_id is not None else set()
+    ids.update(i for i, (t, ty) in enumerate(zip(spec.tokens, spec.token_types)) if ty == 3 and t in EOS_NAMES)
+    return frozenset(ids)
 
 
 def normalize(steps, text: str) -> str:
@@ -195,19 +207,14 @@ def write_packed(spec: TokenizerSpec, path: Path) -> bool:
         byte_ids[b] = vocab.get(f"<0x{b:02X}>", -1)
     added = sorted((int(a["id"]), int(bool(a.get("special"))) | 2 * int(bool(a.get("normalized"))))
                    for a in tj.get("added_tokens", []))
-    eos = sorted({spec.eos_id} - {None} | {i for i, (t, ty) in enumerate(zip(spec.tokens, spec.token_types))
-                                           if ty == 3 and t in EOS_NAMES})
     tok = lambda i: spec.tokens[i] if i is not None else None  # noqa: E731
-    meta = {"format": FORMAT, "n_vocab": n,
-            "normalizer": _normalizer_steps(tj.get("normalizer")), "decoder": _decoder_steps(tj.get("decoder")),
-            "prefix_ids": _prefix_ids(tj.get("post_processor"), vocab),
+    meta = {"format": FORMAT, "n_vocab": n, "normalizer": steps, "decoder": _decoder_steps(tj.get("decoder")),
+            "prefix_ids": _prefix_ids(tj.get("post_processor")),
             "unk_id": vocab.get(m["unk_token"]) if m.get("unk_token") is not None else None,
-            "fuse_unk": bool(m.get("fuse_unk")), "ignore_merges": bool(m.get("ignore_merges")),
+            "fuse_unk": bool(m.get("fuse_unk")),
             "bos_id": spec.bos_id, "eos_id": spec.eos_id, "pad_id": spec.pad_id, "spec_unk_id": spec.unk_id,
             "add_bos": spec.add_bos, "bos_token": tok(spec.bos_id), "eos_token": tok(spec.eos_id),
-            "eos_ids": eos, "chat_template": spec.chat_template}
-    if meta["ignore_merges"]:
-        return False  # whole-word vocabulary lookups would need the full string table in memory
+            "eos_ids": sorted(eos_ids(spec)), "chat_template": spec.chat_template}
     arrays = {"vocab.bytes": blob, "vocab.offsets": offsets, "merges.key": keys,
               "merges.rank": np.array([merge_map[k][0] for k in keys.tolist()], np.int32),
               "merges.new_id": np.array([merge_map[k][1] for k in keys.tolist()], np.int32),

@@ -8,7 +8,7 @@ from typing import Sequence
 from edgeq.chat_template import render  # sandboxed: chat templates are untrusted input
 from edgeq.errors import EdgeqError
 from edgeq.ir import TokenizerSpec
-from edgeq.tokenizer_pack import EOS_NAMES, read_packed
+from edgeq.tokenizer_pack import eos_ids, read_packed
 
 
 
@@ -19,7 +19,7 @@ class SpecTokenizer:
         from tokenizers import Tokenizer  # here: a session with a packed vocabulary never loads it
 
         self._tok = Tokenizer.from_str(spec.tokenizer_json)
-        self._eos = _eos_ids(spec)
+        self._eos = eos_ids(spec)
         # what encode / chat need, not the vocabulary's Python objects: the tokens (but BOS / EOS,
         # which the chat template names), merges, scores and the tokenizer.json text are ~155 MB of
         # a session's memory for Gemma 3's 262,144-token vocabulary (docs/benchmarks.md, issue 17)
@@ -30,9 +30,7 @@ class SpecTokenizer:
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         ids = list(self._tok.encode(text, add_special_tokens=add_special).ids)
-        if add_special and self.spec.add_bos and self.spec.bos_id is not None and ids[:1] != [self.spec.bos_id]:
-            ids.insert(0, self.spec.bos_id)
-        return ids
+        return _with_bos(ids, add_special, self.spec.add_bos, self.spec.bos_id)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
@@ -58,11 +56,7 @@ class PackedTokenizer:
         self._eos = frozenset(meta["eos_ids"])
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
-        ids = self._bpe.encode(text, add_special)
-        bos = self.meta["bos_id"]
-        if add_special and self.meta["add_bos"] and bos is not None and ids[:1] != [bos]:
-            ids.insert(0, bos)
-        return ids
+        return _with_bos(self._bpe.encode(text, add_special), add_special, self.meta["add_bos"], self.meta["bos_id"])
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._bpe.decode(ids, skip_special=True)
@@ -76,26 +70,26 @@ class PackedTokenizer:
         return self.meta.get("chat_template")
 
     def chat(self, prompt: str) -> str:
-        if not self.chat_template:
-            return prompt
-        return render(self.chat_template, prompt, bos_token=self.meta.get("bos_token") or "",
-                      eos_token=self.meta.get("eos_token") or "")
+        return render_turn(self.chat_template, prompt, self.meta.get("bos_token") or "",
+                           self.meta.get("eos_token") or "")
 
 
-def _eos_ids(spec: TokenizerSpec) -> frozenset[int]:
-    ids = {spec.eos_id} if spec.eos_id is not None else set()
-    for i, (t, ty) in enumerate(zip(spec.tokens, spec.token_types)):
-        if ty == 3 and t in EOS_NAMES:
-            ids.add(i)
-    return frozenset(ids)
+def _with_bos(ids: list[int], add_special: bool, add_bos: bool, bos_id: int | None) -> list[int]:
+    """``ids`` with the BOS the tokenizer config asks for, where its template did not put one."""
+    if add_special and add_bos and bos_id is not None and ids[:1] != [bos_id]:
+        ids.insert(0, bos_id)
+    return ids
+
+
+def render_turn(template: str | None, prompt: str, bos_token: str, eos_token: str) -> str:
+    """A single-turn user prompt through ``template`` (generation prompt on); the prompt without one."""
+    return render(template, prompt, bos_token=bos_token, eos_token=eos_token) if template else prompt
 
 
 def render_chat(spec: TokenizerSpec, prompt: str) -> str:
     """Render a single-turn user prompt with the model's chat template (generation prompt on)."""
-    if not spec.chat_template:
-        return prompt
     tok = lambda i: spec.tokens[i] if i is not None else ""  # noqa: E731
-    return render(spec.chat_template, prompt, bos_token=tok(spec.bos_id), eos_token=tok(spec.eos_id))
+    return render_turn(spec.chat_template, prompt, tok(spec.bos_id), tok(spec.eos_id))
 
 
 class SpecTextMixin:

@@ -27,6 +27,7 @@ def test_byte_level_bpe_is_not_packed(tiny_llama, tmp_path):
     (lambda tj: tj.update(pre_tokenizer={"type": "Metaspace"}), "pre-tokenizer Metaspace"),
     (lambda tj: tj.update(decoder={"type": "Metaspace"}), "decoder Metaspace"),
     (lambda tj: tj["model"].update(dropout=0.1), "dropout"),
+    (lambda tj: tj["model"].update(ignore_merges=True), "ignore_merges"),
     (lambda tj: tj["added_tokens"][0].update(lstrip=True), "lstrip"),
     (lambda tj: tj.update(pre_tokenizer={"type": "Split", "pattern": {"Regex": "\u2581*[^\u2581]+|\u2581+"},
                                          "behavior": "Isolated", "invert": False}), "pre-tokenizer Split"),

@@ -5,7 +5,8 @@ library on the same tokenizer.json is the oracle)."""
 from tokenizers import Tokenizer
 
 from edgeq.frontend import load_model
-from runtimes.text import SpecTextMixin, SpecTokenizer, _eos_ids, render_chat
+from edgeq.tokenizer_pack import eos_ids
+from runtimes.text import SpecTextMixin, SpecTokenizer, render_chat
 
 TEXT = "The quick brown fox, naïve café 東京 🙂 <|im_end|> jumps.\n  Over 12,345 lazy dogs."
 
@@ -17,7 +18,7 @@ def test_spec_tokenizer_keeps_a_slim_spec_and_tokenizes_as_the_full_one(smollm2_
     assert tok.encode(TEXT, add_special=False) == oracle.encode(TEXT, add_special_tokens=False).ids
     ids = tok.encode(TEXT)
     assert tok.decode(ids) == oracle.decode(ids, skip_special_tokens=True)
-    assert tok.eos_ids == _eos_ids(spec) and spec.eos_id in tok.eos_ids and len(tok.eos_ids) >= 1
+    assert tok.eos_ids == eos_ids(spec) and spec.eos_id in tok.eos_ids and len(tok.eos_ids) >= 1
     assert tok.chat("hi there") == render_chat(spec, "hi there") and "hi there" in tok.chat("hi there")
     slim = tok.spec
     assert slim.tokenizer_json == "" and slim.merges == () and slim.token_types == ()
@@ -39,4 +40,4 @@ def test_a_session_drops_its_full_spec_once_the_tokenizer_is_built(smollm2_dir):
     s = Session()
     assert s.tokenize(TEXT) == SpecTokenizer(spec).encode(TEXT)
     assert s._spec is s.tokenizer.spec and s._spec.tokenizer_json == ""
-    assert s.eos_ids == _eos_ids(spec) and s.apply_chat_template("x") == render_chat(spec, "x")
+    assert s.eos_ids == eos_ids(spec) and s.apply_chat_template("x") == render_chat(spec, "x")
