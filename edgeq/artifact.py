@@ -8,15 +8,14 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import tempfile
-import threading
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterator
 
 from edgeq import __version__
 from edgeq.errors import EdgeqError
 from edgeq.hashing import sha256_file
+from edgeq.interrupts import deferred_signals, make_temp_dir, make_temp_file
 from edgeq.ir import TokenizerSpec
 
 SCHEMA_VERSION = 1
@@ -33,9 +32,9 @@ def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = make_temp_file(f".{path.name}.", ".tmp", path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -49,10 +48,9 @@ def atomic_write_file(path: Path, fill) -> None:
     """Run ``fill(tmp_path)`` then rename onto ``path``; never leaves a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = make_temp_file(f".{path.name}.", ".tmp", path.parent)
     try:
-        fill(Path(tmp))
+        fill(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -75,14 +73,14 @@ def atomic_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = make_temp_dir(f".{out.name}.tmp-", out.parent)
         yield tmp
         _normalise_modes(tmp)
         # The swap is one critical section: SIGINT / SIGTERM wait until it is over (an interrupt
         # between the two renames would leave no artifact at all), and concurrent builds into the
         # same parent take turns (a lock on the parent directory), so two builds racing for one
         # ``-o`` end with one artifact and, without --force, one clear error.
-        with _deferred_signals(), _locked(out.parent):
+        with deferred_signals(), _locked(out.parent):
             if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
                 raise EdgeqError(f"{out} was created by another process while this build ran; "
                                  "pass --force to replace it")
@@ -97,30 +95,6 @@ def atomic_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-@contextlib.contextmanager
-def _deferred_signals() -> Iterator[None]:
-    """Hold SIGINT / SIGTERM until the block ends, then deliver them (main thread only: Python
-    runs signal handlers there; elsewhere the block runs unguarded)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    saved = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(sig)
-        if handler is None:  # installed outside Python: leave it alone
-            continue
-        saved[sig] = handler
-        signal.signal(sig, lambda signum, frame: pending.append(signum))
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-        for sig in pending:
-            signal.raise_signal(sig)
 
 
 @contextlib.contextmanager

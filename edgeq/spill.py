@@ -13,12 +13,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from edgeq.interrupts import make_temp_dir
 from edgeq.lazy import LazyArray64, LazyTensor
 
 # Arrays smaller than this stay in memory (norms, biases, tiny models' matrices cost less than a file).
@@ -97,13 +97,14 @@ def spilling(parent: str | Path | None = None) -> Iterator[SpillStore]:
     removed when the block ends (whatever the outcome)."""
     if parent is not None:
         Path(parent).mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix=".edgeq-spill.", dir=parent))
+    root = make_temp_dir(".edgeq-spill.", parent)
     store = SpillStore(root)
-    _active.append(store)
     try:
+        _active.append(store)
         yield store
     finally:
-        _active.remove(store)
+        if store in _active:
+            _active.remove(store)
         shutil.rmtree(root, ignore_errors=True)
 
 

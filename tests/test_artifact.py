@@ -278,3 +278,31 @@ def test_a_signal_during_the_swap_waits_until_the_new_artifact_is_in_place(tmp_p
     assert seen == [False]  # the signal did arrive inside the window
     assert (out / "f").read_text() == "new"  # and was delivered once the swap was complete
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_a_signal_while_the_temporary_directory_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """SIGINT after the temporary artifact directory exists but before atomic_directory holds its
+    path: the directory goes with the interrupt (the stray .prev.tmp-* CI once found)."""
+    import signal
+    import tempfile
+    import threading
+
+    import edgeq.artifact as art
+
+    real = tempfile.mkdtemp
+
+    def mkdtemp(*a, **kw):
+        d = real(*a, **kw)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        return d
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as exc:  # (held: nothing may rely on collecting it)
+            with art.atomic_directory(tmp_path / "a"):
+                raise AssertionError("the body must not run")
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert exc.type is KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []

@@ -107,6 +107,40 @@ def test_runner_leaves_nothing_when_a_step_fails(cpu, tmp_path):
     assert ctx.tmp is None and not out.exists()
 
 
+def test_a_signal_as_the_artifact_directory_opens_leaves_nothing(cpu, tmp_path, monkeypatch):
+    """SIGINT after atomic_directory has made its temporary directory but before the runner's
+    ExitStack has recorded the exit that removes it: the signal waits until it has, so the
+    directory goes with the interrupt instead of staying behind (seen in CI as .prev.tmp-*)."""
+    import signal
+    import threading
+
+    import edgeq.pipeline.runner as runner
+
+    real = runner.atomic_directory
+
+    class SignalAfterEnter:
+        def __init__(self, *a, **kw):
+            self.cm = real(*a, **kw)
+
+        def __enter__(self):
+            tmp = self.cm.__enter__()
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            return tmp
+
+        def __exit__(self, *exc):
+            return self.cm.__exit__(*exc)
+
+    monkeypatch.setattr(runner, "atomic_directory", SignalAfterEnter)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as exc:  # (held: the cleanup must not wait for GC)
+            pipeline.run([_Write()], BuildContext(opts=None, target=cpu, log=lambda m: None), out=tmp_path / "art")
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert exc.type is KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_step_missing_its_input_is_a_clean_error(cpu):
     with pytest.raises(EdgeqError, match="step quantize needs plan"):
         pipeline.run([pipeline.QuantizeStep()], BuildContext(opts=None, target=cpu, log=lambda m: None))

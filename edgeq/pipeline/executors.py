@@ -28,6 +28,7 @@ from typing import Iterator
 
 import numpy as np
 
+from edgeq.interrupts import make_temp_dir
 from edgeq.pipeline.matrix import Member, Outcome, Segment, finish, fork, run_segment
 from edgeq.pipeline.runner import BuildContext
 
@@ -202,7 +203,7 @@ class Processes(Executor):
         import shutil
 
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.root = Path(tempfile.mkdtemp(prefix=".edgeq-matrix.", dir=self.work_dir))
+        self.root = make_temp_dir(".edgeq-matrix.", self.work_dir)
         try:
             self.pool = self._new_pool()
             yield self

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from edgeq.errors import EdgeqError
+from edgeq.interrupts import make_temp_dir
 from edgeq.pipeline.executors import Executor, save_context, segment_task, tail_task
 
 RAY_EXTRA = "pip install 'edgeq[ray]'"
@@ -102,7 +103,7 @@ class RayExecutor(Executor):
     def session(self, ctx):
         ray = self.ray
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.root = Path(tempfile.mkdtemp(prefix=".edgeq-matrix.", dir=self.work_dir))
+        self.root = make_temp_dir(".edgeq-matrix.", self.work_dir)
         owned = False
         try:
             if not ray.is_initialized():

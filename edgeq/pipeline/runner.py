@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 from edgeq.artifact import atomic_directory, write_manifest
 from edgeq.blas import one_blas_thread
 from edgeq.errors import EdgeqError
+from edgeq.interrupts import deferred_signals
 
 if TYPE_CHECKING:  # type hints only: build.py imports the pipeline
     from edgeq.build import BuildOptions
@@ -131,7 +132,10 @@ def run(steps: Sequence[Step], ctx: BuildContext, out: Path | None = None, force
             if step.writes_artifact and ctx.tmp is None:
                 if out is None:
                     raise EdgeqError(f"step {step.name} writes an artifact; no output directory given")
-                ctx.tmp = stack.enter_context(atomic_directory(out, force=force))
+                # deferred: a signal between the directory's creation and ExitStack recording its
+                # exit would leave the directory behind (seen in CI as a stray .<out>.tmp-*)
+                with deferred_signals():
+                    ctx.tmp = stack.enter_context(atomic_directory(out, force=force))
             t, cpu = time.perf_counter(), time.process_time()
             with one_blas_thread():  # (byte-identical across thread counts: edgeq.blas)
                 step.run(ctx)

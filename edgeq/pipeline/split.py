@@ -43,6 +43,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from edgeq.blas import one_blas_thread
+from edgeq.interrupts import make_temp_dir
 
 MAX_ATTEMPTS = 3  # runs of a task whose worker died (processes; Ray: 1 + RAY_RETRIES)
 RAY_RETRIES = MAX_ATTEMPTS - 1
@@ -405,7 +406,7 @@ def open_split(executor: str | None, work_dir: Path, jobs: int | None = None,
         return
     if isinstance(ex, Processes):  # (no pool of matrix workers: the split's own pool is enough)
         work_dir.mkdir(parents=True, exist_ok=True)
-        root = Path(tempfile.mkdtemp(prefix=".edgeq-split.", dir=work_dir))
+        root = make_temp_dir(".edgeq-split.", work_dir)
         try:
             yield ProcessSplit(str(root), ex.jobs)
         finally:
