@@ -280,8 +280,11 @@ def lambada_item_ids(session, context: str, target: str) -> tuple[list[int], int
 
 def lambada_item_correct(session, ids: list[int], n_target: int) -> bool:
     """Teacher-forced greedy check: every target token is the argmax given all tokens before it."""
-    lg = np.asarray(session.logits(ids))
-    pred = np.argmax(lg[len(ids) - n_target - 1:len(ids) - 1], axis=-1)
+    # only the rows that predict the target (+ the last, unused): the output head of the other
+    # positions skipped. The whole sequence is still fed, as before: llama.cpp's numbers depend
+    # on the batch's token count (its kernels tile rows), not on how many rows are read out.
+    lg = np.asarray(session.last_logits(ids, n_target + 1))
+    pred = np.argmax(lg[:-1], axis=-1)
     return bool(np.array_equal(pred, np.asarray(ids[len(ids) - n_target:])))
 
 

@@ -159,6 +159,15 @@ class Session:
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         raise NotImplementedError
 
+    def last_logits(self, token_ids: Sequence[int], n: int) -> np.ndarray:
+        """Logits of the last ``n`` positions only, (n, vocab): what a teacher-forced check of a
+        short continuation needs (LAMBADA). The same rows as ``logits(token_ids)[-n:]``; runtimes
+        that can skip the output head for the other positions override it (llama.cpp, reference):
+        with a 262k-token vocabulary the head is most of the work of a short sequence."""
+        if not 1 <= n <= len(token_ids):
+            raise ValueError(f"last_logits: n={n} outside 1..{len(token_ids)}")
+        return np.asarray(self.logits(token_ids))[-n:]
+
     def _start(self, prompt_ids: Sequence[int]) -> np.ndarray:
         """Reset state, evaluate the prompt, return the last position's logits (vocab,)."""
         raise NotImplementedError

@@ -209,8 +209,9 @@ class LlamaCppSession(Session):
             raise EdgeqError(f"token id {bad[0]} out of range [0, {self.n_vocab})")
         return ids
 
-    def _decode(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
-        """Append ``ids`` at the current position; return logits (rows = positions asked for)."""
+    def _decode(self, ids: Sequence[int], all_logits: bool, last: int = 1) -> np.ndarray:
+        """Append ``ids`` at the current position; return logits (rows = positions asked for: all,
+        or the last ``last``)."""
         lib = self._lib
         if self._pos + len(ids) > self.n_ctx:
             raise EdgeqError(f"context of {self._pos + len(ids)} tokens exceeds n_ctx={self.n_ctx}")
@@ -219,14 +220,13 @@ class LlamaCppSession(Session):
         for s in range(0, len(ids), self.n_batch):
             chunk = ids[s:s + self.n_batch]
             n = len(chunk)
-            last_chunk = s + n == len(ids)
             b.n_tokens = n
             for j, t in enumerate(chunk):
                 b.token[j] = t
                 b.pos[j] = self._pos + j
                 b.n_seq_id[j] = 1
                 b.seq_id[j][0] = 0
-                b.logits[j] = 1 if (all_logits or (last_chunk and j == n - 1)) else 0
+                b.logits[j] = 1 if (all_logits or s + j >= len(ids) - last) else 0
             _LOG_TAIL.clear()
             rc = lib.llama_decode(self._ctx, b)
             if rc != 0:
@@ -235,15 +235,23 @@ class LlamaCppSession(Session):
             if all_logits:
                 ptr = lib.llama_get_logits(self._ctx)
                 rows.append(np.ctypeslib.as_array(ptr, shape=(n * self.n_vocab,)).reshape(n, self.n_vocab).copy())
-            elif last_chunk:
-                ptr = lib.llama_get_logits_ith(self._ctx, n - 1)
-                rows.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).reshape(1, self.n_vocab).copy())
+            else:  # the rows asked for in this chunk, in order
+                for j in range(max(0, len(ids) - last - s), n):
+                    ptr = lib.llama_get_logits_ith(self._ctx, j)
+                    rows.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).reshape(1, self.n_vocab).copy())
         return np.concatenate(rows, axis=0).astype(np.float32, copy=False)
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         ids = self._check_ids(token_ids)
         self._clear()
         return self._decode(ids, all_logits=True)
+
+    def last_logits(self, token_ids: Sequence[int], n: int) -> np.ndarray:
+        ids = self._check_ids(token_ids)
+        if not 1 <= n <= len(ids):
+            raise ValueError(f"last_logits: n={n} outside 1..{len(ids)}")
+        self._clear()
+        return self._decode(ids, all_logits=False, last=n)
 
     def _start(self, prompt_ids: Sequence[int]) -> np.ndarray:
         ids = self._check_ids(prompt_ids)

@@ -454,6 +454,13 @@ class ReferenceSession(SpecTextMixin, Session):
         self._pos = len(token_ids)
         return (x @ self.out_t).astype(np.float32)
 
+    def last_logits(self, token_ids: Sequence[int], n: int) -> np.ndarray:
+        if not 1 <= n <= len(token_ids):
+            raise ValueError(f"last_logits: n={n} outside 1..{len(token_ids)}")
+        x = self._forward(token_ids, 0)
+        self._pos = len(token_ids)
+        return (x[-n:] @ self.out_t).astype(np.float32)
+
     def _start(self, prompt_ids: Sequence[int]) -> np.ndarray:
         x = self._forward(prompt_ids, 0)
         self._pos = len(prompt_ids)

@@ -85,6 +85,27 @@ def test_incremental_and_chunked_evaluation_agree(built, arch):
         assert np.abs(s.logits(ids) - full).max() < INCREMENTAL_MAX_ABS_DIFF
 
 
+def test_last_logits_are_the_last_rows_of_logits(built, arch):
+    """Only the last n positions' logits computed (LAMBADA's teacher-forced check), across batch
+    boundaries too: the same rows as logits()[-n:], and the reference runtime's likewise."""
+    ir, path, _, _ = built[arch]
+    ref = _reference(ir)
+    ids = ref.tokenize(TEXTS[1])
+    assert len(ids) > 9
+    for n_batch in (512, 4):  # one llama_decode call, or several with the rows split across them
+        with _session(path, n_batch=n_batch) as s:
+            full = s.logits(ids)
+            for n in (1, 3, 5, len(ids)):
+                got = s.last_logits(ids, n)
+                assert got.shape == (n, ir.hparams.vocab_size)
+                assert np.abs(got - full[-n:]).max() < INCREMENTAL_MAX_ABS_DIFF, (n_batch, n)
+            with pytest.raises(ValueError):
+                s.last_logits(ids, 0)
+    rfull = ref.logits(ids)
+    for n in (1, 4):
+        assert np.abs(ref.last_logits(ids, n) - rfull[-n:]).max() < 1e-5  # (BLAS on fewer rows: last bits)
+
+
 def test_greedy_generation_matches_reference(built, arch):
     ir, path, _, _ = built[arch]
     ref = _reference(ir)
