@@ -5,7 +5,7 @@ ladder, all measured side by side in one run.
         [--model models/cache/smollm2-135m-instruct] [--types Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M] \\
         [--formats gguf,onnx,tvm] [--rates 0,0.15,0.25] \\
         [--edgeq-args "--bits 4 --prune-dims mlp --prune-bias"] [--ppl-tokens 16384] \\
-        [--decode-runs 5] [--decode-tokens 128] [--out out/bench-ladder]
+        [--decode-runs 5] [--decode-tokens 128] [--out out/bench-ladder] [--stage all|decode]
 
 The ladder: an F32 GGUF of ``--model`` (edgeq's lowering, as tools/bench_quant.py), then each
 ``--types`` file from llama.cpp's own ``llama_model_quantize`` (no imatrix). The rates: one
@@ -17,7 +17,8 @@ Every point is measured with the same code: wikitext-2 perplexity (ctx 512, seco
 KL(fp32 reference || point) and top-1 agreement on the same positions -- the reference is the
 unpruned model in float32 in edgeq's numpy reference runtime, its logits computed once and
 cached -- and decode tok/s (``--decode-tokens`` greedy tokens after "Once upon a time", one
-warm-up each, then ``--decode-runs`` rounds in which every point runs once in turn, median).
+warm-up each, then ``--decode-runs`` rounds in which every point runs once in turn, median; each
+point in a fresh process of its own).
 
 For each rate point the table gives the ladder's KL at the same decode speed (linear between the
 two ladder points that bracket its speed; none outside the ladder's range): a rate is worth
@@ -143,24 +144,35 @@ def evaluate(rows: list[dict], args, out: Path) -> float:
     return ref_ppl
 
 
+def decode_code(row: dict, args) -> str:
+    """The child process's snippet: open the point, one warm-up, one timed generation; prints JSON."""
+    if row["who"] == "llama.cpp":
+        opener = (f"from runtimes.llamacpp import LlamaCppSession\n"
+                  f"s = LlamaCppSession({row['path']!r}, n_ctx=512, n_threads={args.threads})")
+    else:
+        opener = (f"from edgeq.session import open_session\n"
+                  f"s = open_session({row['path']!r}, n_ctx=512, threads={args.threads}, prune={row['rate']!r})")
+    return (f"import json\n{opener}\n"
+            f"x = s.tokenize({DECODE_PROMPT!r})\n"
+            f"list(s.generate_ids(x, {args.decode_tokens}, stop_at_eos=False))\n"
+            f"list(s.generate_ids(x, {args.decode_tokens}, stop_at_eos=False))\n"
+            f"print(json.dumps(s.last_stats.decode_tok_s))\n")
+
+
 def decode(rows: list[dict], args) -> None:
-    """Every point open at once; ``--decode-runs`` rounds, each running every point once in turn."""
-    sess = [open_point(r, args, n_ctx=512) for r in rows]
-    try:
-        ids = [s.tokenize(DECODE_PROMPT) for s in sess]
-        for s, x in zip(sess, ids):  # warm-up
-            list(s.generate_ids(x, args.decode_tokens, stop_at_eos=False))
-        runs = [[] for _ in rows]
-        for k in range(args.decode_runs):
-            for i, (s, x) in enumerate(zip(sess, ids)):
-                list(s.generate_ids(x, args.decode_tokens, stop_at_eos=False))
-                runs[i].append(s.last_stats.decode_tok_s)
-            log(f"decode round {k + 1}/{args.decode_runs}")
-        for r, v in zip(rows, runs):
-            r["decode_runs"], r["decode_tok_s"] = v, statistics.median(v)
-    finally:
-        for s in sess:
-            s.close()
+    """Each point in a fresh process of its own (one session per process: the idle thread pools of
+    other sessions in the same process -- onnxruntime's and TVM's spin -- slowed the one timed,
+    by up to 1000x on the tiny model); ``--decode-runs`` rounds, every point once per round in
+    turn (A B C A B C ...), median."""
+    from child_json import run_json
+
+    runs = [[] for _ in rows]
+    for k in range(args.decode_runs):
+        for i, r in enumerate(rows):
+            runs[i].append(run_json(decode_code(r, args)))
+        log(f"decode round {k + 1}/{args.decode_runs}")
+    for r, v in zip(rows, runs):
+        r["decode_runs"], r["decode_tok_s"] = v, statistics.median(v)
 
 
 def compare(rows: list[dict]) -> None:
@@ -228,15 +240,21 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench-ladder")
+    ap.add_argument("--stage", choices=["all", "decode"], default="all",
+                    help="decode: re-measure decode speed only, on a previous run's results.json")
     args = ap.parse_args(argv)
     args.types = [t.strip() for t in args.types.split(",") if t.strip()]
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    rows = build_ladder(args, args.out) + build_rates(args, args.out)
-    t_build = time.perf_counter() - t0
-    ref_ppl = evaluate(rows, args, args.out)
+    if args.stage == "decode":  # a previous run's builds and quality numbers; decode speed again
+        prev = json.loads((args.out / "results.json").read_text())
+        rows, ref_ppl, t_build = prev["rows"], prev["reference_ppl"], prev["build_s"]
+    else:
+        rows = build_ladder(args, args.out) + build_rates(args, args.out)
+        t_build = time.perf_counter() - t0
+        ref_ppl = evaluate(rows, args, args.out)
     if args.decode_runs > 0:
         decode(rows, args)
         compare(rows)
