@@ -160,10 +160,11 @@ def decode_code(row: dict, args) -> str:
 
 
 def decode(rows: list[dict], args) -> None:
-    """Each point in a fresh process of its own (one session per process: the idle thread pools of
-    other sessions in the same process -- onnxruntime's and TVM's spin -- slowed the one timed,
-    by up to 1000x on the tiny model); ``--decode-runs`` rounds, every point once per round in
-    turn (A B C A B C ...), median."""
+    """Each point in a fresh process of its own, as tools/bench_onnx.py measures (no other
+    session's thread pool or memory in the timed process); ``--decode-runs`` rounds, every point
+    once per round in turn (A B C A B C ...), median. Run it on a quiet host: TVM's thread pool
+    synchronises at every kernel, and with another job on the 2 cores a tiny model's TVM decode
+    fell from ~25,000 to 25-300 tok/s (a descheduled pool thread stalls each barrier)."""
     from child_json import run_json
 
     runs = [[] for _ in rows]
