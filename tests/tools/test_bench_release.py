@@ -29,8 +29,15 @@ def test_matrix_and_singles_are_timed_and_byte_identical(tiny_llama, tmp_path):
     assert all(v["wall_s"] > 0 and v["cpu_s"] > 0 and v["max_rss_mib"] > 50 for v in runs.values())
     assert res["sum_singles_wall_s"] == round(runs["cpu-avx2"]["wall_s"] + runs["gpu-t4"]["wall_s"], 1)
     assert {s["step"] for s in res["shared_steps"]} >= {"load", "calibrate"}
-    # the matrix did the shared steps once: less CPU than the two singles together
-    assert res["matrix_over_singles_cpu"] < 1
+    # the matrix ran each shared step once for both targets, the singles once each (counted in the
+    # build logs: its CPU saving on a model this small, ~0.7 s of ~3 s, is within a loaded host's
+    # noise — CI once measured 1.026x — so the ratio is reported, not asserted: a benchmark number)
+    logs = {n: (tmp_path / "w" / f"{n}.log").read_text() for n in ("matrix", "single-cpu-avx2", "single-gpu-t4")}
+    for step in ("load", "calibrate", "sort"):
+        lines = [ln for ln in logs["matrix"].splitlines() if f"step {step} (v" in ln]
+        assert len(lines) == 1 and lines[0].endswith("once for 2 targets"), (step, lines)
+        assert all(logs[s].count(f"step {step} (v") == 1 for s in ("single-cpu-avx2", "single-gpu-t4")), step
+    assert res["matrix_over_singles_cpu"] > 0
 
 
 def test_a_failing_build_is_one_error_line(tmp_path):
