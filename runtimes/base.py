@@ -142,6 +142,12 @@ class RateSwitchMixin:
             self._forward_cached(ids)
 
 
+def check_last(n: int, length: int) -> None:
+    """``last_logits``' bound: 1 <= n <= the sequence's length."""
+    if not 1 <= n <= length:
+        raise ValueError(f"last_logits: n={n} outside 1..{length}")
+
+
 class Session:
     """Base class: subclasses implement tokenize/detokenize, logits, reset, eval_next."""
 
@@ -164,8 +170,7 @@ class Session:
         short continuation needs (LAMBADA). The same rows as ``logits(token_ids)[-n:]``; runtimes
         that can skip the output head for the other positions override it (llama.cpp, reference):
         with a 262k-token vocabulary the head is most of the work of a short sequence."""
-        if not 1 <= n <= len(token_ids):
-            raise ValueError(f"last_logits: n={n} outside 1..{len(token_ids)}")
+        check_last(n, len(token_ids))
         return np.asarray(self.logits(token_ids))[-n:]
 
     def _start(self, prompt_ids: Sequence[int]) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 from edgeq.chat_template import render
 from edgeq.errors import EdgeqError, require
 from edgeq.interrupts import no_raise_here
-from runtimes.base import Session
+from runtimes.base import Session, check_last
 
 
 _LOG_TAIL: deque[tuple[int, str]] = deque(maxlen=32)  # recent llama.cpp (level, line), warn/error
@@ -248,8 +248,7 @@ class LlamaCppSession(Session):
 
     def last_logits(self, token_ids: Sequence[int], n: int) -> np.ndarray:
         ids = self._check_ids(token_ids)
-        if not 1 <= n <= len(ids):
-            raise ValueError(f"last_logits: n={n} outside 1..{len(ids)}")
+        check_last(n, len(ids))
         self._clear()
         return self._decode(ids, all_logits=False, last=n)
 

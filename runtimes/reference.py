@@ -12,7 +12,7 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.ir import LayerWidths, Linear, ModelIR, Role, full_widths
-from runtimes.base import Session, check_tokens
+from runtimes.base import Session, check_last, check_tokens
 from runtimes.text import SpecTextMixin
 
 
@@ -455,8 +455,7 @@ class ReferenceSession(SpecTextMixin, Session):
         return (x @ self.out_t).astype(np.float32)
 
     def last_logits(self, token_ids: Sequence[int], n: int) -> np.ndarray:
-        if not 1 <= n <= len(token_ids):
-            raise ValueError(f"last_logits: n={n} outside 1..{len(token_ids)}")
+        check_last(n, len(token_ids))
         x = self._forward(token_ids, 0)
         self._pos = len(token_ids)
         return (x[-n:] @ self.out_t).astype(np.float32)

@@ -145,7 +145,9 @@ def evaluate(rows: list[dict], args, out: Path) -> float:
 
 
 def decode_code(row: dict, args) -> str:
-    """The child process's snippet: open the point, one warm-up, one timed generation; prints JSON."""
+    """The child process's snippet: open the point, one warm-up, one timed generation; prints JSON.
+    (It opens the session as :func:`open_point` does, written out rather than imported: importing
+    this tool would load bench_quant's module graph, llama.cpp included, into every timed process.)"""
     if row["who"] == "llama.cpp":
         opener = (f"from runtimes.llamacpp import LlamaCppSession\n"
                   f"s = LlamaCppSession({row['path']!r}, n_ctx=512, n_threads={args.threads})")
